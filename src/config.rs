@@ -1,0 +1,492 @@
+//! One configuration tree: TOML file < environment < flags, resolved once and validated.
+//!
+//! Secrets (S3 keys, database passwords) come from the environment or from files named by
+//! `*_FILE` variables / `*_file` keys, never from argv, and are never printed: `Secret`'s
+//! `Debug` is redacted.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::input_err;
+
+/// A value that must not appear in logs, metrics or status output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The file as written by the user. Every field is optional; defaults live in `Config`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub repo: Option<String>,
+    #[serde(default)]
+    pub s3: FileS3,
+    #[serde(default)]
+    pub compression: FileCompression,
+    #[serde(default)]
+    pub upload: FileUpload,
+    #[serde(default)]
+    pub pg: FilePg,
+    #[serde(default)]
+    pub wal: FileWal,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileS3 {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: Option<bool>,
+    pub allow_http: Option<bool>,
+    pub access_key_id_file: Option<PathBuf>,
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCompression {
+    pub level: Option<i32>,
+    pub threads: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpload {
+    pub part_size: Option<String>,
+    pub concurrency: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePg {
+    pub data_dir: Option<PathBuf>,
+    pub bin_dir: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub system_identifier: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWal {
+    pub prefetch: Option<usize>,
+    pub archive_wait: Option<String>,
+}
+
+/// The resolved configuration every command works from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub repo: Option<String>,
+    pub s3: S3Config,
+    pub compression: Compression,
+    pub upload: UploadConfig,
+    pub pg: PgConfig,
+    pub wal: WalConfig,
+    /// The config file this came from, passed on to `restore_command`.
+    pub config_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub force_path_style: bool,
+    pub allow_http: bool,
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Compression {
+    pub level: i32,
+    /// zstd worker threads; 0 means one per core.
+    pub threads: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UploadConfig {
+    pub part_size: usize,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PgConfig {
+    pub data_dir: Option<PathBuf>,
+    pub bin_dir: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub password: Option<Secret>,
+    pub passfile: Option<PathBuf>,
+    pub system_identifier: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// How many segments `wal-fetch` downloads ahead of PostgreSQL.
+    pub prefetch: usize,
+    /// How long `backup` waits for the WAL it needs to be archived.
+    pub archive_wait: Duration,
+}
+
+/// B2's minimum part size is 5,000,000 bytes; S3's is 5 MiB. Use the larger.
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// Flags that override the file and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub repo: Option<String>,
+}
+
+/// A source of environment variables (the process environment, or a map in tests).
+pub trait Env {
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl<const N: usize> Env for [(&str, &str); N] {
+    fn var(&self, key: &str) -> Option<String> {
+        self.iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), then applies the environment, then the flags.
+    pub fn load(flags: &Overrides, env: &dyn Env) -> anyhow::Result<Config> {
+        let config_file = flags
+            .config_file
+            .clone()
+            .or_else(|| env.var("DBAGENT_CONFIG").map(PathBuf::from));
+        let file = match &config_file {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let mut cfg = Config::resolve(file, env)?;
+        if let Some(repo) = &flags.repo {
+            cfg.repo = Some(repo.clone());
+        }
+        cfg.config_file = config_file.map(|p| std::path::absolute(&p).unwrap_or(p));
+        Ok(cfg)
+    }
+
+    fn resolve(file: FileConfig, env: &dyn Env) -> anyhow::Result<Config> {
+        let s3 = S3Config {
+            endpoint: env.var("DBAGENT_S3_ENDPOINT").or(file.s3.endpoint),
+            region: env
+                .var("DBAGENT_S3_REGION")
+                .or_else(|| env.var("AWS_REGION"))
+                .or(file.s3.region)
+                .unwrap_or_else(|| "us-east-1".to_string()),
+            force_path_style: match env.var("DBAGENT_S3_FORCE_PATH_STYLE") {
+                Some(v) => parse_bool("DBAGENT_S3_FORCE_PATH_STYLE", &v)?,
+                None => file.s3.force_path_style.unwrap_or(true),
+            },
+            allow_http: match env.var("DBAGENT_S3_ALLOW_HTTP") {
+                Some(v) => parse_bool("DBAGENT_S3_ALLOW_HTTP", &v)?,
+                None => file.s3.allow_http.unwrap_or(false),
+            },
+            access_key_id: secret(
+                env,
+                "AWS_ACCESS_KEY_ID",
+                file.s3.access_key_id_file.as_deref(),
+                "s3.access_key_id_file",
+            )?,
+            secret_access_key: secret(
+                env,
+                "AWS_SECRET_ACCESS_KEY",
+                file.s3.secret_access_key_file.as_deref(),
+                "s3.secret_access_key_file",
+            )?,
+            session_token: secret(env, "AWS_SESSION_TOKEN", None, "")?,
+        };
+
+        let level = match env.var("DBAGENT_COMPRESSION_LEVEL") {
+            Some(v) => v.parse::<i32>().map_err(|_| {
+                input_err!("DBAGENT_COMPRESSION_LEVEL: expected a number from 1 to 19, got {v:?}")
+            })?,
+            None => file.compression.level.unwrap_or(3),
+        };
+        if !(1..=19).contains(&level) {
+            return Err(input_err!(
+                "compression.level: expected a number from 1 to 19, got {level}"
+            ));
+        }
+        let threads = match env.var("DBAGENT_COMPRESSION_THREADS") {
+            Some(v) => v.parse::<u32>().map_err(|_| {
+                input_err!("DBAGENT_COMPRESSION_THREADS: expected a whole number, got {v:?}")
+            })?,
+            None => file.compression.threads.unwrap_or(0),
+        };
+
+        let part_size = match env
+            .var("DBAGENT_UPLOAD_PART_SIZE")
+            .or(file.upload.part_size)
+        {
+            Some(v) => parse_size(&v).ok_or_else(|| {
+                input_err!("upload.part_size: expected a size like 16MiB, got {v:?}")
+            })?,
+            None => DEFAULT_PART_SIZE,
+        };
+        if part_size < MIN_PART_SIZE {
+            return Err(input_err!(
+                "upload.part_size: must be at least 5MiB (the S3 and B2 minimum), got {part_size} bytes"
+            ));
+        }
+        let concurrency = file.upload.concurrency.unwrap_or(2).max(1);
+
+        let pg = PgConfig {
+            data_dir: env.var("PGDATA").map(PathBuf::from).or(file.pg.data_dir),
+            bin_dir: env
+                .var("DBAGENT_PG_BIN_DIR")
+                .map(PathBuf::from)
+                .or(file.pg.bin_dir),
+            host: env.var("PGHOST").or(file.pg.host),
+            port: match env.var("PGPORT") {
+                Some(v) => Some(
+                    v.parse()
+                        .map_err(|_| input_err!("PGPORT: expected a port number, got {v:?}"))?,
+                ),
+                None => file.pg.port,
+            },
+            user: env.var("PGUSER").or(file.pg.user),
+            database: env.var("PGDATABASE").or(file.pg.database),
+            password: secret(
+                env,
+                "PGPASSWORD",
+                file.pg.password_file.as_deref(),
+                "pg.password_file",
+            )?,
+            passfile: env.var("PGPASSFILE").map(PathBuf::from),
+            system_identifier: match env.var("DBAGENT_PG_SYSTEM_IDENTIFIER") {
+                Some(v) => Some(v.parse().map_err(|_| {
+                    input_err!("DBAGENT_PG_SYSTEM_IDENTIFIER: expected a number, got {v:?}")
+                })?),
+                None => file.pg.system_identifier,
+            },
+        };
+
+        let prefetch = match env.var("DBAGENT_WAL_PREFETCH") {
+            Some(v) => v.parse().map_err(|_| {
+                input_err!("DBAGENT_WAL_PREFETCH: expected a whole number, got {v:?}")
+            })?,
+            None => file.wal.prefetch.unwrap_or(8),
+        };
+        let archive_wait = match env
+            .var("DBAGENT_WAL_ARCHIVE_WAIT")
+            .or(file.wal.archive_wait)
+        {
+            Some(v) => humantime::parse_duration(&v)
+                .map_err(|e| input_err!("wal.archive_wait: {e} (got {v:?}; try \"5m\")"))?,
+            None => Duration::from_secs(300),
+        };
+
+        Ok(Config {
+            repo: env.var("DBAGENT_REPO").or(file.repo),
+            s3,
+            compression: Compression { level, threads },
+            upload: UploadConfig {
+                part_size,
+                concurrency,
+            },
+            pg,
+            wal: WalConfig {
+                prefetch,
+                archive_wait,
+            },
+            config_file: None,
+        })
+    }
+
+    /// The repository URL, or an input error saying how to set it.
+    pub fn repo_url(&self) -> anyhow::Result<&str> {
+        self.repo.as_deref().ok_or_else(|| {
+            input_err!("no repository configured: pass --repo file:///path or s3://bucket/prefix, or set DBAGENT_REPO")
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| input_err!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        // toml's message names the key and the line; keep it on one line.
+        let msg = e.to_string().replace('\n', " ");
+        input_err!("config file {}: {}", path.display(), msg.trim())
+    })
+}
+
+/// A secret from `NAME`, else from the file named by `NAME_FILE`, else from the config key's file.
+fn secret(
+    env: &dyn Env,
+    name: &str,
+    file_from_config: Option<&Path>,
+    key: &str,
+) -> anyhow::Result<Option<Secret>> {
+    if let Some(v) = env.var(name) {
+        return Ok(Some(Secret::new(v)));
+    }
+    let (path, origin) = match env.var(&format!("{name}_FILE")) {
+        Some(p) => (PathBuf::from(p), format!("{name}_FILE")),
+        None => match file_from_config {
+            Some(p) => (p.to_path_buf(), key.to_string()),
+            None => return Ok(None),
+        },
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{origin}: cannot read {}", path.display()))
+        .map_err(|e| input_err!("{e:#}"))?;
+    Ok(Some(Secret::new(text.trim_end_matches(['\n', '\r']))))
+}
+
+fn parse_bool(key: &str, v: &str) -> anyhow::Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(input_err!("{key}: expected true or false, got {v:?}")),
+    }
+}
+
+/// Parses sizes like `8MiB`, `16MB`, `5000000`, `64kB` (kB/MB/GB are 1024-based, as in PostgreSQL).
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().ok()?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dbagent.toml");
+        std::fs::write(
+            &path,
+            "repo = \"file:///from-file\"\n[compression]\nlevel = 5\n[s3]\nregion = \"eu-central-003\"\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            config_file: Some(path.clone()),
+            repo: None,
+        };
+        let env = [
+            ("DBAGENT_REPO", "s3://b/p"),
+            ("DBAGENT_COMPRESSION_LEVEL", "7"),
+        ];
+        let cfg = Config::load(&flags, &env).unwrap();
+        assert_eq!(cfg.repo.as_deref(), Some("s3://b/p"));
+        assert_eq!(cfg.compression.level, 7);
+        assert_eq!(cfg.s3.region, "eu-central-003");
+
+        let flags = Overrides {
+            config_file: Some(path),
+            repo: Some("file:///flag".into()),
+        };
+        let cfg = Config::load(&flags, &env).unwrap();
+        assert_eq!(cfg.repo.as_deref(), Some("file:///flag"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[compression]\nlevl = 3\n").unwrap();
+        let flags = Overrides {
+            config_file: Some(path),
+            repo: None,
+        };
+        let err = Config::load(&flags, &[("X", "y")]).unwrap_err().to_string();
+        assert!(err.contains("levl"), "{err}");
+        assert_eq!(
+            crate::error::exit_code(&Config::load(&flags, &[("X", "y")]).unwrap_err()),
+            1
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_are_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("secret");
+        std::fs::write(&key, "s3cr3t\n").unwrap();
+        let keyfile = key.to_str().unwrap();
+        let env = [("AWS_SECRET_ACCESS_KEY_FILE", keyfile)];
+        let cfg = Config::load(&Overrides::default(), &env).unwrap();
+        assert_eq!(
+            cfg.s3.secret_access_key.as_ref().unwrap().expose(),
+            "s3cr3t"
+        );
+        assert!(!format!("{cfg:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::load(
+            &Overrides::default(),
+            &[("DBAGENT_COMPRESSION_LEVEL", "fast")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("DBAGENT_COMPRESSION_LEVEL"), "{err}");
+        let err = Config::load(
+            &Overrides::default(),
+            &[("DBAGENT_UPLOAD_PART_SIZE", "1MiB")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("5MiB"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8MiB"), Some(8 << 20));
+        assert_eq!(parse_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_size("5000000"), Some(5_000_000));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("x"), None);
+    }
+}

@@ -1,0 +1,58 @@
+//! Failures a caller branches on, and the exit code each one maps to.
+//!
+//! Everything else is an `anyhow::Error` that exits 2 ("the operation failed").
+
+use std::process::ExitCode;
+
+/// A failure whose kind matters to the caller (and to the exit code).
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// The user's input or environment is wrong; the message says what to fix. Exit 1.
+    #[error("{0}")]
+    Input(String),
+    /// The thing asked for is not there (`wal-fetch` of a segment not yet archived).
+    /// Exit 1, and nothing is printed: PostgreSQL asks for such segments routinely.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// Shorthand for an input error with a formatted message.
+#[macro_export]
+macro_rules! input_err {
+    ($($arg:tt)*) => { anyhow::Error::new($crate::error::Failure::Input(format!($($arg)*))) };
+}
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_INPUT: u8 = 1;
+pub const EXIT_FAILED: u8 = 2;
+
+/// Maps an error to the documented exit code.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    match err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
+        Some(Failure::Input(_)) | Some(Failure::NotFound(_)) => EXIT_INPUT,
+        None => EXIT_FAILED,
+    }
+}
+
+/// True when the error should exit without a message.
+pub fn is_quiet(err: &anyhow::Error) -> bool {
+    matches!(err.downcast_ref::<Failure>(), Some(Failure::NotFound(_)))
+}
+
+/// Prints the error chain once, on one line, and returns the exit code.
+pub fn report(err: &anyhow::Error) -> ExitCode {
+    let code = exit_code(err);
+    if !is_quiet(err) {
+        let mut line = String::from("dbagent: error: ");
+        let mut first = true;
+        for cause in err.chain() {
+            if !first {
+                line.push_str(": ");
+            }
+            line.push_str(&cause.to_string());
+            first = false;
+        }
+        eprintln!("{line}");
+    }
+    ExitCode::from(code)
+}

@@ -1,0 +1,12 @@
+//! dbagent: PostgreSQL and MySQL/MariaDB HA sidecar and backup agent.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod list;
+pub mod pg;
+pub mod pipeline;
+pub mod repo;
+pub mod restore;
+pub mod storage;
+pub mod timespec;

@@ -1,0 +1,7 @@
+//! PostgreSQL: connections, binaries, the control file, WAL push/fetch, base backups.
+
+pub mod backup;
+pub mod bins;
+pub mod conn;
+pub mod control;
+pub mod wal;

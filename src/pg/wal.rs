@@ -1,0 +1,324 @@
+//! `wal-push` (archive_command) and `wal-fetch` (restore_command), with look-ahead prefetch.
+//!
+//! `wal-fetch` is spawned once per segment by PostgreSQL. To keep replay from waiting on one
+//! download at a time, each call starts a detached `wal-prefetch` process that downloads the
+//! next segments into `pg_wal/.dbagent-prefetch/`; the next call finds its segment there
+//! (already verified) and moves it into place. Claims (`<name>.claim`, holding the pid) keep
+//! two processes from downloading the same segment.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::error::Failure;
+use crate::input_err;
+use crate::pipeline::{self, PipeOptions};
+use crate::repo::wal::{Segment, WalFile};
+use crate::repo::{self};
+use crate::storage::{self, Store};
+
+pub const PREFETCH_DIR: &str = ".dbagent-prefetch";
+
+/// What `wal-push` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Uploaded,
+    AlreadyArchived,
+}
+
+pub fn pipe_options(cfg: &Config) -> PipeOptions {
+    PipeOptions {
+        compression: cfg.compression,
+        upload: cfg.upload,
+    }
+}
+
+/// Archives one WAL file. Exit 0 (Ok) only once it is durably stored.
+pub async fn push(cfg: &Config, store: &dyn Store, path: &Path) -> anyhow::Result<Pushed> {
+    let name = file_name(path)?;
+    if WalFile::classify(&name).is_none() {
+        return Err(input_err!(
+            "{name:?} is not a WAL segment, timeline history or backup history file: wal-push takes the %p path PostgreSQL passes to archive_command"
+        ));
+    }
+    let data_dir = crate::pg::control::data_dir_for(path, cfg.pg.data_dir.as_deref());
+    let sysid = match cfg.pg.system_identifier {
+        Some(id) => id,
+        None => crate::pg::control::system_identifier(&data_dir)?,
+    };
+    let key = repo::wal_key(sysid, &name);
+    if let Some(existing) = store.head(&key).await? {
+        return compare_existing(store, &key, existing.size, path, &name).await;
+    }
+    let file =
+        std::fs::File::open(path).map_err(|e| input_err!("cannot open {}: {e}", path.display()))?;
+    let written = pipeline::upload(store, &key, file, pipe_options(cfg))
+        .await
+        .with_context(|| format!("archiving {name}"))?;
+    tracing::debug!(%name, plain = written.trailer.plain_size, stored = written.stored_size, "archived");
+    Ok(Pushed::Uploaded)
+}
+
+async fn compare_existing(
+    store: &dyn Store,
+    key: &str,
+    size: u64,
+    path: &Path,
+    name: &str,
+) -> anyhow::Result<Pushed> {
+    let stored = pipeline::read_trailer(store, key, size).await?;
+    let local = pipeline::file_identity(path)?;
+    if stored == local {
+        tracing::debug!(%name, "already archived with the same content");
+        return Ok(Pushed::AlreadyArchived);
+    }
+    anyhow::bail!(
+        "refusing to overwrite {name}: the archive already holds a different {name} (sha256 {}, {} bytes; this one is sha256 {}, {} bytes). Two clusters may be archiving into one repository prefix, or a restored cluster reused a timeline: check the repository URL",
+        &stored.sha256_hex()[..16],
+        stored.plain_size,
+        &local.sha256_hex()[..16],
+        local.plain_size
+    )
+}
+
+fn file_name(path: &Path) -> anyhow::Result<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| input_err!("{} has no file name", path.display()))
+}
+
+/// Restores one WAL file to `dest`. A file that is not archived is `Failure::NotFound`.
+pub async fn fetch(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    name: &str,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let Some(kind) = WalFile::classify(name) else {
+        return Err(input_err!("{name:?} is not a WAL file name"));
+    };
+    let data_dir = crate::pg::control::data_dir_for(dest, cfg.pg.data_dir.as_deref());
+    let sysid = match cfg.pg.system_identifier {
+        Some(id) => id,
+        None => crate::pg::control::system_identifier(&data_dir)?,
+    };
+    let prefetch_dir = data_dir.join("pg_wal").join(PREFETCH_DIR);
+    let is_segment = matches!(kind, WalFile::Segment(_));
+
+    if is_segment && take_prefetched(&prefetch_dir, name, dest).await? {
+        spawn_prefetch(cfg, &prefetch_dir, name);
+        return Ok(());
+    }
+    let key = repo::wal_key(sysid, name);
+    download_verified(store.as_ref(), &key, dest)
+        .await
+        .map_err(|e| {
+            if storage::is_not_found(&e) {
+                anyhow::Error::new(Failure::NotFound(format!("{name} is not archived")))
+            } else {
+                e.context(format!("restoring {name}"))
+            }
+        })?;
+    if is_segment {
+        spawn_prefetch(cfg, &prefetch_dir, name);
+    }
+    Ok(())
+}
+
+/// Downloads into a temp file beside `dest`, verifies, fsyncs and renames.
+async fn download_verified(store: &dyn Store, key: &str, dest: &Path) -> anyhow::Result<()> {
+    let tmp = tmp_beside(dest);
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result =
+        pipeline::download(store, key, std::io::BufWriter::with_capacity(1 << 20, file)).await;
+    match result {
+        Ok((writer, _)) => {
+            let file = writer.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, dest)
+                .with_context(|| format!("moving into {}", dest.display()))?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn tmp_beside(dest: &Path) -> PathBuf {
+    let mut name = dest
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".dbagent-{}.tmp", std::process::id()));
+    dest.with_file_name(name)
+}
+
+/// Uses a prefetched copy if there is one, waiting for a download in progress.
+async fn take_prefetched(dir: &Path, name: &str, dest: &Path) -> anyhow::Result<bool> {
+    let ready = dir.join(name);
+    let claim = dir.join(format!("{name}.claim"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if ready.exists() {
+            std::fs::rename(&ready, dest).with_context(|| format!("moving prefetched {name}"))?;
+            return Ok(true);
+        }
+        if !claim_alive(&claim) || std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn claim_alive(claim: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(claim) else {
+        return false;
+    };
+    match text.trim().parse::<i32>() {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        Ok(pid) => unsafe { libc::kill(pid, 0) == 0 },
+        Err(_) => false,
+    }
+}
+
+/// The segments after `name` that are worth fetching ahead.
+fn next_segments(name: &str, count: usize) -> Vec<String> {
+    // The file name does not say the segment size; assume the common 16 MiB. A wrong guess
+    // only prefetches names that do not exist.
+    let seg_size = crate::repo::wal::DEFAULT_SEGMENT_SIZE;
+    let Some(seg) = Segment::parse(name, seg_size) else {
+        return vec![];
+    };
+    (1..=count as u64)
+        .map(|i| {
+            Segment {
+                tli: seg.tli,
+                segno: seg.segno + i,
+            }
+            .name(seg_size)
+        })
+        .collect()
+}
+
+/// Starts a detached `dbagent wal-prefetch` for the next segments not already there or claimed.
+fn spawn_prefetch(cfg: &Config, dir: &Path, name: &str) {
+    if cfg.wal.prefetch == 0 {
+        return;
+    }
+    let wanted: Vec<String> = next_segments(name, cfg.wal.prefetch)
+        .into_iter()
+        .filter(|n| !dir.join(n).exists() && !claim_alive(&dir.join(format!("{n}.claim"))))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::debug!(error = %e, "no prefetch directory");
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(cfg_file) = &cfg.config_file {
+        cmd.arg("--config").arg(cfg_file);
+    }
+    if let Some(repo) = &cfg.repo {
+        cmd.arg("--repo").arg(repo);
+    }
+    cmd.arg("wal-prefetch").arg(dir).args(&wanted);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: a signal to the caller's group does not interrupt it mid-write.
+        cmd.process_group(0);
+    }
+    if let Err(e) = cmd.spawn() {
+        tracing::debug!(error = %e, "could not start prefetch");
+    }
+}
+
+/// Downloads `names` into the prefetch directory, in parallel. Best effort: anything that
+/// goes wrong here is retried by the `wal-fetch` that needs the file.
+pub async fn prefetch(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    dir: &Path,
+    names: &[String],
+) -> anyhow::Result<()> {
+    let data_dir = dir
+        .parent()
+        .and_then(Path::parent)
+        .context("prefetch directory must be <data>/pg_wal/.dbagent-prefetch")?;
+    let sysid = match cfg.pg.system_identifier {
+        Some(id) => id,
+        None => crate::pg::control::system_identifier(data_dir)?,
+    };
+    let pid = std::process::id().to_string();
+    let mut tasks = tokio::task::JoinSet::new();
+    for name in names {
+        if WalFile::classify(name).is_none() {
+            continue;
+        }
+        let claim = dir.join(format!("{name}.claim"));
+        // O_EXCL: only one process downloads a segment; a dead owner's claim is taken over.
+        let claimed = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&claim)
+        {
+            Ok(mut f) => f.write_all(pid.as_bytes()).is_ok(),
+            Err(_) if !claim_alive(&claim) => std::fs::write(&claim, &pid).is_ok(),
+            Err(_) => false,
+        };
+        if !claimed || dir.join(name).exists() {
+            continue;
+        }
+        let store = store.clone();
+        let key = repo::wal_key(sysid, name);
+        let dest = dir.join(name);
+        tasks.spawn(async move {
+            let res = download_verified(store.as_ref(), &key, &dest).await;
+            let _ = std::fs::remove_file(&claim);
+            res
+        });
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Ok(Err(e)) = res {
+            if !storage::is_not_found(&e) {
+                tracing::debug!(error = %format!("{e:#}"), "prefetch failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_segments_cross_log_boundary() {
+        let n = next_segments("0000000100000000000000FE", 3);
+        assert_eq!(
+            n,
+            vec![
+                "0000000100000000000000FF",
+                "000000010000000100000000",
+                "000000010000000100000001"
+            ]
+        );
+        assert!(next_segments("00000002.history", 3).is_empty());
+    }
+}

@@ -1,0 +1,494 @@
+//! Streaming: reader -> zstd -> checksum of the plain bytes -> (multipart) upload, and back.
+//!
+//! Every object ends with a zstd *skippable frame* (the trailer) carrying the plain size and
+//! SHA-256. Standard tools ignore skippable frames, so `zstd -d < object` gives the plain
+//! bytes back by hand, while `wal-fetch` and `restore` verify the checksum before anything is
+//! handed to PostgreSQL. Compression and hashing run on blocking threads; the upload runs on
+//! the async runtime; the two are joined by a bounded channel, so memory stays at a few parts
+//! whatever the object size.
+
+use std::io::{Read, Write};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::{Compression, UploadConfig};
+use crate::storage::Store;
+
+/// zstd skippable frame magic (0x184D2A50..0x184D2A5F are all skippable).
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A5E;
+const TRAILER_TAG: &[u8; 8] = b"DBAGENT1";
+const TRAILER_PAYLOAD: usize = 8 + 8 + 32 + 8;
+pub const TRAILER_LEN: usize = 8 + TRAILER_PAYLOAD;
+const READ_BLOCK: usize = 1 << 20;
+/// Parts grow (×2) every this many parts, so a huge stream stays under 10,000 parts.
+const PARTS_PER_SIZE_STEP: u64 = 2000;
+
+/// The plain bytes' identity, as stored in the trailer and in manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trailer {
+    pub plain_size: u64,
+    pub sha256: [u8; 32],
+}
+
+impl Trailer {
+    pub fn encode(&self) -> [u8; TRAILER_LEN] {
+        let mut out = [0u8; TRAILER_LEN];
+        out[0..4].copy_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+        out[4..8].copy_from_slice(&(TRAILER_PAYLOAD as u32).to_le_bytes());
+        out[8..16].copy_from_slice(TRAILER_TAG);
+        out[16..24].copy_from_slice(&self.plain_size.to_le_bytes());
+        out[24..56].copy_from_slice(&self.sha256);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Trailer> {
+        if bytes.len() != TRAILER_LEN
+            || bytes[0..4] != SKIPPABLE_MAGIC.to_le_bytes()
+            || bytes[4..8] != (TRAILER_PAYLOAD as u32).to_le_bytes()
+            || &bytes[8..16] != TRAILER_TAG
+        {
+            return None;
+        }
+        let plain_size = u64::from_le_bytes(bytes[16..24].try_into().ok()?);
+        let sha256 = bytes[24..56].try_into().ok()?;
+        Some(Trailer { plain_size, sha256 })
+    }
+
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+/// What an upload wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub trailer: Trailer,
+    pub stored_size: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PipeOptions {
+    pub compression: Compression,
+    pub upload: UploadConfig,
+}
+
+/// Sends compressed bytes to the uploader in parts.
+struct PartWriter {
+    buf: Vec<u8>,
+    parts: u64,
+    base: usize,
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl PartWriter {
+    fn part_size(&self) -> usize {
+        let step = (self.parts / PARTS_PER_SIZE_STEP).min(10) as u32;
+        self.base.saturating_mul(1 << step)
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        let full = std::mem::take(&mut self.buf);
+        self.parts += 1;
+        self.buf = Vec::with_capacity(self.part_size());
+        self.tx
+            .blocking_send(Bytes::from(full))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
+    }
+}
+
+impl Write for PartWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = self.part_size() - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= self.part_size() {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn compress_into(
+    mut reader: impl Read,
+    opts: Compression,
+    out: PartWriter,
+) -> anyhow::Result<Trailer> {
+    let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        n => n,
+    };
+    if threads > 1 {
+        enc.multithread(threads).context("starting zstd workers")?;
+    }
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut block = vec![0u8; READ_BLOCK];
+    loop {
+        let n = match reader.read(&mut block) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
+        };
+        hasher.update(&block[..n]);
+        size += n as u64;
+        enc.write_all(&block[..n]).context("compressing")?;
+    }
+    let mut out = enc.finish().context("finishing zstd")?;
+    let trailer = Trailer {
+        plain_size: size,
+        sha256: hasher.finalize().into(),
+    };
+    out.write_all(&trailer.encode())?;
+    if !out.buf.is_empty() {
+        out.send()?;
+    }
+    Ok(trailer)
+}
+
+/// Compresses `reader` into the object `key`. The object becomes visible only when the whole
+/// stream has been read and uploaded; on any error nothing is left under `key`.
+pub async fn upload<R: Read + Send + 'static>(
+    store: &dyn Store,
+    key: &str,
+    reader: R,
+    opts: PipeOptions,
+) -> anyhow::Result<Written> {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(1);
+    let writer = PartWriter {
+        buf: Vec::with_capacity(opts.upload.part_size),
+        parts: 0,
+        base: opts.upload.part_size,
+        tx,
+    };
+    let compression = opts.compression;
+    let producer = tokio::task::spawn_blocking(move || compress_into(reader, compression, writer));
+
+    // The first part is held back: if it is also the last, one plain PUT is enough.
+    let mut held: Option<Bytes> = None;
+    let mut multipart: Option<Box<dyn crate::storage::Upload>> = None;
+    let mut stored = 0u64;
+    let mut sent: anyhow::Result<()> = Ok(());
+    while let Some(part) = rx.recv().await {
+        stored += part.len() as u64;
+        if multipart.is_none() {
+            match held.take() {
+                None => {
+                    held = Some(part);
+                    continue;
+                }
+                Some(first) => match store.start_upload(key).await {
+                    Ok(mut up) => {
+                        let res = up.put_part(first).await;
+                        multipart = Some(up);
+                        if let Err(e) = res {
+                            sent = Err(e);
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        sent = Err(e);
+                        break;
+                    }
+                },
+            }
+        }
+        let up = multipart.as_mut().expect("multipart upload started above");
+        if let Err(e) = up.put_part(part).await {
+            sent = Err(e);
+            break;
+        }
+    }
+    // Closing the channel unblocks a producer that is still writing after an upload error.
+    drop(rx);
+    let produced = producer.await.context("compression task panicked")?;
+    match (sent, produced) {
+        (Ok(()), Ok(trailer)) => {
+            match multipart {
+                Some(up) => up.complete().await,
+                None => store.put(key, held.unwrap_or_default()).await,
+            }
+            .with_context(|| format!("uploading {key}"))?;
+            Ok(Written {
+                trailer,
+                stored_size: stored,
+            })
+        }
+        (sent, produced) => {
+            if let Some(up) = multipart {
+                up.abort().await;
+            }
+            match sent {
+                Err(e) => Err(e.context(format!("uploading {key}"))),
+                Ok(()) => Err(produced.expect_err("the success case is matched above")),
+            }
+        }
+    }
+}
+
+/// Downloads `key`, decompresses it into `out`, and verifies the trailer. The caller must
+/// treat what it wrote as garbage unless this returns Ok.
+pub async fn download<W: Write + Send + 'static>(
+    store: &dyn Store,
+    key: &str,
+    out: W,
+) -> anyhow::Result<(W, Trailer)> {
+    let mut stream = store.get(key).await?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
+    let name = key.to_string();
+    let consumer =
+        tokio::task::spawn_blocking(move || decompress_from(ChannelReader::new(rx), out, &name));
+    let mut sent: anyhow::Result<()> = Ok(());
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => {
+                if tx.send(bytes).is_err() {
+                    break; // the consumer failed; its error says why
+                }
+            }
+            Err(e) => {
+                sent = Err(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let consumed = consumer.await.context("decompression task panicked")?;
+    sent?;
+    consumed
+}
+
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+    /// The last TRAILER_LEN bytes seen, to find the trailer at the end.
+    tail: Vec<u8>,
+}
+
+impl ChannelReader {
+    fn new(rx: std::sync::mpsc::Receiver<Bytes>) -> Self {
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+            tail: Vec::with_capacity(2 * TRAILER_LEN),
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.current = b,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        let chunk = self.current.split_to(n);
+        buf[..n].copy_from_slice(&chunk);
+        if chunk.len() >= TRAILER_LEN {
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(&chunk[chunk.len() - TRAILER_LEN..]);
+        } else {
+            self.tail.extend_from_slice(&chunk);
+            if self.tail.len() > TRAILER_LEN {
+                self.tail.drain(..self.tail.len() - TRAILER_LEN);
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn decompress_from<W: Write>(
+    reader: ChannelReader,
+    mut out: W,
+    key: &str,
+) -> anyhow::Result<(W, Trailer)> {
+    let mut dec = zstd::stream::read::Decoder::new(reader).context("starting zstd")?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut block = vec![0u8; READ_BLOCK];
+    loop {
+        let n = match dec.read(&mut block) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => bail!("{key} is corrupt: cannot decompress it ({e})"),
+        };
+        hasher.update(&block[..n]);
+        size += n as u64;
+        out.write_all(&block[..n])
+            .with_context(|| format!("writing {key}"))?;
+    }
+    out.flush()?;
+    let mut reader = dec.finish().into_inner();
+    // Drain anything the decoder did not need (there should be nothing).
+    std::io::copy(&mut reader, &mut std::io::sink())?;
+    let Some(trailer) = Trailer::decode(&reader.tail) else {
+        bail!("{key} is corrupt or truncated: its checksum trailer is missing");
+    };
+    let actual: [u8; 32] = hasher.finalize().into();
+    if trailer.plain_size != size || trailer.sha256 != actual {
+        bail!(
+            "{key} is corrupt: checksum mismatch (recorded {} bytes sha256 {}, got {} bytes sha256 {})",
+            trailer.plain_size,
+            trailer.sha256_hex(),
+            size,
+            hex::encode(actual)
+        );
+    }
+    Ok((out, trailer))
+}
+
+/// Reads an object's trailer without downloading the object.
+pub async fn read_trailer(store: &dyn Store, key: &str, size: u64) -> anyhow::Result<Trailer> {
+    if size < TRAILER_LEN as u64 {
+        bail!("{key} is corrupt: only {size} bytes");
+    }
+    let bytes = store
+        .get_range(key, size - TRAILER_LEN as u64..size)
+        .await?;
+    Trailer::decode(&bytes)
+        .with_context(|| format!("{key} is corrupt: its checksum trailer is missing"))
+}
+
+/// SHA-256 and size of a local file, as the trailer would record it.
+pub fn file_identity(path: &std::path::Path) -> anyhow::Result<Trailer> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut file, &mut hasher)?;
+    Ok(Trailer {
+        plain_size: size,
+        sha256: hasher.finalize().into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::LocalStore;
+
+    fn opts(part: usize) -> PipeOptions {
+        PipeOptions {
+            compression: Compression {
+                level: 3,
+                threads: 2,
+            },
+            upload: UploadConfig {
+                part_size: part,
+                concurrency: 2,
+            },
+        }
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        // Compressible but not trivial.
+        (0..len)
+            .map(|i| ((i * 7919) % 251) as u8 ^ (i / 4096) as u8)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn round_trip_small_and_multipart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().into());
+        for (len, part) in [(0usize, 5 << 20), (1000, 5 << 20), (12 << 20, 1 << 16)] {
+            let plain = data(len);
+            let w = upload(
+                &store,
+                "obj",
+                std::io::Cursor::new(plain.clone()),
+                opts(part),
+            )
+            .await
+            .unwrap();
+            assert_eq!(w.trailer.plain_size, len as u64);
+            let (out, t) = download(&store, "obj", Vec::new()).await.unwrap();
+            assert_eq!(out, plain);
+            assert_eq!(t, w.trailer);
+            let head = store.head("obj").await.unwrap().unwrap();
+            assert_eq!(head.size, w.stored_size);
+            assert_eq!(
+                read_trailer(&store, "obj", head.size).await.unwrap(),
+                w.trailer
+            );
+            // A person can decompress the object with the plain zstd tool.
+            let raw = std::fs::read(dir.path().join("obj")).unwrap();
+            assert_eq!(zstd::decode_all(&raw[..]).unwrap(), plain);
+        }
+    }
+
+    #[tokio::test]
+    async fn corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().into());
+        let plain = data(100_000);
+        upload(&store, "obj", std::io::Cursor::new(plain), opts(5 << 20))
+            .await
+            .unwrap();
+        let path = dir.path().join("obj");
+        let mut raw = std::fs::read(&path).unwrap();
+        // Flip a checksum byte in the trailer: the content decompresses, the check fails.
+        let i = raw.len() - 20;
+        raw[i] ^= 0xff;
+        std::fs::write(&path, &raw).unwrap();
+        let err = download(&store, "obj", Vec::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        // Truncate: the trailer is gone.
+        std::fs::write(&path, &raw[..raw.len() - 30]).unwrap();
+        let err = download(&store, "obj", Vec::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("corrupt"), "{err}");
+    }
+
+    struct FailingReader(usize);
+    impl Read for FailingReader {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::other("source died"));
+            }
+            let n = buf.len().min(self.0);
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = (i * 31 % 253) as u8;
+            }
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+
+    #[tokio::test]
+    async fn failing_source_leaves_no_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().into());
+        for len in [10usize, 3 << 20] {
+            let err = upload(&store, "obj", FailingReader(len), opts(5 << 20))
+                .await
+                .unwrap_err();
+            assert!(format!("{err:#}").contains("source died"));
+            assert!(store.list("").await.unwrap().is_empty(), "len {len}");
+        }
+        // Multipart case: parts were sent before the failure.
+        let err = upload(&store, "obj", FailingReader(40 << 20), opts(1 << 16))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("source died"));
+        assert!(store.list("").await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,111 @@
+//! The manifests stored in the repository. Every one carries `format_version`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::wal::Lsn;
+
+/// One data object a manifest points at, with the plain bytes' identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub key: String,
+    pub stored_bytes: u64,
+    pub plain_bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableRows {
+    pub table: String,
+    /// `pg_class.reltuples` at backup start: an estimate.
+    pub rows_estimate: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatabaseInfo {
+    pub name: String,
+    pub size_bytes: i64,
+    #[serde(default)]
+    pub tables: Vec<TableRows>,
+}
+
+/// A PostgreSQL base backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseBackup {
+    pub format_version: u32,
+    pub id: String,
+    /// Kept as a string: JSON readers (jq, JavaScript) lose precision on 64-bit integers.
+    #[serde(with = "u64_string")]
+    pub system_identifier: u64,
+    pub timeline: u32,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub start_time: DateTime<Utc>,
+    /// When the backup and the WAL it needs were complete: the earliest time it restores to.
+    pub stop_time: DateTime<Utc>,
+    pub server_version: String,
+    pub server_version_num: i32,
+    pub wal_segment_size: u64,
+    pub data: ObjectRef,
+    pub databases: Vec<DatabaseInfo>,
+    pub dbagent_version: String,
+}
+
+mod u64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_json_is_stable() {
+        let m = BaseBackup {
+            format_version: 1,
+            id: "20261123T180000Z".into(),
+            system_identifier: 7_441_000_000_000_000_001,
+            timeline: 1,
+            start_lsn: "0/2000028".parse().unwrap(),
+            stop_lsn: "0/2000138".parse().unwrap(),
+            start_wal: "000000010000000000000002".into(),
+            stop_wal: "000000010000000000000002".into(),
+            start_time: "2026-11-23T18:00:00Z".parse().unwrap(),
+            stop_time: "2026-11-23T18:00:05Z".parse().unwrap(),
+            server_version: "15.19".into(),
+            server_version_num: 150019,
+            wal_segment_size: 16 << 20,
+            data: ObjectRef {
+                key: "pg/7441000000000000001/backups/20261123T180000Z/base.tar.zst".into(),
+                stored_bytes: 10,
+                plain_bytes: 20,
+                sha256: "ab".repeat(32),
+            },
+            databases: vec![DatabaseInfo {
+                name: "discourse".into(),
+                size_bytes: 8_000_000,
+                tables: vec![TableRows {
+                    table: "public.posts".into(),
+                    rows_estimate: 42,
+                }],
+            }],
+            dbagent_version: "0.1.0".into(),
+        };
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["system_identifier"], "7441000000000000001");
+        assert_eq!(json["start_lsn"], "0/2000028");
+        assert_eq!(json["format_version"], 1);
+        let back: BaseBackup = serde_json::from_value(json).unwrap();
+        assert_eq!(back, m);
+    }
+}

@@ -1,0 +1,40 @@
+//! The backup repository format (v1): where every object lives, what manifests say, and the
+//! catalog read back from a listing.
+//!
+//! ```text
+//! pg/<system-id>/wal/<segment or history file>.zst      WAL, one object per file
+//! pg/<system-id>/backups/<id>/base.tar.zst              base backup data (written first)
+//! pg/<system-id>/backups/<id>/backup.json               manifest (written last)
+//! ```
+//! A backup exists only when its manifest exists. Every `.zst` object ends with a trailer
+//! holding the plain bytes' size and SHA-256 (see `pipeline`).
+
+pub mod catalog;
+pub mod manifest;
+pub mod wal;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+pub fn pg_root(sysid: u64) -> String {
+    format!("pg/{sysid}/")
+}
+
+pub fn wal_prefix(sysid: u64) -> String {
+    format!("pg/{sysid}/wal/")
+}
+
+pub fn wal_key(sysid: u64, file_name: &str) -> String {
+    format!("pg/{sysid}/wal/{file_name}.zst")
+}
+
+pub fn backups_prefix(sysid: u64) -> String {
+    format!("pg/{sysid}/backups/")
+}
+
+pub fn backup_data_key(sysid: u64, id: &str) -> String {
+    format!("pg/{sysid}/backups/{id}/base.tar.zst")
+}
+
+pub fn backup_manifest_key(sysid: u64, id: &str) -> String {
+    format!("pg/{sysid}/backups/{id}/backup.json")
+}

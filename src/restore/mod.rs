@@ -1,0 +1,406 @@
+//! Point-in-time restore: plan (pure, in `plan`) then execute (here).
+
+pub mod plan;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::input_err;
+use crate::pg::conn::ConnInfo;
+use crate::repo::catalog::{self, PgCatalog};
+use crate::storage::Store;
+use crate::timespec::pg_timestamp;
+use plan::{PgPlan, Target};
+
+#[derive(Debug, Clone)]
+pub struct PgRestoreOptions {
+    pub target: Target,
+    pub target_dir: PathBuf,
+    pub no_start: bool,
+    pub dry_run: bool,
+    /// Start the restored server on this port instead of the one in its configuration.
+    pub port: Option<u16>,
+}
+
+/// Which cluster in the repository: the configured one, or the only one there.
+pub async fn choose_cluster(cfg: &Config, store: &dyn Store) -> anyhow::Result<u64> {
+    if let Some(id) = cfg.pg.system_identifier {
+        return Ok(id);
+    }
+    let found = catalog::clusters(store).await?;
+    match found.as_slice() {
+        [] => Err(input_err!(
+            "the repository {} holds no PostgreSQL backups or WAL: check --repo",
+            cfg.repo.as_deref().unwrap_or("")
+        )),
+        [one] => Ok(*one),
+        many => Err(input_err!(
+            "the repository holds several clusters ({}): choose one with DBAGENT_PG_SYSTEM_IDENTIFIER",
+            many.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Refuses a target directory that exists and is not empty, before anything is written.
+pub fn check_target_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(input_err!(
+                    "target directory {} is not empty: restore into a new or empty directory",
+                    dir.display()
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(input_err!("target directory {}: {e}", dir.display())),
+    }
+}
+
+pub async fn restore_pg(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    opts: &PgRestoreOptions,
+) -> anyhow::Result<()> {
+    check_target_dir(&opts.target_dir)?;
+    let sysid = choose_cluster(cfg, store.as_ref()).await?;
+    let cat = PgCatalog::load(store.as_ref(), sysid).await?;
+    let plan = plan::plan_pg(&cat, opts.target)?;
+    println!("{}", plan.describe());
+    if opts.dry_run {
+        println!("dry run: nothing was written");
+        return Ok(());
+    }
+
+    let created = !opts.target_dir.exists();
+    if let Err(e) = unpack_backup(store.as_ref(), &plan, &opts.target_dir).await {
+        // The directory was empty or absent: leave it as it was.
+        remove_contents(&opts.target_dir, created);
+        return Err(e);
+    }
+    write_recovery_settings(cfg, &plan, &opts.target_dir)?;
+    println!(
+        "restored base backup {} into {}",
+        plan.backup.id,
+        opts.target_dir.display()
+    );
+    if opts.no_start {
+        println!(
+            "not started (--no-start): start it with `pg_ctl -D {} start`; it replays WAL with `dbagent wal-fetch` and promotes at the target",
+            opts.target_dir.display()
+        );
+        return Ok(());
+    }
+    let landed = start_and_wait(cfg, &plan, &opts.target_dir, opts.port).await?;
+    println!("{landed}");
+    Ok(())
+}
+
+fn remove_contents(dir: &Path, remove_dir: bool) {
+    if remove_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    } else if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
+
+/// A writer that counts what passes through it (for progress).
+struct Counting<W> {
+    inner: W,
+    count: Arc<AtomicU64>,
+}
+
+impl<W: std::io::Write> std::io::Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+async fn unpack_backup(store: &dyn Store, plan: &PgPlan, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    set_mode(dir, 0o700)?;
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let unpack_dir = dir.to_path_buf();
+    let unpacker = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, reader));
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(true);
+        archive
+            .unpack(&unpack_dir)
+            .context("unpacking the base backup")
+    });
+    let count = Arc::new(AtomicU64::new(0));
+    let total = plan.backup.data.plain_bytes;
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let count = count.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let done = count.load(Ordering::Relaxed);
+                eprint!(
+                    "\rrestoring base backup: {} of {} ({}%)   ",
+                    human(done),
+                    human(total),
+                    done * 100 / total.max(1)
+                );
+            }
+        })
+    });
+    let writer = Counting {
+        inner: writer,
+        count,
+    };
+    let downloaded = crate::pipeline::download(store, &plan.backup.data.key, writer).await;
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
+    // Close our end of the pipe so the unpacker sees the end of the stream.
+    let downloaded = downloaded.map(|(w, t)| {
+        drop(w);
+        t
+    });
+    let unpacked = unpacker
+        .join()
+        .map_err(|_| anyhow::anyhow!("unpacking thread panicked"))?;
+    let trailer =
+        downloaded.with_context(|| format!("downloading base backup {}", plan.backup.id))?;
+    unpacked?;
+    if trailer.sha256_hex() != plan.backup.data.sha256 {
+        anyhow::bail!(
+            "base backup {} is corrupt: its data does not match the checksum in its manifest",
+            plan.backup.id
+        );
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting permissions on {}", path.display()))
+}
+
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-:=@".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('$', "\\$")
+        )
+    }
+}
+
+/// The restore_command that brings WAL back through this same dbagent and repository.
+pub fn restore_command(cfg: &Config) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("locating the dbagent binary")?;
+    let mut cmd = shell_quote(&exe.to_string_lossy());
+    if let Some(file) = &cfg.config_file {
+        cmd.push_str(&format!(
+            " --config {}",
+            shell_quote(&file.to_string_lossy())
+        ));
+    }
+    if let Some(repo) = &cfg.repo {
+        cmd.push_str(&format!(" --repo {}", shell_quote(repo)));
+    }
+    cmd.push_str(" wal-fetch %f %p");
+    Ok(cmd)
+}
+
+fn write_recovery_settings(cfg: &Config, plan: &PgPlan, dir: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut lines = vec![
+        String::new(),
+        format!(
+            "# point-in-time restore by dbagent {}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        format!("restore_command = {}", quote(&restore_command(cfg)?)),
+        "recovery_target_timeline = 'latest'".to_string(),
+    ];
+    if let Target::Time(t) = plan.target {
+        lines.push(format!(
+            "recovery_target_time = {}",
+            quote(&pg_timestamp(t))
+        ));
+        lines.push("recovery_target_inclusive = on".to_string());
+        lines.push("recovery_target_action = 'promote'".to_string());
+    }
+    let auto = dir.join("postgresql.auto.conf");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&auto)
+        .with_context(|| format!("opening {}", auto.display()))?;
+    f.write_all((lines.join("\n") + "\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::File::create(dir.join("recovery.signal"))?.sync_all()?;
+    Ok(())
+}
+
+/// Starts the restored server and waits until it has promoted. Returns where it landed.
+async fn start_and_wait(
+    cfg: &Config,
+    plan: &PgPlan,
+    dir: &Path,
+    port: Option<u16>,
+) -> anyhow::Result<String> {
+    let pg_ctl = crate::pg::bins::program(&cfg.pg, "pg_ctl")?;
+    let log = dir.join("dbagent-restore.log");
+    let mut cmd = tokio::process::Command::new(&pg_ctl);
+    cmd.arg("-D")
+        .arg(dir)
+        .arg("-l")
+        .arg(&log)
+        .arg("-W")
+        .arg("start");
+    if let Some(port) = port {
+        cmd.arg("-o").arg(format!("-p {port}"));
+    }
+    let out = cmd
+        .output()
+        .await
+        .with_context(|| format!("running {}", pg_ctl.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "pg_ctl could not start the restored server: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    eprintln!(
+        "started PostgreSQL on the restored data; replaying WAL (log: {})",
+        log.display()
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(pm) = read_postmaster_pid(dir) else {
+            return Err(recovery_failure(plan, &log));
+        };
+        // SAFETY: signal 0 only checks that the postmaster exists.
+        if unsafe { libc::kill(pm.pid, 0) } != 0 {
+            return Err(recovery_failure(plan, &log));
+        }
+        let mut pg = cfg.pg.clone();
+        pg.host = Some(pm.socket_dir.clone());
+        pg.port = Some(pm.port);
+        pg.database = Some("postgres".into());
+        pg.user = pg.user.or_else(|| Some("postgres".into()));
+        let conn = ConnInfo::from_config(&pg);
+        let Ok(client) = conn.connect().await else {
+            continue;
+        };
+        let Ok(row) = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), coalesce(pg_last_xact_replay_timestamp()::text, 'none'),
+                        (SELECT timeline_id FROM pg_control_checkpoint())::text",
+                &[],
+            )
+            .await
+        else {
+            continue;
+        };
+        let in_recovery: bool = row.get(0);
+        if !in_recovery {
+            let last: String = row.get(1);
+            let tli: String = row.get(2);
+            return Ok(format!(
+                "restored: the server has promoted and is running on port {} (data {}); last replayed transaction committed at {last}; timeline {tli}",
+                pm.port,
+                dir.display()
+            ));
+        }
+    }
+}
+
+struct PostmasterPid {
+    pid: i32,
+    port: u16,
+    socket_dir: String,
+}
+
+fn read_postmaster_pid(dir: &Path) -> Option<PostmasterPid> {
+    let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    Some(PostmasterPid {
+        pid: lines.first()?.trim().parse().ok()?,
+        port: lines.get(3)?.trim().parse().ok()?,
+        socket_dir: lines
+            .get(4)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("/tmp")
+            .to_string(),
+    })
+}
+
+/// Explains why the restored server stopped before promoting, from its log.
+fn recovery_failure(plan: &PgPlan, log: &Path) -> anyhow::Error {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let fatal = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("FATAL") || l.contains("PANIC"))
+        .unwrap_or("no FATAL line in the log")
+        .to_string();
+    if fatal.contains("recovery ended before configured recovery target was reached") {
+        let target = match plan.target {
+            Target::Time(t) => crate::timespec::show(t),
+            Target::Latest => "the end of the archive".into(),
+        };
+        return anyhow::anyhow!(
+            "PostgreSQL replayed all archived WAL without reaching {target}: no transaction committed after the target has been archived yet; restore with an earlier --at or with --latest (log: {})",
+            log.display()
+        );
+    }
+    anyhow::anyhow!(
+        "the restored server stopped before promoting: {fatal} (log: {})",
+        log.display()
+    )
+}

@@ -1,0 +1,267 @@
+//! S3-compatible object storage (Backblaze B2, AWS S3, MinIO, Wasabi) through `object_store`.
+//!
+//! Static credentials only: a short-lived `wal-push` must never stall probing an instance
+//! metadata endpoint. No checksum algorithm is configured, so no `x-amz-checksum-*` or
+//! `x-amz-sdk-checksum-*` header is ever sent (B2 rejects them).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{ClientOptions, MultipartUpload, ObjectStore, PutPayload, RetryConfig};
+
+use super::{ByteStream, NotFound, ObjectInfo, Store, Upload};
+use crate::config::S3Config;
+use crate::error::Failure;
+use crate::input_err;
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    inner: Arc<AmazonS3>,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+    /// Parts in flight per upload.
+    concurrency: usize,
+}
+
+impl S3Store {
+    pub fn new(cfg: &S3Config, bucket: &str, prefix: &str) -> anyhow::Result<S3Store> {
+        let (Some(key_id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) else {
+            return Err(input_err!(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_ACCESS_KEY_ID_FILE and AWS_SECRET_ACCESS_KEY_FILE)"
+            ));
+        };
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(&cfg.region)
+            .with_endpoint(&endpoint)
+            .with_access_key_id(key_id.expose())
+            .with_secret_access_key(secret.expose())
+            .with_virtual_hosted_style_request(!cfg.force_path_style)
+            .with_allow_http(cfg.allow_http)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(10))
+                    .with_timeout(Duration::from_secs(600))
+                    .with_allow_http(cfg.allow_http),
+            )
+            // B2 answers 500/503 under load; object_store retries those and connection errors.
+            .with_retry(RetryConfig {
+                max_retries: 8,
+                retry_timeout: Duration::from_secs(120),
+                ..RetryConfig::default()
+            });
+        if let Some(token) = &cfg.session_token {
+            builder = builder.with_token(token.expose());
+        }
+        let inner = builder
+            .build()
+            .map_err(|e| input_err!("S3 settings for bucket {bucket}: {e}"))?;
+        Ok(S3Store {
+            inner: Arc::new(inner),
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint,
+            concurrency: 2,
+        })
+    }
+
+    fn path(&self, key: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(key)
+        } else {
+            Path::from(format!("{}/{}", self.prefix, key))
+        }
+    }
+
+    fn key_of(&self, path: &Path) -> String {
+        let s = path.as_ref();
+        if self.prefix.is_empty() {
+            s.to_string()
+        } else {
+            s.strip_prefix(&self.prefix)
+                .unwrap_or(s)
+                .trim_start_matches('/')
+                .to_string()
+        }
+    }
+
+    /// Turns the errors a user can fix into one clear input error; keeps the rest.
+    fn explain(&self, err: object_store::Error, what: &str) -> anyhow::Error {
+        if let object_store::Error::NotFound { .. } = err {
+            return anyhow::Error::new(NotFound(what.to_string()));
+        }
+        let text = format!("{err}");
+        if text.contains("NoSuchBucket") {
+            return anyhow::Error::new(Failure::Input(format!(
+                "bucket {:?} does not exist at {}: create it, or fix the bucket in the repository URL",
+                self.bucket, self.endpoint
+            )));
+        }
+        for marker in [
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+            "Unauthenticated",
+            "InvalidToken",
+            "403 Forbidden",
+            "401 Unauthorized",
+        ] {
+            if text.contains(marker) {
+                return anyhow::Error::new(Failure::Input(format!(
+                    "{} refused the credentials for bucket {:?} ({marker}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                    self.endpoint, self.bucket
+                )));
+            }
+        }
+        anyhow::Error::new(err).context(format!("{what} at {}", self.endpoint))
+    }
+}
+
+#[async_trait]
+impl Store for S3Store {
+    async fn put(&self, key: &str, data: Bytes) -> anyhow::Result<()> {
+        self.inner
+            .put(&self.path(key), PutPayload::from_bytes(data))
+            .await
+            .map_err(|e| self.explain(e, &format!("uploading {key}")))?;
+        Ok(())
+    }
+
+    async fn start_upload(&self, key: &str) -> anyhow::Result<Box<dyn Upload>> {
+        let upload = self
+            .inner
+            .put_multipart(&self.path(key))
+            .await
+            .map_err(|e| self.explain(e, &format!("starting upload of {key}")))?;
+        Ok(Box::new(S3Upload {
+            upload: Some(upload),
+            in_flight: FuturesUnordered::new(),
+            concurrency: self.concurrency,
+            key: key.to_string(),
+        }))
+    }
+
+    async fn get(&self, key: &str) -> anyhow::Result<ByteStream> {
+        let res = self
+            .inner
+            .get(&self.path(key))
+            .await
+            .map_err(|e| self.explain(e, key))?;
+        let key = key.to_string();
+        Ok(Box::pin(res.into_stream().map_err(move |e| {
+            anyhow::Error::new(e).context(format!("downloading {key}"))
+        })))
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> anyhow::Result<Bytes> {
+        self.inner
+            .get_range(&self.path(key), range)
+            .await
+            .map_err(|e| self.explain(e, key))
+    }
+
+    async fn head(&self, key: &str) -> anyhow::Result<Option<ObjectInfo>> {
+        match self.inner.head(&self.path(key)).await {
+            Ok(meta) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: meta.size,
+                last_modified: meta.last_modified,
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.explain(e, &format!("checking {key}"))),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> anyhow::Result<Vec<ObjectInfo>> {
+        // object_store lists by folder; filter the file-name part ourselves.
+        let folder = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let list_path = if folder.is_empty() && self.prefix.is_empty() {
+            None
+        } else {
+            Some(self.path(folder))
+        };
+        let metas: Vec<object_store::ObjectMeta> = self
+            .inner
+            .list(list_path.as_ref())
+            .try_collect()
+            .await
+            .map_err(|e| self.explain(e, &format!("listing {prefix}")))?;
+        let mut out: Vec<ObjectInfo> = metas
+            .into_iter()
+            .map(|m| ObjectInfo {
+                key: self.key_of(&m.location),
+                size: m.size,
+                last_modified: m.last_modified,
+            })
+            .filter(|o| o.key.starts_with(prefix))
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> anyhow::Result<()> {
+        match self.inner.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.explain(e, &format!("deleting {key}"))),
+        }
+    }
+}
+
+struct S3Upload {
+    upload: Option<Box<dyn MultipartUpload>>,
+    in_flight: FuturesUnordered<object_store::UploadPart>,
+    concurrency: usize,
+    key: String,
+}
+
+#[async_trait]
+impl Upload for S3Upload {
+    async fn put_part(&mut self, data: Bytes) -> anyhow::Result<()> {
+        while self.in_flight.len() >= self.concurrency {
+            if let Some(res) = self.in_flight.next().await {
+                res.with_context(|| format!("uploading a part of {}", self.key))?;
+            }
+        }
+        let upload = self.upload.as_mut().context("upload already finished")?;
+        self.in_flight
+            .push(upload.put_part(PutPayload::from_bytes(data)));
+        Ok(())
+    }
+
+    async fn complete(mut self: Box<Self>) -> anyhow::Result<()> {
+        while let Some(res) = self.in_flight.next().await {
+            res.with_context(|| format!("uploading a part of {}", self.key))?;
+        }
+        let mut upload = self.upload.take().context("upload already finished")?;
+        upload
+            .complete()
+            .await
+            .with_context(|| format!("completing upload of {}", self.key))?;
+        Ok(())
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        self.in_flight.clear();
+        if let Some(mut upload) = self.upload.take() {
+            if let Err(e) = upload.abort().await {
+                tracing::warn!(key = %self.key, error = %e, "could not abort multipart upload; prune removes it");
+            }
+        }
+    }
+}
