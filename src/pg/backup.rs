@@ -17,7 +17,7 @@ use crate::input_err;
 use crate::pg::conn::ConnInfo;
 use crate::pipeline;
 use crate::repo::manifest::{BaseBackup, DatabaseInfo, ObjectRef, TableRows};
-use crate::repo::wal::{Lsn, Segment};
+use crate::repo::wal::Segment;
 use crate::repo::{self, FORMAT_VERSION};
 use crate::storage::Store;
 
@@ -27,25 +27,12 @@ const MAX_TABLES_PER_DB: i64 = 5000;
 /// What pg_basebackup reported on stderr.
 #[derive(Debug, Default)]
 struct Progress {
-    start: Option<(Lsn, u32)>,
-    stop: Option<Lsn>,
     waiting_for_archive_since: Option<Instant>,
     last_lines: Vec<String>,
 }
 
 impl Progress {
     fn observe(&mut self, line: &str) {
-        if let Some(rest) = line.split("write-ahead log start point: ").nth(1) {
-            let mut parts = rest.split_whitespace();
-            let lsn = parts.next().and_then(|l| l.parse().ok());
-            let tli = parts.nth(2).and_then(|t| t.parse().ok());
-            if let (Some(lsn), Some(tli)) = (lsn, tli) {
-                self.start = Some((lsn, tli));
-            }
-        }
-        if let Some(rest) = line.split("write-ahead log end point: ").nth(1) {
-            self.stop = rest.split_whitespace().next().and_then(|l| l.parse().ok());
-        }
         if line.contains("waiting for required WAL segments to be archived")
             && self.waiting_for_archive_since.is_none()
         {
@@ -200,7 +187,7 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
     let pid = child.id() as i32;
-    let stdout = child.stdout.take().expect("piped");
+    let (stdout, tar_facts) = crate::pg::tarscan::TarScan::new(child.stdout.take().expect("piped"));
     let stderr = child.stderr.take().expect("piped");
     let progress = Arc::new(Mutex::new(Progress::default()));
     let reader_progress = progress.clone();
@@ -255,9 +242,12 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
             });
         }
     };
-    let (Some((start_lsn, tli)), Some(stop_lsn)) = (progress.start, progress.stop) else {
+    let facts_seen = tar_facts.lock().unwrap().clone();
+    let (Some((start_lsn, tli)), Some(stop_lsn)) = (facts_seen.start(), facts_seen.stop()) else {
         let _ = store.delete(&data_key).await;
-        anyhow::bail!("pg_basebackup did not report its WAL start and end points");
+        anyhow::bail!(
+            "the base backup stream had no backup_label or backup_manifest WAL range: is the server PostgreSQL 13 or newer?"
+        );
     };
 
     let seg_size = facts.seg_size;
@@ -335,13 +325,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_pg_basebackup_progress() {
+    fn notices_the_wait_for_archiving() {
         let mut p = Progress::default();
         p.observe("pg_basebackup: initiating base backup, waiting for checkpoint to complete");
-        p.observe("pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1");
-        p.observe("pg_basebackup: write-ahead log end point: 0/2000100");
-        assert_eq!(p.start, Some(("0/2000028".parse().unwrap(), 1)));
-        assert_eq!(p.stop, Some("0/2000100".parse().unwrap()));
         assert!(p.waiting_for_archive_since.is_none());
+        p.observe("NOTICE:  base backup done, waiting for required WAL segments to be archived");
+        assert!(p.waiting_for_archive_since.is_some());
     }
 }

@@ -4,4 +4,5 @@ pub mod backup;
 pub mod bins;
 pub mod conn;
 pub mod control;
+pub mod tarscan;
 pub mod wal;

@@ -153,9 +153,7 @@ impl PgCatalog {
         let mut wanted = None;
         for &(tli, begin, end) in path.iter().rev() {
             let seg = Segment { tli, segno };
-            let starts = begin.0 / self.seg_size <= segno;
-            let before_end = end.is_none_or(|e| seg.start_lsn(self.seg_size) < e);
-            if starts && before_end {
+            if self.covers(begin, end, seg) {
                 if self.segments.contains_key(&seg) {
                     return Ok(seg);
                 }
@@ -166,6 +164,11 @@ impl PgCatalog {
             tli: path.last().map(|p| p.0).unwrap_or(1),
             segno,
         }))
+    }
+
+    /// Whether a timeline valid for [begin, end) holds segment `seg`'s data.
+    fn covers(&self, begin: Lsn, end: Option<Lsn>, seg: Segment) -> bool {
+        begin.0 / self.seg_size <= seg.segno && end.is_none_or(|e| seg.start_lsn(self.seg_size) < e)
     }
 
     pub fn reach(&self, b: &BaseBackup) -> Reach {
@@ -185,11 +188,14 @@ impl PgCatalog {
                 Err(missing) => break missing,
             }
         };
-        let path_tlis: Vec<u32> = path.iter().map(|p| p.0).collect();
-        let later_exists = self
-            .segments
-            .keys()
-            .any(|s| s.segno > missing.segno && path_tlis.contains(&s.tli));
+        // Only segments recovery would read count: an older timeline's WAL past the point
+        // where the path left it is another history, not "later WAL".
+        let later_exists = self.segments.keys().any(|s| {
+            s.segno > missing.segno
+                && path
+                    .iter()
+                    .any(|&(tli, begin, end)| tli == s.tli && self.covers(begin, end, *s))
+        });
         Reach {
             last,
             end_time,
@@ -338,6 +344,9 @@ pub(crate) mod tests {
         assert_eq!(r.timeline, 2);
         assert_eq!(r.last, Some(Segment { tli: 2, segno: 6 }));
         assert_eq!(r.gap, None);
+        // Timeline 1's WAL past the branch point is another history, not a later segment.
+        add_seg(&mut c, 1, 9);
+        assert_eq!(c.reach(&c.backups[0]).gap, None);
         // A timeline that branched before the backup ended is not followed.
         c.histories.insert(
             3,

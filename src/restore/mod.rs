@@ -348,6 +348,8 @@ async fn start_and_wait(
         };
         let in_recovery: bool = row.get(0);
         if !in_recovery {
+            // Segments fetched ahead but never replayed are of no further use.
+            let _ = std::fs::remove_dir_all(dir.join("pg_wal").join(crate::pg::wal::PREFETCH_DIR));
             let last: String = row.get(1);
             let tli: String = row.get(2);
             return Ok(format!(

@@ -1,0 +1,117 @@
+//! Base backups: a killed backup leaves nothing that looks like a backup; a server that does
+//! not archive is refused before anything is read.
+
+use std::time::{Duration, Instant};
+
+use dbagent_testcontainers::{PostgresBuilder, command_as_pg_user, http_request};
+
+use crate::support::*;
+
+fn kill_mid_upload(repo: Repo, in_progress: impl Fn(&Repo) -> bool) {
+    let pg = archiving_primary(&repo);
+    // About 300 MB of poorly compressible rows, so the backup takes a while.
+    pg.psql(
+        "postgres",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 2500000) g",
+    )
+    .unwrap();
+    let mut cmd = command_as_pg_user(BIN);
+    cmd.arg("backup")
+        .env("DBAGENT_UPLOAD_PART_SIZE", "5MiB")
+        .env("DBAGENT_COMPRESSION_THREADS", "1");
+    for (k, v) in repo.env().into_iter().chain(pg.env()) {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !in_progress(&repo) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup finished before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "backup never got under way");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // runuser forwards SIGKILL? No: kill the whole process group of the child.
+    kill_tree(child.id());
+    let _ = child.wait();
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let backups = json["postgres"][0]["backups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(backups.is_empty(), "a killed backup is listed: {listing}");
+    assert!(
+        json["postgres"][0]["restorable"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{listing}"
+    );
+}
+
+/// SIGKILL a process and all its descendants (runuser → dbagent → pg_basebackup).
+fn kill_tree(pid: u32) {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() {
+        if let Ok(children) =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", pids[i], pids[i]))
+        {
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    for p in pids.iter().rev() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn killed_backup_is_not_listed_file_repository() {
+    kill_mid_upload(Repo::file(), |repo| {
+        // A hidden temp file under backups/ bigger than one part: the upload is under way.
+        repo.snapshot().iter().any(|(p, size)| {
+            p.to_string_lossy().contains("/backups/")
+                && p.to_string_lossy().contains(".dbagent-tmp-")
+                && *size > 5 << 20
+        })
+    });
+}
+
+#[test]
+fn killed_backup_is_not_listed_s3() {
+    // Kill once the server reports a multipart upload of the backup data in progress.
+    kill_mid_upload(Repo::s3("kill"), |repo| {
+        let Repo::S3(server, _) = repo else {
+            unreachable!()
+        };
+        let (_, body) = http_request(
+            server.port(),
+            "GET",
+            &format!("/{}?uploads", server.bucket()),
+        )
+        .unwrap();
+        body.contains("base.tar.zst</Key>")
+    });
+}
+
+#[test]
+fn backup_refuses_a_server_without_archiving() {
+    let repo = Repo::file();
+    let pg = PostgresBuilder::new().start().unwrap();
+    let out = dbagent(&repo, Some(&pg), &["backup"]);
+    refused(&out, "archive_mode");
+    assert!(repo.snapshot().is_empty());
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests against real servers: PostgreSQL 15, MariaDB and an S3 API server
+//! (moto), all started as local processes by `dbagent-testcontainers`.
+
+mod backup;
+mod pitr;
+mod refusals;
+mod s3;
+mod support;
+mod wal;

@@ -1,0 +1,177 @@
+//! Every refusal gives one clear line, exits 1 and writes nothing.
+
+use dbagent_testcontainers::pg_owned_tempdir;
+
+use crate::support::*;
+
+#[test]
+fn restore_refusals_touch_nothing() {
+    let repo = Repo::file();
+    let mut pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t (i int)").unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    for i in 0..4 {
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({i})"))
+            .unwrap();
+        switch_and_wait_archived(&pg);
+    }
+    pg.stop().unwrap();
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let target = scratch.path().join("restore");
+    let target_s = target.to_str().unwrap();
+    let before = repo.snapshot();
+
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "restore",
+                "--at",
+                "yesterday at noon",
+                "--target-dir",
+                target_s,
+            ],
+            "malformed time",
+        ),
+        (
+            &[
+                "restore",
+                "--at",
+                "2026-02-30 10:00:00",
+                "--target-dir",
+                target_s,
+            ],
+            "malformed time",
+        ),
+        (
+            &[
+                "restore",
+                "--at",
+                "2001-01-01 00:00:00",
+                "--target-dir",
+                target_s,
+            ],
+            "before the first backup",
+        ),
+        (
+            &[
+                "restore",
+                "--at",
+                "2999-01-01T00:00:00Z",
+                "--target-dir",
+                target_s,
+            ],
+            "beyond the archived WAL",
+        ),
+        (
+            &[
+                "restore",
+                "--latest",
+                "--target-dir",
+                target_s,
+                "--engine",
+                "postgres",
+                "--repo",
+                "file:///nonexistent/repo",
+            ],
+            "does not exist",
+        ),
+    ];
+    for (args, needle) in cases {
+        refused(&dbagent(&repo, None, args), needle);
+        assert!(!target.exists(), "{args:?} created the target directory");
+    }
+
+    // A non-empty target directory is refused and left as it was.
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("precious"), "keep me").unwrap();
+    refused(
+        &dbagent(
+            &repo,
+            None,
+            &["restore", "--latest", "--target-dir", target_s],
+        ),
+        "not empty",
+    );
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(target.join("precious")).unwrap(),
+        "keep me"
+    );
+    std::fs::remove_dir_all(&target).unwrap();
+
+    // --dry-run prints the plan and writes nothing.
+    let out = ok(&dbagent(
+        &repo,
+        None,
+        &["restore", "--latest", "--dry-run", "--target-dir", target_s],
+    ));
+    assert!(out.contains("restore plan: base backup"), "{out}");
+    assert!(!target.exists());
+    assert_eq!(repo.snapshot(), before, "refusals changed the repository");
+
+    // A gap in the WAL: remove a segment in the middle of the chain.
+    let wal_dir = std::fs::read_dir(repo.root().unwrap().join("pg"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("wal");
+    let mut segs: Vec<_> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().len() == 28)
+        .collect();
+    segs.sort();
+    let victim = segs[segs.len() - 2].clone();
+    let name = victim.file_name().unwrap().to_str().unwrap()[..24].to_string();
+    std::fs::remove_file(&victim).unwrap();
+    let before = repo.snapshot();
+    refused(
+        &dbagent(
+            &repo,
+            None,
+            &["restore", "--latest", "--target-dir", target_s],
+        ),
+        &name,
+    );
+    refused(
+        &dbagent(
+            &repo,
+            None,
+            &[
+                "restore",
+                "--at",
+                "2999-01-01T00:00:00Z",
+                "--target-dir",
+                target_s,
+            ],
+        ),
+        "gap",
+    );
+    assert!(!target.exists());
+    assert_eq!(repo.snapshot(), before);
+}
+
+#[test]
+fn bad_settings_get_one_line() {
+    let repo = Repo::file();
+    let out = dbagent(&repo, None, &["list", "--repo", "ftp://x/y"]);
+    refused(&out, "unsupported scheme");
+    let out = dbagent(&repo, None, &["list", "--repo", "file://relative/path"]);
+    refused(&out, "absolute path");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["list", "--repo", "s3://bucket/prefix"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_ACCESS_KEY_ID_FILE")
+        .env_remove("AWS_SECRET_ACCESS_KEY_FILE");
+    refused(&cmd.output().unwrap(), "no S3 credentials");
+    let out = dbagent(
+        &repo,
+        None,
+        &["list", "--config", "/nonexistent/dbagent.toml"],
+    );
+    refused(&out, "cannot read config file");
+}

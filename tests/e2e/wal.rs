@@ -1,0 +1,235 @@
+//! `wal-push` / `wal-fetch` contracts, as PostgreSQL relies on them.
+
+use std::path::Path;
+use std::process::Output;
+
+use crate::support::*;
+
+const SYSID: &str = "7000000000000000001";
+
+fn run(repo: &Repo, cwd: &Path, args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("DBAGENT_PG_SYSTEM_IDENTIFIER", SYSID)
+        .env("PGDATA", cwd)
+        .env("DBAGENT_LOG_FORMAT", "text");
+    for (k, v) in repo.env() {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn segment_bytes(seed: u8) -> Vec<u8> {
+    (0..16usize << 20)
+        .map(|i| ((i / 8192) as u8).wrapping_mul(seed) ^ (i as u8))
+        .collect()
+}
+
+fn wal_contract(repo: Repo) {
+    let data = tempfile::tempdir().unwrap();
+    let wal = data.path().join("pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    let name = "000000010000000000000003";
+    let seg = wal.join(name);
+    let content = segment_bytes(3);
+    std::fs::write(&seg, &content).unwrap();
+
+    // Push twice: both succeed.
+    ok(&run(
+        &repo,
+        data.path(),
+        &["wal-push", "pg_wal/000000010000000000000003"],
+    ));
+    ok(&run(
+        &repo,
+        data.path(),
+        &["wal-push", "pg_wal/000000010000000000000003"],
+    ));
+
+    // A different segment under the same name fails loudly and changes nothing.
+    std::fs::write(&seg, segment_bytes(5)).unwrap();
+    let out = run(
+        &repo,
+        data.path(),
+        &["wal-push", "pg_wal/000000010000000000000003"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to overwrite 000000010000000000000003"),
+        "{stderr}"
+    );
+
+    // Fetch returns the original bytes.
+    ok(&run(
+        &repo,
+        data.path(),
+        &["wal-fetch", name, "pg_wal/RECOVERYXLOG"],
+    ));
+    assert!(
+        std::fs::read(wal.join("RECOVERYXLOG")).unwrap() == content,
+        "fetched bytes differ"
+    );
+
+    // A segment that is not archived: exit 1, nothing printed, nothing written.
+    let out = run(
+        &repo,
+        data.path(),
+        &[
+            "wal-fetch",
+            "0000000100000000000000FF",
+            "pg_wal/RECOVERYXLOG2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!wal.join("RECOVERYXLOG2").exists());
+
+    // History files round-trip too.
+    std::fs::write(
+        wal.join("00000002.history"),
+        "1\t0/3000158\tno recovery target specified\n",
+    )
+    .unwrap();
+    ok(&run(
+        &repo,
+        data.path(),
+        &["wal-push", "pg_wal/00000002.history"],
+    ));
+    ok(&run(
+        &repo,
+        data.path(),
+        &["wal-fetch", "00000002.history", "pg_wal/RECOVERYHISTORY"],
+    ));
+    assert_eq!(
+        std::fs::read_to_string(wal.join("RECOVERYHISTORY")).unwrap(),
+        "1\t0/3000158\tno recovery target specified\n"
+    );
+
+    // Not a WAL file name: an input error.
+    std::fs::write(wal.join("notes.txt"), "x").unwrap();
+    refused(
+        &run(&repo, data.path(), &["wal-push", "pg_wal/notes.txt"]),
+        "is not a WAL segment",
+    );
+}
+
+#[test]
+fn wal_contract_on_file_repository() {
+    wal_contract(Repo::file());
+}
+
+#[test]
+fn wal_contract_on_s3() {
+    wal_contract(Repo::s3("wal-contract"));
+}
+
+#[test]
+fn corrupted_segment_is_refused_and_not_written() {
+    let repo = Repo::file();
+    let data = tempfile::tempdir().unwrap();
+    let wal = data.path().join("pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    std::fs::write(wal.join("000000010000000000000007"), segment_bytes(7)).unwrap();
+    ok(&run(
+        &repo,
+        data.path(),
+        &["wal-push", "pg_wal/000000010000000000000007"],
+    ));
+    let stored = repo
+        .root()
+        .unwrap()
+        .join(format!("pg/{SYSID}/wal/000000010000000000000007.zst"));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&stored, &bytes).unwrap();
+    let out = run(
+        &repo,
+        data.path(),
+        &[
+            "wal-fetch",
+            "000000010000000000000007",
+            "pg_wal/RECOVERYXLOG",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"));
+    assert!(
+        !wal.join("RECOVERYXLOG").exists(),
+        "a corrupt segment reached pg_wal"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().contains("tmp")),
+        "temp files left: {leftovers:?}"
+    );
+}
+
+#[test]
+fn fetch_prefetches_following_segments() {
+    let repo = Repo::file();
+    let data = tempfile::tempdir().unwrap();
+    let wal = data.path().join("pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    for n in 1..=4u8 {
+        let name = format!("00000001000000000000000{n}");
+        std::fs::write(wal.join(&name), segment_bytes(n)).unwrap();
+        ok(&run(
+            &repo,
+            data.path(),
+            &["wal-push", &format!("pg_wal/{name}")],
+        ));
+        std::fs::remove_file(wal.join(&name)).unwrap();
+    }
+    ok(&run(
+        &repo,
+        data.path(),
+        &[
+            "wal-fetch",
+            "000000010000000000000001",
+            "pg_wal/RECOVERYXLOG",
+        ],
+    ));
+    let prefetched = wal
+        .join(".dbagent-prefetch")
+        .join("000000010000000000000004");
+    for _ in 0..100 {
+        if prefetched.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(prefetched.exists(), "segment 4 was not prefetched");
+    // The next fetch takes the prefetched copy, verified, with the right bytes.
+    ok(&run(
+        &repo,
+        data.path(),
+        &[
+            "wal-fetch",
+            "000000010000000000000002",
+            "pg_wal/RECOVERYXLOG",
+        ],
+    ));
+    assert!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap() == segment_bytes(2));
+    assert!(
+        !wal.join(".dbagent-prefetch")
+            .join("000000010000000000000002")
+            .exists()
+    );
+}
