@@ -57,13 +57,16 @@ pub enum Command {
     /// Download WAL ahead of replay (started by wal-fetch).
     #[command(hide = true)]
     WalPrefetch { dir: PathBuf, names: Vec<String> },
-    /// Take a backup: a PostgreSQL base backup over the network.
+    /// Take a backup: a PostgreSQL base backup over the network (default), PostgreSQL
+    /// logical dumps (--kind dump), or a MySQL/MariaDB logical dump (--engine mysql).
     Backup {
         #[arg(long, value_enum, default_value = "postgres")]
         engine: Engine,
         #[arg(long, value_enum, default_value = "base")]
         kind: Kind,
     },
+    /// Ship every closed MySQL/MariaDB binlog once (for a cron; `serve` does it continuously).
+    BinlogPush,
     /// List backups and the restorable window.
     List {
         /// Print JSON for scripts.
@@ -83,9 +86,16 @@ pub enum Command {
         /// Replay all archived WAL.
         #[arg(long)]
         latest: bool,
-        /// The new data directory: must be absent or empty.
+        /// The new data directory: must be absent or empty. For MySQL, a scratch server is
+        /// initialised here (without it, the restore goes into DBAGENT_MYSQL_URL).
         #[arg(long, value_name = "DIR")]
-        target_dir: PathBuf,
+        target_dir: Option<PathBuf>,
+        /// Restore this database's logical dump instead of a base backup (PostgreSQL).
+        #[arg(long, value_name = "DB", requires = "target_url")]
+        dump: Option<String>,
+        /// Where a dump is restored: postgresql://user@host:port/newdb (a new database).
+        #[arg(long, value_name = "URL")]
+        target_url: Option<String>,
         #[arg(long, value_enum, default_value = "postgres")]
         engine: Engine,
         /// Prepare the data directory but do not start PostgreSQL.
@@ -180,24 +190,33 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             crate::pg::wal::prefetch(&cfg, store, &dir, &names).await?;
         }
         Command::Backup { engine, kind } => {
-            if engine != Engine::Postgres || kind != Kind::Base {
-                return Err(input_err!(
-                    "backup --engine {engine:?} --kind {kind:?} is not available in this version: only PostgreSQL base backups are",
-                ));
-            }
             let store = crate::storage::open(&cfg)?;
-            let started = std::time::Instant::now();
-            let m = crate::pg::backup::base_backup(&cfg, store).await?;
-            print(&format!(
-                "backup {} complete in {:.1}s: {} read, {} stored, WAL {}..{}, consistent at {}\n",
-                m.id,
-                started.elapsed().as_secs_f64(),
-                crate::restore::human(m.data.plain_bytes),
-                crate::restore::human(m.data.stored_bytes),
-                m.start_wal,
-                m.stop_wal,
-                crate::timespec::show(m.stop_time)
-            ))?;
+            let summary = match (engine, kind) {
+                (Engine::Mysql, _) => crate::mysql::backup_dump(&cfg, store).await?,
+                (Engine::Postgres, Kind::Dump) => {
+                    crate::pg::dump::backup_dumps(&cfg, store).await?
+                }
+                (Engine::Postgres, Kind::Base) => {
+                    let started = std::time::Instant::now();
+                    let m = crate::pg::backup::base_backup(&cfg, store).await?;
+                    format!(
+                        "backup {} complete in {:.1}s: {} read, {} stored, WAL {}..{}, consistent at {}",
+                        m.id,
+                        started.elapsed().as_secs_f64(),
+                        crate::restore::human(m.data.plain_bytes),
+                        crate::restore::human(m.data.stored_bytes),
+                        m.start_wal,
+                        m.stop_wal,
+                        crate::timespec::show(m.stop_time)
+                    )
+                }
+            };
+            print(&(summary + "\n"))?;
+        }
+        Command::BinlogPush => {
+            let store = crate::storage::open(&cfg)?;
+            let summary = crate::mysql::binlog_push(&cfg, store).await?;
+            print(&(summary + "\n"))?;
         }
         Command::List { json } => {
             let store = crate::storage::open(&cfg)?;
@@ -212,30 +231,55 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             at,
             latest,
             target_dir,
+            dump,
+            target_url,
             engine,
             no_start,
             dry_run,
             port,
         } => {
-            if engine != Engine::Postgres {
-                return Err(input_err!(
-                    "restore --engine mysql is not available in this version"
-                ));
-            }
             let target = match (at, latest) {
                 (Some(t), false) => Target::Time(crate::timespec::parse_instant(&t)?),
                 (None, true) => Target::Latest,
                 _ => return Err(input_err!("give either --at <time> or --latest")),
             };
+            let target_dir = target_dir.map(std::path::absolute).transpose()?;
             let store = crate::storage::open(&cfg)?;
-            let opts = crate::restore::PgRestoreOptions {
-                target,
-                target_dir: std::path::absolute(&target_dir)?,
-                no_start,
-                dry_run,
-                port,
-            };
-            crate::restore::restore_pg(&cfg, store, &opts).await?;
+            match (engine, dump) {
+                (Engine::Mysql, _) => {
+                    let opts = crate::mysql::MysqlRestoreOptions {
+                        target,
+                        target_dir,
+                        dry_run,
+                        port,
+                    };
+                    crate::mysql::restore(&cfg, store, &opts).await?;
+                }
+                (Engine::Postgres, Some(database)) => {
+                    let opts = crate::pg::dump::DumpRestoreOptions {
+                        database,
+                        target,
+                        target_url: target_url.expect("clap requires --target-url with --dump"),
+                        dry_run,
+                    };
+                    crate::pg::dump::restore_dump(&cfg, store, &opts).await?;
+                }
+                (Engine::Postgres, None) => {
+                    let Some(target_dir) = target_dir else {
+                        return Err(input_err!(
+                            "restore needs --target-dir <dir> (an empty or new data directory)"
+                        ));
+                    };
+                    let opts = crate::restore::PgRestoreOptions {
+                        target,
+                        target_dir,
+                        no_start,
+                        dry_run,
+                        port,
+                    };
+                    crate::restore::restore_pg(&cfg, store, &opts).await?;
+                }
+            }
         }
     }
     Ok(())

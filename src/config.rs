@@ -47,6 +47,17 @@ pub struct FileConfig {
     pub pg: FilePg,
     #[serde(default)]
     pub wal: FileWal,
+    #[serde(default)]
+    pub mysql: FileMysql,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMysql {
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub bin_dir: Option<PathBuf>,
+    pub binlog_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +96,7 @@ pub struct FilePg {
     pub database: Option<String>,
     pub password_file: Option<PathBuf>,
     pub system_identifier: Option<u64>,
+    pub dump_databases: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +115,7 @@ pub struct Config {
     pub upload: UploadConfig,
     pub pg: PgConfig,
     pub wal: WalConfig,
+    pub mysql: MysqlConfig,
     /// The config file this came from, passed on to `restore_command`.
     pub config_file: Option<PathBuf>,
 }
@@ -142,6 +155,19 @@ pub struct PgConfig {
     pub password: Option<Secret>,
     pub passfile: Option<PathBuf>,
     pub system_identifier: Option<u64>,
+    /// Databases `backup --kind dump` dumps; empty means every non-template database.
+    pub dump_databases: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MysqlConfig {
+    /// `mysql://user@host:port` (a password in the URL is refused: use the password file).
+    pub url: Option<String>,
+    pub password: Option<Secret>,
+    /// Where `mysqldump`/`mariadb-dump`, `mysqlbinlog`/`mariadb-binlog`, `mariadbd` live.
+    pub bin_dir: Option<PathBuf>,
+    /// The server's binlog directory, for `binlog-push` (default: asked from the server).
+    pub binlog_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +323,48 @@ impl Config {
                 })?),
                 None => file.pg.system_identifier,
             },
+            dump_databases: match env.var("DBAGENT_PG_DUMP_DATABASES") {
+                Some(v) => v
+                    .split(',')
+                    .map(|d| d.trim().to_string())
+                    .filter(|d| !d.is_empty())
+                    .collect(),
+                None => file.pg.dump_databases.unwrap_or_default(),
+            },
+        };
+
+        let mysql_url = env.var("DBAGENT_MYSQL_URL").or(file.mysql.url);
+        if let Some(url) = &mysql_url {
+            let parsed = url::Url::parse(url).map_err(|e| {
+                input_err!("DBAGENT_MYSQL_URL: {e}: expected mysql://user@host:port")
+            })?;
+            if parsed.scheme() != "mysql" && parsed.scheme() != "mariadb" {
+                return Err(input_err!(
+                    "DBAGENT_MYSQL_URL: expected mysql://user@host:port"
+                ));
+            }
+            if parsed.password().is_some() {
+                return Err(input_err!(
+                    "DBAGENT_MYSQL_URL must not carry a password: put it in DBAGENT_MYSQL_PASSWORD_FILE"
+                ));
+            }
+        }
+        let mysql = MysqlConfig {
+            url: mysql_url,
+            password: secret(
+                env,
+                "DBAGENT_MYSQL_PASSWORD",
+                file.mysql.password_file.as_deref(),
+                "mysql.password_file",
+            )?,
+            bin_dir: env
+                .var("DBAGENT_MYSQL_BIN_DIR")
+                .map(PathBuf::from)
+                .or(file.mysql.bin_dir),
+            binlog_dir: env
+                .var("DBAGENT_MYSQL_BINLOG_DIR")
+                .map(PathBuf::from)
+                .or(file.mysql.binlog_dir),
         };
 
         let prefetch = match env.var("DBAGENT_WAL_PREFETCH") {
@@ -327,6 +395,7 @@ impl Config {
                 prefetch,
                 archive_wait,
             },
+            mysql,
             config_file: None,
         })
     }

@@ -3,7 +3,9 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod list;
+pub mod mysql;
 pub mod pg;
 pub mod pipeline;
 pub mod repo;

@@ -4,5 +4,6 @@ pub mod backup;
 pub mod bins;
 pub mod conn;
 pub mod control;
+pub mod dump;
 pub mod tarscan;
 pub mod wal;

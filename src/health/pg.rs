@@ -1,0 +1,230 @@
+//! Reads a PostgreSQL server's role, positions, replication and archiver state.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::Client;
+
+use super::{Archiver, ReplicaState, Role, Snapshot, Standby};
+use crate::pg::conn::ConnInfo;
+
+const STATE_SQL: &str = "
+SELECT pg_is_in_recovery(),
+       current_setting('server_version_num')::bigint,
+       current_setting('server_version'),
+       (SELECT system_identifier::text FROM pg_control_system()),
+       (SELECT timeline_id FROM pg_control_checkpoint()),
+       pg_postmaster_start_time(),
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END,
+       CASE WHEN pg_is_in_recovery() THEN pg_wal_lsn_diff(pg_last_wal_receive_lsn(), '0/0')::bigint END,
+       CASE WHEN pg_is_in_recovery() THEN pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint END,
+       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
+       pg_last_xact_replay_timestamp(),
+       current_setting('default_transaction_read_only')::bool";
+
+const RECEIVER_SQL: &str = "
+SELECT status, pg_wal_lsn_diff(latest_end_lsn, '0/0')::bigint, sender_host, sender_port, received_tli
+  FROM pg_stat_wal_receiver";
+
+const REPLICATION_SQL: &str = "
+SELECT usename::text, application_name, client_addr::text, state, sync_state, sync_priority,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint
+  FROM pg_stat_replication ORDER BY application_name, client_addr::text";
+
+const ARCHIVER_SQL: &str = "
+SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time
+  FROM pg_stat_archiver";
+
+const HEARTBEAT_AGE_SQL: &str =
+    "SELECT extract(epoch FROM clock_timestamp() - max(ts))::float8 FROM dbagent.heartbeat";
+
+/// Keeps one connection and turns queries into snapshots.
+pub struct Probe {
+    conn: ConnInfo,
+    client: Option<Client>,
+    data_dir: Option<PathBuf>,
+}
+
+impl Probe {
+    pub fn new(conn: ConnInfo, data_dir: Option<PathBuf>) -> Probe {
+        Probe {
+            conn,
+            client: None,
+            data_dir,
+        }
+    }
+
+    /// One refresh. Never fails: a database that does not answer is a snapshot with `up = false`.
+    pub async fn snapshot(&mut self) -> Snapshot {
+        let now = Utc::now();
+        match self.read().await {
+            Ok(mut s) => {
+                s.taken_at = now;
+                s
+            }
+            Err(e) => {
+                self.client = None;
+                Snapshot {
+                    engine: "postgres",
+                    taken_at: now,
+                    up: false,
+                    error: Some(one_line(&e)),
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    async fn client(&mut self) -> anyhow::Result<&Client> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let client = tokio::time::timeout(Duration::from_secs(2), self.conn.connect())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("connecting to {} timed out", self.conn.describe())
+                })??;
+            // The probe must never queue behind locks.
+            client
+                .batch_execute("SET statement_timeout = '2s'; SET lock_timeout = '1s'")
+                .await?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_ref().expect("connected above"))
+    }
+
+    async fn read(&mut self) -> anyhow::Result<Snapshot> {
+        let data_dir = self.data_dir.clone();
+        let client = self.client().await?;
+        let row = client.query_one(STATE_SQL, &[]).await?;
+        let in_recovery: bool = row.get(0);
+        let read_only: bool = row.get(11);
+        let mut s = Snapshot {
+            engine: "postgres",
+            up: true,
+            role: if in_recovery {
+                Role::Replica
+            } else {
+                Role::Primary
+            },
+            writable: !in_recovery && !read_only,
+            server_version: Some(row.get(1)),
+            server_version_text: Some(row.get(2)),
+            system_identifier: row.get(3),
+            timeline: row.get::<_, Option<i32>>(4).map(|t| t as u32),
+            postmaster_start_time: row.get(5),
+            location: row.get::<_, Option<i64>>(6).map(|v| v as u64),
+            ..Default::default()
+        };
+        let heartbeat_age = match client.query_opt(HEARTBEAT_AGE_SQL, &[]).await {
+            Ok(Some(r)) => r.get::<_, Option<f64>>(0),
+            // No heartbeat table (yet): lag in seconds falls back to replay timestamps.
+            Ok(None) | Err(_) => None,
+        };
+        s.heartbeat_age_seconds = heartbeat_age;
+
+        if in_recovery {
+            let received: Option<i64> = row.get(7);
+            let replayed: Option<i64> = row.get(8);
+            let paused: bool = row.get(9);
+            let replay_ts: Option<DateTime<Utc>> = row.get(10);
+            let receiver = client.query_opt(RECEIVER_SQL, &[]).await?;
+            let (streaming, broken_reason, latest_end, sender, tli) = match &receiver {
+                Some(r) => {
+                    let status: String = r.get(0);
+                    let sender = match (r.get::<_, Option<String>>(2), r.get::<_, Option<i32>>(3)) {
+                        (Some(h), Some(p)) => Some(format!("{h}:{p}")),
+                        _ => None,
+                    };
+                    (
+                        status == "streaming",
+                        (status != "streaming").then(|| format!("WAL receiver is {status}")),
+                        r.get::<_, Option<i64>>(1),
+                        sender,
+                        r.get::<_, Option<i32>>(4),
+                    )
+                }
+                None => (
+                    false,
+                    Some("WAL receiver is not running: the primary is unreachable or streaming replication is not configured".to_string()),
+                    None,
+                    None,
+                    None,
+                ),
+            };
+            if let Some(t) = tli {
+                s.timeline = Some(t as u32);
+            }
+            let received_max = received.max(latest_end);
+            s.lag_bytes = match (received_max, replayed) {
+                (Some(a), Some(b)) => Some(a.saturating_sub(b).max(0) as u64),
+                _ => None,
+            };
+            s.lag_seconds = heartbeat_age.or_else(|| {
+                // Without a heartbeat: caught up means 0, else time since the last replayed commit.
+                match (received_max, replayed, replay_ts) {
+                    (Some(a), Some(b), _) if a == b => Some(0.0),
+                    (_, _, Some(ts)) => Some((Utc::now() - ts).num_milliseconds() as f64 / 1000.0),
+                    _ => None,
+                }
+            });
+            s.replica = Some(ReplicaState {
+                streaming,
+                broken_reason,
+                paused,
+                received_location: received_max.map(|v| v as u64),
+                replayed_location: replayed.map(|v| v as u64),
+                replayed_timestamp: replay_ts,
+                sender,
+            });
+        } else {
+            s.lag_bytes = Some(0);
+            s.lag_seconds = Some(0.0);
+            s.replication = client
+                .query(REPLICATION_SQL, &[])
+                .await?
+                .into_iter()
+                .map(|r| Standby {
+                    usename: r.get(0),
+                    application_name: r.get(1),
+                    client_addr: r.get(2),
+                    state: r.get(3),
+                    sync_state: r.get(4),
+                    sync_priority: r.get(5),
+                    lag_bytes: r.get::<_, Option<i64>>(6).map(|v| v.max(0) as u64),
+                })
+                .collect();
+        }
+        let a = client.query_one(ARCHIVER_SQL, &[]).await?;
+        s.archiver = Some(Archiver {
+            archived_count: a.get(0),
+            last_archived_wal: a.get(1),
+            last_archived_time: a.get(2),
+            failed_count: a.get(3),
+            last_failed_wal: a.get(4),
+            last_failed_time: a.get(5),
+            ready: data_dir.as_deref().and_then(count_ready),
+        });
+        Ok(s)
+    }
+}
+
+/// Segments waiting to be archived.
+pub fn count_ready(data_dir: &std::path::Path) -> Option<u64> {
+    let dir = std::fs::read_dir(data_dir.join("pg_wal").join("archive_status")).ok()?;
+    Some(
+        dir.filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".ready"))
+            .count() as u64,
+    )
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for (i, c) in e.chain().enumerate() {
+        if i > 0 {
+            s.push_str(": ");
+        }
+        s.push_str(&c.to_string());
+    }
+    s.replace('\n', " ")
+}
