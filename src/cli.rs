@@ -67,6 +67,16 @@ pub enum Command {
     },
     /// Ship every closed MySQL/MariaDB binlog once (for a cron; `serve` does it continuously).
     BinlogPush,
+    /// Run as a sidecar: health endpoints (Patroni-compatible), metrics, heartbeat, lag,
+    /// look-ahead WAL shipping and scheduled jobs.
+    Serve {
+        /// Address to listen on (default 0.0.0.0:8008, or serve.listen).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Database engine (default postgres, or serve.engine).
+        #[arg(long, value_enum)]
+        engine: Option<Engine>,
+    },
     /// List backups and the restorable window.
     List {
         /// Print JSON for scripts.
@@ -217,6 +227,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let store = crate::storage::open(&cfg)?;
             let summary = crate::mysql::binlog_push(&cfg, store).await?;
             print(&(summary + "\n"))?;
+        }
+        Command::Serve { listen, engine } => {
+            let mut cfg = cfg;
+            if let Some(engine) = engine {
+                cfg.serve.engine = match engine {
+                    Engine::Postgres => crate::config::EngineKind::Postgres,
+                    Engine::Mysql => crate::config::EngineKind::Mysql,
+                };
+            }
+            crate::serve::run(cfg, listen).await?;
         }
         Command::List { json } => {
             let store = crate::storage::open(&cfg)?;

@@ -49,6 +49,37 @@ pub struct FileConfig {
     pub wal: FileWal,
     #[serde(default)]
     pub mysql: FileMysql,
+    #[serde(default)]
+    pub serve: FileServe,
+    #[serde(default)]
+    pub schedule: FileSchedule,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServe {
+    pub listen: Option<String>,
+    pub engine: Option<String>,
+    pub node_name: Option<String>,
+    pub refresh: Option<String>,
+    pub heartbeat: Option<bool>,
+    pub heartbeat_interval: Option<String>,
+    pub heartbeat_database: Option<String>,
+    pub max_lag: Option<String>,
+    pub max_lag_seconds: Option<f64>,
+    pub wal_lookahead: Option<bool>,
+    pub wal_lookahead_parallel: Option<usize>,
+    pub binlog_interval: Option<String>,
+    pub catalog_refresh: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FileSchedule {
+    pub backup: Option<String>,
+    pub dump: Option<String>,
+    pub prune: Option<String>,
+    pub drill: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +147,9 @@ pub struct Config {
     pub pg: PgConfig,
     pub wal: WalConfig,
     pub mysql: MysqlConfig,
+    pub serve: ServeConfig,
+    /// Cron expressions (5 fields, UTC) for jobs `serve` runs itself, by job name.
+    pub schedule: Vec<(String, String)>,
     /// The config file this came from, passed on to `restore_command`.
     pub config_file: Option<PathBuf>,
 }
@@ -168,6 +202,32 @@ pub struct MysqlConfig {
     pub bin_dir: Option<PathBuf>,
     /// The server's binlog directory, for `binlog-push` (default: asked from the server).
     pub binlog_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Postgres,
+    Mysql,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: String,
+    pub engine: EngineKind,
+    /// This server's name in the heartbeat table (default: the host name, i.e. the pod name).
+    pub node_name: String,
+    pub refresh: Duration,
+    pub heartbeat: bool,
+    pub heartbeat_interval: Duration,
+    /// The PostgreSQL database that holds the `dbagent.heartbeat` table.
+    pub heartbeat_database: String,
+    /// What `/readiness` accepts on a replica.
+    pub max_lag_bytes: Option<u64>,
+    pub max_lag_seconds: Option<f64>,
+    pub wal_lookahead: bool,
+    pub wal_lookahead_parallel: usize,
+    pub binlog_interval: Duration,
+    pub catalog_refresh: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -382,6 +442,93 @@ impl Config {
             None => Duration::from_secs(300),
         };
 
+        let duration =
+            |key: &str, env_key: &str, file_value: Option<String>, default: Duration| match env
+                .var(env_key)
+                .or(file_value)
+            {
+                Some(v) => humantime::parse_duration(&v)
+                    .map_err(|e| input_err!("{key}: {e} (got {v:?}; try \"1s\" or \"5m\")")),
+                None => Ok(default),
+            };
+        let engine = match env.var("DBAGENT_ENGINE").or(file.serve.engine).as_deref() {
+            None | Some("postgres") | Some("postgresql") => EngineKind::Postgres,
+            Some("mysql") | Some("mariadb") => EngineKind::Mysql,
+            Some(other) => {
+                return Err(input_err!(
+                    "serve.engine: expected postgres or mysql, got {other:?}"
+                ));
+            }
+        };
+        let max_lag_bytes =
+            match env.var("DBAGENT_SERVE_MAX_LAG").or(file.serve.max_lag) {
+                Some(v) => Some(parse_size(&v).ok_or_else(|| {
+                    input_err!("serve.max_lag: expected a size like 16MB, got {v:?}")
+                })? as u64),
+                None => Some(16 << 20),
+            };
+        let serve = ServeConfig {
+            listen: env
+                .var("DBAGENT_SERVE_LISTEN")
+                .or(file.serve.listen)
+                .unwrap_or_else(|| "0.0.0.0:8008".into()),
+            engine,
+            node_name: env
+                .var("DBAGENT_NODE_NAME")
+                .or(file.serve.node_name)
+                .or_else(|| env.var("HOSTNAME"))
+                .or_else(hostname)
+                .unwrap_or_else(|| "dbagent".into()),
+            refresh: duration(
+                "serve.refresh",
+                "DBAGENT_SERVE_REFRESH",
+                file.serve.refresh,
+                Duration::from_secs(1),
+            )?,
+            heartbeat: file.serve.heartbeat.unwrap_or(true),
+            heartbeat_interval: duration(
+                "serve.heartbeat_interval",
+                "DBAGENT_HEARTBEAT_INTERVAL",
+                file.serve.heartbeat_interval,
+                Duration::from_secs(1),
+            )?,
+            heartbeat_database: file
+                .serve
+                .heartbeat_database
+                .unwrap_or_else(|| "postgres".into()),
+            max_lag_bytes,
+            max_lag_seconds: Some(file.serve.max_lag_seconds.unwrap_or(30.0)),
+            wal_lookahead: file.serve.wal_lookahead.unwrap_or(true),
+            wal_lookahead_parallel: file.serve.wal_lookahead_parallel.unwrap_or(4).max(1),
+            binlog_interval: duration(
+                "serve.binlog_interval",
+                "DBAGENT_BINLOG_INTERVAL",
+                file.serve.binlog_interval,
+                Duration::from_secs(10),
+            )?,
+            catalog_refresh: duration(
+                "serve.catalog_refresh",
+                "DBAGENT_CATALOG_REFRESH",
+                file.serve.catalog_refresh,
+                Duration::from_secs(300),
+            )?,
+        };
+        let mut schedule = Vec::new();
+        let sched = file.schedule.clone();
+        for (job, value) in [
+            ("backup", sched.backup),
+            ("dump", sched.dump),
+            ("prune", sched.prune),
+            ("drill", sched.drill),
+        ] {
+            let env_key = format!("DBAGENT_SCHEDULE_{}", job.to_ascii_uppercase());
+            if let Some(expr) = env.var(&env_key).or(value) {
+                crate::schedule::Cron::parse(&expr)
+                    .map_err(|e| input_err!("schedule.{job}: {e}"))?;
+                schedule.push((job.to_string(), expr));
+            }
+        }
+
         Ok(Config {
             repo: env.var("DBAGENT_REPO").or(file.repo),
             s3,
@@ -396,6 +543,8 @@ impl Config {
                 archive_wait,
             },
             mysql,
+            serve,
+            schedule,
             config_file: None,
         })
     }
@@ -406,6 +555,13 @@ impl Config {
             input_err!("no repository configured: pass --repo file:///path or s3://bucket/prefix, or set DBAGENT_REPO")
         })
     }
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
 }
 
 fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {

@@ -55,6 +55,11 @@ impl Probe {
         }
     }
 
+    /// Drops the connection (after a timeout, a query may still be pending on it).
+    pub fn reset(&mut self) {
+        self.client = None;
+    }
+
     /// One refresh. Never fails: a database that does not answer is a snapshot with `up = false`.
     pub async fn snapshot(&mut self) -> Snapshot {
         let now = Utc::now();

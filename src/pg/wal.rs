@@ -304,6 +304,26 @@ pub async fn prefetch(
     Ok(())
 }
 
+/// WAL files PostgreSQL has finished and not yet archived (`archive_status/*.ready`), oldest first.
+pub fn ready_files(data_dir: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(data_dir.join("pg_wal").join("archive_status")) else {
+        return vec![];
+    };
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".ready")
+                .map(str::to_string)
+        })
+        .filter(|n| WalFile::classify(n).is_some())
+        .collect();
+    // History files first (a new timeline's segments need them), then segments in order.
+    names.sort_by_key(|n| (!n.ends_with(".history"), n.clone()));
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

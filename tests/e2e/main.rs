@@ -5,5 +5,6 @@ mod backup;
 mod pitr;
 mod refusals;
 mod s3;
+mod serve;
 mod support;
 mod wal;

@@ -1,0 +1,400 @@
+//! `dbagent serve`: the sidecar. Named background tasks share one cancellation token; SIGTERM
+//! drains them and exits 0; a task that dies takes the process down with a non-zero exit.
+
+pub mod state;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, EngineKind};
+use crate::health::{LagLimits, Policy};
+use crate::input_err;
+use crate::pg::conn::ConnInfo;
+use crate::schedule::Cron;
+use crate::storage::Store;
+use state::{Counters, Shared};
+
+type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
+
+fn spawn(
+    tasks: &mut Tasks,
+    name: &'static str,
+    fut: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+) {
+    tracing::debug!(task = name, "starting");
+    tasks.spawn(async move { (name, fut.await) });
+}
+
+pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
+    let listen = listen.unwrap_or_else(|| cfg.serve.listen.clone());
+    let addr: SocketAddr = listen.parse().map_err(|_| {
+        input_err!("listen address {listen:?}: expected host:port, like 0.0.0.0:8008")
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| input_err!("cannot listen on {addr}: {e}"))?;
+    let refresh = cfg.serve.refresh;
+    let policy = Policy {
+        stale_after: (refresh * 3).max(Duration::from_secs(3)),
+        loop_dead_after: (refresh * 10).max(Duration::from_secs(10)),
+        readiness: LagLimits {
+            bytes: cfg.serve.max_lag_bytes,
+            seconds: cfg.serve.max_lag_seconds,
+        },
+    };
+    let engine = match cfg.serve.engine {
+        EngineKind::Postgres => "postgres",
+        EngineKind::Mysql => "mysql",
+    };
+    let shared = Shared::new(policy, engine);
+    let token = CancellationToken::new();
+    let store: Option<Arc<dyn Store>> = match &cfg.repo {
+        Some(_) => Some(crate::storage::open(&cfg)?),
+        None => None,
+    };
+    let mut tasks = Tasks::new();
+
+    let router = crate::http::router(shared.clone());
+    let t = token.clone();
+    spawn(&mut tasks, "http", async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(t.cancelled_owned())
+            .await
+            .context("HTTP server")
+    });
+
+    match cfg.serve.engine {
+        EngineKind::Postgres => {
+            let conn = ConnInfo::from_config(&cfg.pg);
+            let probe = crate::health::pg::Probe::new(conn.clone(), cfg.pg.data_dir.clone());
+            spawn(
+                &mut tasks,
+                "refresher",
+                refresh_pg(shared.clone(), probe, refresh, token.clone()),
+            );
+            if cfg.serve.heartbeat {
+                spawn(
+                    &mut tasks,
+                    "heartbeat",
+                    crate::heartbeat::run_pg(
+                        shared.clone(),
+                        conn.with_db(&cfg.serve.heartbeat_database),
+                        cfg.serve.node_name.clone(),
+                        cfg.serve.heartbeat_interval,
+                        token.clone(),
+                    ),
+                );
+            }
+            if let (true, Some(data_dir), Some(store)) =
+                (cfg.serve.wal_lookahead, cfg.pg.data_dir.clone(), &store)
+            {
+                spawn(
+                    &mut tasks,
+                    "wal-lookahead",
+                    lookahead(
+                        cfg.clone(),
+                        store.clone(),
+                        data_dir,
+                        shared.clone(),
+                        token.clone(),
+                    ),
+                );
+            }
+            if let Some(store) = &store {
+                spawn(
+                    &mut tasks,
+                    "repository",
+                    repo_facts_pg(cfg.clone(), store.clone(), shared.clone(), token.clone()),
+                );
+            }
+        }
+        EngineKind::Mysql => {
+            return Err(input_err!(
+                "serve --engine mysql is not available in this version"
+            ));
+        }
+    }
+
+    let jobs: Vec<(String, Cron)> = cfg
+        .schedule
+        .iter()
+        .map(|(name, expr)| {
+            Ok((
+                name.clone(),
+                Cron::parse(expr).map_err(|e| input_err!("schedule.{name}: {e}"))?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for (name, cron) in jobs {
+        let (cfg, shared, t) = (cfg.clone(), shared.clone(), token.clone());
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        spawn(&mut tasks, name, run_job(cfg, name, cron, shared, t));
+    }
+
+    tracing::info!(%addr, engine, node = %cfg.serve.node_name, "serving");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM: draining");
+            Ok(())
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted: draining");
+            Ok(())
+        }
+        Some(res) = tasks.join_next() => match res {
+            Ok((name, Ok(()))) => Err(anyhow::anyhow!("task {name} stopped unexpectedly")),
+            Ok((name, Err(e))) => Err(e.context(format!("task {name} failed"))),
+            Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
+        },
+    };
+    token.cancel();
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks did not stop within 10 s; stopping anyway");
+    }
+    outcome
+}
+
+/// Refreshes the snapshot once per period. The loop ticks whatever the database does, so
+/// `/liveness` only says whether the agent itself is alive.
+async fn refresh_pg(
+    shared: Arc<Shared>,
+    mut probe: crate::health::pg::Probe,
+    every: Duration,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        shared.tick();
+        match tokio::time::timeout(every.max(Duration::from_secs(2)), probe.snapshot()).await {
+            Ok(s) => shared.set_snapshot(s),
+            // Keep the old snapshot: it goes stale, and stale means "unknown".
+            Err(_) => probe.reset(),
+        }
+        shared.tick();
+    }
+}
+
+/// Pushes `.ready` WAL ahead of PostgreSQL's archiver, in parallel, so that its own
+/// `wal-push` finds the segment archived and returns at once.
+async fn lookahead(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    data_dir: PathBuf,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let parallel = cfg.serve.wal_lookahead_parallel;
+    let mut done: HashSet<String> = HashSet::new();
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let ready = crate::pg::wal::ready_files(&data_dir);
+        done.retain(|n| ready.contains(n));
+        let todo: Vec<String> = ready
+            .into_iter()
+            .filter(|n| !done.contains(n))
+            .take(64)
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        let results: Vec<(String, anyhow::Result<crate::pg::wal::Pushed>)> =
+            futures::stream::iter(todo)
+                .map(|name| {
+                    let (cfg, store, path) =
+                        (&cfg, store.clone(), data_dir.join("pg_wal").join(&name));
+                    async move { (name, crate::pg::wal::push(cfg, store.as_ref(), &path).await) }
+                })
+                .buffer_unordered(parallel)
+                .collect()
+                .await;
+        for (name, res) in results {
+            match res {
+                Ok(_) => {
+                    Counters::add(&shared.counters.lookahead_pushed, 1);
+                    done.insert(name);
+                }
+                Err(e) => {
+                    Counters::add(&shared.counters.lookahead_failures, 1);
+                    let msg = format!("{e:#}");
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(wal = %name, error = %msg, "look-ahead push failed; PostgreSQL's archive_command will retry");
+                    }
+                    last_error = Some(msg);
+                }
+            }
+        }
+    }
+}
+
+/// Reads the repository every `serve.catalog_refresh` for backup and window metrics.
+async fn repo_facts_pg(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let sysid = cfg.pg.system_identifier.or_else(|| {
+            shared.snapshot().0.and_then(|s| {
+                s.system_identifier
+                    .as_deref()
+                    .and_then(|id| id.parse().ok())
+            })
+        });
+        let wait = match sysid {
+            None => Duration::from_secs(2),
+            Some(sysid) => {
+                let facts = match crate::repo::catalog::PgCatalog::load(store.as_ref(), sysid).await
+                {
+                    Ok(cat) => {
+                        let windows = cat.windows();
+                        let last = cat.backups.last();
+                        state::RepoFacts {
+                            last_backup_time: last.map(|b| b.stop_time),
+                            last_backup_bytes: last.map(|b| b.data.plain_bytes),
+                            backups: cat.backups.len(),
+                            window_start: windows.first().map(|w| w.from),
+                            window_end: windows.last().map(|w| w.to),
+                            refreshed: Some(chrono::Utc::now()),
+                            error: None,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot read the repository");
+                        state::RepoFacts {
+                            error: Some(format!("{e:#}")),
+                            ..shared.repo.read().unwrap().clone()
+                        }
+                    }
+                };
+                *shared.repo.write().unwrap() = facts;
+                cfg.serve.catalog_refresh
+            }
+        };
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// The command line a scheduled job runs (a child process, so a failing job never takes the
+/// sidecar down).
+fn job_args(cfg: &Config, job: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(file) = &cfg.config_file {
+        args.extend(["--config".to_string(), file.to_string_lossy().into_owned()]);
+    }
+    if let Some(repo) = &cfg.repo {
+        args.extend(["--repo".to_string(), repo.clone()]);
+    }
+    let engine = match cfg.serve.engine {
+        EngineKind::Postgres => "postgres",
+        EngineKind::Mysql => "mysql",
+    };
+    match job {
+        "backup" if cfg.serve.engine == EngineKind::Mysql => {
+            args.extend(["backup", "--engine", "mysql"].map(String::from))
+        }
+        "backup" => args.push("backup".into()),
+        "dump" => args.extend(["backup", "--engine", engine, "--kind", "dump"].map(String::from)),
+        "drill" => args.extend(["drill", "--engine", engine].map(String::from)),
+        other => args.push(other.to_string()),
+    }
+    args
+}
+
+/// Runs one job on its schedule. Runs are sequential, so a job never overlaps itself: a run
+/// that outlasts its interval delays the next, and the missed times are skipped.
+async fn run_job(
+    cfg: Config,
+    name: &'static str,
+    cron: Cron,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the dbagent binary")?;
+    shared.job_update(name, |j| j.schedule = cron.to_string());
+    loop {
+        let Some(next) = cron.next_after(chrono::Utc::now()) else {
+            tracing::warn!(job = name, schedule = %cron, "schedule never fires");
+            token.cancelled().await;
+            return Ok(());
+        };
+        shared.job_update(name, |j| j.next_run = Some(next));
+        // Sleep in short steps so a wall-clock jump is noticed.
+        loop {
+            let left = (next - chrono::Utc::now()).to_std().unwrap_or_default();
+            if left.is_zero() {
+                break;
+            }
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(left.min(Duration::from_secs(30))) => {}
+            }
+        }
+        let started = chrono::Utc::now();
+        let clock = std::time::Instant::now();
+        shared.job_update(name, |j| {
+            j.running = true;
+            j.last_start = Some(started);
+        });
+        tracing::info!(job = name, "scheduled job started");
+        let mut child = tokio::process::Command::new(&exe)
+            .args(job_args(&cfg, name))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting job {name}"))?;
+        let status = tokio::select! {
+            s = child.wait() => s?,
+            _ = token.cancelled() => {
+                let _ = child.kill().await;
+                shared.job_update(name, |j| j.running = false);
+                return Ok(());
+            }
+        };
+        let elapsed = clock.elapsed();
+        shared.job_update(name, |j| {
+            j.running = false;
+            j.last_duration = Some(elapsed);
+            j.last_exit_code = status.code();
+            if status.success() {
+                j.succeeded += 1;
+                j.last_success = Some(chrono::Utc::now());
+            } else {
+                j.failed += 1;
+            }
+        });
+        if status.success() {
+            tracing::info!(
+                job = name,
+                seconds = elapsed.as_secs_f64(),
+                "scheduled job succeeded"
+            );
+        } else {
+            tracing::error!(job = name, %status, seconds = elapsed.as_secs_f64(), "scheduled job failed");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The agent's shared state: fixed parameters apart from changing state, and every change
+//! going through one setter that logs what matters.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::health::{Policy, Role, Snapshot};
+
+/// Outcomes of one scheduled job.
+#[derive(Debug, Clone, Default)]
+pub struct JobStats {
+    pub schedule: String,
+    pub running: bool,
+    pub last_start: Option<DateTime<Utc>>,
+    pub last_duration: Option<Duration>,
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_exit_code: Option<i32>,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub next_run: Option<DateTime<Utc>>,
+}
+
+/// What the repository says, refreshed every few minutes (never per request).
+#[derive(Debug, Clone, Default)]
+pub struct RepoFacts {
+    pub last_backup_time: Option<DateTime<Utc>>,
+    pub last_backup_bytes: Option<u64>,
+    pub backups: usize,
+    pub window_start: Option<DateTime<Utc>>,
+    pub window_end: Option<DateTime<Utc>>,
+    pub refreshed: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub heartbeat_writes: AtomicU64,
+    pub heartbeat_failures: AtomicU64,
+    pub lookahead_pushed: AtomicU64,
+    pub lookahead_failures: AtomicU64,
+    pub binlog_pushed: AtomicU64,
+    pub binlog_failures: AtomicU64,
+    pub http_requests: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub struct Shared {
+    pub policy: Policy,
+    pub engine: &'static str,
+    started: Instant,
+    snapshot: RwLock<Option<(Instant, Arc<Snapshot>)>>,
+    loop_tick: RwLock<Instant>,
+    pub repo: RwLock<RepoFacts>,
+    pub jobs: Mutex<BTreeMap<String, JobStats>>,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub fn new(policy: Policy, engine: &'static str) -> Arc<Shared> {
+        let now = Instant::now();
+        Arc::new(Shared {
+            policy,
+            engine,
+            started: now,
+            snapshot: RwLock::new(None),
+            loop_tick: RwLock::new(now),
+            repo: RwLock::new(RepoFacts::default()),
+            jobs: Mutex::new(BTreeMap::new()),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The latest snapshot and its age.
+    pub fn snapshot(&self) -> (Option<Arc<Snapshot>>, Duration) {
+        match &*self.snapshot.read().unwrap() {
+            Some((at, s)) => (Some(s.clone()), at.elapsed()),
+            None => (None, self.started.elapsed()),
+        }
+    }
+
+    /// Stores a new snapshot; logs role changes and the database going up or down.
+    pub fn set_snapshot(&self, s: Snapshot) {
+        let mut guard = self.snapshot.write().unwrap();
+        let previous = guard.as_ref().map(|(_, p)| (p.role, p.up));
+        let now = (s.role, s.up);
+        if previous != Some(now) {
+            match (previous, s.up) {
+                (_, false) => {
+                    tracing::warn!(error = s.error.as_deref().unwrap_or(""), "database is down")
+                }
+                (Some((old, _)), true) if old != s.role && old != Role::Unknown => {
+                    tracing::warn!(from = ?old, to = ?s.role, "role changed")
+                }
+                _ => tracing::info!(role = ?s.role, "database is up"),
+            }
+        }
+        *guard = Some((Instant::now(), Arc::new(s)));
+    }
+
+    /// The agent loop is alive (the refresher calls this every round, whatever the database does).
+    pub fn tick(&self) {
+        *self.loop_tick.write().unwrap() = Instant::now();
+    }
+
+    pub fn loop_age(&self) -> Duration {
+        self.loop_tick.read().unwrap().elapsed()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn job_update(&self, name: &str, f: impl FnOnce(&mut JobStats)) {
+        let mut jobs = self.jobs.lock().unwrap();
+        f(jobs.entry(name.to_string()).or_default());
+    }
+}

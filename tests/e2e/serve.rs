@@ -1,0 +1,396 @@
+//! `dbagent serve` against a real PostgreSQL primary and streaming standby: Patroni-compatible
+//! answers, heartbeat lag, paused replay, a lost primary, promotion, a stopped database.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dbagent_testcontainers::{
+    Postgres, command_as_pg_user, free_port, http_request, pg_bin, pg_owned_tempdir,
+};
+use tempfile::TempDir;
+
+use crate::support::*;
+
+/// A running `dbagent serve`; SIGTERM on drop.
+pub struct Serve {
+    child: Child,
+    pub port: u16,
+}
+
+impl Serve {
+    pub fn start(env: &[(String, String)]) -> Serve {
+        let port = free_port();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("DBAGENT_LOG_FORMAT", "text")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let s = Serve { child, port };
+        s.wait_for("the HTTP server to answer", Duration::from_secs(10), |s| {
+            s.code("/liveness") == 200
+        });
+        s
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_request(self.port, "GET", path).unwrap_or((0, String::new()))
+    }
+
+    pub fn code(&self, path: &str) -> u16 {
+        self.get(path).0
+    }
+
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.get(path).1).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let body = self.get("/metrics").1;
+        let scrape =
+            prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    }
+
+    pub fn wait_for(&self, what: &str, limit: Duration, cond: impl Fn(&Serve) -> bool) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if cond(self) {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "timed out after {limit:?} waiting for {what}; status: {}",
+            self.get("/health").1
+        );
+    }
+
+    /// SIGTERM and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn pg_env(pg: &Postgres) -> Vec<(String, String)> {
+    pg.env()
+        .into_iter()
+        .filter(|(k, _)| k != "PGDATA")
+        .collect()
+}
+
+/// A streaming standby of `primary` (pg_basebackup -R), started on its own port.
+fn standby_of(primary: &Postgres) -> (TempDir, Postgres) {
+    let dir = pg_owned_tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = command_as_pg_user(pg_bin("pg_basebackup").unwrap())
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-X",
+            "stream",
+            "-R",
+            "-c",
+            "fast",
+            "-D",
+        ])
+        .arg(&data)
+        .arg("-p")
+        .arg(primary.port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_basebackup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The standby must not archive into anything: it has no repository of its own here.
+    std::fs::write(
+        data.join("standby-extra.conf"),
+        "archive_mode = off\nhot_standby_feedback = on\n",
+    )
+    .unwrap();
+    let conf = data.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("include 'standby-extra.conf'\n");
+    std::fs::write(&conf, text).unwrap();
+    let standby = Postgres::start_existing(&data, &[]).unwrap();
+    (dir, standby)
+}
+
+#[test]
+fn primary_and_standby_answer_like_patroni() {
+    let primary = dbagent_testcontainers::PostgresBuilder::new()
+        .start()
+        .unwrap();
+    let (_dir, standby) = standby_of(&primary);
+    let p = Serve::start(&pg_env(&primary));
+    let s = Serve::start(&pg_env(&standby));
+    p.wait_for("primary state", Duration::from_secs(10), |p| {
+        p.code("/primary") == 200
+    });
+    s.wait_for("standby state", Duration::from_secs(10), |s| {
+        s.code("/replica") == 200
+    });
+
+    for path in ["/", "/primary", "/read-write", "/leader", "/master"] {
+        assert_eq!(p.code(path), 200, "primary {path}");
+        assert_eq!(s.code(path), 503, "standby {path}");
+    }
+    assert_eq!(p.code("/replica"), 503);
+    assert_eq!(s.code("/replica"), 200);
+    assert_eq!(p.code("/read-only"), 200);
+    assert_eq!(s.code("/read-only"), 200);
+    assert_eq!(
+        http_request(p.port, "OPTIONS", "/").unwrap(),
+        (200, String::new())
+    );
+    assert_eq!(
+        http_request(s.port, "OPTIONS", "/").unwrap(),
+        (503, String::new())
+    );
+    assert_eq!(http_request(s.port, "HEAD", "/replica").unwrap().0, 200);
+    let body = s.json("/replica");
+    assert_eq!(body["role"], "replica");
+    assert_eq!(body["state"], "running");
+    assert!(body["xlog"]["replayed_location"].is_u64(), "{body}");
+    assert_eq!(
+        body["database_system_identifier"],
+        p.json("/")["database_system_identifier"]
+    );
+    let primary_body = p.json("/");
+    assert_eq!(
+        primary_body["replication"].as_array().unwrap().len(),
+        1,
+        "{primary_body}"
+    );
+
+    // Idle primary: the heartbeat keeps the standby's lag in seconds small, where
+    // now() - pg_last_xact_replay_timestamp() would grow without bound.
+    std::thread::sleep(Duration::from_secs(6));
+    for _ in 0..10 {
+        let lag = s.json("/replica")["lag_seconds"]
+            .as_f64()
+            .expect("lag_seconds");
+        assert!(lag < 2.0, "idle-primary lag {lag}s");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let naive: f64 = standby
+        .psql(
+            "postgres",
+            "SELECT extract(epoch FROM now() - pg_last_xact_replay_timestamp())",
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        naive < 2.0,
+        "the heartbeat also keeps replay timestamps fresh ({naive}s)"
+    );
+
+    // Paused replay while writes continue: byte lag passes 1MB, lag seconds grow.
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_pause()")
+        .unwrap();
+    primary
+        .psql(
+            "postgres",
+            "CREATE TABLE churn AS SELECT g, md5(g::text) FROM generate_series(1, 100000) g",
+        )
+        .unwrap();
+    s.wait_for(
+        "/replica?lag=1MB to turn 503",
+        Duration::from_secs(10),
+        |s| s.code("/replica?lag=1MB") == 503,
+    );
+    let reason = s.json("/replica?lag=1MB")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("lag"), "{reason}");
+    let lag1 = s.json("/replica")["lag_seconds"].as_f64().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let lag2 = s.json("/replica")["lag_seconds"].as_f64().unwrap();
+    assert!(
+        lag2 > lag1 + 1.5,
+        "lag seconds did not grow while paused: {lag1} -> {lag2}"
+    );
+    assert_eq!(s.json("/replica")["xlog"]["paused"], true);
+    standby
+        .psql("postgres", "SELECT pg_wal_replay_resume()")
+        .unwrap();
+    s.wait_for(
+        "/replica?lag=1MB to turn 200 again",
+        Duration::from_secs(15),
+        |s| s.code("/replica?lag=1MB") == 200,
+    );
+
+    // Metrics parse and say what the endpoints say.
+    assert_eq!(s.metric("dbagent_wal_receiver_up"), Some(1.0));
+    assert_eq!(p.metric("dbagent_standbys"), Some(1.0));
+    assert!(p.metric("dbagent_heartbeat_writes_total").unwrap() > 3.0);
+
+    // The primary is lost: the standby is not a healthy replica any more, and says why.
+    drop(p);
+    let mut primary = primary;
+    primary.stop().unwrap();
+    s.wait_for("/replica to turn 503", Duration::from_secs(15), |s| {
+        s.code("/replica") == 503
+    });
+    let reason = s.json("/replica")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("WAL receiver"), "{reason}");
+    assert_eq!(s.metric("dbagent_wal_receiver_up"), Some(0.0));
+    assert_eq!(s.code("/health"), 200, "the standby itself is still up");
+
+    // Promote it: /primary turns 200 within 3 seconds.
+    standby.psql("postgres", "SELECT pg_promote()").unwrap();
+    let took = s.wait_for(
+        "/primary to turn 200 after promotion",
+        Duration::from_secs(3),
+        |s| s.code("/primary") == 200,
+    );
+    eprintln!("promotion noticed in {took:?}");
+    assert_eq!(s.code("/replica"), 503);
+    // The new primary writes its own heartbeat.
+    s.wait_for(
+        "heartbeat on the new primary",
+        Duration::from_secs(5),
+        |s| s.metric("dbagent_heartbeat_writes_total").unwrap_or(0.0) >= 1.0,
+    );
+}
+
+#[test]
+fn a_stopped_database_turns_health_503_but_not_liveness() {
+    let mut pg = dbagent_testcontainers::PostgresBuilder::new()
+        .start()
+        .unwrap();
+    let mut serve = Serve::start(&pg_env(&pg));
+    serve.wait_for("healthy", Duration::from_secs(10), |s| {
+        s.code("/health") == 200
+    });
+    assert_eq!(serve.code("/readiness"), 200);
+    pg.stop().unwrap();
+    serve.wait_for("/health to turn 503", Duration::from_secs(10), |s| {
+        s.code("/health") == 503
+    });
+    assert_eq!(serve.code("/readiness"), 503);
+    assert_eq!(serve.code("/primary"), 503);
+    let reason = serve.json("/health")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("down") || reason.contains("old"),
+        "{reason}"
+    );
+    // Nothing hangs: every answer comes fast while the database is gone.
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(serve.code("/liveness"), 200);
+        assert_eq!(serve.code("/health"), 503);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "a probe took {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(serve.metric("dbagent_up"), Some(0.0));
+    // Back up: healthy again.
+    pg.restart().unwrap();
+    serve.wait_for("/health to recover", Duration::from_secs(15), |s| {
+        s.code("/health") == 200
+    });
+    // SIGTERM drains and exits 0.
+    let status = serve.terminate();
+    assert!(status.success(), "serve exited with {status}");
+}
+
+#[test]
+fn lookahead_ships_ready_wal_before_the_archiver() {
+    let repo = Repo::file();
+    // The archiver waits 3 s per segment, so the sidecar gets there first.
+    let mut b = dbagent_testcontainers::PostgresBuilder::new()
+        .archive_command(&format!("sleep 3 && {BIN} wal-push %p"));
+    for (k, v) in repo.env() {
+        b = b.env(&k, &v);
+    }
+    let pg = b.start().unwrap();
+    // PGDATA too: the sidecar shares the data directory and watches archive_status.
+    let mut env = pg.env();
+    env.extend(repo.env());
+    let serve = Serve::start(&env);
+    for i in 0..3 {
+        pg.psql("postgres", &format!("CREATE TABLE t{i} AS SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal()"))
+            .unwrap();
+    }
+    serve.wait_for("look-ahead pushes", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_lookahead_pushed_total")
+            .unwrap_or(0.0)
+            >= 3.0
+    });
+    // PostgreSQL's own archive_command then finds the same segments and succeeds.
+    for _ in 0..200 {
+        let archived: i64 = pg
+            .psql("postgres", "SELECT archived_count FROM pg_stat_archiver")
+            .unwrap()
+            .parse()
+            .unwrap();
+        if archived >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver")
+            .unwrap(),
+        "0"
+    );
+    assert!(
+        pg.psql("postgres", "SELECT archived_count FROM pg_stat_archiver")
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            >= 3
+    );
+    assert_eq!(
+        serve.metric("dbagent_wal_lookahead_failures_total"),
+        Some(0.0)
+    );
+}
