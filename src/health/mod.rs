@@ -4,6 +4,7 @@
 //! every endpoint answers from the latest snapshot and never queries the database, so a
 //! probe costs microseconds and a slow database cannot make probes time out.
 
+pub mod mysql;
 pub mod pg;
 
 use std::time::Duration;
@@ -18,6 +19,15 @@ pub enum Role {
     Replica,
     #[default]
     Unknown,
+}
+
+/// A source of snapshots (one per engine).
+#[async_trait::async_trait]
+pub trait Prober: Send {
+    /// One refresh. Never fails: a database that does not answer is `up = false`.
+    async fn snapshot(&mut self) -> Snapshot;
+    /// Drops the connection (after a timeout a query may still be pending on it).
+    fn reset(&mut self);
 }
 
 /// One standby as the primary sees it (`pg_stat_replication`).

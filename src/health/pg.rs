@@ -55,13 +55,11 @@ impl Probe {
         }
     }
 
-    /// Drops the connection (after a timeout, a query may still be pending on it).
-    pub fn reset(&mut self) {
+    fn reset_conn(&mut self) {
         self.client = None;
     }
 
-    /// One refresh. Never fails: a database that does not answer is a snapshot with `up = false`.
-    pub async fn snapshot(&mut self) -> Snapshot {
+    async fn take(&mut self) -> Snapshot {
         let now = Utc::now();
         match self.read().await {
             Ok(mut s) => {
@@ -232,4 +230,14 @@ fn one_line(e: &anyhow::Error) -> String {
         s.push_str(&c.to_string());
     }
     s.replace('\n', " ")
+}
+
+#[async_trait::async_trait]
+impl super::Prober for Probe {
+    async fn snapshot(&mut self) -> Snapshot {
+        self.take().await
+    }
+    fn reset(&mut self) {
+        self.reset_conn();
+    }
 }

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, EngineKind};
-use crate::health::{LagLimits, Policy};
+use crate::health::{LagLimits, Policy, Prober};
 use crate::input_err;
 use crate::pg::conn::ConnInfo;
 use crate::schedule::Cron;
@@ -41,10 +41,10 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| input_err!("cannot listen on {addr}: {e}"))?;
-    let refresh = cfg.serve.refresh;
+    let refresh_every = cfg.serve.refresh;
     let policy = Policy {
-        stale_after: (refresh * 3).max(Duration::from_secs(3)),
-        loop_dead_after: (refresh * 10).max(Duration::from_secs(10)),
+        stale_after: (refresh_every * 3).max(Duration::from_secs(3)),
+        loop_dead_after: (refresh_every * 10).max(Duration::from_secs(10)),
         readiness: LagLimits {
             bytes: cfg.serve.max_lag_bytes,
             seconds: cfg.serve.max_lag_seconds,
@@ -78,7 +78,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
             spawn(
                 &mut tasks,
                 "refresher",
-                refresh_pg(shared.clone(), probe, refresh, token.clone()),
+                refresh(shared.clone(), probe, refresh_every, token.clone()),
             );
             if cfg.serve.heartbeat {
                 spawn(
@@ -117,9 +117,32 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
             }
         }
         EngineKind::Mysql => {
-            return Err(input_err!(
-                "serve --engine mysql is not available in this version"
-            ));
+            let opts = crate::health::mysql::opts(&cfg.mysql)?;
+            let probe = crate::health::mysql::Probe::new(opts.clone());
+            spawn(
+                &mut tasks,
+                "refresher",
+                refresh(shared.clone(), probe, refresh_every, token.clone()),
+            );
+            if cfg.serve.heartbeat {
+                spawn(
+                    &mut tasks,
+                    "heartbeat",
+                    crate::heartbeat::run_mysql(
+                        shared.clone(),
+                        opts,
+                        cfg.serve.heartbeat_interval,
+                        token.clone(),
+                    ),
+                );
+            }
+            if let Some(store) = &store {
+                spawn(
+                    &mut tasks,
+                    "binlog-shipper",
+                    ship_binlogs(cfg.clone(), store.clone(), shared.clone(), token.clone()),
+                );
+            }
         }
     }
 
@@ -169,9 +192,9 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
 
 /// Refreshes the snapshot once per period. The loop ticks whatever the database does, so
 /// `/liveness` only says whether the agent itself is alive.
-async fn refresh_pg(
+async fn refresh(
     shared: Arc<Shared>,
-    mut probe: crate::health::pg::Probe,
+    mut probe: impl Prober,
     every: Duration,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -244,6 +267,37 @@ async fn lookahead(
                     last_error = Some(msg);
                 }
             }
+        }
+    }
+}
+
+/// Ships closed binlogs every `serve.binlog_interval` (the same work as `dbagent binlog-push`).
+async fn ship_binlogs(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut last_error: Option<String> = None;
+    loop {
+        match crate::mysql::binlog_push(&cfg, store.clone()).await {
+            Ok(summary) => {
+                Counters::add(&shared.counters.binlog_pushed, 1);
+                tracing::debug!(%summary, "binlogs shipped");
+                last_error = None;
+            }
+            Err(e) => {
+                Counters::add(&shared.counters.binlog_failures, 1);
+                let msg = format!("{e:#}");
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(error = %msg, "binlog shipping failed; retrying");
+                }
+                last_error = Some(msg);
+            }
+        }
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(cfg.serve.binlog_interval) => {}
         }
     }
 }

@@ -394,3 +394,90 @@ fn lookahead_ships_ready_wal_before_the_archiver() {
         Some(0.0)
     );
 }
+
+fn mysql_env(db: &dbagent_testcontainers::MariaDb) -> Vec<(String, String)> {
+    vec![
+        ("DBAGENT_MYSQL_URL".into(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+    ]
+}
+
+#[test]
+fn mariadb_primary_and_replica_answer_the_same_way() {
+    let (mut primary, replica) = dbagent_testcontainers::mariadb_replica_pair().unwrap();
+    let p = Serve::start(&mysql_env(&primary));
+    let r = Serve::start(&mysql_env(&replica));
+    p.wait_for("primary state", Duration::from_secs(10), |p| {
+        p.code("/primary") == 200
+    });
+    r.wait_for("replica state", Duration::from_secs(10), |r| {
+        r.code("/replica") == 200
+    });
+    assert_eq!(r.code("/primary"), 503);
+    assert_eq!(p.code("/replica"), 503);
+    assert_eq!(http_request(p.port, "OPTIONS", "/").unwrap().0, 200);
+    assert_eq!(http_request(r.port, "OPTIONS", "/").unwrap().0, 503);
+    assert_eq!(p.json("/")["engine"], "mysql");
+
+    // The heartbeat replicates: lag in seconds is small on an idle primary.
+    r.wait_for("a replicated heartbeat", Duration::from_secs(10), |r| {
+        r.json("/replica")["lag_seconds"]
+            .as_f64()
+            .is_some_and(|l| l < 2.0)
+    });
+    let canary = replica
+        .sql(Some("dbagent"), "SELECT HEX(canary) FROM heartbeat")
+        .unwrap();
+    assert_eq!(
+        canary,
+        hex::encode_upper("dbagent 心跳 ハートビート 하트비트 🐘 χΨψΩω"),
+        "the CJK canary replicated byte for byte"
+    );
+    // pt-heartbeat readers compute lag from ts and server_id.
+    let ts = replica
+        .sql(
+            Some("dbagent"),
+            "SELECT TIMESTAMPDIFF(SECOND, ts, UTC_TIMESTAMP()) < 5 FROM heartbeat",
+        )
+        .unwrap();
+    assert_eq!(ts, "1");
+
+    // A stopped SQL thread: not a healthy replica, and the heartbeat lag keeps growing.
+    replica.sql(None, "STOP SLAVE SQL_THREAD").unwrap();
+    r.wait_for("/replica to turn 503", Duration::from_secs(10), |r| {
+        r.code("/replica") == 503
+    });
+    let reason = r.json("/replica")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("SQL thread"), "{reason}");
+    let lag1 = r.json("/health")["lag_seconds"].as_f64().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let lag2 = r.json("/health")["lag_seconds"].as_f64().unwrap();
+    assert!(lag2 > lag1 + 1.5, "lag did not grow: {lag1} -> {lag2}");
+    assert_eq!(r.metric("dbagent_wal_receiver_up"), Some(0.0));
+    replica.sql(None, "START SLAVE SQL_THREAD").unwrap();
+    r.wait_for("/replica to recover", Duration::from_secs(10), |r| {
+        r.code("/replica?max_lag_seconds=2") == 200
+    });
+
+    // The primary goes away: the IO thread cannot connect, the replica says so.
+    primary.stop().unwrap();
+    r.wait_for(
+        "/replica to turn 503 without a primary",
+        Duration::from_secs(30),
+        |r| r.code("/replica") == 503,
+    );
+    let reason = r.json("/replica")["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("IO thread"), "{reason}");
+    p.wait_for(
+        "the old primary's /health to turn 503",
+        Duration::from_secs(10),
+        |p| p.code("/health") == 503,
+    );
+    assert_eq!(p.code("/liveness"), 200);
+}
