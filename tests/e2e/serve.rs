@@ -64,6 +64,23 @@ impl Serve {
             })
     }
 
+    /// A sample of `name` whose label `key` is `value`.
+    pub fn metric_where(&self, name: &str, key: &str, value: &str) -> Option<f64> {
+        let body = self.get("/metrics").1;
+        let scrape =
+            prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get(key) == Some(value))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    }
+
     pub fn wait_for(&self, what: &str, limit: Duration, cond: impl Fn(&Serve) -> bool) -> Duration {
         let start = Instant::now();
         while start.elapsed() < limit {
@@ -480,4 +497,55 @@ fn mariadb_primary_and_replica_answer_the_same_way() {
         |p| p.code("/health") == 503,
     );
     assert_eq!(p.code("/liveness"), 200);
+}
+
+#[test]
+fn scheduled_backup_runs_inside_serve() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    let mut env = pg_env(&pg);
+    env.extend(repo.env());
+    env.push(("DBAGENT_SCHEDULE_BACKUP".into(), "* * * * *".into()));
+    env.push(("DBAGENT_CATALOG_REFRESH".into(), "2s".into()));
+    env.push((
+        "DBAGENT_PG_BIN_DIR".into(),
+        pg_bin("pg_ctl")
+            .unwrap()
+            .parent()
+            .unwrap()
+            .display()
+            .to_string(),
+    ));
+    let serve = Serve::start(&env);
+    assert_eq!(
+        serve.metric_where("dbagent_job_running", "job", "backup"),
+        Some(0.0)
+    );
+    // A minute-granular schedule fires within 60 s; the backup itself takes a few seconds.
+    serve.wait_for(
+        "the scheduled backup to succeed",
+        Duration::from_secs(100),
+        |s| {
+            s.metric_where("dbagent_job_runs_total", "result", "success")
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    );
+    assert_eq!(
+        serve.metric_where("dbagent_job_runs_total", "result", "failure"),
+        Some(0.0)
+    );
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        json["postgres"][0]["backups"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+    // The repository refresh then reports it.
+    serve.wait_for("backup metrics", Duration::from_secs(10), |s| {
+        s.metric("dbagent_backup_last_success_timestamp_seconds")
+            .is_some()
+    });
+    assert!(serve.json("/")["last_backup_time"].is_string());
 }
