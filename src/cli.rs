@@ -77,6 +77,24 @@ pub enum Command {
         #[arg(long, value_enum)]
         engine: Option<Engine>,
     },
+    /// Restore drill: restore into a scratch server, run the checks and SQL suites, report.
+    /// Exits 0 only when every check passed.
+    Drill {
+        #[arg(long, value_enum, default_value = "postgres")]
+        engine: Engine,
+        /// Restore to this time instead of the newest restorable point.
+        #[arg(long, value_name = "TIME", conflicts_with_all = ["random", "latest"])]
+        at: Option<String>,
+        /// Restore to a random point inside the restorable window.
+        #[arg(long, conflicts_with = "latest")]
+        random: bool,
+        /// Restore to the newest restorable point (the default).
+        #[arg(long)]
+        latest: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List backups and the restorable window.
     List {
         /// Print JSON for scripts.
@@ -140,8 +158,12 @@ pub fn run() -> ExitCode {
             return crate::error::report(&anyhow::Error::new(e).context("starting the runtime"));
         }
     };
+    let fetching = matches!(cli.command, Command::WalFetch { .. });
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if fetching && crate::error::is_corrupt(&e) => {
+            crate::error::report_with(&e, crate::error::EXIT_ABORT_RECOVERY)
+        }
         Err(e) => crate::error::report(&e),
     }
 }
@@ -237,6 +259,50 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 };
             }
             crate::serve::run(cfg, listen).await?;
+        }
+        Command::Drill {
+            engine,
+            at,
+            random,
+            latest: _,
+            json,
+        } => {
+            if engine != Engine::Postgres {
+                return Err(input_err!(
+                    "drill --engine mysql is not available in this version"
+                ));
+            }
+            let target = match (at, random) {
+                (Some(t), _) => crate::drill::DrillTarget::At(crate::timespec::parse_instant(&t)?),
+                (None, true) => crate::drill::DrillTarget::Random,
+                (None, false) => crate::drill::DrillTarget::Latest,
+            };
+            let store = crate::storage::open(&cfg)?;
+            let drill = crate::drill::run_pg(&cfg, store.clone(), target);
+            let mut sigterm =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            // An interrupted drill drops its future: the scratch server is stopped and removed.
+            let (sysid, mut report) = tokio::select! {
+                r = tokio::time::timeout(cfg.drill.timeout, drill) => r.map_err(|_| {
+                    anyhow::anyhow!("the drill did not finish within {}", humantime::format_duration(cfg.drill.timeout))
+                })??,
+                _ = sigterm.recv() => anyhow::bail!("drill interrupted by SIGTERM; the scratch server was removed"),
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("drill interrupted; the scratch server was removed"),
+            };
+            let key = crate::repo::pg_drill_key(sysid, &report.id);
+            crate::drill::publish(&cfg, store.as_ref(), &key, &mut report).await;
+            if json {
+                print(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+            } else {
+                print(&report.render())?;
+            }
+            if !report.passed() {
+                anyhow::bail!(
+                    "restore drill failed: {} of {} checks failed (report: {key})",
+                    report.failures().len(),
+                    report.checks.len()
+                );
+            }
         }
         Command::List { json } => {
             let store = crate::storage::open(&cfg)?;

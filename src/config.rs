@@ -53,6 +53,30 @@ pub struct FileConfig {
     pub serve: FileServe,
     #[serde(default)]
     pub schedule: FileSchedule,
+    #[serde(default)]
+    pub drill: FileDrill,
+    #[serde(default)]
+    pub notify: FileNotify,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDrill {
+    pub scratch_dir: Option<PathBuf>,
+    pub extra_suites: Option<Vec<PathBuf>>,
+    pub row_tolerance: Option<f64>,
+    pub heartbeat_tolerance: Option<String>,
+    pub timeout: Option<String>,
+    pub pushgateway_url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNotify {
+    pub slack_url_file: Option<PathBuf>,
+    pub pagerduty_routing_key_file: Option<PathBuf>,
+    pub pagerduty_url: Option<String>,
+    pub on_success: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +174,8 @@ pub struct Config {
     pub serve: ServeConfig,
     /// Cron expressions (5 fields, UTC) for jobs `serve` runs itself, by job name.
     pub schedule: Vec<(String, String)>,
+    pub drill: DrillConfig,
+    pub notify: NotifyConfig,
     /// The config file this came from, passed on to `restore_command`.
     pub config_file: Option<PathBuf>,
 }
@@ -202,6 +228,32 @@ pub struct MysqlConfig {
     pub bin_dir: Option<PathBuf>,
     /// The server's binlog directory, for `binlog-push` (default: asked from the server).
     pub binlog_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DrillConfig {
+    /// Where scratch servers are created (default: the system temp directory).
+    pub scratch_dir: Option<PathBuf>,
+    /// More `.sql` suites to run after the built-in ones.
+    pub extra_suites: Vec<PathBuf>,
+    /// How far a restored table's row count may be from the base backup's estimate (0.5 = 50%).
+    pub row_tolerance: f64,
+    /// How far before the target the newest heartbeat may be.
+    pub heartbeat_tolerance: Duration,
+    /// The whole drill's deadline.
+    pub timeout: Duration,
+    /// Prometheus Pushgateway to push the drill's metrics to (CronJob use).
+    pub pushgateway_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NotifyConfig {
+    /// Slack-compatible incoming webhook (the URL holds a token: a secret).
+    pub slack_url: Option<Secret>,
+    pub pagerduty_routing_key: Option<Secret>,
+    pub pagerduty_url: String,
+    /// Also notify when a drill passes (PagerDuty always gets a resolve).
+    pub on_success: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,6 +581,58 @@ impl Config {
             }
         }
 
+        let drill = DrillConfig {
+            scratch_dir: env
+                .var("DBAGENT_DRILL_SCRATCH_DIR")
+                .map(PathBuf::from)
+                .or(file.drill.scratch_dir),
+            extra_suites: file.drill.extra_suites.unwrap_or_default(),
+            row_tolerance: file.drill.row_tolerance.unwrap_or(0.5),
+            heartbeat_tolerance: duration(
+                "drill.heartbeat_tolerance",
+                "DBAGENT_DRILL_HEARTBEAT_TOLERANCE",
+                file.drill.heartbeat_tolerance,
+                Duration::from_secs(120),
+            )?,
+            timeout: duration(
+                "drill.timeout",
+                "DBAGENT_DRILL_TIMEOUT",
+                file.drill.timeout,
+                Duration::from_secs(6 * 3600),
+            )?,
+            pushgateway_url: env
+                .var("DBAGENT_DRILL_PUSHGATEWAY_URL")
+                .or(file.drill.pushgateway_url),
+        };
+        if !(0.0..=10.0).contains(&drill.row_tolerance) {
+            return Err(input_err!(
+                "drill.row_tolerance: expected a fraction like 0.5, got {}",
+                drill.row_tolerance
+            ));
+        }
+        let notify = NotifyConfig {
+            slack_url: secret(
+                env,
+                "DBAGENT_NOTIFY_SLACK_URL",
+                file.notify.slack_url_file.as_deref(),
+                "notify.slack_url_file",
+            )?,
+            pagerduty_routing_key: secret(
+                env,
+                "DBAGENT_NOTIFY_PAGERDUTY_ROUTING_KEY",
+                file.notify.pagerduty_routing_key_file.as_deref(),
+                "notify.pagerduty_routing_key_file",
+            )?,
+            pagerduty_url: env
+                .var("DBAGENT_NOTIFY_PAGERDUTY_URL")
+                .or(file.notify.pagerduty_url)
+                .unwrap_or_else(|| "https://events.pagerduty.com/v2/enqueue".into()),
+            on_success: match env.var("DBAGENT_NOTIFY_ON_SUCCESS") {
+                Some(v) => parse_bool("DBAGENT_NOTIFY_ON_SUCCESS", &v)?,
+                None => file.notify.on_success.unwrap_or(false),
+            },
+        };
+
         Ok(Config {
             repo: env.var("DBAGENT_REPO").or(file.repo),
             s3,
@@ -545,6 +649,8 @@ impl Config {
             mysql,
             serve,
             schedule,
+            drill,
+            notify,
             config_file: None,
         })
     }

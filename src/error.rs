@@ -14,6 +14,10 @@ pub enum Failure {
     /// Exit 1, and nothing is printed: PostgreSQL asks for such segments routinely.
     #[error("{0}")]
     NotFound(String),
+    /// Stored data failed its checksum. Exit 2, except from `wal-fetch`, where it is
+    /// `EXIT_ABORT_RECOVERY`.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 /// Shorthand for an input error with a formatted message.
@@ -25,12 +29,16 @@ macro_rules! input_err {
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_INPUT: u8 = 1;
 pub const EXIT_FAILED: u8 = 2;
+/// `wal-fetch` of a segment that exists but is corrupt. PostgreSQL treats a restore_command
+/// exit status up to 125 as "not archived" and, without a recovery target, ends recovery and
+/// promotes there, silently losing the WAL after it; above 125 it stops recovery instead.
+pub const EXIT_ABORT_RECOVERY: u8 = 126;
 
 /// Maps an error to the documented exit code.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     match err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
         Some(Failure::Input(_)) | Some(Failure::NotFound(_)) => EXIT_INPUT,
-        None => EXIT_FAILED,
+        Some(Failure::Corrupt(_)) | None => EXIT_FAILED,
     }
 }
 
@@ -39,9 +47,18 @@ pub fn is_quiet(err: &anyhow::Error) -> bool {
     matches!(err.downcast_ref::<Failure>(), Some(Failure::NotFound(_)))
 }
 
+pub fn is_corrupt(err: &anyhow::Error) -> bool {
+    err.chain()
+        .any(|e| matches!(e.downcast_ref::<Failure>(), Some(Failure::Corrupt(_))))
+}
+
 /// Prints the error chain once, on one line, and returns the exit code.
 pub fn report(err: &anyhow::Error) -> ExitCode {
-    let code = exit_code(err);
+    report_with(err, exit_code(err))
+}
+
+/// Like `report`, with the exit code chosen by the caller.
+pub fn report_with(err: &anyhow::Error, code: u8) -> ExitCode {
     if !is_quiet(err) {
         let mut line = String::from("dbagent: error: ");
         let mut first = true;

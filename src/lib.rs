@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod drill;
 pub mod error;
 pub mod health;
 pub mod heartbeat;
@@ -9,6 +10,7 @@ pub mod http;
 pub mod list;
 pub mod metrics;
 pub mod mysql;
+pub mod notify;
 pub mod pg;
 pub mod pipeline;
 pub mod repo;

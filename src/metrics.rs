@@ -233,6 +233,34 @@ pub fn render(shared: &Shared) -> String {
         ts(repo.refreshed),
     );
 
+    if let Some(d) = &repo.drill {
+        o.gauge(
+            "dbagent_drill_last_result",
+            "The newest restore drill passed (1) or failed (0).",
+            Some(bool01(d.passed)),
+        );
+        o.gauge(
+            "dbagent_drill_last_run_timestamp_seconds",
+            "When the newest restore drill finished.",
+            ts(Some(d.last_run)),
+        );
+        o.gauge(
+            "dbagent_drill_last_success_timestamp_seconds",
+            "When a restore drill last passed.",
+            ts(d.last_success),
+        );
+        o.gauge(
+            "dbagent_drill_duration_seconds",
+            "How long the newest restore drill took.",
+            Some(d.duration_seconds),
+        );
+        o.gauge(
+            "dbagent_drill_rto_seconds",
+            "The newest drill's restore time (measured RTO).",
+            d.rto_seconds,
+        );
+    }
+
     let c = &shared.counters;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     o.counter(
@@ -255,16 +283,18 @@ pub fn render(shared: &Shared) -> String {
         "Look-ahead WAL pushes that failed.",
         load(&c.lookahead_failures),
     );
-    o.counter(
-        "dbagent_binlog_pushed_total",
-        "Binlog files shipped.",
-        load(&c.binlog_pushed),
-    );
-    o.counter(
-        "dbagent_binlog_failures_total",
-        "Binlog shipping rounds that failed.",
-        load(&c.binlog_failures),
-    );
+    if shared.engine == "mysql" {
+        o.counter(
+            "dbagent_binlog_ship_runs_total",
+            "Binlog shipping rounds that succeeded.",
+            load(&c.binlog_pushed),
+        );
+        o.counter(
+            "dbagent_binlog_ship_failures_total",
+            "Binlog shipping rounds that failed.",
+            load(&c.binlog_failures),
+        );
+    }
     o.counter(
         "dbagent_http_requests_total",
         "HTTP requests answered.",

@@ -324,7 +324,11 @@ fn decompress_from<W: Write>(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => bail!("{key} is corrupt: cannot decompress it ({e})"),
+            Err(e) => {
+                return Err(corrupt(format!(
+                    "{key} is corrupt: cannot decompress it ({e})"
+                )));
+            }
         };
         hasher.update(&block[..n]);
         size += n as u64;
@@ -336,19 +340,25 @@ fn decompress_from<W: Write>(
     // Drain anything the decoder did not need (there should be nothing).
     std::io::copy(&mut reader, &mut std::io::sink())?;
     let Some(trailer) = Trailer::decode(&reader.tail) else {
-        bail!("{key} is corrupt or truncated: its checksum trailer is missing");
+        return Err(corrupt(format!(
+            "{key} is corrupt or truncated: its checksum trailer is missing"
+        )));
     };
     let actual: [u8; 32] = hasher.finalize().into();
     if trailer.plain_size != size || trailer.sha256 != actual {
-        bail!(
+        return Err(corrupt(format!(
             "{key} is corrupt: checksum mismatch (recorded {} bytes sha256 {}, got {} bytes sha256 {})",
             trailer.plain_size,
             trailer.sha256_hex(),
             size,
             hex::encode(actual)
-        );
+        )));
     }
     Ok((out, trailer))
+}
+
+fn corrupt(msg: String) -> anyhow::Error {
+    anyhow::Error::new(crate::error::Failure::Corrupt(msg))
 }
 
 /// Reads an object's trailer without downloading the object.

@@ -108,34 +108,50 @@ async fn server_facts(conn: &ConnInfo) -> anyhow::Result<ServerFacts> {
         .context("listing databases")?
     {
         let name: String = db.get(0);
-        let tables = match conn.with_db(&name).connect().await {
-            Ok(c) => c
-                .query(
-                    "SELECT format('%I.%I', n.nspname, c.relname), c.reltuples::bigint
-                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE c.relkind IN ('r', 'p')
-                        AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                        AND n.nspname NOT LIKE 'pg_toast%'
-                      ORDER BY 1 LIMIT $1",
-                    &[&MAX_TABLES_PER_DB],
-                )
-                .await
-                .with_context(|| format!("row estimates in {name}"))?
-                .into_iter()
-                .map(|r| TableRows {
-                    table: r.get(0),
-                    rows_estimate: r.get(1),
-                })
-                .collect(),
+        let (tables, extensions) = match conn.with_db(&name).connect().await {
+            Ok(c) => {
+                let tables = c
+                    .query(
+                        "SELECT format('%I.%I', n.nspname, c.relname), c.reltuples::bigint
+                           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE c.relkind IN ('r', 'p')
+                            AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                            AND n.nspname NOT LIKE 'pg_toast%'
+                          ORDER BY 1 LIMIT $1",
+                        &[&MAX_TABLES_PER_DB],
+                    )
+                    .await
+                    .with_context(|| format!("row estimates in {name}"))?
+                    .into_iter()
+                    .map(|r| TableRows {
+                        table: r.get(0),
+                        rows_estimate: r.get(1),
+                    })
+                    .collect();
+                let extensions = c
+                    .query(
+                        "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
+                        &[],
+                    )
+                    .await
+                    .with_context(|| format!("extensions in {name}"))?
+                    .into_iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                (tables, extensions)
+            }
             Err(e) => {
                 tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
-                vec![]
+                (vec![], vec![])
             }
         };
+        let settings = database_settings(&client, &name).await?;
         databases.push(DatabaseInfo {
             name,
             size_bytes: db.get(1),
             tables,
+            settings,
+            extensions,
         });
     }
     Ok(ServerFacts {
@@ -145,6 +161,22 @@ async fn server_facts(conn: &ConnInfo) -> anyhow::Result<ServerFacts> {
         seg_size: row.get::<_, i64>(3) as u64,
         databases,
     })
+}
+
+/// A database's own settings (`ALTER DATABASE … SET`, for every role), as `name=value`.
+pub async fn database_settings(
+    client: &tokio_postgres::Client,
+    db: &str,
+) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT unnest(s.setconfig) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
+              WHERE d.datname = $1 AND s.setrole = 0 ORDER BY 1",
+            &[&db],
+        )
+        .await
+        .with_context(|| format!("reading the settings of database {db}"))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
 pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<BaseBackup> {

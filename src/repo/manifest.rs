@@ -27,6 +27,12 @@ pub struct DatabaseInfo {
     pub size_bytes: i64,
     #[serde(default)]
     pub tables: Vec<TableRows>,
+    /// `ALTER DATABASE … SET` settings, as `name=value` (e.g. default_text_search_config).
+    #[serde(default)]
+    pub settings: Vec<String>,
+    /// Installed extensions, as `name version`.
+    #[serde(default)]
+    pub extensions: Vec<String>,
 }
 
 /// A PostgreSQL base backup.
@@ -98,6 +104,8 @@ mod tests {
                     table: "public.posts".into(),
                     rows_estimate: 42,
                 }],
+                settings: vec!["default_text_search_config=public.config_2_gram_cjk".into()],
+                extensions: vec!["pg_trgm 1.6".into()],
             }],
             dbagent_version: "0.1.0".into(),
         };

@@ -38,3 +38,11 @@ pub fn backup_data_key(sysid: u64, id: &str) -> String {
 pub fn backup_manifest_key(sysid: u64, id: &str) -> String {
     format!("pg/{sysid}/backups/{id}/backup.json")
 }
+
+pub fn pg_drills_prefix(sysid: u64) -> String {
+    format!("pg/{sysid}/drills/")
+}
+
+pub fn pg_drill_key(sysid: u64, id: &str) -> String {
+    format!("pg/{sysid}/drills/{id}.json")
+}

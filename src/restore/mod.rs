@@ -82,13 +82,7 @@ pub async fn restore_pg(
         return Ok(());
     }
 
-    let created = !opts.target_dir.exists();
-    if let Err(e) = unpack_backup(store.as_ref(), &plan, &opts.target_dir).await {
-        // The directory was empty or absent: leave it as it was.
-        remove_contents(&opts.target_dir, created);
-        return Err(e);
-    }
-    write_recovery_settings(cfg, &plan, &opts.target_dir)?;
+    materialize(cfg, store.as_ref(), &plan, &opts.target_dir, &[]).await?;
     println!(
         "restored base backup {} into {}",
         plan.backup.id,
@@ -102,8 +96,69 @@ pub async fn restore_pg(
         return Ok(());
     }
     let landed = start_and_wait(cfg, &plan, &opts.target_dir, opts.port).await?;
-    println!("{landed}");
+    println!(
+        "restored: the server has promoted and is running on port {} (data {}); last replayed transaction committed at {}; timeline {}",
+        landed.port,
+        opts.target_dir.display(),
+        landed.last_commit.as_deref().unwrap_or("none"),
+        landed.timeline
+    );
     Ok(())
+}
+
+/// Unpacks the plan's base backup into `dir` (absent or empty) and writes the recovery
+/// settings, plus `extra` lines for postgresql.auto.conf. On failure `dir` is left as it was.
+pub async fn materialize(
+    cfg: &Config,
+    store: &dyn Store,
+    plan: &PgPlan,
+    dir: &Path,
+    extra: &[String],
+) -> anyhow::Result<()> {
+    let created = !dir.exists();
+    if let Err(e) = unpack_backup(store, plan, dir).await {
+        remove_contents(dir, created);
+        return Err(e);
+    }
+    write_recovery_settings(cfg, plan, dir, extra)
+}
+
+/// Where a restored server landed.
+#[derive(Debug, Clone)]
+pub struct Landed {
+    pub port: u16,
+    pub socket_dir: String,
+    /// The last replayed transaction's commit time, as PostgreSQL prints it.
+    pub last_commit: Option<String>,
+    pub timeline: String,
+    /// The last WAL position recovery replayed.
+    pub replayed_lsn: Option<u64>,
+}
+
+impl Landed {
+    /// Connection settings for a database of the restored server (over its socket).
+    pub fn conn(&self, cfg: &Config, db: &str) -> ConnInfo {
+        let mut pg = cfg.pg.clone();
+        pg.host = Some(self.socket_dir.clone());
+        pg.port = Some(self.port);
+        pg.database = Some(db.to_string());
+        pg.user = pg.user.or_else(|| Some("postgres".into()));
+        ConnInfo::from_config(&pg)
+    }
+}
+
+/// Stops a server started by `start_and_wait` (immediately: it is a scratch copy).
+pub async fn stop_server(cfg: &Config, dir: &Path) {
+    if let Ok(pg_ctl) = crate::pg::bins::program(&cfg.pg, "pg_ctl") {
+        let _ = tokio::process::Command::new(pg_ctl)
+            .arg("-D")
+            .arg(dir)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await;
+    }
 }
 
 fn remove_contents(dir: &Path, remove_dir: bool) {
@@ -254,7 +309,12 @@ pub fn restore_command(cfg: &Config) -> anyhow::Result<String> {
     Ok(cmd)
 }
 
-fn write_recovery_settings(cfg: &Config, plan: &PgPlan, dir: &Path) -> anyhow::Result<()> {
+fn write_recovery_settings(
+    cfg: &Config,
+    plan: &PgPlan,
+    dir: &Path,
+    extra: &[String],
+) -> anyhow::Result<()> {
     use std::io::Write;
     let mut lines = vec![
         String::new(),
@@ -273,6 +333,7 @@ fn write_recovery_settings(cfg: &Config, plan: &PgPlan, dir: &Path) -> anyhow::R
         lines.push("recovery_target_inclusive = on".to_string());
         lines.push("recovery_target_action = 'promote'".to_string());
     }
+    lines.extend(extra.iter().cloned());
     let auto = dir.join("postgresql.auto.conf");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -286,12 +347,12 @@ fn write_recovery_settings(cfg: &Config, plan: &PgPlan, dir: &Path) -> anyhow::R
 }
 
 /// Starts the restored server and waits until it has promoted. Returns where it landed.
-async fn start_and_wait(
+pub async fn start_and_wait(
     cfg: &Config,
     plan: &PgPlan,
     dir: &Path,
     port: Option<u16>,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Landed> {
     let pg_ctl = crate::pg::bins::program(&cfg.pg, "pg_ctl")?;
     let log = dir.join("dbagent-restore.log");
     let mut cmd = tokio::process::Command::new(&pg_ctl);
@@ -327,19 +388,22 @@ async fn start_and_wait(
         if unsafe { libc::kill(pm.pid, 0) } != 0 {
             return Err(recovery_failure(plan, &log));
         }
-        let mut pg = cfg.pg.clone();
-        pg.host = Some(pm.socket_dir.clone());
-        pg.port = Some(pm.port);
-        pg.database = Some("postgres".into());
-        pg.user = pg.user.or_else(|| Some("postgres".into()));
-        let conn = ConnInfo::from_config(&pg);
+        let probe = Landed {
+            port: pm.port,
+            socket_dir: pm.socket_dir.clone(),
+            last_commit: None,
+            timeline: String::new(),
+            replayed_lsn: None,
+        };
+        let conn = probe.conn(cfg, "postgres");
         let Ok(client) = conn.connect().await else {
             continue;
         };
         let Ok(row) = client
             .query_one(
                 "SELECT pg_is_in_recovery(), coalesce(pg_last_xact_replay_timestamp()::text, 'none'),
-                        (SELECT timeline_id FROM pg_control_checkpoint())::text",
+                        (SELECT timeline_id FROM pg_control_checkpoint())::text,
+                        pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint",
                 &[],
             )
             .await
@@ -351,13 +415,37 @@ async fn start_and_wait(
             // Segments fetched ahead but never replayed are of no further use.
             let _ = std::fs::remove_dir_all(dir.join("pg_wal").join(crate::pg::wal::PREFETCH_DIR));
             let last: String = row.get(1);
-            let tli: String = row.get(2);
-            return Ok(format!(
-                "restored: the server has promoted and is running on port {} (data {}); last replayed transaction committed at {last}; timeline {tli}",
-                pm.port,
-                dir.display()
-            ));
+            let landed = Landed {
+                last_commit: (last != "none").then_some(last),
+                timeline: row.get(2),
+                replayed_lsn: row.get::<_, Option<i64>>(3).map(|v| v as u64),
+                ..probe
+            };
+            check_replayed_all(plan, &landed, &log)?;
+            return Ok(landed);
         }
+    }
+}
+
+/// Without a recovery target PostgreSQL promotes wherever restore_command first fails. Make
+/// sure a `--latest` restore replayed into the last segment the plan found in the archive.
+fn check_replayed_all(plan: &PgPlan, landed: &Landed, log: &Path) -> anyhow::Result<()> {
+    if plan.target != Target::Latest {
+        return Ok(()); // with a target time PostgreSQL itself refuses to stop short
+    }
+    let seg_size = plan.backup.wal_segment_size;
+    let Some(last) = crate::repo::wal::Segment::parse(&plan.last_wal, seg_size) else {
+        return Ok(());
+    };
+    let needed = last.start_lsn(seg_size).0;
+    match landed.replayed_lsn {
+        Some(lsn) if lsn < needed => anyhow::bail!(
+            "recovery stopped at {} before the end of the archived WAL ({}): a WAL file could not be restored; see {}",
+            crate::repo::wal::Lsn(lsn),
+            plan.last_wal,
+            log.display()
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -398,6 +486,14 @@ fn recovery_failure(plan: &PgPlan, log: &Path) -> anyhow::Error {
         };
         return anyhow::anyhow!(
             "PostgreSQL replayed all archived WAL without reaching {target}: no transaction committed after the target has been archived yet; restore with an earlier --at or with --latest (log: {})",
+            log.display()
+        );
+    }
+    // wal-fetch writes its own one-line errors into the server log: the most useful line.
+    if let Some(line) = text.lines().rev().find(|l| l.contains("dbagent: error:")) {
+        return anyhow::anyhow!(
+            "the restored server stopped before promoting: {} (log: {})",
+            line.trim(),
             log.display()
         );
     }

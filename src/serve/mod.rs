@@ -333,6 +333,11 @@ async fn repo_facts_pg(
                             window_end: windows.last().map(|w| w.to),
                             refreshed: Some(chrono::Utc::now()),
                             error: None,
+                            drill: latest_drill(
+                                store.as_ref(),
+                                &crate::repo::pg_drills_prefix(sysid),
+                            )
+                            .await,
                         }
                     }
                     Err(e) => {
@@ -352,6 +357,56 @@ async fn repo_facts_pg(
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// The newest drill report under `prefix`, and the newest one that passed.
+async fn latest_drill(store: &dyn Store, prefix: &str) -> Option<state::DrillFacts> {
+    let mut keys: Vec<String> = store
+        .list(prefix)
+        .await
+        .ok()?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    // Report ids are UTC timestamps: the name order is the time order.
+    keys.sort();
+    keys.reverse();
+    let mut facts: Option<state::DrillFacts> = None;
+    for key in keys.iter().take(50) {
+        let report = match crate::storage::get_all(store, key)
+            .await
+            .map(|b| serde_json::from_slice::<crate::drill::report::Report>(&b))
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(%key, error = %e, "unreadable drill report");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %format!("{e:#}"), "cannot read drill report");
+                continue;
+            }
+        };
+        match &mut facts {
+            None => {
+                facts = Some(state::DrillFacts {
+                    last_run: report.finished,
+                    passed: report.passed(),
+                    duration_seconds: report.duration_seconds,
+                    rto_seconds: report.rto_seconds,
+                    last_success: report.passed().then_some(report.finished),
+                });
+            }
+            Some(f) if report.passed() => {
+                f.last_success = Some(report.finished);
+            }
+            Some(_) => continue,
+        }
+        if facts.as_ref().is_some_and(|f| f.last_success.is_some()) {
+            break;
+        }
+    }
+    facts
 }
 
 /// The command line a scheduled job runs (a child process, so a failing job never takes the

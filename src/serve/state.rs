@@ -34,6 +34,17 @@ pub struct RepoFacts {
     pub window_end: Option<DateTime<Utc>>,
     pub refreshed: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    pub drill: Option<DrillFacts>,
+}
+
+/// The newest restore drill's outcome (from its report in the repository).
+#[derive(Debug, Clone, Default)]
+pub struct DrillFacts {
+    pub last_run: DateTime<Utc>,
+    pub passed: bool,
+    pub duration_seconds: f64,
+    pub rto_seconds: Option<f64>,
+    pub last_success: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Default)]

@@ -82,6 +82,11 @@ pub fn archiving_primary(repo: &Repo) -> Postgres {
 /// Runs dbagent (as the postgres OS user when root, as PostgreSQL would) with the repository's
 /// and the server's environment.
 pub fn dbagent(repo: &Repo, pg: Option<&Postgres>, args: &[&str]) -> Output {
+    dbagent_cmd(repo, pg, args).output().expect("run dbagent")
+}
+
+/// The command `dbagent` runs, for callers that add environment or spawn it.
+pub fn dbagent_cmd(repo: &Repo, pg: Option<&Postgres>, args: &[&str]) -> Command {
     let mut cmd = command_as_pg_user(BIN);
     cmd.args(args)
         .env("DBAGENT_LOG_FORMAT", "text")
@@ -99,7 +104,7 @@ pub fn dbagent(repo: &Repo, pg: Option<&Postgres>, args: &[&str]) -> Output {
         pg_bin("pg_ctl").unwrap().parent().unwrap(),
     );
     cmd.current_dir("/tmp");
-    cmd.output().expect("run dbagent")
+    cmd
 }
 
 pub fn ok(out: &Output) -> String {

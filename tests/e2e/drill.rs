@@ -1,0 +1,537 @@
+//! Restore drills against a real PostgreSQL source: a healthy repository passes; a missing or
+//! corrupt WAL segment, a failing smoke query and a missing extension fail loudly with a
+//! webhook; the scratch server is always gone afterwards, even after SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dbagent_testcontainers::{Postgres, pg_bin, pg_owned_tempdir};
+use tempfile::TempDir;
+
+use crate::serve::{Serve, pg_env};
+use crate::support::*;
+
+/// A local HTTP receiver standing in for Slack, PagerDuty and a Pushgateway.
+struct Receiver {
+    port: u16,
+    requests: Arc<Mutex<Vec<(String, String, String)>>>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let (method, path) = (
+                    parts.next().unwrap_or("").to_string(),
+                    parts.next().unwrap_or("").to_string(),
+                );
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                let _ = reader.read_exact(&mut body);
+                seen.lock().unwrap().push((
+                    method,
+                    path,
+                    String::from_utf8_lossy(&body).into_owned(),
+                ));
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        Receiver { port, requests }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn take(&self) -> Vec<(String, String, String)> {
+        std::mem::take(&mut *self.requests.lock().unwrap())
+    }
+}
+
+/// A SQL-only extension installed into PostgreSQL's extension directory for the test, so a
+/// drill can be run on a server that "lacks" it once the files are removed.
+struct TestExtension {
+    name: String,
+    files: Vec<PathBuf>,
+}
+
+impl TestExtension {
+    fn install() -> TestExtension {
+        let name = format!("dbagent_drill_ext_{}", std::process::id());
+        let out = std::process::Command::new(pg_bin("pg_config").unwrap())
+            .arg("--sharedir")
+            .output();
+        let share = match out {
+            Ok(o) if o.status.success() => PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()),
+            _ => PathBuf::from("/usr/share/postgresql/15"),
+        };
+        let dir = share.join("extension");
+        let control = dir.join(format!("{name}.control"));
+        let sql = dir.join(format!("{name}--1.0.sql"));
+        std::fs::write(
+            &control,
+            "comment = 'dbagent drill test'\ndefault_version = '1.0'\nrelocatable = true\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &sql,
+            format!("CREATE FUNCTION {name}_fn() RETURNS int LANGUAGE sql AS 'SELECT 1';\n"),
+        )
+        .unwrap();
+        TestExtension {
+            name,
+            files: vec![control, sql],
+        }
+    }
+
+    fn remove_files(&self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+impl Drop for TestExtension {
+    fn drop(&mut self) {
+        self.remove_files();
+    }
+}
+
+struct Source {
+    repo: Repo,
+    pg: Postgres,
+    serve: Serve,
+    sysid: String,
+}
+
+/// A primary archiving into a file repository, with `serve` writing the heartbeat, a
+/// `discourse` database with CJK rows, pg_trgm and a database-level text search setting, and
+/// one base backup followed by more WAL.
+fn source(extension: Option<&TestExtension>) -> Source {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    let mut env = pg_env(&pg);
+    env.extend(repo.env());
+    env.push(("DBAGENT_CATALOG_REFRESH".into(), "1s".into()));
+    let serve = Serve::start(&env);
+    pg.psql("postgres", "CREATE DATABASE discourse").unwrap();
+    pg.psql(
+        "postgres",
+        "ALTER DATABASE discourse SET default_text_search_config = 'pg_catalog.simple'",
+    )
+    .unwrap();
+    pg.psql(
+        "discourse",
+        "CREATE EXTENSION pg_trgm;
+         CREATE TABLE posts (id int PRIMARY KEY, body text);
+         INSERT INTO posts SELECT g, 'ドラえもん のび太 野比大雄 대한민국 🐘 #' || g FROM generate_series(1, 5000) g;
+         ANALYZE posts;",
+    )
+    .unwrap();
+    if let Some(ext) = extension {
+        pg.psql("discourse", &format!("CREATE EXTENSION {}", ext.name))
+            .unwrap();
+    }
+    serve.wait_for("heartbeats", Duration::from_secs(10), |s| {
+        s.metric("dbagent_heartbeat_writes_total").unwrap_or(0.0) >= 2.0
+    });
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    pg.psql(
+        "discourse",
+        "INSERT INTO posts SELECT g, 'after the backup 後' FROM generate_series(5001, 5100) g",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    switch_and_wait_archived(&pg);
+    let sysid = pg
+        .psql(
+            "postgres",
+            "SELECT system_identifier FROM pg_control_system()",
+        )
+        .unwrap();
+    Source {
+        repo,
+        pg,
+        serve,
+        sysid,
+    }
+}
+
+fn drill(
+    src: &Source,
+    scratch: &Path,
+    receiver: &Receiver,
+    extra: &[(&str, &str)],
+    args: &[&str],
+) -> Output {
+    let mut cmd = dbagent_cmd(&src.repo, None, args);
+    cmd.env("DBAGENT_DRILL_SCRATCH_DIR", scratch)
+        .env("DBAGENT_NOTIFY_SLACK_URL", receiver.url("/slack"))
+        .env("DBAGENT_NOTIFY_PAGERDUTY_ROUTING_KEY", "test-routing-key")
+        .env("DBAGENT_NOTIFY_PAGERDUTY_URL", receiver.url("/pagerduty"))
+        .env(
+            "DBAGENT_DRILL_PUSHGATEWAY_URL",
+            receiver.url("/pushgateway"),
+        );
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn assert_scratch_gone(scratch: &Path) {
+    let left: Vec<_> = std::fs::read_dir(scratch)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "the drill left files behind: {left:?}");
+    let procs = std::process::Command::new("pgrep")
+        .args(["-f", &scratch.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        procs.stdout.is_empty(),
+        "a scratch server is still running: {}",
+        String::from_utf8_lossy(&procs.stdout)
+    );
+}
+
+fn report_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not a JSON report ({e}): {stdout}"))
+}
+
+fn find<'a>(report: &'a serde_json::Value, name: &str, db: Option<&str>) -> &'a serde_json::Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["name"].as_str().is_some_and(|n| n.contains(name))
+                && db.is_none_or(|d| c["database"] == d)
+        })
+        .unwrap_or_else(|| panic!("no check {name:?} [{db:?}] in {report:#}"))
+}
+
+#[test]
+fn drill_passes_on_a_healthy_repository() {
+    let src = source(None);
+    let receiver = Receiver::start();
+    let scratch = pg_owned_tempdir().unwrap();
+    let out = drill(
+        &src,
+        scratch.path(),
+        &receiver,
+        &[("DBAGENT_NOTIFY_ON_SUCCESS", "true")],
+        &["drill", "--json"],
+    );
+    let stdout = ok(&out);
+    let report = report_json(&stdout);
+    assert_eq!(report["result"], "pass", "{report:#}");
+    assert_eq!(find(&report, "restore", None)["status"], "pass");
+    assert_eq!(
+        find(&report, "heartbeat landed at the target", Some("postgres"))["status"],
+        "pass"
+    );
+    assert_eq!(
+        find(&report, "heartbeat CJK canary", Some("postgres"))["status"],
+        "pass"
+    );
+    assert_eq!(
+        find(&report, "row counts", Some("discourse"))["status"],
+        "pass"
+    );
+    assert_eq!(
+        find(&report, "CJK trigram similarity", Some("discourse"))["status"],
+        "pass"
+    );
+    let settings = find(&report, "database settings", Some("discourse"));
+    assert_eq!(settings["status"], "pass");
+    assert!(
+        settings["detail"]
+            .as_str()
+            .unwrap()
+            .contains("default_text_search_config=pg_catalog.simple")
+    );
+    // The parser checks are skipped, and say why.
+    let parser = find(&report, "のび太", Some("discourse"));
+    assert_eq!(parser["status"], "skip");
+    assert!(
+        parser["detail"]
+            .as_str()
+            .unwrap()
+            .contains("pg_cjk_parser is not installed"),
+        "{parser}"
+    );
+    assert!(report["rto_seconds"].as_f64().unwrap() > 0.0);
+
+    // The report is in the repository.
+    let drills = src
+        .repo
+        .root()
+        .unwrap()
+        .join(format!("pg/{}/drills", src.sysid));
+    let stored: Vec<_> = std::fs::read_dir(&drills).unwrap().collect();
+    assert_eq!(stored.len(), 1);
+    // Slack got the success (on_success), PagerDuty a resolve, the Pushgateway the metrics.
+    let got = receiver.take();
+    assert!(
+        got.iter()
+            .any(|(m, p, b)| m == "POST" && p == "/slack" && b.contains("drill passed")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|(_, p, b)| p == "/pagerduty" && b.contains("\"resolve\"")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().any(|(m, p, b)| m == "PUT"
+            && p.starts_with("/pushgateway/metrics/job/dbagent_drill")
+            && b.contains("dbagent_drill_last_result 1")),
+        "{got:?}"
+    );
+    assert_scratch_gone(scratch.path());
+    // serve exports the drill's outcome.
+    src.serve
+        .wait_for("drill metrics", Duration::from_secs(10), |s| {
+            s.metric("dbagent_drill_last_result") == Some(1.0)
+        });
+    assert!(
+        src.serve
+            .metric("dbagent_drill_last_success_timestamp_seconds")
+            .is_some()
+    );
+
+    // A random point inside the window also restores and passes.
+    let out = drill(&src, scratch.path(), &receiver, &[], &["drill", "--random"]);
+    let stdout = ok(&out);
+    assert!(stdout.contains("PASSED"), "{stdout}");
+    assert_scratch_gone(scratch.path());
+}
+
+/// Runs a drill that must fail: exit 2, one line on stderr, the reason in the report, a
+/// failure webhook, and no scratch server left.
+fn failing_drill(
+    src: &Source,
+    receiver: &Receiver,
+    extra: &[(&str, &str)],
+    needle: &str,
+) -> serde_json::Value {
+    let scratch = pg_owned_tempdir().unwrap();
+    let out = drill(src, scratch.path(), receiver, extra, &["drill", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("dbagent: error: restore drill failed")),
+        "{stderr}"
+    );
+    let report = report_json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(report["result"], "fail");
+    let failed: Vec<String> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "fail")
+        .map(|c| format!("{}: {}", c["name"], c["detail"]))
+        .collect();
+    assert!(
+        failed.iter().any(|f| f.contains(needle)),
+        "expected a failure mentioning {needle:?}: {failed:#?}"
+    );
+    let got = receiver.take();
+    assert!(
+        got.iter().any(|(m, p, b)| m == "POST"
+            && p == "/slack"
+            && b.contains("FAILED")
+            && b.contains(needle)),
+        "no failure webhook mentioning {needle:?}: {got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|(_, p, b)| p == "/pagerduty" && b.contains("\"trigger\"")),
+        "{got:?}"
+    );
+    assert_scratch_gone(scratch.path());
+    report
+}
+
+#[test]
+fn drill_fails_loudly() {
+    let ext = TestExtension::install();
+    let src = source(Some(&ext));
+    let receiver = Receiver::start();
+
+    // A smoke query that fails.
+    let suites = TempDir::new().unwrap();
+    let suite = suites.path().join("site.sql");
+    std::fs::write(
+        &suite,
+        "-- check: posts are never empty\nSELECT count(*) = 0 FROM pg_database;\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        suites.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&suite, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let config = suites.path().join("dbagent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[drill]\nextra_suites = [{:?}]\n",
+            suite.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    failing_drill(
+        &src,
+        &receiver,
+        &[("DBAGENT_CONFIG", config.to_str().unwrap())],
+        "posts are never empty",
+    );
+
+    // The restored database lacks an extension the source had.
+    ext.remove_files();
+    failing_drill(&src, &receiver, &[], &ext.name);
+
+    // An archived segment's bytes are corrupted: the restore stops, with the reason.
+    let wal = src
+        .repo
+        .root()
+        .unwrap()
+        .join(format!("pg/{}/wal", src.sysid));
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().len() == 28)
+        .collect();
+    segs.sort();
+    let last = segs.last().unwrap().clone();
+    let original = std::fs::read(&last).unwrap();
+    let mut bad = original.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xA5;
+    std::fs::write(&last, &bad).unwrap();
+    failing_drill(&src, &receiver, &[], "corrupt");
+    std::fs::write(&last, &original).unwrap();
+
+    // A segment in the needed range is deleted: the plan refuses.
+    let victim = segs[segs.len() - 2].clone();
+    let name = victim.file_name().unwrap().to_string_lossy()[..24].to_string();
+    std::fs::remove_file(&victim).unwrap();
+    failing_drill(&src, &receiver, &[], &name);
+    drop(src.pg);
+}
+
+#[test]
+fn interrupted_drill_leaves_nothing_behind() {
+    let src = source(None);
+    let receiver = Receiver::start();
+    let scratch = pg_owned_tempdir().unwrap();
+    // A suite that keeps the drill busy once the scratch server is up.
+    let suites = TempDir::new().unwrap();
+    let suite = suites.path().join("slow.sql");
+    std::fs::write(
+        &suite,
+        "-- check: slow\nSELECT pg_sleep(60) IS NULL OR true;\n",
+    )
+    .unwrap();
+    let config = suites.path().join("dbagent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[drill]\nextra_suites = [{:?}]\n",
+            suite.display().to_string()
+        ),
+    )
+    .unwrap();
+    for p in [suites.path(), &suite, &config] {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let mut cmd = dbagent_cmd(&src.repo, None, &["drill"]);
+    cmd.env("DBAGENT_DRILL_SCRATCH_DIR", scratch.path())
+        .env("DBAGENT_CONFIG", &config)
+        .env("DBAGENT_NOTIFY_SLACK_URL", receiver.url("/slack"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // Wait until the scratch server runs the slow check.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let busy = std::process::Command::new("pgrep")
+            .args(["-f", "pg_sleep|postgres: postgres postgres"])
+            .output()
+            .unwrap();
+        let running = std::fs::read_dir(scratch.path())
+            .unwrap()
+            .flatten()
+            .any(|d| d.path().join("data/postmaster.pid").exists());
+        if running && !busy.stdout.is_empty() {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the drill ended before it could be interrupted"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the scratch server never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SIGTERM the dbagent process itself (runuser's child).
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .unwrap_or_default();
+    let target = children
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .unwrap_or(child.id().to_string());
+    std::process::Command::new("kill")
+        .args(["-TERM", &target])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_scratch_gone(scratch.path());
+}
