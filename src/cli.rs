@@ -95,6 +95,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply retention: delete backups and WAL no longer needed for the recovery window
+    /// (`retention.keep_days`) and the newest `retention.keep_backups` backups.
+    Prune {
+        /// Print the plan and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// List backups and the restorable window.
     List {
         /// Print JSON for scripts.
@@ -302,6 +309,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     report.failures().len(),
                     report.checks.len()
                 );
+            }
+        }
+        Command::Prune { dry_run } => {
+            let store = crate::storage::open(&cfg)?;
+            let clusters = match cfg.pg.system_identifier {
+                Some(id) => vec![id],
+                None => crate::repo::catalog::clusters(store.as_ref()).await?,
+            };
+            for sysid in clusters {
+                let cat = crate::repo::catalog::PgCatalog::load(store.as_ref(), sysid).await?;
+                let objects = store.list(&crate::repo::pg_root(sysid)).await?;
+                let plan = crate::prune::plan(&cat, &objects, chrono::Utc::now(), &cfg.retention);
+                print(&plan.describe())?;
+                if dry_run {
+                    print("dry run: nothing was deleted\n")?;
+                } else if !plan.is_empty() {
+                    let n = crate::prune::execute(store.as_ref(), &plan).await?;
+                    print(&format!("deleted {n} object(s)\n"))?;
+                }
             }
         }
         Command::List { json } => {

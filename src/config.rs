@@ -57,6 +57,16 @@ pub struct FileConfig {
     pub drill: FileDrill,
     #[serde(default)]
     pub notify: FileNotify,
+    #[serde(default)]
+    pub retention: FileRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetention {
+    pub keep_days: Option<u32>,
+    pub keep_backups: Option<usize>,
+    pub incomplete_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +186,7 @@ pub struct Config {
     pub schedule: Vec<(String, String)>,
     pub drill: DrillConfig,
     pub notify: NotifyConfig,
+    pub retention: RetentionConfig,
     /// The config file this came from, passed on to `restore_command`.
     pub config_file: Option<PathBuf>,
 }
@@ -244,6 +255,17 @@ pub struct DrillConfig {
     pub timeout: Duration,
     /// Prometheus Pushgateway to push the drill's metrics to (CronJob use).
     pub pushgateway_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionConfig {
+    /// Every point of the last `keep_days` days stays restorable.
+    pub keep_days: u32,
+    /// At least this many newest backups are kept, however old.
+    pub keep_backups: usize,
+    /// Leftovers of a backup without a manifest are removed only after this long (it may
+    /// still be running before that).
+    pub incomplete_after: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -633,6 +655,28 @@ impl Config {
             },
         };
 
+        let retention = RetentionConfig {
+            keep_days: match env.var("DBAGENT_RETENTION_KEEP_DAYS") {
+                Some(v) => v.parse().map_err(|_| {
+                    input_err!("DBAGENT_RETENTION_KEEP_DAYS: expected a number of days, got {v:?}")
+                })?,
+                None => file.retention.keep_days.unwrap_or(30),
+            },
+            keep_backups: match env.var("DBAGENT_RETENTION_KEEP_BACKUPS") {
+                Some(v) => v.parse().map_err(|_| {
+                    input_err!("DBAGENT_RETENTION_KEEP_BACKUPS: expected a number, got {v:?}")
+                })?,
+                None => file.retention.keep_backups.unwrap_or(2),
+            }
+            .max(1),
+            incomplete_after: duration(
+                "retention.incomplete_after",
+                "DBAGENT_RETENTION_INCOMPLETE_AFTER",
+                file.retention.incomplete_after,
+                Duration::from_secs(24 * 3600),
+            )?,
+        };
+
         Ok(Config {
             repo: env.var("DBAGENT_REPO").or(file.repo),
             s3,
@@ -651,6 +695,7 @@ impl Config {
             schedule,
             drill,
             notify,
+            retention,
             config_file: None,
         })
     }

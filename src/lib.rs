@@ -13,6 +13,7 @@ pub mod mysql;
 pub mod notify;
 pub mod pg;
 pub mod pipeline;
+pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod schedule;

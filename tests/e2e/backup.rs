@@ -115,3 +115,77 @@ fn backup_refuses_a_server_without_archiving() {
     refused(&out, "archive_mode");
     assert!(repo.snapshot().is_empty());
 }
+
+#[test]
+fn prune_keeps_what_restores_need() {
+    let repo = Repo::file();
+    let mut pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t (i int)").unwrap();
+    for round in 0..3 {
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({round})"))
+            .unwrap();
+        switch_and_wait_archived(&pg);
+        ok(&dbagent(&repo, Some(&pg), &["backup"]));
+        // Backup ids are per second.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    pg.psql("postgres", "INSERT INTO t VALUES (99)").unwrap();
+    switch_and_wait_archived(&pg);
+    pg.stop().unwrap();
+    let env = [
+        ("DBAGENT_RETENTION_KEEP_DAYS", "0"),
+        ("DBAGENT_RETENTION_KEEP_BACKUPS", "1"),
+    ];
+    let run = |args: &[&str]| {
+        let mut cmd = dbagent_cmd(&repo, None, args);
+        cmd.envs(env);
+        cmd.output().unwrap()
+    };
+
+    // The dry run prints the plan and deletes nothing.
+    let before = repo.snapshot();
+    let plan = ok(&run(&["prune", "--dry-run"]));
+    assert_eq!(plan.matches("delete backup").count(), 2, "{plan}");
+    assert_eq!(plan.matches("keep   backup").count(), 1, "{plan}");
+    assert!(plan.contains("WAL file(s) before"), "{plan}");
+    assert_eq!(repo.snapshot(), before);
+
+    ok(&run(&["prune"]));
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        json["postgres"][0]["backups"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+    assert!(repo.snapshot().len() < before.len());
+    // Pruning again finds nothing more to do.
+    let again = ok(&run(&["prune", "--dry-run"]));
+    assert!(
+        !again.contains("delete backup") && again.contains("delete no WAL"),
+        "{again}"
+    );
+
+    // What is left still restores everything.
+    let scratch = dbagent_testcontainers::pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("restored");
+    let port = dbagent_testcontainers::free_port();
+    let out = dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let restored = Restored { dir, port };
+    ok(&out);
+    assert_eq!(
+        restored.psql("SELECT string_agg(i::text, ',' ORDER BY i) FROM t"),
+        "0,1,2,99"
+    );
+}

@@ -1,0 +1,344 @@
+//! `dbagent prune`: retention. A pure plan first (printed on `--dry-run`), then deletion.
+//!
+//! Backups are ordered by their recorded times, never by name. Kept: every backup needed to
+//! restore any point of the last `keep_days` days (those consistent inside the window, and the
+//! newest one before it, which covers the window's start), and the `keep_backups` newest. WAL
+//! is deleted only below the lowest start segment of all kept backups, on every timeline (a
+//! restored branch can start below an older backup), so no kept backup or promised point loses
+//! WAL. Timeline history files are never deleted. Leftovers of a backup without a manifest go
+//! only after `incomplete_after`, since the backup may still be running.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+
+use crate::config::RetentionConfig;
+use crate::repo::catalog::PgCatalog;
+use crate::repo::wal::{Segment, WalFile};
+use crate::storage::{ObjectInfo, Store};
+
+/// Drill reports kept per cluster.
+const KEEP_DRILL_REPORTS: usize = 36;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrunePlan {
+    pub system_identifier: u64,
+    /// Kept backup ids, with why.
+    pub keep: Vec<(String, &'static str)>,
+    /// Deleted backups: id and keys, the manifest first.
+    pub delete_backups: Vec<(String, Vec<String>)>,
+    /// WAL below this segment number (any timeline) is deleted.
+    pub wal_floor: Option<String>,
+    pub delete_wal: Vec<String>,
+    pub delete_incomplete: Vec<String>,
+    pub delete_reports: Vec<String>,
+}
+
+impl PrunePlan {
+    pub fn is_empty(&self) -> bool {
+        self.delete_backups.is_empty()
+            && self.delete_wal.is_empty()
+            && self.delete_incomplete.is_empty()
+            && self.delete_reports.is_empty()
+    }
+
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "prune plan for PostgreSQL cluster {}:\n",
+            self.system_identifier
+        );
+        for (id, why) in &self.keep {
+            out.push_str(&format!("  keep   backup {id} ({why})\n"));
+        }
+        for (id, _) in &self.delete_backups {
+            out.push_str(&format!("  delete backup {id}\n"));
+        }
+        match (&self.wal_floor, self.delete_wal.len()) {
+            (Some(floor), n) if n > 0 => {
+                out.push_str(&format!("  delete {n} WAL file(s) before {floor}\n"))
+            }
+            _ => out.push_str("  delete no WAL\n"),
+        }
+        if !self.delete_incomplete.is_empty() {
+            out.push_str(&format!(
+                "  delete {} object(s) of incomplete backups\n",
+                self.delete_incomplete.len()
+            ));
+        }
+        if !self.delete_reports.is_empty() {
+            out.push_str(&format!(
+                "  delete {} old drill report(s)\n",
+                self.delete_reports.len()
+            ));
+        }
+        out
+    }
+}
+
+/// Decides what to delete. `objects` is everything under `pg/<sysid>/`.
+pub fn plan(
+    cat: &PgCatalog,
+    objects: &[ObjectInfo],
+    now: DateTime<Utc>,
+    policy: &RetentionConfig,
+) -> PrunePlan {
+    let sysid = cat.system_identifier;
+    let window_start = now - chrono::Duration::days(policy.keep_days as i64);
+    let backups = &cat.backups; // oldest stop_time first
+    let mut keep: BTreeMap<String, &'static str> = BTreeMap::new();
+    for b in backups.iter().rev().take(policy.keep_backups) {
+        keep.insert(b.id.clone(), "among the newest");
+    }
+    for b in backups.iter().filter(|b| b.stop_time >= window_start) {
+        keep.entry(b.id.clone())
+            .or_insert("inside the recovery window");
+    }
+    if let Some(b) = backups.iter().rev().find(|b| b.stop_time < window_start) {
+        keep.entry(b.id.clone())
+            .or_insert("covers the start of the recovery window");
+    }
+
+    let backups_prefix = crate::repo::backups_prefix(sysid);
+    let mut by_dir: BTreeMap<String, Vec<&ObjectInfo>> = BTreeMap::new();
+    for o in objects
+        .iter()
+        .filter(|o| o.key.starts_with(&backups_prefix))
+    {
+        let id = o.key[backups_prefix.len()..]
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        by_dir.entry(id).or_default().push(o);
+    }
+    let complete: BTreeSet<&str> = backups.iter().map(|b| b.id.as_str()).collect();
+    let mut delete_backups = Vec::new();
+    for b in backups.iter().filter(|b| !keep.contains_key(&b.id)) {
+        let manifest = crate::repo::backup_manifest_key(sysid, &b.id);
+        let mut keys = vec![manifest.clone()];
+        for o in by_dir.get(&b.id).into_iter().flatten() {
+            if o.key != manifest {
+                keys.push(o.key.clone());
+            }
+        }
+        delete_backups.push((b.id.clone(), keys));
+    }
+    let incomplete_before =
+        now - chrono::Duration::from_std(policy.incomplete_after).unwrap_or_default();
+    let mut delete_incomplete = Vec::new();
+    for (id, objs) in &by_dir {
+        if complete.contains(id.as_str()) {
+            continue;
+        }
+        // Only when every object of the unfinished backup is old: it is not running any more.
+        if objs.iter().all(|o| o.last_modified < incomplete_before) {
+            delete_incomplete.extend(objs.iter().map(|o| o.key.clone()));
+        }
+    }
+
+    // WAL: nothing is deleted unless a kept backup bounds it.
+    let floor = backups
+        .iter()
+        .filter(|b| keep.contains_key(&b.id))
+        .map(|b| b.start_lsn.0 / cat.seg_size)
+        .min();
+    let wal_prefix = crate::repo::wal_prefix(sysid);
+    let mut delete_wal = Vec::new();
+    if let Some(floor) = floor {
+        for o in objects.iter().filter(|o| o.key.starts_with(&wal_prefix)) {
+            let Some(name) = o.key[wal_prefix.len()..].strip_suffix(".zst") else {
+                continue;
+            };
+            let segment = match WalFile::classify(name) {
+                Some(WalFile::Segment(n)) => Segment::parse(&n, cat.seg_size),
+                Some(WalFile::Partial(n)) | Some(WalFile::BackupHistory(n)) => {
+                    Segment::parse(&n[..24], cat.seg_size)
+                }
+                Some(WalFile::History(_)) | None => None,
+            };
+            if segment.is_some_and(|s| s.segno < floor) {
+                delete_wal.push(o.key.clone());
+            }
+        }
+    }
+    delete_wal.sort();
+
+    let drills_prefix = crate::repo::pg_drills_prefix(sysid);
+    let mut reports: Vec<&str> = objects
+        .iter()
+        .filter(|o| o.key.starts_with(&drills_prefix))
+        .map(|o| o.key.as_str())
+        .collect();
+    reports.sort();
+    let delete_reports = reports
+        .iter()
+        .take(reports.len().saturating_sub(KEEP_DRILL_REPORTS))
+        .map(|k| k.to_string())
+        .collect();
+
+    let mut keep: Vec<(String, &'static str)> = keep.into_iter().collect();
+    keep.sort_by_key(|(id, _)| backups.iter().position(|b| &b.id == id));
+    PrunePlan {
+        system_identifier: sysid,
+        keep,
+        delete_backups,
+        wal_floor: floor.map(|f| Segment { tli: 1, segno: f }.name(cat.seg_size)[8..].to_string()),
+        delete_wal,
+        delete_incomplete,
+        delete_reports,
+    }
+}
+
+/// Carries the plan out: each deleted backup's manifest first (the backup disappears at once),
+/// then its data, then WAL oldest first.
+pub async fn execute(store: &dyn Store, plan: &PrunePlan) -> anyhow::Result<usize> {
+    let mut deleted = 0;
+    for (_, keys) in &plan.delete_backups {
+        for key in keys {
+            store.delete(key).await?;
+            deleted += 1;
+        }
+    }
+    for key in plan
+        .delete_wal
+        .iter()
+        .chain(&plan.delete_incomplete)
+        .chain(&plan.delete_reports)
+    {
+        store.delete(key).await?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::repo::catalog::tests::{SEG, add_seg, backup, catalog, t};
+
+    fn objects(cat: &PgCatalog, extra: &[(&str, &str)]) -> Vec<ObjectInfo> {
+        let mut out = Vec::new();
+        for b in &cat.backups {
+            for f in ["backup.json", "base.tar.zst"] {
+                out.push(ObjectInfo {
+                    key: format!("pg/1/backups/{}/{f}", b.id),
+                    size: 1,
+                    last_modified: b.stop_time,
+                });
+            }
+        }
+        for seg in cat.segments.keys() {
+            out.push(ObjectInfo {
+                key: format!("pg/1/wal/{}.zst", seg.name(SEG)),
+                size: 1,
+                last_modified: t("00:00:00"),
+            });
+        }
+        for (key, at) in extra {
+            out.push(ObjectInfo {
+                key: key.to_string(),
+                size: 1,
+                last_modified: t(at),
+            });
+        }
+        out
+    }
+
+    fn policy(keep_backups: usize) -> RetentionConfig {
+        RetentionConfig {
+            keep_days: 0,
+            keep_backups,
+            incomplete_after: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_by_time_not_by_name_and_trims_wal_below_them() {
+        // Named so that name order and time order disagree (a clock or timeline oddity).
+        let cat = catalog(
+            vec![
+                backup("zzz-oldest", 2, 2, "00:02:30"),
+                backup("aaa-middle", 4, 4, "00:04:30"),
+                backup("mmm-newest", 6, 6, "00:06:30"),
+            ],
+            &[1, 2, 3, 4, 5, 6, 7],
+        );
+        let p = plan(&cat, &objects(&cat, &[]), t("23:00:00"), &policy(2));
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, vec!["aaa-middle", "mmm-newest"]);
+        assert_eq!(p.delete_backups.len(), 1);
+        assert_eq!(p.delete_backups[0].0, "zzz-oldest");
+        assert!(
+            p.delete_backups[0].1[0].ends_with("backup.json"),
+            "manifest first"
+        );
+        let wal: Vec<&str> = p.delete_wal.iter().map(|k| &k[9..33]).collect();
+        assert_eq!(
+            wal,
+            vec![
+                "000000010000000000000001",
+                "000000010000000000000002",
+                "000000010000000000000003"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_recovery_window_keeps_its_covering_backup() {
+        let cat = catalog(
+            vec![
+                backup("b1", 2, 2, "00:02:30"),
+                backup("b2", 4, 4, "00:04:30"),
+                backup("b3", 6, 6, "00:06:30"),
+            ],
+            &[2, 3, 4, 5, 6, 7],
+        );
+        // Window starts at 00:05:00: b3 is inside, b2 covers the start, b1 goes.
+        let mut pol = policy(1);
+        pol.keep_days = 1;
+        let now = t("00:05:00") + chrono::Duration::days(1);
+        let p = plan(&cat, &objects(&cat, &[]), now, &pol);
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, vec!["b2", "b3"]);
+        assert!(
+            p.delete_wal
+                .iter()
+                .all(|k| k.contains("00000002.zst") || k.contains("00000003.zst"))
+        );
+    }
+
+    #[test]
+    fn a_branch_that_starts_lower_keeps_its_wal_and_history_is_never_deleted() {
+        let mut cat = catalog(vec![backup("b1", 8, 8, "00:08:30")], &[6, 7, 8, 9]);
+        // A restore branched timeline 2 off at segment 5; a backup was then taken on it.
+        let mut b2 = backup("b2", 5, 5, "00:10:30");
+        b2.timeline = 2;
+        cat.backups.push(b2);
+        add_seg(&mut cat, 2, 5);
+        add_seg(&mut cat, 2, 6);
+        let extra = [("pg/1/wal/00000002.history.zst", "00:00:00")];
+        let p = plan(&cat, &objects(&cat, &extra), t("23:00:00"), &policy(2));
+        assert!(p.delete_backups.is_empty());
+        // Floor is segment 5 (b2's start): nothing at or above it goes, on either timeline.
+        assert!(p.delete_wal.is_empty(), "{:?}", p.delete_wal);
+    }
+
+    #[test]
+    fn incomplete_backups_go_only_when_old_and_nothing_without_backups() {
+        let cat = catalog(vec![backup("b1", 4, 4, "00:04:30")], &[3, 4]);
+        let extra = [
+            ("pg/1/backups/killed/base.tar.zst", "00:01:00"),
+            ("pg/1/backups/running/base.tar.zst", "22:59:00"),
+        ];
+        let p = plan(&cat, &objects(&cat, &extra), t("23:00:00"), &policy(1));
+        assert_eq!(
+            p.delete_incomplete,
+            vec!["pg/1/backups/killed/base.tar.zst".to_string()]
+        );
+        let empty = catalog(vec![], &[1, 2, 3]);
+        let p = plan(&empty, &objects(&empty, &[]), t("23:00:00"), &policy(1));
+        assert!(p.is_empty(), "no backup bounds the WAL: nothing may go");
+    }
+}
