@@ -102,6 +102,12 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check the repository: every object's checksum trailer against its manifest and every
+    /// backup's WAL chain; --full reads and checksums every byte. Exits 2 on any problem.
+    Verify {
+        #[arg(long)]
+        full: bool,
+    },
     /// List backups and the restorable window.
     List {
         /// Print JSON for scripts.
@@ -328,6 +334,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     let n = crate::prune::execute(store.as_ref(), &plan).await?;
                     print(&format!("deleted {n} object(s)\n"))?;
                 }
+            }
+        }
+        Command::Verify { full } => {
+            let store = crate::storage::open(&cfg)?;
+            let clusters = match cfg.pg.system_identifier {
+                Some(id) => vec![id],
+                None => crate::repo::catalog::clusters(store.as_ref()).await?,
+            };
+            let mut problems = 0;
+            for sysid in clusters {
+                let v = crate::verify::verify_pg(store.clone(), sysid, full).await?;
+                let mut text = format!(
+                    "PostgreSQL cluster {sysid}: {} object(s), {} verified\n",
+                    v.objects,
+                    crate::restore::human(v.bytes)
+                );
+                for n in &v.notes {
+                    text.push_str(&format!("  {n}\n"));
+                }
+                for p in &v.problems {
+                    text.push_str(&format!("  PROBLEM: {p}\n"));
+                }
+                problems += v.problems.len();
+                print(&text)?;
+            }
+            if problems > 0 {
+                return Err(anyhow::Error::new(crate::error::Failure::Corrupt(format!(
+                    "verify found {problems} problem(s) in the repository"
+                ))));
             }
         }
         Command::List { json } => {

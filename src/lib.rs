@@ -20,3 +20,4 @@ pub mod schedule;
 pub mod serve;
 pub mod storage;
 pub mod timespec;
+pub mod verify;
