@@ -100,10 +100,13 @@ impl S3Store {
 
     /// Turns the errors a user can fix into one clear input error; keeps the rest.
     fn explain(&self, err: object_store::Error, what: &str) -> anyhow::Error {
-        if let object_store::Error::NotFound { .. } = err {
-            return anyhow::Error::new(NotFound(what.to_string()));
-        }
+        // A missing bucket also answers 404: tell it apart from a missing object first.
         let text = format!("{err}");
+        if let object_store::Error::NotFound { .. } = err {
+            if !text.contains("NoSuchBucket") {
+                return anyhow::Error::new(NotFound(what.to_string()));
+            }
+        }
         if text.contains("NoSuchBucket") {
             return anyhow::Error::new(Failure::Input(format!(
                 "bucket {:?} does not exist at {}: create it, or fix the bucket in the repository URL",

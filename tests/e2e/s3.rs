@@ -176,6 +176,28 @@ fn missing_bucket_is_one_line() {
         &run(&[("DBAGENT_REPO", "s3://no-such-bucket/p")]),
         "does not exist",
     );
+    // The same for an upload: a missing bucket also answers 404, never "object not found".
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("pg_wal")).unwrap();
+    std::fs::write(
+        data.path().join("pg_wal/000000010000000000000001"),
+        vec![7u8; 1 << 20],
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["wal-push", "pg_wal/000000010000000000000001"])
+        .current_dir(data.path())
+        .envs(
+            server
+                .env("p")
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .env("DBAGENT_REPO", "s3://no-such-bucket/p")
+        .env("DBAGENT_PG_SYSTEM_IDENTIFIER", "1")
+        .output()
+        .unwrap();
+    refused(&out, "bucket \"no-such-bucket\" does not exist");
     // moto accepts any key unless told otherwise; authentication is checked once a user exists.
     let repo = Repo::S3(server, "p".into());
     let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
