@@ -195,8 +195,10 @@ fn init_logging(command: &Command) {
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
     };
+    // Colours only on a terminal: log files and PostgreSQL's log get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -393,7 +395,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let target_dir = target_dir.map(std::path::absolute).transpose()?;
             let store = crate::storage::open(&cfg)?;
             match (engine, dump) {
-                (Engine::Mysql, _) => {
+                (Engine::Mysql, Some(_)) => {
+                    return Err(input_err!(
+                        "--dump restores a PostgreSQL logical dump: MySQL restores always load a dump and replay binlogs"
+                    ));
+                }
+                (Engine::Mysql, None) if no_start => {
+                    return Err(input_err!(
+                        "--no-start is for PostgreSQL: a MySQL restore needs a running server to load the dump into"
+                    ));
+                }
+                (Engine::Mysql, None) => {
                     let opts = crate::mysql::MysqlRestoreOptions {
                         target,
                         target_dir,

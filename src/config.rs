@@ -123,6 +123,7 @@ pub struct FileMysql {
     pub password_file: Option<PathBuf>,
     pub bin_dir: Option<PathBuf>,
     pub binlog_dir: Option<PathBuf>,
+    pub server_uuid: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +141,7 @@ pub struct FileS3 {
 #[serde(deny_unknown_fields)]
 pub struct FileCompression {
     pub level: Option<i32>,
+    pub wal_level: Option<i32>,
     pub threads: Option<u32>,
 }
 
@@ -205,6 +207,8 @@ pub struct S3Config {
 #[derive(Debug, Clone, Copy)]
 pub struct Compression {
     pub level: i32,
+    /// The level `wal-push` uses.
+    pub wal_level: i32,
     /// zstd worker threads; 0 means one per core.
     pub threads: u32,
 }
@@ -239,6 +243,9 @@ pub struct MysqlConfig {
     pub bin_dir: Option<PathBuf>,
     /// The server's binlog directory, for `binlog-push` (default: asked from the server).
     pub binlog_dir: Option<PathBuf>,
+    /// The server's identity in the repository: overrides `@@server_uuid` (MySQL) or the one
+    /// derived from host name and server_id (MariaDB), and picks the server to restore.
+    pub server_uuid: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -405,6 +412,19 @@ impl Config {
                 "compression.level: expected a number from 1 to 19, got {level}"
             ));
         }
+        let wal_level = match env.var("DBAGENT_COMPRESSION_WAL_LEVEL") {
+            Some(v) => v.parse::<i32>().map_err(|_| {
+                input_err!(
+                    "DBAGENT_COMPRESSION_WAL_LEVEL: expected a number from 1 to 19, got {v:?}"
+                )
+            })?,
+            None => file.compression.wal_level.unwrap_or(1),
+        };
+        if !(1..=19).contains(&wal_level) {
+            return Err(input_err!(
+                "compression.wal_level: expected a number from 1 to 19, got {wal_level}"
+            ));
+        }
         let threads = match env.var("DBAGENT_COMPRESSION_THREADS") {
             Some(v) => v.parse::<u32>().map_err(|_| {
                 input_err!("DBAGENT_COMPRESSION_THREADS: expected a whole number, got {v:?}")
@@ -499,7 +519,21 @@ impl Config {
                 .var("DBAGENT_MYSQL_BINLOG_DIR")
                 .map(PathBuf::from)
                 .or(file.mysql.binlog_dir),
+            server_uuid: env
+                .var("DBAGENT_MYSQL_SERVER_UUID")
+                .or(file.mysql.server_uuid),
         };
+        if let Some(id) = &mysql.server_uuid {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(input_err!(
+                    "mysql.server_uuid: use letters, digits, '-' and '_' only (it names a folder in the repository), got {id:?}"
+                ));
+            }
+        }
 
         let prefetch = match env.var("DBAGENT_WAL_PREFETCH") {
             Some(v) => v.parse().map_err(|_| {
@@ -680,7 +714,11 @@ impl Config {
         Ok(Config {
             repo: env.var("DBAGENT_REPO").or(file.repo),
             s3,
-            compression: Compression { level, threads },
+            compression: Compression {
+                level,
+                wal_level,
+                threads,
+            },
             upload: UploadConfig {
                 part_size,
                 concurrency,

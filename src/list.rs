@@ -1,9 +1,12 @@
-//! `dbagent list`: backups and the restorable window, for people and for scripts.
+//! `dbagent list`: backups, dumps and the restorable window per engine, for people and for
+//! scripts.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::repo::catalog::{self, PgCatalog, Window};
+use crate::repo::dump::PgDumpSet;
+use crate::repo::mysql::{self as mysql_repo, BinlogPosition, Flavor, MysqlCatalog};
 use crate::restore::human;
 use crate::storage::Store;
 use crate::timespec::show;
@@ -11,6 +14,7 @@ use crate::timespec::show;
 #[derive(Debug, Serialize)]
 pub struct Listing {
     pub postgres: Vec<PgCluster>,
+    pub mysql: Vec<MysqlServer>,
 }
 
 #[derive(Debug, Serialize)]
@@ -18,7 +22,74 @@ pub struct PgCluster {
     pub system_identifier: String,
     pub backups: Vec<PgBackupLine>,
     pub wal: WalSummary,
+    /// Reached by base backups plus WAL.
     pub restorable: Vec<Window>,
+    /// Logical dumps (`backup --kind dump`), oldest first.
+    pub dumps: Vec<PgDumpLine>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PgDumpLine {
+    pub id: String,
+    pub start_time: DateTime<Utc>,
+    pub stop_time: DateTime<Utc>,
+    pub server_version: String,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    pub databases: Vec<PgDumpDatabase>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PgDumpDatabase {
+    pub name: String,
+    pub snapshot_time: DateTime<Utc>,
+    pub tables: usize,
+    pub rows: i64,
+    pub settings: usize,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MysqlServer {
+    pub server_uuid: String,
+    pub flavor: Option<Flavor>,
+    pub hostname: Option<String>,
+    pub server_id: Option<u64>,
+    pub dumps: Vec<MysqlDumpLine>,
+    pub binlogs: BinlogSummary,
+    /// Reached by a dump plus the unbroken run of binlogs after it.
+    pub restorable: Vec<Window>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MysqlDumpLine {
+    pub id: String,
+    pub server_version: String,
+    pub start_time: DateTime<Utc>,
+    pub consistent_time: DateTime<Utc>,
+    pub stop_time: DateTime<Utc>,
+    pub binlog: BinlogPosition,
+    pub gtid: Option<String>,
+    pub databases: Vec<String>,
+    pub tables: usize,
+    pub rows: u64,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    /// The binlogs after it reach past its snapshot.
+    pub restorable: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BinlogSummary {
+    pub files: usize,
+    pub first: Option<String>,
+    pub last: Option<String>,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    /// Files missing between the first and the last archived one.
+    pub gaps: Vec<String>,
+    pub last_event_time: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,12 +118,82 @@ pub async fn build(store: &dyn Store) -> anyhow::Result<Listing> {
     let mut postgres = Vec::new();
     for sysid in catalog::clusters(store).await? {
         let cat = PgCatalog::load(store, sysid).await?;
-        postgres.push(cluster(&cat));
+        let dumps = crate::repo::dump::load(store, sysid).await?;
+        postgres.push(cluster(&cat, &dumps));
     }
-    Ok(Listing { postgres })
+    let mut mysql = Vec::new();
+    for uuid in mysql_repo::servers(store).await? {
+        let cat = MysqlCatalog::load(store, &uuid).await?;
+        mysql.push(mysql_server(&cat));
+    }
+    Ok(Listing { postgres, mysql })
 }
 
-fn cluster(cat: &PgCatalog) -> PgCluster {
+fn pg_dump_line(d: &PgDumpSet) -> PgDumpLine {
+    PgDumpLine {
+        id: d.id.clone(),
+        start_time: d.start_time,
+        stop_time: d.stop_time,
+        server_version: d.server_version.clone(),
+        plain_bytes: d.plain_bytes(),
+        stored_bytes: d.stored_bytes(),
+        databases: d
+            .databases
+            .iter()
+            .map(|db| PgDumpDatabase {
+                name: db.name.clone(),
+                snapshot_time: db.snapshot_time,
+                tables: db.tables.len(),
+                rows: db.tables.iter().map(|t| t.rows).sum(),
+                settings: db.settings.len(),
+                plain_bytes: db.data.plain_bytes,
+                stored_bytes: db.data.stored_bytes,
+            })
+            .collect(),
+    }
+}
+
+fn mysql_server(cat: &MysqlCatalog) -> MysqlServer {
+    let newest = cat.dumps.last();
+    let binlogs: Vec<_> = cat.binlogs.values().collect();
+    MysqlServer {
+        server_uuid: cat.server_uuid.clone(),
+        flavor: newest.map(|d| d.flavor),
+        hostname: newest.map(|d| d.hostname.clone()),
+        server_id: newest.map(|d| d.server_id),
+        dumps: cat
+            .dumps
+            .iter()
+            .map(|d| MysqlDumpLine {
+                id: d.id.clone(),
+                server_version: d.server_version.clone(),
+                start_time: d.start_time,
+                consistent_time: d.consistent_time,
+                stop_time: d.stop_time,
+                binlog: d.binlog.clone(),
+                gtid: d.gtid.clone(),
+                databases: d.databases.iter().map(|db| db.name.clone()).collect(),
+                tables: d.databases.iter().map(|db| db.tables.len()).sum(),
+                rows: d.total_rows(),
+                plain_bytes: d.data.plain_bytes,
+                stored_bytes: d.data.stored_bytes,
+                restorable: cat.dump_window(d).is_some(),
+            })
+            .collect(),
+        binlogs: BinlogSummary {
+            files: binlogs.len(),
+            first: binlogs.first().map(|m| m.name.clone()),
+            last: binlogs.last().map(|m| m.name.clone()),
+            plain_bytes: binlogs.iter().map(|m| m.data.plain_bytes).sum(),
+            stored_bytes: binlogs.iter().map(|m| m.data.stored_bytes).sum(),
+            gaps: cat.gaps(),
+            last_event_time: binlogs.iter().map(|m| m.end_time()).max(),
+        },
+        restorable: cat.windows(),
+    }
+}
+
+fn cluster(cat: &PgCatalog, dumps: &[PgDumpSet]) -> PgCluster {
     let mut timelines: Vec<u32> = cat.segments.keys().map(|s| s.tli).collect();
     timelines.dedup();
     PgCluster {
@@ -84,6 +225,7 @@ fn cluster(cat: &PgCatalog) -> PgCluster {
             timelines,
         },
         restorable: cat.windows(),
+        dumps: dumps.iter().map(pg_dump_line).collect(),
     }
 }
 
@@ -137,6 +279,92 @@ pub fn render_text(listing: &Listing) -> String {
                 show(w.to)
             ));
         }
+        render_pg_dumps(&mut out, &c.dumps);
+    }
+    if listing.mysql.is_empty() {
+        out.push_str("no MySQL/MariaDB dumps or binlogs in this repository\n");
+    }
+    for m in &listing.mysql {
+        render_mysql(&mut out, m);
     }
     out
+}
+
+fn render_pg_dumps(out: &mut String, dumps: &[PgDumpLine]) {
+    if dumps.is_empty() {
+        out.push_str("  no logical dumps\n");
+        return;
+    }
+    out.push_str(&format!(
+        "  {:<18} {:<21} {:>10} {:>10}  {}\n",
+        "DUMP", "STARTED", "SIZE", "STORED", "DATABASES (tables, rows, settings)"
+    ));
+    for d in dumps {
+        out.push_str(&format!(
+            "  {:<18} {:<21} {:>10} {:>10}  {}\n",
+            d.id,
+            d.start_time.format("%Y-%m-%d %H:%M:%S"),
+            human(d.plain_bytes),
+            human(d.stored_bytes),
+            d.databases
+                .iter()
+                .map(|db| format!("{} ({}, {}, {})", db.name, db.tables, db.rows, db.settings))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+}
+
+fn render_mysql(out: &mut String, m: &MysqlServer) {
+    let what = match (&m.flavor, &m.hostname, m.server_id) {
+        (Some(f), Some(h), Some(id)) => format!(" ({f} on {h}, server id {id})"),
+        _ => String::new(),
+    };
+    out.push_str(&format!("MySQL server {}{what}\n", m.server_uuid));
+    if m.dumps.is_empty() {
+        out.push_str("  no dumps\n");
+    } else {
+        out.push_str(&format!(
+            "  {:<18} {:<21} {:>10} {:>10}  {}\n",
+            "DUMP", "CONSISTENT AT", "SIZE", "STORED", "BINLOG POSITION"
+        ));
+    }
+    for d in &m.dumps {
+        out.push_str(&format!(
+            "  {:<18} {:<21} {:>10} {:>10}  {}{}\n",
+            d.id,
+            d.consistent_time.format("%Y-%m-%d %H:%M:%S"),
+            human(d.plain_bytes),
+            human(d.stored_bytes),
+            d.binlog,
+            if d.restorable {
+                ""
+            } else {
+                "  (binlogs after it not archived yet)"
+            }
+        ));
+    }
+    out.push_str(&format!(
+        "  binlogs: {} files{}{}\n",
+        m.binlogs.files,
+        match (&m.binlogs.first, &m.binlogs.last) {
+            (Some(f), Some(l)) => format!(", {f}..{l} ({})", human(m.binlogs.plain_bytes)),
+            _ => String::new(),
+        },
+        if m.binlogs.gaps.is_empty() {
+            String::new()
+        } else {
+            format!(", MISSING {}", m.binlogs.gaps.join(", "))
+        }
+    ));
+    if m.restorable.is_empty() {
+        out.push_str("  restorable: nothing yet\n");
+    }
+    for w in &m.restorable {
+        out.push_str(&format!(
+            "  restorable: {} .. {}\n",
+            show(w.from),
+            show(w.to)
+        ));
+    }
 }

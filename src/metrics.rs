@@ -285,8 +285,8 @@ pub fn render(shared: &Shared) -> String {
     );
     if shared.engine == "mysql" {
         o.counter(
-            "dbagent_binlog_ship_runs_total",
-            "Binlog shipping rounds that succeeded.",
+            "dbagent_binlog_shipped_total",
+            "Binlog files shipped.",
             load(&c.binlog_pushed),
         );
         o.counter(

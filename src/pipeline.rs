@@ -76,6 +76,28 @@ pub struct PipeOptions {
     pub upload: UploadConfig,
 }
 
+impl PipeOptions {
+    /// For backups, dumps and binlogs.
+    pub fn from_config(cfg: &crate::config::Config) -> PipeOptions {
+        PipeOptions {
+            compression: cfg.compression,
+            upload: cfg.upload,
+        }
+    }
+
+    /// For `wal-push`: PostgreSQL's archiver runs it once per segment, one after the other,
+    /// so it uses `compression.wal_level` (fast by default) instead of `compression.level`.
+    pub fn for_wal(cfg: &crate::config::Config) -> PipeOptions {
+        PipeOptions {
+            compression: Compression {
+                level: cfg.compression.wal_level,
+                ..cfg.compression
+            },
+            upload: cfg.upload,
+        }
+    }
+}
+
 /// Sends compressed bytes to the uploader in parts.
 struct PartWriter {
     buf: Vec<u8>,
@@ -394,6 +416,7 @@ mod tests {
         PipeOptions {
             compression: Compression {
                 level: 3,
+                wal_level: 1,
                 threads: 2,
             },
             upload: UploadConfig {

@@ -1,23 +1,31 @@
 //! MySQL/MariaDB: logical dumps, binlog shipping, point-in-time restore.
 
+pub mod backup;
+pub mod binlog;
+pub mod client;
+pub mod dumpscan;
+pub mod plan;
+pub mod restore;
+pub mod server;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::input_err;
 use crate::restore::plan::Target;
 use crate::storage::Store;
 
 /// `dbagent backup --engine mysql`. Returns the one-line summary printed on stdout.
-pub async fn backup_dump(_cfg: &Config, _store: Arc<dyn Store>) -> anyhow::Result<String> {
-    Err(input_err!(
-        "backup --engine mysql is not available in this version"
-    ))
+pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
+    backup::backup_dump(cfg, store).await
 }
 
 /// `dbagent binlog-push`: ship every closed binlog once. Returns the summary line.
-pub async fn binlog_push(_cfg: &Config, _store: Arc<dyn Store>) -> anyhow::Result<String> {
-    Err(input_err!("binlog-push is not available in this version"))
+pub async fn binlog_push(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
+    let mut state = binlog::ShipState::default();
+    Ok(binlog::ship_closed(cfg, &store, &mut state)
+        .await?
+        .summary())
 }
 
 #[derive(Debug, Clone)]
@@ -31,11 +39,9 @@ pub struct MysqlRestoreOptions {
 
 /// `dbagent restore --engine mysql`.
 pub async fn restore(
-    _cfg: &Config,
-    _store: Arc<dyn Store>,
-    _opts: &MysqlRestoreOptions,
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    opts: &MysqlRestoreOptions,
 ) -> anyhow::Result<()> {
-    Err(input_err!(
-        "restore --engine mysql is not available in this version"
-    ))
+    restore::restore(cfg, store, opts).await
 }

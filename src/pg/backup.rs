@@ -235,7 +235,7 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         store.as_ref(),
         &data_key,
         stdout,
-        crate::pg::wal::pipe_options(cfg),
+        crate::pipeline::PipeOptions::from_config(cfg),
     );
     tokio::pin!(upload);
     // Watch for an archive that never catches up: fail with the reason instead of hanging.

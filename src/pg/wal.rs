@@ -30,13 +30,6 @@ pub enum Pushed {
     AlreadyArchived,
 }
 
-pub fn pipe_options(cfg: &Config) -> PipeOptions {
-    PipeOptions {
-        compression: cfg.compression,
-        upload: cfg.upload,
-    }
-}
-
 /// Archives one WAL file. Exit 0 (Ok) only once it is durably stored.
 pub async fn push(cfg: &Config, store: &dyn Store, path: &Path) -> anyhow::Result<Pushed> {
     let name = file_name(path)?;
@@ -56,7 +49,7 @@ pub async fn push(cfg: &Config, store: &dyn Store, path: &Path) -> anyhow::Resul
     }
     let file =
         std::fs::File::open(path).map_err(|e| input_err!("cannot open {}: {e}", path.display()))?;
-    let written = pipeline::upload(store, &key, file, pipe_options(cfg))
+    let written = pipeline::upload(store, &key, file, PipeOptions::for_wal(cfg))
         .await
         .with_context(|| format!("archiving {name}"))?;
     tracing::debug!(%name, plain = written.trailer.plain_size, stored = written.stored_size, "archived");

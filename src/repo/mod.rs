@@ -10,7 +10,9 @@
 //! holding the plain bytes' size and SHA-256 (see `pipeline`).
 
 pub mod catalog;
+pub mod dump;
 pub mod manifest;
+pub mod mysql;
 pub mod wal;
 
 pub const FORMAT_VERSION: u32 = 1;

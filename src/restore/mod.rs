@@ -1,6 +1,7 @@
 //! Point-in-time restore: plan (pure, in `plan`) then execute (here).
 
 pub mod plan;
+mod untar;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -198,13 +199,15 @@ async fn unpack_backup(store: &dyn Store, plan: &PgPlan, dir: &Path) -> anyhow::
     set_mode(dir, 0o700)?;
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     let unpack_dir = dir.to_path_buf();
+    // A larger pipe means fewer, bigger reads on the unpacking side.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure only leaves the default size.
+        unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    }
     let unpacker = std::thread::spawn(move || -> anyhow::Result<()> {
-        let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, reader));
-        archive.set_preserve_permissions(true);
-        archive.set_overwrite(true);
-        archive
-            .unpack(&unpack_dir)
-            .context("unpacking the base backup")
+        untar::unpack(reader, &unpack_dir).context("unpacking the base backup")?;
+        Ok(())
     });
     let count = Arc::new(AtomicU64::new(0));
     let total = plan.backup.data.plain_bytes;

@@ -271,20 +271,26 @@ async fn lookahead(
     }
 }
 
-/// Ships closed binlogs every `serve.binlog_interval` (the same work as `dbagent binlog-push`).
+/// Ships closed binlogs every `serve.binlog_interval` (the same work as `dbagent binlog-push`),
+/// remembering what it already verified so a pass re-reads nothing.
 async fn ship_binlogs(
     cfg: Config,
     store: Arc<dyn Store>,
     shared: Arc<Shared>,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut state = crate::mysql::binlog::ShipState::default();
     let mut last_error: Option<String> = None;
     loop {
-        match crate::mysql::binlog_push(&cfg, store.clone()).await {
-            Ok(summary) => {
-                Counters::add(&shared.counters.binlog_pushed, 1);
-                tracing::debug!(%summary, "binlogs shipped");
-                last_error = None;
+        match crate::mysql::binlog::ship_closed(&cfg, &store, &mut state).await {
+            Ok(report) => {
+                Counters::add(&shared.counters.binlog_pushed, report.shipped.len() as u64);
+                if !report.shipped.is_empty() {
+                    tracing::info!(summary = %report.summary(), "binlogs shipped");
+                }
+                if last_error.take().is_some() {
+                    tracing::info!("binlog shipping resumed");
+                }
             }
             Err(e) => {
                 Counters::add(&shared.counters.binlog_failures, 1);

@@ -80,10 +80,15 @@ impl MariaDbBuilder {
         let dir = tempdir_for("dbagent-mariadb-", None)?;
         let dir_path = dir.path().to_path_buf();
         let data_dir = dir_path.join("data");
+        // A private tmpdir: a starting mariadbd deletes every `#sql*` file in its tmpdir, which
+        // breaks a bootstrap running at the same time in a shared /tmp.
+        let tmp_dir = dir_path.join("tmp");
+        fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
         let mut cmd = Command::new(install_db);
         cmd.current_dir(&dir_path)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data_dir.display()))
+            .arg(format!("--tmpdir={}", tmp_dir.display()))
             .arg("--auth-root-authentication-method=normal")
             // Also skips the anonymous ''@localhost users, which would shadow 'user'@'%'.
             .arg("--skip-test-db");
@@ -258,6 +263,7 @@ impl MariaDb {
         cmd.current_dir(&self.dir_path)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", self.data_dir.display()))
+            .arg(format!("--tmpdir={}", self.dir_path.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", self.socket().display()))

@@ -3,6 +3,8 @@
 
 mod backup;
 mod drill;
+mod mysql;
+mod pgdump;
 mod pitr;
 mod refusals;
 mod s3;

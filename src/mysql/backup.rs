@@ -1,0 +1,321 @@
+//! `dbagent backup --engine mysql`: a logical dump in one consistent snapshot, streamed into
+//! the repository with its binlog coordinates and exact row counts.
+//!
+//! `mariadb-dump`/`mysqldump --single-transaction --master-data=2` (`--source-data=2` on
+//! MySQL 8.0.26+) writes the snapshot's binlog coordinates as a comment at the top; the dump
+//! scanner reads them, and counts the rows of every table, as the stream goes by on its way
+//! to compression. On MariaDB the server's accounts and grants (`--system=users`, as
+//! `CREATE USER IF NOT EXISTS` + `GRANT`) come first in the same object, so that a restore can
+//! replay binlogged statements that refer to them. The manifest is written last.
+
+use std::io::{BufRead, BufReader, Read};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use chrono::Utc;
+
+use super::client::{self, MysqlConn};
+use super::dumpscan::{DumpFacts, DumpScanner, Tap};
+use super::server::{Server, ServerFacts};
+use crate::config::Config;
+use crate::input_err;
+use crate::pipeline;
+use crate::repo::FORMAT_VERSION;
+use crate::repo::manifest::ObjectRef;
+use crate::repo::mysql::{
+    self as keys, BinlogPosition, DumpedDatabase, Flavor, MysqlDump, TableCount,
+};
+use crate::restore::human;
+use crate::storage::Store;
+
+/// The accounts part is read into memory before the data dump starts; it is a few lines per
+/// account, so this bound is generous.
+const MAX_ACCOUNTS_BYTES: u64 = 64 << 20;
+/// stderr lines of the dump program kept for the error message.
+const STDERR_LINES: usize = 20;
+
+pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
+    let started = Instant::now();
+    let conn = MysqlConn::from_config(&cfg.mysql)?;
+    let server = Server::connect(&cfg.mysql, conn).await?;
+    server.require_binlog()?;
+    let databases = server.user_databases().await?;
+    if databases.is_empty() {
+        return Err(input_err!(
+            "{} holds no databases besides the system ones: there is nothing to dump",
+            server.conn.describe()
+        ));
+    }
+    let uuid = server.facts.server_uuid.clone();
+    // Fail on a wrong bucket or credentials before reading the database.
+    store.list(&keys::dumps_prefix(&uuid)).await?;
+
+    let start_time = Utc::now();
+    let id = start_time.format("%Y%m%dT%H%M%SZ").to_string();
+    let data_key = keys::dump_data_key(&uuid, &id);
+    let manifest_key = keys::dump_manifest_key(&uuid, &id);
+    if store.head(&manifest_key).await?.is_some() {
+        anyhow::bail!("a dump named {id} already exists; try again in a second");
+    }
+
+    let accounts = match server.facts.flavor {
+        Flavor::Mariadb => dump_accounts(&server).await,
+        Flavor::Mysql => None,
+    };
+    let options = server.conn.options_file()?;
+    let mut child = std::process::Command::new(&server.programs.dump)
+        .arg(options.arg())
+        .args(dump_args(&server.facts))
+        .arg("--databases")
+        .args(&databases)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", server.programs.dump.display()))?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let stderr_tail = Arc::new(Mutex::new(Vec::<String>::new()));
+    let tail = stderr_tail.clone();
+    let stderr_thread = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            tracing::debug!(target: "mysqldump", "{line}");
+            let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+            t.push(line);
+            if t.len() > STDERR_LINES {
+                t.remove(0);
+            }
+        }
+    });
+
+    tracing::info!(%id, server = %server.conn.describe(), databases = databases.len(), "mysql dump started");
+    let has_accounts = accounts.is_some();
+    let source = std::io::Cursor::new(accounts.unwrap_or_default()).chain(stdout);
+    let (reader, scanner) = Tap::new(source, DumpScanner::default());
+    let uploaded = pipeline::upload(
+        store.as_ref(),
+        &data_key,
+        reader,
+        crate::pipeline::PipeOptions::from_config(cfg),
+    )
+    .await;
+    if uploaded.is_err() {
+        let _ = child.kill();
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    let _ = stderr_thread.join();
+    drop(options);
+    let stderr_text = stderr_tail
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .join("\n");
+    let written = match (uploaded, status.success()) {
+        (Ok(w), true) => w,
+        (uploaded, _) => {
+            let _ = store.delete(&data_key).await;
+            return Err(match uploaded {
+                Err(e) if status.success() => e,
+                _ => {
+                    let e = client::client_error(&server.conn, &stderr_text);
+                    if crate::error::exit_code(&e) == 1 {
+                        e
+                    } else {
+                        anyhow::anyhow!(
+                            "{} failed ({status}): {}",
+                            server.programs.dump.display(),
+                            client::first_error_line(&stderr_text)
+                        )
+                    }
+                }
+            });
+        }
+    };
+    let facts = std::mem::take(&mut *scanner.lock().unwrap_or_else(|e| e.into_inner())).finish();
+    let (binlog, consistent_time) = match (&facts.binlog, facts.coordinates_seen_at) {
+        (Some((file, position)), Some(seen)) if facts.completed => (
+            BinlogPosition {
+                file: file.clone(),
+                position: *position,
+            },
+            seen,
+        ),
+        _ => {
+            let _ = store.delete(&data_key).await;
+            anyhow::bail!(
+                "the dump from {} is incomplete (binlog coordinates {}, end marker {}): not recorded",
+                server.programs.dump.display(),
+                if facts.binlog.is_some() {
+                    "found"
+                } else {
+                    "missing"
+                },
+                if facts.completed { "found" } else { "missing" }
+            );
+        }
+    };
+
+    let manifest = MysqlDump {
+        format_version: FORMAT_VERSION,
+        id: id.clone(),
+        server_uuid: uuid.clone(),
+        server_id: server.facts.server_id,
+        hostname: server.facts.hostname.clone(),
+        flavor: server.facts.flavor,
+        server_version: server.facts.version.clone(),
+        start_time,
+        consistent_time,
+        stop_time: Utc::now(),
+        binlog,
+        gtid: facts.gtid.clone(),
+        accounts: has_accounts,
+        data: ObjectRef {
+            key: data_key.clone(),
+            stored_bytes: written.stored_size,
+            plain_bytes: written.trailer.plain_size,
+            sha256: written.trailer.sha256_hex(),
+        },
+        databases: dumped_databases(&databases, &facts),
+        dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let json = serde_json::to_vec_pretty(&manifest)?;
+    store
+        .put(&manifest_key, json.into())
+        .await
+        .context("writing the dump manifest")?;
+    tracing::info!(%id, "mysql dump complete");
+    let tables: usize = manifest.databases.iter().map(|d| d.tables.len()).sum();
+    Ok(format!(
+        "mysql dump {id} of server {uuid} ({} {}) complete in {:.1}s: {} databases, {tables} tables, {} rows, {} read, {} stored, binlog {}{}",
+        manifest.flavor,
+        manifest.server_version,
+        started.elapsed().as_secs_f64(),
+        manifest.databases.len(),
+        manifest.total_rows(),
+        human(written.trailer.plain_size),
+        human(written.stored_size),
+        manifest.binlog,
+        manifest
+            .gtid
+            .as_deref()
+            .map(|g| format!(", gtid {g}"))
+            .unwrap_or_default()
+    ))
+}
+
+/// The dump program's options: one consistent snapshot, everything in the databases
+/// (routines, triggers, events), binary data as hex, coordinates as a comment.
+fn dump_args(facts: &ServerFacts) -> Vec<&'static str> {
+    let mut args = vec![
+        "--single-transaction",
+        "--quick",
+        "--routines",
+        "--triggers",
+        "--events",
+        "--hex-blob",
+        "--default-character-set=utf8mb4",
+        "--max-allowed-packet=1G",
+    ];
+    match facts.flavor {
+        Flavor::Mariadb => args.extend(["--master-data=2", "--gtid"]),
+        Flavor::Mysql if version_at_least(&facts.version, (8, 0, 26)) => {
+            args.push("--source-data=2")
+        }
+        Flavor::Mysql => args.push("--master-data=2"),
+    }
+    args
+}
+
+fn version_at_least(version: &str, want: (u32, u32, u32)) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let have = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    have >= want
+}
+
+/// MariaDB's accounts and grants as portable SQL. Without the privilege to read them, the
+/// dump goes on without them (and says so).
+async fn dump_accounts(server: &Server) -> Option<Vec<u8>> {
+    let options = server.conn.options_file().ok()?;
+    let out = tokio::process::Command::new(&server.programs.dump)
+        .arg(options.arg())
+        .args([
+            "--system=users",
+            "--insert-ignore",
+            "--default-character-set=utf8mb4",
+        ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    match out {
+        Ok(out) if out.status.success() && (out.stdout.len() as u64) < MAX_ACCOUNTS_BYTES => {
+            // The data dump's own end marker is the one that proves completeness.
+            let text: Vec<u8> = out
+                .stdout
+                .split_inclusive(|&b| b == b'\n')
+                .filter(|l| !l.starts_with(b"-- Dump completed"))
+                .flatten()
+                .copied()
+                .collect();
+            Some(text)
+        }
+        Ok(out) => {
+            tracing::warn!(
+                error = %client::first_error_line(&String::from_utf8_lossy(&out.stderr)),
+                "accounts and grants not dumped (the dump user needs SELECT on mysql.*)"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "accounts and grants not dumped");
+            None
+        }
+    }
+}
+
+fn dumped_databases(names: &[String], facts: &DumpFacts) -> Vec<DumpedDatabase> {
+    let mut out: Vec<DumpedDatabase> = names
+        .iter()
+        .map(|n| DumpedDatabase {
+            name: n.clone(),
+            tables: vec![],
+        })
+        .collect();
+    for ((db, table), rows) in &facts.tables {
+        let entry = match out.iter_mut().position(|d| &d.name == db) {
+            Some(i) => &mut out[i],
+            None => {
+                out.push(DumpedDatabase {
+                    name: db.clone(),
+                    tables: vec![],
+                });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        entry.tables.push(TableCount {
+            table: table.clone(),
+            rows: *rows,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert!(version_at_least("8.0.36", (8, 0, 26)));
+        assert!(version_at_least("8.4.0-commercial", (8, 0, 26)));
+        assert!(!version_at_least("8.0.25", (8, 0, 26)));
+        assert!(!version_at_least("5.7.44-log", (8, 0, 26)));
+    }
+}

@@ -1,0 +1,450 @@
+//! Binlog shipping: every closed binlog file goes into the repository once, with its checksum
+//! and the time span of its events.
+//!
+//! The file being written is the last one `SHOW BINARY LOGS` lists: it is never shipped. The
+//! others are closed and final. Each file is uploaded (`<name>.zst`), then described
+//! (`<name>.json`, with its first and last event times); only described files count as
+//! archived. Shipping a file that is already archived with the same content succeeds; with
+//! different content it fails loudly and leaves the archived copy alone, as `wal-push` does.
+//!
+//! `ship_closed` is the reusable core: `binlog-push` calls it once, a long-running sidecar
+//! calls it in a loop with the same `ShipState`, which remembers files already verified so
+//! they are not hashed again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use chrono::{DateTime, TimeZone, Utc};
+
+use super::client::MysqlConn;
+use super::dumpscan::{Tap, Watch};
+use super::server::Server;
+use crate::config::Config;
+use crate::input_err;
+use crate::pipeline;
+use crate::repo::FORMAT_VERSION;
+use crate::repo::manifest::ObjectRef;
+use crate::repo::mysql::{self as keys, BinlogMeta, BinlogName};
+use crate::storage::Store;
+
+const BINLOG_MAGIC: [u8; 4] = [0xfe, b'b', b'i', b'n'];
+const HEADER_LEN: usize = 19;
+const STOP_EVENT: u8 = 3;
+const ROTATE_EVENT: u8 = 4;
+/// MariaDB's START_ENCRYPTION_EVENT: later event headers are not readable.
+const START_ENCRYPTION_EVENT: u8 = 164;
+
+/// What a pass over a binlog file found: event count and time span.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BinlogScan {
+    offset: u64,
+    next_event: u64,
+    header: Vec<u8>,
+    pub magic_ok: bool,
+    pub events: u64,
+    pub first_time: Option<u32>,
+    pub max_time: Option<u32>,
+    pub last_type: Option<u8>,
+    /// Event headers stopped being readable (encryption) or made no sense.
+    pub unreadable: bool,
+}
+
+impl BinlogScan {
+    pub fn feed(&mut self, mut buf: &[u8]) {
+        while !buf.is_empty() {
+            if self.offset < 4 {
+                let take = (4 - self.offset as usize).min(buf.len());
+                self.header.extend_from_slice(&buf[..take]);
+                self.offset += take as u64;
+                buf = &buf[take..];
+                if self.offset == 4 {
+                    self.magic_ok = self.header == BINLOG_MAGIC;
+                    self.unreadable |= !self.magic_ok;
+                    self.header.clear();
+                    self.next_event = 4;
+                }
+                continue;
+            }
+            if self.unreadable {
+                self.offset += buf.len() as u64;
+                return;
+            }
+            if self.offset < self.next_event {
+                let skip = ((self.next_event - self.offset) as usize).min(buf.len());
+                self.offset += skip as u64;
+                buf = &buf[skip..];
+                continue;
+            }
+            let take = (HEADER_LEN - self.header.len()).min(buf.len());
+            self.header.extend_from_slice(&buf[..take]);
+            self.offset += take as u64;
+            buf = &buf[take..];
+            if self.header.len() == HEADER_LEN {
+                self.event_header();
+            }
+        }
+    }
+
+    fn event_header(&mut self) {
+        let h = std::mem::take(&mut self.header);
+        let when = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+        let kind = h[4];
+        let size = u32::from_le_bytes(h[9..13].try_into().expect("4 bytes")) as u64;
+        if size < HEADER_LEN as u64 {
+            self.unreadable = true;
+            return;
+        }
+        self.events += 1;
+        self.first_time.get_or_insert(when);
+        self.max_time = Some(self.max_time.map_or(when, |m| m.max(when)));
+        self.last_type = Some(kind);
+        // The event started HEADER_LEN bytes ago.
+        self.next_event = self.offset - HEADER_LEN as u64 + size;
+        if kind == START_ENCRYPTION_EVENT {
+            self.unreadable = true;
+        }
+    }
+
+    /// The file ended exactly at an event boundary.
+    pub fn ends_cleanly(&self) -> bool {
+        self.magic_ok
+            && !self.unreadable
+            && self.offset == self.next_event
+            && self.header.is_empty()
+    }
+
+    pub fn closed_by(&self) -> &'static str {
+        match self.last_type {
+            _ if self.unreadable => "none",
+            Some(ROTATE_EVENT) => "rotate",
+            Some(STOP_EVENT) => "stop",
+            _ => "none",
+        }
+    }
+
+    fn time(secs: Option<u32>) -> Option<DateTime<Utc>> {
+        Utc.timestamp_opt(secs? as i64, 0).single()
+    }
+
+    pub fn first_event_time(&self) -> Option<DateTime<Utc>> {
+        Self::time(self.first_time)
+    }
+
+    /// The latest event time, only when every event header could be read.
+    pub fn last_event_time(&self) -> Option<DateTime<Utc>> {
+        if self.unreadable {
+            return None;
+        }
+        Self::time(self.max_time)
+    }
+}
+
+impl Watch for BinlogScan {
+    fn watch(&mut self, buf: &[u8]) {
+        self.feed(buf);
+    }
+}
+
+/// What the shipper remembers between passes (the sidecar keeps one for its lifetime).
+#[derive(Debug, Default)]
+pub struct ShipState {
+    /// Files already known to be archived with this content: name -> (size, mtime).
+    verified: BTreeMap<String, (u64, SystemTime)>,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ShipReport {
+    pub server_uuid: String,
+    pub shipped: Vec<String>,
+    pub shipped_bytes: u64,
+    pub already_archived: usize,
+    /// The file being written, not shipped.
+    pub active: Option<String>,
+}
+
+impl ShipReport {
+    pub fn summary(&self) -> String {
+        let shipped = match (self.shipped.first(), self.shipped.last()) {
+            (Some(first), Some(last)) if first == last => {
+                format!(
+                    "shipped {first} ({})",
+                    crate::restore::human(self.shipped_bytes)
+                )
+            }
+            (Some(first), Some(last)) => format!(
+                "shipped {} binlogs {first}..{last} ({})",
+                self.shipped.len(),
+                crate::restore::human(self.shipped_bytes)
+            ),
+            _ => "nothing new to ship".to_string(),
+        };
+        let active = self
+            .active
+            .as_deref()
+            .map(|a| format!("; {a} is still being written and was not shipped"))
+            .unwrap_or_default();
+        format!(
+            "binlog-push for server {}: {shipped}, {} already archived{active}",
+            self.server_uuid, self.already_archived
+        )
+    }
+}
+
+/// Ships every closed binlog not yet archived. Stops at the first failure, so the archive
+/// never has a file without the ones before it from this pass.
+pub async fn ship_closed(
+    cfg: &Config,
+    store: &Arc<dyn Store>,
+    state: &mut ShipState,
+) -> anyhow::Result<ShipReport> {
+    let conn = MysqlConn::from_config(&cfg.mysql)?;
+    let server = Server::connect(&cfg.mysql, conn).await?;
+    server.require_binlog()?;
+    let uuid = server.facts.server_uuid.clone();
+    let dir = server.binlog_dir(&cfg.mysql)?;
+    let logs = server.binary_logs().await?;
+    let Some(((active, _), closed)) = logs.split_last() else {
+        return Err(input_err!(
+            "the server lists no binary logs: is log_bin on?"
+        ));
+    };
+    // One listing tells which files are already uploaded and which are described.
+    let listed = store.list(&keys::binlog_prefix(&uuid)).await?;
+    let present: HashSet<&str> = listed.iter().map(|o| o.key.as_str()).collect();
+    let opts = crate::pipeline::PipeOptions::from_config(cfg);
+
+    let mut report = ShipReport {
+        server_uuid: uuid.clone(),
+        active: Some(active.clone()),
+        ..Default::default()
+    };
+    for (name, size) in closed {
+        if BinlogName::parse(name).is_none() {
+            return Err(input_err!(
+                "the server lists a binlog named {name:?}, which is not <base>.<number>"
+            ));
+        }
+        let path = dir.join(name);
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            input_err!(
+                "cannot read binlog {} ({e}): dbagent must run where the server's binlog directory is mounted; set DBAGENT_MYSQL_BINLOG_DIR",
+                path.display()
+            )
+        })?;
+        if meta.len() != *size {
+            return Err(input_err!(
+                "binlog {} is {} bytes but the server says {name} is {size}: DBAGENT_MYSQL_BINLOG_DIR points at another server's binlogs",
+                path.display(),
+                meta.len()
+            ));
+        }
+        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        if state.verified.get(name) == Some(&(*size, mtime)) {
+            report.already_archived += 1;
+            continue;
+        }
+        let data_key = keys::binlog_key(&uuid, name);
+        let meta_key = keys::binlog_meta_key(&uuid, name);
+        if present.contains(data_key.as_str()) {
+            let stored_size = listed
+                .iter()
+                .find(|o| o.key == data_key)
+                .map(|o| o.size)
+                .unwrap_or(0);
+            compare_existing(store.as_ref(), &data_key, stored_size, &path, name).await?;
+            if !present.contains(meta_key.as_str()) {
+                // Uploaded by a pass that died before describing it.
+                let scan = scan_file(&path)?;
+                let trailer = pipeline::file_identity(&path)?;
+                let written = pipeline::Written {
+                    trailer,
+                    stored_size,
+                };
+                describe(store.as_ref(), &uuid, name, &data_key, written, &scan).await?;
+            }
+            state.verified.insert(name.clone(), (*size, mtime));
+            report.already_archived += 1;
+            continue;
+        }
+        let file = std::fs::File::open(&path)
+            .map_err(|e| input_err!("cannot open binlog {}: {e}", path.display()))?;
+        let (reader, scan) = Tap::new(file, BinlogScan::default());
+        let written = pipeline::upload(store.as_ref(), &data_key, reader, opts)
+            .await
+            .with_context(|| format!("shipping binlog {name}"))?;
+        let scan = scan.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if written.trailer.plain_size != *size {
+            let _ = store.delete(&data_key).await;
+            anyhow::bail!(
+                "binlog {name} changed while it was shipped ({} bytes read, the server said {size}); not archived",
+                written.trailer.plain_size
+            );
+        }
+        describe(store.as_ref(), &uuid, name, &data_key, written, &scan).await?;
+        tracing::info!(%name, bytes = size, "binlog shipped");
+        state.verified.insert(name.clone(), (*size, mtime));
+        report.shipped.push(name.clone());
+        report.shipped_bytes += size;
+    }
+    Ok(report)
+}
+
+/// Reads a local binlog file's event headers.
+fn scan_file(path: &Path) -> anyhow::Result<BinlogScan> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut scan = BinlogScan::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(scan);
+        }
+        scan.feed(&buf[..n]);
+    }
+}
+
+/// Writes `<name>.json`: from now on the file counts as archived.
+async fn describe(
+    store: &dyn Store,
+    uuid: &str,
+    name: &str,
+    data_key: &str,
+    written: pipeline::Written,
+    scan: &BinlogScan,
+) -> anyhow::Result<()> {
+    if !scan.magic_ok {
+        tracing::warn!(%name, "not a binlog file (no binlog magic number): archived without event times");
+    } else if !scan.ends_cleanly() && !scan.unreadable {
+        tracing::warn!(%name, "binlog ends in the middle of an event (crash?)");
+    } else if scan.unreadable {
+        tracing::warn!(%name, "binlog events are encrypted or unreadable: its end time is bounded by the upload time");
+    }
+    let meta = BinlogMeta {
+        format_version: FORMAT_VERSION,
+        server_uuid: uuid.to_string(),
+        name: name.to_string(),
+        data: ObjectRef {
+            key: data_key.to_string(),
+            stored_bytes: written.stored_size,
+            plain_bytes: written.trailer.plain_size,
+            sha256: written.trailer.sha256_hex(),
+        },
+        first_event_time: scan.first_event_time(),
+        last_event_time: scan.last_event_time(),
+        events: scan.events,
+        closed_by: scan.closed_by().to_string(),
+        uploaded_at: Utc::now(),
+    };
+    let json = serde_json::to_vec_pretty(&meta)?;
+    store
+        .put(&keys::binlog_meta_key(uuid, name), json.into())
+        .await
+        .with_context(|| format!("describing binlog {name}"))
+}
+
+async fn compare_existing(
+    store: &dyn Store,
+    key: &str,
+    size: u64,
+    path: &Path,
+    name: &str,
+) -> anyhow::Result<()> {
+    let stored = pipeline::read_trailer(store, key, size).await?;
+    let local = pipeline::file_identity(path)?;
+    if stored == local {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to overwrite binlog {name}: the archive already holds a different {name} (sha256 {}, {} bytes; this one is sha256 {}, {} bytes). Two servers may share a server id and hostname, or the server's binlogs were reset (RESET MASTER): give it a new server_id or a new repository prefix",
+        &stored.sha256_hex()[..16],
+        stored.plain_size,
+        &local.sha256_hex()[..16],
+        local.plain_size
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(when: u32, kind: u8, body: usize) -> Vec<u8> {
+        let size = (HEADER_LEN + body) as u32;
+        let mut e = Vec::new();
+        e.extend_from_slice(&when.to_le_bytes());
+        e.push(kind);
+        e.extend_from_slice(&1u32.to_le_bytes());
+        e.extend_from_slice(&size.to_le_bytes());
+        e.extend_from_slice(&0u32.to_le_bytes());
+        e.extend_from_slice(&0u16.to_le_bytes());
+        e.extend(std::iter::repeat_n(0xabu8, body));
+        e
+    }
+
+    fn file(events: &[(u32, u8, usize)]) -> Vec<u8> {
+        let mut f = BINLOG_MAGIC.to_vec();
+        for &(w, k, b) in events {
+            f.extend(event(w, k, b));
+        }
+        f
+    }
+
+    #[test]
+    fn reads_event_times_in_any_chunking() {
+        let f = file(&[
+            (100, 15, 200),
+            (90, 30, 50),
+            (105, 16, 8),
+            (107, ROTATE_EVENT, 20),
+        ]);
+        for chunk in [1, 3, 19, 20, 4096] {
+            let mut s = BinlogScan::default();
+            for c in f.chunks(chunk) {
+                s.feed(c);
+            }
+            assert!(s.ends_cleanly(), "chunk {chunk}");
+            assert_eq!(s.events, 4);
+            assert_eq!(s.first_time, Some(100));
+            assert_eq!(s.max_time, Some(107));
+            assert_eq!(s.closed_by(), "rotate");
+        }
+    }
+
+    #[test]
+    fn truncated_and_foreign_files() {
+        let f = file(&[(100, 15, 200), (107, ROTATE_EVENT, 20)]);
+        let mut s = BinlogScan::default();
+        s.feed(&f[..f.len() - 5]);
+        assert!(!s.ends_cleanly());
+        let mut s = BinlogScan::default();
+        s.feed(b"not a binlog at all");
+        assert!(!s.magic_ok);
+        assert_eq!(s.last_event_time(), None);
+        let f = file(&[(100, 15, 200), (101, START_ENCRYPTION_EVENT, 10), (3, 1, 0)]);
+        let mut s = BinlogScan::default();
+        s.feed(&f);
+        assert!(s.unreadable);
+        assert_eq!(s.last_event_time(), None);
+        assert_eq!(s.first_event_time().unwrap().timestamp(), 100);
+    }
+
+    #[test]
+    fn summary_line() {
+        let r = ShipReport {
+            server_uuid: "u".into(),
+            shipped: vec!["b.000002".into(), "b.000003".into()],
+            shipped_bytes: 2048,
+            already_archived: 1,
+            active: Some("b.000004".into()),
+        };
+        assert_eq!(
+            r.summary(),
+            "binlog-push for server u: shipped 2 binlogs b.000002..b.000003 (2.0 KiB), 1 already archived; b.000004 is still being written and was not shipped"
+        );
+    }
+}

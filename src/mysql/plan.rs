@@ -1,0 +1,240 @@
+//! The MySQL/MariaDB restore plan: pure, computed from the catalog before anything is touched.
+//!
+//! Binlog event times have one-second resolution, and `mysqlbinlog --stop-datetime` stops at
+//! the first event logged at or after the given second. A restore to T therefore replays the
+//! transactions logged before T's whole second: nothing logged at or after T is ever replayed,
+//! and transactions committed in the same second but before T are not replayed either.
+
+use chrono::{DateTime, SubsecRound, Utc};
+
+use crate::input_err;
+use crate::repo::mysql::{MysqlCatalog, MysqlDump};
+use crate::restore::plan::Target;
+use crate::timespec::show;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MysqlPlan {
+    pub dump: MysqlDump,
+    pub target: Target,
+    /// Binlog files to replay, in order; the first is the dump's own file.
+    pub binlogs: Vec<String>,
+    /// Where replay starts in the first file.
+    pub start_position: u64,
+    /// `--stop-datetime` (UTC, whole seconds); None replays every archived event.
+    pub stop_datetime: Option<DateTime<Utc>>,
+    /// The latest instant the archived binlogs reach from this dump.
+    pub reachable_until: Option<DateTime<Utc>>,
+}
+
+impl MysqlPlan {
+    pub fn describe(&self) -> String {
+        let d = &self.dump;
+        let dump = format!(
+            "restore plan: {} dump {} of server {} ({}, consistent at {}, {} databases)",
+            d.flavor,
+            d.id,
+            d.server_uuid,
+            d.server_version,
+            show(d.consistent_time),
+            d.databases.len()
+        );
+        let binlogs = match (self.binlogs.first(), self.binlogs.last()) {
+            (Some(first), Some(last)) => format!(
+                ", then binlogs {first}..{last} ({} files) from position {}",
+                self.binlogs.len(),
+                self.start_position
+            ),
+            _ => ", no binlogs to replay".to_string(),
+        };
+        let target = match (self.target, self.stop_datetime) {
+            (Target::Time(t), Some(stop)) => format!(
+                ", to the target time {} (UTC): transactions logged before {} are replayed",
+                show(t),
+                show(stop)
+            ),
+            _ => match self.reachable_until {
+                Some(until) => format!(
+                    ", to the latest archived binlog (until about {})",
+                    show(until)
+                ),
+                None => ", to the dump's own snapshot (no binlogs archived after it)".to_string(),
+            },
+        };
+        format!("{dump}{binlogs}{target}")
+    }
+}
+
+/// Picks the dump and binlogs for `target`, or says why the archive cannot reach it.
+pub fn plan_mysql(cat: &MysqlCatalog, target: Target) -> anyhow::Result<MysqlPlan> {
+    let Some(first) = cat.dumps.first() else {
+        return Err(input_err!(
+            "no dumps of MySQL server {} in the repository: run `dbagent backup --engine mysql` first",
+            cat.server_uuid
+        ));
+    };
+    let dump = match target {
+        Target::Latest => cat.dumps.last().expect("checked non-empty"),
+        Target::Time(t) => cat
+            .dumps
+            .iter()
+            .rev()
+            .find(|d| d.consistent_time <= t)
+            .ok_or_else(|| {
+                input_err!(
+                    "target {} is before the first dump: the earliest restorable time is {}",
+                    show(t),
+                    show(first.consistent_time)
+                )
+            })?,
+    };
+    let chain = cat.chain(&dump.binlog.file);
+    let until = chain.end_time.map(|e| e.max(dump.consistent_time));
+    let files = match target {
+        Target::Time(t) => {
+            let Some(until) = until else {
+                return Err(match &chain.gap {
+                    Some(gap) => input_err!(
+                        "binlog {gap} that dump {} starts from is missing from the archive, so no target after the dump can be reached",
+                        dump.id
+                    ),
+                    None => input_err!(
+                        "target {} is beyond the archived binlogs: no binlog since dump {} has been archived yet (run `dbagent binlog-push`)",
+                        show(t),
+                        dump.id
+                    ),
+                });
+            };
+            // Replay stops at T's whole second, so the last archived second is reachable
+            // to its end.
+            if t.trunc_subsecs(0) > chain.end_time.expect("until is set from it") {
+                return Err(match &chain.gap {
+                    Some(gap) => input_err!(
+                        "target {} is past a gap in the archived binlogs: {gap} is missing, so a restore from dump {} reaches at most {}",
+                        show(t),
+                        dump.id,
+                        show(until)
+                    ),
+                    None => input_err!(
+                        "target {} is beyond the archived binlogs: the latest restorable time is {}",
+                        show(t),
+                        show(until)
+                    ),
+                });
+            }
+            // Up to the first file that was still open at the target's second: later files
+            // hold only transactions committed after it.
+            let stop = t.trunc_subsecs(0);
+            let metas: Vec<_> = chain
+                .files
+                .iter()
+                .map(|f| {
+                    cat.binlogs
+                        .values()
+                        .find(|m| &m.name == f)
+                        .expect("chain files are in the catalog")
+                })
+                .collect();
+            let last = metas
+                .iter()
+                .position(|m| m.end_time() >= stop)
+                .unwrap_or(metas.len() - 1);
+            chain.files[..=last].to_vec()
+        }
+        Target::Latest => {
+            if let Some(gap) = &chain.gap {
+                return Err(input_err!(
+                    "binlog {gap} is missing from the archive, so --latest would stop silently before later binlogs: restore with --at{} instead",
+                    until
+                        .map(|u| format!(" up to {}", show(u)))
+                        .unwrap_or_default()
+                ));
+            }
+            chain.files.clone()
+        }
+    };
+    Ok(MysqlPlan {
+        dump: dump.clone(),
+        target,
+        binlogs: files,
+        start_position: dump.binlog.position,
+        stop_datetime: match target {
+            Target::Time(t) => Some(t.trunc_subsecs(0)),
+            Target::Latest => None,
+        },
+        reachable_until: until,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::mysql::tests::{catalog, dump, t};
+
+    fn err(c: &MysqlCatalog, target: Target) -> String {
+        let e = plan_mysql(c, target).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), 1);
+        e.to_string()
+    }
+
+    #[test]
+    fn picks_the_newest_dump_before_the_target_and_the_files_it_needs() {
+        let c = catalog(
+            vec![
+                dump("d1", "binlog.000002", "00:01:30"),
+                dump("d2", "binlog.000005", "00:04:30"),
+            ],
+            &[2, 3, 4, 5, 6, 7],
+        );
+        let p = plan_mysql(&c, Target::Time(t("00:03:10.5"))).unwrap();
+        assert_eq!(p.dump.id, "d1");
+        // binlog.000003 ends at 00:03:00, before the target: 000004 holds the target.
+        assert_eq!(
+            p.binlogs,
+            vec!["binlog.000002", "binlog.000003", "binlog.000004"]
+        );
+        assert_eq!(p.stop_datetime, Some(t("00:03:10")));
+        assert_eq!(p.start_position, 1019);
+        let p = plan_mysql(&c, Target::Time(t("00:05:00"))).unwrap();
+        assert_eq!(p.dump.id, "d2");
+        assert_eq!(p.binlogs, vec!["binlog.000005"]);
+        let p = plan_mysql(&c, Target::Latest).unwrap();
+        assert_eq!(p.dump.id, "d2");
+        assert_eq!(
+            p.binlogs,
+            vec!["binlog.000005", "binlog.000006", "binlog.000007"]
+        );
+        assert_eq!(p.stop_datetime, None);
+        assert_eq!(p.reachable_until, Some(t("00:07:00")));
+        assert!(
+            p.describe()
+                .contains("binlog.000005..binlog.000007 (3 files)")
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2, 3, 5]);
+        assert!(err(&c, Target::Time(t("00:01:00"))).contains("before the first dump"));
+        let e = err(&c, Target::Time(t("00:04:00")));
+        assert!(e.contains("gap") && e.contains("binlog.000004"), "{e}");
+        assert!(err(&c, Target::Latest).contains("binlog.000004 is missing"));
+        assert!(plan_mysql(&c, Target::Time(t("00:03:00"))).is_ok());
+        // The chain ends at 00:03:00 (whole seconds): up to 00:03:00.999 is reachable.
+        assert!(plan_mysql(&c, Target::Time(t("00:03:00.9"))).is_ok());
+        assert!(err(&c, Target::Time(t("00:03:01"))).contains("gap"));
+        let c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2, 3]);
+        assert!(err(&c, Target::Time(t("00:09:00"))).contains("beyond the archived binlogs"));
+        let c = catalog(vec![], &[2, 3]);
+        assert!(err(&c, Target::Latest).contains("no dumps"));
+        // The dump's own binlog is missing but later ones exist.
+        let c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[3, 4]);
+        assert!(err(&c, Target::Time(t("00:03:00"))).contains("binlog.000002"));
+        // Nothing archived since the dump: a time target cannot be reached, --latest restores
+        // the dump alone.
+        let c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[1]);
+        assert!(err(&c, Target::Time(t("00:02:00"))).contains("binlog-push"));
+        let p = plan_mysql(&c, Target::Latest).unwrap();
+        assert!(p.binlogs.is_empty());
+        assert!(p.describe().contains("no binlogs"));
+    }
+}

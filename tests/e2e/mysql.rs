@@ -1,0 +1,771 @@
+//! MariaDB: dumps, binlog shipping and point-in-time restore against real servers.
+//!
+//! dbagent runs as the invoking user here (root on the test machine): `binlog-push` reads the
+//! server's binlog directory, which the test servers keep in their own temp directories.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
+use dbagent_testcontainers::{MariaDb, MariaDbBuilder, free_port, mariadb_bin};
+
+use crate::support::*;
+
+/// How long markers are written after the dump. DBAGENT_TEST_WRITE_SECONDS scales it, as for
+/// the PostgreSQL point-in-time test.
+fn write_duration() -> Duration {
+    let secs = std::env::var("DBAGENT_TEST_WRITE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(75u64);
+    Duration::from_secs(secs)
+}
+
+/// The password of the backup account: a `#`, a space and a quote test the option file.
+const PASSWORD: &str = "p#ss w'rd";
+const CJK: &str = "中文 繁體 日本語のテキスト 한국어 텍스트 🐘🎉 𠀀";
+
+/// Runs dbagent with the repository's settings and, if given, a server's URL and password.
+fn agent(repo: &Repo, url: Option<&str>, password: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("DBAGENT_LOG_FORMAT", "text")
+        .env_remove("DBAGENT_CONFIG")
+        .env_remove("DBAGENT_MYSQL_URL")
+        .env_remove("DBAGENT_MYSQL_PASSWORD")
+        .env_remove("DBAGENT_MYSQL_PASSWORD_FILE")
+        .env_remove("DBAGENT_MYSQL_BINLOG_DIR")
+        .current_dir("/tmp");
+    for (k, v) in repo.env() {
+        cmd.env(k, v);
+    }
+    if let Some(url) = url {
+        cmd.env("DBAGENT_MYSQL_URL", url);
+    }
+    if let Some(p) = password {
+        cmd.env("DBAGENT_MYSQL_PASSWORD", p);
+    }
+    cmd.output().expect("run dbagent")
+}
+
+/// The backup account's URL on `db` (created by `backup_account`).
+fn backup_url(db: &MariaDb) -> String {
+    format!("mysql://dbagent@{}:{}", db.host(), db.port())
+}
+
+fn backup_account(db: &MariaDb) {
+    db.sql(
+        None,
+        &format!(
+            "CREATE USER 'dbagent'@'%' IDENTIFIED BY '{}';
+             GRANT SELECT, SHOW VIEW, TRIGGER, EVENT, LOCK TABLES, RELOAD, BINLOG MONITOR ON *.* TO 'dbagent'@'%';",
+            PASSWORD.replace('\'', "\\'")
+        ),
+    )
+    .unwrap();
+}
+
+/// Runs SQL as utf8mb4 (CJK text must not pass through latin1).
+fn sql(db: &MariaDb, text: &str) -> String {
+    db.sql(None, &format!("SET NAMES utf8mb4; {text}")).unwrap()
+}
+
+fn parse_ts(s: &str) -> DateTime<Utc> {
+    NaiveDateTime::parse_from_str(s.trim(), "%Y-%m-%d %H:%M:%S%.f")
+        .unwrap_or_else(|e| panic!("timestamp {s:?}: {e}"))
+        .and_utc()
+}
+
+/// An interactive client session, to hold a transaction open across statements.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Session {
+    fn open(db: &MariaDb) -> Session {
+        let mut child = Command::new(mariadb_bin("mariadb").unwrap())
+            .arg("--no-defaults")
+            .args(["-h", db.host(), "-P", &db.port().to_string(), "-u", "root"])
+            .args([
+                "-N",
+                "-B",
+                "--unbuffered",
+                "--default-character-set=utf8mb4",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Session {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn run(&mut self, sql: &str) {
+        writeln!(self.stdin, "{sql}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn now(&mut self) -> DateTime<Utc> {
+        self.run("SELECT UTC_TIMESTAMP(6);");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        parse_ts(&line)
+    }
+
+    fn close(mut self) {
+        drop(self.stdin);
+        assert!(self.child.wait().unwrap().success(), "session failed");
+    }
+}
+
+/// A server `dbagent restore --target-dir` started; shut down on drop the way the restore
+/// told us to.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn sql(&self, text: &str) -> String {
+        let out = Command::new(mariadb_bin("mariadb").unwrap())
+            .arg(format!(
+                "--defaults-file={}",
+                self.dir.join("my.cnf").display()
+            ))
+            .args(["-N", "-B", "--default-character-set=utf8mb4", "-e"])
+            .arg(text)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scratch server: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let cnf = self.dir.join("my.cnf");
+        if !cnf.exists() {
+            return;
+        }
+        let stopped = Command::new(mariadb_bin("mariadb-admin").unwrap())
+            .arg(format!("--defaults-file={}", cnf.display()))
+            .arg("shutdown")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !stopped {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join("mysqld.pid")) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- scratch server log ---\n{}",
+                dbagent_testcontainers::log_tail(&self.dir.join("error.log"), 40)
+            );
+        }
+    }
+}
+
+/// The one server directory in a file repository's `mysql/`.
+fn server_dir(repo: &Repo) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo.root().unwrap().join("mysql"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.remove(0)
+}
+
+fn dump_manifest(repo: &Repo) -> serde_json::Value {
+    let dumps = server_dir(repo).join("dumps");
+    let id = std::fs::read_dir(&dumps)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    serde_json::from_slice(&std::fs::read(id.join("dump.json")).unwrap()).unwrap()
+}
+
+fn rows_in_manifest(m: &serde_json::Value, db: &str, table: &str) -> u64 {
+    m["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == db)
+        .and_then(|d| {
+            d["tables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["table"] == table)
+        })
+        .unwrap_or_else(|| panic!("{db}.{table} not in manifest {m}"))["rows"]
+        .as_u64()
+        .unwrap()
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02X}")).collect()
+}
+
+struct Marker {
+    id: u32,
+    /// Before the statement that commits it started (server clock).
+    before: DateTime<Utc>,
+    /// After its commit returned.
+    after: DateTime<Utc>,
+}
+
+fn shop_schema(db: &MariaDb) {
+    sql(
+        db,
+        &format!(
+            "CREATE DATABASE shop CHARACTER SET utf8mb4; USE shop;
+             CREATE TABLE shop.markers (id INT PRIMARY KEY, note VARCHAR(200) CHARACTER SET utf8mb4, at DATETIME(6));
+             CREATE TABLE shop.cjk (id INT PRIMARY KEY, txt TEXT CHARACTER SET utf8mb4, bin VARBINARY(64));
+             INSERT INTO shop.cjk VALUES (1, '{CJK}', UNHEX('00FF27225C3B28')), (2, 'it''s (a); \\\\ test', NULL);
+             CREATE TABLE shop.filler (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64));
+             INSERT INTO shop.filler (v) SELECT MD5(seq) FROM seq_1_to_5000;
+             CREATE TABLE shop.empty (i INT);
+             CREATE VIEW shop.marker_count AS SELECT COUNT(*) AS n FROM shop.markers;
+             CREATE TRIGGER shop.filler_upper BEFORE INSERT ON shop.filler FOR EACH ROW SET NEW.v = LOWER(NEW.v);"
+        ),
+    );
+}
+
+#[test]
+fn mariadb_point_in_time_restore_between_markers() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    backup_account(&db);
+    shop_schema(&db);
+    let url = backup_url(&db);
+
+    let out = ok(&agent(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &["backup", "--engine", "mysql"],
+    ));
+    assert!(out.contains("mysql dump"), "{out}");
+    let manifest = dump_manifest(&repo);
+    assert_eq!(rows_in_manifest(&manifest, "shop", "filler"), 5000);
+    assert_eq!(rows_in_manifest(&manifest, "shop", "cjk"), 2);
+    assert_eq!(rows_in_manifest(&manifest, "shop", "markers"), 0);
+    assert_eq!(rows_in_manifest(&manifest, "shop", "empty"), 0);
+    assert!(
+        manifest["binlog"]["file"]
+            .as_str()
+            .unwrap()
+            .starts_with("binlog.")
+    );
+    assert!(manifest["gtid"].as_str().is_some(), "{manifest}");
+
+    // Markers about once a second, so a whole second separates each commit from the next
+    // statement; a rotation every fourth marker; a transaction held open across rotations.
+    let mut markers: Vec<Marker> = Vec::new();
+    let mut rotations = 0;
+    let mut long: Option<Session> = None;
+    let started = Instant::now();
+    let mut id = 0u32;
+    while started.elapsed() < write_duration() || rotations < 6 {
+        id += 1;
+        let times = sql(
+            &db,
+            &format!(
+                "USE shop; SELECT UTC_TIMESTAMP(6); INSERT INTO shop.markers VALUES ({id}, '標記 마커 マーカー {id} 🐘', UTC_TIMESTAMP(6)); \
+                 INSERT INTO shop.filler (v) SELECT MD5(seq + {id}) FROM seq_1_to_200; SELECT UTC_TIMESTAMP(6);"
+            ),
+        );
+        let mut lines = times.lines();
+        let before = parse_ts(lines.next().unwrap());
+        let after = parse_ts(lines.next().unwrap());
+        markers.push(Marker { id, before, after });
+        match id {
+            3 => {
+                let mut s = Session::open(&db);
+                s.run("BEGIN;");
+                s.run(
+                    "INSERT INTO shop.markers VALUES (1000, '長い取引 긴 거래 长事务 🕰', UTC_TIMESTAMP(6));",
+                );
+                s.now();
+                long = Some(s);
+            }
+            10 => {
+                let mut s = long.take().unwrap();
+                let before = s.now();
+                s.run("COMMIT;");
+                let after = s.now();
+                s.close();
+                markers.push(Marker {
+                    id: 1000,
+                    before,
+                    after,
+                });
+            }
+            _ => {}
+        }
+        if id.is_multiple_of(4) {
+            db.sql(None, "FLUSH BINARY LOGS").unwrap();
+            rotations += 1;
+            ok(&agent(&repo, Some(&url), Some(PASSWORD), &["binlog-push"]));
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    assert!(long.is_none());
+    // A write after the last marker, then ship everything.
+    sql(&db, "INSERT INTO shop.filler (v) VALUES ('end')");
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    let out = ok(&agent(&repo, Some(&url), Some(PASSWORD), &["binlog-push"]));
+    assert!(out.contains("still being written"), "{out}");
+    markers.sort_by_key(|m| m.after);
+    let total_filler: u64 = db
+        .sql(None, "SELECT COUNT(*) FROM shop.filler")
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let listing = ok(&agent(&repo, None, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let server = &json["mysql"][0];
+    assert_eq!(server["dumps"].as_array().unwrap().len(), 1, "{listing}");
+    assert_eq!(
+        server["restorable"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+    assert!(
+        server["binlogs"]["gaps"].as_array().unwrap().is_empty(),
+        "{listing}"
+    );
+    let text = ok(&agent(&repo, None, None, &["list"]));
+    assert!(text.contains("restorable:"), "{text}");
+
+    // A whole second between marker k's commit and the next statement: the target.
+    let start = markers.len() * 2 / 3;
+    let (k, target) = (start..markers.len() - 1)
+        .find_map(|k| {
+            let t = markers[k].after.trunc_subsecs(0) + chrono::Duration::seconds(1);
+            (t <= markers[k + 1].before).then_some((k, t))
+        })
+        .expect("a second boundary between two markers");
+    let expected: Vec<u32> = {
+        let mut ids: Vec<u32> = markers[..=k].iter().map(|m| m.id).collect();
+        ids.sort();
+        ids
+    };
+    assert!(
+        expected.contains(&1000),
+        "the long transaction commits before the target"
+    );
+    let scratch_root = tempfile::tempdir().unwrap();
+    let dir = scratch_root.path().join("restored");
+    let port = free_port();
+    let target_s = target.to_rfc3339();
+    let restored = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--at",
+            &target_s,
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let scratch = Scratch { dir: dir.clone() };
+    let stdout = ok(&restored);
+    assert!(stdout.contains(&format!("127.0.0.1:{port}")), "{stdout}");
+    assert!(stdout.contains("stop:"), "{stdout}");
+    let got: Vec<u32> = scratch
+        .sql("SELECT id FROM shop.markers ORDER BY id")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(got, expected, "markers after restoring to {target_s}");
+    // CJK and 4-byte characters came back byte for byte, text and binary.
+    assert_eq!(
+        scratch.sql("SELECT HEX(txt), HEX(bin) FROM shop.cjk WHERE id = 1"),
+        format!("{}\t00FF27225C3B28", hex(CJK))
+    );
+    assert_eq!(
+        scratch.sql("SELECT HEX(note) FROM shop.markers WHERE id = 1000"),
+        hex("長い取引 긴 거래 长事务 🕰")
+    );
+    let kid = markers[k].id;
+    if kid != 1000 {
+        assert_eq!(
+            scratch.sql(&format!(
+                "SELECT HEX(note) FROM shop.markers WHERE id = {kid}"
+            )),
+            hex(&format!("標記 마커 マーカー {kid} 🐘"))
+        );
+    }
+    // Views, triggers and accounts came along.
+    assert_eq!(
+        scratch.sql("SELECT n FROM shop.marker_count"),
+        expected.len().to_string()
+    );
+    assert_eq!(
+        scratch.sql(
+            "SELECT COUNT(*) FROM information_schema.triggers WHERE trigger_name = 'filler_upper'"
+        ),
+        "1"
+    );
+    assert_eq!(
+        scratch.sql("SELECT COUNT(*) FROM mysql.user WHERE user = 'dbagent'"),
+        "1"
+    );
+    drop(scratch);
+
+    // --latest into an existing, empty server: every marker and the last write.
+    let empty = MariaDbBuilder::new().server_id(7).start().unwrap();
+    let out = ok(&agent(
+        &repo,
+        Some(&empty.url()),
+        None,
+        &["restore", "--engine", "mysql", "--latest"],
+    ));
+    assert!(out.contains("restored into"), "{out}");
+    assert_eq!(
+        empty
+            .sql(None, "SELECT COUNT(*) FROM shop.markers")
+            .unwrap(),
+        markers.len().to_string()
+    );
+    assert_eq!(
+        empty.sql(None, "SELECT COUNT(*) FROM shop.filler").unwrap(),
+        total_filler.to_string()
+    );
+    // It now holds databases: a second restore into it is refused.
+    refused(
+        &agent(
+            &repo,
+            Some(&empty.url()),
+            None,
+            &["restore", "--engine", "mysql", "--latest"],
+        ),
+        "not empty",
+    );
+}
+
+#[test]
+fn mysql_refusals_change_nothing() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    backup_account(&db);
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, at DATETIME(6)); INSERT INTO app.t VALUES (0, UTC_TIMESTAMP(6));",
+    );
+    let url = backup_url(&db);
+    let scratch_root = tempfile::tempdir().unwrap();
+    let target = scratch_root.path().join("restore");
+    let target_s = target.to_str().unwrap();
+
+    // The environment is wrong: one line, exit 1, nothing written.
+    refused(
+        &agent(
+            &repo,
+            Some(&url),
+            Some("wrong password"),
+            &["backup", "--engine", "mysql"],
+        ),
+        "Access denied",
+    );
+    let closed = format!("mysql://dbagent@127.0.0.1:{}", free_port());
+    refused(
+        &agent(
+            &repo,
+            Some(&closed),
+            Some(PASSWORD),
+            &["backup", "--engine", "mysql"],
+        ),
+        "cannot connect",
+    );
+    refused(
+        &agent(&repo, Some(&closed), Some(PASSWORD), &["binlog-push"]),
+        "cannot connect",
+    );
+    refused(
+        &agent(&repo, None, None, &["backup", "--engine", "mysql"]),
+        "DBAGENT_MYSQL_URL",
+    );
+    refused(
+        &agent(
+            &repo,
+            None,
+            None,
+            &[
+                "restore",
+                "--engine",
+                "mysql",
+                "--latest",
+                "--target-dir",
+                target_s,
+            ],
+        ),
+        "no MySQL dumps",
+    );
+    assert!(repo.snapshot().is_empty(), "{:?}", repo.snapshot());
+
+    ok(&agent(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &["backup", "--engine", "mysql"],
+    ));
+    for i in 1..=4 {
+        sql(
+            &db,
+            &format!("INSERT INTO app.t VALUES ({i}, UTC_TIMESTAMP(6))"),
+        );
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    ok(&agent(&repo, Some(&url), Some(PASSWORD), &["binlog-push"]));
+    let before = repo.snapshot();
+
+    let restore = |extra: &[&str], url: Option<&str>| {
+        let mut args = vec!["restore", "--engine", "mysql"];
+        args.extend_from_slice(extra);
+        agent(&repo, url, None, &args)
+    };
+    let with_dir = |at: &[&'static str]| -> Vec<&str> {
+        let mut v: Vec<&str> = at.to_vec();
+        v.extend(["--target-dir", target_s]);
+        v
+    };
+    refused(
+        &restore(&with_dir(&["--at", "yesterday at noon"]), None),
+        "malformed time",
+    );
+    refused(
+        &restore(&with_dir(&["--at", "2001-01-01 00:00:00"]), None),
+        "before the first dump",
+    );
+    refused(
+        &restore(&with_dir(&["--at", "2999-01-01T00:00:00Z"]), None),
+        "beyond the archived binlogs",
+    );
+    refused(&restore(&["--latest"], None), "needs --target-dir");
+    let busy = db.port().to_string();
+    refused(
+        &restore(
+            &["--latest", "--target-dir", target_s, "--port", &busy],
+            None,
+        ),
+        "is in use",
+    );
+    // The source server holds databases: not a restore target.
+    refused(&restore(&["--latest"], Some(&db.url())), "not empty");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("precious"), "keep me").unwrap();
+    refused(&restore(&with_dir(&["--latest"]), None), "not empty");
+    assert_eq!(
+        std::fs::read_to_string(target.join("precious")).unwrap(),
+        "keep me"
+    );
+    std::fs::remove_dir_all(&target).unwrap();
+    let plan = ok(&restore(&with_dir(&["--latest", "--dry-run"]), None));
+    assert!(plan.contains("restore plan: MariaDB dump"), "{plan}");
+    assert!(plan.contains("dry run"), "{plan}");
+    assert!(!target.exists());
+    assert_eq!(repo.snapshot(), before, "refusals changed the repository");
+
+    // A binlog missing in the middle of the chain.
+    let binlogs = server_dir(&repo).join("binlog");
+    let dump_file = dump_manifest(&repo)["binlog"]["file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut names: Vec<String> = std::fs::read_dir(&binlogs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+        .filter(|n| n.as_str() > dump_file.as_str())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 3, "{names:?}");
+    let victim = names[1].clone();
+    std::fs::remove_file(binlogs.join(format!("{victim}.json"))).unwrap();
+    std::fs::remove_file(binlogs.join(format!("{victim}.zst"))).unwrap();
+    let before = repo.snapshot();
+    refused(&restore(&with_dir(&["--latest"]), None), &victim);
+    refused(
+        &restore(&with_dir(&["--at", "2999-01-01T00:00:00Z"]), None),
+        "gap",
+    );
+    let listing = ok(&agent(&repo, None, None, &["list", "--json"]));
+    assert!(listing.contains(&victim), "{listing}");
+    assert!(!target.exists());
+    assert_eq!(repo.snapshot(), before);
+}
+
+#[test]
+fn binlog_push_is_idempotent_and_refuses_different_content() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, txt TEXT CHARACTER SET utf8mb4)",
+    );
+    for i in 1..=3 {
+        sql(&db, &format!("INSERT INTO app.t VALUES ({i}, '{CJK}')"));
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    let url = db.url();
+    let out = ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
+    assert!(out.contains("shipped"), "{out}");
+    let out = ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
+    assert!(out.contains("nothing new to ship"), "{out}");
+
+    // The file being written is never shipped.
+    let logs = db.sql(None, "SHOW BINARY LOGS").unwrap();
+    let active = logs
+        .lines()
+        .last()
+        .unwrap()
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string();
+    let dir = server_dir(&repo).join("binlog");
+    assert!(!dir.join(format!("{active}.zst")).exists());
+    assert!(!dir.join(format!("{active}.json")).exists());
+
+    // A closed binlog whose content differs from the archived one: exit 2, loud, and the
+    // archived copy is left alone.
+    let first = logs
+        .lines()
+        .next()
+        .unwrap()
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string();
+    let local = db.data_dir().join(&first);
+    let stored_path = dir.join(format!("{first}.zst"));
+    let stored = std::fs::read(&stored_path).unwrap();
+    let mut bytes = std::fs::read(&local).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x55;
+    std::fs::write(&local, &bytes).unwrap();
+    let out = agent(&repo, Some(&url), None, &["binlog-push"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("dbagent: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&format!("refusing to overwrite binlog {first}")),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&stored_path).unwrap(), stored);
+
+    // Put it back: same content is fine again.
+    bytes[i] ^= 0x55;
+    std::fs::write(&local, &bytes).unwrap();
+    ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
+}
+
+/// A binlog scan of a real server's files finds the same events mariadb-binlog prints.
+#[test]
+fn binlog_push_records_event_times() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    let t0 = parse_ts(&db.sql(None, "SELECT UTC_TIMESTAMP(6)").unwrap());
+    sql(&db, "CREATE DATABASE app; CREATE TABLE app.t (id INT)");
+    std::thread::sleep(Duration::from_millis(1100));
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    let t1 = parse_ts(&db.sql(None, "SELECT UTC_TIMESTAMP(6)").unwrap());
+    ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
+    let dir = server_dir(&repo).join("binlog");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("binlog.000001.json")).unwrap()).unwrap();
+    assert_eq!(meta["closed_by"], "rotate", "{meta}");
+    let last: DateTime<Utc> = meta["last_event_time"].as_str().unwrap().parse().unwrap();
+    assert!(last >= t0.trunc_subsecs(0) && last <= t1, "{meta}");
+    let size = std::fs::metadata(db.data_dir().join("binlog.000001"))
+        .unwrap()
+        .len();
+    assert_eq!(meta["data"]["plain_bytes"].as_u64(), Some(size));
+    assert!(Path::new(&dir).join("binlog.000001.zst").exists());
+}
+
+/// The same loop through an S3 API: dump, ship, ship again (the archived copies are compared
+/// through ranged reads of their trailers), restore the latest state into a scratch server.
+#[test]
+fn mysql_dump_and_binlogs_through_s3() {
+    let repo = Repo::s3("mysql-on-s3");
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        &format!(
+            "CREATE DATABASE app CHARACTER SET utf8mb4; CREATE TABLE app.t (id INT PRIMARY KEY, txt TEXT); \
+             INSERT INTO app.t VALUES (1, '{CJK}');"
+        ),
+    );
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    for i in 2..=4 {
+        sql(&db, &format!("INSERT INTO app.t VALUES ({i}, '{CJK} {i}')"));
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
+    let again = ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
+    assert!(again.contains("nothing new to ship"), "{again}");
+    let listing = ok(&agent(&repo, None, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        json["mysql"][0]["restorable"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    ok(&out);
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM app.t"), "4");
+    assert_eq!(
+        scratch.sql("SELECT HEX(txt) FROM app.t WHERE id = 3"),
+        hex(&format!("{CJK} 3"))
+    );
+}

@@ -1,0 +1,343 @@
+//! PostgreSQL logical dumps: database settings, roles, exact row counts and CJK text survive
+//! a dump and a restore into a new database.
+
+use dbagent_testcontainers::{Postgres, PostgresBuilder};
+
+use crate::support::*;
+
+const CJK: &str = "中文全文檢索 日本語の全文検索 한국어 전문 검색 🐘🎉 𠀀";
+
+fn target_url(pg: &Postgres, db: &str) -> String {
+    format!("postgresql://postgres@{}:{}/{db}", pg.host(), pg.port())
+}
+
+fn manifest(repo: &Repo) -> serde_json::Value {
+    let pg_dir = std::fs::read_dir(repo.root().unwrap().join("pg"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let id = std::fs::read_dir(pg_dir.join("dumps"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    serde_json::from_slice(&std::fs::read(id.join("dump.json")).unwrap()).unwrap()
+}
+
+fn source() -> Postgres {
+    let pg = PostgresBuilder::new().start().unwrap();
+    pg.psql(
+        "postgres",
+        "CREATE ROLE app LOGIN PASSWORD 'app-secret';
+         CREATE ROLE reader NOLOGIN;
+         GRANT reader TO app;",
+    )
+    .unwrap();
+    pg.psql("postgres", "CREATE DATABASE discourse OWNER app")
+        .unwrap();
+    pg.psql("postgres", "CREATE DATABASE logto").unwrap();
+    pg.psql(
+        "discourse",
+        &format!(
+            "SET ROLE app;
+             CREATE TEXT SEARCH CONFIGURATION public.cjk_test (COPY = pg_catalog.simple);
+             CREATE TABLE posts (id int PRIMARY KEY, body text);
+             INSERT INTO posts SELECT g, '{CJK} ' || g FROM generate_series(1, 3000) g;
+             CREATE TABLE empty (i int);
+             CREATE UNLOGGED TABLE scratch AS SELECT g FROM generate_series(1, 7) g;"
+        ),
+    )
+    .unwrap();
+    // What a plain `pg_dump -Fc` restored with `pg_restore -d newdb` loses.
+    pg.psql(
+        "postgres",
+        "ALTER DATABASE discourse SET default_text_search_config = 'public.cjk_test';
+         ALTER DATABASE discourse SET search_path = '$user', public;
+         ALTER ROLE app IN DATABASE discourse SET work_mem = '8MB';",
+    )
+    .unwrap();
+    pg.psql(
+        "logto",
+        "CREATE TABLE users (id int, name text); INSERT INTO users VALUES (1, 'ユーザー'), (2, '사용자');",
+    )
+    .unwrap();
+    pg
+}
+
+#[test]
+fn pg_dump_round_trip_keeps_settings_roles_and_cjk() {
+    let repo = Repo::file();
+    let pg = source();
+    let out = ok(&dbagent(&repo, Some(&pg), &["backup", "--kind", "dump"]));
+    assert!(out.contains("discourse") && out.contains("logto"), "{out}");
+    // Writes after the dump are not in it.
+    pg.psql("discourse", "INSERT INTO posts VALUES (999999, 'later')")
+        .unwrap();
+
+    let m = manifest(&repo);
+    let discourse = m["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "discourse")
+        .unwrap();
+    let rows = |table: &str| {
+        discourse["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == table)
+            .unwrap_or_else(|| panic!("{table} not in {discourse}"))["rows"]
+            .as_i64()
+            .unwrap()
+    };
+    assert_eq!(rows("public.posts"), 3000);
+    assert_eq!(rows("public.empty"), 0);
+    assert_eq!(rows("public.scratch"), 7);
+    let settings = discourse["settings"].to_string();
+    assert!(settings.contains("public.cjk_test"), "{settings}");
+
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        json["postgres"][0]["dumps"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+
+    // Into a new database on the same server.
+    let out = ok(&dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--dump",
+            "discourse",
+            "--latest",
+            "--target-url",
+            &target_url(&pg, "restored"),
+        ],
+    ));
+    assert!(
+        out.contains("default_text_search_config=public.cjk_test"),
+        "{out}"
+    );
+    assert_eq!(
+        pg.psql("restored", "SHOW default_text_search_config")
+            .unwrap(),
+        "public.cjk_test"
+    );
+    assert_eq!(
+        pg.psql("restored", "SHOW search_path").unwrap(),
+        "\"$user\", public"
+    );
+    assert_eq!(
+        pg.psql(
+            "restored",
+            "SELECT setconfig::text FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+              WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = 'restored')"
+        )
+        .unwrap(),
+        "{work_mem=8MB}"
+    );
+    let hex = |pg: &Postgres, db: &str| {
+        pg.psql(
+            db,
+            "SELECT encode(convert_to(string_agg(body, '|' ORDER BY id), 'UTF8'), 'hex') FROM posts WHERE id <= 3000",
+        )
+        .unwrap()
+    };
+    assert_eq!(hex(&pg, "restored"), hex(&pg, "discourse"));
+    assert_eq!(
+        pg.psql("restored", "SELECT count(*) FROM posts").unwrap(),
+        "3000"
+    );
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'restored'"
+        )
+        .unwrap(),
+        "app"
+    );
+    // Text search goes through the restored configuration by default.
+    assert_eq!(
+        pg.psql("restored", "SELECT get_current_ts_config()::text")
+            .unwrap(),
+        "cjk_test"
+    );
+
+    // A database of that name exists now: refused, nothing changed.
+    let before = pg.psql("restored", "SELECT count(*) FROM posts").unwrap();
+    refused(
+        &dbagent(
+            &repo,
+            None,
+            &[
+                "restore",
+                "--dump",
+                "discourse",
+                "--latest",
+                "--target-url",
+                &target_url(&pg, "restored"),
+            ],
+        ),
+        "already exists",
+    );
+    assert_eq!(
+        pg.psql("restored", "SELECT count(*) FROM posts").unwrap(),
+        before
+    );
+
+    // Into another server that lacks the roles: they are created, then owned.
+    let other = PostgresBuilder::new().start().unwrap();
+    let out = ok(&dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--dump",
+            "discourse",
+            "--latest",
+            "--target-url",
+            &target_url(&other, "discourse"),
+        ],
+    ));
+    assert!(out.contains("created missing roles"), "{out}");
+    assert_eq!(
+        other
+            .psql(
+                "postgres",
+                "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname IN ('app', 'reader')"
+            )
+            .unwrap(),
+        "app,reader"
+    );
+    assert_eq!(
+        other
+            .psql("postgres", "SELECT pg_has_role('app', 'reader', 'member')")
+            .unwrap(),
+        "t"
+    );
+    assert_eq!(
+        other
+            .psql("discourse", "SHOW default_text_search_config")
+            .unwrap(),
+        "public.cjk_test"
+    );
+    assert_eq!(hex(&other, "discourse"), hex(&pg, "discourse"));
+    let names = |p: &Postgres| {
+        p.psql(
+            "logto",
+            "SELECT encode(convert_to(string_agg(name, '|' ORDER BY id), 'UTF8'), 'hex') FROM users",
+        )
+        .unwrap()
+    };
+    ok(&dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--dump",
+            "logto",
+            "--latest",
+            "--target-url",
+            &target_url(&other, "logto"),
+        ],
+    ));
+    assert_eq!(names(&other), names(&pg));
+}
+
+#[test]
+fn pg_dump_refusals_change_nothing() {
+    let repo = Repo::file();
+    let pg = PostgresBuilder::new().start().unwrap();
+    pg.psql("postgres", "CREATE DATABASE app").unwrap();
+    let url = target_url(&pg, "fresh");
+    let restore = |args: &[&str]| {
+        let mut all = vec!["restore", "--dump"];
+        all.extend_from_slice(args);
+        dbagent(&repo, None, &all)
+    };
+    refused(
+        &restore(&["app", "--latest", "--target-url", &url]),
+        "holds no PostgreSQL",
+    );
+    let mut cmd_env = pg.env();
+    cmd_env.retain(|(k, _)| k != "PGDATABASE");
+    let out = {
+        let mut cmd = dbagent_testcontainers::command_as_pg_user(BIN);
+        cmd.args(["backup", "--kind", "dump"])
+            .env("DBAGENT_LOG_FORMAT", "text")
+            .env("DBAGENT_PG_DUMP_DATABASES", "app,nosuchdb")
+            .env(
+                "DBAGENT_PG_BIN_DIR",
+                dbagent_testcontainers::pg_bin("pg_ctl")
+                    .unwrap()
+                    .parent()
+                    .unwrap(),
+            )
+            .current_dir("/tmp");
+        for (k, v) in repo.env().into_iter().chain(cmd_env) {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    refused(&out, "nosuchdb");
+    // Nobody listens on this port.
+    let mut cmd = dbagent_testcontainers::command_as_pg_user(BIN);
+    cmd.args(["backup", "--kind", "dump"])
+        .env("DBAGENT_LOG_FORMAT", "text")
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", dbagent_testcontainers::free_port().to_string())
+        .env("PGUSER", "postgres")
+        .current_dir("/tmp");
+    for (k, v) in repo.env() {
+        cmd.env(k, v);
+    }
+    refused(&cmd.output().unwrap(), "cannot connect to PostgreSQL");
+    assert!(repo.snapshot().is_empty());
+    ok(&dbagent(&repo, Some(&pg), &["backup", "--kind", "dump"]));
+    let before = repo.snapshot();
+    refused(
+        &restore(&["app", "--at", "2001-01-01 00:00:00", "--target-url", &url]),
+        "before the first dump",
+    );
+    refused(
+        &restore(&["nosuchdb", "--latest", "--target-url", &url]),
+        "no dump of database",
+    );
+    refused(
+        &restore(&["app", "--latest", "--target-url", &target_url(&pg, "app")]),
+        "already exists",
+    );
+    refused(
+        &restore(&[
+            "app",
+            "--latest",
+            "--target-url",
+            "postgresql://postgres:pw@127.0.0.1/x",
+        ]),
+        "must not carry a password",
+    );
+    let plan = ok(&restore(&[
+        "app",
+        "--latest",
+        "--dry-run",
+        "--target-url",
+        &url,
+    ]));
+    assert!(plan.contains("restore plan: dump"), "{plan}");
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'fresh'"
+        )
+        .unwrap(),
+        "0"
+    );
+    assert_eq!(repo.snapshot(), before);
+}
