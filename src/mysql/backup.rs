@@ -261,8 +261,7 @@ async fn dump_accounts(server: &Server) -> Option<Vec<u8>> {
                 .stdout
                 .split_inclusive(|&b| b == b'\n')
                 .filter(|l| !l.starts_with(b"-- Dump completed"))
-                .flatten()
-                .copied()
+                .flat_map(grant_without_password)
                 .collect();
             Some(text)
         }
@@ -278,6 +277,27 @@ async fn dump_accounts(server: &Server) -> Option<Vec<u8>> {
             None
         }
     }
+}
+
+/// On MariaDB, `GRANT … IDENTIFIED BY PASSWORD '…'` *resets* the password of an account that
+/// already exists on the restore target (its root, the account dbagent connects as). The
+/// `CREATE USER IF NOT EXISTS` lines already carry each new account's password, so the grants
+/// keep only the privileges.
+fn grant_without_password(line: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(line);
+    if !text.trim_start().to_ascii_uppercase().starts_with("GRANT ") {
+        return line.to_vec();
+    }
+    let upper = text.to_ascii_uppercase();
+    let Some(start) = upper.find(" IDENTIFIED ") else {
+        return line.to_vec();
+    };
+    let end = upper[start..]
+        .find(" WITH ")
+        .map(|i| start + i)
+        .or_else(|| upper[start..].rfind(';').map(|i| start + i))
+        .unwrap_or(text.len());
+    format!("{}{}", &text[..start], &text[end..]).into_bytes()
 }
 
 fn dumped_databases(names: &[String], facts: &DumpFacts) -> Vec<DumpedDatabase> {
@@ -305,6 +325,27 @@ fn dumped_databases(names: &[String], facts: &DumpFacts) -> Vec<DumpedDatabase> 
         });
     }
     out
+}
+
+#[cfg(test)]
+mod grant_tests {
+    use super::grant_without_password as strip;
+
+    #[test]
+    fn grants_keep_privileges_but_never_reset_passwords() {
+        let g = b"GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost` IDENTIFIED BY PASSWORD '*81F5E21E35407D884A6CD4A731AEBFB6AF209E1B' WITH GRANT OPTION;\n";
+        assert_eq!(
+            strip(g),
+            b"GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost` WITH GRANT OPTION;\n".to_vec()
+        );
+        let g =
+            b"GRANT USAGE ON *.* TO `app`@`%` IDENTIFIED VIA mysql_native_password USING '*AB';\n";
+        assert_eq!(strip(g), b"GRANT USAGE ON *.* TO `app`@`%`;\n".to_vec());
+        let c = b"CREATE USER IF NOT EXISTS `app`@`%` IDENTIFIED BY PASSWORD '*AB';\n";
+        assert_eq!(strip(c), c.to_vec(), "new accounts keep their password");
+        let g = b"GRANT SELECT ON `wp`.* TO `reader`@`%`;\n";
+        assert_eq!(strip(g), g.to_vec());
+    }
 }
 
 #[cfg(test)]

@@ -769,3 +769,57 @@ fn mysql_dump_and_binlogs_through_s3() {
         hex(&format!("{CJK} 3"))
     );
 }
+
+/// The dump carries the source's accounts (so binlogged GRANTs replay), but restoring it must
+/// never change an account that already exists on the target: not its password, not root's.
+#[test]
+fn mysql_restore_never_resets_existing_passwords() {
+    let repo = Repo::file();
+    let source = MariaDbBuilder::new().start().unwrap();
+    backup_account(&source);
+    sql(
+        &source,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (i int PRIMARY KEY); INSERT INTO shop.t VALUES (1);
+         CREATE USER 'app'@'%' IDENTIFIED BY 'source-password';
+         GRANT ALL PRIVILEGES ON shop.* TO 'app'@'%';
+         CREATE USER 'only_on_source'@'%' IDENTIFIED BY 'new-account';",
+    );
+    ok(&agent(
+        &repo,
+        Some(&backup_url(&source)),
+        Some(PASSWORD),
+        &["backup", "--engine", "mysql"],
+    ));
+
+    let target = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &target,
+        "CREATE USER 'app'@'%' IDENTIFIED BY 'target-password'",
+    );
+    let show = |db: &MariaDb, who: &str| sql(db, &format!("SHOW CREATE USER {who}"));
+    let app_before = show(&target, "'app'@'%'");
+    let root_before = show(&target, "'root'@'localhost'");
+    ok(&agent(
+        &repo,
+        Some(&target.url()),
+        None,
+        &["restore", "--engine", "mysql", "--latest"],
+    ));
+    assert_eq!(sql(&target, "SELECT count(*) FROM shop.t"), "1");
+    assert_eq!(
+        show(&target, "'app'@'%'"),
+        app_before,
+        "an existing account's password changed"
+    );
+    assert_eq!(
+        show(&target, "'root'@'localhost'"),
+        root_before,
+        "root's password changed"
+    );
+    // Accounts the target lacked come over with their password; the grants came too.
+    assert_eq!(
+        show(&target, "'only_on_source'@'%'"),
+        show(&source, "'only_on_source'@'%'")
+    );
+    assert!(sql(&target, "SHOW GRANTS FOR 'app'@'%'").contains("`shop`.*"));
+}
