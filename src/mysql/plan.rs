@@ -64,6 +64,42 @@ impl MysqlPlan {
     }
 }
 
+/// How far apart the agent's clock (a dump's time) and the server's (binlog event times) may be.
+const CLOCK_SLACK_SECONDS: i64 = 300;
+
+/// The archived binlog that a dump starts from must be the file the dump saw: after `RESET
+/// MASTER`, or a server rebuilt under the same identity, binlog names start again at
+/// `.000001` and an older history's file can carry the dump's name. Replaying it would apply
+/// another history's transactions.
+fn check_same_history(
+    cat: &MysqlCatalog,
+    dump: &crate::repo::mysql::MysqlDump,
+) -> anyhow::Result<()> {
+    let Some(meta) = cat.binlogs.values().find(|m| m.name == dump.binlog.file) else {
+        return Ok(());
+    };
+    let slack = chrono::Duration::seconds(CLOCK_SLACK_SECONDS);
+    let ended_before = meta
+        .last_event_time
+        .is_some_and(|end| end + slack < dump.consistent_time);
+    let began_after = meta
+        .first_event_time
+        .is_some_and(|first| first > dump.consistent_time + slack);
+    if ended_before || began_after {
+        return Err(input_err!(
+            "the archived binlog {} (events {} .. {}) is not the one dump {} was taken in at {}: it belongs to another binlog history (RESET MASTER, or a server rebuilt under the same identity); give the current server its own identity with mysql.server_uuid and take a new dump",
+            meta.name,
+            meta.first_event_time
+                .map(show)
+                .unwrap_or_else(|| "?".into()),
+            meta.last_event_time.map(show).unwrap_or_else(|| "?".into()),
+            dump.id,
+            show(dump.consistent_time)
+        ));
+    }
+    Ok(())
+}
+
 /// Picks the dump and binlogs for `target`, or says why the archive cannot reach it.
 pub fn plan_mysql(cat: &MysqlCatalog, target: Target) -> anyhow::Result<MysqlPlan> {
     let Some(first) = cat.dumps.first() else {
@@ -87,6 +123,7 @@ pub fn plan_mysql(cat: &MysqlCatalog, target: Target) -> anyhow::Result<MysqlPla
                 )
             })?,
     };
+    check_same_history(cat, dump)?;
     let chain = cat.chain(&dump.binlog.file);
     let until = chain.end_time.map(|e| e.max(dump.consistent_time));
     let files = match target {
@@ -174,6 +211,23 @@ mod tests {
         let e = plan_mysql(c, target).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 1);
         e.to_string()
+    }
+
+    #[test]
+    fn refuses_a_dump_whose_binlog_name_belongs_to_an_older_history() {
+        // After RESET MASTER the new history reuses binlog.000002; the archive still holds the
+        // old file of that name, which ended long before this dump was taken.
+        let c = catalog(
+            vec![dump("after-reset", "binlog.000002", "00:30:00")],
+            &[2, 3],
+        );
+        for target in [Target::Latest, Target::Time(t("00:31:00"))] {
+            let e = err(&c, target);
+            assert!(e.contains("another binlog history"), "{e}");
+        }
+        // Within the clock slack it is the same history.
+        let c = catalog(vec![dump("d", "binlog.000002", "00:03:30")], &[2, 3, 4]);
+        assert!(plan_mysql(&c, Target::Latest).is_ok());
     }
 
     #[test]
