@@ -198,7 +198,7 @@ pub async fn run_pg(
         sysid,
         Report {
             format_version: REPORT_FORMAT,
-            id: started.format("%Y%m%dT%H%M%SZ").to_string(),
+            id: crate::repo::new_id(started),
             engine: "postgres".into(),
             cluster: sysid.to_string(),
             backup: out.backup,

@@ -52,7 +52,7 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
     store.list(&keys::dumps_prefix(&uuid)).await?;
 
     let start_time = Utc::now();
-    let id = start_time.format("%Y%m%dT%H%M%SZ").to_string();
+    let id = crate::repo::new_id(start_time);
     let data_key = keys::dump_data_key(&uuid, &id);
     let manifest_key = keys::dump_manifest_key(&uuid, &id);
     if store.head(&manifest_key).await?.is_some() {

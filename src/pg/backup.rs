@@ -186,7 +186,7 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
     store.list(&repo::backups_prefix(facts.sysid)).await?;
 
     let start_time = Utc::now();
-    let id = start_time.format("%Y%m%dT%H%M%SZ").to_string();
+    let id = crate::repo::new_id(start_time);
     let data_key = repo::backup_data_key(facts.sysid, &id);
     if store
         .head(&repo::backup_manifest_key(facts.sysid, &id))

@@ -88,7 +88,7 @@ pub async fn backup_dumps(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result
     store.list(&keys::dumps_prefix(sysid)).await?;
 
     let start_time = Utc::now();
-    let id = start_time.format("%Y%m%dT%H%M%SZ").to_string();
+    let id = crate::repo::new_id(start_time);
     if store.head(&keys::manifest_key(sysid, &id)).await?.is_some() {
         anyhow::bail!("a dump named {id} already exists; try again in a second");
     }

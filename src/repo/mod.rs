@@ -17,6 +17,21 @@ pub mod wal;
 
 pub const FORMAT_VERSION: u32 = 1;
 
+/// A new backup, dump or report id: its UTC start time, then a random suffix, so two runs
+/// started in the same second never share keys (one's cleanup must not touch the other's data).
+/// Ids sort by time; code that orders backups uses their recorded times anyway.
+pub fn new_id(start: chrono::DateTime<chrono::Utc>) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(start.timestamp_nanos_opt().unwrap_or_default() as u128);
+    h.write_u32(std::process::id());
+    format!(
+        "{}-{:04x}",
+        start.format("%Y%m%dT%H%M%SZ"),
+        h.finish() & 0xffff
+    )
+}
+
 pub fn pg_root(sysid: u64) -> String {
     format!("pg/{sysid}/")
 }
