@@ -112,10 +112,16 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .join("\n");
     let written = match (uploaded, status.success()) {
         (Ok(w), true) => w,
+        // The upload failed (storage): the dump program was stopped by us; its death is not
+        // the news.
+        (Err(e), _) => {
+            let _ = store.delete(&data_key).await;
+            return Err(e);
+        }
         (uploaded, _) => {
             let _ = store.delete(&data_key).await;
             return Err(match uploaded {
-                Err(e) if status.success() => e,
+                Err(e) => e,
                 _ => {
                     let e = client::client_error(&server.conn, &stderr_text);
                     if crate::error::exit_code(&e) == 1 {

@@ -382,16 +382,42 @@ pub fn first_error_line(stderr: &str) -> String {
 
 pub fn is_connect_error(line: &str) -> bool {
     CONNECT_ERRORS.iter().any(|code| {
-        line.contains(&format!("ERROR {code} "))
+        let matches = line.contains(&format!("ERROR {code} "))
             || line.contains(&format!("ERROR {code}:"))
             || line.contains(&format!("error: {code}:"))
-            || line.contains(&format!("Got error: {code}:"))
+            || line.contains(&format!("Got error: {code}:"));
+        // "Server has gone away" and "Lost connection" are settings problems only while
+        // connecting; in the middle of a dump they mean the operation failed (exit 2).
+        let while_connecting = !matches!(*code, "2006" | "2013")
+            || line.contains("trying to connect")
+            || line.contains("initial communication packet")
+            || line.contains("handshake");
+        matches && while_connecting
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_connections_are_settings_errors_only_while_connecting() {
+        assert!(is_connect_error(
+            "ERROR 2003 (HY000): Can't connect to MySQL server on '127.0.0.1' (111)"
+        ));
+        assert!(is_connect_error(
+            "ERROR 2013 (HY000): Lost connection to server at 'handshake: reading initial communication packet', system error: 104"
+        ));
+        assert!(!is_connect_error(
+            "mariadb-dump: Error 2013: Lost connection to server during query when dumping table `t` at row: 12"
+        ));
+        assert!(!is_connect_error(
+            "ERROR 2006 (HY000) at line 3418: Server has gone away"
+        ));
+        assert!(is_connect_error(
+            "ERROR 1045 (28000): Access denied for user 'x'@'localhost' (using password: YES)"
+        ));
+    }
 
     #[test]
     fn urls() {

@@ -251,13 +251,14 @@ async fn run_to_store(
     }
     let status = tokio::task::spawn_blocking(move || child.wait()).await??;
     let stderr = stderr.join().unwrap_or_default();
+    // A failed upload stopped the program: report the storage error, not the kill.
+    let w = uploaded?;
     if !status.success() {
         anyhow::bail!(
             "{program} failed ({status}): {}",
             stderr.lines().last().unwrap_or("no message")
         );
     }
-    let w = uploaded?;
     Ok(ObjectRef {
         key: key.to_string(),
         stored_bytes: w.stored_size,
