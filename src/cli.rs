@@ -282,29 +282,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             latest: _,
             json,
         } => {
-            if engine != Engine::Postgres {
-                return Err(input_err!(
-                    "drill --engine mysql is not available in this version"
-                ));
-            }
             let target = match (at, random) {
                 (Some(t), _) => crate::drill::DrillTarget::At(crate::timespec::parse_instant(&t)?),
                 (None, true) => crate::drill::DrillTarget::Random,
                 (None, false) => crate::drill::DrillTarget::Latest,
             };
             let store = crate::storage::open(&cfg)?;
-            let drill = crate::drill::run_pg(&cfg, store.clone(), target);
+            let drill = async {
+                match engine {
+                    Engine::Postgres => crate::drill::run_pg(&cfg, store.clone(), target)
+                        .await
+                        .map(|(sysid, r)| (crate::repo::pg_drill_key(sysid, &r.id), r)),
+                    Engine::Mysql => crate::drill::mysql::run(&cfg, store.clone(), target)
+                        .await
+                        .map(|(uuid, r)| (crate::repo::mysql_drill_key(&uuid, &r.id), r)),
+                }
+            };
             let mut sigterm =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             // An interrupted drill drops its future: the scratch server is stopped and removed.
-            let (sysid, mut report) = tokio::select! {
+            let (key, mut report) = tokio::select! {
                 r = tokio::time::timeout(cfg.drill.timeout, drill) => r.map_err(|_| {
                     anyhow::anyhow!("the drill did not finish within {}", humantime::format_duration(cfg.drill.timeout))
                 })??,
                 _ = sigterm.recv() => anyhow::bail!("drill interrupted by SIGTERM; the scratch server was removed"),
                 _ = tokio::signal::ctrl_c() => anyhow::bail!("drill interrupted; the scratch server was removed"),
             };
-            let key = crate::repo::pg_drill_key(sysid, &report.id);
             crate::drill::publish(&cfg, store.as_ref(), &key, &mut report).await;
             if json {
                 print(&(serde_json::to_string_pretty(&report)? + "\n"))?;

@@ -6,6 +6,7 @@
 //! the JSON report goes into the repository, a summary to stdout, metrics to a Pushgateway
 //! (and `serve`), and a webhook on failure.
 
+pub mod mysql;
 pub mod report;
 pub mod suite;
 

@@ -708,3 +708,85 @@ fn remove_contents(dir: &Path, remove_dir: bool) {
         }
     }
 }
+
+/// A restore drill's scratch server: the dump is loaded by `start` (so exact row counts can be
+/// checked against the dump's manifest), binlogs are replayed by `replay`, and the server is
+/// stopped when this is dropped, whatever happened.
+pub struct DrillServer {
+    pub plan: MysqlPlan,
+    cat: MysqlCatalog,
+    programs: Programs,
+    scratch: Scratch,
+    dir: PathBuf,
+}
+
+impl DrillServer {
+    /// Plans `target` for the repository's server; the error is the plan's refusal.
+    pub async fn plan(
+        cfg: &Config,
+        store: &dyn Store,
+        target: crate::restore::plan::Target,
+    ) -> anyhow::Result<(MysqlCatalog, MysqlPlan)> {
+        let uuid = match &cfg.mysql.server_uuid {
+            Some(id) => id.clone(),
+            None => choose_server(store).await?,
+        };
+        let cat = MysqlCatalog::load(store, &uuid).await?;
+        let plan = plan_mysql(&cat, target)?;
+        Ok((cat, plan))
+    }
+
+    /// Initialises and starts a scratch server in `dir` (private socket) and loads the dump.
+    pub async fn start(
+        cfg: &Config,
+        store: &dyn Store,
+        cat: MysqlCatalog,
+        plan: MysqlPlan,
+        dir: &Path,
+    ) -> anyhow::Result<DrillServer> {
+        let flavor = plan.dump.flavor;
+        let programs = Programs::find(&cfg.mysql, flavor)?;
+        let server_programs = ScratchPrograms::find(&cfg.mysql, flavor)?;
+        let scratch = init_scratch(dir, None, flavor, &server_programs)?;
+        let scratch = match start_scratch(scratch, &server_programs, &programs).await {
+            Ok(s) => s,
+            Err((e, s)) => {
+                s.stop();
+                return Err(e);
+            }
+        };
+        let server = DrillServer {
+            plan,
+            cat,
+            programs,
+            scratch,
+            dir: dir.to_path_buf(),
+        };
+        load_dump(store, &server.plan, &server.programs, &server.conn()).await?;
+        Ok(server)
+    }
+
+    pub fn conn(&self) -> MysqlConn {
+        MysqlConn::local_root(&self.scratch.socket, self.scratch.port)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.scratch.socket
+    }
+
+    /// Replays the planned binlogs through one client connection.
+    pub async fn replay(&self, store: &dyn Store) -> anyhow::Result<()> {
+        if self.plan.binlogs.is_empty() {
+            return Ok(());
+        }
+        let work = WorkDir::inside(&self.dir)?;
+        let files = download_binlogs(store, &self.cat, &self.plan, work.path()).await?;
+        replay(&self.plan, &self.programs, &self.conn(), &files)
+    }
+}
+
+impl Drop for DrillServer {
+    fn drop(&mut self) {
+        self.scratch.stop();
+    }
+}

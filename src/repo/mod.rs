@@ -63,3 +63,7 @@ pub fn pg_drills_prefix(sysid: u64) -> String {
 pub fn pg_drill_key(sysid: u64, id: &str) -> String {
     format!("pg/{sysid}/drills/{id}.json")
 }
+
+pub fn mysql_drill_key(server_uuid: &str, id: &str) -> String {
+    format!("mysql/{server_uuid}/drills/{id}.json")
+}

@@ -535,3 +535,125 @@ fn interrupted_drill_leaves_nothing_behind() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_scratch_gone(scratch.path());
 }
+
+/// MariaDB: `serve` writes the heartbeat and ships binlogs, a dump is taken, writes go on
+/// across rotations; the drill restores into a scratch server and passes; with a binlog
+/// missing in the middle it fails loudly.
+#[test]
+fn mysql_drill_passes_and_fails_on_a_missing_binlog() {
+    let repo = Repo::file();
+    let source = dbagent_testcontainers::MariaDbBuilder::new()
+        .start()
+        .unwrap();
+    let mut env = repo.env();
+    env.push(("DBAGENT_MYSQL_URL".into(), source.url()));
+    env.push(("DBAGENT_ENGINE".into(), "mysql".into()));
+    env.push(("DBAGENT_BINLOG_INTERVAL".into(), "1s".into()));
+    let serve = Serve::start(&env);
+    source
+        .sql(
+            None,
+            "SET NAMES utf8mb4; CREATE DATABASE shop;
+             CREATE TABLE shop.posts (id int PRIMARY KEY, body text) DEFAULT CHARSET = utf8mb4;
+             INSERT INTO shop.posts SELECT seq, CONCAT('ドラえもん 野比大雄 대한민국 🐘 ', seq) FROM shop.seq_1_to_500;",
+        )
+        .unwrap();
+    serve.wait_for("heartbeats", Duration::from_secs(10), |s| {
+        s.metric("dbagent_heartbeat_writes_total").unwrap_or(0.0) >= 2.0
+    });
+    let run = |args: &[&str], extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(args)
+            .env("DBAGENT_LOG_FORMAT", "text")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    ok(&run(&["backup", "--engine", "mysql"], &[]));
+    for i in 0..3 {
+        source
+            .sql(None, &format!("INSERT INTO shop.posts VALUES ({}, 'after the dump 後 {i}'); FLUSH BINARY LOGS;", 1000 + i))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    serve.wait_for("binlogs shipped", Duration::from_secs(20), |s| {
+        s.metric("dbagent_binlog_shipped_total").unwrap_or(0.0) >= 3.0
+    });
+
+    let receiver = Receiver::start();
+    let scratch = pg_owned_tempdir().unwrap();
+    let drill_env = [
+        (
+            "DBAGENT_DRILL_SCRATCH_DIR",
+            scratch.path().to_str().unwrap(),
+        ),
+        ("DBAGENT_NOTIFY_SLACK_URL", &receiver.url("/slack")),
+    ];
+    let out = run(&["drill", "--engine", "mysql", "--json"], &drill_env);
+    let report = report_json(&ok(&out));
+    assert_eq!(report["result"], "pass", "{report:#}");
+    assert_eq!(
+        find(&report, "row counts (dump)", Some("shop"))["status"],
+        "pass"
+    );
+    assert_eq!(
+        find(&report, "heartbeat landed at the target", None)["status"],
+        "pass"
+    );
+    assert_eq!(
+        find(&report, "heartbeat CJK canary", None)["status"],
+        "pass"
+    );
+    assert_eq!(
+        find(&report, "CJK and emoji text round-trips", None)["status"],
+        "pass"
+    );
+    let fulltext = find(&report, "FULLTEXT", None);
+    assert_eq!(fulltext["status"], "skip");
+    assert!(fulltext["detail"].as_str().unwrap().contains("MariaDB"));
+    assert_scratch_gone(scratch.path());
+    let server_dir = std::fs::read_dir(repo.root().unwrap().join("mysql"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read_dir(server_dir.join("drills"))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    // A binlog in the middle of the chain is lost: the drill fails, says which, and alerts.
+    let mut binlogs: Vec<PathBuf> = std::fs::read_dir(server_dir.join("binlog"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "zst"))
+        .collect();
+    binlogs.sort();
+    let victim = binlogs[binlogs.len() - 2].clone();
+    let name = victim.file_stem().unwrap().to_string_lossy().into_owned();
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::remove_file(victim.with_extension("json")).unwrap();
+    let out = run(&["drill", "--engine", "mysql", "--json"], &drill_env);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = report_json(&String::from_utf8_lossy(&out.stdout));
+    let plan = find(&report, "plan", None);
+    assert_eq!(plan["status"], "fail");
+    assert!(plan["detail"].as_str().unwrap().contains(&name), "{plan}");
+    let got = receiver.take();
+    assert!(
+        got.iter()
+            .any(|(_, p, b)| p == "/slack" && b.contains("FAILED") && b.contains(&name)),
+        "{got:?}"
+    );
+    assert_scratch_gone(scratch.path());
+}

@@ -1,0 +1,369 @@
+//! The MySQL/MariaDB restore drill: plan, load the dump into a scratch server, compare every
+//! table's rows with the dump's exact counts, replay the binlogs to the target, then check the
+//! heartbeat and run the SQL suite. The scratch server is always stopped and removed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use mysql_async::prelude::Queryable;
+
+use super::report::{CheckResult, Report, Status};
+use super::{DrillTarget, Outcome, Scratch, one_line, random_point, seed, suite};
+use crate::config::Config;
+use crate::mysql::restore::DrillServer;
+use crate::restore::plan::Target;
+use crate::storage::Store;
+
+pub async fn run(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    target: DrillTarget,
+) -> anyhow::Result<(String, Report)> {
+    let started = Utc::now();
+    let clock = Instant::now();
+    let mut checks = Vec::new();
+    let mut out = Outcome::default();
+    let planned = match target {
+        DrillTarget::Latest => DrillServer::plan(cfg, store.as_ref(), Target::Latest).await,
+        DrillTarget::At(t) => DrillServer::plan(cfg, store.as_ref(), Target::Time(t)).await,
+        // Learn the window from the catalog, then pick a point inside it.
+        DrillTarget::Random => match DrillServer::plan(cfg, store.as_ref(), Target::Latest).await {
+            Ok((cat, _)) => match random_point(&cat.windows(), seed()) {
+                Some(t) => DrillServer::plan(cfg, store.as_ref(), Target::Time(t)).await,
+                None => Err(anyhow::anyhow!(
+                    "nothing is restorable yet: no dump with its binlogs"
+                )),
+            },
+            Err(e) => Err(e),
+        },
+    };
+    let (cat, plan) = match planned {
+        Ok((c, p)) => (Some(c), Some(p)),
+        Err(e) => {
+            checks.push(CheckResult::new("plan", None, Status::Fail, one_line(&e)));
+            (None, None)
+        }
+    };
+    let mut server_uuid = cfg.mysql.server_uuid.clone().unwrap_or_default();
+    if let (Some(cat), Some(plan)) = (cat, plan) {
+        server_uuid = cat.server_uuid.clone();
+        out.target = match plan.target {
+            Target::Time(t) => crate::timespec::show(t),
+            Target::Latest => "latest".into(),
+        };
+        out.backup = Some(plan.dump.id.clone());
+        checks.push(CheckResult::new(
+            "plan",
+            None,
+            Status::Pass,
+            plan.describe(),
+        ));
+        if let Err(e) = drill(cfg, store.as_ref(), cat, plan, &mut checks, &mut out).await {
+            checks.push(CheckResult::new("drill", None, Status::Fail, one_line(&e)));
+        }
+    } else if out.target.is_empty() {
+        out.target = match target {
+            DrillTarget::At(t) => crate::timespec::show(t),
+            _ => "latest".into(),
+        };
+    }
+    let failed = checks.iter().any(|c| c.status == Status::Fail);
+    Ok((
+        server_uuid.clone(),
+        Report {
+            format_version: super::REPORT_FORMAT,
+            id: crate::repo::new_id(started),
+            engine: "mysql".into(),
+            cluster: server_uuid,
+            backup: out.backup,
+            target: out.target,
+            landed_at: out.landed_at,
+            started,
+            finished: Utc::now(),
+            duration_seconds: clock.elapsed().as_secs_f64(),
+            rto_seconds: out.rto_seconds,
+            result: if failed { Status::Fail } else { Status::Pass },
+            checks,
+            dbagent_version: env!("CARGO_PKG_VERSION").into(),
+        },
+    ))
+}
+
+async fn connect(server: &DrillServer) -> anyhow::Result<mysql_async::Conn> {
+    let opts = mysql_async::OptsBuilder::default()
+        .user(Some("root"))
+        .socket(Some(server.socket().display().to_string()))
+        .prefer_socket(true);
+    Ok(mysql_async::Conn::new(opts).await?)
+}
+
+async fn drill(
+    cfg: &Config,
+    store: &dyn Store,
+    cat: crate::repo::mysql::MysqlCatalog,
+    plan: crate::mysql::plan::MysqlPlan,
+    checks: &mut Vec<CheckResult>,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let scratch = Scratch::new(cfg)?;
+    let clock = Instant::now();
+    let server = match DrillServer::start(cfg, store, cat, plan, &scratch.data()).await {
+        Ok(s) => s,
+        Err(e) => {
+            checks.push(CheckResult::new(
+                "restore",
+                None,
+                Status::Fail,
+                one_line(&e),
+            ));
+            return Ok(());
+        }
+    };
+    let mut conn = connect(&server).await?;
+    check_rows(&mut conn, &server.plan.dump, checks).await;
+    if let Err(e) = server.replay(store).await {
+        checks.push(CheckResult::new(
+            "restore",
+            None,
+            Status::Fail,
+            format!("binlog replay failed: {}", one_line(&e)),
+        ));
+        return Ok(());
+    }
+    let rto = clock.elapsed().as_secs_f64();
+    out.rto_seconds = Some(rto);
+    checks.push(CheckResult::new(
+        "restore",
+        None,
+        Status::Pass,
+        format!(
+            "dump {} loaded and {} binlog file(s) replayed in {rto:.1}s",
+            server.plan.dump.id,
+            server.plan.binlogs.len()
+        ),
+    ));
+    if let Some(ts) = check_heartbeat(cfg, &mut conn, &server.plan, checks).await {
+        out.landed_at = Some(ts);
+    }
+    let suite = suite::load(suite::MYSQL_SUITE, &cfg.drill.extra_suites)?;
+    run_suite(&mut conn, &suite, checks).await;
+    check_fulltext(&mut conn, &server, checks).await;
+    drop(conn);
+    drop(server);
+    drop(scratch);
+    Ok(())
+}
+
+/// Right after the dump is loaded, before any binlog: every table has exactly the rows the
+/// dump wrote.
+async fn check_rows(
+    conn: &mut mysql_async::Conn,
+    dump: &crate::repo::mysql::MysqlDump,
+    checks: &mut Vec<CheckResult>,
+) {
+    for db in &dump.databases {
+        let mut problems = Vec::new();
+        for t in &db.tables {
+            let sql = format!(
+                "SELECT COUNT(*) FROM `{}`.`{}`",
+                db.name.replace('`', "``"),
+                t.table.replace('`', "``")
+            );
+            match conn.query_first::<u64, _>(sql).await {
+                Ok(Some(n)) if n == t.rows => {}
+                Ok(n) => problems.push(format!(
+                    "{} has {} rows, the dump wrote {}",
+                    t.table,
+                    n.unwrap_or(0),
+                    t.rows
+                )),
+                Err(e) => problems.push(format!("{}: {e}", t.table)),
+            }
+        }
+        let (status, detail) = if problems.is_empty() {
+            (
+                Status::Pass,
+                format!(
+                    "{} table(s) hold exactly the rows the dump wrote",
+                    db.tables.len()
+                ),
+            )
+        } else {
+            (Status::Fail, problems.join("; "))
+        };
+        checks.push(CheckResult::new(
+            "row counts (dump)",
+            Some(&db.name),
+            status,
+            detail,
+        ));
+    }
+}
+
+async fn check_heartbeat(
+    cfg: &Config,
+    conn: &mut mysql_async::Conn,
+    plan: &crate::mysql::plan::MysqlPlan,
+    checks: &mut Vec<CheckResult>,
+) -> Option<String> {
+    let row: Option<(String, String)> = conn
+        .query_first("SELECT ts, canary FROM dbagent.heartbeat ORDER BY ts DESC LIMIT 1")
+        .await
+        .ok()
+        .flatten();
+    let db = Some("dbagent");
+    let Some((ts_text, canary)) = row else {
+        checks.push(CheckResult::new(
+            "heartbeat",
+            db,
+            Status::Skip,
+            "no dbagent.heartbeat row: the source ran no `dbagent serve`, so where the restore landed cannot be proven",
+        ));
+        return None;
+    };
+    let ts: DateTime<Utc> = NaiveDateTime::parse_from_str(&ts_text, "%Y-%m-%dT%H:%M:%S%.f")
+        .map(|t| t.and_utc())
+        .unwrap_or_default();
+    let tolerance = chrono::Duration::from_std(cfg.drill.heartbeat_tolerance).unwrap_or_default();
+    let (ok, detail) = match (plan.target, plan.reachable_until) {
+        (Target::Time(t), _) => {
+            let before = t - ts;
+            (
+                ts <= t && before <= tolerance,
+                format!(
+                    "newest heartbeat {ts_text}, {:.1}s before the target {} (allowed: {}s)",
+                    before.num_milliseconds() as f64 / 1000.0,
+                    crate::timespec::show(t),
+                    tolerance.num_seconds()
+                ),
+            )
+        }
+        (Target::Latest, until) => {
+            let end = until.unwrap_or(plan.dump.consistent_time);
+            let gap = end - ts;
+            (
+                gap <= tolerance,
+                format!(
+                    "newest heartbeat {ts_text}, {:.1}s before the end of the archived binlogs (allowed: {}s)",
+                    gap.num_milliseconds() as f64 / 1000.0,
+                    tolerance.num_seconds()
+                ),
+            )
+        }
+    };
+    checks.push(CheckResult::new(
+        "heartbeat landed at the target",
+        db,
+        if ok { Status::Pass } else { Status::Fail },
+        detail,
+    ));
+    let canary_ok = canary == crate::heartbeat::CANARY;
+    checks.push(CheckResult::new(
+        "heartbeat CJK canary is byte-identical",
+        db,
+        if canary_ok {
+            Status::Pass
+        } else {
+            Status::Fail
+        },
+        if canary_ok {
+            format!("{canary:?}")
+        } else {
+            format!(
+                "expected {:?}, found {canary:?} (hex {})",
+                crate::heartbeat::CANARY,
+                hex::encode(canary.as_bytes())
+            )
+        },
+    ));
+    Some(ts_text)
+}
+
+async fn run_suite(
+    conn: &mut mysql_async::Conn,
+    suite: &[suite::Check],
+    checks: &mut Vec<CheckResult>,
+) {
+    for check in suite {
+        let name = format!("{}: {}", check.suite, check.name);
+        if !check.requires.is_empty() {
+            checks.push(CheckResult::new(
+                &name,
+                None,
+                Status::Skip,
+                "skipped: `-- requires:` names PostgreSQL extensions",
+            ));
+            continue;
+        }
+        let db = check.database.as_deref();
+        let result = async {
+            if let Some(db) = db {
+                conn.query_drop(format!("USE `{}`", db.replace('`', "``")))
+                    .await?;
+            }
+            let rows: Vec<mysql_async::Row> = conn.query(check.sql.as_str()).await?;
+            anyhow::Ok(rows)
+        }
+        .await;
+        let (status, detail) = match result {
+            Err(e) => (Status::Fail, format!("error: {e}")),
+            Ok(rows) => {
+                let first: Option<String> = rows
+                    .first()
+                    .and_then(|r| r.get_opt::<Option<String>, _>(0))
+                    .and_then(|v| v.ok())
+                    .flatten();
+                match (rows.len(), first.as_deref()) {
+                    (1, Some("1")) => (Status::Pass, "true".to_string()),
+                    (n, v) => (
+                        Status::Fail,
+                        format!("expected one row with true, got {n} row(s), first value {v:?}"),
+                    ),
+                }
+            }
+        };
+        checks.push(CheckResult::new(&name, db, status, detail));
+    }
+}
+
+/// FULLTEXT search on CJK text needs the n-gram parser, which MySQL has and MariaDB does not.
+async fn check_fulltext(
+    conn: &mut mysql_async::Conn,
+    server: &DrillServer,
+    checks: &mut Vec<CheckResult>,
+) {
+    const NAME: &str = "FULLTEXT search on CJK text (n-gram parser)";
+    if server.plan.dump.flavor == crate::repo::mysql::Flavor::Mariadb {
+        checks.push(CheckResult::new(
+            NAME,
+            None,
+            Status::Skip,
+            "skipped: MariaDB has no n-gram FULLTEXT parser",
+        ));
+        return;
+    }
+    let result = async {
+        conn.query_drop(
+            "CREATE DATABASE IF NOT EXISTS dbagent_drill;
+             CREATE TABLE dbagent_drill.ft (body TEXT, FULLTEXT (body) WITH PARSER ngram) DEFAULT CHARSET = utf8mb4;
+             INSERT INTO dbagent_drill.ft VALUES ('ドラえもん のび太の牧場物語 多拉A梦 野比大雄'), ('unrelated text');",
+        )
+        .await?;
+        let n: Option<u64> = conn
+            .query_first("SELECT COUNT(*) FROM dbagent_drill.ft WHERE MATCH(body) AGAINST ('野比大雄' IN BOOLEAN MODE)")
+            .await?;
+        conn.query_drop("DROP DATABASE dbagent_drill").await?;
+        anyhow::Ok(n.unwrap_or(0))
+    }
+    .await;
+    let (status, detail) = match result {
+        Ok(1) => (
+            Status::Pass,
+            "野比大雄 found through the n-gram index".to_string(),
+        ),
+        Ok(n) => (Status::Fail, format!("expected 1 match, got {n}")),
+        Err(e) => (Status::Fail, format!("error: {e}")),
+    };
+    checks.push(CheckResult::new(NAME, None, status, detail));
+}
