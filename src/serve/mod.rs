@@ -142,6 +142,11 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                     "binlog-shipper",
                     ship_binlogs(cfg.clone(), store.clone(), shared.clone(), token.clone()),
                 );
+                spawn(
+                    &mut tasks,
+                    "repository",
+                    repo_facts_mysql(cfg.clone(), store.clone(), shared.clone(), token.clone()),
+                );
             }
         }
     }
@@ -344,6 +349,63 @@ async fn repo_facts_pg(
                                 &crate::repo::pg_drills_prefix(sysid),
                             )
                             .await,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot read the repository");
+                        state::RepoFacts {
+                            error: Some(format!("{e:#}")),
+                            ..shared.repo.read().unwrap().clone()
+                        }
+                    }
+                };
+                *shared.repo.write().unwrap() = facts;
+                cfg.serve.catalog_refresh
+            }
+        };
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// The MySQL side of `repo_facts_pg`: dumps, the binlog window and drills, for the server in
+/// `mysql.server_uuid` or the only one in the repository.
+async fn repo_facts_mysql(
+    cfg: Config,
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let server = match &cfg.mysql.server_uuid {
+            Some(id) => Some(id.clone()),
+            None => match crate::repo::mysql::servers(store.as_ref()).await {
+                Ok(found) if found.len() == 1 => found.into_iter().next(),
+                _ => None,
+            },
+        };
+        let wait = match server {
+            // Nothing archived yet (or several servers and no mysql.server_uuid): look again soon.
+            None => Duration::from_secs(10).min(cfg.serve.catalog_refresh),
+            Some(server) => {
+                let facts = match crate::repo::mysql::MysqlCatalog::load(store.as_ref(), &server)
+                    .await
+                {
+                    Ok(cat) => {
+                        let windows = cat.windows();
+                        let last = cat.dumps.last();
+                        state::RepoFacts {
+                            last_backup_time: last.map(|d| d.consistent_time),
+                            last_backup_bytes: last.map(|d| d.data.plain_bytes),
+                            backups: cat.dumps.len(),
+                            window_start: windows.first().map(|w| w.from),
+                            window_end: windows.last().map(|w| w.to),
+                            refreshed: Some(chrono::Utc::now()),
+                            error: None,
+                            drill: latest_drill(store.as_ref(), &format!("mysql/{server}/drills/"))
+                                .await,
                         }
                     }
                     Err(e) => {

@@ -549,6 +549,7 @@ fn mysql_drill_passes_and_fails_on_a_missing_binlog() {
     env.push(("DBAGENT_MYSQL_URL".into(), source.url()));
     env.push(("DBAGENT_ENGINE".into(), "mysql".into()));
     env.push(("DBAGENT_BINLOG_INTERVAL".into(), "1s".into()));
+    env.push(("DBAGENT_CATALOG_REFRESH".into(), "1s".into()));
     let serve = Serve::start(&env);
     source
         .sql(
@@ -614,6 +615,14 @@ fn mysql_drill_passes_and_fails_on_a_missing_binlog() {
     assert_eq!(fulltext["status"], "skip");
     assert!(fulltext["detail"].as_str().unwrap().contains("MariaDB"));
     assert_scratch_gone(scratch.path());
+    // serve exports the dump, the restorable window and the drill's outcome for MySQL too.
+    serve.wait_for("MySQL repository metrics", Duration::from_secs(15), |s| {
+        s.metric("dbagent_drill_last_result") == Some(1.0)
+            && s.metric("dbagent_backup_last_success_timestamp_seconds")
+                .is_some()
+            && s.metric("dbagent_restorable_window_end_timestamp_seconds")
+                .is_some()
+    });
     let server_dir = std::fs::read_dir(repo.root().unwrap().join("mysql"))
         .unwrap()
         .next()
