@@ -197,14 +197,8 @@ impl<W: std::io::Write> std::io::Write for Counting<W> {
 async fn unpack_backup(store: &dyn Store, plan: &PgPlan, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     set_mode(dir, 0o700)?;
-    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let (writer, reader) = untar::chunk_channel();
     let unpack_dir = dir.to_path_buf();
-    // A larger pipe means fewer, bigger reads on the unpacking side.
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure only leaves the default size.
-        unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-    }
     let unpacker = std::thread::spawn(move || -> anyhow::Result<()> {
         untar::unpack(reader, &unpack_dir).context("unpacking the base backup")?;
         Ok(())
@@ -235,10 +229,11 @@ async fn unpack_backup(store: &dyn Store, plan: &PgPlan, dir: &Path) -> anyhow::
         p.abort();
         eprintln!();
     }
-    // Close our end of the pipe so the unpacker sees the end of the stream.
-    let downloaded = downloaded.map(|(w, t)| {
+    // Hand over the last chunk, then close the channel so the unpacker sees the end.
+    let downloaded = downloaded.and_then(|(mut w, t)| {
+        std::io::Write::flush(&mut w)?;
         drop(w);
-        t
+        Ok(t)
     });
     let unpacked = unpacker
         .join()

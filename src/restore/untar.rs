@@ -52,7 +52,6 @@ fn safe_join(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 
 struct Unpacker {
     made: HashSet<PathBuf>,
-    buf: Vec<u8>,
     bytes: u64,
 }
 
@@ -68,22 +67,119 @@ impl Unpacker {
         Ok(())
     }
 
-    fn file(&mut self, r: &mut impl Read, path: &Path, size: u64, mode: u32) -> anyhow::Result<()> {
+    fn file(
+        &mut self,
+        r: &mut impl BufRead,
+        path: &Path,
+        size: u64,
+        mode: u32,
+    ) -> anyhow::Result<()> {
         self.parent(path)?;
         let mut f =
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         let mut left = size;
+        // Straight from the reader's buffer to the file: no copy in between.
         while left > 0 {
-            let want = (left as usize).min(self.buf.len());
-            r.read_exact(&mut self.buf[..want])
-                .context("the backup stream ended inside a file")?;
-            f.write_all(&self.buf[..want])
+            let avail = r.fill_buf()?;
+            if avail.is_empty() {
+                bail!("the backup stream ended inside a file");
+            }
+            let take = (avail.len() as u64).min(left) as usize;
+            f.write_all(&avail[..take])
                 .with_context(|| format!("writing {}", path.display()))?;
-            left -= want as u64;
+            r.consume(take);
+            left -= take as u64;
         }
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         self.bytes += size;
         Ok(())
+    }
+}
+
+/// The writing end of a chunk channel: what the decompressor writes arrives at the unpacker in
+/// 1 MiB chunks, handed over without going through the kernel.
+pub struct ChunkWriter {
+    buf: Vec<u8>,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+/// The reading end: a `BufRead` over the chunks, so file bodies are written straight from them.
+pub struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+pub fn chunk_channel() -> (ChunkWriter, ChunkReader) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(4);
+    (
+        ChunkWriter {
+            buf: Vec::with_capacity(COPY_BUF),
+            tx,
+        },
+        ChunkReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        },
+    )
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(COPY_BUF));
+        self.tx.send(full).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the unpacker stopped")
+        })
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = (COPY_BUF - self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == COPY_BUF {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    /// Hands over what is buffered (the end of the stream).
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            self.send()
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(out.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.cur = chunk;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(&[]),
+            }
+        }
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.cur.len());
     }
 }
 
@@ -112,11 +208,9 @@ fn padding(size: u64) -> u64 {
 }
 
 /// Unpacks the whole stream into `dir`; returns the bytes of file data written.
-pub fn unpack(reader: impl Read, dir: &Path) -> anyhow::Result<u64> {
-    let mut r = std::io::BufReader::with_capacity(COPY_BUF, reader);
+pub fn unpack(mut r: impl BufRead, dir: &Path) -> anyhow::Result<u64> {
     let mut u = Unpacker {
         made: HashSet::from([dir.to_path_buf()]),
-        buf: vec![0u8; COPY_BUF],
         bytes: 0,
     };
     let mut long_name: Option<String> = None;
@@ -286,6 +380,29 @@ mod tests {
         assert_eq!(
             std::fs::metadata(dir.path().join("empty")).unwrap().len(),
             0
+        );
+    }
+
+    #[test]
+    fn unpacks_through_the_chunk_channel() {
+        let raw = archive();
+        let (mut w, r) = chunk_channel();
+        let feeder = std::thread::spawn(move || {
+            // Odd-sized writes cross chunk boundaries.
+            for piece in raw.chunks(7919) {
+                w.write_all(piece).unwrap();
+            }
+            w.flush().unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = unpack(r, dir.path()).unwrap();
+        feeder.join().unwrap();
+        assert_eq!(bytes, 3_000_000 + 8192 + 3 + 5);
+        assert_eq!(
+            std::fs::read(dir.path().join("base/1/16384"))
+                .unwrap()
+                .len(),
+            3_000_000
         );
     }
 
