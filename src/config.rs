@@ -104,6 +104,7 @@ pub struct FileServe {
     pub wal_lookahead: Option<bool>,
     pub wal_lookahead_parallel: Option<usize>,
     pub binlog_interval: Option<String>,
+    pub binlog_max_age: Option<String>,
     pub catalog_refresh: Option<String>,
 }
 
@@ -308,6 +309,9 @@ pub struct ServeConfig {
     pub wal_lookahead: bool,
     pub wal_lookahead_parallel: usize,
     pub binlog_interval: Duration,
+    /// Rotate the active binlog (FLUSH BINARY LOGS) once it is this old, so a quiet server's
+    /// writes reach the archive anyway: the MySQL twin of PostgreSQL's archive_timeout.
+    pub binlog_max_age: Duration,
     pub catalog_refresh: Duration,
 }
 
@@ -613,6 +617,12 @@ impl Config {
                 "DBAGENT_BINLOG_INTERVAL",
                 file.serve.binlog_interval,
                 Duration::from_secs(10),
+            )?,
+            binlog_max_age: duration(
+                "serve.binlog_max_age",
+                "DBAGENT_BINLOG_MAX_AGE",
+                file.serve.binlog_max_age,
+                Duration::from_secs(300),
             )?,
             catalog_refresh: duration(
                 "serve.catalog_refresh",

@@ -286,7 +286,22 @@ async fn ship_binlogs(
 ) -> anyhow::Result<()> {
     let mut state = crate::mysql::binlog::ShipState::default();
     let mut last_error: Option<String> = None;
+    let mut last_rotation = std::time::Instant::now();
+    let opts = crate::health::mysql::opts(&cfg.mysql)?;
     loop {
+        // The active binlog is never shipped: rotate it when it is old, so the restorable
+        // window never lags more than binlog_max_age behind on a quiet server.
+        if last_rotation.elapsed() >= cfg.serve.binlog_max_age {
+            let (snap, _) = shared.snapshot();
+            if snap.is_some_and(|s| s.up && s.role == crate::health::Role::Primary) {
+                match rotate_binlog(&opts).await {
+                    Ok(()) => last_rotation = std::time::Instant::now(),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "FLUSH BINARY LOGS failed (the account needs RELOAD)")
+                    }
+                }
+            }
+        }
         match crate::mysql::binlog::ship_closed(&cfg, &store, &mut state).await {
             Ok(report) => {
                 Counters::add(&shared.counters.binlog_pushed, report.shipped.len() as u64);
@@ -368,6 +383,13 @@ async fn repo_facts_pg(
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+async fn rotate_binlog(opts: &mysql_async::Opts) -> anyhow::Result<()> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = crate::health::mysql::connect(opts).await?;
+    conn.query_drop("FLUSH BINARY LOGS").await?;
+    Ok(())
 }
 
 /// The MySQL side of `repo_facts_pg`: dumps, the binlog window and drills, for the server in

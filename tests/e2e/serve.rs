@@ -549,3 +549,31 @@ fn scheduled_backup_runs_inside_serve() {
     });
     assert!(serve.json("/")["last_backup_time"].is_string());
 }
+
+/// On a quiet server the active binlog would never close, so nothing would reach the archive:
+/// serve rotates it once it is older than serve.binlog_max_age.
+#[test]
+fn serve_rotates_an_old_binlog_so_it_is_shipped() {
+    let repo = Repo::file();
+    let db = dbagent_testcontainers::MariaDbBuilder::new()
+        .start()
+        .unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (i int); INSERT INTO shop.t VALUES (1)",
+    )
+    .unwrap();
+    let mut env = mysql_env(&db);
+    env.extend(repo.env());
+    env.push(("DBAGENT_BINLOG_INTERVAL".into(), "1s".into()));
+    env.push(("DBAGENT_BINLOG_MAX_AGE".into(), "2s".into()));
+    let serve = Serve::start(&env);
+    // No FLUSH BINARY LOGS here: only the rotation by serve can close a file.
+    serve.wait_for(
+        "a rotated binlog to be shipped",
+        Duration::from_secs(20),
+        |s| s.metric("dbagent_binlog_shipped_total").unwrap_or(0.0) >= 1.0,
+    );
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    assert!(listing.contains("binlog.000001"), "{listing}");
+}
