@@ -423,10 +423,35 @@ async fn check_heartbeat(
     let canary: String = row.get(2);
     let ts = DateTime::from_timestamp_micros((ts_epoch * 1e6) as i64).unwrap_or_default();
     let tolerance = chrono::Duration::from_std(cfg.drill.heartbeat_tolerance).unwrap_or_default();
-    let (ok, detail) = match plan.target {
+    checks.extend(judge_heartbeat(
+        ts,
+        &ts_text,
+        &canary,
+        plan.target,
+        plan.reachable_until,
+        tolerance,
+        db,
+    ));
+    Some(ts_text)
+}
+
+/// Judges the newest heartbeat row of a restored server: it must be at or before the target
+/// and within `tolerance` of it (of the archive's end for `--latest`), and its CJK canary must
+/// have survived byte for byte.
+fn judge_heartbeat(
+    ts: DateTime<Utc>,
+    ts_text: &str,
+    canary: &str,
+    target: Target,
+    end_of_archive: DateTime<Utc>,
+    tolerance: chrono::Duration,
+    db: Option<&str>,
+) -> [CheckResult; 2] {
+    let (ok, detail) = match target {
         Target::Time(t) => {
             let before = t - ts;
             (
+                // Stored timestamps round to microseconds.
                 ts <= t + chrono::Duration::milliseconds(1) && before <= tolerance,
                 format!(
                     "newest heartbeat {ts_text}, {:.1}s before the target {} (allowed: {}s)",
@@ -437,7 +462,7 @@ async fn check_heartbeat(
             )
         }
         Target::Latest => {
-            let gap = plan.reachable_until - ts;
+            let gap = end_of_archive - ts;
             (
                 gap <= tolerance,
                 format!(
@@ -448,32 +473,25 @@ async fn check_heartbeat(
             )
         }
     };
-    checks.push(CheckResult::new(
-        "heartbeat landed at the target",
-        db,
-        if ok { Status::Pass } else { Status::Fail },
-        detail,
-    ));
     let canary_ok = canary == crate::heartbeat::CANARY;
-    checks.push(CheckResult::new(
-        "heartbeat CJK canary is byte-identical",
-        db,
-        if canary_ok {
-            Status::Pass
-        } else {
-            Status::Fail
-        },
-        if canary_ok {
-            format!("{canary:?}")
-        } else {
-            format!(
-                "expected {:?}, found {canary:?} (hex {})",
-                crate::heartbeat::CANARY,
-                hex::encode(canary.as_bytes())
-            )
-        },
-    ));
-    Some(ts_text)
+    let status = |ok: bool| if ok { Status::Pass } else { Status::Fail };
+    [
+        CheckResult::new("heartbeat landed at the target", db, status(ok), detail),
+        CheckResult::new(
+            "heartbeat CJK canary is byte-identical",
+            db,
+            status(canary_ok),
+            if canary_ok {
+                format!("{canary:?}")
+            } else {
+                format!(
+                    "expected {:?}, found {canary:?} (hex {})",
+                    crate::heartbeat::CANARY,
+                    hex::encode(canary.as_bytes())
+                )
+            },
+        ),
+    ]
 }
 
 async fn check_extensions(client: &Client, db: &DatabaseInfo, checks: &mut Vec<CheckResult>) {
@@ -682,6 +700,67 @@ async fn run_suite(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_judgement() {
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let tol = chrono::Duration::seconds(60);
+        let at = t("2026-11-23T03:00:00Z");
+        let canary = crate::heartbeat::CANARY;
+        let [landed, c] = judge_heartbeat(
+            t("2026-11-23T02:59:59Z"),
+            "x",
+            canary,
+            Target::Time(at),
+            at,
+            tol,
+            None,
+        );
+        assert_eq!((landed.status, c.status), (Status::Pass, Status::Pass));
+        // Past the target: the restore went too far.
+        let [landed, _] = judge_heartbeat(
+            t("2026-11-23T03:00:01Z"),
+            "x",
+            canary,
+            Target::Time(at),
+            at,
+            tol,
+            None,
+        );
+        assert_eq!(landed.status, Status::Fail);
+        // Far before it: WAL or binlogs were missing.
+        let [landed, _] = judge_heartbeat(
+            t("2026-11-23T02:50:00Z"),
+            "x",
+            canary,
+            Target::Time(at),
+            at,
+            tol,
+            None,
+        );
+        assert_eq!(landed.status, Status::Fail);
+        let [landed, _] = judge_heartbeat(
+            t("2026-11-23T02:59:30Z"),
+            "x",
+            canary,
+            Target::Latest,
+            at,
+            tol,
+            None,
+        );
+        assert_eq!(landed.status, Status::Pass);
+        let [_, c] = judge_heartbeat(
+            at,
+            "x",
+            "dbagent 心跳 ?????",
+            Target::Time(at),
+            at,
+            tol,
+            None,
+        );
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("hex"));
+    }
 
     #[test]
     fn random_points_stay_inside_the_windows() {

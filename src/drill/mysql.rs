@@ -226,56 +226,15 @@ async fn check_heartbeat(
         .map(|t| t.and_utc())
         .unwrap_or_default();
     let tolerance = chrono::Duration::from_std(cfg.drill.heartbeat_tolerance).unwrap_or_default();
-    let (ok, detail) = match (plan.target, plan.reachable_until) {
-        (Target::Time(t), _) => {
-            let before = t - ts;
-            (
-                ts <= t && before <= tolerance,
-                format!(
-                    "newest heartbeat {ts_text}, {:.1}s before the target {} (allowed: {}s)",
-                    before.num_milliseconds() as f64 / 1000.0,
-                    crate::timespec::show(t),
-                    tolerance.num_seconds()
-                ),
-            )
-        }
-        (Target::Latest, until) => {
-            let end = until.unwrap_or(plan.dump.consistent_time);
-            let gap = end - ts;
-            (
-                gap <= tolerance,
-                format!(
-                    "newest heartbeat {ts_text}, {:.1}s before the end of the archived binlogs (allowed: {}s)",
-                    gap.num_milliseconds() as f64 / 1000.0,
-                    tolerance.num_seconds()
-                ),
-            )
-        }
-    };
-    checks.push(CheckResult::new(
-        "heartbeat landed at the target",
+    let end = plan.reachable_until.unwrap_or(plan.dump.consistent_time);
+    checks.extend(super::judge_heartbeat(
+        ts,
+        &ts_text,
+        &canary,
+        plan.target,
+        end,
+        tolerance,
         db,
-        if ok { Status::Pass } else { Status::Fail },
-        detail,
-    ));
-    let canary_ok = canary == crate::heartbeat::CANARY;
-    checks.push(CheckResult::new(
-        "heartbeat CJK canary is byte-identical",
-        db,
-        if canary_ok {
-            Status::Pass
-        } else {
-            Status::Fail
-        },
-        if canary_ok {
-            format!("{canary:?}")
-        } else {
-            format!(
-                "expected {:?}, found {canary:?} (hex {})",
-                crate::heartbeat::CANARY,
-                hex::encode(canary.as_bytes())
-            )
-        },
     ));
     Some(ts_text)
 }

@@ -129,7 +129,7 @@ pub async fn restore(
                     if let Some(s) = scratch {
                         s.stop();
                     }
-                    remove_contents(&dir, created);
+                    crate::restore::remove_contents(&dir, created);
                     return Err(e);
                 }
             }
@@ -692,21 +692,6 @@ async fn start_scratch(
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
-}
-
-fn remove_contents(dir: &Path, remove_dir: bool) {
-    if remove_dir {
-        let _ = std::fs::remove_dir_all(dir);
-    } else if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-        }
-    }
 }
 
 /// A restore drill's scratch server: the dump is loaded by `start` (so exact row counts can be

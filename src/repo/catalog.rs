@@ -41,6 +41,19 @@ pub struct Window {
     pub to: DateTime<Utc>,
 }
 
+/// Sorts spans of restorable time and merges the ones that touch.
+pub fn merge_windows(mut spans: Vec<Window>) -> Vec<Window> {
+    spans.sort_by_key(|w| w.from);
+    let mut merged: Vec<Window> = Vec::new();
+    for w in spans {
+        match merged.last_mut() {
+            Some(last) if w.from <= last.to => last.to = last.to.max(w.to),
+            _ => merged.push(w),
+        }
+    }
+    merged
+}
+
 /// The clusters (system identifiers) that have anything in the repository.
 pub async fn clusters(store: &dyn Store) -> anyhow::Result<Vec<u64>> {
     let mut out: Vec<u64> = store
@@ -207,7 +220,7 @@ impl PgCatalog {
 
     /// The spans of time a restore can reach, merged across backups.
     pub fn windows(&self) -> Vec<Window> {
-        let mut spans: Vec<Window> = self
+        let spans: Vec<Window> = self
             .backups
             .iter()
             .filter_map(|b| {
@@ -219,15 +232,7 @@ impl PgCatalog {
                 })
             })
             .collect();
-        spans.sort_by_key(|w| w.from);
-        let mut merged: Vec<Window> = Vec::new();
-        for w in spans {
-            match merged.last_mut() {
-                Some(last) if w.from <= last.to => last.to = last.to.max(w.to),
-                _ => merged.push(w),
-            }
-        }
-        merged
+        merge_windows(spans)
     }
 }
 

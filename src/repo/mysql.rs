@@ -323,20 +323,12 @@ impl MysqlCatalog {
 
     /// The spans of time a restore can reach, merged across dumps.
     pub fn windows(&self) -> Vec<Window> {
-        let mut spans: Vec<Window> = self
-            .dumps
-            .iter()
-            .filter_map(|d| self.dump_window(d))
-            .collect();
-        spans.sort_by_key(|w| w.from);
-        let mut merged: Vec<Window> = Vec::new();
-        for w in spans {
-            match merged.last_mut() {
-                Some(last) if w.from <= last.to => last.to = last.to.max(w.to),
-                _ => merged.push(w),
-            }
-        }
-        merged
+        super::catalog::merge_windows(
+            self.dumps
+                .iter()
+                .filter_map(|d| self.dump_window(d))
+                .collect(),
+        )
     }
 
     /// Files missing between the first and the last archived binlog of each sequence.

@@ -162,7 +162,8 @@ pub async fn stop_server(cfg: &Config, dir: &Path) {
     }
 }
 
-fn remove_contents(dir: &Path, remove_dir: bool) {
+/// Empties a directory the restore created or found empty (or removes it when it created it).
+pub(crate) fn remove_contents(dir: &Path, remove_dir: bool) {
     if remove_dir {
         let _ = std::fs::remove_dir_all(dir);
     } else if let Ok(entries) = std::fs::read_dir(dir) {
