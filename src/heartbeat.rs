@@ -37,66 +37,94 @@ async fn pg_connect(conn: &ConnInfo) -> anyhow::Result<Client> {
     Ok(client)
 }
 
-/// Writes the heartbeat while the snapshot says this server is a writable primary.
-pub async fn run_pg(
-    shared: Arc<Shared>,
+/// One heartbeat write, on a connection kept between writes.
+#[async_trait::async_trait]
+pub trait Writer: Send {
+    async fn write(&mut self) -> anyhow::Result<()>;
+    /// Drops the connection (after an error, or when this server is no longer the primary).
+    fn reset(&mut self);
+}
+
+pub struct PgWriter {
     conn: ConnInfo,
     node: String,
-    interval: Duration,
-    token: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut client: Option<Client> = None;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_error: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return Ok(()),
-            _ = ticker.tick() => {}
-        }
-        let (snap, _) = shared.snapshot();
-        if !snap.is_some_and(|s| s.up && s.role == Role::Primary && s.writable) {
-            client = None;
-            continue;
-        }
-        let result = async {
-            if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = Some(pg_connect(&conn).await?);
-            }
-            let c = client.as_ref().expect("connected above");
-            c.execute(PG_UPSERT, &[&node, &CANARY]).await?;
-            anyhow::Ok(())
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                Counters::add(&shared.counters.heartbeat_writes, 1);
-                if last_error.take().is_some() {
-                    tracing::info!("heartbeat writes resumed");
-                }
-            }
-            Err(e) => {
-                client = None;
-                Counters::add(&shared.counters.heartbeat_failures, 1);
-                let msg = format!("{e:#}");
-                if last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(error = %msg, "heartbeat write failed");
-                }
-                last_error = Some(msg);
-            }
+    client: Option<Client>,
+}
+
+impl PgWriter {
+    pub fn new(conn: ConnInfo, node: String) -> PgWriter {
+        PgWriter {
+            conn,
+            node,
+            client: None,
         }
     }
 }
 
-/// Writes the pt-heartbeat row while the snapshot says this server is a writable primary.
-pub async fn run_mysql(
-    shared: Arc<Shared>,
+#[async_trait::async_trait]
+impl Writer for PgWriter {
+    async fn write(&mut self) -> anyhow::Result<()> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(pg_connect(&self.conn).await?);
+        }
+        let c = self.client.as_ref().expect("connected above");
+        c.execute(PG_UPSERT, &[&self.node, &CANARY]).await?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.client = None;
+    }
+}
+
+pub struct MysqlWriter {
     opts: mysql_async::Opts,
+    conn: Option<mysql_async::Conn>,
+}
+
+impl MysqlWriter {
+    pub fn new(opts: mysql_async::Opts) -> MysqlWriter {
+        MysqlWriter { opts, conn: None }
+    }
+}
+
+#[async_trait::async_trait]
+impl Writer for MysqlWriter {
+    async fn write(&mut self) -> anyhow::Result<()> {
+        use mysql_async::prelude::Queryable;
+        if self.conn.is_none() {
+            let mut c = crate::health::mysql::connect(&self.opts).await?;
+            for stmt in sql_statements(MYSQL_SCHEMA) {
+                c.query_drop(stmt).await?;
+            }
+            self.conn = Some(c);
+        }
+        let c = self.conn.as_mut().expect("connected above");
+        // pt-heartbeat --utc format: ISO 8601 with microseconds, no zone.
+        let ts = chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.6f")
+            .to_string();
+        c.exec_drop(
+            "REPLACE INTO dbagent.heartbeat (ts, server_id, canary) VALUES (?, @@server_id, ?)",
+            (ts, CANARY),
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Writes the heartbeat every `interval` while the snapshot says this server is a writable
+/// primary; counts writes and failures, and logs a failure once, not every second.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut writer: impl Writer,
     interval: Duration,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
-    use mysql_async::prelude::Queryable;
-    let mut conn: Option<mysql_async::Conn> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
@@ -107,31 +135,10 @@ pub async fn run_mysql(
         }
         let (snap, _) = shared.snapshot();
         if !snap.is_some_and(|s| s.up && s.role == Role::Primary && s.writable) {
-            conn = None;
+            writer.reset();
             continue;
         }
-        let result = async {
-            if conn.is_none() {
-                let mut c = crate::health::mysql::connect(&opts).await?;
-                for stmt in sql_statements(MYSQL_SCHEMA) {
-                    c.query_drop(stmt).await?;
-                }
-                conn = Some(c);
-            }
-            let c = conn.as_mut().expect("connected above");
-            // pt-heartbeat --utc format: ISO 8601 with microseconds, no zone.
-            let ts = chrono::Utc::now()
-                .format("%Y-%m-%dT%H:%M:%S%.6f")
-                .to_string();
-            c.exec_drop(
-                "REPLACE INTO dbagent.heartbeat (ts, server_id, canary) VALUES (?, @@server_id, ?)",
-                (ts, CANARY),
-            )
-            .await?;
-            anyhow::Ok(())
-        }
-        .await;
-        match result {
+        match writer.write().await {
             Ok(()) => {
                 Counters::add(&shared.counters.heartbeat_writes, 1);
                 if last_error.take().is_some() {
@@ -139,7 +146,7 @@ pub async fn run_mysql(
                 }
             }
             Err(e) => {
-                conn = None;
+                writer.reset();
                 Counters::add(&shared.counters.heartbeat_failures, 1);
                 let msg = format!("{e:#}");
                 if last_error.as_deref() != Some(msg.as_str()) {

@@ -84,10 +84,12 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                 spawn(
                     &mut tasks,
                     "heartbeat",
-                    crate::heartbeat::run_pg(
+                    crate::heartbeat::run(
                         shared.clone(),
-                        conn.with_db(&cfg.serve.heartbeat_database),
-                        cfg.serve.node_name.clone(),
+                        crate::heartbeat::PgWriter::new(
+                            conn.with_db(&cfg.serve.heartbeat_database),
+                            cfg.serve.node_name.clone(),
+                        ),
                         cfg.serve.heartbeat_interval,
                         token.clone(),
                     ),
@@ -112,7 +114,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                 spawn(
                     &mut tasks,
                     "repository",
-                    repo_facts_pg(cfg.clone(), store.clone(), shared.clone(), token.clone()),
+                    repo_facts(cfg.clone(), store.clone(), shared.clone(), token.clone()),
                 );
             }
         }
@@ -128,9 +130,9 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                 spawn(
                     &mut tasks,
                     "heartbeat",
-                    crate::heartbeat::run_mysql(
+                    crate::heartbeat::run(
                         shared.clone(),
-                        opts,
+                        crate::heartbeat::MysqlWriter::new(opts),
                         cfg.serve.heartbeat_interval,
                         token.clone(),
                     ),
@@ -145,7 +147,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                 spawn(
                     &mut tasks,
                     "repository",
-                    repo_facts_mysql(cfg.clone(), store.clone(), shared.clone(), token.clone()),
+                    repo_facts(cfg.clone(), store.clone(), shared.clone(), token.clone()),
                 );
             }
         }
@@ -328,53 +330,31 @@ async fn ship_binlogs(
     }
 }
 
-/// Reads the repository every `serve.catalog_refresh` for backup and window metrics.
-async fn repo_facts_pg(
+async fn rotate_binlog(opts: &mysql_async::Opts) -> anyhow::Result<()> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = crate::health::mysql::connect(opts).await?;
+    conn.query_drop("FLUSH BINARY LOGS").await?;
+    Ok(())
+}
+
+/// Reads the repository every `serve.catalog_refresh` for backup, window and drill metrics.
+async fn repo_facts(
     cfg: Config,
     store: Arc<dyn Store>,
     shared: Arc<Shared>,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
-        let sysid = cfg.pg.system_identifier.or_else(|| {
-            shared.snapshot().0.and_then(|s| {
-                s.system_identifier
-                    .as_deref()
-                    .and_then(|id| id.parse().ok())
-            })
-        });
-        let wait = match sysid {
-            None => Duration::from_secs(2),
-            Some(sysid) => {
-                let facts = match crate::repo::catalog::PgCatalog::load(store.as_ref(), sysid).await
-                {
-                    Ok(cat) => {
-                        let windows = cat.windows();
-                        let last = cat.backups.last();
-                        state::RepoFacts {
-                            last_backup_time: last.map(|b| b.stop_time),
-                            last_backup_bytes: last.map(|b| b.data.plain_bytes),
-                            backups: cat.backups.len(),
-                            window_start: windows.first().map(|w| w.from),
-                            window_end: windows.last().map(|w| w.to),
-                            refreshed: Some(chrono::Utc::now()),
-                            error: None,
-                            drill: latest_drill(
-                                store.as_ref(),
-                                &crate::repo::pg_drills_prefix(sysid),
-                            )
-                            .await,
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot read the repository");
-                        state::RepoFacts {
-                            error: Some(format!("{e:#}")),
-                            ..shared.repo.read().unwrap().clone()
-                        }
-                    }
-                };
+        let wait = match read_repo_facts(&cfg, store.as_ref(), &shared).await {
+            // Which cluster this is is not known yet (no snapshot, or nothing archived).
+            None => Duration::from_secs(2).min(cfg.serve.catalog_refresh),
+            Some(Ok(facts)) => {
                 *shared.repo.write().unwrap() = facts;
+                cfg.serve.catalog_refresh
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the repository");
+                shared.repo.write().unwrap().error = Some(format!("{e:#}"));
                 cfg.serve.catalog_refresh
             }
         };
@@ -385,66 +365,67 @@ async fn repo_facts_pg(
     }
 }
 
-async fn rotate_binlog(opts: &mysql_async::Opts) -> anyhow::Result<()> {
-    use mysql_async::prelude::Queryable;
-    let mut conn = crate::health::mysql::connect(opts).await?;
-    conn.query_drop("FLUSH BINARY LOGS").await?;
-    Ok(())
-}
-
-/// The MySQL side of `repo_facts_pg`: dumps, the binlog window and drills, for the server in
-/// `mysql.server_uuid` or the only one in the repository.
-async fn repo_facts_mysql(
-    cfg: Config,
-    store: Arc<dyn Store>,
-    shared: Arc<Shared>,
-    token: CancellationToken,
-) -> anyhow::Result<()> {
-    loop {
-        let server = match &cfg.mysql.server_uuid {
-            Some(id) => Some(id.clone()),
-            None => match crate::repo::mysql::servers(store.as_ref()).await {
-                Ok(found) if found.len() == 1 => found.into_iter().next(),
-                _ => None,
-            },
-        };
-        let wait = match server {
-            // Nothing archived yet (or several servers and no mysql.server_uuid): look again soon.
-            None => Duration::from_secs(10).min(cfg.serve.catalog_refresh),
-            Some(server) => {
-                let facts = match crate::repo::mysql::MysqlCatalog::load(store.as_ref(), &server)
-                    .await
-                {
-                    Ok(cat) => {
-                        let windows = cat.windows();
-                        let last = cat.dumps.last();
-                        state::RepoFacts {
-                            last_backup_time: last.map(|d| d.consistent_time),
-                            last_backup_bytes: last.map(|d| d.data.plain_bytes),
-                            backups: cat.dumps.len(),
-                            window_start: windows.first().map(|w| w.from),
-                            window_end: windows.last().map(|w| w.to),
-                            refreshed: Some(chrono::Utc::now()),
-                            error: None,
-                            drill: latest_drill(store.as_ref(), &format!("mysql/{server}/drills/"))
-                                .await,
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot read the repository");
-                        state::RepoFacts {
-                            error: Some(format!("{e:#}")),
-                            ..shared.repo.read().unwrap().clone()
-                        }
-                    }
-                };
-                *shared.repo.write().unwrap() = facts;
-                cfg.serve.catalog_refresh
-            }
-        };
-        tokio::select! {
-            _ = token.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(wait) => {}
+/// What the repository says about this server's cluster: the PostgreSQL system identifier
+/// (configured, or from the snapshot), or the MySQL server (configured, or the only one).
+async fn read_repo_facts(
+    cfg: &Config,
+    store: &dyn Store,
+    shared: &Shared,
+) -> Option<anyhow::Result<state::RepoFacts>> {
+    let facts = |last: Option<(chrono::DateTime<chrono::Utc>, u64)>,
+                 count: usize,
+                 windows: Vec<crate::repo::catalog::Window>,
+                 drill| state::RepoFacts {
+        last_backup_time: last.map(|l| l.0),
+        last_backup_bytes: last.map(|l| l.1),
+        backups: count,
+        window_start: windows.first().map(|w| w.from),
+        window_end: windows.last().map(|w| w.to),
+        refreshed: Some(chrono::Utc::now()),
+        error: None,
+        drill,
+    };
+    match cfg.serve.engine {
+        EngineKind::Postgres => {
+            let sysid = cfg.pg.system_identifier.or_else(|| {
+                shared
+                    .snapshot()
+                    .0
+                    .and_then(|s| s.system_identifier.as_deref()?.parse().ok())
+            })?;
+            Some(
+                async {
+                    let cat = crate::repo::catalog::PgCatalog::load(store, sysid).await?;
+                    let last = cat
+                        .backups
+                        .last()
+                        .map(|b| (b.stop_time, b.data.plain_bytes));
+                    let drill = latest_drill(store, &crate::repo::pg_drills_prefix(sysid)).await;
+                    Ok(facts(last, cat.backups.len(), cat.windows(), drill))
+                }
+                .await,
+            )
+        }
+        EngineKind::Mysql => {
+            let server = match &cfg.mysql.server_uuid {
+                Some(id) => id.clone(),
+                None => match crate::repo::mysql::servers(store).await {
+                    Ok(found) if found.len() == 1 => found.into_iter().next()?,
+                    _ => return None,
+                },
+            };
+            Some(
+                async {
+                    let cat = crate::repo::mysql::MysqlCatalog::load(store, &server).await?;
+                    let last = cat
+                        .dumps
+                        .last()
+                        .map(|d| (d.consistent_time, d.data.plain_bytes));
+                    let drill = latest_drill(store, &format!("mysql/{server}/drills/")).await;
+                    Ok(facts(last, cat.dumps.len(), cat.windows(), drill))
+                }
+                .await,
+            )
         }
     }
 }
