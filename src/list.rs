@@ -240,13 +240,13 @@ pub fn render_text(listing: &Listing) -> String {
             out.push_str("  no base backups\n");
         } else {
             out.push_str(&format!(
-                "  {:<18} {:<21} {:<21} {:>10} {:>10}  {}\n",
+                "  {:<22} {:<21} {:<21} {:>10} {:>10}  {}\n",
                 "BACKUP", "STARTED", "CONSISTENT AT", "SIZE", "STORED", "WAL"
             ));
         }
         for b in &c.backups {
             out.push_str(&format!(
-                "  {:<18} {:<21} {:<21} {:>10} {:>10}  {}..{}{}\n",
+                "  {:<22} {:<21} {:<21} {:>10} {:>10}  {}..{}{}\n",
                 b.id,
                 b.start_time.format("%Y-%m-%d %H:%M:%S"),
                 b.stop_time.format("%Y-%m-%d %H:%M:%S"),
@@ -296,12 +296,12 @@ fn render_pg_dumps(out: &mut String, dumps: &[PgDumpLine]) {
         return;
     }
     out.push_str(&format!(
-        "  {:<18} {:<21} {:>10} {:>10}  {}\n",
+        "  {:<22} {:<21} {:>10} {:>10}  {}\n",
         "DUMP", "STARTED", "SIZE", "STORED", "DATABASES (tables, rows, settings)"
     ));
     for d in dumps {
         out.push_str(&format!(
-            "  {:<18} {:<21} {:>10} {:>10}  {}\n",
+            "  {:<22} {:<21} {:>10} {:>10}  {}\n",
             d.id,
             d.start_time.format("%Y-%m-%d %H:%M:%S"),
             human(d.plain_bytes),
@@ -325,13 +325,13 @@ fn render_mysql(out: &mut String, m: &MysqlServer) {
         out.push_str("  no dumps\n");
     } else {
         out.push_str(&format!(
-            "  {:<18} {:<21} {:>10} {:>10}  {}\n",
+            "  {:<22} {:<21} {:>10} {:>10}  {}\n",
             "DUMP", "CONSISTENT AT", "SIZE", "STORED", "BINLOG POSITION"
         ));
     }
     for d in &m.dumps {
         out.push_str(&format!(
-            "  {:<18} {:<21} {:>10} {:>10}  {}{}\n",
+            "  {:<22} {:<21} {:>10} {:>10}  {}{}\n",
             d.id,
             d.consistent_time.format("%Y-%m-%d %H:%M:%S"),
             human(d.plain_bytes),
