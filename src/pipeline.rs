@@ -8,6 +8,7 @@
 //! whatever the object size.
 
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -35,14 +36,26 @@ pub struct Trailer {
 }
 
 impl Trailer {
-    pub fn encode(&self) -> [u8; TRAILER_LEN] {
+    /// `note` fills the trailer's last eight bytes (zero when the object has nothing to say;
+    /// a WAL segment's is the time of its last transaction, see `pg::walscan`).
+    pub fn encode(&self, note: u64) -> [u8; TRAILER_LEN] {
         let mut out = [0u8; TRAILER_LEN];
         out[0..4].copy_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
         out[4..8].copy_from_slice(&(TRAILER_PAYLOAD as u32).to_le_bytes());
         out[8..16].copy_from_slice(TRAILER_TAG);
         out[16..24].copy_from_slice(&self.plain_size.to_le_bytes());
         out[24..56].copy_from_slice(&self.sha256);
+        out[56..64].copy_from_slice(&note.to_le_bytes());
         out
+    }
+
+    /// The note of an encoded trailer (`decode` must have accepted it).
+    pub fn note(bytes: &[u8]) -> u64 {
+        bytes
+            .get(56..64)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Trailer> {
@@ -141,6 +154,7 @@ fn compress_into(
     mut reader: impl Read,
     opts: Compression,
     out: PartWriter,
+    note: impl FnOnce() -> u64,
 ) -> anyhow::Result<Trailer> {
     let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
     let threads = match opts.threads {
@@ -171,7 +185,7 @@ fn compress_into(
         plain_size: size,
         sha256: hasher.finalize().into(),
     };
-    out.write_all(&trailer.encode())?;
+    out.write_all(&trailer.encode(note()))?;
     if !out.buf.is_empty() {
         out.send()?;
     }
@@ -186,6 +200,21 @@ pub async fn upload<R: Read + Send + 'static>(
     reader: R,
     opts: PipeOptions,
 ) -> anyhow::Result<Written> {
+    upload_noted(store, key, reader, opts, || 0).await
+}
+
+/// `upload`, with a note for the trailer computed once the whole stream has been read.
+pub async fn upload_noted<R, N>(
+    store: &dyn Store,
+    key: &str,
+    reader: R,
+    opts: PipeOptions,
+    note: N,
+) -> anyhow::Result<Written>
+where
+    R: Read + Send + 'static,
+    N: FnOnce() -> u64 + Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
     let writer = PartWriter {
         buf: Vec::with_capacity(opts.upload.part_size),
@@ -194,7 +223,8 @@ pub async fn upload<R: Read + Send + 'static>(
         tx,
     };
     let compression = opts.compression;
-    let producer = tokio::task::spawn_blocking(move || compress_into(reader, compression, writer));
+    let producer =
+        tokio::task::spawn_blocking(move || compress_into(reader, compression, writer, note));
 
     // The first part is held back: if it is also the last, one plain PUT is enough.
     let mut held: Option<Bytes> = None;
@@ -385,14 +415,24 @@ fn corrupt(msg: String) -> anyhow::Error {
 
 /// Reads an object's trailer without downloading the object.
 pub async fn read_trailer(store: &dyn Store, key: &str, size: u64) -> anyhow::Result<Trailer> {
+    Ok(read_tail(store, key, size).await?.0)
+}
+
+/// Reads an object's trailer note without downloading the object.
+pub async fn read_note(store: &dyn Store, key: &str, size: u64) -> anyhow::Result<u64> {
+    Ok(read_tail(store, key, size).await?.1)
+}
+
+async fn read_tail(store: &dyn Store, key: &str, size: u64) -> anyhow::Result<(Trailer, u64)> {
     if size < TRAILER_LEN as u64 {
         bail!("{key} is corrupt: only {size} bytes");
     }
     let bytes = store
         .get_range(key, size - TRAILER_LEN as u64..size)
         .await?;
-    Trailer::decode(&bytes)
-        .with_context(|| format!("{key} is corrupt: its checksum trailer is missing"))
+    let trailer = Trailer::decode(&bytes)
+        .with_context(|| format!("{key} is corrupt: its checksum trailer is missing"))?;
+    Ok((trailer, Trailer::note(&bytes)))
 }
 
 /// SHA-256 and size of a local file, as the trailer would record it.
@@ -405,6 +445,43 @@ pub fn file_identity(path: &std::path::Path) -> anyhow::Result<Trailer> {
         plain_size: size,
         sha256: hasher.finalize().into(),
     })
+}
+
+/// Something that watches bytes go by.
+pub trait Watch: Send {
+    fn watch(&mut self, buf: &[u8]);
+}
+
+/// A reader that passes bytes through unchanged and shows each block to a watcher.
+pub struct Tap<R, W> {
+    inner: R,
+    watcher: Arc<Mutex<W>>,
+}
+
+impl<R: Read, W: Watch> Tap<R, W> {
+    pub fn new(inner: R, watcher: W) -> (Self, Arc<Mutex<W>>) {
+        let watcher = Arc::new(Mutex::new(watcher));
+        (
+            Tap {
+                inner,
+                watcher: watcher.clone(),
+            },
+            watcher,
+        )
+    }
+}
+
+impl<R: Read, W: Watch> Read for Tap<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.watcher
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .watch(&buf[..n]);
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

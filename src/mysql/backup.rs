@@ -16,11 +16,12 @@ use anyhow::Context;
 use chrono::Utc;
 
 use super::client::{self, MysqlConn};
-use super::dumpscan::{DumpFacts, DumpScanner, Tap};
+use super::dumpscan::{DumpFacts, DumpScanner};
 use super::server::{Server, ServerFacts};
 use crate::config::Config;
 use crate::input_err;
 use crate::pipeline;
+use crate::pipeline::Tap;
 use crate::repo::FORMAT_VERSION;
 use crate::repo::manifest::ObjectRef;
 use crate::repo::mysql::{

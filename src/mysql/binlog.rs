@@ -20,11 +20,11 @@ use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::client::MysqlConn;
-use super::dumpscan::{Tap, Watch};
 use super::server::Server;
 use crate::config::Config;
 use crate::input_err;
 use crate::pipeline;
+use crate::pipeline::{Tap, Watch};
 use crate::repo::FORMAT_VERSION;
 use crate::repo::manifest::ObjectRef;
 use crate::repo::mysql::{self as keys, BinlogMeta, BinlogName};

@@ -4,10 +4,10 @@
 //! dump size: rows are counted by a small state machine over the `INSERT … VALUES` tuples.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+
+use crate::pipeline::Watch;
 
 /// How much of a line is kept to recognise statements (identifiers are at most 64 characters).
 const LINE_PREFIX: usize = 4096;
@@ -342,52 +342,16 @@ fn quoted(s: &str) -> Option<String> {
     Some(s[start..end].to_string())
 }
 
-/// Something that watches bytes go by.
-pub trait Watch: Send {
-    fn watch(&mut self, buf: &[u8]);
-}
-
 impl Watch for DumpScanner {
     fn watch(&mut self, buf: &[u8]) {
         self.feed(buf);
     }
 }
 
-/// A reader that passes bytes through unchanged and shows each block to a watcher.
-pub struct Tap<R, W> {
-    inner: R,
-    watcher: Arc<Mutex<W>>,
-}
-
-impl<R: Read, W: Watch> Tap<R, W> {
-    pub fn new(inner: R, watcher: W) -> (Self, Arc<Mutex<W>>) {
-        let watcher = Arc::new(Mutex::new(watcher));
-        (
-            Tap {
-                inner,
-                watcher: watcher.clone(),
-            },
-            watcher,
-        )
-    }
-}
-
-impl<R: Read, W: Watch> Read for Tap<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n > 0 {
-            self.watcher
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .watch(&buf[..n]);
-        }
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Tap;
 
     /// The shape of a MariaDB 10.11 dump (one tuple per line) with the awkward cases.
     const MARIADB: &str = r#"/*M!999999\- enable the sandbox mode */ 

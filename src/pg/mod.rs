@@ -7,3 +7,4 @@ pub mod control;
 pub mod dump;
 pub mod tarscan;
 pub mod wal;
+pub mod walscan;

@@ -16,7 +16,8 @@ use anyhow::Context;
 use crate::config::Config;
 use crate::error::Failure;
 use crate::input_err;
-use crate::pipeline::{self, PipeOptions};
+use crate::pg::walscan::WalScan;
+use crate::pipeline::{self, PipeOptions, Tap};
 use crate::repo::wal::{Segment, WalFile};
 use crate::repo::{self};
 use crate::storage::{self, Store};
@@ -49,7 +50,14 @@ pub async fn push(cfg: &Config, store: &dyn Store, path: &Path) -> anyhow::Resul
     }
     let file =
         std::fs::File::open(path).map_err(|e| input_err!("cannot open {}: {e}", path.display()))?;
-    let written = pipeline::upload(store, &key, file, PipeOptions::for_wal(cfg))
+    // A segment's trailer notes the time of its last transaction: where a restore from the
+    // archive can reach (see walscan). History files have nothing to note.
+    let (reader, scan) = Tap::new(file, WalScan::new());
+    let note = move || {
+        let scan = scan.lock().unwrap_or_else(|e| e.into_inner());
+        scan.last_xact_micros.map_or(0, |t| t as u64)
+    };
+    let written = pipeline::upload_noted(store, &key, reader, PipeOptions::for_wal(cfg), note)
         .await
         .with_context(|| format!("archiving {name}"))?;
     tracing::debug!(%name, plain = written.trailer.plain_size, stored = written.stored_size, "archived");

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 
 use super::manifest::BaseBackup;
 use super::wal::{DEFAULT_SEGMENT_SIZE, HistoryEntry, Lsn, Segment, WalFile, parse_history};
@@ -18,14 +19,24 @@ pub struct PgCatalog {
     pub backups: Vec<BaseBackup>,
     pub segments: BTreeMap<Segment, ObjectInfo>,
     pub histories: BTreeMap<u32, Vec<HistoryEntry>>,
+    /// The last transaction time noted in the trailers of the segments at the end of each
+    /// backup's chain (`None`: the segment holds no transaction, or was archived without the
+    /// note). Segments not read are absent.
+    pub last_xact: BTreeMap<Segment, Option<DateTime<Utc>>>,
 }
+
+/// How many segments at the end of a chain have their trailers read for a transaction time.
+const TAIL_SEGMENTS: usize = 4;
 
 /// How far a backup's WAL chain reaches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reach {
     /// The last segment of the unbroken chain from the backup's start.
     pub last: Option<Segment>,
-    /// When the last segment of the chain was archived: no later target can be reached.
+    /// The latest target time the chain reaches: just before its last transaction record,
+    /// since PostgreSQL ends a time-targeted recovery at a transaction record stamped after
+    /// the target and refuses to start without one. When the trailers do not say, the time
+    /// the last segment was archived.
     pub end_time: Option<DateTime<Utc>>,
     /// The first missing segment, when later segments exist (a gap, not the end).
     pub gap: Option<String>,
@@ -122,13 +133,54 @@ impl PgCatalog {
                 .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
             histories.insert(tli, entries);
         }
-        Ok(PgCatalog {
+        let mut cat = PgCatalog {
             system_identifier: sysid,
             seg_size,
             backups,
             segments,
             histories,
-        })
+            last_xact: BTreeMap::new(),
+        };
+        cat.read_tails(store).await;
+        Ok(cat)
+    }
+
+    /// Reads the transaction times noted in the trailers of the last few segments of every
+    /// backup's chain (a ranged read of each object's last bytes). A trailer that cannot be
+    /// read only leaves the time unknown: `verify` is where damage is reported.
+    async fn read_tails(&mut self, store: &dyn Store) {
+        let mut wanted: Vec<Segment> = Vec::new();
+        for b in &self.backups {
+            let (chain, _) = self.chain(b);
+            let from = chain.len().saturating_sub(TAIL_SEGMENTS);
+            wanted.extend(&chain[from..]);
+        }
+        wanted.sort();
+        wanted.dedup();
+        let notes: Vec<(Segment, anyhow::Result<u64>)> = futures::stream::iter(wanted)
+            .map(|seg| {
+                let obj = &self.segments[&seg];
+                async move {
+                    let note = crate::pipeline::read_note(store, &obj.key, obj.size).await;
+                    (seg, note)
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for (seg, note) in notes {
+            match note {
+                Ok(micros) => {
+                    let time = (micros != 0)
+                        .then(|| DateTime::from_timestamp_micros(micros as i64))
+                        .flatten();
+                    self.last_xact.insert(seg, time);
+                }
+                Err(e) => {
+                    tracing::debug!(segment = %seg.name(self.seg_size), error = %e, "no transaction time for this segment")
+                }
+            }
+        }
     }
 
     /// The newest timeline a restore from `b` follows (recovery_target_timeline = latest):
@@ -184,23 +236,42 @@ impl PgCatalog {
         begin.0 / self.seg_size <= seg.segno && end.is_none_or(|e| seg.start_lsn(self.seg_size) < e)
     }
 
+    /// The unbroken run of archived segments recovery from `b` reads, and the first
+    /// segment it would miss.
+    fn chain(&self, b: &BaseBackup) -> (Vec<Segment>, Segment) {
+        let path = self.path(self.target_timeline(b));
+        let mut segno = b.start_lsn.0 / self.seg_size;
+        let mut chain = Vec::new();
+        loop {
+            match self.find(&path, segno) {
+                Ok(seg) => {
+                    chain.push(seg);
+                    segno += 1;
+                }
+                Err(missing) => return (chain, missing),
+            }
+        }
+    }
+
+    /// Where a restore along `chain` can be targeted at the latest (see `Reach::end_time`).
+    fn chain_end_time(&self, chain: &[Segment]) -> Option<DateTime<Utc>> {
+        let archived = chain.iter().map(|s| self.segments[s].last_modified).max()?;
+        for seg in chain.iter().rev() {
+            match self.last_xact.get(seg) {
+                Some(Some(t)) => return Some(*t - chrono::Duration::microseconds(1)),
+                Some(None) => continue, // no transaction in it: look at the one before
+                None => break,
+            }
+        }
+        Some(archived)
+    }
+
     pub fn reach(&self, b: &BaseBackup) -> Reach {
         let tli = self.target_timeline(b);
         let path = self.path(tli);
-        let mut segno = b.start_lsn.0 / self.seg_size;
-        let mut last = None;
-        let mut end_time: Option<DateTime<Utc>> = None;
-        let missing = loop {
-            match self.find(&path, segno) {
-                Ok(seg) => {
-                    let lm = self.segments[&seg].last_modified;
-                    end_time = Some(end_time.map_or(lm, |t| t.max(lm)));
-                    last = Some(seg);
-                    segno += 1;
-                }
-                Err(missing) => break missing,
-            }
-        };
+        let (chain, missing) = self.chain(b);
+        let last = chain.last().copied();
+        let end_time = self.chain_end_time(&chain);
         // Only segments recovery would read count: an older timeline's WAL past the point
         // where the path left it is another history, not "later WAL".
         let later_exists = self.segments.keys().any(|s| {
@@ -240,6 +311,23 @@ impl PgCatalog {
 pub(crate) mod tests {
     use super::*;
     use crate::repo::manifest::{BaseBackup, ObjectRef};
+
+    #[test]
+    fn the_window_ends_just_before_the_last_archived_transaction() {
+        let mut c = catalog(vec![backup("b1", 2, 3, "00:03:30")], &[2, 3, 4, 5]);
+        // Without notes: the archive time of the last segment.
+        assert_eq!(c.reach(&c.backups[0]).end_time, Some(t("00:05:00")));
+        // Segment 5 holds no transaction; segment 4's last one committed at 00:04:10.
+        c.last_xact.insert(Segment { tli: 1, segno: 5 }, None);
+        c.last_xact
+            .insert(Segment { tli: 1, segno: 4 }, Some(t("00:04:10")));
+        let end = t("00:04:10") - chrono::Duration::microseconds(1);
+        assert_eq!(c.reach(&c.backups[0]).end_time, Some(end));
+        assert_eq!(c.windows()[0].to, end);
+        // A segment whose note was not read leaves the archive time.
+        c.last_xact.remove(&Segment { tli: 1, segno: 5 });
+        assert_eq!(c.reach(&c.backups[0]).end_time, Some(t("00:05:00")));
+    }
 
     pub const SEG: u64 = DEFAULT_SEGMENT_SIZE;
 

@@ -26,6 +26,10 @@ struct Marker {
 
 fn pitr_round_trip(repo: Repo) {
     let mut pg = archiving_primary(&repo);
+    // No autovacuum: the test's own INSERT is then the last archived commit.
+    pg.psql("postgres", "ALTER SYSTEM SET autovacuum = off")
+        .unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
     pg.psql(
         "postgres",
         "CREATE TABLE markers (id bigint PRIMARY KEY, note text, at timestamptz DEFAULT clock_timestamp());
@@ -61,8 +65,10 @@ fn pitr_round_trip(repo: Repo) {
         std::thread::sleep(Duration::from_millis(700));
     }
     // One more committed transaction after the last marker, so recovery can stop past it.
+    let last_before = pg.psql("postgres", "SELECT clock_timestamp()").unwrap();
     pg.psql("postgres", "INSERT INTO filler VALUES (0, 'end')")
         .unwrap();
+    let last_after = pg.psql("postgres", "SELECT clock_timestamp()").unwrap();
     switch_and_wait_archived(&pg);
     pg.stop().unwrap();
     let all = markers.len() as i64;
@@ -80,6 +86,16 @@ fn pitr_round_trip(repo: Repo) {
         json["postgres"][0]["restorable"].as_array().unwrap().len(),
         1,
         "{listing}"
+    );
+    // The window ends at the last archived commit (a later target cannot be reached), not
+    // when its segment was uploaded.
+    let end = chrono::DateTime::parse_from_rfc3339(
+        json["postgres"][0]["restorable"][0]["to"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert!(
+        pg_time(&last_before) <= end && end <= pg_time(&last_after),
+        "window ends at {end}, the last commit was between {last_before} and {last_after}"
     );
 
     // --latest brings back every marker. (It runs first: a restored server promotes to a new
@@ -150,12 +166,14 @@ fn pitr_round_trip(repo: Repo) {
     assert_eq!(restored.psql("SELECT pg_is_in_recovery()"), "f");
 }
 
+/// A PostgreSQL `timestamptz` as psql prints it (`2026-11-23 03:00:00.123456+00`).
+fn pg_time(s: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    chrono::DateTime::parse_from_str(&format!("{s}00"), "%Y-%m-%d %H:%M:%S%.f%z").unwrap()
+}
+
 /// The instant halfway between two PostgreSQL timestamps, in RFC 3339.
 fn midpoint(a: &str, b: &str) -> String {
-    let parse = |s: &str| {
-        chrono::DateTime::parse_from_str(&format!("{s}00"), "%Y-%m-%d %H:%M:%S%.f%z").unwrap()
-    };
-    let (a, b) = (parse(a), parse(b));
+    let (a, b) = (pg_time(a), pg_time(b));
     assert!(b > a, "markers out of order: {a} {b}");
     let mid = a + (b - a) / 2;
     mid.to_rfc3339()
