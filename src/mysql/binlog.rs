@@ -217,6 +217,18 @@ pub async fn ship_closed(
     let present: HashSet<&str> = listed.iter().map(|o| o.key.as_str()).collect();
     let opts = crate::pipeline::PipeOptions::from_config(cfg);
 
+    let archived: Vec<&str> = listed
+        .iter()
+        .filter_map(|o| {
+            o.key
+                .strip_prefix(&keys::binlog_prefix(&uuid))?
+                .strip_suffix(".json")
+        })
+        .collect();
+    let purged = logs
+        .first()
+        .and_then(|(oldest, _)| purged_unarchived(&archived, oldest));
+
     let mut report = ShipReport {
         server_uuid: uuid.clone(),
         active: Some(active.clone()),
@@ -290,7 +302,27 @@ pub async fn ship_closed(
         report.shipped.push(name.clone());
         report.shipped_bytes += size;
     }
+    // Everything still on the server is archived now; the files before it are lost for good.
+    if let Some((first, last)) = purged {
+        anyhow::bail!(
+            "binlogs {first} to {last} were purged from the server before they were archived: no point-in-time restore can cross them. Take a dump now (dbagent backup --engine mysql) and keep binlogs longer than the shipping interval (binlog_expire_logs_seconds)"
+        );
+    }
     Ok(report)
+}
+
+/// The binlogs the server purged before they were archived: those after the newest archived
+/// one and before the oldest one the server still lists.
+fn purged_unarchived(archived: &[&str], oldest_on_server: &str) -> Option<(String, String)> {
+    let oldest = BinlogName::parse(oldest_on_server)?;
+    let newest = archived
+        .iter()
+        .filter_map(|n| BinlogName::parse(n))
+        .filter(|n| n.base == oldest.base)
+        .max_by_key(|n| n.seq)?;
+    let first = newest.next();
+    let last = oldest.prev()?;
+    (first.seq <= last.seq).then(|| (first.to_string(), last.to_string()))
 }
 
 /// Reads a local binlog file's event headers.
@@ -372,6 +404,19 @@ async fn compare_existing(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binlogs_purged_before_shipping_are_named() {
+        let archived = ["mysql-bin.000001", "mysql-bin.000002"];
+        assert_eq!(
+            purged_unarchived(&archived, "mysql-bin.000005"),
+            Some(("mysql-bin.000003".into(), "mysql-bin.000004".into()))
+        );
+        assert_eq!(purged_unarchived(&archived, "mysql-bin.000003"), None);
+        assert_eq!(purged_unarchived(&archived, "mysql-bin.000002"), None);
+        assert_eq!(purged_unarchived(&[], "mysql-bin.000009"), None);
+        assert_eq!(purged_unarchived(&archived, "other.000009"), None);
+    }
 
     fn event(when: u32, kind: u8, body: usize) -> Vec<u8> {
         let size = (HEADER_LEN + body) as u32;

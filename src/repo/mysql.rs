@@ -191,6 +191,14 @@ impl BinlogName {
             width: self.width,
         }
     }
+
+    pub fn prev(&self) -> Option<BinlogName> {
+        Some(BinlogName {
+            base: self.base.clone(),
+            seq: self.seq.checked_sub(1)?,
+            width: self.width,
+        })
+    }
 }
 
 impl fmt::Display for BinlogName {

@@ -686,6 +686,43 @@ fn binlog_push_is_idempotent_and_refuses_different_content() {
     bytes[i] ^= 0x55;
     std::fs::write(&local, &bytes).unwrap();
     ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
+
+    // Binlogs purged before they were shipped: what is left is shipped, then exit 2 with one
+    // line naming the lost files; the next run has nothing to say.
+    let names = |out: String| -> Vec<String> {
+        out.lines()
+            .map(|l| l.split('\t').next().unwrap().to_string())
+            .collect()
+    };
+    for i in 4..=6 {
+        sql(&db, &format!("INSERT INTO app.t VALUES ({i}, '{CJK}')"));
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    let before = names(db.sql(None, "SHOW BINARY LOGS").unwrap());
+    let keep = &before[before.len() - 2];
+    db.sql(None, &format!("PURGE BINARY LOGS TO '{keep}'"))
+        .unwrap();
+    let lost = (
+        &before[before.len() - 4], // the active one at the previous push, now closed
+        &before[before.len() - 3],
+    );
+    let out = agent(&repo, Some(&url), None, &["binlog-push"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("dbagent: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&format!(
+            "binlogs {} to {} were purged from the server before they were archived",
+            lost.0, lost.1
+        )),
+        "{stderr}"
+    );
+    assert!(dir.join(format!("{keep}.json")).exists());
+    ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
 }
 
 /// A binlog scan of a real server's files finds the same events mariadb-binlog prints.
