@@ -9,11 +9,13 @@
 //! PostgreSQL refuses to run as root; when the tests run as root, `initdb`, `pg_ctl` and the
 //! server run as the `postgres` OS user (`runuser -u postgres --`) in directories chowned to it.
 
+mod cjk;
 mod mariadb;
 mod postgres;
 mod s3;
 mod util;
 
+pub use cjk::install_cjk_parser;
 pub use mariadb::{MariaDb, MariaDbBuilder, mariadb_bin, mariadb_replica_pair, replica_status};
 pub use postgres::{
     DEFAULT_PG_BIN_DIR, PG_OS_USER, Postgres, PostgresBuilder, command_as_pg_user, pg_bin,

@@ -9,7 +9,7 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dbagent_testcontainers::{Postgres, pg_bin, pg_owned_tempdir};
+use dbagent_testcontainers::{Postgres, install_cjk_parser, pg_bin, pg_owned_tempdir};
 use tempfile::TempDir;
 
 use crate::serve::{Serve, pg_env};
@@ -140,10 +140,22 @@ fn source(extension: Option<&TestExtension>) -> Source {
     env.extend(repo.env());
     env.push(("DBAGENT_CATALOG_REFRESH".into(), "1s".into()));
     let serve = Serve::start(&env);
+    // The site's layout: discourse searches with pg_cjk_parser (here its stand-in, see
+    // testcontainers/ext), logto never had it.
+    install_cjk_parser().unwrap();
     pg.psql("postgres", "CREATE DATABASE discourse").unwrap();
+    pg.psql("postgres", "CREATE DATABASE logto").unwrap();
+    pg.psql(
+        "logto",
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         INSERT INTO users SELECT g, '野比大雄 ' || g FROM generate_series(1, 50) g;",
+    )
+    .unwrap();
+    pg.psql("discourse", "CREATE EXTENSION pg_cjk_parser")
+        .unwrap();
     pg.psql(
         "postgres",
-        "ALTER DATABASE discourse SET default_text_search_config = 'pg_catalog.simple'",
+        "ALTER DATABASE discourse SET default_text_search_config = 'public.config_2_gram_cjk'",
     )
     .unwrap();
     pg.psql(
@@ -276,10 +288,24 @@ fn drill_passes_on_a_healthy_repository() {
         settings["detail"]
             .as_str()
             .unwrap()
-            .contains("default_text_search_config=pg_catalog.simple")
+            .contains("default_text_search_config=public.config_2_gram_cjk")
     );
-    // The parser checks are skipped, and say why.
-    let parser = find(&report, "のび太", Some("discourse"));
+    // Where the source had pg_cjk_parser, its checks run and pass ...
+    for check in [
+        "the pg_cjk_parser text search parser exists",
+        "the config_2_gram_cjk configuration exists",
+        "のび太",
+        "野比大雄",
+        "大韩민국개인정보",
+    ] {
+        assert_eq!(
+            find(&report, check, Some("discourse"))["status"],
+            "pass",
+            "{check}"
+        );
+    }
+    // ... where it never had it, they are skipped, and say why.
+    let parser = find(&report, "のび太", Some("logto"));
     assert_eq!(parser["status"], "skip");
     assert!(
         parser["detail"]
