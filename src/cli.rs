@@ -225,8 +225,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(&flags, &ProcessEnv)?;
     match cli.command {
         Command::WalPush { path } => {
-            let store = crate::storage::open(&cfg)?;
-            crate::pg::wal::push(&cfg, store.as_ref(), &path).await?;
+            crate::pg::wal::push_opening(&cfg, &path).await?;
         }
         Command::WalFetch { name, dest } => {
             let store = crate::storage::open(&cfg)?;

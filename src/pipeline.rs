@@ -8,6 +8,7 @@
 //! whatever the object size.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
@@ -150,12 +151,17 @@ impl Write for PartWriter {
     }
 }
 
-fn compress_into(
+/// Reads `reader` to its end, compressing into `out` and hashing on a thread of its own (so
+/// SHA-256 never holds up zstd), then appends the trailer. Once `abandon` is set the output is
+/// dropped and the rest is only hashed: the result has no writer, but its trailer still
+/// identifies the whole input.
+fn compress_into<W: Write>(
     mut reader: impl Read,
     opts: Compression,
-    out: PartWriter,
+    out: W,
     note: impl FnOnce() -> u64,
-) -> anyhow::Result<Trailer> {
+    abandon: &AtomicBool,
+) -> anyhow::Result<(Option<W>, Trailer)> {
     let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
     let threads = match opts.threads {
         0 => std::thread::available_parallelism()
@@ -166,30 +172,103 @@ fn compress_into(
     if threads > 1 {
         enc.multithread(threads).context("starting zstd workers")?;
     }
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut block = vec![0u8; READ_BLOCK];
-    loop {
-        let n = match reader.read(&mut block) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
+    let mut enc = Some(enc);
+    std::thread::scope(|scope| {
+        let (blocks, to_hash) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let hasher = scope.spawn(move || {
+            let mut hasher = Sha256::new();
+            for block in to_hash {
+                hasher.update(&block);
+                let _ = recycle.try_send(block);
+            }
+            <[u8; 32]>::from(hasher.finalize())
+        });
+        let mut size = 0u64;
+        loop {
+            let mut block = recycled
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(READ_BLOCK));
+            block.resize(READ_BLOCK, 0);
+            let n = match reader.read(&mut block) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
+            };
+            block.truncate(n);
+            size += n as u64;
+            if abandon.load(Ordering::Relaxed) {
+                enc = None;
+            }
+            if let Some(enc) = enc.as_mut() {
+                enc.write_all(&block).context("compressing")?;
+            }
+            blocks
+                .send(block)
+                .map_err(|_| anyhow::anyhow!("the hashing thread stopped"))?;
+        }
+        drop(blocks);
+        let sha256 = hasher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))?;
+        let trailer = Trailer {
+            plain_size: size,
+            sha256,
         };
-        hasher.update(&block[..n]);
-        size += n as u64;
-        enc.write_all(&block[..n]).context("compressing")?;
+        let out = match enc.take() {
+            Some(enc) => {
+                let mut out = enc.finish().context("finishing zstd")?;
+                out.write_all(&trailer.encode(note()))?;
+                Some(out)
+            }
+            None => None,
+        };
+        Ok((out, trailer))
+    })
+}
+
+/// Compresses all of `reader` into memory: the whole object, trailer included. For small
+/// objects whose upload should not wait for the store (see `pg::wal::push`). When `abandon`
+/// is set midway there is no object, only the trailer identifying the input.
+pub fn compress_to_memory(
+    reader: impl Read,
+    opts: Compression,
+    note: impl FnOnce() -> u64,
+    abandon: &AtomicBool,
+) -> anyhow::Result<(Option<Vec<u8>>, Trailer)> {
+    compress_into(reader, opts, Vec::new(), note, abandon)
+}
+
+/// Stores an object compressed by `compress_to_memory`: one PUT, or a multipart upload when
+/// it is bigger than a part. Nothing is visible under `key` unless all of it was stored.
+pub async fn put_compressed(
+    store: &dyn Store,
+    key: &str,
+    data: Bytes,
+    upload: UploadConfig,
+) -> anyhow::Result<()> {
+    let part = upload.part_size.max(1);
+    if data.len() <= part {
+        return store
+            .put(key, data)
+            .await
+            .with_context(|| format!("uploading {key}"));
     }
-    let mut out = enc.finish().context("finishing zstd")?;
-    let trailer = Trailer {
-        plain_size: size,
-        sha256: hasher.finalize().into(),
-    };
-    out.write_all(&trailer.encode(note()))?;
-    if !out.buf.is_empty() {
-        out.send()?;
+    let mut up = store
+        .start_upload(key)
+        .await
+        .with_context(|| format!("uploading {key}"))?;
+    for start in (0..data.len()).step_by(part) {
+        let end = (start + part).min(data.len());
+        if let Err(e) = up.put_part(data.slice(start..end)).await {
+            up.abort().await;
+            return Err(e.context(format!("uploading {key}")));
+        }
     }
-    Ok(trailer)
+    up.complete()
+        .await
+        .with_context(|| format!("uploading {key}"))
 }
 
 /// Compresses `reader` into the object `key`. The object becomes visible only when the whole
@@ -223,8 +302,15 @@ where
         tx,
     };
     let compression = opts.compression;
-    let producer =
-        tokio::task::spawn_blocking(move || compress_into(reader, compression, writer, note));
+    let producer = tokio::task::spawn_blocking(move || {
+        let (rest, trailer) =
+            compress_into(reader, compression, writer, note, &AtomicBool::new(false))?;
+        let mut rest = rest.expect("never abandoned");
+        if !rest.buf.is_empty() {
+            rest.send()?;
+        }
+        Ok::<_, anyhow::Error>(trailer)
+    });
 
     // The first part is held back: if it is also the last, one plain PUT is enough.
     let mut held: Option<Bytes> = None;
@@ -600,5 +686,56 @@ mod tests {
             .unwrap_err();
         assert!(format!("{err:#}").contains("source died"));
         assert!(store.list("").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn compressed_in_memory_matches_the_streamed_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().into());
+        for (len, part) in [(1000usize, 5 << 20), (12 << 20, 1 << 16)] {
+            let plain = data(len);
+            let (object, trailer) = compress_to_memory(
+                std::io::Cursor::new(plain.clone()),
+                opts(part).compression,
+                || 42,
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+            let object = object.expect("not abandoned");
+            put_compressed(&store, "mem", object.clone().into(), opts(part).upload)
+                .await
+                .unwrap();
+            assert_eq!(std::fs::read(dir.path().join("mem")).unwrap(), object);
+            let (out, t) = download(&store, "mem", Vec::new()).await.unwrap();
+            assert_eq!((out, t), (plain, trailer));
+            let tail = &object[object.len() - TRAILER_LEN..];
+            assert_eq!(Trailer::note(tail), 42);
+        }
+    }
+
+    #[test]
+    fn abandoned_compression_still_identifies_the_whole_input() {
+        let plain = data(3 << 20);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &plain).unwrap();
+        // Abandoned after the first block: no object, but the trailer covers every byte.
+        let abandon = AtomicBool::new(false);
+        struct Abandoning<'a>(std::io::Cursor<Vec<u8>>, &'a AtomicBool);
+        impl Read for Abandoning<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.read(buf)?;
+                self.1.store(true, Ordering::Relaxed);
+                Ok(n)
+            }
+        }
+        let (object, trailer) = compress_to_memory(
+            Abandoning(std::io::Cursor::new(plain), &abandon),
+            opts(5 << 20).compression,
+            || 0,
+            &abandon,
+        )
+        .unwrap();
+        assert!(object.is_none());
+        assert_eq!(trailer, file_identity(file.path()).unwrap());
     }
 }

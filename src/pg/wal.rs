@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,48 +32,173 @@ pub enum Pushed {
     AlreadyArchived,
 }
 
+/// Files up to this size (every WAL segment size but the largest) are compressed into memory
+/// while the store is asked whether the name is taken, so the round trip costs no time; bigger
+/// files stream as they are read.
+const OVERLAP_MAX: u64 = 64 << 20;
+
 /// Archives one WAL file. Exit 0 (Ok) only once it is durably stored.
 pub async fn push(cfg: &Config, store: &dyn Store, path: &Path) -> anyhow::Result<Pushed> {
-    let name = file_name(path)?;
-    if WalFile::classify(&name).is_none() {
-        return Err(input_err!(
-            "{name:?} is not a WAL segment, timeline history or backup history file: wal-push takes the %p path PostgreSQL passes to archive_command"
-        ));
-    }
-    let data_dir = crate::pg::control::data_dir_for(path, cfg.pg.data_dir.as_deref());
-    let sysid = match cfg.pg.system_identifier {
-        Some(id) => id,
-        None => crate::pg::control::system_identifier(&data_dir)?,
-    };
-    let key = repo::wal_key(sysid, &name);
-    if let Some(existing) = store.head(&key).await? {
-        return compare_existing(store, &key, existing.size, path, &name).await;
-    }
-    let file =
-        std::fs::File::open(path).map_err(|e| input_err!("cannot open {}: {e}", path.display()))?;
-    // A segment's trailer notes the time of its last transaction: where a restore from the
-    // archive can reach (see walscan). History files have nothing to note.
-    let (reader, scan) = Tap::new(file, WalScan::new());
-    let note = move || {
-        let scan = scan.lock().unwrap_or_else(|e| e.into_inner());
-        scan.last_xact_micros.map_or(0, |t| t as u64)
-    };
-    let written = pipeline::upload_noted(store, &key, reader, PipeOptions::for_wal(cfg), note)
-        .await
-        .with_context(|| format!("archiving {name}"))?;
-    tracing::debug!(%name, plain = written.trailer.plain_size, stored = written.stored_size, "archived");
-    Ok(Pushed::Uploaded)
+    Pending::start(cfg, path)?.finish(store).await
 }
 
-async fn compare_existing(
-    store: &dyn Store,
-    key: &str,
-    size: u64,
-    path: &Path,
+/// `push` for `dbagent wal-push`, a fresh process per segment: the store client (TLS roots,
+/// credentials) is built while the segment compresses. Store errors (a bad repository URL,
+/// missing credentials) still come first.
+pub async fn push_opening(cfg: &Config, path: &Path) -> anyhow::Result<Pushed> {
+    let opening = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || storage::open(&cfg))
+    };
+    let pending = Pending::start(cfg, path);
+    let store = opening.await.context("opening the repository")??;
+    pending?.finish(store.as_ref()).await
+}
+
+/// A push whose compression may have started before the store was consulted.
+struct Pending {
+    name: String,
+    key: String,
+    path: PathBuf,
+    opts: PipeOptions,
+    compressed: Option<Compressing>,
+    /// Set when the name is taken: compressing stops, hashing goes on for the comparison.
+    abandon: Arc<AtomicBool>,
+    /// Set when nothing is wanted any more (an error): reading stops.
+    cancel: Arc<AtomicBool>,
+}
+
+type Compressing = tokio::task::JoinHandle<anyhow::Result<(Option<Vec<u8>>, pipeline::Trailer)>>;
+
+impl Pending {
+    fn start(cfg: &Config, path: &Path) -> anyhow::Result<Pending> {
+        let name = file_name(path)?;
+        if WalFile::classify(&name).is_none() {
+            return Err(input_err!(
+                "{name:?} is not a WAL segment, timeline history or backup history file: wal-push takes the %p path PostgreSQL passes to archive_command"
+            ));
+        }
+        let data_dir = crate::pg::control::data_dir_for(path, cfg.pg.data_dir.as_deref());
+        let sysid = match cfg.pg.system_identifier {
+            Some(id) => id,
+            None => crate::pg::control::system_identifier(&data_dir)?,
+        };
+        let mut pending = Pending {
+            key: repo::wal_key(sysid, &name),
+            name,
+            path: path.to_path_buf(),
+            opts: PipeOptions::for_wal(cfg),
+            compressed: None,
+            abandon: Arc::new(AtomicBool::new(false)),
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        let small = std::fs::metadata(path).is_ok_and(|m| m.len() <= OVERLAP_MAX);
+        if small {
+            let (reader, note) = pending.open()?;
+            let reader = Cancellable {
+                inner: reader,
+                cancel: pending.cancel.clone(),
+            };
+            let compression = pending.opts.compression;
+            let abandon = pending.abandon.clone();
+            pending.compressed = Some(tokio::task::spawn_blocking(move || {
+                pipeline::compress_to_memory(reader, compression, note, &abandon)
+            }));
+        }
+        Ok(pending)
+    }
+
+    /// The file, watched by the WAL scanner: a segment's trailer notes the time of its last
+    /// transaction, where a restore from the archive can reach (see walscan). History files
+    /// have nothing to note.
+    fn open(
+        &self,
+    ) -> anyhow::Result<(
+        impl std::io::Read + Send + 'static,
+        impl FnOnce() -> u64 + Send + 'static,
+    )> {
+        let file = std::fs::File::open(&self.path)
+            .map_err(|e| input_err!("cannot open {}: {e}", self.path.display()))?;
+        let (reader, scan) = Tap::new(file, WalScan::new());
+        let note = move || {
+            let scan = scan.lock().unwrap_or_else(|e| e.into_inner());
+            scan.last_xact_micros.map_or(0, |t| t as u64)
+        };
+        Ok((reader, note))
+    }
+
+    async fn finish(mut self, store: &dyn Store) -> anyhow::Result<Pushed> {
+        if let Some(existing) = store.head(&self.key).await? {
+            // The hash of the file is all that is needed now.
+            self.abandon.store(true, Ordering::Relaxed);
+            let local = async {
+                match self.compressed.take() {
+                    Some(task) => Ok(task.await.context("compression task panicked")??.1),
+                    None => {
+                        let path = self.path.clone();
+                        tokio::task::spawn_blocking(move || pipeline::file_identity(&path))
+                            .await
+                            .context("hashing task panicked")?
+                    }
+                }
+            };
+            let stored = pipeline::read_trailer(store, &self.key, existing.size);
+            let (stored, local) = tokio::try_join!(stored, local)?;
+            return compare_existing(stored, local, &self.name);
+        }
+        let name = &self.name;
+        let (stored, plain) = match self.compressed.take() {
+            Some(task) => {
+                let (data, trailer) = task
+                    .await
+                    .context("compression task panicked")?
+                    .with_context(|| format!("archiving {name}"))?;
+                let data = data.context("compression was abandoned")?;
+                let stored = data.len() as u64;
+                pipeline::put_compressed(store, &self.key, data.into(), self.opts.upload)
+                    .await
+                    .with_context(|| format!("archiving {name}"))?;
+                (stored, trailer.plain_size)
+            }
+            None => {
+                let (reader, note) = self.open()?;
+                let written = pipeline::upload_noted(store, &self.key, reader, self.opts, note)
+                    .await
+                    .with_context(|| format!("archiving {name}"))?;
+                (written.stored_size, written.trailer.plain_size)
+            }
+        };
+        tracing::debug!(%name, plain, stored, "archived");
+        Ok(Pushed::Uploaded)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Fails the read once `cancel` is set, so an unwanted compression stops within a block.
+struct Cancellable<R> {
+    inner: R,
+    cancel: Arc<AtomicBool>,
+}
+
+impl<R: std::io::Read> std::io::Read for Cancellable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("cancelled"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+fn compare_existing(
+    stored: pipeline::Trailer,
+    local: pipeline::Trailer,
     name: &str,
 ) -> anyhow::Result<Pushed> {
-    let stored = pipeline::read_trailer(store, key, size).await?;
-    let local = pipeline::file_identity(path)?;
     if stored == local {
         tracing::debug!(%name, "already archived with the same content");
         return Ok(Pushed::AlreadyArchived);
