@@ -174,12 +174,14 @@ fn compress_into<W: Write>(
     }
     let mut enc = Some(enc);
     std::thread::scope(|scope| {
-        let (blocks, to_hash) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        // Blocks keep their full length (a pipe fills 64 KiB of a 1 MiB block); the count of
+        // bytes read travels with them.
+        let (blocks, to_hash) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
         let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let hasher = scope.spawn(move || {
             let mut hasher = Sha256::new();
-            for block in to_hash {
-                hasher.update(&block);
+            for (block, n) in to_hash {
+                hasher.update(&block[..n]);
                 let _ = recycle.try_send(block);
             }
             <[u8; 32]>::from(hasher.finalize())
@@ -188,24 +190,22 @@ fn compress_into<W: Write>(
         loop {
             let mut block = recycled
                 .try_recv()
-                .unwrap_or_else(|_| Vec::with_capacity(READ_BLOCK));
-            block.resize(READ_BLOCK, 0);
+                .unwrap_or_else(|_| vec![0u8; READ_BLOCK]);
             let n = match reader.read(&mut block) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
             };
-            block.truncate(n);
             size += n as u64;
             if abandon.load(Ordering::Relaxed) {
                 enc = None;
             }
             if let Some(enc) = enc.as_mut() {
-                enc.write_all(&block).context("compressing")?;
+                enc.write_all(&block[..n]).context("compressing")?;
             }
             blocks
-                .send(block)
+                .send((block, n))
                 .map_err(|_| anyhow::anyhow!("the hashing thread stopped"))?;
         }
         drop(blocks);
