@@ -76,6 +76,7 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .spawn()
         .with_context(|| format!("starting {}", server.programs.dump.display()))?;
     let stdout = child.stdout.take().expect("piped");
+    crate::pipeline::widen_pipe(&stdout);
     let stderr = child.stderr.take().expect("piped");
     let stderr_tail = Arc::new(Mutex::new(Vec::<String>::new()));
     let tail = stderr_tail.clone();

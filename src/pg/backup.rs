@@ -219,7 +219,9 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
     let pid = child.id() as i32;
-    let (stdout, tar_facts) = crate::pg::tarscan::TarScan::new(child.stdout.take().expect("piped"));
+    let stdout = child.stdout.take().expect("piped");
+    crate::pipeline::widen_pipe(&stdout);
+    let (stdout, tar_facts) = crate::pg::tarscan::TarScan::new(stdout);
     let stderr = child.stderr.take().expect("piped");
     let progress = Arc::new(Mutex::new(Progress::default()));
     let reader_progress = progress.clone();

@@ -238,6 +238,7 @@ async fn run_to_store(
         .spawn()
         .with_context(|| format!("starting {}", path.display()))?;
     let stdout = child.stdout.take().expect("piped");
+    crate::pipeline::widen_pipe(&stdout);
     let stderr = stderr_tail(child.stderr.take().expect("piped"));
     let uploaded = pipeline::upload(
         store.as_ref(),
