@@ -1,17 +1,16 @@
 //! Standard 5-field cron expressions (minute hour day-of-month month day-of-week), in UTC,
-//! for the jobs `serve` runs itself.
+//! for the jobs `serve` runs itself. Parsing and matching are `croner`'s and read an
+//! expression as a Kubernetes CronJob does: when both day fields are restricted (`*/2` counts
+//! as restricted) a day matches if either does, `0/5` means `0-59/5`, names and `@daily` and
+//! friends work, and so do croner's `L`, `W` and `#`. This wrapper pins the form to five
+//! fields and the clock to UTC.
 
-use chrono::{DateTime, Datelike, Duration, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Utc};
+use croner::parser::{CronParser, Seconds, Year};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Cron {
-    minutes: u64,
-    hours: u64,
-    days: u64,
-    months: u64,
-    weekdays: u64,
-    /// Both day fields restricted: a day matches if either does (as in Vixie cron).
-    either_day: bool,
+    cron: croner::Cron,
     text: String,
 }
 
@@ -21,131 +20,73 @@ impl std::fmt::Display for Cron {
     }
 }
 
-const MONTHS: [&str; 12] = [
-    "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
-];
-const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
-
 impl Cron {
     pub fn parse(expr: &str) -> Result<Cron, String> {
-        let expanded = match expr.trim() {
-            "@yearly" | "@annually" => "0 0 1 1 *",
-            "@monthly" => "0 0 1 * *",
-            "@weekly" => "0 0 * * 0",
-            "@daily" | "@midnight" => "0 0 * * *",
-            "@hourly" => "0 * * * *",
-            other => other,
-        };
-        let fields: Vec<&str> = expanded.split_whitespace().collect();
-        if fields.len() != 5 {
+        let text = expr.trim();
+        let fields = text.split_whitespace().count();
+        if !text.starts_with('@') && fields != 5 {
             return Err(format!(
                 "{expr:?} is not a 5-field cron expression (minute hour day-of-month month day-of-week, e.g. \"17 3 * * *\")"
             ));
         }
-        let minutes = field(fields[0], 0, 59, &[], expr)?;
-        let hours = field(fields[1], 0, 23, &[], expr)?;
-        let days = field(fields[2], 1, 31, &[], expr)?;
-        let months = field(fields[3], 1, 12, &MONTHS, expr)?;
-        let mut weekdays = field(fields[4], 0, 7, &DAYS, expr)?;
-        if weekdays & (1 << 7) != 0 {
-            weekdays = (weekdays | 1) & !(1 << 7);
-        }
+        let cron = parser().parse(text).map_err(|e| {
+            // croner does not say which field is wrong: try each alone.
+            let fields: Vec<&str> = text.split_whitespace().collect();
+            let culprit = FIELDS.iter().enumerate().find_map(|(i, (name, allowed))| {
+                let mut alone = ["*"; 5];
+                alone[i] = fields.get(i)?;
+                let e = parser().parse(&alone.join(" ")).err()?;
+                Some(format!(
+                    "{name} field {:?}: {} (allowed: {allowed})",
+                    fields[i],
+                    reason(e)
+                ))
+            });
+            format!("{expr:?}: {}", culprit.unwrap_or_else(|| reason(e)))
+        })?;
         Ok(Cron {
-            minutes,
-            hours,
-            days,
-            months,
-            weekdays,
-            either_day: !fields[2].starts_with('*') && !fields[4].starts_with('*'),
-            text: expr.trim().to_string(),
+            cron,
+            text: text.to_string(),
         })
     }
 
-    fn day_matches(&self, t: &DateTime<Utc>) -> bool {
-        let dom = self.days & (1 << t.day()) != 0;
-        let dow = self.weekdays & (1 << t.weekday().num_days_from_sunday()) != 0;
-        if self.either_day {
-            dom || dow
-        } else {
-            dom && dow
-        }
-    }
-
-    /// The first time strictly after `after` that the expression matches.
+    /// The first time strictly after `after` that the expression matches; `None` for an
+    /// expression that never matches (February 30th).
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let mut t = after.with_second(0)?.with_nanosecond(0)? + Duration::minutes(1);
-        let limit = after + Duration::days(366 * 5);
-        while t <= limit {
-            if self.months & (1 << t.month()) == 0 {
-                let (y, m) = if t.month() == 12 {
-                    (t.year() + 1, 1)
-                } else {
-                    (t.year(), t.month() + 1)
-                };
-                t = Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single()?;
-                continue;
-            }
-            if !self.day_matches(&t) {
-                t = (t + Duration::days(1)).with_hour(0)?.with_minute(0)?;
-                continue;
-            }
-            if self.hours & (1 << t.hour()) == 0 {
-                t = (t + Duration::hours(1)).with_minute(0)?;
-                continue;
-            }
-            if self.minutes & (1 << t.minute()) == 0 {
-                t += Duration::minutes(1);
-                continue;
-            }
-            return Some(t);
-        }
-        None
+        self.cron.find_next_occurrence(&after, false).ok()
     }
 }
 
-fn field(text: &str, min: u32, max: u32, names: &[&str], expr: &str) -> Result<u64, String> {
-    let bad = |why: &str| format!("{expr:?}: field {text:?} {why}");
-    let value = |s: &str| -> Result<u32, String> {
-        if let Some(i) = names.iter().position(|n| n.eq_ignore_ascii_case(s)) {
-            // Month names count from 1, day names from 0.
-            return Ok(i as u32 + if names.len() == 12 { 1 } else { 0 });
-        }
-        let v: u32 = s.parse().map_err(|_| bad("is not a number"))?;
-        if v < min || v > max {
-            return Err(bad(&format!("is out of range {min}-{max}")));
-        }
-        Ok(v)
+const FIELDS: [(&str, &str); 5] = [
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31"),
+    ("month", "1-12 or jan-dec"),
+    ("day-of-week", "0-7 or sun-sat"),
+];
+
+/// Five fields, no seconds or years; `0/5` means `0-59/5`, as Kubernetes CronJobs read it.
+fn parser() -> CronParser {
+    CronParser::builder()
+        .seconds(Seconds::Disallowed)
+        .year(Year::Disallowed)
+        .sloppy_ranges(true)
+        .build()
+}
+
+/// croner's message without its type-name prefixes, in lower case like ours.
+fn reason(e: croner::errors::CronError) -> String {
+    use croner::errors::CronError::*;
+    let msg = match e {
+        InvalidPattern(m) | IllegalCharacters(m) | ComponentError(m) => m,
+        other => other.to_string(),
     };
-    let mut bits = 0u64;
-    for part in text.split(',') {
-        let (range, step) = match part.split_once('/') {
-            Some((r, s)) => (
-                r,
-                s.parse::<u32>()
-                    .ok()
-                    .filter(|s| *s > 0)
-                    .ok_or_else(|| bad("has a bad step"))?,
-            ),
-            None => (part, 1),
-        };
-        let (lo, hi) = if range == "*" {
-            (min, max)
-        } else if let Some((a, b)) = range.split_once('-') {
-            (value(a)?, value(b)?)
-        } else {
-            let v = value(range)?;
-            (v, if part.contains('/') { max } else { v })
-        };
-        if lo > hi {
-            return Err(bad("has a range that runs backwards"));
-        }
-        let mut v = lo;
-        while v <= hi {
-            bits |= 1 << v;
-            v += step;
-        }
+    let msg = msg.trim_end_matches('.');
+    let mut chars = msg.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => msg.to_string(),
     }
-    Ok(bits)
 }
 
 #[cfg(test)]
@@ -203,23 +144,56 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_and_croner_forms() {
+        // A bare start with a step runs from there to the end, as in Kubernetes CronJobs.
+        let c = Cron::parse("5/20 * * * *").unwrap();
+        assert_eq!(
+            c.next_after(at("2026-11-23T18:26:00Z")),
+            Some(at("2026-11-23T18:45:00Z"))
+        );
+        // The last day of the month.
+        let c = Cron::parse("0 1 L * *").unwrap();
+        assert_eq!(
+            c.next_after(at("2026-02-10T00:00:00Z")),
+            Some(at("2026-02-28T01:00:00Z"))
+        );
+        assert_eq!(c.to_string(), "0 1 L * *");
+        // Both day fields restricted: either matches (a Monday, or an odd day).
+        let c = Cron::parse("0 0 */2 * mon").unwrap();
+        assert_eq!(
+            c.next_after(at("2026-11-01T00:00:00Z")),
+            Some(at("2026-11-02T00:00:00Z"))
+        );
+        assert_eq!(
+            c.next_after(at("2026-11-02T00:00:00Z")),
+            Some(at("2026-11-03T00:00:00Z"))
+        );
+        // Six fields (seconds) are not cron's five.
+        assert!(Cron::parse("0 0 3 * * *").unwrap_err().contains("5-field"));
+    }
+
+    #[test]
     fn bad_expressions_say_why() {
         assert!(Cron::parse("* * * *").unwrap_err().contains("5-field"));
+        assert_eq!(
+            Cron::parse("61 * * * *").unwrap_err(),
+            "\"61 * * * *\": minute field \"61\": number out of bounds (allowed: 0-59)"
+        );
         assert!(
-            Cron::parse("61 * * * *")
+            Cron::parse("0 0 * 13 *")
                 .unwrap_err()
-                .contains("out of range")
+                .contains("month field \"13\"")
         );
         assert!(Cron::parse("*/0 * * * *").unwrap_err().contains("step"));
         assert!(
             Cron::parse("5-1 * * * *")
                 .unwrap_err()
-                .contains("backwards")
+                .contains("minute field \"5-1\"")
         );
         assert!(
             Cron::parse("x * * * *")
                 .unwrap_err()
-                .contains("not a number")
+                .contains("illegal character")
         );
     }
 }
