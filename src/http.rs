@@ -149,10 +149,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .fetch_add(1, Ordering::Relaxed);
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         crate::metrics::render(&shared),
     )
         .into_response()

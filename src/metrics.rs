@@ -1,83 +1,119 @@
-//! Prometheus text exposition of the agent's state. Names follow the conventions users know
-//! from postgres_exporter, mysqld_exporter and CloudNativePG; labels stay bounded.
+//! The agent's state as Prometheus metrics. Names follow the conventions users know from
+//! postgres_exporter, mysqld_exporter and CloudNativePG; labels stay bounded.
+//!
+//! The state lives in `serve::state::Shared` and is read once per scrape into a
+//! `prometheus-client` registry, which writes the text format (0.0.4, the format every
+//! Prometheus scrapes): its `_total` suffix on counters, `_info` on the info metric, escaping
+//! and number formatting.
 
-use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
+use prometheus_client::encoding::{
+    EncodeCounterValue, EncodeGaugeValue, EncodeMetric, MetricEncoder,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::health::Role;
 use crate::serve::state::Shared;
 
-struct Out(String);
+/// What `/metrics` answers with.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# HELP {name} {help}");
-        let _ = writeln!(self.0, "# TYPE {name} {kind}");
-    }
+type Labels = Vec<(&'static str, String)>;
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.0.push_str(name);
-        if !labels.is_empty() {
-            self.0.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                let v = v
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n");
-                let _ = write!(self.0, "{k}=\"{v}\"");
-            }
-            self.0.push('}');
+/// One family's samples, read once per scrape, in a fixed order (prometheus-client's
+/// `Family` holds live metrics in a hash map).
+#[derive(Debug)]
+struct Samples<M>(Vec<(Labels, M)>);
+
+impl<M: EncodeMetric + TypedMetric> EncodeMetric for Samples<M> {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, m) in &self.0 {
+            m.encode(encoder.encode_family(labels)?)?;
         }
-        let _ = writeln!(self.0, " {}", fmt_value(value));
+        Ok(())
     }
-
-    fn gauge(&mut self, name: &str, help: &str, value: Option<f64>) {
-        if let Some(v) = value {
-            self.family(name, "gauge", help);
-            self.sample(name, &[], v);
-        }
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
     }
-
-    fn counter(&mut self, name: &str, help: &str, value: f64) {
-        self.family(name, "counter", help);
-        self.sample(name, &[], value);
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
-fn fmt_value(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
+struct Exposition(Registry);
+
+impl Exposition {
+    /// prometheus-client ends every help text with a period.
+    fn register(&mut self, name: &str, help: &str, metric: impl Metric) {
+        self.0.register(name, help.trim_end_matches('.'), metric);
     }
+
+    fn gauge<N>(&mut self, name: &str, help: &str, value: Option<N>)
+    where
+        N: EncodeGaugeValue + std::fmt::Debug + Send + Sync + 'static,
+    {
+        if let Some(v) = value {
+            self.register(name, help, ConstGauge::new(v));
+        }
+    }
+
+    fn gauges<N>(&mut self, name: &str, help: &str, samples: Vec<(Labels, N)>)
+    where
+        N: EncodeGaugeValue + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let samples = samples
+            .into_iter()
+            .map(|(l, v)| (l, ConstGauge::new(v)))
+            .collect();
+        self.register(name, help, Samples(samples));
+    }
+
+    /// `name` as exposed, with `_total`; the registry adds the suffix itself.
+    fn counter<N>(&mut self, name: &str, help: &str, value: N)
+    where
+        N: EncodeCounterValue + std::fmt::Debug + Send + Sync + 'static,
+    {
+        self.register(unsuffixed(name), help, ConstCounter::new(value));
+    }
+
+    fn counters(&mut self, name: &str, help: &str, samples: Vec<(Labels, u64)>) {
+        let samples = samples
+            .into_iter()
+            .map(|(l, v)| (l, ConstCounter::new(v)))
+            .collect();
+        self.register(unsuffixed(name), help, Samples(samples));
+    }
+}
+
+fn unsuffixed(name: &str) -> &str {
+    name.strip_suffix("_total")
+        .unwrap_or_else(|| panic!("counter {name} must end in _total"))
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> Option<f64> {
     t.map(|t| t.timestamp_millis() as f64 / 1000.0)
 }
 
-fn bool01(b: bool) -> f64 {
-    if b { 1.0 } else { 0.0 }
+fn bool01(b: bool) -> i64 {
+    i64::from(b)
 }
 
 pub fn render(shared: &Shared) -> String {
-    let mut o = Out(String::with_capacity(4096));
+    let mut o = Exposition(Registry::default());
     let (snap, age) = shared.snapshot();
-    o.family("dbagent_info", "gauge", "Agent version and engine.");
-    o.sample(
-        "dbagent_info",
-        &[
+    o.register(
+        "dbagent",
+        "Agent version and engine.",
+        Info::new(vec![
             ("version", env!("CARGO_PKG_VERSION")),
             ("engine", shared.engine),
-        ],
-        1.0,
+        ]),
     );
     o.gauge(
         "dbagent_uptime_seconds",
@@ -98,19 +134,21 @@ pub fn render(shared: &Shared) -> String {
         )),
     );
     if let Some(s) = &snap {
-        o.family(
+        o.gauges(
             "dbagent_role",
-            "gauge",
             "The server's role: 1 for the current one.",
+            [Role::Primary, Role::Replica, Role::Unknown]
+                .into_iter()
+                .map(|role| {
+                    let name = match role {
+                        Role::Primary => "primary",
+                        Role::Replica => "replica",
+                        Role::Unknown => "unknown",
+                    };
+                    (vec![("role", name.to_string())], bool01(s.role == role))
+                })
+                .collect(),
         );
-        for role in [Role::Primary, Role::Replica, Role::Unknown] {
-            let name = match role {
-                Role::Primary => "primary",
-                Role::Replica => "replica",
-                Role::Unknown => "unknown",
-            };
-            o.sample("dbagent_role", &[("role", name)], bool01(s.role == role));
-        }
         o.gauge(
             "dbagent_writable",
             "Whether the server accepts writes.",
@@ -119,12 +157,12 @@ pub fn render(shared: &Shared) -> String {
         o.gauge(
             "dbagent_timeline",
             "Current timeline (PostgreSQL).",
-            s.timeline.map(f64::from),
+            s.timeline,
         );
         o.gauge(
             "dbagent_replication_lag_bytes",
             "Bytes received but not yet replayed (0 on a primary).",
-            s.lag_bytes.map(|v| v as f64),
+            s.lag_bytes,
         );
         o.gauge(
             "dbagent_replication_lag_seconds",
@@ -149,27 +187,24 @@ pub fn render(shared: &Shared) -> String {
             );
         }
         if s.role == Role::Primary {
-            o.family(
+            o.gauges(
                 "dbagent_standby_lag_bytes",
-                "gauge",
                 "Primary: replay lag of each connected standby.",
+                s.replication
+                    .iter()
+                    .filter_map(|st| {
+                        let labels = vec![
+                            ("application_name", st.application_name.clone()),
+                            ("client_addr", st.client_addr.clone().unwrap_or_default()),
+                        ];
+                        Some((labels, st.lag_bytes?))
+                    })
+                    .collect(),
             );
-            for st in &s.replication {
-                if let Some(lag) = st.lag_bytes {
-                    o.sample(
-                        "dbagent_standby_lag_bytes",
-                        &[
-                            ("application_name", &st.application_name),
-                            ("client_addr", st.client_addr.as_deref().unwrap_or("")),
-                        ],
-                        lag as f64,
-                    );
-                }
-            }
             o.gauge(
                 "dbagent_standbys",
                 "Primary: connected standbys.",
-                Some(s.replication.len() as f64),
+                Some(s.replication.len() as u64),
             );
         }
         if let Some(a) = &s.archiver {
@@ -186,17 +221,17 @@ pub fn render(shared: &Shared) -> String {
             o.counter(
                 "dbagent_archive_archived_total",
                 "WAL files archived (pg_stat_archiver).",
-                a.archived_count as f64,
+                a.archived_count.max(0) as u64,
             );
             o.counter(
                 "dbagent_archive_failures_total",
                 "Failed archiving attempts (pg_stat_archiver).",
-                a.failed_count as f64,
+                a.failed_count.max(0) as u64,
             );
             o.gauge(
                 "dbagent_archive_ready_segments",
                 "WAL files waiting to be archived (.ready).",
-                a.ready.map(|v| v as f64),
+                a.ready,
             );
         }
     }
@@ -210,12 +245,12 @@ pub fn render(shared: &Shared) -> String {
     o.gauge(
         "dbagent_backup_last_size_bytes",
         "Size of the newest complete backup (plain bytes).",
-        repo.last_backup_bytes.map(|v| v as f64),
+        repo.last_backup_bytes,
     );
     o.gauge(
         "dbagent_backups",
         "Complete backups in the repository.",
-        repo.refreshed.map(|_| repo.backups as f64),
+        repo.refreshed.map(|_| repo.backups as u64),
     );
     o.gauge(
         "dbagent_restorable_window_start_timestamp_seconds",
@@ -262,7 +297,7 @@ pub fn render(shared: &Shared) -> String {
     }
 
     let c = &shared.counters;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     o.counter(
         "dbagent_heartbeat_writes_total",
         "Heartbeat rows written.",
@@ -302,74 +337,223 @@ pub fn render(shared: &Shared) -> String {
     );
 
     let jobs = shared.jobs.lock().unwrap().clone();
-    if !jobs.is_empty() {
-        o.family(
-            "dbagent_job_running",
-            "gauge",
-            "Whether a scheduled job is running.",
+    let per_job =
+        |f: &dyn Fn(&crate::serve::state::JobStats) -> Option<f64>| -> Vec<(Labels, f64)> {
+            jobs.iter()
+                .filter_map(|(name, j)| Some((vec![("job", name.clone())], f(j)?)))
+                .collect()
+        };
+    o.gauges(
+        "dbagent_job_running",
+        "Whether a scheduled job is running.",
+        jobs.iter()
+            .map(|(name, j)| (vec![("job", name.clone())], bool01(j.running)))
+            .collect(),
+    );
+    o.gauges(
+        "dbagent_job_last_run_timestamp_seconds",
+        "When a scheduled job last started.",
+        per_job(&|j| ts(j.last_start)),
+    );
+    o.gauges(
+        "dbagent_job_last_success_timestamp_seconds",
+        "When a scheduled job last succeeded.",
+        per_job(&|j| ts(j.last_success)),
+    );
+    o.gauges(
+        "dbagent_job_last_duration_seconds",
+        "How long a scheduled job's last run took.",
+        per_job(&|j| j.last_duration.map(|d| d.as_secs_f64())),
+    );
+    o.counters(
+        "dbagent_job_runs_total",
+        "Scheduled job runs by result.",
+        jobs.iter()
+            .flat_map(|(name, j)| {
+                [("success", j.succeeded), ("failure", j.failed)].map(|(result, n)| {
+                    (
+                        vec![("job", name.clone()), ("result", result.to_string())],
+                        n,
+                    )
+                })
+            })
+            .collect(),
+    );
+
+    let mut text = String::with_capacity(4096);
+    prometheus_client::encoding::prometheus_text::encode(&mut text, &o.0)
+        .expect("writing to a String cannot fail");
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::health::{Archiver, LagLimits, Policy, ReplicaState, Snapshot, Standby};
+    use crate::serve::state::{DrillFacts, JobStats, RepoFacts};
+
+    fn shared(engine: &'static str, s: Snapshot) -> std::sync::Arc<Shared> {
+        let shared = Shared::new(
+            Policy {
+                stale_after: Duration::from_secs(3),
+                loop_dead_after: Duration::from_secs(10),
+                readiness: LagLimits::default(),
+            },
+            engine,
         );
-        for (name, j) in &jobs {
-            o.sample("dbagent_job_running", &[("job", name)], bool01(j.running));
-        }
-        o.family(
-            "dbagent_job_last_run_timestamp_seconds",
-            "gauge",
-            "When a scheduled job last started.",
-        );
-        for (name, j) in &jobs {
-            if let Some(t) = ts(j.last_start) {
-                o.sample(
-                    "dbagent_job_last_run_timestamp_seconds",
-                    &[("job", name)],
-                    t,
-                );
+        shared.set_snapshot(s);
+        let t = Utc::now();
+        *shared.repo.write().unwrap() = RepoFacts {
+            last_backup_time: Some(t),
+            last_backup_bytes: Some(123),
+            backups: 2,
+            window_start: Some(t),
+            window_end: Some(t),
+            refreshed: Some(t),
+            error: None,
+            drill: Some(DrillFacts {
+                last_run: t,
+                passed: true,
+                duration_seconds: 61.5,
+                rto_seconds: Some(42.0),
+                last_success: Some(t),
+            }),
+        };
+        shared.job_update("backup", |j| {
+            *j = JobStats {
+                last_start: Some(t),
+                last_duration: Some(Duration::from_secs(3)),
+                last_success: Some(t),
+                succeeded: 4,
+                failed: 1,
+                ..Default::default()
             }
-        }
-        o.family(
-            "dbagent_job_last_success_timestamp_seconds",
-            "gauge",
-            "When a scheduled job last succeeded.",
-        );
-        for (name, j) in &jobs {
-            if let Some(t) = ts(j.last_success) {
-                o.sample(
-                    "dbagent_job_last_success_timestamp_seconds",
-                    &[("job", name)],
-                    t,
-                );
-            }
-        }
-        o.family(
-            "dbagent_job_last_duration_seconds",
-            "gauge",
-            "How long a scheduled job's last run took.",
-        );
-        for (name, j) in &jobs {
-            if let Some(d) = j.last_duration {
-                o.sample(
-                    "dbagent_job_last_duration_seconds",
-                    &[("job", name)],
-                    d.as_secs_f64(),
-                );
-            }
-        }
-        o.family(
-            "dbagent_job_runs_total",
-            "counter",
-            "Scheduled job runs by result.",
-        );
-        for (name, j) in &jobs {
-            o.sample(
-                "dbagent_job_runs_total",
-                &[("job", name), ("result", "success")],
-                j.succeeded as f64,
-            );
-            o.sample(
-                "dbagent_job_runs_total",
-                &[("job", name), ("result", "failure")],
-                j.failed as f64,
-            );
-        }
+        });
+        shared.counters.heartbeat_writes.store(7, Ordering::Relaxed);
+        shared
     }
-    o.0
+
+    /// Every sample's name with its family's TYPE and its label names, from both roles.
+    fn exposed() -> BTreeMap<String, (String, BTreeSet<String>)> {
+        let primary = Snapshot {
+            up: true,
+            role: Role::Primary,
+            writable: true,
+            timeline: Some(1),
+            lag_bytes: Some(0),
+            lag_seconds: Some(0.0),
+            heartbeat_age_seconds: Some(0.4),
+            replication: vec![Standby {
+                usename: None,
+                application_name: "walreceiver".into(),
+                client_addr: Some("10.0.0.2".into()),
+                state: None,
+                sync_state: None,
+                sync_priority: None,
+                lag_bytes: Some(16),
+            }],
+            archiver: Some(Archiver {
+                archived_count: 10,
+                last_archived_time: Some(Utc::now()),
+                failed_count: 1,
+                last_failed_time: Some(Utc::now()),
+                ready: Some(2),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let replica = Snapshot {
+            up: true,
+            role: Role::Replica,
+            replica: Some(ReplicaState {
+                streaming: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut out = BTreeMap::new();
+        for body in [
+            render(&shared("postgres", primary)),
+            render(&shared("mysql", replica)),
+        ] {
+            let mut types = BTreeMap::new();
+            for line in body.lines() {
+                if let Some(rest) = line.strip_prefix("# TYPE ") {
+                    let (name, kind) = rest.split_once(' ').unwrap();
+                    types.insert(name.to_string(), kind.to_string());
+                }
+            }
+            let scrape =
+                prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+            for s in scrape.samples {
+                let kind = types
+                    .get(&s.metric)
+                    .unwrap_or_else(|| panic!("no TYPE for {}:\n{body}", s.metric));
+                let labels = s.labels.keys().cloned().collect();
+                out.insert(s.metric.clone(), (kind.clone(), labels));
+            }
+        }
+        out
+    }
+
+    /// The README's metrics table: every name with its label names.
+    fn documented() -> BTreeMap<String, BTreeSet<String>> {
+        let readme = include_str!("../README.md");
+        let table = readme.split("\n#### Metrics\n").nth(1).unwrap();
+        let table = table
+            .split("\n\n")
+            .find(|p| p.trim_start().starts_with('|'))
+            .unwrap();
+        let mut out = BTreeMap::new();
+        for line in table.lines().skip(2) {
+            let cell = line.trim_matches('|').split('|').next().unwrap();
+            for name in cell.split('`').skip(1).step_by(2) {
+                let (name, labels) = match name.split_once('{') {
+                    Some((n, l)) => (
+                        n,
+                        l.trim_end_matches('}')
+                            .split(',')
+                            .map(str::to_string)
+                            .collect(),
+                    ),
+                    None => (name, BTreeSet::new()),
+                };
+                out.insert(name.to_string(), labels);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn exposition_matches_the_readme() {
+        let exposed = exposed();
+        let documented = documented();
+        let mut problems = Vec::new();
+        for (name, labels) in &documented {
+            match exposed.get(name) {
+                None => problems.push(format!("{name} is documented but not exposed")),
+                Some((_, got)) if got != labels => {
+                    problems.push(format!("{name}: labels {got:?}, README says {labels:?}"))
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, (kind, _)) in &exposed {
+            if !documented.contains_key(name) {
+                problems.push(format!("{name} is exposed but not in the README"));
+            }
+            let want = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
+            if kind != want {
+                problems.push(format!("{name} is a {kind}, expected a {want}"));
+            }
+        }
+        assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+    }
 }
