@@ -15,7 +15,7 @@ mod postgres;
 mod s3;
 mod util;
 
-pub use cjk::install_cjk_parser;
+pub use cjk::{CjkParser, install_cjk_parser};
 pub use mariadb::{MariaDb, MariaDbBuilder, mariadb_bin, mariadb_replica_pair, replica_status};
 pub use postgres::{
     DEFAULT_PG_BIN_DIR, PG_OS_USER, Postgres, PostgresBuilder, command_as_pg_user, pg_bin,

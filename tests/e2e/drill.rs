@@ -9,7 +9,7 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dbagent_testcontainers::{Postgres, install_cjk_parser, pg_bin, pg_owned_tempdir};
+use dbagent_testcontainers::{CjkParser, Postgres, install_cjk_parser, pg_bin, pg_owned_tempdir};
 use tempfile::TempDir;
 
 use crate::serve::{Serve, pg_env};
@@ -140,9 +140,22 @@ fn source(extension: Option<&TestExtension>) -> Source {
     env.extend(repo.env());
     env.push(("DBAGENT_CATALOG_REFRESH".into(), "1s".into()));
     let serve = Serve::start(&env);
-    // The site's layout: discourse searches with pg_cjk_parser (here its stand-in, see
-    // testcontainers/ext), logto never had it.
-    install_cjk_parser().unwrap();
+    // The site's layout: discourse searches with pg_cjk_parser, logto never had it. The
+    // parser is the site's own where this machine has one, else the stand-in (see
+    // testcontainers/ext); the drill's parser checks run against whichever it is.
+    let parser = install_cjk_parser().unwrap();
+    let comment = pg
+        .psql(
+            "postgres",
+            "SELECT comment FROM pg_available_extensions WHERE name = 'pg_cjk_parser'",
+        )
+        .unwrap();
+    assert_eq!(
+        comment.starts_with("dbagent test stand-in"),
+        parser == CjkParser::StandIn,
+        "install_cjk_parser said {parser:?}, the server offers {comment:?}"
+    );
+    eprintln!("pg_cjk_parser under test: {parser:?} ({comment})");
     pg.psql("postgres", "CREATE DATABASE discourse").unwrap();
     pg.psql("postgres", "CREATE DATABASE logto").unwrap();
     pg.psql(
