@@ -148,6 +148,14 @@ pub enum Command {
         /// Start the restored server on this port.
         #[arg(long)]
         port: Option<u16>,
+        /// Follow this timeline (PostgreSQL), e.g. one branch of a forked history, instead
+        /// of the branch that continues production.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        timeline: Option<u32>,
+        /// The restored server replaces production (PostgreSQL): it archives its new timeline
+        /// into the repository. Without it, it archives nothing (archive_mode = off).
+        #[arg(long)]
+        as_primary: bool,
     },
 }
 
@@ -388,7 +396,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             no_start,
             dry_run,
             port,
+            timeline,
+            as_primary,
         } => {
+            if (engine == Engine::Mysql || dump.is_some()) && (timeline.is_some() || as_primary) {
+                return Err(input_err!(
+                    "--timeline and --as-primary are for PostgreSQL restores from a base backup (--target-dir)"
+                ));
+            }
             let target = match (at, latest) {
                 (Some(t), false) => Target::Time(crate::timespec::parse_instant(&t)?),
                 (None, true) => Target::Latest,
@@ -437,6 +452,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                         no_start,
                         dry_run,
                         port,
+                        timeline,
+                        as_primary,
                     };
                     crate::restore::restore_pg(&cfg, store, &opts).await?;
                 }

@@ -173,7 +173,7 @@ pub async fn run_pg(
             .map(Target::Time)
             .ok_or_else(|| anyhow::anyhow!("nothing is restorable yet: no backup with its WAL")),
     };
-    let plan = target.and_then(|t| plan::plan_pg(&cat, t));
+    let plan = target.and_then(|t| plan::plan_pg(&cat, t, None));
     out.target = match plan.as_ref().map(|p| p.target) {
         Ok(Target::Time(t)) => crate::timespec::show(t),
         _ => "latest".into(),

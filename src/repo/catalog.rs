@@ -1,5 +1,6 @@
 //! What the repository holds for one PostgreSQL cluster, read from a listing, and the pure
-//! questions asked of it: how far can a backup's WAL chain reach, what window is restorable.
+//! questions asked of it: how far can a backup's WAL chain reach, what window is restorable,
+//! and which branch of the timeline tree continues production when the history has forked.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +20,9 @@ pub struct PgCatalog {
     pub backups: Vec<BaseBackup>,
     pub segments: BTreeMap<Segment, ObjectInfo>,
     pub histories: BTreeMap<u32, Vec<HistoryEntry>>,
+    /// When each history file was archived, i.e. when its timeline began (the server that
+    /// promoted onto it archives the file first).
+    pub history_times: BTreeMap<u32, DateTime<Utc>>,
     /// The last transaction time noted in the trailers of the segments at the end of each
     /// backup's chain (`None`: the segment holds no transaction, or was archived without the
     /// note). Segments not read are absent.
@@ -50,6 +54,76 @@ pub struct Reach {
 pub struct Window {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
+}
+
+/// A timeline as the repository knows it, from its history file and the WAL present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeline {
+    pub timeline: u32,
+    /// The nearest ancestor the repository holds (absent: the first timeline here).
+    pub parent: Option<u32>,
+    /// Where the history left `parent`.
+    pub branch_lsn: Option<Lsn>,
+    /// When it began: when its history file was archived (the promoted server archives it
+    /// first).
+    pub created: Option<DateTime<Utc>>,
+    /// Its newest archived segment, and when that arrived.
+    pub last_segment: Option<Segment>,
+    pub last_archived: Option<DateTime<Utc>>,
+}
+
+/// One end of the archived history: what a restore that follows it to its end replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Branch {
+    pub timeline: u32,
+    /// The timelines from the first one here down to this one.
+    pub lineage: Vec<u32>,
+    pub last_segment: Option<Segment>,
+    pub last_archived: Option<DateTime<Utc>>,
+}
+
+/// How the archived history ends.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Branches {
+    /// Every branch holding WAL the others lack, by timeline. Two or more: a fork.
+    pub branches: Vec<Branch>,
+    /// The branch that continues production: the only one archived after the branches
+    /// parted. `None` when several were (or nothing is archived).
+    pub production: Option<u32>,
+}
+
+impl Branches {
+    /// How many times the history forked: branches beyond the first.
+    pub fn forks(&self) -> usize {
+        self.branches.len().saturating_sub(1)
+    }
+
+    /// One line per branch: its timeline, where it left its parent, how far it reaches.
+    pub fn describe(&self, cat: &PgCatalog) -> Vec<String> {
+        let tls = cat.timelines();
+        self.branches
+            .iter()
+            .map(|b| {
+                let from = match tls.get(&b.timeline) {
+                    Some(Timeline {
+                        parent: Some(p),
+                        branch_lsn: Some(at),
+                        ..
+                    }) => format!(" (left timeline {p} at {at})"),
+                    _ => String::new(),
+                };
+                let reach = match (b.last_segment, b.last_archived) {
+                    (Some(s), Some(t)) => format!(
+                        "WAL to {}, last archived {}",
+                        s.name(cat.seg_size),
+                        crate::timespec::show(t)
+                    ),
+                    _ => "no WAL of its own".into(),
+                };
+                format!("timeline {}{from}: {reach}", b.timeline)
+            })
+            .collect()
+    }
 }
 
 /// Sorts spans of restorable time and merges the ones that touch.
@@ -122,16 +196,19 @@ impl PgCatalog {
                         segments.insert(seg, obj);
                     }
                 }
-                Some(WalFile::History(tli)) => history_keys.push((tli, obj.key.clone())),
+                Some(WalFile::History(tli)) => history_keys.push((tli, obj)),
                 _ => {}
             }
         }
         let mut histories = BTreeMap::new();
-        for (tli, key) in history_keys {
-            let (text, _) = crate::pipeline::download(store, &key, Vec::new()).await?;
+        let mut history_times = BTreeMap::new();
+        for (tli, obj) in history_keys {
+            let key = &obj.key;
+            let (text, _) = crate::pipeline::download(store, key, Vec::new()).await?;
             let entries = parse_history(&String::from_utf8_lossy(&text))
                 .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
             histories.insert(tli, entries);
+            history_times.insert(tli, obj.last_modified);
         }
         let mut cat = PgCatalog {
             system_identifier: sysid,
@@ -139,6 +216,7 @@ impl PgCatalog {
             backups,
             segments,
             histories,
+            history_times,
             last_xact: BTreeMap::new(),
         };
         cat.read_tails(store).await;
@@ -146,14 +224,27 @@ impl PgCatalog {
     }
 
     /// Reads the transaction times noted in the trailers of the last few segments of every
-    /// backup's chain (a ranged read of each object's last bytes). A trailer that cannot be
-    /// read only leaves the time unknown: `verify` is where damage is reported.
+    /// backup's chain, on every branch it can follow (a ranged read of each object's last
+    /// bytes). A trailer that cannot be read only leaves the time unknown: `verify` is where
+    /// damage is reported.
     async fn read_tails(&mut self, store: &dyn Store) {
+        let branches = self.branches();
         let mut wanted: Vec<Segment> = Vec::new();
         for b in &self.backups {
-            let (chain, _) = self.chain(b);
-            let from = chain.len().saturating_sub(TAIL_SEGMENTS);
-            wanted.extend(&chain[from..]);
+            let mut tlis: Vec<u32> = branches
+                .branches
+                .iter()
+                .map(|x| x.timeline)
+                .filter(|t| self.backup_on(b, *t))
+                .collect();
+            tlis.push(self.timeline_for(b, &branches));
+            tlis.sort();
+            tlis.dedup();
+            for tli in tlis {
+                let (chain, _) = self.chain_on(b, tli);
+                let from = chain.len().saturating_sub(TAIL_SEGMENTS);
+                wanted.extend(&chain[from..]);
+            }
         }
         wanted.sort();
         wanted.dedup();
@@ -183,19 +274,162 @@ impl PgCatalog {
         }
     }
 
-    /// The newest timeline a restore from `b` follows (recovery_target_timeline = latest):
-    /// one whose history branches off the backup's timeline after the backup ended.
-    pub fn target_timeline(&self, b: &BaseBackup) -> u32 {
-        self.histories
-            .iter()
-            .filter(|(_, h)| {
+    /// Every timeline the repository holds (a history file or WAL), each linked to the
+    /// nearest ancestor that is here too.
+    pub fn timelines(&self) -> BTreeMap<u32, Timeline> {
+        let blank = |tli| Timeline {
+            timeline: tli,
+            parent: None,
+            branch_lsn: None,
+            created: None,
+            last_segment: None,
+            last_archived: None,
+        };
+        let mut out: BTreeMap<u32, Timeline> = BTreeMap::new();
+        for (seg, obj) in &self.segments {
+            let t = out.entry(seg.tli).or_insert_with(|| blank(seg.tli));
+            t.last_segment = t.last_segment.max(Some(*seg));
+            t.last_archived = t.last_archived.max(Some(obj.last_modified));
+        }
+        for tli in self.histories.keys() {
+            out.entry(*tli).or_insert_with(|| blank(*tli));
+        }
+        let present: Vec<u32> = out.keys().copied().collect();
+        for (tli, t) in out.iter_mut() {
+            t.created = self.history_times.get(tli).copied();
+            // An ancestor that left nothing here (pruned, or never archived) is skipped: the
+            // timeline then branches from the nearest one that did, where the path left it.
+            let parent = self.histories.get(tli).and_then(|h| {
                 h.iter()
-                    .any(|e| e.tli == b.timeline && e.switchpoint >= b.stop_lsn)
-            })
-            .map(|(tli, _)| *tli)
+                    .rev()
+                    .find(|e| e.tli < *tli && present.contains(&e.tli))
+            });
+            if let Some(e) = parent {
+                t.parent = Some(e.tli);
+                t.branch_lsn = Some(e.switchpoint);
+            }
+        }
+        out
+    }
+
+    /// The ends of the archived history, and which one continues production.
+    ///
+    /// A timeline whose WAL stops where a child branched off ends in that child (a normal
+    /// promotion). One that was archived past a child's branch point (a segment starting at
+    /// or after it) is an end of its own: the history has forked. A child with no WAL of its
+    /// own, off a parent that went on, holds nothing the parent's side lacks and is no branch.
+    pub fn branches(&self) -> Branches {
+        let tls = self.timelines();
+        let goes_past = |t: &Timeline, lsn: Lsn| {
+            t.last_segment
+                .is_some_and(|s| s.start_lsn(self.seg_size) >= lsn)
+        };
+        let mut branches = Vec::new();
+        for t in tls.values() {
+            let ends_in_child = tls.values().any(|c| {
+                c.parent == Some(t.timeline) && !goes_past(t, c.branch_lsn.unwrap_or_default())
+            });
+            let empty = t.last_segment.is_none()
+                && t.parent
+                    .is_some_and(|p| goes_past(&tls[&p], t.branch_lsn.unwrap_or_default()));
+            if ends_in_child || empty {
+                continue;
+            }
+            let mut lineage = vec![t.timeline];
+            while let Some(p) = tls[lineage.last().expect("non-empty")].parent {
+                lineage.push(p);
+            }
+            lineage.reverse();
+            branches.push(Branch {
+                timeline: t.timeline,
+                lineage,
+                last_segment: t.last_segment,
+                last_archived: t.last_archived,
+            });
+        }
+        let production = match branches.as_slice() {
+            [] => None,
+            [one] => Some(one.timeline),
+            many => {
+                let live: Vec<u32> = many
+                    .iter()
+                    .filter(|w| {
+                        many.iter().all(|y| {
+                            y.timeline == w.timeline || !self.written_since_parting(&tls, y, w)
+                        })
+                    })
+                    .map(|w| w.timeline)
+                    .collect();
+                match live.as_slice() {
+                    [one] => Some(*one),
+                    _ => None,
+                }
+            }
+        };
+        Branches {
+            branches,
+            production,
+        }
+    }
+
+    /// Whether branch `x` received WAL after it parted from branch `y`, that is after the
+    /// later of the two timelines that begin where they part was created. A child's own WAL
+    /// always is; a parent's WAL past the branch point may predate the child (a restore that
+    /// undid a bad change leaves the change behind on the parent).
+    fn written_since_parting(&self, tls: &BTreeMap<u32, Timeline>, x: &Branch, y: &Branch) -> bool {
+        let common = x
+            .lineage
+            .iter()
+            .zip(&y.lineage)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let (dx, dy) = (x.lineage.get(common), y.lineage.get(common));
+        let Some(parted) = [dx, dy]
+            .into_iter()
+            .flatten()
+            .map(|t| tls[t].created)
+            .max()
+            .flatten()
+        else {
+            return true; // unrelated timelines, nothing says when: both count
+        };
+        let on_side = |s: &Segment| match (dx, dy) {
+            (Some(_), _) => x.lineage[common..].contains(&s.tli),
+            (None, Some(d)) => {
+                s.tli == x.timeline
+                    && tls[d]
+                        .branch_lsn
+                        .is_some_and(|from| s.start_lsn(self.seg_size) >= from)
+            }
+            (None, None) => false,
+        };
+        self.segments
+            .iter()
+            .any(|(s, o)| on_side(s) && o.last_modified > parted)
+    }
+
+    /// Whether recovery from `b` can follow timeline `tli`: the backup's timeline is on its
+    /// history and the backup ended before the history left it.
+    pub fn backup_on(&self, b: &BaseBackup, tli: u32) -> bool {
+        self.path(tli)
+            .iter()
+            .any(|&(t, _, end)| t == b.timeline && end.is_none_or(|e| b.stop_lsn <= e))
+    }
+
+    /// The timeline a restore from `b` follows unless told otherwise: production's when the
+    /// backup lies on its history, else the only branch it can reach (the newest when several:
+    /// listings show something; `restore` refuses to guess).
+    pub fn timeline_for(&self, b: &BaseBackup, branches: &Branches) -> u32 {
+        if let Some(p) = branches.production.filter(|p| self.backup_on(b, *p)) {
+            return p;
+        }
+        branches
+            .branches
+            .iter()
+            .map(|x| x.timeline)
+            .filter(|t| self.backup_on(b, *t))
             .max()
             .unwrap_or(b.timeline)
-            .max(b.timeline)
     }
 
     /// Timelines along the path to `tli`, each with the LSN range it is valid for.
@@ -236,10 +470,10 @@ impl PgCatalog {
         begin.0 / self.seg_size <= seg.segno && end.is_none_or(|e| seg.start_lsn(self.seg_size) < e)
     }
 
-    /// The unbroken run of archived segments recovery from `b` reads, and the first
-    /// segment it would miss.
-    fn chain(&self, b: &BaseBackup) -> (Vec<Segment>, Segment) {
-        let path = self.path(self.target_timeline(b));
+    /// The unbroken run of archived segments recovery from `b` along timeline `tli` reads,
+    /// and the first segment it would miss.
+    fn chain_on(&self, b: &BaseBackup, tli: u32) -> (Vec<Segment>, Segment) {
+        let path = self.path(tli);
         let mut segno = b.start_lsn.0 / self.seg_size;
         let mut chain = Vec::new();
         loop {
@@ -266,10 +500,15 @@ impl PgCatalog {
         Some(archived)
     }
 
+    /// How far a restore from `b` reaches along the timeline it follows by default.
     pub fn reach(&self, b: &BaseBackup) -> Reach {
-        let tli = self.target_timeline(b);
+        self.reach_on(b, self.timeline_for(b, &self.branches()))
+    }
+
+    /// How far a restore from `b` reaches following timeline `tli`.
+    pub fn reach_on(&self, b: &BaseBackup, tli: u32) -> Reach {
         let path = self.path(tli);
-        let (chain, missing) = self.chain(b);
+        let (chain, missing) = self.chain_on(b, tli);
         let last = chain.last().copied();
         let end_time = self.chain_end_time(&chain);
         // Only segments recovery would read count: an older timeline's WAL past the point
@@ -289,20 +528,39 @@ impl PgCatalog {
         }
     }
 
-    /// The spans of time a restore can reach, merged across backups.
+    /// The spans of time a restore can reach, merged across backups: along the branch that
+    /// continues production (another branch's backups do not count), or, while a fork leaves
+    /// that open, along every branch (each point is reached with the right `--timeline`).
     pub fn windows(&self) -> Vec<Window> {
-        let spans: Vec<Window> = self
-            .backups
-            .iter()
-            .filter_map(|b| {
-                let r = self.reach(b);
-                let to = r.end_time?.max(b.stop_time);
-                r.consistent.then_some(Window {
-                    from: b.stop_time,
-                    to,
-                })
-            })
-            .collect();
+        let branches = self.branches();
+        let mut spans = Vec::new();
+        for b in &self.backups {
+            let tlis: Vec<u32> = match branches.production {
+                Some(p) if self.backup_on(b, p) => vec![p],
+                Some(_) => continue,
+                None => {
+                    let mut on: Vec<u32> = branches
+                        .branches
+                        .iter()
+                        .map(|x| x.timeline)
+                        .filter(|t| self.backup_on(b, *t))
+                        .collect();
+                    if on.is_empty() {
+                        on.push(b.timeline);
+                    }
+                    on
+                }
+            };
+            for tli in tlis {
+                let r = self.reach_on(b, tli);
+                if let (true, Some(end)) = (r.consistent, r.end_time) {
+                    spans.push(Window {
+                        from: b.stop_time,
+                        to: end.max(b.stop_time),
+                    });
+                }
+            }
+        }
         merge_windows(spans)
     }
 }
@@ -448,6 +706,194 @@ pub(crate) mod tests {
                 switchpoint: Lsn(SEG),
             }],
         );
-        assert_eq!(c.target_timeline(&c.backups[0]), 2);
+        assert_eq!(c.timeline_for(&c.backups[0], &c.branches()), 2);
+    }
+
+    /// Segment `n` of timeline `tli`, archived at `at`.
+    fn add_seg_at(c: &mut PgCatalog, tli: u32, n: u64, at: &str) {
+        add_seg(c, tli, n);
+        c.segments
+            .get_mut(&Segment { tli, segno: n })
+            .unwrap()
+            .last_modified = t(at);
+    }
+
+    /// Timeline `tli` branched off `parent` at `at_lsn`; its history file archived at `created`.
+    pub fn add_timeline(c: &mut PgCatalog, tli: u32, parent: u32, at_lsn: u64, created: &str) {
+        let mut h = c.histories.get(&parent).cloned().unwrap_or_default();
+        h.push(HistoryEntry {
+            tli: parent,
+            switchpoint: Lsn(at_lsn),
+        });
+        c.histories.insert(tli, h);
+        c.history_times.insert(tli, t(created));
+    }
+
+    fn tips(c: &PgCatalog) -> (Vec<u32>, Option<u32>) {
+        let b = c.branches();
+        (
+            b.branches.iter().map(|x| x.timeline).collect(),
+            b.production,
+        )
+    }
+
+    #[test]
+    fn a_linear_history_has_one_branch() {
+        let mut c = catalog(vec![backup("b1", 2, 2, "00:02:30")], &[2, 3, 4, 5]);
+        assert_eq!(tips(&c), (vec![1], Some(1)));
+        assert_eq!(c.branches().forks(), 0);
+        // A restore of the end of timeline 1 promoted onto 2 (at a segment boundary, after
+        // a WAL switch) and went on there: timeline 1 ends in 2.
+        add_timeline(&mut c, 2, 1, 6 * SEG, "00:06:10");
+        add_seg_at(&mut c, 2, 6, "00:07:00");
+        assert_eq!(tips(&c), (vec![2], Some(2)));
+        // Promoted in the middle of segment 5, which timeline 1 had archived whole: the
+        // segment holding the branch point is shared, not a fork.
+        let mut c = catalog(vec![backup("b1", 2, 2, "00:02:30")], &[2, 3, 4, 5]);
+        add_timeline(&mut c, 2, 1, 5 * SEG + 0x500, "00:06:10");
+        add_seg_at(&mut c, 2, 5, "00:07:00");
+        assert_eq!(tips(&c), (vec![2], Some(2)));
+        // A new timeline that archived nothing yet still ends timeline 1.
+        let mut c = catalog(vec![backup("b1", 2, 2, "00:02:30")], &[2, 3, 4, 5]);
+        add_timeline(&mut c, 2, 1, 6 * SEG, "00:06:10");
+        assert_eq!(tips(&c), (vec![2], Some(2)));
+        assert_eq!(
+            c.reach(&c.backups[0]).last,
+            Some(Segment { tli: 1, segno: 5 })
+        );
+    }
+
+    #[test]
+    fn a_copy_archived_while_production_went_on_is_a_fork_nobody_can_settle() {
+        // Production (timeline 1) archives a segment a minute; a copy restored to the middle
+        // of segment 4 promoted onto timeline 2 at 00:06:30 and archived 4..7.
+        let mut c = catalog(
+            vec![backup("b1", 2, 2, "00:02:30")],
+            &[2, 3, 4, 5, 6, 7, 8, 9],
+        );
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:06:30");
+        for n in 4..=7 {
+            add_seg_at(&mut c, 2, n, &format!("00:{:02}:40", n + 3));
+        }
+        // Both were written after they parted: which one is production is not ours to guess.
+        assert_eq!(tips(&c), (vec![1, 2], None));
+        assert_eq!(c.branches().forks(), 1);
+        let lines = c.branches().describe(&c);
+        assert_eq!(
+            lines,
+            vec![
+                "timeline 1: WAL to 000000010000000000000009, last archived 2026-11-23T00:09:00Z",
+                "timeline 2 (left timeline 1 at 0/4000500): WAL to 000000020000000000000007, last archived 2026-11-23T00:10:40Z",
+            ]
+        );
+        // Each branch has its own chain.
+        let b = &c.backups[0];
+        assert_eq!(c.reach_on(b, 1).last, Some(Segment { tli: 1, segno: 9 }));
+        assert_eq!(c.reach_on(b, 2).last, Some(Segment { tli: 2, segno: 7 }));
+        assert_eq!(c.reach_on(b, 2).gap, None);
+    }
+
+    #[test]
+    fn the_branch_archived_after_the_parting_continues_production() {
+        // A bad change on timeline 1 (segments 5..7, archived by 00:07:00); at 00:20 a
+        // restore to before it promoted onto timeline 2 as the new primary, which goes on.
+        let mut c = catalog(vec![backup("b1", 2, 2, "00:02:30")], &[2, 3, 4, 5, 6, 7]);
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:20:00");
+        add_seg_at(&mut c, 2, 4, "00:21:00");
+        add_seg_at(&mut c, 2, 5, "00:22:00");
+        assert_eq!(tips(&c), (vec![1, 2], Some(2)));
+        assert_eq!(c.reach(&c.backups[0]).timeline, 2);
+        // The old primary archived once more after the new one began: both are live.
+        add_seg_at(&mut c, 1, 8, "00:20:30");
+        assert_eq!(tips(&c), (vec![1, 2], None));
+
+        // A copy that promoted and archived its history but no WAL of its own is no branch:
+        // production went on without it.
+        let mut c = catalog(vec![backup("b1", 2, 2, "00:02:30")], &[2, 3, 4, 5, 6, 7]);
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:05:30");
+        assert_eq!(tips(&c), (vec![1], Some(1)));
+        assert_eq!(c.reach(&c.backups[0]).timeline, 1);
+    }
+
+    #[test]
+    fn production_restored_past_a_forgotten_copy_continues_on_its_new_timeline() {
+        // Timeline 2 is a copy that archived until 00:08; timeline 1 went on to segment 9 and
+        // was then restored (explicitly) as the new primary onto timeline 3 at its end.
+        let mut c = catalog(
+            vec![backup("b1", 2, 2, "00:02:30")],
+            &[2, 3, 4, 5, 6, 7, 8, 9],
+        );
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:05:30");
+        add_seg_at(&mut c, 2, 4, "00:07:00");
+        add_seg_at(&mut c, 2, 5, "00:08:00");
+        assert_eq!(tips(&c).1, None);
+        add_timeline(&mut c, 3, 1, 10 * SEG, "00:15:00");
+        add_seg_at(&mut c, 3, 10, "00:16:00");
+        assert_eq!(tips(&c), (vec![2, 3], Some(3)));
+        assert_eq!(c.branches().branches[1].lineage, vec![1, 3]);
+        let r = c.reach(&c.backups[0]);
+        assert_eq!(
+            (r.timeline, r.last),
+            (3, Some(Segment { tli: 3, segno: 10 }))
+        );
+        // The copy woke up and archived again: undecided once more.
+        add_seg_at(&mut c, 2, 6, "00:17:00");
+        assert_eq!(tips(&c), (vec![2, 3], None));
+    }
+
+    #[test]
+    fn a_repository_begun_on_a_later_timeline_has_it_as_its_root() {
+        // The cluster was on timeline 3 when it began archiving here: no history files, and
+        // timeline 4's history names ancestors that left nothing here.
+        let mut c = PgCatalog {
+            system_identifier: 1,
+            seg_size: SEG,
+            backups: vec![BaseBackup {
+                timeline: 3,
+                ..backup("b1", 2, 2, "00:02:30")
+            }],
+            ..Default::default()
+        };
+        for n in 2..=5 {
+            add_seg(&mut c, 3, n);
+        }
+        assert_eq!(tips(&c), (vec![3], Some(3)));
+        assert!(c.backup_on(&c.backups[0], 3));
+        c.histories.insert(
+            4,
+            vec![
+                HistoryEntry {
+                    tli: 1,
+                    switchpoint: Lsn(SEG),
+                },
+                HistoryEntry {
+                    tli: 3,
+                    switchpoint: Lsn(6 * SEG),
+                },
+            ],
+        );
+        c.history_times.insert(4, t("00:06:30"));
+        let tl = c.timelines();
+        assert_eq!(
+            (tl[&4].parent, tl[&4].branch_lsn),
+            (Some(3), Some(Lsn(6 * SEG)))
+        );
+        assert_eq!(tips(&c), (vec![4], Some(4)));
+        assert!(c.backup_on(&c.backups[0], 4));
+    }
+
+    #[test]
+    fn a_backup_is_on_a_timeline_when_it_ended_before_the_history_left_its_own() {
+        let mut c = catalog(
+            vec![
+                backup("before", 2, 2, "00:02:30"),
+                backup("after", 6, 6, "00:06:30"),
+            ],
+            &[2, 3, 4, 5, 6, 7],
+        );
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:05:30");
+        add_seg(&mut c, 2, 4);
+        assert!(c.backup_on(&c.backups[0], 1) && c.backup_on(&c.backups[0], 2));
+        assert!(c.backup_on(&c.backups[1], 1) && !c.backup_on(&c.backups[1], 2));
     }
 }

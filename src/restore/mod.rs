@@ -1,6 +1,7 @@
 //! Point-in-time restore: plan (pure, in `plan`) then execute (here).
 
 pub mod plan;
+pub mod recovery;
 mod untar;
 
 use std::io::IsTerminal;
@@ -16,7 +17,6 @@ use crate::input_err;
 use crate::pg::conn::ConnInfo;
 use crate::repo::catalog::{self, PgCatalog};
 use crate::storage::Store;
-use crate::timespec::pg_timestamp;
 use plan::{PgPlan, Target};
 
 #[derive(Debug, Clone)]
@@ -27,6 +27,10 @@ pub struct PgRestoreOptions {
     pub dry_run: bool,
     /// Start the restored server on this port instead of the one in its configuration.
     pub port: Option<u16>,
+    /// Follow this timeline instead of the branch that continues production.
+    pub timeline: Option<u32>,
+    /// The restored server replaces production: it archives into the repository.
+    pub as_primary: bool,
 }
 
 /// Which cluster in the repository: the configured one, or the only one there.
@@ -76,8 +80,9 @@ pub async fn restore_pg(
     check_target_dir(&opts.target_dir)?;
     let sysid = choose_cluster(cfg, store.as_ref()).await?;
     let cat = PgCatalog::load(store.as_ref(), sysid).await?;
-    let plan = plan::plan_pg(&cat, opts.target)?;
-    println!("{}", plan.describe());
+    let mut plan = plan::plan_pg(&cat, opts.target, opts.timeline)?;
+    plan.as_primary = opts.as_primary;
+    println!("{}", plan.render());
     if opts.dry_run {
         println!("dry run: nothing was written");
         return Ok(());
@@ -272,10 +277,6 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 fn shell_quote(s: &str) -> String {
     if s.chars()
         .all(|c| c.is_ascii_alphanumeric() || "/._-:=@".contains(c))
@@ -314,35 +315,8 @@ fn write_recovery_settings(
     dir: &Path,
     extra: &[String],
 ) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut lines = vec![
-        String::new(),
-        format!(
-            "# point-in-time restore by dbagent {}",
-            env!("CARGO_PKG_VERSION")
-        ),
-        format!("restore_command = {}", quote(&restore_command(cfg)?)),
-        "recovery_target_timeline = 'latest'".to_string(),
-    ];
-    if let Target::Time(t) = plan.target {
-        lines.push(format!(
-            "recovery_target_time = {}",
-            quote(&pg_timestamp(t))
-        ));
-        lines.push("recovery_target_inclusive = on".to_string());
-        lines.push("recovery_target_action = 'promote'".to_string());
-    }
-    lines.extend(extra.iter().cloned());
-    let auto = dir.join("postgresql.auto.conf");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&auto)
-        .with_context(|| format!("opening {}", auto.display()))?;
-    f.write_all((lines.join("\n") + "\n").as_bytes())?;
-    f.sync_all()?;
-    std::fs::File::create(dir.join("recovery.signal"))?.sync_all()?;
-    Ok(())
+    let block = recovery::block(plan, &restore_command(cfg)?, extra);
+    recovery::write(dir, &block)
 }
 
 /// Starts the restored server and waits until it has promoted. Returns where it landed.
@@ -413,6 +387,10 @@ pub async fn start_and_wait(
         if !in_recovery {
             // Segments fetched ahead but never replayed are of no further use.
             let _ = std::fs::remove_dir_all(dir.join("pg_wal").join(crate::pg::wal::PREFETCH_DIR));
+            // A primary now: its recovery settings must not reach its own backups.
+            if let Err(e) = recovery::remove_after_promotion(dir) {
+                tracing::warn!(error = %format!("{e:#}"), "could not remove the recovery settings from postgresql.auto.conf: remove restore_command and recovery_target_* there by hand");
+            }
             let last: String = row.get(1);
             let landed = Landed {
                 last_commit: (last != "none").then_some(last),

@@ -17,7 +17,17 @@ pub enum Target {
 pub struct PgPlan {
     pub backup: BaseBackup,
     pub target: Target,
+    /// The timeline recovery follows, written into the recovery settings.
     pub timeline: u32,
+    /// Why this timeline, when the repository held a choice (a fork, or `--timeline`).
+    pub timeline_choice: Option<String>,
+    /// The repository holds the timeline's history file. Without one (a cluster that was
+    /// already on it when it began archiving here) PostgreSQL cannot be given its number,
+    /// only `'current'`, which is the backup's own timeline and so the same one.
+    pub timeline_has_history: bool,
+    /// The restored server replaces production and archives into the repository; otherwise
+    /// it archives nothing.
+    pub as_primary: bool,
     pub first_wal: String,
     pub last_wal: String,
     pub segments: u64,
@@ -26,6 +36,32 @@ pub struct PgPlan {
 }
 
 impl PgPlan {
+    /// The value of `recovery_target_timeline`: the chosen timeline, never `'latest'`.
+    pub fn recovery_target_timeline(&self) -> String {
+        if self.timeline == 1 || self.timeline_has_history {
+            self.timeline.to_string()
+        } else {
+            "current".into()
+        }
+    }
+
+    /// The whole plan for people: the summary, how the timeline was chosen, and whether the
+    /// restored server archives.
+    pub fn render(&self) -> String {
+        let mut out = self.describe();
+        if let Some(choice) = &self.timeline_choice {
+            out.push_str(&format!("\n{choice}"));
+        }
+        out.push('\n');
+        out.push_str(if self.as_primary {
+            "the restored server is the new primary (--as-primary): it archives its new timeline into this repository as production did; stop the old primary for good first"
+        } else {
+            "the restored server is a copy: archive_mode = off, so it writes nothing into this repository and production's history stays as it is (--as-primary for a server that replaces production)"
+        });
+        out
+    }
+
+    /// The one-line summary.
     pub fn describe(&self) -> String {
         let target = match self.target {
             Target::Time(t) => format!("target time {} (UTC)", show(t)),
@@ -47,18 +83,31 @@ impl PgPlan {
     }
 }
 
-/// Picks the backup and WAL range for `target`, or says why the archive cannot reach it.
-pub fn plan_pg(cat: &PgCatalog, target: Target) -> anyhow::Result<PgPlan> {
-    let Some(first) = cat.backups.first() else {
+/// Picks the timeline, backup and WAL range for `target`, or says why the archive cannot
+/// reach it. `timeline` is the operator's choice; without it, the branch that continues
+/// production, and a refusal naming the branches when a fork leaves that open.
+pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow::Result<PgPlan> {
+    if cat.backups.is_empty() {
         return Err(input_err!(
             "no base backups for cluster {} in the repository: run `dbagent backup` first",
             cat.system_identifier
         ));
+    }
+    let (timeline, timeline_choice) = choose_timeline(cat, timeline)?;
+    let on: Vec<&BaseBackup> = cat
+        .backups
+        .iter()
+        .filter(|b| cat.backup_on(b, timeline))
+        .collect();
+    let Some(first) = on.first() else {
+        return Err(input_err!(
+            "no base backup lies on timeline {timeline}'s history (the backups are on timeline(s) {}): choose another --timeline",
+            list(cat.backups.iter().map(|b| b.timeline))
+        ));
     };
     let backup = match target {
-        Target::Latest => cat.backups.last().expect("checked non-empty"),
-        Target::Time(t) => cat
-            .backups
+        Target::Latest => *on.last().expect("checked non-empty"),
+        Target::Time(t) => *on
             .iter()
             .rev()
             .find(|b| b.stop_time <= t)
@@ -70,7 +119,7 @@ pub fn plan_pg(cat: &PgCatalog, target: Target) -> anyhow::Result<PgPlan> {
                 )
             })?,
     };
-    let reach = cat.reach(backup);
+    let reach = cat.reach_on(backup, timeline);
     let Some(last) = reach.last.filter(|_| reach.consistent) else {
         let missing = reach.gap.clone().unwrap_or_else(|| backup.stop_wal.clone());
         return Err(input_err!(
@@ -110,7 +159,10 @@ pub fn plan_pg(cat: &PgCatalog, target: Target) -> anyhow::Result<PgPlan> {
     Ok(PgPlan {
         backup: backup.clone(),
         target,
-        timeline: reach.timeline,
+        timeline,
+        timeline_choice,
+        timeline_has_history: cat.histories.contains_key(&timeline),
+        as_primary: false,
         first_wal: backup.start_wal.clone(),
         last_wal: last.name(cat.seg_size),
         segments: last.segno - first_seg + 1,
@@ -118,13 +170,75 @@ pub fn plan_pg(cat: &PgCatalog, target: Target) -> anyhow::Result<PgPlan> {
     })
 }
 
+/// The timeline to follow, and a sentence for the plan when there was a choice.
+fn choose_timeline(cat: &PgCatalog, asked: Option<u32>) -> anyhow::Result<(u32, Option<String>)> {
+    let branches = cat.branches();
+    if let Some(n) = asked {
+        let known = cat.timelines();
+        if !known.contains_key(&n) {
+            return Err(input_err!(
+                "timeline {n} is not in the repository: it holds timeline(s) {}",
+                list(known.keys().copied())
+            ));
+        }
+        let mut note = format!("timeline {n} chosen with --timeline");
+        if branches.forks() > 0 {
+            note.push_str(&format!(
+                "; the archived history has forked: {}",
+                branches.describe(cat).join("; ")
+            ));
+        }
+        return Ok((n, Some(note)));
+    }
+    match branches.production {
+        Some(p) if branches.forks() == 0 => Ok((p, None)),
+        Some(p) => {
+            let others: Vec<String> = branches
+                .describe(cat)
+                .into_iter()
+                .zip(&branches.branches)
+                .filter(|(_, b)| b.timeline != p)
+                .map(|(line, _)| line)
+                .collect();
+            Ok((
+                p,
+                Some(format!(
+                    "the archived history has forked: timeline {p} continues production (the only branch archived after they parted); another branch: {} (restore it with --timeline N)",
+                    others.join("; ")
+                )),
+            ))
+        }
+        None if branches.branches.is_empty() => {
+            Ok((cat.backups.last().map_or(1, |b| b.timeline), None))
+        }
+        None => Err(input_err!(
+            "the archived history has forked and every branch was archived after they parted, so which one continues production is not clear: {}; choose one with {}",
+            branches.describe(cat).join("; "),
+            branches
+                .branches
+                .iter()
+                .map(|b| format!("--timeline {}", b.timeline))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )),
+    }
+}
+
+fn list(items: impl Iterator<Item = u32>) -> String {
+    let mut v: Vec<u32> = items.collect();
+    v.sort();
+    v.dedup();
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::catalog::tests::{backup, catalog, t};
+    use crate::repo::catalog::tests::{SEG, add_seg, add_timeline, backup, catalog, t};
+    use crate::repo::wal::Segment;
 
     fn err(c: &PgCatalog, target: Target) -> String {
-        let e = plan_pg(c, target).unwrap_err();
+        let e = plan_pg(c, target, None).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 1);
         e.to_string()
     }
@@ -138,13 +252,13 @@ mod tests {
             ],
             &[2, 3, 4, 5, 6, 7, 8, 9],
         );
-        let p = plan_pg(&c, Target::Time(t("00:05:00"))).unwrap();
+        let p = plan_pg(&c, Target::Time(t("00:05:00")), None).unwrap();
         assert_eq!(p.backup.id, "b1");
-        let p = plan_pg(&c, Target::Time(t("00:07:00"))).unwrap();
+        let p = plan_pg(&c, Target::Time(t("00:07:00")), None).unwrap();
         assert_eq!(p.backup.id, "b2");
         assert_eq!(p.last_wal, "000000010000000000000009");
         assert_eq!(p.segments, 4);
-        let p = plan_pg(&c, Target::Latest).unwrap();
+        let p = plan_pg(&c, Target::Latest, None).unwrap();
         assert_eq!(p.backup.id, "b2");
     }
 
@@ -156,10 +270,130 @@ mod tests {
         assert!(err(&c, Target::Latest).contains("000000010000000000000006"));
         let c = catalog(vec![backup("b1", 2, 3, "00:03:30")], &[2, 3, 4]);
         assert!(err(&c, Target::Time(t("00:09:00"))).contains("beyond the archived WAL"));
-        assert!(plan_pg(&c, Target::Time(t("00:04:00"))).is_ok());
+        assert!(plan_pg(&c, Target::Time(t("00:04:00")), None).is_ok());
         let c = catalog(vec![], &[2, 3]);
         assert!(err(&c, Target::Latest).contains("no base backups"));
         let c = catalog(vec![backup("b1", 2, 3, "00:03:30")], &[2]);
         assert!(err(&c, Target::Latest).contains("000000010000000000000003"));
+    }
+
+    /// Production on timeline 1 (segments 2..9, one a minute); a copy restored to the middle
+    /// of segment 4 promoted onto timeline 2 at 00:03:30 and archived segments 4..6.
+    fn forked() -> PgCatalog {
+        let mut c = catalog(
+            vec![
+                backup("b1", 2, 2, "00:02:30"),
+                backup("b2", 6, 6, "00:06:30"),
+            ],
+            &[2, 3, 4, 5, 6, 7, 8, 9],
+        );
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:03:30");
+        for n in 4..=6 {
+            add_seg(&mut c, 2, n);
+        }
+        c
+    }
+
+    #[test]
+    fn an_unsettled_fork_is_refused_naming_the_branches() {
+        let c = forked();
+        for target in [Target::Latest, Target::Time(t("00:05:00"))] {
+            let e = err(&c, target);
+            assert!(e.contains("forked"), "{e}");
+            assert!(
+                e.contains("timeline 1: WAL to 000000010000000000000009"),
+                "{e}"
+            );
+            assert!(
+                e.contains("timeline 2 (left timeline 1 at 0/4000500)"),
+                "{e}"
+            );
+            assert!(e.contains("--timeline 1 or --timeline 2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn timeline_chooses_a_branch() {
+        let c = forked();
+        let p = plan_pg(&c, Target::Latest, Some(1)).unwrap();
+        assert_eq!((p.backup.id.as_str(), p.timeline), ("b2", 1));
+        assert_eq!(p.last_wal, "000000010000000000000009");
+        assert_eq!(p.recovery_target_timeline(), "1");
+        let choice = p.timeline_choice.unwrap();
+        assert!(
+            choice
+                .starts_with("timeline 1 chosen with --timeline; the archived history has forked")
+        );
+        // Backup b2 ended on timeline 1 after timeline 2 left it: not on timeline 2's path.
+        let p = plan_pg(&c, Target::Latest, Some(2)).unwrap();
+        assert_eq!((p.backup.id.as_str(), p.timeline), ("b1", 2));
+        assert_eq!(p.last_wal, "000000020000000000000006");
+        assert_eq!(p.recovery_target_timeline(), "2");
+        assert!(
+            err_with(&c, Target::Time(t("00:08:00")), Some(2)).contains("beyond the archived WAL")
+        );
+        let e = err_with(&c, Target::Latest, Some(7));
+        assert!(
+            e.contains("timeline 7 is not in the repository: it holds timeline(s) 1, 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_settled_fork_follows_production_and_says_so() {
+        // Timeline 1 stopped being archived (00:09) long before timeline 2 began (00:20).
+        let mut c = catalog(
+            vec![backup("b1", 2, 2, "00:02:30")],
+            &[2, 3, 4, 5, 6, 7, 8, 9],
+        );
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:20:00");
+        add_seg(&mut c, 2, 4);
+        let seg = Segment { tli: 2, segno: 4 };
+        c.segments.get_mut(&seg).unwrap().last_modified = t("00:21:00");
+        let p = plan_pg(&c, Target::Latest, None).unwrap();
+        assert_eq!(p.timeline, 2);
+        assert_eq!(p.last_wal, "000000020000000000000004");
+        let choice = p.timeline_choice.clone().unwrap();
+        assert!(
+            choice.contains("timeline 2 continues production"),
+            "{choice}"
+        );
+        assert!(
+            choice.contains("timeline 1: WAL to 000000010000000000000009"),
+            "{choice}"
+        );
+        assert!(p.render().contains(&choice));
+        assert!(
+            p.render()
+                .ends_with("(--as-primary for a server that replaces production)")
+        );
+    }
+
+    #[test]
+    fn a_timeline_without_its_history_file_is_named_current() {
+        let mut c = PgCatalog {
+            system_identifier: 1,
+            seg_size: SEG,
+            backups: vec![BaseBackup {
+                timeline: 3,
+                ..backup("b1", 2, 2, "00:02:30")
+            }],
+            ..Default::default()
+        };
+        for n in 2..=4 {
+            add_seg(&mut c, 3, n);
+        }
+        let p = plan_pg(&c, Target::Latest, None).unwrap();
+        assert_eq!(
+            (p.timeline, p.recovery_target_timeline().as_str()),
+            (3, "current")
+        );
+        assert_eq!(p.timeline_choice, None);
+    }
+
+    fn err_with(c: &PgCatalog, target: Target, timeline: Option<u32>) -> String {
+        let e = plan_pg(c, target, timeline).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), 1);
+        e.to_string()
     }
 }

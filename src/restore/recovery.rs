@@ -1,0 +1,326 @@
+//! The recovery settings a restore writes into `postgresql.auto.conf`, and their removal.
+//!
+//! A base backup carries the configuration of the server it was taken from. When that server
+//! was itself restored, its `postgresql.auto.conf` may still hold the earlier restore's
+//! `restore_command` and `recovery_target_*` (dbagent's, or another tool's), and the backup
+//! may hold `recovery.signal` or `standby.signal`. PostgreSQL applies the last occurrence of a
+//! setting, so appending a new block is not enough: a `--latest` restore would inherit an
+//! earlier `recovery_target_time` and stop there. So a restore removes every recovery setting
+//! and signal file first and writes exactly one block; once the server has promoted, the
+//! block is removed again (the server is a primary now, and its own backups must not carry
+//! it). What is left is only the note and `archive_mode = off` of a copy.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+
+use super::plan::{PgPlan, Target};
+use crate::timespec::pg_timestamp;
+
+const AUTO_CONF: &str = "postgresql.auto.conf";
+/// Signal files that start recovery; one from a base backup would steer the new server.
+const SIGNAL_FILES: [&str; 2] = ["recovery.signal", "standby.signal"];
+/// Comments dbagent writes above its lines (and the one older versions wrote).
+const RECOVERY_NOTE: &str = "# dbagent restore: recovery settings";
+const COPY_NOTE: &str = "# dbagent restore: a copy";
+const OLD_NOTE: &str = "# point-in-time restore by dbagent";
+/// The recovery targets PostgreSQL knows; at most one may be set.
+const TARGETS: [&str; 5] = [
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+];
+
+/// Settings that steer a recovery from the archive (`recovery_min_apply_delay` also delays
+/// archive recovery, `recovery_end_command` runs at its end).
+fn is_recovery_setting(name: &str) -> bool {
+    matches!(
+        name,
+        "restore_command" | "recovery_end_command" | "recovery_min_apply_delay"
+    ) || name.starts_with("recovery_target")
+}
+
+/// The setting a configuration line assigns (`name = value` or `name value`), lowercased as
+/// PostgreSQL compares names.
+fn setting_name(line: &str) -> Option<String> {
+    let t = line.trim_start();
+    let end = t
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(t.len());
+    (end > 0).then(|| t[..end].to_ascii_lowercase())
+}
+
+/// What to take out of a configuration file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strip {
+    /// Before a restore: every recovery setting and every dbagent note.
+    All,
+    /// After promotion: the recovery settings; a copy keeps its note on archiving.
+    Recovery,
+}
+
+/// `text` without recovery settings (pure). Other lines are kept as they are.
+fn strip(text: &str, what: Strip) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            let t = line.trim_start();
+            let note = t.starts_with(RECOVERY_NOTE)
+                || t.starts_with(OLD_NOTE)
+                || (what == Strip::All && t.starts_with(COPY_NOTE));
+            !note && !setting_name(t).is_some_and(|n| is_recovery_setting(&n))
+        })
+        .collect();
+    let end = lines
+        .iter()
+        .rposition(|l| !l.trim().is_empty())
+        .map_or(0, |i| i + 1);
+    lines[..end].iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Quotes a value for a PostgreSQL configuration file.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The one recovery block (pure), then `extra` lines.
+pub fn block(plan: &PgPlan, restore_command: &str, extra: &[String]) -> Vec<String> {
+    let mut lines = Vec::new();
+    if !plan.as_primary {
+        lines.push(format!(
+            "{COPY_NOTE}, not the primary (restored without --as-primary): it archives nothing into the repository"
+        ));
+        lines.push("archive_mode = off".into());
+    }
+    lines.push(format!(
+        "{RECOVERY_NOTE} (dbagent {}), removed once the server has promoted",
+        env!("CARGO_PKG_VERSION")
+    ));
+    lines.push(format!("restore_command = {}", quote(restore_command)));
+    lines.push(format!(
+        "recovery_target_timeline = {}",
+        quote(&plan.recovery_target_timeline())
+    ));
+    // The unused targets are cleared, so one left in postgresql.conf cannot add a second
+    // target. They come first: PostgreSQL applies settings in file order and refuses a
+    // target while another kind is already set, even an empty one.
+    let chosen = match plan.target {
+        Target::Time(_) => Some("recovery_target_time"),
+        Target::Latest => None,
+    };
+    for name in TARGETS.iter().filter(|n| Some(**n) != chosen) {
+        lines.push(format!("{name} = ''"));
+    }
+    if let Target::Time(t) = plan.target {
+        lines.push(format!(
+            "recovery_target_time = {}",
+            quote(&pg_timestamp(t))
+        ));
+        lines.push("recovery_target_inclusive = on".into());
+        lines.push("recovery_target_action = 'promote'".into());
+    }
+    lines.extend(extra.iter().cloned());
+    lines
+}
+
+/// Removes earlier recovery settings and signal files from a restored data directory, then
+/// writes `block` and `recovery.signal`.
+pub fn write(dir: &Path, block: &[String]) -> anyhow::Result<()> {
+    for name in SIGNAL_FILES {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {name} from the backup"));
+            }
+            _ => {}
+        }
+    }
+    let old = read(dir)?;
+    let mut text = strip(&old, Strip::All);
+    text.push_str(&(block.join("\n") + "\n"));
+    replace(dir, &text)?;
+    std::fs::File::create(dir.join("recovery.signal"))
+        .and_then(|f| f.sync_all())
+        .context("writing recovery.signal")?;
+    sync_dir(dir)
+}
+
+/// After promotion: removes the recovery settings, so the server (and every base backup of
+/// it) no longer carries them. Returns whether there was anything to remove.
+pub fn remove_after_promotion(dir: &Path) -> anyhow::Result<bool> {
+    let old = read(dir)?;
+    let new = strip(&old, Strip::Recovery);
+    if new == old {
+        return Ok(false);
+    }
+    replace(dir, &new)?;
+    Ok(true)
+}
+
+fn read(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(AUTO_CONF);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Replaces postgresql.auto.conf whole (temp file, fsync, rename, fsync of the directory), so
+/// a crash leaves the old file or the new one.
+fn replace(dir: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(AUTO_CONF);
+    let tmp = dir.join(format!("{AUTO_CONF}.dbagent-tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::catalog::tests::{backup, catalog, t};
+    use crate::restore::plan::plan_pg;
+
+    /// What an earlier restore (dbagent 0.1 and now) and ALTER SYSTEM left in a base backup.
+    const CARRIED: &str = "# Do not edit this file manually!
+# It will be overwritten by the ALTER SYSTEM command.
+autovacuum = 'off'
+
+# point-in-time restore by dbagent 0.1.0
+restore_command = '/old/dbagent --repo file:///old wal-fetch %f %p'
+recovery_target_timeline = 'latest'
+recovery_target_time = '2026-11-20 00:00:00+00'
+recovery_target_inclusive = on
+recovery_target_action = 'promote'
+Recovery_Target_Xid='42'
+recovery_min_apply_delay = '1h'
+# dbagent restore: a copy, not the primary (restored without --as-primary): it archives nothing into the repository
+archive_mode = off
+work_mem = '8MB'
+";
+
+    fn plan(target: crate::restore::plan::Target, as_primary: bool) -> PgPlan {
+        let c = catalog(vec![backup("b1", 2, 3, "00:03:30")], &[2, 3, 4, 5]);
+        let mut p = plan_pg(&c, target, None).unwrap();
+        p.as_primary = as_primary;
+        p
+    }
+
+    fn settings(text: &str) -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn earlier_recovery_settings_are_removed_before_the_new_block() {
+        let stripped = strip(CARRIED, Strip::All);
+        assert_eq!(
+            settings(&stripped),
+            vec![
+                "autovacuum = 'off'",
+                "archive_mode = off",
+                "work_mem = '8MB'"
+            ]
+        );
+        assert!(stripped.starts_with("# Do not edit this file manually!\n"));
+        assert!(!stripped.contains("dbagent"), "{stripped}");
+    }
+
+    #[test]
+    fn a_latest_restore_names_its_timeline_and_clears_every_target() {
+        let b = block(&plan(Target::Latest, false), "dbagent wal-fetch %f %p", &[]);
+        assert_eq!(
+            settings(&b.join("\n")),
+            vec![
+                "archive_mode = off",
+                "restore_command = 'dbagent wal-fetch %f %p'",
+                "recovery_target_timeline = '1'",
+                "recovery_target = ''",
+                "recovery_target_lsn = ''",
+                "recovery_target_name = ''",
+                "recovery_target_time = ''",
+                "recovery_target_xid = ''",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_timed_restore_sets_its_target_after_clearing_the_others() {
+        let b = block(
+            &plan(Target::Time(t("00:04:00")), true),
+            "it's",
+            &["port = 5433".into()],
+        );
+        let s = settings(&b.join("\n"));
+        assert_eq!(s[0], "restore_command = 'it''s'", "no archive_mode: {s:?}");
+        let time = s
+            .iter()
+            .position(|l| l.starts_with("recovery_target_time = '2026"))
+            .unwrap();
+        let xid = s
+            .iter()
+            .position(|l| l == "recovery_target_xid = ''")
+            .unwrap();
+        assert!(xid < time, "{s:?}");
+        assert!(!s.contains(&"recovery_target_time = ''".to_string()));
+        assert_eq!(s.last().unwrap(), "port = 5433");
+    }
+
+    #[test]
+    fn the_block_goes_after_promotion_and_a_copy_keeps_archiving_off() {
+        let b = block(&plan(Target::Time(t("00:04:00")), false), "x", &[]);
+        let written = strip(CARRIED, Strip::All) + &b.join("\n") + "\n";
+        let after = strip(&written, Strip::Recovery);
+        assert_eq!(
+            settings(&after),
+            vec![
+                "autovacuum = 'off'",
+                "archive_mode = off",
+                "work_mem = '8MB'",
+                "archive_mode = off"
+            ]
+        );
+        assert!(after.contains(COPY_NOTE));
+        assert!(!after.contains(RECOVERY_NOTE));
+        // Nothing left to remove the second time.
+        assert_eq!(strip(&after, Strip::Recovery), after);
+    }
+
+    #[test]
+    fn files_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(AUTO_CONF), CARRIED).unwrap();
+        std::fs::write(dir.path().join("standby.signal"), "").unwrap();
+        let b = block(&plan(Target::Latest, true), "x", &[]);
+        write(dir.path(), &b).unwrap();
+        assert!(!dir.path().join("standby.signal").exists());
+        assert!(dir.path().join("recovery.signal").exists());
+        let text = std::fs::read_to_string(dir.path().join(AUTO_CONF)).unwrap();
+        assert_eq!(text.matches("restore_command").count(), 1, "{text}");
+        assert!(remove_after_promotion(dir.path()).unwrap());
+        let text = std::fs::read_to_string(dir.path().join(AUTO_CONF)).unwrap();
+        assert!(!text.contains("restore_command") && !text.contains("recovery_target"));
+        assert!(!remove_after_promotion(dir.path()).unwrap());
+    }
+}
