@@ -22,8 +22,14 @@ pub struct PgCluster {
     pub system_identifier: String,
     pub backups: Vec<PgBackupLine>,
     pub wal: WalSummary,
-    /// Reached by base backups plus WAL.
+    /// Reached by base backups plus WAL (along the branch restores follow).
     pub restorable: Vec<Window>,
+    /// The ends of the archived history. Two or more: it has forked.
+    pub branches: Vec<PgBranchLine>,
+    /// Branches beyond the first.
+    pub forks: usize,
+    /// The branch restores follow without `--timeline`; absent while a fork leaves it open.
+    pub production_timeline: Option<u32>,
     /// Logical dumps (`backup --kind dump`), oldest first.
     pub dumps: Vec<PgDumpLine>,
 }
@@ -104,6 +110,20 @@ pub struct PgBackupLine {
     pub stored_bytes: u64,
     pub server_version: String,
     pub restorable: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PgBranchLine {
+    pub timeline: u32,
+    /// Timelines from the first one in the repository down to this one.
+    pub lineage: Vec<u32>,
+    /// The timeline it left, and where.
+    pub parent: Option<u32>,
+    pub branch_lsn: Option<crate::repo::wal::Lsn>,
+    pub last_wal: Option<String>,
+    pub last_archived: Option<DateTime<Utc>>,
+    /// Restores follow it without `--timeline`.
+    pub production: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -196,6 +216,8 @@ fn mysql_server(cat: &MysqlCatalog) -> MysqlServer {
 fn cluster(cat: &PgCatalog, dumps: &[PgDumpSet]) -> PgCluster {
     let mut timelines: Vec<u32> = cat.segments.keys().map(|s| s.tli).collect();
     timelines.dedup();
+    let branches = cat.branches();
+    let known = cat.timelines();
     PgCluster {
         system_identifier: cat.system_identifier.to_string(),
         backups: cat
@@ -211,7 +233,7 @@ fn cluster(cat: &PgCatalog, dumps: &[PgDumpSet]) -> PgCluster {
                 plain_bytes: b.data.plain_bytes,
                 stored_bytes: b.data.stored_bytes,
                 server_version: b.server_version.clone(),
-                restorable: cat.reach(b).consistent,
+                restorable: cat.reach_on(b, cat.timeline_for(b, &branches)).consistent,
             })
             .collect(),
         wal: WalSummary {
@@ -225,6 +247,21 @@ fn cluster(cat: &PgCatalog, dumps: &[PgDumpSet]) -> PgCluster {
             timelines,
         },
         restorable: cat.windows(),
+        branches: branches
+            .branches
+            .iter()
+            .map(|b| PgBranchLine {
+                timeline: b.timeline,
+                lineage: b.lineage.clone(),
+                parent: known[&b.timeline].parent,
+                branch_lsn: known[&b.timeline].branch_lsn,
+                last_wal: b.last_segment.map(|s| s.name(cat.seg_size)),
+                last_archived: b.last_archived,
+                production: branches.production == Some(b.timeline),
+            })
+            .collect(),
+        forks: branches.forks(),
+        production_timeline: branches.production,
         dumps: dumps.iter().map(pg_dump_line).collect(),
     }
 }
@@ -269,6 +306,7 @@ pub fn render_text(listing: &Listing) -> String {
                 _ => String::new(),
             }
         ));
+        render_fork(&mut out, c);
         if c.restorable.is_empty() {
             out.push_str("  restorable: nothing yet\n");
         }
@@ -288,6 +326,41 @@ pub fn render_text(listing: &Listing) -> String {
         render_mysql(&mut out, m);
     }
     out
+}
+
+fn render_fork(out: &mut String, c: &PgCluster) {
+    if c.forks == 0 {
+        return;
+    }
+    out.push_str(&format!(
+        "  FORK: the archived history has {} branches:\n",
+        c.branches.len()
+    ));
+    for b in &c.branches {
+        let from = match (b.parent, b.branch_lsn) {
+            (Some(p), Some(at)) => format!(" (left timeline {p} at {at})"),
+            _ => String::new(),
+        };
+        let reach = match (&b.last_wal, b.last_archived) {
+            (Some(w), Some(t)) => format!("WAL to {w}, last archived {}", show(t)),
+            _ => "no WAL of its own".into(),
+        };
+        let mark = if b.production {
+            "  <- continues production"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "    timeline {}{from}: {reach}{mark}\n",
+            b.timeline
+        ));
+    }
+    out.push_str(&match c.production_timeline {
+        Some(p) => format!(
+            "  restores follow timeline {p}, the only branch archived after they parted (another: restore --timeline N)\n"
+        ),
+        None => "  every branch was archived after they parted: restore refuses to guess; choose with restore --timeline N\n".into(),
+    });
 }
 
 fn render_pg_dumps(out: &mut String, dumps: &[PgDumpLine]) {
@@ -366,5 +439,40 @@ fn render_mysql(out: &mut String, m: &MysqlServer) {
             show(w.from),
             show(w.to)
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::catalog::tests::{SEG, add_seg, add_timeline, backup, catalog};
+
+    fn listing(cat: &PgCatalog) -> Listing {
+        Listing {
+            postgres: vec![cluster(cat, &[])],
+            mysql: vec![],
+        }
+    }
+
+    #[test]
+    fn a_fork_is_shown_with_its_branches_and_what_restores_do() {
+        let mut c = catalog(vec![backup("b1", 2, 2, "00:02:30")], &[2, 3, 4, 5, 6]);
+        let text = render_text(&listing(&c));
+        assert!(!text.contains("FORK"), "{text}");
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:03:30");
+        add_seg(&mut c, 2, 4);
+        let l = listing(&c);
+        let text = render_text(&l);
+        assert!(text.contains(
+            "  FORK: the archived history has 2 branches:\n    timeline 1: WAL to 000000010000000000000006, last archived 2026-11-23T00:06:00Z\n    timeline 2 (left timeline 1 at 0/4000500): WAL to 000000020000000000000004, last archived 2026-11-23T00:04:00Z\n  every branch was archived after they parted"
+        ), "{text}");
+        // Each point of either branch is restorable (with --timeline).
+        assert!(text.contains("restorable: 2026-11-23T00:02:30Z .. 2026-11-23T00:06:00Z"));
+        let json = serde_json::to_value(&l).unwrap();
+        let pg = &json["postgres"][0];
+        assert_eq!(pg["forks"], 1);
+        assert!(pg["production_timeline"].is_null());
+        assert_eq!(pg["branches"][1]["branch_lsn"], "0/4000500");
+        assert_eq!(pg["branches"][1]["lineage"], serde_json::json!([1, 2]));
     }
 }

@@ -263,6 +263,11 @@ pub fn render(shared: &Shared) -> String {
         ts(repo.window_end),
     );
     o.gauge(
+        "dbagent_timeline_forks",
+        "Times the archived PostgreSQL timeline history forked (0: one line of history).",
+        repo.timeline_forks.map(|v| v as u64),
+    );
+    o.gauge(
         "dbagent_repository_refresh_timestamp_seconds",
         "When the repository was last read.",
         ts(repo.refreshed),
@@ -421,6 +426,7 @@ mod tests {
                 rto_seconds: Some(42.0),
                 last_success: Some(t),
             }),
+            timeline_forks: Some(0),
         };
         shared.job_update("backup", |j| {
             *j = JobStats {

@@ -62,6 +62,20 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
             ));
         }
     }
+    let branches = cat.branches();
+    if branches.forks() > 0 {
+        let which = branches.describe(&cat).join("; ");
+        match branches.production {
+            Some(p) => out.notes.push(format!(
+                "fork: the archived history has {} branches ({which}); restores follow timeline {p}, the only one archived after they parted",
+                branches.branches.len()
+            )),
+            None => out.problems.push(format!(
+                "fork: the archived history has {} branches, each archived after they parted ({which}): restore --latest and --at refuse until --timeline N chooses one; remove the branch that is not production (its .history file and its segments) to settle it",
+                branches.branches.len()
+            )),
+        }
+    }
     let mut keys: Vec<(String, u64)> = cat
         .segments
         .values()

@@ -384,6 +384,7 @@ async fn read_repo_facts(
         refreshed: Some(chrono::Utc::now()),
         error: None,
         drill,
+        timeline_forks: None,
     };
     match cfg.serve.engine {
         EngineKind::Postgres => {
@@ -401,7 +402,10 @@ async fn read_repo_facts(
                         .last()
                         .map(|b| (b.stop_time, b.data.plain_bytes));
                     let drill = latest_drill(store, &crate::repo::pg_drills_prefix(sysid)).await;
-                    Ok(facts(last, cat.backups.len(), cat.windows(), drill))
+                    Ok(state::RepoFacts {
+                        timeline_forks: Some(cat.branches().forks()),
+                        ..facts(last, cat.backups.len(), cat.windows(), drill)
+                    })
                 }
                 .await,
             )

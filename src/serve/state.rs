@@ -35,6 +35,9 @@ pub struct RepoFacts {
     pub refreshed: Option<DateTime<Utc>>,
     pub error: Option<String>,
     pub drill: Option<DrillFacts>,
+    /// PostgreSQL: how many times the archived timeline history forked (branches beyond
+    /// the first).
+    pub timeline_forks: Option<usize>,
 }
 
 /// The newest restore drill's outcome (from its report in the repository).
