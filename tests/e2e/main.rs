@@ -3,6 +3,7 @@
 
 mod backup;
 mod drill;
+mod forks;
 mod mysql;
 mod pgdump;
 mod pitr;
