@@ -157,6 +157,12 @@ pub enum Command {
         #[arg(long)]
         as_primary: bool,
     },
+    /// Copy this binary into DIR (as DIR/dbagent, executable, atomically): for an init
+    /// container that shares it with the database container. Needs no shell.
+    Install {
+        /// The shared volume's mount point.
+        dir: PathBuf,
+    },
 }
 
 pub fn run() -> ExitCode {
@@ -230,6 +236,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         config_file: cli.config.clone(),
         repo: cli.repo.clone(),
     };
+    if let Command::Install { dir } = &cli.command {
+        // Needs no configuration: it runs in an init container that has none.
+        let (dest, size) = crate::install::install(dir)?;
+        return print(&format!("installed {} ({size} bytes)\n", dest.display()));
+    }
     let cfg = Config::load(&flags, &ProcessEnv)?;
     match cli.command {
         Command::WalPush { path } => {
@@ -459,6 +470,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Install { .. } => unreachable!("handled before the configuration is loaded"),
     }
     Ok(())
 }

@@ -25,9 +25,9 @@ pub struct Event {
 /// send; a notification problem never changes the outcome of what is being reported.
 pub async fn send(cfg: &NotifyConfig, event: &Event) -> Vec<String> {
     let mut errors = Vec::new();
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .build()
+    // The same CA roots as the S3 client: the system's, or the built-in ones without a store.
+    let client = match crate::tls::reqwest_builder()
+        .and_then(|b| Ok(b.timeout(Duration::from_secs(15)).build()?))
     {
         Ok(c) => c,
         Err(e) => return vec![format!("HTTP client: {e}")],

@@ -28,6 +28,8 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     endpoint: String,
+    /// The CA roots HTTPS is verified against (`None` for `http://`), named in certificate errors.
+    roots: Option<crate::tls::RootSource>,
     /// Parts in flight per upload.
     concurrency: usize,
 }
@@ -43,6 +45,20 @@ impl S3Store {
             .endpoint
             .clone()
             .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", cfg.region));
+        let mut client = ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_timeout(Duration::from_secs(600))
+            .with_allow_http(cfg.allow_http);
+        let mut roots = None;
+        if endpoint.starts_with("https://") {
+            let (source, extra) = crate::tls::extra_roots()?;
+            for cert in extra {
+                let cert = object_store::Certificate::from_der(cert.as_ref())
+                    .map_err(|e| anyhow::anyhow!("loading a built-in CA certificate: {e}"))?;
+                client = client.with_root_certificate(cert);
+            }
+            roots = Some(source);
+        }
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(&cfg.region)
@@ -51,12 +67,7 @@ impl S3Store {
             .with_secret_access_key(secret.expose())
             .with_virtual_hosted_style_request(!cfg.force_path_style)
             .with_allow_http(cfg.allow_http)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(10))
-                    .with_timeout(Duration::from_secs(600))
-                    .with_allow_http(cfg.allow_http),
-            )
+            .with_client_options(client)
             // B2 answers 500/503 under load; object_store retries those and connection errors.
             .with_retry(RetryConfig {
                 max_retries: 8,
@@ -74,6 +85,7 @@ impl S3Store {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint,
+            roots,
             concurrency: 2,
         })
     }
@@ -129,8 +141,33 @@ impl S3Store {
                 )));
             }
         }
+        if let Some(roots) = &self.roots {
+            let chain = error_chain(&err);
+            if crate::tls::is_certificate_error(&chain) {
+                return anyhow::Error::new(Failure::Input(format!(
+                    "{what}: {} presented a certificate dbagent does not trust ({}): {chain}",
+                    self.endpoint,
+                    roots.describe()
+                )));
+            }
+        }
         anyhow::Error::new(err).context(format!("{what} at {}", self.endpoint))
     }
+}
+
+/// The error and its sources on one line: object_store's top line leaves out the TLS reason.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    text
 }
 
 #[async_trait]

@@ -13,6 +13,7 @@ mod cjk;
 mod mariadb;
 mod postgres;
 mod s3;
+mod tls;
 mod util;
 
 pub use cjk::{CjkParser, install_cjk_parser};
@@ -22,4 +23,5 @@ pub use postgres::{
     pg_bin_dir, pg_owned_tempdir,
 };
 pub use s3::{S3Server, moto_server_path};
+pub use tls::{TestCa, TlsProxy};
 pub use util::{free_port, http_request, is_root, log_tail, workspace_root};

@@ -11,4 +11,5 @@ mod refusals;
 mod s3;
 mod serve;
 mod support;
+mod tls;
 mod wal;
