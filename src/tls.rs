@@ -5,6 +5,8 @@
 //! binary is copied into database images for `archive_command`, and the official `postgres`
 //! image removes `ca-certificates`: without the fallback, nothing could reach B2 from there.
 
+use std::path::Path;
+
 use anyhow::Context;
 use rustls_pki_types::CertificateDer;
 
@@ -14,7 +16,7 @@ use crate::input_err;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootSource {
     /// The system store (or `SSL_CERT_FILE` / `SSL_CERT_DIR`): the HTTP client loads it itself.
-    System { certificates: usize },
+    System,
     /// No system store: the roots built into the binary.
     BuiltIn,
 }
@@ -23,14 +25,14 @@ impl RootSource {
     /// Says which roots verified a connection, for an error about a refused certificate.
     pub fn describe(&self) -> String {
         match self {
-            RootSource::System { certificates } => {
+            RootSource::System => {
                 let from = match (env_path("SSL_CERT_FILE"), env_path("SSL_CERT_DIR")) {
                     (Some(f), _) => format!("SSL_CERT_FILE={f}"),
                     (None, Some(d)) => format!("SSL_CERT_DIR={d}"),
                     (None, None) => "the system CA bundle".to_string(),
                 };
                 format!(
-                    "verified against {certificates} certificate(s) from {from}; for a private CA, set SSL_CERT_FILE to its PEM file"
+                    "verified against {from}; for a private CA, set SSL_CERT_FILE to its PEM file"
                 )
             }
             RootSource::BuiltIn => format!(
@@ -45,29 +47,70 @@ fn env_path(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// Finds the trusted roots. A `SSL_CERT_FILE` or `SSL_CERT_DIR` that cannot be read is an
-/// input error: silently falling back would trust the wrong authorities.
+const PEM_CERTIFICATE: &[u8] = b"-----BEGIN CERTIFICATE-----";
+
+/// Whether a file holds at least one PEM certificate. Cheap: it only looks for the marker,
+/// where parsing a distribution's 150 roots costs milliseconds that `wal-push` pays per segment.
+fn holds_certificate(path: &Path) -> std::io::Result<bool> {
+    let bytes = std::fs::read(path)?;
+    Ok(bytes
+        .windows(PEM_CERTIFICATE.len())
+        .any(|w| w == PEM_CERTIFICATE))
+}
+
+fn dir_holds_certificate(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries
+        .flatten()
+        .any(|e| holds_certificate(&e.path()).unwrap_or(false))
+}
+
+/// Finds the trusted roots, looking where the HTTP client's loader (rustls-native-certs) does:
+/// only `SSL_CERT_FILE` / `SSL_CERT_DIR` when either is set, the distribution's usual paths
+/// otherwise. A variable that names nothing usable is an input error: silently falling back
+/// would trust other authorities than the ones asked for.
 pub fn root_source() -> anyhow::Result<RootSource> {
-    let loaded = rustls_native_certs::load_native_certs();
-    if !loaded.certs.is_empty() {
-        return Ok(RootSource::System {
-            certificates: loaded.certs.len(),
-        });
+    let file = env_path("SSL_CERT_FILE");
+    let dirs = env_path("SSL_CERT_DIR");
+    if file.is_some() || dirs.is_some() {
+        if let Some(f) = &file {
+            match holds_certificate(Path::new(f)) {
+                Ok(true) => return Ok(RootSource::System),
+                Ok(false) if dirs.is_none() => {
+                    return Err(input_err!(
+                        "SSL_CERT_FILE={f} holds no PEM certificate: point it at a PEM file of CA certificates, or unset it"
+                    ));
+                }
+                Err(e) if dirs.is_none() => {
+                    return Err(input_err!(
+                        "SSL_CERT_FILE={f}: {e}: point it at a readable PEM file of CA certificates, or unset it"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if let Some(d) = &dirs {
+            if d.split(':').any(|d| dir_holds_certificate(Path::new(d))) {
+                return Ok(RootSource::System);
+            }
+            return Err(input_err!(
+                "SSL_CERT_DIR={d} holds no readable PEM certificate: point it at a directory of CA certificates, or unset it"
+            ));
+        }
     }
-    let named = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
-        .into_iter()
-        .find_map(|v| env_path(v).map(|p| (v, p)));
-    if let Some((var, path)) = named {
-        let why = loaded
-            .errors
-            .first()
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| "no PEM certificate in it".to_string());
-        return Err(input_err!(
-            "{var}={path}: {why}: point it at a readable PEM file of CA certificates, or unset it"
-        ));
-    }
-    Ok(RootSource::BuiltIn)
+    let probe = openssl_probe::probe();
+    let system = probe
+        .cert_file
+        .as_deref()
+        .is_some_and(|f| holds_certificate(f).unwrap_or(false))
+        || probe.cert_dir.iter().any(|d| dir_holds_certificate(d));
+    Ok(if system {
+        RootSource::System
+    } else {
+        RootSource::BuiltIn
+    })
 }
 
 /// Mozilla's CA roots, compiled in.
@@ -80,7 +123,7 @@ pub fn builtin_roots() -> &'static [CertificateDer<'static>] {
 pub fn extra_roots() -> anyhow::Result<(RootSource, &'static [CertificateDer<'static>])> {
     let source = root_source()?;
     let extra = match source {
-        RootSource::System { .. } => &[][..],
+        RootSource::System => &[][..],
         RootSource::BuiltIn => builtin_roots(),
     };
     Ok((source, extra))
@@ -131,6 +174,27 @@ mod tests {
             "error sending request: client error (Connect): invalid peer certificate: UnknownIssuer"
         ));
         assert!(!is_certificate_error("connection refused"));
+    }
+
+    #[test]
+    fn a_bundle_counts_only_when_it_holds_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, b"# no certificates here\n").unwrap();
+        assert!(!holds_certificate(&empty).unwrap());
+        assert!(!dir_holds_certificate(dir.path()));
+        let bundle = dir.path().join("bundle.pem");
+        std::fs::write(
+            &bundle,
+            b"x\n-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(holds_certificate(&bundle).unwrap());
+        assert!(dir_holds_certificate(dir.path()));
+        assert!(holds_certificate(&dir.path().join("absent.pem")).is_err());
+        // An empty /etc/ssl/certs (ca-certificates removed) is no store.
+        let certs = tempfile::tempdir().unwrap();
+        assert!(!dir_holds_certificate(certs.path()));
     }
 
     #[test]
