@@ -40,7 +40,27 @@ pub enum Kind {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum EncryptionAction {
+    /// Show the repository's key history and whether the configured keys fit it.
+    Status,
+    /// Record the keys in encryption.recipients_file as the repository's current key set:
+    /// the first time turns encryption on, later ones rotate. Old objects keep their keys.
+    Set,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a new age key pair: the secret key to --output (0600), the public key to stdout.
+    Keygen {
+        /// The identity file to create (never overwritten).
+        #[arg(long, short, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// The repository's encryption: its key history, and recording a new key set.
+    Encryption {
+        #[command(subcommand)]
+        action: EncryptionAction,
+    },
     /// Archive one WAL file (PostgreSQL archive_command: `dbagent wal-push %p`).
     WalPush {
         /// The path PostgreSQL passes as %p.
@@ -243,6 +263,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
     let cfg = Config::load(&flags, &ProcessEnv)?;
     match cli.command {
+        Command::Keygen { output } => {
+            let public = crate::crypto::keys::keygen(&output)?;
+            eprintln!(
+                "dbagent: wrote the secret key to {}; the public key (for encryption.recipients_file) follows",
+                output.display()
+            );
+            print(&(public + "\n"))?;
+        }
+        Command::Encryption { action } => {
+            let store = crate::storage::open(&cfg)?;
+            let repo = cfg.repo_url()?;
+            let recipients = cfg.encryption.recipients()?;
+            if let EncryptionAction::Set = action {
+                let Some(r) = &recipients else {
+                    return Err(input_err!(
+                        "encryption set records the keys of encryption.recipients_file: set DBAGENT_ENCRYPTION_RECIPIENTS_FILE"
+                    ));
+                };
+                let rec = crate::crypto::record::set(store.as_ref(), r).await?;
+                print(&format!(
+                    "repository {repo}: new objects are encrypted for key set {} (record {})\n",
+                    rec.key_set, rec.version
+                ))?;
+            }
+            let records = crate::crypto::Records::load(store.as_ref()).await?;
+            let identities = cfg.encryption.identities()?;
+            print(&crate::crypto::record::describe(
+                &records,
+                repo,
+                recipients.as_ref(),
+                identities.as_ref(),
+            ))?;
+        }
         Command::WalPush { path } => {
             crate::pg::wal::push_opening(&cfg, &path).await?;
         }

@@ -52,6 +52,7 @@ pub struct Config {
     pub drill: DrillConfig,
     pub notify: NotifyConfig,
     pub retention: RetentionConfig,
+    pub encryption: crate::crypto::EncryptionConfig,
     /// The config file this came from, passed on to `restore_command`.
     pub config_file: Option<PathBuf>,
 }
@@ -348,6 +349,10 @@ impl Config {
                 keep_days: v.get("retention.keep_days")?,
                 keep_backups: v.get::<usize>("retention.keep_backups")?.max(1),
                 incomplete_after: v.get("retention.incomplete_after")?,
+            },
+            encryption: crate::crypto::EncryptionConfig {
+                recipients_file: v.opt("encryption.recipients_file")?,
+                identity_file: v.opt("encryption.identity_file")?,
             },
             config_file: None,
         })

@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod drill;
 pub mod error;
 pub mod health;

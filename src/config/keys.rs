@@ -194,6 +194,8 @@ pub const KEYS: &[Key] = &[
     int("retention.keep_days", 0, u32::MAX as i128).or("30"),
     int("retention.keep_backups", 0, NO_MAX).or("2"),
     duration("retention.incomplete_after", "24h"),
+    text("encryption.recipients_file"),
+    text("encryption.identity_file"),
 ];
 
 /// Variables read outside the configuration tree (before it exists, or by the logger).
