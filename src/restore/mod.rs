@@ -253,7 +253,8 @@ async fn unpack_backup(store: &dyn Store, plan: &PgPlan, dir: &Path) -> anyhow::
             plan.backup.id
         );
     }
-    Ok(())
+    // Verified: only now does the directory become a cluster PostgreSQL would start.
+    untar::release(dir)
 }
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {

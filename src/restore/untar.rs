@@ -1,19 +1,38 @@
-//! Unpacks a base backup's tar stream into an empty data directory, fast.
+//! Unpacks a base backup's tar stream into an empty data directory, fast and without ever
+//! writing outside it.
 //!
 //! The `tar` crate copies file bodies through an 8 KiB buffer and checks every path component
 //! for symlinks, which made restores slower than pgBackRest: this unpacker writes with large
 //! buffers and, because the target directory starts empty and holds only what it unpacks,
-//! validates paths lexically (no absolute paths, no `..`). Regular files, directories,
-//! symlinks, hard links, GNU long names and PAX `path` records are handled.
+//! checks paths against what it has made itself:
+//!
+//! - absolute paths and `..` are refused;
+//! - only `pg_tblspc/<oid>` may be a symlink (a tablespace), and no entry is written at or
+//!   below a symlink, so nothing lands where a link points; files are opened with
+//!   `O_NOFOLLOW` as a second line;
+//! - set-user-id, set-group-id and sticky bits are dropped;
+//! - `global/pg_control` is written as `global/pg_control.dbagent-unverified` and a marker
+//!   file says the directory is not a usable cluster; `release` puts pg_control in place
+//!   and removes the marker only once the caller has verified the whole stream's checksum.
+//!   Until then PostgreSQL refuses to start there, also after a killed restore.
+//!
+//! Regular files, directories, symlinks, hard links, GNU long names and PAX `path` records
+//! are handled.
 
 use std::collections::HashSet;
 use std::io::{BufRead, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, bail};
 
 const BLOCK: usize = 512;
+/// Where PostgreSQL's control file goes, and where it waits until the backup is verified.
+const CONTROL_FILE: &str = "global/pg_control";
+const CONTROL_UNVERIFIED: &str = "global/pg_control.dbagent-unverified";
+/// Present while a data directory is being restored or after a restore failed.
+pub const MARKER: &str = "DBAGENT_RESTORE_INCOMPLETE";
+const MARKER_TEXT: &str = "dbagent is restoring into this directory, or the restore failed: it is not a usable PostgreSQL cluster (global/pg_control is held back until the backup's checksum is verified)\n";
 const COPY_BUF: usize = 1 << 20;
 
 fn octal(field: &[u8]) -> anyhow::Result<u64> {
@@ -51,11 +70,36 @@ fn safe_join(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 }
 
 struct Unpacker {
+    dir: PathBuf,
     made: HashSet<PathBuf>,
+    /// Symlinks this unpacker created: nothing may be written at or below them.
+    links: Vec<PathBuf>,
     bytes: u64,
 }
 
 impl Unpacker {
+    /// Refuses a path at or below a symlink made earlier.
+    fn not_through_link(&self, path: &Path, name: &str) -> anyhow::Result<()> {
+        if let Some(link) = self.links.iter().find(|l| path.starts_with(l)) {
+            bail!(
+                "the backup writes {name:?} through the symlink {}: refused",
+                link.strip_prefix(&self.dir).unwrap_or(link).display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Where an entry goes: inside the directory, never through a symlink, and pg_control
+    /// under its waiting name.
+    fn target(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let path = safe_join(&self.dir, name)?;
+        self.not_through_link(&path, name)?;
+        if path == self.dir.join(CONTROL_FILE) {
+            return Ok(self.dir.join(CONTROL_UNVERIFIED));
+        }
+        Ok(path)
+    }
+
     fn parent(&mut self, path: &Path) -> anyhow::Result<()> {
         if let Some(parent) = path.parent() {
             if !self.made.contains(parent) {
@@ -75,8 +119,13 @@ impl Unpacker {
         mode: u32,
     ) -> anyhow::Result<()> {
         self.parent(path)?;
-        let mut f =
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
         let mut left = size;
         // Straight from the reader's buffer to the file: no copy in between.
         while left > 0 {
@@ -207,10 +256,42 @@ fn padding(size: u64) -> u64 {
     (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64
 }
 
-/// Unpacks the whole stream into `dir`; returns the bytes of file data written.
+/// Puts pg_control in place and removes the marker: call only once the backup's checksum
+/// has been verified.
+pub fn release(dir: &Path) -> anyhow::Result<()> {
+    let waiting = dir.join(CONTROL_UNVERIFIED);
+    if !waiting.exists() {
+        bail!("the base backup holds no {CONTROL_FILE}: it is not a PostgreSQL data directory");
+    }
+    std::fs::rename(&waiting, dir.join(CONTROL_FILE))
+        .with_context(|| format!("putting {CONTROL_FILE} in place in {}", dir.display()))?;
+    std::fs::remove_file(dir.join(MARKER))
+        .with_context(|| format!("removing {MARKER} from {}", dir.display()))?;
+    // Best effort: the caller starts PostgreSQL next, which syncs the data directory itself.
+    if let Ok(d) = std::fs::File::open(dir.join("global")) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Only `pg_tblspc/<oid>` may be a symlink: a tablespace's location.
+fn symlink_allowed(name: &str) -> bool {
+    let parts: Vec<&str> = name
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    matches!(parts.as_slice(), ["pg_tblspc", oid] if oid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Unpacks the whole stream into `dir`; returns the bytes of file data written. The result
+/// is not a startable cluster until `release` (see the module's notes).
 pub fn unpack(mut r: impl BufRead, dir: &Path) -> anyhow::Result<u64> {
+    std::fs::write(dir.join(MARKER), MARKER_TEXT)
+        .with_context(|| format!("writing {MARKER} into {}", dir.display()))?;
     let mut u = Unpacker {
+        dir: dir.to_path_buf(),
         made: HashSet::from([dir.to_path_buf()]),
+        links: Vec::new(),
         bytes: 0,
     };
     let mut long_name: Option<String> = None;
@@ -231,7 +312,8 @@ pub fn unpack(mut r: impl BufRead, dir: &Path) -> anyhow::Result<u64> {
         }
         let size = octal(&header[124..136])?;
         let typeflag = header[156];
-        let mode = (octal(&header[100..108])? & 0o7777) as u32;
+        // No set-user-id, set-group-id or sticky bit from a backup.
+        let mode = (octal(&header[100..108])? & 0o777) as u32;
         let name = match long_name.take() {
             Some(n) => n,
             None => {
@@ -277,12 +359,12 @@ pub fn unpack(mut r: impl BufRead, dir: &Path) -> anyhow::Result<u64> {
                 skip(&mut r, padding(size))?;
             }
             b'0' | 0 | b'7' => {
-                let path = safe_join(dir, &name)?;
+                let path = u.target(&name)?;
                 u.file(&mut r, &path, size, mode)?;
                 skip(&mut r, padding(size))?;
             }
             b'5' => {
-                let path = safe_join(dir, &name)?;
+                let path = u.target(&name)?;
                 std::fs::create_dir_all(&path)
                     .with_context(|| format!("creating {}", path.display()))?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
@@ -290,16 +372,24 @@ pub fn unpack(mut r: impl BufRead, dir: &Path) -> anyhow::Result<u64> {
                 skip(&mut r, size + padding(size))?;
             }
             b'2' => {
-                let path = safe_join(dir, &name)?;
+                if !symlink_allowed(&name) {
+                    bail!(
+                        "the backup holds a symlink {name:?} -> {link:?}: only pg_tblspc/<oid> may be a symlink; refused"
+                    );
+                }
+                let path = u.target(&name)?;
                 u.parent(&path)?;
-                let _ = std::fs::remove_file(&path);
+                if std::fs::symlink_metadata(&path).is_ok() {
+                    bail!("the backup holds {name:?} twice, the second time as a symlink: refused");
+                }
                 std::os::unix::fs::symlink(&link, &path)
                     .with_context(|| format!("creating symlink {}", path.display()))?;
+                u.links.push(path);
                 skip(&mut r, size + padding(size))?;
             }
             b'1' => {
-                let path = safe_join(dir, &name)?;
-                let target = safe_join(dir, &link)?;
+                let path = u.target(&name)?;
+                let target = u.target(&link)?;
                 u.parent(&path)?;
                 std::fs::hard_link(&target, &path)
                     .with_context(|| format!("linking {}", path.display()))?;
@@ -353,6 +443,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bytes = unpack(std::io::Cursor::new(archive()), dir.path()).unwrap();
         assert_eq!(bytes, 3_000_000 + 8192 + 3 + 5);
+        // Not a cluster until the caller has verified the stream.
+        assert!(!dir.path().join("global/pg_control").exists());
+        assert!(dir.path().join(MARKER).exists());
+        release(dir.path()).unwrap();
+        assert!(!dir.path().join(MARKER).exists());
         let big = std::fs::read(dir.path().join("base/1/16384")).unwrap();
         assert_eq!(big.len(), 3_000_000);
         assert!(
@@ -419,5 +514,139 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unsafe path"), "{err}");
+    }
+
+    /// A tar built by hand: (name, type, link target, body).
+    fn crafted(entries: &[(&str, u8, &str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, kind, link, body) in entries {
+            let mut h = [0u8; BLOCK];
+            h[..name.len()].copy_from_slice(name.as_bytes());
+            h[100..107].copy_from_slice(b"0006755");
+            h[124..135].copy_from_slice(format!("{:011o}", body.len()).as_bytes());
+            h[156] = *kind;
+            h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+            h[257..263].copy_from_slice(b"ustar\0");
+            h[148..156].fill(b' ');
+            let sum: u32 = h.iter().map(|&b| b as u32).sum();
+            h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+            out.extend_from_slice(&h);
+            out.extend_from_slice(body);
+            out.resize(out.len() + padding(body.len() as u64) as usize, 0);
+        }
+        out.resize(out.len() + 2 * BLOCK, 0);
+        out
+    }
+
+    fn unpack_crafted(entries: &[(&str, u8, &str, &[u8])]) -> (tempfile::TempDir, String) {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let entries: Vec<(String, u8, String, Vec<u8>)> = entries
+            .iter()
+            .map(|(n, k, l, b)| {
+                let l = l.replace("OUTSIDE", &outside.path().to_string_lossy());
+                (n.to_string(), *k, l, b.to_vec())
+            })
+            .collect();
+        let refs: Vec<(&str, u8, &str, &[u8])> = entries
+            .iter()
+            .map(|(n, k, l, b)| (n.as_str(), *k, l.as_str(), b.as_slice()))
+            .collect();
+        let err = unpack(std::io::Cursor::new(crafted(&refs)), dir.path())
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.to_string());
+        // Whatever happened, nothing landed outside.
+        assert_eq!(
+            std::fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "{err}"
+        );
+        (dir, err)
+    }
+
+    #[test]
+    fn never_writes_outside_the_directory() {
+        // A symlink anywhere but pg_tblspc/<oid>.
+        let (_, err) = unpack_crafted(&[("pg_wal", b'2', "OUTSIDE", b"")]);
+        assert!(
+            err.contains("only pg_tblspc/<oid> may be a symlink"),
+            "{err}"
+        );
+        // A file written through a tablespace link.
+        let (_, err) = unpack_crafted(&[
+            ("pg_tblspc/16400", b'2', "OUTSIDE", b""),
+            ("pg_tblspc/16400/PG_15/x", b'0', "", b"evil"),
+        ]);
+        assert!(err.contains("through the symlink"), "{err}");
+        // A directory at a link, then a file in it.
+        let (_, err) = unpack_crafted(&[
+            ("pg_tblspc/1", b'2', "OUTSIDE", b""),
+            ("pg_tblspc/1/", b'5', "", b""),
+        ]);
+        assert!(err.contains("through the symlink"), "{err}");
+        // A file over the link itself.
+        let (_, err) = unpack_crafted(&[
+            ("pg_tblspc/1", b'2', "OUTSIDE/f", b""),
+            ("pg_tblspc/1", b'0', "", b"evil"),
+        ]);
+        assert!(err.contains("through the symlink"), "{err}");
+        // A hard link to something behind a link.
+        let (_, err) = unpack_crafted(&[
+            ("pg_tblspc/1", b'2', "OUTSIDE", b""),
+            ("x", b'1', "pg_tblspc/1/secret", b""),
+        ]);
+        assert!(err.contains("through the symlink"), "{err}");
+        // Absolute and climbing paths, as names and as hard link targets.
+        for (name, kind, link) in [
+            ("/etc/evil", b'0', ""),
+            ("base/../../evil", b'0', ""),
+            ("x", b'1', "../evil"),
+            ("x", b'1', "/etc/passwd"),
+        ] {
+            let (_, err) = unpack_crafted(&[(name, kind, link, b"evil")]);
+            assert!(err.contains("unsafe path"), "{name} {link}: {err}");
+        }
+        // The allowed case: a tablespace link, left pointing where the backup says.
+        let (dir, err) = unpack_crafted(&[
+            ("global/pg_control", b'0', "", b"ctl"),
+            ("pg_tblspc/16400", b'2', "/srv/tablespace", b""),
+        ]);
+        assert_eq!(err, "");
+        assert_eq!(
+            std::fs::read_link(dir.path().join("pg_tblspc/16400")).unwrap(),
+            PathBuf::from("/srv/tablespace")
+        );
+    }
+
+    #[test]
+    fn special_mode_bits_are_dropped() {
+        let (dir, err) = unpack_crafted(&[("bin", b'0', "", b"#!/bin/sh\n")]);
+        assert_eq!(err, "");
+        let mode = std::fs::metadata(dir.path().join("bin"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn an_unverified_backup_is_not_a_cluster() {
+        let (dir, err) = unpack_crafted(&[
+            ("PG_VERSION", b'0', "", b"15\n"),
+            ("global/pg_control", b'0', "", b"ctl"),
+        ]);
+        assert_eq!(err, "");
+        // What a restore killed before its checksum check, or one whose check failed, leaves.
+        assert!(!dir.path().join("global/pg_control").exists());
+        let marker = std::fs::read_to_string(dir.path().join(MARKER)).unwrap();
+        assert!(marker.contains("not a usable PostgreSQL cluster"));
+        release(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("global/pg_control")).unwrap(),
+            b"ctl"
+        );
+        // A "backup" without pg_control is never released.
+        let (dir, _) = unpack_crafted(&[("PG_VERSION", b'0', "", b"15\n")]);
+        assert!(release(dir.path()).is_err());
     }
 }
