@@ -1,8 +1,17 @@
 //! The HTTP edge: Patroni-compatible health endpoints and `/metrics`. Handlers only read the
 //! shared state; they never touch the database.
+//!
+//! The server in front of them keeps slow or idle clients from starving the probes that
+//! decide routing: a client has `Limits::header_read_timeout` to send each request's headers
+//! (an idle keep-alive connection counts as one that has not), headers are capped in size,
+//! a request with a body is refused, and at most `Limits::max_connections` connections are
+//! held: a new one closes the oldest, so a flood of idle connections never locks out the next
+//! probe.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{RawQuery, State};
@@ -26,6 +35,134 @@ pub const ROUTES: [(&str, Check); 10] = [
     ("/liveness", Check::Liveness),
     ("/readiness", Check::Readiness),
 ];
+
+/// What the server allows each client.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 << 10,
+            max_body_bytes: 0,
+        }
+    }
+}
+
+/// How long a connection closed to make room (or at shutdown) may finish its request.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `router` on `listener` within `limits` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tokio_util::sync::CancellationToken;
+
+    let router = router.layer(axum::middleware::from_fn(move |req, next| {
+        refuse_bodies(req, next, limits.max_body_bytes)
+    }));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_header_size(limits.max_header_bytes);
+    // Open connections in the order they came, each with the token that closes it.
+    let mut open: VecDeque<(u64, CancellationToken)> = VecDeque::new();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next_id = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(id) = closed_rx.recv() => {
+                open.retain(|(i, _)| *i != id);
+                continue;
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors, or a connection reset before it was accepted: keep
+                // serving the others.
+                tracing::warn!(error = %e, "accepting an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        while let Ok(id) = closed_rx.try_recv() {
+            open.retain(|(i, _)| *i != id);
+        }
+        while open.len() >= limits.max_connections.max(1) {
+            let (_, oldest) = open.pop_front().expect("not empty");
+            oldest.cancel();
+        }
+        let _ = stream.set_nodelay(true);
+        let id = next_id;
+        next_id += 1;
+        let token = CancellationToken::new();
+        open.push_back((id, token.clone()));
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let closed = closed_tx.clone();
+        tasks.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = token.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+                }
+            }
+            let _ = closed.send(id);
+        });
+    }
+    for (_, token) in open {
+        token.cancel();
+    }
+    tokio::time::timeout(CLOSE_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .ok();
+    Ok(())
+}
+
+/// None of the endpoints takes a body: a request announcing one larger than `max` gets 413.
+async fn refuse_bodies(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    max: u64,
+) -> Response {
+    let headers = req.headers();
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if length.is_some_and(|n| n > max) || headers.contains_key(header::TRANSFER_ENCODING) {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "no endpoint takes a request body\n",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let mut r = Router::new();
@@ -265,5 +402,108 @@ mod tests {
             .unwrap();
         assert_eq!(role.value, prometheus_parse::Value::Gauge(1.0));
         assert!(scrape.samples.iter().any(|s| s.metric == "dbagent_up"));
+    }
+
+    /// A server on a free loopback port, stopped when the token is dropped... or cancelled.
+    async fn start(limits: Limits) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+        let shared = shared_with(Snapshot {
+            up: true,
+            role: Role::Primary,
+            writable: true,
+            ..Default::default()
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(serve(listener, router(shared), limits, token.clone()));
+        (addr, token)
+    }
+
+    /// Sends raw bytes on a new connection and returns the first line of the answer.
+    async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(request).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(2).any(|w| w == b"\r\n") {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_thousand_idle_connections_do_not_starve_the_probes() {
+        use tokio::io::AsyncReadExt;
+        let (addr, token) = start(Limits::default()).await;
+        let mut idle = Vec::new();
+        for _ in 0..1000 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // The deadline only keeps a broken server from hanging the test; bench/serve
+        // measures how fast the answer is.
+        let line = tokio::time::timeout(
+            Duration::from_secs(60),
+            raw(addr, b"GET /liveness HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await
+        .expect("/liveness answered");
+        assert_eq!(line, "HTTP/1.1 200 OK");
+        // The oldest idle connections were closed to make room.
+        let mut first = idle.swap_remove(0);
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(30), first.read(&mut byte))
+            .await
+            .expect("the oldest idle connection was closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn slow_headers_are_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (addr, token) = start(Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        })
+        .await;
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /liveness HTTP/1.1\r\nHo").await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut rest))
+            .await
+            .expect("the server closed a connection that never finished its headers")
+            .ok();
+        assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn bodies_and_huge_headers_are_refused() {
+        let (addr, token) = start(Limits::default()).await;
+        let line = raw(
+            addr,
+            b"POST /liveness HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        .await;
+        assert_eq!(line, "HTTP/1.1 413 Payload Too Large");
+        let mut big = b"GET /liveness HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 64 << 10));
+        big.extend_from_slice(b"\r\n\r\n");
+        let line = raw(addr, &big).await;
+        assert_eq!(line, "HTTP/1.1 431 Request Header Fields Too Large");
+        assert_eq!(
+            raw(addr, b"GET /liveness HTTP/1.1\r\nHost: x\r\n\r\n").await,
+            "HTTP/1.1 200 OK"
+        );
+        token.cancel();
     }
 }

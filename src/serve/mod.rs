@@ -65,10 +65,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
     let router = crate::http::router(shared.clone());
     let t = token.clone();
     spawn(&mut tasks, "http", async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(t.cancelled_owned())
-            .await
-            .context("HTTP server")
+        crate::http::serve(listener, router, crate::http::Limits::default(), t).await
     });
 
     match cfg.serve.engine {
