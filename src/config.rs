@@ -93,6 +93,11 @@ pub struct PgConfig {
     pub database: Option<String>,
     pub password: Option<Secret>,
     pub passfile: Option<PathBuf>,
+    /// libpq's sslmode (`disable` … `verify-full`); unset is libpq's `prefer`.
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<PathBuf>,
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
     pub system_identifier: Option<u64>,
     /// Databases `backup --kind dump` dumps; empty means every non-template database.
     pub dump_databases: Vec<String>,
@@ -301,6 +306,10 @@ impl Config {
                 database: v.opt("pg.database")?,
                 password: v.opt("pg.password_file")?,
                 passfile: v.opt("pg.passfile")?,
+                sslmode: v.opt("pg.sslmode")?,
+                sslrootcert: v.opt("pg.sslrootcert")?,
+                sslcert: v.opt("pg.sslcert")?,
+                sslkey: v.opt("pg.sslkey")?,
                 system_identifier: v.opt("pg.system_identifier")?,
                 dump_databases: v.opt("pg.dump_databases")?.unwrap_or_default(),
             },

@@ -1,12 +1,15 @@
 //! Connecting to PostgreSQL with the libpq settings users already have (PGHOST, PGPORT,
-//! PGUSER, PGPASSWORD / PGPASSFILE, PGDATABASE).
+//! PGUSER, PGPASSWORD / PGPASSWORD_FILE / PGPASSFILE, PGDATABASE, and the TLS settings of
+//! `tls`). Passwords are sent as the server asks: SCRAM-SHA-256 (with channel binding over
+//! TLS), or MD5/plain for old servers.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-use crate::config::PgConfig;
+use super::tls::TlsSettings;
+use crate::config::{PgConfig, Secret};
 use crate::error::Failure;
 
 /// The connection settings, resolved like libpq does.
@@ -16,7 +19,8 @@ pub struct ConnInfo {
     pub port: u16,
     pub user: String,
     pub dbname: String,
-    password: Option<String>,
+    password: Option<Secret>,
+    pub tls: TlsSettings,
 }
 
 impl ConnInfo {
@@ -32,17 +36,16 @@ impl ConnInfo {
             .unwrap_or_else(|| "/var/run/postgresql".into());
         let port = cfg.port.unwrap_or(5432);
         let dbname = cfg.database.clone().unwrap_or_else(|| user.clone());
-        let password = cfg
-            .password
-            .as_ref()
-            .map(|s| s.expose().to_string())
-            .or_else(|| passfile_lookup(cfg.passfile.clone(), &host, port, &dbname, &user));
+        let password = cfg.password.clone().or_else(|| {
+            passfile_lookup(cfg.passfile.clone(), &host, port, &dbname, &user).map(Secret::new)
+        });
         ConnInfo {
             host,
             port,
             user,
             dbname,
             password,
+            tls: TlsSettings::from_config(cfg),
         }
     }
 
@@ -54,7 +57,7 @@ impl ConnInfo {
     }
 
     /// Environment for child programs (pg_basebackup, pg_dump): the password travels in
-    /// PGPASSWORD, never on the command line.
+    /// PGPASSWORD, never on the command line; the TLS settings travel as libpq's variables.
     pub fn child_env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![
             ("PGHOST", self.host.clone()),
@@ -63,9 +66,15 @@ impl ConnInfo {
             ("PGDATABASE", self.dbname.clone()),
         ];
         if let Some(p) = &self.password {
-            env.push(("PGPASSWORD", p.clone()));
+            env.push(("PGPASSWORD", p.expose().to_string()));
         }
+        env.extend(self.tls.child_env());
         env
+    }
+
+    /// A unix socket directory rather than a network host: no TLS there, as in libpq.
+    fn is_socket(&self) -> bool {
+        self.host.starts_with('/')
     }
 
     pub fn describe(&self) -> String {
@@ -81,24 +90,60 @@ impl ConnInfo {
             .application_name("dbagent")
             .connect_timeout(std::time::Duration::from_secs(10));
         if let Some(p) = &self.password {
-            cfg.password(p);
+            cfg.password(p.expose());
         }
-        let (client, connection) = cfg.connect(NoTls).await.map_err(|e| {
-            let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| {
-                std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string())
-            });
+        let fail = |detail: String| {
             anyhow::Error::new(Failure::Input(format!(
-                "cannot connect to PostgreSQL at {}: {detail}: check PGHOST, PGPORT, PGUSER and the password",
+                "cannot connect to PostgreSQL at {}: {detail}",
                 self.describe()
             )))
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection closed");
+        };
+        let explain = |e: tokio_postgres::Error| {
+            let mut detail = e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| {
+                    let mut chain = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        chain = format!("{chain}: {s}");
+                        source = s.source();
+                    }
+                    chain
+                });
+            if let Some(why) = self.tls.explain(&detail, &self.host) {
+                detail = format!("{why} ({detail})");
+            } else if detail.contains("no encryption") {
+                detail.push_str(
+                    ": the server accepts only TLS: set PGSSLMODE=verify-full and PGSSLROOTCERT",
+                );
+            } else {
+                detail.push_str(": check PGHOST, PGPORT, PGUSER, the password and PGSSLMODE");
             }
-        });
+            fail(detail)
+        };
+        let client = if self.is_socket() || self.tls.mode == super::tls::SslMode::Disable {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(explain)?;
+            drive(connection);
+            client
+        } else {
+            cfg.ssl_mode(self.tls.wire_mode());
+            let tls = self.tls.connector()?;
+            let (client, connection) = cfg.connect(tls).await.map_err(explain)?;
+            drive(connection);
+            client
+        };
         Ok(client)
     }
+}
+/// Runs a connection's I/O until the client is dropped.
+fn drive(connection: impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
 }
 
 /// Looks the password up in a `.pgpass` file (`host:port:db:user:password`, `*` matches all).

@@ -6,5 +6,6 @@ pub mod conn;
 pub mod control;
 pub mod dump;
 pub mod tarscan;
+pub mod tls;
 pub mod wal;
 pub mod walscan;

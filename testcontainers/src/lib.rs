@@ -23,5 +23,5 @@ pub use postgres::{
     pg_bin_dir, pg_owned_tempdir,
 };
 pub use s3::{S3Server, moto_server_path};
-pub use tls::{TestCa, TlsProxy};
+pub use tls::{CertPair, TestCa, TlsProxy};
 pub use util::{free_port, http_request, is_root, log_tail, workspace_root};

@@ -86,6 +86,8 @@ fn c_utf8_locale_available() -> bool {
 pub struct PostgresBuilder {
     settings: Vec<(String, String)>,
     env: Vec<(String, String)>,
+    /// The `postgres` role's password when the server is TLS-only.
+    tls_only: Option<String>,
 }
 
 impl PostgresBuilder {
@@ -111,6 +113,15 @@ impl PostgresBuilder {
         self
     }
 
+    /// A server that takes TCP connections only over TLS with a password (`hostssl` lines
+    /// with `scram-sha-256`, no `host` line), with a certificate for `localhost` and
+    /// `127.0.0.1` signed by a CA made for this server (`Postgres::ca_cert_path`). The unix
+    /// socket keeps `trust` for the test's own setup (`Postgres::psql`).
+    pub fn tls_only(mut self, password: &str) -> Self {
+        self.tls_only = Some(password.to_string());
+        self
+    }
+
     /// initdb + start with `pg_ctl -w` on a free port, listening on 127.0.0.1 and in the temp dir.
     pub fn start(self) -> Result<Postgres> {
         let initdb = pg_bin("initdb")?;
@@ -128,11 +139,62 @@ impl PostgresBuilder {
         cmd.current_dir(&dir_path)
             .arg("-D")
             .arg(&data_dir)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"])
-            .arg(format!("--locale={locale}"))
+            .args(["-U", "postgres", "-E", "UTF8"]);
+        let pwfile = dir_path.join("pwfile");
+        match &self.tls_only {
+            None => {
+                cmd.arg("--auth=trust");
+            }
+            Some(password) => {
+                fs::write(&pwfile, format!("{password}\n"))?;
+                if is_root() {
+                    let (uid, gid) = user_ids(PG_OS_USER)?;
+                    chown_recursive(&pwfile, uid, gid)?;
+                }
+                cmd.args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+                    .arg(format!("--pwfile={}", pwfile.display()));
+            }
+        }
+        cmd.arg(format!("--locale={locale}"))
             // Skips only the fsync of the freshly initialised files; the server keeps fsync=on.
             .arg("--no-sync");
         run(&mut cmd, "initdb")?;
+        let _ = fs::remove_file(&pwfile);
+        let mut settings = self.settings;
+        let ca_cert = match &self.tls_only {
+            None => None,
+            Some(_) => {
+                let ca = crate::tls::TestCa::generate()?;
+                let server = ca.issue(&["localhost", "127.0.0.1"])?;
+                let ca_path = dir_path.join("ca.crt");
+                ca.write_pem(&ca_path)?;
+                fs::write(data_dir.join("server.crt"), &server.cert_pem)?;
+                fs::write(data_dir.join("server.key"), &server.key_pem)?;
+                fs::write(
+                    data_dir.join("pg_hba.conf"),
+                    "# dbagent-testcontainers: TLS only over TCP, no plain host line\n\
+                     local all all trust\n\
+                     local replication all trust\n\
+                     hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                     hostssl replication all 127.0.0.1/32 scram-sha-256\n",
+                )?;
+                if is_root() {
+                    let (uid, gid) = user_ids(PG_OS_USER)?;
+                    chown_recursive(&data_dir, uid, gid)?;
+                    chown_recursive(&ca_path, uid, gid)?;
+                }
+                chmod(&data_dir.join("server.key"), 0o600)?;
+                for (k, v) in [
+                    ("ssl", "on"),
+                    ("ssl_cert_file", "server.crt"),
+                    ("ssl_key_file", "server.key"),
+                    ("password_encryption", "scram-sha-256"),
+                ] {
+                    settings.insert(0, (k.to_string(), v.to_string()));
+                }
+                Some(ca_path)
+            }
+        };
 
         let port = free_port();
         let mut conf = String::from("\n# --- dbagent-testcontainers ---\n");
@@ -151,7 +213,7 @@ impl PostgresBuilder {
         for (k, v) in base
             .iter()
             .map(|(k, v)| (*k, v.as_str()))
-            .chain(self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .chain(settings.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         {
             conf.push_str(&format!("{k} = {}\n", conf_quote(v)));
         }
@@ -163,6 +225,7 @@ impl PostgresBuilder {
             data_dir,
             port,
             server_env: self.env,
+            tls: ca_cert.map(|ca| (ca, self.tls_only.clone().unwrap_or_default())),
             cmdline_settings: false,
             owns_data: true,
             data_destroyed: false,
@@ -206,6 +269,8 @@ pub struct Postgres {
     data_dir: PathBuf,
     port: u16,
     server_env: Vec<(String, String)>,
+    /// TLS-only servers: the CA certificate's path and the `postgres` role's password.
+    tls: Option<(PathBuf, String)>,
     /// Pass port/listen/socket/logging settings on the postgres command line (adopted data dirs,
     /// whose postgresql.conf belongs to the caller) instead of postgresql.conf.
     cmdline_settings: bool,
@@ -248,6 +313,7 @@ impl Postgres {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            tls: None,
             cmdline_settings: true,
             owns_data: false,
             data_destroyed: false,
@@ -279,8 +345,28 @@ impl Postgres {
         &self.dir_path
     }
 
-    /// PGHOST, PGPORT, PGUSER=postgres, PGDATABASE=postgres, PGDATA.
+    /// A TLS-only server's CA certificate (for PGSSLROOTCERT).
+    pub fn ca_cert_path(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|(ca, _)| ca.as_path())
+    }
+
+    /// A TLS-only server's password for the `postgres` role.
+    pub fn password(&self) -> Option<&str> {
+        self.tls.as_ref().map(|(_, pw)| pw.as_str())
+    }
+
+    /// PGHOST, PGPORT, PGUSER=postgres, PGDATABASE=postgres, PGDATA; for a TLS-only server
+    /// also PGSSLMODE=verify-full and PGSSLROOTCERT (the password is the test's to pass).
     pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = self.plain_env();
+        if let Some((ca, _)) = &self.tls {
+            env.push(("PGSSLMODE".into(), "verify-full".into()));
+            env.push(("PGSSLROOTCERT".into(), ca.to_string_lossy().into_owned()));
+        }
+        env
+    }
+
+    fn plain_env(&self) -> Vec<(String, String)> {
         vec![
             ("PGHOST".into(), self.host().into()),
             ("PGPORT".into(), self.port.to_string()),
@@ -306,15 +392,13 @@ impl Postgres {
     pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
         let psql = pg_bin("psql")?;
         let mut cmd = Command::new(psql);
+        // A TLS-only server is set up over its unix socket (trust there).
+        let host = match &self.tls {
+            Some(_) => self.dir_path.to_string_lossy().into_owned(),
+            None => self.host().to_string(),
+        };
         cmd.args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
-            .args([
-                "-h",
-                self.host(),
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+            .args(["-h", &host, "-p", &self.port.to_string(), "-U", "postgres"])
             .args(["-d", db, "-c", sql])
             .env("PGCONNECT_TIMEOUT", "10")
             .env_remove("PGPASSWORD")

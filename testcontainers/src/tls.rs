@@ -13,6 +13,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::tempdir_for;
 
+/// A certificate and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct CertPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
 /// A certificate authority generated for one test; its PEM file is what `SSL_CERT_FILE`
 /// points at.
 pub struct TestCa {
@@ -55,6 +62,23 @@ impl TestCa {
     /// Writes the CA certificate to `path` (e.g. inside a chroot).
     pub fn write_pem(&self, path: &Path) -> Result<()> {
         std::fs::write(path, &self.pem).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// A certificate for these names (DNS names or IP addresses) signed by this CA, PEM; the
+    /// first name is also its common name. For servers that read PEM files (PostgreSQL).
+    pub fn issue(&self, names: &[&str]) -> Result<CertPair> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(DnType::CommonName, *first);
+        }
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(CertPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// A server certificate for 127.0.0.1 and localhost signed by this CA: (chain, key).

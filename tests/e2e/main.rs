@@ -5,6 +5,7 @@ mod backup;
 mod drill;
 mod forks;
 mod mysql;
+mod pg_tls;
 mod pgdump;
 mod pitr;
 mod refusals;
