@@ -495,6 +495,52 @@ mod tests {
         assert!(!format!("{cfg:?}").contains("s3cr3t"));
     }
 
+    /// Every type that holds a secret formats it as `<redacted>`: the whole configuration, a
+    /// PostgreSQL connection, a MySQL connection and the S3 store built from it.
+    #[test]
+    fn no_debug_output_shows_a_secret() {
+        let env = [
+            ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "aws-s3cret-value"),
+            ("AWS_SESSION_TOKEN", "session-t0ken-value"),
+            ("PGPASSWORD", "pg-pa55word-value"),
+            ("DBAGENT_MYSQL_PASSWORD", "my-pa55word-value"),
+            ("DBAGENT_MYSQL_URL", "mysql://backup@db:3306"),
+            (
+                "DBAGENT_NOTIFY_SLACK_URL",
+                "https://hooks.example/sl4ck-t0ken",
+            ),
+            ("DBAGENT_NOTIFY_PAGERDUTY_ROUTING_KEY", "pd-r0uting-key"),
+            ("DBAGENT_S3_ENDPOINT", "http://127.0.0.1:9"),
+        ];
+        let secrets = [
+            "aws-s3cret-value",
+            "session-t0ken-value",
+            "pg-pa55word-value",
+            "my-pa55word-value",
+            "sl4ck-t0ken",
+            "pd-r0uting-key",
+        ];
+        let cfg = Config::load(&Overrides::default(), &env).unwrap();
+        let shown = [
+            format!("{cfg:?}"),
+            format!("{:?}", crate::pg::conn::ConnInfo::from_config(&cfg.pg)),
+            format!(
+                "{:?}",
+                crate::mysql::client::MysqlConn::from_config(&cfg.mysql).unwrap()
+            ),
+            format!(
+                "{:?}",
+                crate::storage::open_url("s3://bucket/prefix", &cfg).unwrap()
+            ),
+        ];
+        for text in &shown {
+            for secret in secrets {
+                assert!(!text.contains(secret), "{secret} shown in {text}");
+            }
+        }
+    }
+
     #[test]
     fn bad_values_name_the_key() {
         let err = Config::load(
