@@ -278,36 +278,48 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-fn shell_quote(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "/._-:=@".contains(c))
-    {
+/// One word of `restore_command`. PostgreSQL runs it with `/bin/sh -c` after replacing `%f`,
+/// `%p`, `%r` and `%%`: the word is single-quoted unless it holds only characters no shell
+/// treats specially (a `'` inside becomes `'\''`), and every `%` is doubled so PostgreSQL
+/// hands it through unchanged.
+fn restore_command_word(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:=@,+".contains(c));
+    let word = if safe {
         s.to_string()
     } else {
-        format!(
-            "\"{}\"",
-            s.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('$', "\\$")
-        )
+        format!("'{}'", s.replace('\'', "'\\''"))
+    };
+    word.replace('%', "%%")
+}
+
+/// `restore_command` for a dbagent binary, config file and repository (pure).
+fn restore_command_for(exe: &str, config_file: Option<&str>, repo: Option<&str>) -> String {
+    let mut cmd = restore_command_word(exe);
+    if let Some(file) = config_file {
+        cmd.push_str(" --config ");
+        cmd.push_str(&restore_command_word(file));
     }
+    if let Some(repo) = repo {
+        cmd.push_str(" --repo ");
+        cmd.push_str(&restore_command_word(repo));
+    }
+    cmd.push_str(" wal-fetch %f %p");
+    cmd
 }
 
 /// The restore_command that brings WAL back through this same dbagent and repository.
 pub fn restore_command(cfg: &Config) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("locating the dbagent binary")?;
-    let mut cmd = shell_quote(&exe.to_string_lossy());
-    if let Some(file) = &cfg.config_file {
-        cmd.push_str(&format!(
-            " --config {}",
-            shell_quote(&file.to_string_lossy())
-        ));
-    }
-    if let Some(repo) = &cfg.repo {
-        cmd.push_str(&format!(" --repo {}", shell_quote(repo)));
-    }
-    cmd.push_str(" wal-fetch %f %p");
-    Ok(cmd)
+    Ok(restore_command_for(
+        &exe.to_string_lossy(),
+        cfg.config_file
+            .as_ref()
+            .map(|f| f.to_string_lossy())
+            .as_deref(),
+        cfg.repo.as_deref(),
+    ))
 }
 
 fn write_recovery_settings(
@@ -479,4 +491,120 @@ fn recovery_failure(plan: &PgPlan, log: &Path) -> anyhow::Error {
         "the restored server stopped before promoting: {fatal} (log: {})",
         log.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// What PostgreSQL's configuration parser makes of a quoted string (GUC_scanstr).
+    fn conf_unquote(quoted: &str) -> String {
+        let inner = &quoted[1..quoted.len() - 1];
+        let mut out = String::new();
+        let mut chars = inner.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => out.push('\n'),
+                    Some('r') => out.push('\r'),
+                    Some('t') => out.push('\t'),
+                    Some(other) => out.push(other),
+                    None => {}
+                },
+                '\'' => {
+                    assert_eq!(chars.next(), Some('\''), "a lone quote in {quoted}");
+                    out.push('\'');
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    /// PostgreSQL's replacement of %f, %p, %r and %% in restore_command.
+    fn percent(cmd: &str, f: &str, p: &str) -> String {
+        let mut out = String::new();
+        let mut chars = cmd.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                out.push(c);
+                continue;
+            }
+            match chars.peek() {
+                Some('f') => out.push_str(f),
+                Some('p') => out.push_str(p),
+                Some('r') => out.push_str("000000010000000000000001"),
+                Some('%') => out.push('%'),
+                _ => {
+                    out.push('%');
+                    continue;
+                }
+            }
+            chars.next();
+        }
+        out
+    }
+
+    #[test]
+    fn restore_command_survives_every_shell_metacharacter() {
+        let dir = tempfile::tempdir().unwrap();
+        let nasty =
+            "a b'c\"d$(touch pwned)`touch pwned2`;e&f|g<h>i*j?k[l]m{n}o~p#q!r%s^t\\u\tv\nw%%f%p ";
+        // The program's own path is nasty too (no '/' inside a name).
+        let bin_dir = dir.path().join(nasty.replace('/', "_"));
+        std::fs::create_dir(&bin_dir).unwrap();
+        let exe = bin_dir.join("dbagent 'x'");
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = format!("/etc/{nasty}.toml");
+        let repo = format!("file:///srv/{nasty}");
+        let cmd = restore_command_for(&exe.to_string_lossy(), Some(&config), Some(&repo));
+
+        // Through postgresql.auto.conf, then PostgreSQL's replacements, then /bin/sh -c.
+        let line = recovery::quote(&cmd);
+        assert!(!line.contains('\n'));
+        let read_back = conf_unquote(&line);
+        assert_eq!(read_back, cmd);
+        let run = percent(
+            &read_back,
+            "000000010000000000000002",
+            "pg_wal/RECOVERYXLOG",
+        );
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&run)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let args: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--config",
+                config.as_str(),
+                "--repo",
+                repo.as_str(),
+                "wal-fetch",
+                "000000010000000000000002",
+                "pg_wal/RECOVERYXLOG"
+            ]
+        );
+        assert!(!dir.path().join("pwned").exists());
+        assert!(!dir.path().join("pwned2").exists());
+    }
 }

@@ -81,9 +81,22 @@ fn strip(text: &str, what: Strip) -> String {
     lines[..end].iter().map(|l| format!("{l}\n")).collect()
 }
 
-/// Quotes a value for a PostgreSQL configuration file.
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// Quotes a value for a PostgreSQL configuration file, whose strings take backslash escapes
+/// and cannot hold a raw line break.
+pub(crate) fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// The one recovery block (pure), then `extra` lines.
