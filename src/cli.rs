@@ -208,9 +208,7 @@ pub fn run() -> ExitCode {
     let fetching = matches!(cli.command, Command::WalFetch { .. });
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if fetching && crate::error::is_corrupt(&e) => {
-            crate::error::report_with(&e, crate::error::EXIT_ABORT_RECOVERY)
-        }
+        Err(e) if fetching => crate::error::report_with(&e, crate::error::fetch_exit_code(&e)),
         Err(e) => crate::error::report(&e),
     }
 }
@@ -411,6 +409,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     print(&format!("deleted {n} object(s)\n"))?;
                 }
             }
+            let leftovers = crate::leftovers::sweep(
+                store.as_ref(),
+                cfg.retention.incomplete_after,
+                chrono::Utc::now(),
+                dry_run,
+            );
+            print(&leftovers.await?.describe())?;
         }
         Command::Verify { full } => {
             let store = crate::storage::open(&cfg)?;

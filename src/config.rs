@@ -189,6 +189,9 @@ pub struct WalConfig {
     pub prefetch: usize,
     /// How long `backup` waits for the WAL it needs to be archived.
     pub archive_wait: Duration,
+    /// How long `wal-fetch` retries a repository that fails transiently before it stops
+    /// recovery (exit 126) instead of answering "not archived".
+    pub fetch_retry_timeout: Duration,
 }
 
 /// B2's minimum part size is 5,000,000 bytes; S3's is 5 MiB. Use the larger.
@@ -316,6 +319,7 @@ impl Config {
             wal: WalConfig {
                 prefetch: v.get("wal.prefetch")?,
                 archive_wait: v.get("wal.archive_wait")?,
+                fetch_retry_timeout: v.get("wal.fetch_retry_timeout")?,
             },
             mysql,
             serve: ServeConfig {

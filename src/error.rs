@@ -29,10 +29,19 @@ macro_rules! input_err {
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_INPUT: u8 = 1;
 pub const EXIT_FAILED: u8 = 2;
-/// `wal-fetch` of a segment that exists but is corrupt. PostgreSQL treats a restore_command
-/// exit status up to 125 as "not archived" and, without a recovery target, ends recovery and
-/// promotes there, silently losing the WAL after it; above 125 it stops recovery instead.
+/// `wal-fetch` of a file it cannot say is absent: corrupt, unreachable after retries, refused
+/// credentials, a broken configuration. PostgreSQL treats a restore_command exit status up to
+/// 125 as "not archived" and, without a recovery target, ends recovery and promotes there,
+/// silently losing the WAL after it; above 125 it stops recovery instead.
 pub const EXIT_ABORT_RECOVERY: u8 = 126;
+
+/// `wal-fetch`'s exit code: 1 only when the repository answered that the file is not there.
+pub fn fetch_exit_code(err: &anyhow::Error) -> u8 {
+    match err.downcast_ref::<Failure>() {
+        Some(Failure::NotFound(_)) => EXIT_INPUT,
+        _ => EXIT_ABORT_RECOVERY,
+    }
+}
 
 /// Maps an error to the documented exit code.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
@@ -72,4 +81,23 @@ pub fn report_with(err: &anyhow::Error, code: u8) -> ExitCode {
         eprintln!("{line}");
     }
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_fetch_answers_not_archived_only_for_not_found() {
+        let not_found = anyhow::Error::new(Failure::NotFound("x is not archived".into()));
+        assert_eq!(fetch_exit_code(&not_found), EXIT_INPUT);
+        assert!(is_quiet(&not_found));
+        for err in [
+            anyhow::Error::new(Failure::Input("bad credentials".into())),
+            anyhow::Error::new(Failure::Corrupt("checksum mismatch".into())),
+            anyhow::anyhow!("storage unreachable"),
+        ] {
+            assert_eq!(fetch_exit_code(&err), EXIT_ABORT_RECOVERY, "{err:#}");
+        }
+    }
 }

@@ -9,6 +9,7 @@ pub mod health;
 pub mod heartbeat;
 pub mod http;
 pub mod install;
+pub mod leftovers;
 pub mod list;
 pub mod metrics;
 pub mod mysql;

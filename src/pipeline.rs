@@ -26,8 +26,27 @@ const TRAILER_TAG: &[u8; 8] = b"DBAGENT1";
 const TRAILER_PAYLOAD: usize = 8 + 8 + 32 + 8;
 pub const TRAILER_LEN: usize = 8 + TRAILER_PAYLOAD;
 const READ_BLOCK: usize = 1 << 20;
-/// Parts grow (×2) every this many parts, so a huge stream stays under 10,000 parts.
-const PARTS_PER_SIZE_STEP: u64 = 2000;
+/// S3 and B2 accept at most this many parts per object, each at most 5 GiB.
+pub const MAX_PARTS: u64 = 10_000;
+pub const MAX_PART_SIZE: u64 = 5 << 30;
+
+/// The size of part `index` (0-based) of a stream cut into `base`-sized parts at first.
+///
+/// Parts double every 2,000 parts for the first 6,000 (so objects up to 68 GiB at the 5 MiB
+/// minimum, 109 GiB at the 8 MiB default, keep parts no bigger than 4× the base, and memory
+/// small), then every 400 parts, up to S3's 5 GiB. The sum of 10,000 parts then exceeds
+/// S3's 5 TiB object limit from any base of at least 5 MiB (see the tests): a stream of
+/// unknown length can always be stored as one object. Memory is about (concurrency + 2)
+/// parts, so it grows only for objects far beyond 100 GiB.
+pub fn part_size(base: usize, index: u64) -> usize {
+    let doublings = if index < 6000 {
+        index / 2000
+    } else {
+        3 + (index - 6000) / 400
+    };
+    let size = (base as u64).saturating_mul(1u64 << doublings.min(40));
+    size.min(MAX_PART_SIZE.max(base as u64)) as usize
+}
 
 /// The plain bytes' identity, as stored in the trailer and in manifests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +141,7 @@ struct PartWriter {
 
 impl PartWriter {
     fn part_size(&self) -> usize {
-        let step = (self.parts / PARTS_PER_SIZE_STEP).min(10) as u32;
-        self.base.saturating_mul(1 << step)
+        part_size(self.base, self.parts)
     }
 
     fn send(&mut self) -> std::io::Result<()> {
@@ -154,12 +172,13 @@ impl Write for PartWriter {
 /// Reads `reader` to its end, compressing into `out` and hashing on a thread of its own (so
 /// SHA-256 never holds up zstd), then appends the trailer. Once `abandon` is set the output is
 /// dropped and the rest is only hashed: the result has no writer, but its trailer still
-/// identifies the whole input.
+/// identifies the whole input. `note` gives the trailer's note once everything is read, or
+/// an error that vetoes the object (a WAL segment that fails its checks): nothing is stored.
 fn compress_into<W: Write>(
     mut reader: impl Read,
     opts: Compression,
     out: W,
-    note: impl FnOnce() -> u64,
+    note: impl FnOnce() -> anyhow::Result<u64>,
     abandon: &AtomicBool,
 ) -> anyhow::Result<(Option<W>, Trailer)> {
     let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
@@ -219,7 +238,7 @@ fn compress_into<W: Write>(
         let out = match enc.take() {
             Some(enc) => {
                 let mut out = enc.finish().context("finishing zstd")?;
-                out.write_all(&trailer.encode(note()))?;
+                out.write_all(&trailer.encode(note()?))?;
                 Some(out)
             }
             None => None,
@@ -242,10 +261,36 @@ pub fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
 pub fn compress_to_memory(
     reader: impl Read,
     opts: Compression,
-    note: impl FnOnce() -> u64,
+    note: impl FnOnce() -> anyhow::Result<u64>,
     abandon: &AtomicBool,
 ) -> anyhow::Result<(Option<Vec<u8>>, Trailer)> {
     compress_into(reader, opts, Vec::new(), note, abandon)
+}
+
+/// Whether a write may replace what is stored under its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    Overwrite,
+    /// Fails with `storage::AlreadyExists` when the key is taken (WAL, manifests).
+    CreateOnly,
+}
+
+async fn put_as(store: &dyn Store, key: &str, data: Bytes, mode: WriteMode) -> anyhow::Result<()> {
+    match mode {
+        WriteMode::Overwrite => store.put(key, data).await,
+        WriteMode::CreateOnly => store.put_new(key, data).await,
+    }
+}
+
+async fn start_upload_as(
+    store: &dyn Store,
+    key: &str,
+    mode: WriteMode,
+) -> anyhow::Result<Box<dyn crate::storage::Upload>> {
+    match mode {
+        WriteMode::Overwrite => store.start_upload(key).await,
+        WriteMode::CreateOnly => store.start_upload_new(key).await,
+    }
 }
 
 /// Stores an object compressed by `compress_to_memory`: one PUT, or a multipart upload when
@@ -255,16 +300,15 @@ pub async fn put_compressed(
     key: &str,
     data: Bytes,
     upload: UploadConfig,
+    mode: WriteMode,
 ) -> anyhow::Result<()> {
     let part = upload.part_size.max(1);
     if data.len() <= part {
-        return store
-            .put(key, data)
+        return put_as(store, key, data, mode)
             .await
             .with_context(|| format!("uploading {key}"));
     }
-    let mut up = store
-        .start_upload(key)
+    let mut up = start_upload_as(store, key, mode)
         .await
         .with_context(|| format!("uploading {key}"))?;
     for start in (0..data.len()).step_by(part) {
@@ -287,20 +331,22 @@ pub async fn upload<R: Read + Send + 'static>(
     reader: R,
     opts: PipeOptions,
 ) -> anyhow::Result<Written> {
-    upload_noted(store, key, reader, opts, || 0).await
+    upload_noted(store, key, reader, opts, || Ok(0), WriteMode::Overwrite).await
 }
 
-/// `upload`, with a note for the trailer computed once the whole stream has been read.
+/// `upload`, with a note for the trailer computed once the whole stream has been read (or an
+/// error from it, which stores nothing), and a choice of write mode.
 pub async fn upload_noted<R, N>(
     store: &dyn Store,
     key: &str,
     reader: R,
     opts: PipeOptions,
     note: N,
+    mode: WriteMode,
 ) -> anyhow::Result<Written>
 where
     R: Read + Send + 'static,
-    N: FnOnce() -> u64 + Send + 'static,
+    N: FnOnce() -> anyhow::Result<u64> + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
     let writer = PartWriter {
@@ -333,7 +379,7 @@ where
                     held = Some(part);
                     continue;
                 }
-                Some(first) => match store.start_upload(key).await {
+                Some(first) => match start_upload_as(store, key, mode).await {
                     Ok(mut up) => {
                         let res = up.put_part(first).await;
                         multipart = Some(up);
@@ -362,7 +408,7 @@ where
         (Ok(()), Ok(trailer)) => {
             match multipart {
                 Some(up) => up.complete().await,
-                None => store.put(key, held.unwrap_or_default()).await,
+                None => put_as(store, key, held.unwrap_or_default(), mode).await,
             }
             .with_context(|| format!("uploading {key}"))?;
             Ok(Written {
@@ -389,13 +435,47 @@ pub async fn download<W: Write + Send + 'static>(
     key: &str,
     out: W,
 ) -> anyhow::Result<(W, Trailer)> {
-    let mut stream = store.get(key).await?;
+    download_watched(store, key, out, None).await
+}
+
+/// `download`, given up when the store sends nothing for `stall` (the answer, or the next
+/// bytes of the body): a stalled connection fails fast instead of waiting for the client's
+/// request timeout, and the caller can try again.
+pub async fn download_watched<W: Write + Send + 'static>(
+    store: &dyn Store,
+    key: &str,
+    out: W,
+    stall: Option<std::time::Duration>,
+) -> anyhow::Result<(W, Trailer)> {
+    let stalled = |what: &str| {
+        anyhow::anyhow!(
+            "downloading {key}: no {what} from the store for {}",
+            humantime::format_duration(stall.unwrap_or_default())
+        )
+    };
+    let mut stream = match stall {
+        Some(limit) => tokio::time::timeout(limit, store.get(key))
+            .await
+            .map_err(|_| stalled("answer"))??,
+        None => store.get(key).await?,
+    };
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
     let name = key.to_string();
     let consumer =
         tokio::task::spawn_blocking(move || decompress_from(ChannelReader::new(rx), out, &name));
     let mut sent: anyhow::Result<()> = Ok(());
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let next = match stall {
+            Some(limit) => match tokio::time::timeout(limit, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    sent = Err(stalled("data"));
+                    break;
+                }
+            },
+            None => stream.next().await,
+        };
+        let Some(chunk) = next else { break };
         match chunk {
             Ok(bytes) => {
                 if tx.send(bytes).is_err() {
@@ -546,6 +626,15 @@ pub trait Watch: Send {
     fn watch(&mut self, buf: &[u8]);
 }
 
+/// A watcher that may not be there.
+impl<W: Watch> Watch for Option<W> {
+    fn watch(&mut self, buf: &[u8]) {
+        if let Some(w) = self {
+            w.watch(buf);
+        }
+    }
+}
+
 /// A reader that passes bytes through unchanged and shows each block to a watcher.
 pub struct Tap<R, W> {
     inner: R,
@@ -582,6 +671,8 @@ impl<R: Read, W: Watch> Read for Tap<R, W> {
 mod tests {
     use super::*;
     use crate::storage::LocalStore;
+
+    const MIN_PART: usize = crate::config::MIN_PART_SIZE;
 
     fn opts(part: usize) -> PipeOptions {
         PipeOptions {
@@ -705,14 +796,20 @@ mod tests {
             let (object, trailer) = compress_to_memory(
                 std::io::Cursor::new(plain.clone()),
                 opts(part).compression,
-                || 42,
+                || Ok(42),
                 &AtomicBool::new(false),
             )
             .unwrap();
             let object = object.expect("not abandoned");
-            put_compressed(&store, "mem", object.clone().into(), opts(part).upload)
-                .await
-                .unwrap();
+            put_compressed(
+                &store,
+                "mem",
+                object.clone().into(),
+                opts(part).upload,
+                WriteMode::Overwrite,
+            )
+            .await
+            .unwrap();
             assert_eq!(std::fs::read(dir.path().join("mem")).unwrap(), object);
             let (out, t) = download(&store, "mem", Vec::new()).await.unwrap();
             assert_eq!((out, t), (plain, trailer));
@@ -739,11 +836,127 @@ mod tests {
         let (object, trailer) = compress_to_memory(
             Abandoning(std::io::Cursor::new(plain), &abandon),
             opts(5 << 20).compression,
-            || 0,
+            || Ok(0),
             &abandon,
         )
         .unwrap();
         assert!(object.is_none());
         assert_eq!(trailer, file_identity(file.path()).unwrap());
+    }
+
+    #[test]
+    fn parts_reach_five_tebibytes_within_ten_thousand() {
+        const MIB: usize = 1 << 20;
+        for base in [MIN_PART, 8 * MIB, 16 * MIB, 100 * MIB, 1 << 30] {
+            let sizes: Vec<u64> = (0..MAX_PARTS).map(|i| part_size(base, i) as u64).collect();
+            let total: u64 = sizes.iter().sum();
+            assert!(
+                total >= 5 << 40,
+                "base {base}: {total} bytes in 10,000 parts"
+            );
+            assert!(
+                sizes
+                    .iter()
+                    .all(|&s| s <= MAX_PART_SIZE && s >= base as u64)
+            );
+            assert!(
+                sizes.windows(2).all(|w| w[0] <= w[1]),
+                "base {base}: parts shrink"
+            );
+        }
+        // Up to 68 GiB (from the 5 MiB minimum), parts stay at most 4x the configured size.
+        let mut sum = 0u64;
+        let mut i = 0;
+        while sum < 68 << 30 {
+            assert!(part_size(MIN_PART, i) <= 4 * MIN_PART);
+            sum += part_size(MIN_PART, i) as u64;
+            i += 1;
+        }
+        // The schedule before it scaled for 5 TiB stopped at about 484 GiB (8 MiB parts).
+        assert_eq!(part_size(8 * MIB, 0), 8 * MIB);
+        assert_eq!(part_size(8 * MIB, 5999), 32 * MIB);
+    }
+
+    #[tokio::test]
+    async fn a_veto_from_the_note_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().into());
+        for (len, part) in [(1000usize, 5 << 20), (3 << 20, 1 << 16)] {
+            let err = upload_noted(
+                &store,
+                "obj",
+                std::io::Cursor::new(data(len)),
+                opts(part),
+                || Err(anyhow::anyhow!("refused: not this cluster's")),
+                WriteMode::CreateOnly,
+            )
+            .await
+            .unwrap_err();
+            assert!(format!("{err:#}").contains("not this cluster's"), "{err:#}");
+            assert!(store.list("").await.unwrap().is_empty());
+            assert!(store.leftovers().await.unwrap().is_empty());
+        }
+    }
+
+    struct Stalling;
+    #[async_trait::async_trait]
+    impl Store for Stalling {
+        async fn put(&self, _: &str, _: Bytes) -> anyhow::Result<()> {
+            unreachable!()
+        }
+        async fn put_new(&self, _: &str, _: Bytes) -> anyhow::Result<()> {
+            unreachable!()
+        }
+        async fn start_upload(&self, _: &str) -> anyhow::Result<Box<dyn crate::storage::Upload>> {
+            unreachable!()
+        }
+        async fn start_upload_new(
+            &self,
+            _: &str,
+        ) -> anyhow::Result<Box<dyn crate::storage::Upload>> {
+            unreachable!()
+        }
+        async fn get(&self, _: &str) -> anyhow::Result<crate::storage::ByteStream> {
+            // The answer comes, then the body stops after its first bytes.
+            let first = futures::stream::once(async { Ok(Bytes::from_static(b"\x28\xb5")) });
+            Ok(Box::pin(first.chain(futures::stream::pending())))
+        }
+        async fn get_range(&self, _: &str, _: std::ops::Range<u64>) -> anyhow::Result<Bytes> {
+            unreachable!()
+        }
+        async fn head(&self, _: &str) -> anyhow::Result<Option<crate::storage::ObjectInfo>> {
+            unreachable!()
+        }
+        async fn list(&self, _: &str) -> anyhow::Result<Vec<crate::storage::ObjectInfo>> {
+            unreachable!()
+        }
+        async fn delete(&self, _: &str) -> anyhow::Result<()> {
+            unreachable!()
+        }
+        async fn leftovers(&self) -> anyhow::Result<Vec<crate::storage::Leftover>> {
+            unreachable!()
+        }
+        async fn remove_leftover(&self, _: &crate::storage::Leftover) -> anyhow::Result<()> {
+            unreachable!()
+        }
+    }
+
+    impl std::fmt::Debug for Stalling {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Stalling")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_download_is_given_up_and_counts_as_transient() {
+        let limit = std::time::Duration::from_millis(200);
+        let err = download_watched(&Stalling, "seg", Vec::new(), Some(limit))
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no data from the store"),
+            "{err:#}"
+        );
+        assert!(crate::storage::is_transient(&err));
     }
 }

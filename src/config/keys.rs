@@ -154,6 +154,7 @@ pub const KEYS: &[Key] = &[
     list("pg.dump_databases"),
     int("wal.prefetch", 0, NO_MAX).or("8"),
     duration("wal.archive_wait", "5m"),
+    duration("wal.fetch_retry_timeout", "1m"),
     text("mysql.url"),
     secret("mysql.password_file", "DBAGENT_MYSQL_PASSWORD"),
     text("mysql.bin_dir"),

@@ -187,8 +187,7 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
-    store
-        .put(&manifest_key, json.into())
+    crate::storage::put_once(store.as_ref(), &manifest_key, json.into())
         .await
         .context("writing the dump manifest")?;
     tracing::info!(%id, "mysql dump complete");

@@ -313,8 +313,8 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
-    store
-        .put(&repo::backup_manifest_key(facts.sysid, &id), json.into())
+    let key = repo::backup_manifest_key(facts.sysid, &id);
+    crate::storage::put_once(store.as_ref(), &key, json.into())
         .await
         .context("writing the backup manifest")?;
     tracing::info!(%id, "base backup complete");

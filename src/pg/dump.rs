@@ -115,8 +115,7 @@ pub async fn backup_dumps(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result
         dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
-    store
-        .put(&keys::manifest_key(sysid, &id), json.into())
+    crate::storage::put_once(store.as_ref(), &keys::manifest_key(sysid, &id), json.into())
         .await
         .context("writing the dump manifest")?;
     let tables: usize = manifest.databases.iter().map(|d| d.tables.len()).sum();

@@ -8,4 +8,5 @@ pub mod dump;
 pub mod tarscan;
 pub mod tls;
 pub mod wal;
+pub mod walcheck;
 pub mod walscan;

@@ -1,5 +1,13 @@
 //! `wal-push` (archive_command) and `wal-fetch` (restore_command), with look-ahead prefetch.
 //!
+//! `wal-push` checks every page header of a segment as it reads it (`walcheck`: the right
+//! segment, of this cluster) and stores it create-only: of two pushes racing under one name,
+//! only one stores; the other compares checksums and succeeds only for the same content.
+//!
+//! `wal-fetch` answers "not archived" (exit 1) only when the repository says so. Transient
+//! failures are retried with backoff for `wal.fetch_retry_timeout`; anything else exits 126,
+//! which stops recovery instead of promoting early (see `error::fetch_exit_code`).
+//!
 //! `wal-fetch` is spawned once per segment by PostgreSQL. To keep replay from waiting on one
 //! download at a time, each call starts a detached `wal-prefetch` process that downloads the
 //! next segments into `pg_wal/.dbagent-prefetch/`; the next call finds its segment there
@@ -10,15 +18,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::config::Config;
 use crate::error::Failure;
 use crate::input_err;
+use crate::pg::walcheck::WalCheck;
 use crate::pg::walscan::WalScan;
-use crate::pipeline::{self, PipeOptions, Tap};
+use crate::pipeline::{self, PipeOptions, Tap, WriteMode};
 use crate::repo::wal::{Segment, WalFile};
 use crate::repo::{self};
 use crate::storage::{self, Store};
@@ -59,6 +68,9 @@ pub async fn push_opening(cfg: &Config, path: &Path) -> anyhow::Result<Pushed> {
 struct Pending {
     name: String,
     key: String,
+    /// The cluster the segment must belong to; `None` for files without page headers
+    /// (timeline and backup history files).
+    check_sysid: Option<u64>,
     path: PathBuf,
     opts: PipeOptions,
     compressed: Option<Compressing>,
@@ -73,18 +85,20 @@ type Compressing = tokio::task::JoinHandle<anyhow::Result<(Option<Vec<u8>>, pipe
 impl Pending {
     fn start(cfg: &Config, path: &Path) -> anyhow::Result<Pending> {
         let name = file_name(path)?;
-        if WalFile::classify(&name).is_none() {
+        let Some(kind) = WalFile::classify(&name) else {
             return Err(input_err!(
                 "{name:?} is not a WAL segment, timeline history or backup history file: wal-push takes the %p path PostgreSQL passes to archive_command"
             ));
-        }
+        };
         let data_dir = crate::pg::control::data_dir_for(path, cfg.pg.data_dir.as_deref());
         let sysid = match cfg.pg.system_identifier {
             Some(id) => id,
             None => crate::pg::control::system_identifier(&data_dir)?,
         };
+        let has_pages = matches!(kind, WalFile::Segment(_) | WalFile::Partial(_));
         let mut pending = Pending {
             key: repo::wal_key(sysid, &name),
+            check_sysid: has_pages.then_some(sysid),
             name,
             path: path.to_path_buf(),
             opts: PipeOptions::for_wal(cfg),
@@ -108,21 +122,30 @@ impl Pending {
         Ok(pending)
     }
 
-    /// The file, watched by the WAL scanner: a segment's trailer notes the time of its last
-    /// transaction, where a restore from the archive can reach (see walscan). History files
-    /// have nothing to note.
+    /// The file, watched by the WAL scanner (a segment's trailer notes the time of its last
+    /// transaction, where a restore from the archive can reach: see walscan) and by the page
+    /// checks, whose verdict comes with the note: a segment that fails them is not stored.
+    /// History files have nothing to note and no pages to check.
     fn open(
         &self,
     ) -> anyhow::Result<(
         impl std::io::Read + Send + 'static,
-        impl FnOnce() -> u64 + Send + 'static,
+        impl FnOnce() -> anyhow::Result<u64> + Send + 'static,
     )> {
         let file = std::fs::File::open(&self.path)
             .map_err(|e| input_err!("cannot open {}: {e}", self.path.display()))?;
         let (reader, scan) = Tap::new(file, WalScan::new());
+        let (reader, check) = Tap::new(
+            reader,
+            self.check_sysid
+                .map(|sysid| WalCheck::new(&self.name, sysid)),
+        );
         let note = move || {
+            if let Some(check) = check.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                check.verdict()?;
+            }
             let scan = scan.lock().unwrap_or_else(|e| e.into_inner());
-            scan.last_xact_micros.map_or(0, |t| t as u64)
+            Ok(scan.last_xact_micros.map_or(0, |t| t as u64))
         };
         Ok((reader, note))
     }
@@ -131,22 +154,18 @@ impl Pending {
         if let Some(existing) = store.head(&self.key).await? {
             // The hash of the file is all that is needed now.
             self.abandon.store(true, Ordering::Relaxed);
+            let compressed = self.compressed.take();
             let local = async {
-                match self.compressed.take() {
+                match compressed {
                     Some(task) => Ok(task.await.context("compression task panicked")??.1),
-                    None => {
-                        let path = self.path.clone();
-                        tokio::task::spawn_blocking(move || pipeline::file_identity(&path))
-                            .await
-                            .context("hashing task panicked")?
-                    }
+                    None => self.file_identity().await,
                 }
             };
             let stored = pipeline::read_trailer(store, &self.key, existing.size);
             let (stored, local) = tokio::try_join!(stored, local)?;
             return compare_existing(stored, local, &self.name);
         }
-        let name = &self.name;
+        let name = self.name.clone();
         let (stored, plain) = match self.compressed.take() {
             Some(task) => {
                 let (data, trailer) = task
@@ -155,21 +174,77 @@ impl Pending {
                     .with_context(|| format!("archiving {name}"))?;
                 let data = data.context("compression was abandoned")?;
                 let stored = data.len() as u64;
-                pipeline::put_compressed(store, &self.key, data.into(), self.opts.upload)
-                    .await
-                    .with_context(|| format!("archiving {name}"))?;
+                let put = pipeline::put_compressed(
+                    store,
+                    &self.key,
+                    data.into(),
+                    self.opts.upload,
+                    WriteMode::CreateOnly,
+                )
+                .await;
+                if let Err(e) = put {
+                    return self.lost_race(store, e, Some(trailer)).await;
+                }
                 (stored, trailer.plain_size)
             }
             None => {
                 let (reader, note) = self.open()?;
-                let written = pipeline::upload_noted(store, &self.key, reader, self.opts, note)
-                    .await
-                    .with_context(|| format!("archiving {name}"))?;
-                (written.stored_size, written.trailer.plain_size)
+                let opts = self.opts;
+                let written = pipeline::upload_noted(
+                    store,
+                    &self.key,
+                    reader,
+                    opts,
+                    note,
+                    WriteMode::CreateOnly,
+                )
+                .await;
+                match written {
+                    Ok(w) => (w.stored_size, w.trailer.plain_size),
+                    Err(e) => return self.lost_race(store, e, None).await,
+                }
             }
         };
         tracing::debug!(%name, plain, stored, "archived");
         Ok(Pushed::Uploaded)
+    }
+
+    async fn file_identity(&self) -> anyhow::Result<pipeline::Trailer> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || pipeline::file_identity(&path))
+            .await
+            .context("hashing task panicked")?
+    }
+
+    /// A create-only write failed. When another push stored the name first (`serve`'s
+    /// look-ahead and PostgreSQL's archive_command, or a retry whose first answer was lost),
+    /// the outcome is that push's: success for the same content, a loud failure otherwise.
+    async fn lost_race(
+        &self,
+        store: &dyn Store,
+        err: anyhow::Error,
+        local: Option<pipeline::Trailer>,
+    ) -> anyhow::Result<Pushed> {
+        if !storage::is_already_exists(&err) {
+            return Err(err.context(format!("archiving {}", self.name)));
+        }
+        let local = match local {
+            Some(t) => t,
+            None => self.file_identity().await?,
+        };
+        // S3 answers 409 while a racing conditional write is still in flight: give it time
+        // to land before comparing.
+        for _ in 0..20 {
+            if let Some(existing) = store.head(&self.key).await? {
+                let stored = pipeline::read_trailer(store, &self.key, existing.size).await?;
+                return compare_existing(stored, local, &self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(err.context(format!(
+            "archiving {}: the name was taken, yet nothing is stored under it",
+            self.name
+        )))
     }
 }
 
@@ -219,13 +294,16 @@ fn file_name(path: &Path) -> anyhow::Result<String> {
         .ok_or_else(|| input_err!("{} has no file name", path.display()))
 }
 
-/// Restores one WAL file to `dest`. A file that is not archived is `Failure::NotFound`.
+/// Restores one WAL file to `dest`. A file that is not archived is `Failure::NotFound`;
+/// transient storage failures are retried until `wal.fetch_retry_timeout` has passed, and
+/// whatever error is left then is one PostgreSQL must not read as "not archived".
 pub async fn fetch(
     cfg: &Config,
     store: Arc<dyn Store>,
     name: &str,
     dest: &Path,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     let Some(kind) = WalFile::classify(name) else {
         return Err(input_err!("{name:?} is not a WAL file name"));
     };
@@ -236,47 +314,79 @@ pub async fn fetch(
     };
     let prefetch_dir = data_dir.join("pg_wal").join(PREFETCH_DIR);
     let is_segment = matches!(kind, WalFile::Segment(_));
+    let deadline = started + cfg.wal.fetch_retry_timeout;
 
-    if is_segment && take_prefetched(&prefetch_dir, name, dest).await? {
+    if is_segment && take_prefetched(&prefetch_dir, name, dest, deadline).await? {
         spawn_prefetch(cfg, &prefetch_dir, name);
         return Ok(());
     }
     let key = repo::wal_key(sysid, name);
-    download_verified(store.as_ref(), &key, dest)
-        .await
-        .map_err(|e| {
-            if storage::is_not_found(&e) {
-                anyhow::Error::new(Failure::NotFound(format!("{name} is not archived")))
-            } else {
-                e.context(format!("restoring {name}"))
-            }
-        })?;
+    let stall = stall_limit(cfg.wal.fetch_retry_timeout);
+    let mut pause = Duration::from_millis(250);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let err = match download_verified(store.as_ref(), &key, dest, stall).await {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        if storage::is_not_found(&err) {
+            return Err(anyhow::Error::new(Failure::NotFound(format!(
+                "{name} is not archived"
+            ))));
+        }
+        if !storage::is_transient(&err) {
+            return Err(err.context(format!("restoring {name}")));
+        }
+        if Instant::now() + pause > deadline {
+            return Err(err.context(format!(
+                "restoring {name}: the repository failed {attempts} time(s) in {}; stopping recovery rather than answering \"not archived\"",
+                humantime::format_duration(Duration::from_secs(started.elapsed().as_secs()))
+            )));
+        }
+        tracing::warn!(%name, attempt = attempts, error = %format!("{err:#}"), "could not restore a WAL file; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
     if is_segment {
         spawn_prefetch(cfg, &prefetch_dir, name);
     }
     Ok(())
 }
 
-/// Downloads into a temp file beside `dest`, verifies, fsyncs and renames.
-async fn download_verified(store: &dyn Store, key: &str, dest: &Path) -> anyhow::Result<()> {
+/// How long one download may receive nothing before it is given up and tried again: a third
+/// of the retry window (so a stalled connection leaves room for retries), 1 s to 20 s.
+fn stall_limit(retry_timeout: Duration) -> Duration {
+    (retry_timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(20))
+}
+
+/// Downloads into a temp file beside `dest`, verifies, fsyncs and renames: `dest` appears
+/// only with verified content.
+async fn download_verified(
+    store: &dyn Store,
+    key: &str,
+    dest: &Path,
+    stall: Duration,
+) -> anyhow::Result<()> {
     let tmp = tmp_beside(dest);
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result =
-        pipeline::download(store, key, std::io::BufWriter::with_capacity(1 << 20, file)).await;
-    match result {
-        Ok((writer, _)) => {
-            let file = writer.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, dest)
-                .with_context(|| format!("moving into {}", dest.display()))?;
-            Ok(())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
+    let result = pipeline::download_watched(
+        store,
+        key,
+        std::io::BufWriter::with_capacity(1 << 20, file),
+        Some(stall),
+    )
+    .await;
+    let done = result.and_then(|(writer, _)| {
+        let file = writer.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, dest).with_context(|| format!("moving into {}", dest.display()))
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
+    done
 }
 
 fn tmp_beside(dest: &Path) -> PathBuf {
@@ -288,17 +398,22 @@ fn tmp_beside(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
-/// Uses a prefetched copy if there is one, waiting for a download in progress.
-async fn take_prefetched(dir: &Path, name: &str, dest: &Path) -> anyhow::Result<bool> {
+/// Uses a prefetched copy if there is one, waiting (until `deadline`) for a download in
+/// progress. A prefetched file is there only once verified (see `download_verified`).
+async fn take_prefetched(
+    dir: &Path,
+    name: &str,
+    dest: &Path,
+    deadline: Instant,
+) -> anyhow::Result<bool> {
     let ready = dir.join(name);
     let claim = dir.join(format!("{name}.claim"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         if ready.exists() {
             std::fs::rename(&ready, dest).with_context(|| format!("moving prefetched {name}"))?;
             return Ok(true);
         }
-        if !claim_alive(&claim) || std::time::Instant::now() > deadline {
+        if !claim_alive(&claim) || Instant::now() > deadline {
             return Ok(false);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -415,8 +530,11 @@ pub async fn prefetch(
         let store = store.clone();
         let key = repo::wal_key(sysid, name);
         let dest = dir.join(name);
+        // One attempt, cut short when stalled: the wal-fetch waiting for this file retries
+        // on its own, within its own deadline.
+        let stall = stall_limit(cfg.wal.fetch_retry_timeout);
         tasks.spawn(async move {
-            let res = download_verified(store.as_ref(), &key, &dest).await;
+            let res = download_verified(store.as_ref(), &key, &dest, stall).await;
             let _ = std::fs::remove_file(&claim);
             res
         });

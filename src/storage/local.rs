@@ -1,6 +1,8 @@
 //! A repository in a local directory (or a mounted volume). Writes go to a hidden temp file,
 //! are fsynced, renamed into place and the directory fsynced, so a crash never leaves a
-//! partial object under its real name.
+//! partial object under its real name. Create-only writes publish with
+//! `renameat2(RENAME_NOREPLACE)`, or `link(2)` where the file system lacks it; a killed
+//! writer leaves only a temp file, which `prune` removes once it is old.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -11,7 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
-use super::{ByteStream, NotFound, ObjectInfo, Store, Upload};
+use super::{AlreadyExists, ByteStream, Leftover, NotFound, ObjectInfo, Store, Upload};
 
 const TMP_MARK: &str = ".dbagent-tmp-";
 const READ_CHUNK: usize = 1 << 20;
@@ -60,6 +62,78 @@ fn publish(tmp: &Path, path: &Path) -> std::io::Result<()> {
     fsync_dir(path.parent().expect("object path has a parent"))
 }
 
+/// How an object is made visible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Overwrite,
+    Create,
+}
+
+/// Makes `tmp` visible as `path` only if `path` does not exist, durably. The temp file is gone
+/// afterwards whatever happens. `Ok(false)`: the name was taken and nothing changed.
+fn publish_new(tmp: &Path, path: &Path) -> std::io::Result<bool> {
+    let res = match rename_noreplace(tmp, path) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+            // The file system has no RENAME_NOREPLACE: link(2) fails on an existing name too.
+            std::fs::hard_link(tmp, path)
+        }
+        other => other,
+    };
+    let _ = std::fs::remove_file(tmp);
+    match res {
+        Ok(()) => {
+            fsync_dir(path.parent().expect("object path has a parent"))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both paths are NUL-terminated strings that outlive the call. The raw syscall
+    // avoids depending on the C library's wrapper (glibc 2.28+, recent musl).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Finishes a write into `tmp`: fsync, then publish as `path` in `mode`.
+fn finish(
+    file: std::fs::File,
+    tmp: &Path,
+    path: &Path,
+    key: &str,
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let res = file.sync_all().and_then(|_| match mode {
+        Mode::Overwrite => publish(tmp, path).map(|_| true),
+        Mode::Create => publish_new(tmp, path),
+    });
+    if res.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    match res.with_context(|| format!("writing {}", path.display()))? {
+        true => Ok(()),
+        false => Err(anyhow::Error::new(AlreadyExists(key.to_string()))),
+    }
+}
+
 fn create_tmp(path: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
     let parent = path.parent().expect("object path has a parent");
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -85,34 +159,54 @@ async fn blocking<T: Send + 'static>(
         .context("storage task panicked")?
 }
 
-#[async_trait]
-impl Store for LocalStore {
-    async fn put(&self, key: &str, data: Bytes) -> anyhow::Result<()> {
+impl LocalStore {
+    async fn put_mode(&self, key: &str, data: Bytes, mode: Mode) -> anyhow::Result<()> {
         let path = self.path(key)?;
+        let key = key.to_string();
         blocking(move || {
             let (tmp, mut file) = create_tmp(&path)?;
-            let res = file
-                .write_all(&data)
-                .and_then(|_| file.sync_all())
-                .and_then(|_| publish(&tmp, &path));
-            if res.is_err() {
+            if let Err(e) = file.write_all(&data) {
                 let _ = std::fs::remove_file(&tmp);
+                return Err(anyhow::Error::new(e).context(format!("writing {}", path.display())));
             }
-            res.with_context(|| format!("writing {}", path.display()))
+            finish(file, &tmp, &path, &key, mode)
         })
         .await
     }
 
-    async fn start_upload(&self, key: &str) -> anyhow::Result<Box<dyn Upload>> {
+    async fn upload_mode(&self, key: &str, mode: Mode) -> anyhow::Result<Box<dyn Upload>> {
         let path = self.path(key)?;
-        let (tmp, file) = blocking(move || create_tmp(&path).map(|r| (r, path)))
-            .await
-            .map(|((tmp, file), path)| ((tmp, path), file))?;
+        let (tmp, file, path) = blocking(move || {
+            let (tmp, file) = create_tmp(&path)?;
+            Ok((tmp, file, path))
+        })
+        .await?;
         Ok(Box::new(LocalUpload {
-            tmp: tmp.0,
-            path: tmp.1,
+            tmp,
+            path,
+            key: key.to_string(),
+            mode,
             file: Some(file),
         }))
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    async fn put(&self, key: &str, data: Bytes) -> anyhow::Result<()> {
+        self.put_mode(key, data, Mode::Overwrite).await
+    }
+
+    async fn put_new(&self, key: &str, data: Bytes) -> anyhow::Result<()> {
+        self.put_mode(key, data, Mode::Create).await
+    }
+
+    async fn start_upload(&self, key: &str) -> anyhow::Result<Box<dyn Upload>> {
+        self.upload_mode(key, Mode::Overwrite).await
+    }
+
+    async fn start_upload_new(&self, key: &str) -> anyhow::Result<Box<dyn Upload>> {
+        self.upload_mode(key, Mode::Create).await
     }
 
     async fn get(&self, key: &str) -> anyhow::Result<ByteStream> {
@@ -200,6 +294,69 @@ impl Store for LocalStore {
             Err(e) => Err(anyhow::Error::new(e).context(format!("deleting {}", path.display()))),
         }
     }
+
+    async fn leftovers(&self) -> anyhow::Result<Vec<Leftover>> {
+        let root = self.root.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            walk_tmp(&root, &root, &mut out)?;
+            out.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_leftover(&self, leftover: &Leftover) -> anyhow::Result<()> {
+        let path = self.path(&leftover.id)?;
+        let is_tmp = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(TMP_MARK));
+        if !is_tmp {
+            anyhow::bail!("{} is not a temp file of this repository", leftover.id);
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("deleting {}", path.display()))),
+        }
+    }
+}
+
+/// Temp files (`.dbagent-tmp-<name>-<pid>-<nanos>`) under `dir`.
+fn walk_tmp(root: &Path, dir: &Path, out: &mut Vec<Leftover>) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("listing {}", dir.display()))),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if meta.is_dir() {
+            walk_tmp(root, &path, out)?;
+            continue;
+        }
+        let Some(rest) = name.strip_prefix(TMP_MARK) else {
+            continue;
+        };
+        let rel = |p: &Path| {
+            p.strip_prefix(root)
+                .expect("walk stays under root")
+                .to_string_lossy()
+                .replace(std::path::MAIN_SEPARATOR, "/")
+        };
+        // The object's own name is what precedes "-<pid>-<nanos>".
+        let object = rest.rsplitn(3, '-').nth(2).unwrap_or(rest);
+        out.push(Leftover {
+            key: rel(&path.with_file_name(object)),
+            id: rel(&path),
+            started: meta.modified().map(DateTime::from).unwrap_or_default(),
+            size: Some(meta.len()),
+        });
+    }
+    Ok(())
 }
 
 fn info(key: String, meta: &std::fs::Metadata) -> ObjectInfo {
@@ -245,6 +402,8 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectInfo>) -> any
 struct LocalUpload {
     tmp: PathBuf,
     path: PathBuf,
+    key: String,
+    mode: Mode,
     file: Option<std::fs::File>,
 }
 
@@ -265,15 +424,13 @@ impl Upload for LocalUpload {
 
     async fn complete(mut self: Box<Self>) -> anyhow::Result<()> {
         let file = self.file.take().context("upload already finished")?;
-        let (tmp, path) = (self.tmp.clone(), self.path.clone());
-        blocking(move || {
-            let res = file.sync_all().and_then(|_| publish(&tmp, &path));
-            if res.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            res.with_context(|| format!("writing {}", path.display()))
-        })
-        .await
+        let (tmp, path, key, mode) = (
+            self.tmp.clone(),
+            self.path.clone(),
+            self.key.clone(),
+            self.mode,
+        );
+        blocking(move || finish(file, &tmp, &path, &key, mode)).await
     }
 
     async fn abort(mut self: Box<Self>) {
@@ -284,8 +441,8 @@ impl Upload for LocalUpload {
 
 impl Drop for LocalUpload {
     fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        // The temp name is unique: once published it no longer exists, so this only ever
+        // removes an unfinished upload's bytes.
+        let _ = std::fs::remove_file(&self.tmp);
     }
 }

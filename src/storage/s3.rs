@@ -3,6 +3,11 @@
 //! Static credentials only: a short-lived `wal-push` must never stall probing an instance
 //! metadata endpoint. No checksum algorithm is configured, so no `x-amz-checksum-*` or
 //! `x-amz-sdk-checksum-*` header is ever sent (B2 rejects them).
+//!
+//! Create-only writes send `If-None-Match: *` on the PUT, and on the CompleteMultipartUpload
+//! of a multipart upload (signed in `s3api`, since `object_store` always completes by
+//! overwriting). A multipart upload that cannot be completed is aborted at once; one a killed
+//! process left behind is found by `leftovers` (ListMultipartUploads) for `prune`.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -11,20 +16,29 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::{ClientOptions, MultipartUpload, ObjectStore, PutPayload, RetryConfig};
+use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
-use super::{ByteStream, NotFound, ObjectInfo, Store, Upload};
+use super::s3api::{Completed, S3Api};
+use super::{AlreadyExists, ByteStream, Leftover, NotFound, ObjectInfo, Store, Upload};
 use crate::config::S3Config;
 use crate::error::Failure;
 use crate::input_err;
 
+/// Extra attempts of a create-only PUT after a dropped connection: `object_store` does not
+/// retry a conditional PUT whose request may have reached the server. A retry that finds the
+/// name taken reports `AlreadyExists`, and the caller compares contents.
+const CREATE_RETRIES: u32 = 3;
+
 #[derive(Debug, Clone)]
 pub struct S3Store {
     inner: Arc<AmazonS3>,
+    api: Arc<S3Api>,
     bucket: String,
     prefix: String,
     endpoint: String,
@@ -80,14 +94,36 @@ impl S3Store {
         let inner = builder
             .build()
             .map_err(|e| input_err!("S3 settings for bucket {bucket}: {e}"))?;
+        // Addressed as object_store addresses the bucket (see AmazonS3Builder::build).
+        let bucket_endpoint = if cfg.force_path_style {
+            format!("{}/{bucket}", endpoint.trim_end_matches('/'))
+        } else {
+            endpoint.clone()
+        };
+        let api = S3Api::new(
+            &bucket_endpoint,
+            &cfg.region,
+            key_id.clone(),
+            secret.clone(),
+            cfg.session_token.clone(),
+            cfg.allow_http,
+        )
+        .map_err(|e| input_err!("S3 settings for bucket {bucket}: {e:#}"))?;
         Ok(S3Store {
             inner: Arc::new(inner),
+            api: Arc::new(api),
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint,
             roots,
             concurrency: 2,
         })
+    }
+
+    /// Parts in flight per upload (`upload.concurrency`).
+    pub fn with_concurrency(mut self, concurrency: usize) -> S3Store {
+        self.concurrency = concurrency.max(1);
+        self
     }
 
     fn path(&self, key: &str) -> Path {
@@ -180,18 +216,48 @@ impl Store for S3Store {
         Ok(())
     }
 
+    async fn put_new(&self, key: &str, data: Bytes) -> anyhow::Result<()> {
+        let path = self.path(key);
+        let mut attempt = 0;
+        loop {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            let res = self
+                .inner
+                .put_opts(&path, PutPayload::from_bytes(data.clone()), opts)
+                .await;
+            match res {
+                Ok(_) => return Ok(()),
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => return Err(anyhow::Error::new(AlreadyExists(key.to_string()))),
+                Err(object_store::Error::NotImplemented) => {
+                    return Err(anyhow::anyhow!(
+                        "uploading {key}: conditional writes are switched off in the S3 client"
+                    ));
+                }
+                Err(e) => {
+                    let err = self.explain(e, &format!("uploading {key}"));
+                    if attempt >= CREATE_RETRIES || !super::is_transient(&err) {
+                        return Err(err);
+                    }
+                    attempt += 1;
+                    tracing::debug!(%key, attempt, error = %format!("{err:#}"), "retrying a create-only upload");
+                    tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                }
+            }
+        }
+    }
+
     async fn start_upload(&self, key: &str) -> anyhow::Result<Box<dyn Upload>> {
-        let upload = self
-            .inner
-            .put_multipart(&self.path(key))
-            .await
-            .map_err(|e| self.explain(e, &format!("starting upload of {key}")))?;
-        Ok(Box::new(S3Upload {
-            upload: Some(upload),
-            in_flight: FuturesUnordered::new(),
-            concurrency: self.concurrency,
-            key: key.to_string(),
-        }))
+        self.upload(key, Mode::Overwrite).await
+    }
+
+    async fn start_upload_new(&self, key: &str) -> anyhow::Result<Box<dyn Upload>> {
+        self.upload(key, Mode::Create).await
     }
 
     async fn get(&self, key: &str) -> anyhow::Result<ByteStream> {
@@ -261,47 +327,175 @@ impl Store for S3Store {
             Err(e) => Err(self.explain(e, &format!("deleting {key}"))),
         }
     }
+
+    async fn leftovers(&self) -> anyhow::Result<Vec<Leftover>> {
+        let prefix = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let uploads = self.api.list_uploads(&prefix).await?;
+        Ok(uploads
+            .into_iter()
+            .map(|u| Leftover {
+                key: self.key_of(&Path::from(u.path.as_str())),
+                id: u.upload_id,
+                started: u.initiated,
+                size: None,
+            })
+            .collect())
+    }
+
+    async fn remove_leftover(&self, leftover: &Leftover) -> anyhow::Result<()> {
+        let path = self.path(&leftover.key);
+        match self.inner.abort_multipart(&path, &leftover.id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.explain(e, &format!("aborting the upload of {}", leftover.key))),
+        }
+    }
 }
 
+impl S3Store {
+    async fn upload(&self, key: &str, mode: Mode) -> anyhow::Result<Box<dyn Upload>> {
+        let path = self.path(key);
+        let upload_id = self
+            .inner
+            .create_multipart(&path)
+            .await
+            .map_err(|e| self.explain(e, &format!("starting upload of {key}")))?;
+        Ok(Box::new(S3Upload {
+            store: self.inner.clone(),
+            api: self.api.clone(),
+            path,
+            key: key.to_string(),
+            upload_id,
+            mode,
+            next_part: 0,
+            in_flight: FuturesUnordered::new(),
+            etags: Vec::new(),
+            concurrency: self.concurrency,
+        }))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Overwrite,
+    Create,
+}
+
+type PartFuture = BoxFuture<'static, Result<(usize, PartId), object_store::Error>>;
+
 struct S3Upload {
-    upload: Option<Box<dyn MultipartUpload>>,
-    in_flight: FuturesUnordered<object_store::UploadPart>,
-    concurrency: usize,
+    store: Arc<AmazonS3>,
+    api: Arc<S3Api>,
+    path: Path,
     key: String,
+    upload_id: String,
+    mode: Mode,
+    next_part: usize,
+    in_flight: FuturesUnordered<PartFuture>,
+    /// ETags of the parts sent, by part index.
+    etags: Vec<Option<String>>,
+    concurrency: usize,
+}
+
+impl S3Upload {
+    /// Waits for one part in flight and records its ETag.
+    async fn land_one(&mut self) -> anyhow::Result<()> {
+        if let Some(res) = self.in_flight.next().await {
+            let (idx, part) = res.with_context(|| format!("uploading a part of {}", self.key))?;
+            if self.etags.len() <= idx {
+                self.etags.resize(idx + 1, None);
+            }
+            self.etags[idx] = Some(part.content_id);
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        while !self.in_flight.is_empty() {
+            self.land_one().await?;
+        }
+        let etags: Vec<String> = self
+            .etags
+            .iter()
+            .cloned()
+            .collect::<Option<_>>()
+            .with_context(|| format!("upload of {}: a part is missing", self.key))?;
+        if etags.is_empty() {
+            anyhow::bail!("upload of {}: no parts were sent", self.key);
+        }
+        match self.mode {
+            Mode::Overwrite => {
+                let parts = etags
+                    .into_iter()
+                    .map(|content_id| PartId { content_id })
+                    .collect();
+                self.store
+                    .complete_multipart(&self.path, &self.upload_id, parts)
+                    .await
+                    .with_context(|| format!("completing upload of {}", self.key))?;
+            }
+            Mode::Create => {
+                let done = self
+                    .api
+                    .complete_create(self.path.as_ref(), &self.upload_id, &etags)
+                    .await?;
+                if done == Completed::NameTaken {
+                    return Err(anyhow::Error::new(AlreadyExists(self.key.clone())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn abort_upload(&mut self) {
+        self.in_flight.clear();
+        if let Err(e) = self
+            .store
+            .abort_multipart(&self.path, &self.upload_id)
+            .await
+        {
+            if !matches!(e, object_store::Error::NotFound { .. }) {
+                tracing::warn!(key = %self.key, error = %e, "could not abort a multipart upload; prune removes it");
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl Upload for S3Upload {
     async fn put_part(&mut self, data: Bytes) -> anyhow::Result<()> {
         while self.in_flight.len() >= self.concurrency {
-            if let Some(res) = self.in_flight.next().await {
-                res.with_context(|| format!("uploading a part of {}", self.key))?;
-            }
+            self.land_one().await?;
         }
-        let upload = self.upload.as_mut().context("upload already finished")?;
-        self.in_flight
-            .push(upload.put_part(PutPayload::from_bytes(data)));
+        let idx = self.next_part;
+        self.next_part += 1;
+        let (store, path, id) = (
+            self.store.clone(),
+            self.path.clone(),
+            self.upload_id.clone(),
+        );
+        self.in_flight.push(Box::pin(async move {
+            let part = store
+                .put_part(&path, &id, idx, PutPayload::from_bytes(data))
+                .await?;
+            Ok((idx, part))
+        }));
         Ok(())
     }
 
     async fn complete(mut self: Box<Self>) -> anyhow::Result<()> {
-        while let Some(res) = self.in_flight.next().await {
-            res.with_context(|| format!("uploading a part of {}", self.key))?;
+        let res = self.finish().await;
+        if res.is_err() {
+            // A failed completion leaves the parts stored and invisible: abort at once.
+            self.abort_upload().await;
         }
-        let mut upload = self.upload.take().context("upload already finished")?;
-        upload
-            .complete()
-            .await
-            .with_context(|| format!("completing upload of {}", self.key))?;
-        Ok(())
+        res
     }
 
     async fn abort(mut self: Box<Self>) {
-        self.in_flight.clear();
-        if let Some(mut upload) = self.upload.take() {
-            if let Err(e) = upload.abort().await {
-                tracing::warn!(key = %self.key, error = %e, "could not abort multipart upload; prune removes it");
-            }
-        }
+        self.abort_upload().await;
     }
 }

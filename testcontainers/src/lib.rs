@@ -15,6 +15,7 @@ mod postgres;
 mod s3;
 mod tls;
 mod util;
+mod walseg;
 
 pub use cjk::{CjkParser, install_cjk_parser};
 pub use mariadb::{MariaDb, MariaDbBuilder, mariadb_bin, mariadb_replica_pair, replica_status};
@@ -25,3 +26,4 @@ pub use postgres::{
 pub use s3::{S3Server, moto_server_path};
 pub use tls::{CertPair, TestCa, TlsProxy};
 pub use util::{free_port, http_request, is_root, log_tail, workspace_root};
+pub use walseg::{Fill, wal_segment};

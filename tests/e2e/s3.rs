@@ -90,15 +90,11 @@ fn s3_requests_carry_no_checksum_headers() {
     let wal = data.path().join("pg_wal");
     std::fs::create_dir_all(&wal).unwrap();
     // Incompressible, so the object needs a multipart upload (parts of 5 MiB).
-    let mut seed = 0x2545F4914F6CDD1Du64;
-    let segment: Vec<u8> = (0..16usize << 20)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect();
+    let segment = dbagent_testcontainers::wal_segment(
+        "000000010000000000000001",
+        42,
+        dbagent_testcontainers::Fill::Random(0x2545F4914F6CDD1D),
+    );
     std::fs::write(wal.join("000000010000000000000001"), &segment).unwrap();
     let run = |args: &[&str]| {
         let mut cmd = std::process::Command::new(BIN);
@@ -181,7 +177,11 @@ fn missing_bucket_is_one_line() {
     std::fs::create_dir_all(data.path().join("pg_wal")).unwrap();
     std::fs::write(
         data.path().join("pg_wal/000000010000000000000001"),
-        vec![7u8; 1 << 20],
+        dbagent_testcontainers::wal_segment(
+            "000000010000000000000001",
+            1,
+            dbagent_testcontainers::Fill::Pattern(7),
+        ),
     )
     .unwrap();
     let out = std::process::Command::new(BIN)

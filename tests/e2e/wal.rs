@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::process::Output;
 
+use dbagent_testcontainers::Fill;
+
 use crate::support::*;
 
 const SYSID: &str = "7000000000000000001";
@@ -20,10 +22,9 @@ fn run(repo: &Repo, cwd: &Path, args: &[&str]) -> Output {
     cmd.output().unwrap()
 }
 
-fn segment_bytes(seed: u8) -> Vec<u8> {
-    (0..16usize << 20)
-        .map(|i| ((i / 8192) as u8).wrapping_mul(seed) ^ (i as u8))
-        .collect()
+/// A segment of this test's cluster (valid page headers, filler content).
+fn segment_bytes(name: &str, seed: u8) -> Vec<u8> {
+    dbagent_testcontainers::wal_segment(name, SYSID.parse().unwrap(), Fill::Pattern(seed))
 }
 
 fn wal_contract(repo: Repo) {
@@ -32,7 +33,7 @@ fn wal_contract(repo: Repo) {
     std::fs::create_dir_all(&wal).unwrap();
     let name = "000000010000000000000003";
     let seg = wal.join(name);
-    let content = segment_bytes(3);
+    let content = segment_bytes(name, 3);
     std::fs::write(&seg, &content).unwrap();
 
     // Push twice: both succeed.
@@ -48,7 +49,7 @@ fn wal_contract(repo: Repo) {
     ));
 
     // A different segment under the same name fails loudly and changes nothing.
-    std::fs::write(&seg, segment_bytes(5)).unwrap();
+    std::fs::write(&seg, segment_bytes(name, 5)).unwrap();
     let out = run(
         &repo,
         data.path(),
@@ -135,7 +136,8 @@ fn corrupted_segment_is_refused_and_not_written() {
     let data = tempfile::tempdir().unwrap();
     let wal = data.path().join("pg_wal");
     std::fs::create_dir_all(&wal).unwrap();
-    std::fs::write(wal.join("000000010000000000000007"), segment_bytes(7)).unwrap();
+    let name = "000000010000000000000007";
+    std::fs::write(wal.join(name), segment_bytes(name, 7)).unwrap();
     ok(&run(
         &repo,
         data.path(),
@@ -190,7 +192,7 @@ fn fetch_prefetches_following_segments() {
     std::fs::create_dir_all(&wal).unwrap();
     for n in 1..=4u8 {
         let name = format!("00000001000000000000000{n}");
-        std::fs::write(wal.join(&name), segment_bytes(n)).unwrap();
+        std::fs::write(wal.join(&name), segment_bytes(&name, n)).unwrap();
         ok(&run(
             &repo,
             data.path(),
@@ -227,7 +229,10 @@ fn fetch_prefetches_following_segments() {
             "pg_wal/RECOVERYXLOG",
         ],
     ));
-    assert!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap() == segment_bytes(2));
+    assert!(
+        std::fs::read(wal.join("RECOVERYXLOG")).unwrap()
+            == segment_bytes("000000010000000000000002", 2)
+    );
     assert!(
         !wal.join(".dbagent-prefetch")
             .join("000000010000000000000002")
