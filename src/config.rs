@@ -63,6 +63,11 @@ pub struct S3Config {
     pub region: String,
     pub force_path_style: bool,
     pub allow_http: bool,
+    /// How long one S3 request is retried (5xx, 429, dropped connections) before it fails.
+    pub retry_timeout: Duration,
+    /// Create-only writes with `If-None-Match: *`; off for services that reject or ignore
+    /// it (then: look first, write, read back and compare).
+    pub conditional_writes: bool,
     pub access_key_id: Option<Secret>,
     pub secret_access_key: Option<Secret>,
     pub session_token: Option<Secret>,
@@ -287,6 +292,8 @@ impl Config {
                 region: v.get("s3.region")?,
                 force_path_style: v.get("s3.force_path_style")?,
                 allow_http: v.get("s3.allow_http")?,
+                retry_timeout: v.get("s3.retry_timeout")?,
+                conditional_writes: v.get("s3.conditional_writes")?,
                 access_key_id: v.opt("s3.access_key_id_file")?,
                 secret_access_key: v.opt("s3.secret_access_key_file")?,
                 session_token: v.opt("s3.session_token_file")?,

@@ -129,6 +129,8 @@ pub const KEYS: &[Key] = &[
     text("s3.region").also(&["AWS_REGION"]).or("us-east-1"),
     flag("s3.force_path_style", "true"),
     flag("s3.allow_http", "false"),
+    duration("s3.retry_timeout", "2m"),
+    flag("s3.conditional_writes", "true"),
     secret("s3.access_key_id_file", "AWS_ACCESS_KEY_ID").also(&["AWS_ACCESS_KEY_ID_FILE"]),
     secret("s3.secret_access_key_file", "AWS_SECRET_ACCESS_KEY")
         .also(&["AWS_SECRET_ACCESS_KEY_FILE"]),

@@ -6,7 +6,10 @@
 //!
 //! Create-only writes send `If-None-Match: *` on the PUT, and on the CompleteMultipartUpload
 //! of a multipart upload (signed in `s3api`, since `object_store` always completes by
-//! overwriting). A multipart upload that cannot be completed is aborted at once; one a killed
+//! overwriting). With `s3.conditional_writes = false` (services that reject or ignore the
+//! header) they look first, write, then read the object's size and last bytes back: not
+//! atomic against a concurrent writer, but a lost race is noticed when it has already
+//! happened. A multipart upload that cannot be completed is aborted at once; one a killed
 //! process left behind is found by `leftovers` (ListMultipartUploads) for `prune`.
 
 use std::ops::Range;
@@ -46,7 +49,13 @@ pub struct S3Store {
     roots: Option<crate::tls::RootSource>,
     /// Parts in flight per upload.
     concurrency: usize,
+    /// `s3.conditional_writes`.
+    conditional: bool,
 }
+
+/// Bytes compared by the verify-after-write fallback: every object dbagent writes ends with
+/// its trailer (a SHA-256 of its plain bytes) or is a small manifest.
+const VERIFY_TAIL: usize = 64;
 
 impl S3Store {
     pub fn new(cfg: &S3Config, bucket: &str, prefix: &str) -> anyhow::Result<S3Store> {
@@ -82,10 +91,11 @@ impl S3Store {
             .with_virtual_hosted_style_request(!cfg.force_path_style)
             .with_allow_http(cfg.allow_http)
             .with_client_options(client)
-            // B2 answers 500/503 under load; object_store retries those and connection errors.
+            // B2 answers 500/503 under load; object_store retries those and connection errors,
+            // up to 10 times (backoff from 0.1 s doubling to 15 s) within s3.retry_timeout.
             .with_retry(RetryConfig {
-                max_retries: 8,
-                retry_timeout: Duration::from_secs(120),
+                max_retries: 10,
+                retry_timeout: cfg.retry_timeout,
                 ..RetryConfig::default()
             });
         if let Some(token) = &cfg.session_token {
@@ -107,6 +117,7 @@ impl S3Store {
             secret.clone(),
             cfg.session_token.clone(),
             cfg.allow_http,
+            cfg.retry_timeout,
         )
         .map_err(|e| input_err!("S3 settings for bucket {bucket}: {e:#}"))?;
         Ok(S3Store {
@@ -117,6 +128,7 @@ impl S3Store {
             endpoint,
             roots,
             concurrency: 2,
+            conditional: cfg.conditional_writes,
         })
     }
 
@@ -218,6 +230,18 @@ impl Store for S3Store {
 
     async fn put_new(&self, key: &str, data: Bytes) -> anyhow::Result<()> {
         let path = self.path(key);
+        if !self.conditional {
+            if self.head(key).await?.is_some() {
+                return Err(anyhow::Error::new(AlreadyExists(key.to_string())));
+            }
+            self.put(key, data.clone()).await?;
+            let tail = &data[data.len().saturating_sub(VERIFY_TAIL)..];
+            return match written_is_ours(&self.inner, &path, data.len() as u64, tail).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(anyhow::Error::new(AlreadyExists(key.to_string()))),
+                Err(e) => Err(self.explain(e, &format!("reading back {key}"))),
+            };
+        }
         let mut attempt = 0;
         loop {
             let opts = PutOptions {
@@ -241,6 +265,9 @@ impl Store for S3Store {
                 }
                 Err(e) => {
                     let err = self.explain(e, &format!("uploading {key}"));
+                    if format!("{err:#}").contains("501 Not Implemented") {
+                        return Err(not_conditional(err));
+                    }
                     if attempt >= CREATE_RETRIES || !super::is_transient(&err) {
                         return Err(err);
                     }
@@ -370,12 +397,44 @@ impl S3Store {
             key: key.to_string(),
             upload_id,
             mode,
+            conditional: self.conditional,
             next_part: 0,
             in_flight: FuturesUnordered::new(),
             etags: Vec::new(),
             concurrency: self.concurrency,
+            size: 0,
+            tail: Vec::new(),
         }))
     }
+}
+
+/// The error for a service that refuses `If-None-Match`.
+fn not_conditional(err: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Failure::Input(format!(
+        "the S3 service does not support conditional writes (If-None-Match): set s3.conditional_writes = false (DBAGENT_S3_CONDITIONAL_WRITES=false) to look before writing and verify after ({err:#})"
+    )))
+}
+
+/// Verify-after-write: is the object under `path` the one just written (its size and its last
+/// bytes)?
+async fn written_is_ours(
+    store: &AmazonS3,
+    path: &Path,
+    size: u64,
+    tail: &[u8],
+) -> Result<bool, object_store::Error> {
+    let meta = match store.head(path).await {
+        Ok(m) => m,
+        Err(object_store::Error::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if meta.size != size {
+        return Ok(false);
+    }
+    let stored = store
+        .get_range(path, size - tail.len() as u64..size)
+        .await?;
+    Ok(stored[..] == *tail)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,11 +452,15 @@ struct S3Upload {
     key: String,
     upload_id: String,
     mode: Mode,
+    conditional: bool,
     next_part: usize,
     in_flight: FuturesUnordered<PartFuture>,
     /// ETags of the parts sent, by part index.
     etags: Vec<Option<String>>,
     concurrency: usize,
+    /// Bytes sent, and the last of them, for the verify-after-write fallback.
+    size: u64,
+    tail: Vec<u8>,
 }
 
 impl S3Upload {
@@ -426,27 +489,53 @@ impl S3Upload {
         if etags.is_empty() {
             anyhow::bail!("upload of {}: no parts were sent", self.key);
         }
-        match self.mode {
-            Mode::Overwrite => {
-                let parts = etags
-                    .into_iter()
-                    .map(|content_id| PartId { content_id })
-                    .collect();
-                self.store
-                    .complete_multipart(&self.path, &self.upload_id, parts)
+        let key = self.key.clone();
+        let taken = || Err(anyhow::Error::new(AlreadyExists(key.clone())));
+        match (self.mode, self.conditional) {
+            (Mode::Overwrite, _) => self.complete_overwriting(etags).await?,
+            (Mode::Create, false) => {
+                let exists = match self.store.head(&self.path).await {
+                    Ok(_) => true,
+                    Err(object_store::Error::NotFound { .. }) => false,
+                    Err(e) => return Err(e).context(format!("checking {}", self.key)),
+                };
+                if exists {
+                    return taken();
+                }
+                self.complete_overwriting(etags).await?;
+                let ours = written_is_ours(&self.store, &self.path, self.size, &self.tail)
                     .await
-                    .with_context(|| format!("completing upload of {}", self.key))?;
+                    .with_context(|| format!("reading back {}", self.key))?;
+                if !ours {
+                    return taken();
+                }
             }
-            Mode::Create => {
+            (Mode::Create, true) => {
                 let done = self
                     .api
                     .complete_create(self.path.as_ref(), &self.upload_id, &etags)
                     .await?;
-                if done == Completed::NameTaken {
-                    return Err(anyhow::Error::new(AlreadyExists(self.key.clone())));
+                match done {
+                    Completed::NameTaken => return taken(),
+                    Completed::NotSupported(why) => {
+                        return Err(not_conditional(anyhow::anyhow!("{why}")));
+                    }
+                    Completed::Created => {}
                 }
             }
         }
+        Ok(())
+    }
+
+    async fn complete_overwriting(&mut self, etags: Vec<String>) -> anyhow::Result<()> {
+        let parts = etags
+            .into_iter()
+            .map(|content_id| PartId { content_id })
+            .collect();
+        self.store
+            .complete_multipart(&self.path, &self.upload_id, parts)
+            .await
+            .with_context(|| format!("completing upload of {}", self.key))?;
         Ok(())
     }
 
@@ -472,6 +561,11 @@ impl Upload for S3Upload {
         }
         let idx = self.next_part;
         self.next_part += 1;
+        self.size += data.len() as u64;
+        self.tail
+            .extend_from_slice(&data[data.len().saturating_sub(VERIFY_TAIL)..]);
+        let excess = self.tail.len().saturating_sub(VERIFY_TAIL);
+        self.tail.drain(..excess);
         let (store, path, id) = (
             self.store.clone(),
             self.path.clone(),

@@ -14,8 +14,6 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Secret;
 
-/// How long one of these requests may be retried (5xx, 429, dropped connections).
-const RETRY_FOR: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
@@ -28,6 +26,8 @@ pub(crate) struct S3Api {
     key_id: Secret,
     secret: Secret,
     token: Option<Secret>,
+    /// How long one request may be retried (5xx, 429, dropped connections): s3.retry_timeout.
+    retry_for: Duration,
 }
 
 /// A multipart upload the bucket still holds.
@@ -46,6 +46,8 @@ pub(crate) enum Completed {
     /// The name is taken (HTTP 412), or the upload is gone after a retry (our own earlier
     /// attempt may have completed it): the caller compares what is stored.
     NameTaken,
+    /// The service rejects `If-None-Match` on this request (HTTP 501).
+    NotSupported(String),
 }
 
 struct Answer {
@@ -61,6 +63,7 @@ impl S3Api {
         secret: Secret,
         token: Option<Secret>,
         allow_http: bool,
+        retry_for: Duration,
     ) -> anyhow::Result<S3Api> {
         let bucket_endpoint = url::Url::parse(bucket_endpoint.trim_end_matches('/'))
             .with_context(|| format!("S3 endpoint {bucket_endpoint:?}"))?;
@@ -77,6 +80,7 @@ impl S3Api {
             key_id,
             secret,
             token,
+            retry_for,
         })
     }
 
@@ -114,6 +118,7 @@ impl S3Api {
             200 => Ok(Completed::Created),
             412 => Ok(Completed::NameTaken),
             404 if attempts > 1 && answer.body.contains("NoSuchUpload") => Ok(Completed::NameTaken),
+            501 => Ok(Completed::NotSupported(error_text(&answer.body))),
             status => anyhow::bail!(
                 "completing the upload of {path}: HTTP {status}: {}",
                 error_text(&answer.body)
@@ -154,7 +159,7 @@ impl S3Api {
     }
 
     /// Sends one signed request, retrying 5xx, 429, 409 (a conflicting conditional request in
-    /// flight) and dropped connections with backoff for up to a minute.
+    /// flight) and dropped connections with backoff for up to `retry_for`.
     async fn send(
         &self,
         method: &str,
@@ -174,11 +179,14 @@ impl S3Api {
             let retry = match &res {
                 Ok(a) => {
                     let s = a.status.as_u16();
-                    s >= 500 || s == 429 || s == 409 || (s == 200 && a.body.contains("<Error>"))
+                    (s >= 500 && s != 501)
+                        || s == 429
+                        || s == 409
+                        || (s == 200 && a.body.contains("<Error>"))
                 }
                 Err(_) => true,
             };
-            if !retry || started.elapsed() + pause > RETRY_FOR {
+            if !retry || started.elapsed() + pause > self.retry_for {
                 return match res {
                     Ok(a) if a.status.as_u16() == 200 && a.body.contains("<Error>") => {
                         anyhow::bail!("{}", error_text(&a.body))

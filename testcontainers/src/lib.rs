@@ -1,5 +1,6 @@
 //! Test support for dbagent: real PostgreSQL, MariaDB and S3 (moto) servers started as local
-//! processes, each on a free port in a temporary directory and stopped on drop.
+//! processes, each on a free port in a temporary directory and stopped on drop, and a
+//! fault-injecting proxy to put in front of the S3 server.
 //!
 //! No Docker: the servers come from the local installation (see `./scripts/setup`). A missing
 //! binary is an error with a clear message, never a skip. When a test fails (the thread is
@@ -10,6 +11,7 @@
 //! server run as the `postgres` OS user (`runuser -u postgres --`) in directories chowned to it.
 
 mod cjk;
+mod faults;
 mod mariadb;
 mod postgres;
 mod s3;
@@ -18,6 +20,7 @@ mod util;
 mod walseg;
 
 pub use cjk::{CjkParser, install_cjk_parser};
+pub use faults::{Fault, FaultProxy, Rule, RuleId, Seen};
 pub use mariadb::{MariaDb, MariaDbBuilder, mariadb_bin, mariadb_replica_pair, replica_status};
 pub use postgres::{
     DEFAULT_PG_BIN_DIR, PG_OS_USER, Postgres, PostgresBuilder, command_as_pg_user, pg_bin,

@@ -3,6 +3,7 @@
 
 mod backup;
 mod drill;
+mod faults;
 mod forks;
 mod mysql;
 mod pg_tls;

@@ -1,0 +1,1029 @@
+//! Faults on the worst day: S3 answering 5xx and 403, dropping and stalling connections (a
+//! fault-injecting proxy in front of moto), processes killed mid-stream, PostgreSQL crashing
+//! during a backup, a full disk under a restore, and pushes racing for one name. Each test
+//! asserts what an operator would check: the documented exit code, nothing half-visible, and
+//! no data lost. Timeouts are shortened through the configuration so the suite stays quick.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dbagent_testcontainers::{
+    Fault, FaultProxy, Fill, Postgres, PostgresBuilder, Rule, S3Server, command_as_pg_user,
+    free_port, http_request, pg_owned_tempdir, wal_segment,
+};
+
+use crate::support::*;
+
+const SYSID: u64 = 7_100_000_000_000_000_001;
+
+/// moto behind the fault proxy.
+struct FaultyS3 {
+    server: S3Server,
+    proxy: FaultProxy,
+    prefix: String,
+}
+
+impl FaultyS3 {
+    fn start(prefix: &str) -> FaultyS3 {
+        let server = S3Server::start("dbagent-faults").expect("S3 server");
+        let proxy = FaultProxy::start(server.port()).expect("fault proxy");
+        FaultyS3 {
+            server,
+            proxy,
+            prefix: prefix.into(),
+        }
+    }
+
+    /// dbagent's environment through the proxy, with short retry windows.
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = self.proxy.s3_env(&self.server, &self.prefix);
+        env.extend(short_timeouts());
+        env
+    }
+
+    /// Straight to moto: for checks that must not meet the faults.
+    fn direct(&self) -> Vec<(String, String)> {
+        self.server.env(&self.prefix)
+    }
+
+    /// Multipart uploads moto still holds (none is visible to listings).
+    fn pending_uploads(&self) -> usize {
+        let (_, body) = http_request(
+            self.server.port(),
+            "GET",
+            &format!("/{}?uploads", self.server.bucket()),
+        )
+        .unwrap();
+        body.matches("<Upload>").count()
+    }
+
+    /// Waits until the proxy has injected a fault on a request whose target contains `text`.
+    fn wait_injected(&self, text: &str, child: &mut Child) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if self
+                .proxy
+                .seen()
+                .iter()
+                .any(|s| s.target.contains(text) && s.outcome.starts_with("injected"))
+            {
+                return;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the process ended before the fault on {text}"
+            );
+            assert!(Instant::now() < deadline, "no request for {text} came");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn short_timeouts() -> Vec<(String, String)> {
+    [
+        ("DBAGENT_WAL_FETCH_RETRY_TIMEOUT", "4s"),
+        ("DBAGENT_S3_RETRY_TIMEOUT", "3s"),
+        ("DBAGENT_UPLOAD_PART_SIZE", "5MiB"),
+        ("DBAGENT_LOG_FORMAT", "text"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// dbagent as the postgres OS user (as PostgreSQL and the restore run it).
+fn pg_cmd(env: &[(String, String)], pg: Option<&Postgres>, args: &[&str]) -> Command {
+    let mut cmd = command_as_pg_user(BIN);
+    cmd.args(args)
+        .env_remove("DBAGENT_CONFIG")
+        .current_dir("/tmp");
+    cmd.env(
+        "DBAGENT_PG_BIN_DIR",
+        dbagent_testcontainers::pg_bin_dir().as_os_str(),
+    );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(pg) = pg {
+        for (k, v) in pg.env() {
+            cmd.env(k, v);
+        }
+    }
+    cmd
+}
+
+fn pg_run(env: &[(String, String)], pg: Option<&Postgres>, args: &[&str]) -> Output {
+    pg_cmd(env, pg, args).output().unwrap()
+}
+
+fn pg_spawn(env: &[(String, String)], pg: Option<&Postgres>, args: &[&str]) -> Child {
+    pg_cmd(env, pg, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `wal-push`/`wal-fetch` on files in `data` (its `pg_wal/`), without a server.
+fn wal_cmd(env: &[(String, String)], data: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(data)
+        .env_remove("DBAGENT_CONFIG")
+        .env("PGDATA", data)
+        .env("DBAGENT_PG_SYSTEM_IDENTIFIER", SYSID.to_string())
+        .env("DBAGENT_WAL_PREFETCH", "0");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn wal_run(env: &[(String, String)], data: &Path, args: &[&str]) -> Output {
+    wal_cmd(env, data, args).output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// SIGKILL a process and its descendants (runuser → dbagent → pg_basebackup …).
+fn kill_tree(pid: u32) {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() {
+        if let Ok(children) =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", pids[i], pids[i]))
+        {
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    for p in pids.iter().rev() {
+        // SAFETY: sending a signal to processes this test started.
+        unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+    }
+}
+
+/// A directory holding one segment file per name, for pushes without a server.
+fn wal_dir() -> tempfile::TempDir {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(data.path().join("pg_wal")).unwrap();
+    data
+}
+
+fn seg_name(n: u32) -> String {
+    format!("0000000100000000{n:08X}")
+}
+
+#[test]
+fn wal_push_and_fetch_ride_out_5xx_resets_and_stalls() {
+    let s3 = FaultyS3::start("transient");
+    let env = s3.env();
+    let data = wal_dir();
+    // A small segment (one PUT) and an incompressible one (a multipart upload of 4 parts).
+    let small = (
+        seg_name(1),
+        wal_segment(&seg_name(1), SYSID, Fill::Pattern(3)),
+    );
+    let large = (
+        seg_name(2),
+        wal_segment(&seg_name(2), SYSID, Fill::Random(99)),
+    );
+    let p = &s3.proxy;
+    let push_rules = [
+        p.inject(Rule::new(Fault::Status(503)).method("HEAD").times(1)),
+        p.inject(
+            Rule::new(Fault::Status(503))
+                .method("PUT")
+                .target(&format!("{}.zst", small.0))
+                .times(2),
+        ),
+        p.inject(
+            Rule::new(Fault::Status(500))
+                .method("POST")
+                .target("?uploads")
+                .times(1),
+        ),
+        p.inject(Rule::new(Fault::Reset).target("partNumber=2").times(1)),
+        p.inject(
+            Rule::new(Fault::Stall(Duration::from_secs(2)))
+                .target("partNumber=3")
+                .times(1),
+        ),
+        p.inject(
+            Rule::new(Fault::Status(503))
+                .method("POST")
+                .target("uploadId=")
+                .times(1),
+        ),
+    ];
+    for (name, bytes) in [&small, &large] {
+        std::fs::write(data.path().join("pg_wal").join(name), bytes).unwrap();
+        let out = wal_run(&env, data.path(), &["wal-push", &format!("pg_wal/{name}")]);
+        assert!(out.status.success(), "wal-push {name}: {}", stderr(&out));
+    }
+    for rule in push_rules {
+        assert!(p.fired(rule) >= 1, "a push fault never fired");
+    }
+    let pushed_faults = p.injected();
+    assert_eq!(s3.pending_uploads(), 0, "an upload was left behind");
+
+    let fetch_rules = [
+        p.inject(
+            Rule::new(Fault::Status(503))
+                .method("GET")
+                .target("/wal/")
+                .times(2),
+        ),
+        p.inject(
+            Rule::new(Fault::ResetMidBody { after: 300_000 })
+                .method("GET")
+                .target("/wal/")
+                .times(2),
+        ),
+        // Longer than a third of the 4 s retry window: the stalled download is given up.
+        p.inject(
+            Rule::new(Fault::StallMidBody {
+                after: 100_000,
+                pause: Duration::from_secs(3),
+            })
+            .method("GET")
+            .target("/wal/")
+            .times(1),
+        ),
+    ];
+    for (name, bytes) in [&small, &large] {
+        let dest = format!("pg_wal/RESTORED-{name}");
+        let out = wal_run(&env, data.path(), &["wal-fetch", name, &dest]);
+        assert!(out.status.success(), "wal-fetch {name}: {}", stderr(&out));
+        assert!(
+            std::fs::read(data.path().join(&dest)).unwrap() == *bytes,
+            "{name} came back different"
+        );
+    }
+    for rule in fetch_rules {
+        assert!(p.fired(rule) >= 1, "a fetch fault never fired");
+    }
+    eprintln!(
+        "faults injected: {pushed_faults} during wal-push, {} during wal-fetch",
+        p.injected() - pushed_faults
+    );
+}
+
+#[test]
+fn a_killed_wal_push_leaves_nothing_visible_and_prune_sweeps_its_upload() {
+    let s3 = FaultyS3::start("killed-push");
+    let env = s3.env();
+    let data = wal_dir();
+    let name = seg_name(7);
+    let bytes = wal_segment(&name, SYSID, Fill::Random(7));
+    std::fs::write(data.path().join("pg_wal").join(&name), &bytes).unwrap();
+    let hang = s3.proxy.inject(
+        Rule::new(Fault::Stall(Duration::from_secs(60)))
+            .target("partNumber=2")
+            .times(1),
+    );
+    let mut child = wal_cmd(&env, data.path(), &["wal-push", &format!("pg_wal/{name}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    s3.wait_injected("partNumber=2", &mut child);
+    kill_tree(child.id());
+    let _ = child.wait();
+    assert_eq!(s3.proxy.fired(hang), 1);
+    // Nothing is visible: the segment is not archived, and PostgreSQL would push it again.
+    let check = wal_dir();
+    let out = wal_run(
+        &s3.direct(),
+        check.path(),
+        &["wal-fetch", &name, "pg_wal/X"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(s3.pending_uploads(), 1);
+    ok(&wal_run(
+        &env,
+        data.path(),
+        &["wal-push", &format!("pg_wal/{name}")],
+    ));
+    ok(&wal_run(
+        &s3.direct(),
+        check.path(),
+        &["wal-fetch", &name, "pg_wal/X"],
+    ));
+    assert!(std::fs::read(check.path().join("pg_wal/X")).unwrap() == bytes);
+    // prune aborts the killed upload (moto dates every upload in 2010: old enough).
+    let mut prune_env = env.clone();
+    prune_env.push(("DBAGENT_PG_SYSTEM_IDENTIFIER".into(), SYSID.to_string()));
+    let dry = ok(&pg_run(&prune_env, None, &["prune", "--dry-run"]));
+    assert!(dry.contains("would delete 1"), "{dry}");
+    assert_eq!(s3.pending_uploads(), 1);
+    let report = ok(&pg_run(&prune_env, None, &["prune"]));
+    assert!(report.contains("deleted 1"), "{report}");
+    assert_eq!(s3.pending_uploads(), 0);
+}
+
+#[test]
+fn wal_fetch_says_not_archived_only_when_s3_says_so() {
+    let s3 = FaultyS3::start("exit-codes");
+    let env = s3.env();
+    let data = wal_dir();
+    let name = seg_name(5);
+    let bytes = wal_segment(&name, SYSID, Fill::Pattern(5));
+    std::fs::write(data.path().join("pg_wal").join(&name), &bytes).unwrap();
+    ok(&wal_run(
+        &env,
+        data.path(),
+        &["wal-push", &format!("pg_wal/{name}")],
+    ));
+    let fetch = |name: &str| {
+        let started = Instant::now();
+        let out = wal_run(
+            &env,
+            data.path(),
+            &["wal-fetch", name, "pg_wal/RECOVERYXLOG"],
+        );
+        (out, started.elapsed())
+    };
+
+    // A standby polling for the next segment: exit 1, quietly, at once.
+    let (out, took) = fetch(&seg_name(6));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
+    eprintln!("not archived: exit 1 after {took:?}");
+
+    // Access refused: not "not archived". Exit 126 at once, no retries.
+    let denied = s3.proxy.inject(Rule::new(Fault::Status(403)).method("GET"));
+    let (out, took) = fetch(&name);
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert!(stderr(&out).contains("credentials"), "{}", stderr(&out));
+    assert_eq!(s3.proxy.fired(denied), 1, "a 403 was retried");
+    eprintln!("403: exit 126 after {took:?}");
+    s3.proxy.clear();
+
+    // 503 on every request: retried for wal.fetch_retry_timeout (4 s here), then 126.
+    let busy = s3.proxy.inject(Rule::new(Fault::Status(503)).method("GET"));
+    let (out, took) = fetch(&name);
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stopping recovery"),
+        "{}",
+        stderr(&out)
+    );
+    eprintln!(
+        "503 on every request: exit 126 after {took:?}, {} requests refused",
+        s3.proxy.fired(busy)
+    );
+    s3.proxy.clear();
+
+    // S3 unreachable: 126 for the archived segment, and for one that may not exist either
+    // (nobody can tell), never 1.
+    s3.proxy.set_unreachable(true);
+    for n in [&name, &seg_name(6)] {
+        let (out, took) = fetch(n);
+        assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+        eprintln!("unreachable: exit 126 after {took:?}");
+    }
+    s3.proxy.set_unreachable(false);
+    assert!(!data.path().join("pg_wal/RECOVERYXLOG").exists());
+
+    let (out, _) = fetch(&name);
+    ok(&out);
+    assert!(std::fs::read(data.path().join("pg_wal/RECOVERYXLOG")).unwrap() == bytes);
+    eprintln!("faults injected: {}", s3.proxy.injected());
+}
+
+/// A primary archiving through the proxy.
+fn primary(env: &[(String, String)]) -> Postgres {
+    let mut b = PostgresBuilder::new()
+        .archive_command(&format!("{BIN} wal-push %p"))
+        .setting("archive_timeout", "0");
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    b.start().expect("start PostgreSQL")
+}
+
+fn archiver_failures(pg: &Postgres) -> i64 {
+    pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// `restore --latest` into a new directory; the restored server, and the restore's output.
+fn restore_latest(env: &[(String, String)], dir: &Path) -> (Restored, Output) {
+    let port = free_port();
+    let out = pg_run(
+        env,
+        None,
+        &[
+            "restore",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    (
+        Restored {
+            dir: dir.to_path_buf(),
+            port,
+        },
+        out,
+    )
+}
+
+#[test]
+fn archiving_rides_out_an_s3_outage() {
+    let s3 = FaultyS3::start("outage");
+    let env = s3.env();
+    let pg = primary(&env);
+    pg.psql("postgres", "CREATE TABLE t (id int, note text)")
+        .unwrap();
+    ok(&pg_run(&env, Some(&pg), &["backup"]));
+    // serve's look-ahead pushes the same segments as archive_command, through the same proxy.
+    let mut serve_env = env.clone();
+    serve_env.extend(pg.env());
+    let serve = crate::serve::Serve::start(&serve_env);
+
+    s3.proxy.set_unreachable(true);
+    let outage = Instant::now();
+    let mut rows = 0;
+    for i in 0..4 {
+        pg.psql(
+            "postgres",
+            &format!("INSERT INTO t SELECT g, 'during the outage' FROM generate_series({}, {}) g; SELECT pg_switch_wal()", i * 100 + 1, i * 100 + 100),
+        )
+        .unwrap();
+        rows += 100;
+    }
+    // wal-push fails and PostgreSQL keeps the segments, retrying.
+    while archiver_failures(&pg) < 2 || outage.elapsed() < Duration::from_secs(10) {
+        assert!(
+            outage.elapsed() < Duration::from_secs(90),
+            "wal-push never failed while S3 was unreachable"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s3.proxy.set_unreachable(false);
+    let failures = archiver_failures(&pg);
+    eprintln!(
+        "S3 unreachable for {:?}: {failures} failed wal-push runs, {} connections reset",
+        outage.elapsed(),
+        s3.proxy.injected()
+    );
+
+    pg.psql("postgres", "INSERT INTO t VALUES (0, 'after the outage')")
+        .unwrap();
+    rows += 1;
+    switch_and_wait_archived(&pg);
+    drop(serve);
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let (restored, out) = restore_latest(&s3.direct(), &scratch.path().join("r"));
+    ok(&out);
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), rows.to_string());
+    ok(&pg_run(&s3.direct(), None, &["verify"]));
+}
+
+#[test]
+fn backup_and_restore_ride_out_faults_and_never_stop_short() {
+    let s3 = FaultyS3::start("backup-restore");
+    let env = s3.env();
+    let pg = primary(&env);
+    // About 25 MB of poorly compressible rows: the base backup is a multipart upload.
+    pg.psql(
+        "postgres",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g;
+         CREATE TABLE marks (id int PRIMARY KEY)",
+    )
+    .unwrap();
+    let p = &s3.proxy;
+    p.inject(
+        Rule::new(Fault::Status(503))
+            .target("base.tar.zst?partNumber=2")
+            .times(2),
+    );
+    p.inject(
+        Rule::new(Fault::Reset)
+            .target("base.tar.zst?partNumber=")
+            .skip(2)
+            .times(1),
+    );
+    p.inject(
+        Rule::new(Fault::Status(500))
+            .method("POST")
+            .target("base.tar.zst?uploadId=")
+            .times(1),
+    );
+    p.inject(Rule::new(Fault::Status(503)).target("backup.json").times(1));
+    p.inject(
+        Rule::new(Fault::Status(503))
+            .method("PUT")
+            .target("/wal/")
+            .times(2),
+    );
+    let out = pg_run(&env, Some(&pg), &["backup"]);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let backup_faults = p.injected();
+    assert!(backup_faults >= 6, "only {backup_faults} faults fired");
+    assert_eq!(s3.pending_uploads(), 0);
+
+    for i in 1..=30 {
+        pg.psql("postgres", &format!("INSERT INTO marks VALUES ({i})"))
+            .unwrap();
+        if i % 10 == 0 {
+            switch_and_wait_archived(&pg);
+        }
+    }
+    // The last archived segment holds the last transactions.
+    let last = pg
+        .psql("postgres", "SELECT last_archived_wal FROM pg_stat_archiver")
+        .unwrap();
+    assert_eq!(last.len(), 24, "{last}");
+    let scratch = pg_owned_tempdir().unwrap();
+
+    // That segment fails for good: the restore stops, says where, and reports nothing as
+    // restored. (Were wal-fetch to answer "not archived", PostgreSQL would promote there.)
+    let broken = p.inject(Rule::new(Fault::Status(503)).method("GET").target(&last));
+    let (_restored, out) = restore_latest(&env, &scratch.path().join("short"));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("restored:"), "{stdout}");
+    assert!(stderr(&out).contains(&last), "{}", stderr(&out));
+    assert!(p.fired(broken) > 1, "the last segment was not retried");
+    eprintln!("{}", stderr(&out).trim());
+    p.clear();
+
+    // Transient faults on every kind of read: retried, and every transaction comes back.
+    let before = p.injected();
+    p.inject(
+        Rule::new(Fault::ResetMidBody { after: 1 << 20 })
+            .method("GET")
+            .target("base.tar.zst")
+            .times(1),
+    );
+    p.inject(
+        Rule::new(Fault::Status(503))
+            .method("GET")
+            .target("/wal/0")
+            .times(3),
+    );
+    p.inject(
+        Rule::new(Fault::ResetMidBody { after: 200_000 })
+            .method("GET")
+            .target("/wal/0")
+            .skip(3)
+            .times(2),
+    );
+    p.inject(
+        Rule::new(Fault::Status(500))
+            .method("GET")
+            .target("list-type=2")
+            .times(1),
+    );
+    let (restored, out) = restore_latest(&env, &scratch.path().join("latest"));
+    ok(&out);
+    assert_eq!(restored.psql("SELECT count(*) FROM marks"), "30");
+    assert_eq!(restored.psql("SELECT count(*) FROM big"), "300000");
+    eprintln!(
+        "faults injected: {backup_faults} during backup and WAL archiving, {} during the failed restore and {} during the successful one (last segment {last})",
+        before - backup_faults,
+        p.injected() - before
+    );
+}
+
+#[test]
+fn sigkill_and_crashes_mid_stream_leave_nothing_half_visible() {
+    let s3 = FaultyS3::start("killed");
+    let env = s3.env();
+    let pg = primary(&env);
+    // About 40 MB of poorly compressible rows: uploads of several parts.
+    pg.psql(
+        "postgres",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 500000) g",
+    )
+    .unwrap();
+    let listed = |what: &str| -> usize {
+        let listing = ok(&pg_run(&s3.direct(), None, &["list", "--json"]));
+        let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+        json["postgres"][0][what].as_array().map_or(0, |a| a.len())
+    };
+    let p = &s3.proxy;
+
+    // A backup and a dump killed while a part upload hangs: nothing is listed.
+    for (args, object) in [
+        (&["backup"][..], "base.tar.zst"),
+        (&["backup", "--kind", "dump"][..], "postgres.pgdump.zst"),
+    ] {
+        let part = format!("{object}?partNumber=2");
+        p.inject(
+            Rule::new(Fault::Stall(Duration::from_secs(60)))
+                .target(&part)
+                .times(1),
+        );
+        let mut child = pg_spawn(&env, Some(&pg), args);
+        s3.wait_injected(&part, &mut child);
+        kill_tree(child.id());
+        let _ = child.wait();
+    }
+    assert_eq!(listed("backups"), 0);
+    assert_eq!(listed("dumps"), 0);
+    let killed_uploads = s3.pending_uploads();
+    assert!(killed_uploads >= 2, "{killed_uploads} uploads pending");
+
+    // PostgreSQL crashes (a backend is killed) while the backup streams: not listed either.
+    // The upload's creation hangs, so pg_basebackup blocks mid-stream on a full pipe.
+    p.inject(
+        Rule::new(Fault::Stall(Duration::from_secs(8)))
+            .target("base.tar.zst?uploads")
+            .times(1),
+    );
+    let mut child = pg_spawn(&env, Some(&pg), &["backup"]);
+    s3.wait_injected("base.tar.zst?uploads", &mut child);
+    let walsender = pg
+        .psql(
+            "postgres",
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'",
+        )
+        .unwrap();
+    // SAFETY: killing a server process of this test's cluster.
+    unsafe { libc::kill(walsender.trim().parse().unwrap(), libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pg_basebackup"), "{}", stderr(&out));
+    assert_eq!(listed("backups"), 0);
+    // The server recovers by itself; then a backup and a dump succeed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.psql("postgres", "SELECT 1").is_err() {
+        assert!(Instant::now() < deadline, "the server did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(&pg_run(&env, Some(&pg), &["backup"]));
+    ok(&pg_run(&env, Some(&pg), &["backup", "--kind", "dump"]));
+    assert_eq!((listed("backups"), listed("dumps")), (1, 1));
+
+    // A restore killed while the base backup streams in: no recovery settings, nothing
+    // started, nothing reported; the directory is refused until cleared; a rerun succeeds.
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("killed");
+    p.inject(
+        Rule::new(Fault::StallMidBody {
+            after: 2 << 20,
+            pause: Duration::from_secs(60),
+        })
+        .method("GET")
+        .target("base.tar.zst")
+        .times(1),
+    );
+    let port = free_port();
+    let mut child = pg_spawn(
+        &env,
+        None,
+        &[
+            "restore",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    s3.wait_injected("base.tar.zst", &mut child);
+    std::thread::sleep(Duration::from_millis(500));
+    kill_tree(child.id());
+    let out = child.wait_with_output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("restored"));
+    assert!(!dir.join("recovery.signal").exists());
+    assert!(!dir.join("postmaster.pid").exists());
+    let (_, again) = restore_latest(&env, &dir);
+    refused(&again, "not empty");
+    let (restored, out) = restore_latest(&env, &scratch.path().join("rerun"));
+    ok(&out);
+    assert_eq!(restored.psql("SELECT count(*) FROM big"), "500000");
+    drop(restored);
+
+    // prune removes what the killed uploads left (moto dates every upload in 2010: old).
+    let mut prune_env = env.clone();
+    prune_env.push(("DBAGENT_RETENTION_INCOMPLETE_AFTER".into(), "1h".into()));
+    let report = ok(&pg_run(&prune_env, None, &["prune"]));
+    assert!(report.contains("unfinished uploads"), "{report}");
+    assert_eq!(s3.pending_uploads(), 0, "{report}");
+    assert_eq!((listed("backups"), listed("dumps")), (1, 1));
+    eprintln!(
+        "faults injected: {}; multipart uploads left by killed processes: {killed_uploads}",
+        p.injected()
+    );
+}
+
+#[test]
+fn a_killed_backup_on_a_file_repository_leaves_a_temp_file_that_prune_removes() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    // About 12 MB compressed: the upload writes its temp file part by part.
+    pg.psql(
+        "postgres",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g",
+    )
+    .unwrap();
+    // While archiving fails, the backup has streamed everything and waits for its WAL: it is
+    // killed there, its data in a temp file.
+    pg.psql("postgres", "ALTER SYSTEM SET archive_command = 'false'")
+        .unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    let temp_files = || -> Vec<PathBuf> {
+        walk_files(repo.root().unwrap())
+            .into_iter()
+            .filter(|p| {
+                let p = p.to_string_lossy();
+                p.contains("/backups/") && p.contains(".dbagent-tmp-")
+            })
+            .collect()
+    };
+    let mut env = repo.env();
+    env.extend(short_timeouts());
+    let mut child = pg_spawn(&env, Some(&pg), &["backup"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while temp_files().is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "the backup ended");
+        assert!(Instant::now() < deadline, "no temp file appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    kill_tree(child.id());
+    let _ = child.wait();
+    let left = temp_files();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    assert!(listing.contains("\"backups\": []"), "{listing}");
+
+    pg.psql("postgres", "ALTER SYSTEM RESET archive_command")
+        .unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    switch_and_wait_archived(&pg);
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    // A young temp file may belong to a running upload: kept until incomplete_after.
+    let report = ok(&dbagent(&repo, None, &["prune"]));
+    assert!(report.contains("keep 1 younger than 1day"), "{report}");
+    assert_eq!(temp_files(), left);
+    let mut prune = dbagent_cmd(&repo, None, &["prune"]);
+    let report = ok(&prune
+        .env("DBAGENT_RETENTION_INCOMPLETE_AFTER", "0s")
+        .output()
+        .unwrap());
+    assert!(report.contains("deleted 1"), "{report}");
+    assert!(temp_files().is_empty());
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(json["postgres"][0]["backups"].as_array().unwrap().len(), 1);
+}
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0777"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs (the test needs root): {}",
+            stderr(&out)
+        );
+        SmallDisk {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn disk_full_during_restore_is_a_clear_failure() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    let scratch = pg_owned_tempdir().unwrap();
+    // 8 MiB: less than a fresh cluster's base backup.
+    let disk = SmallDisk::mount(&scratch.path().join("small"), "8m");
+    let target = disk.dir.join("data");
+    let port = free_port().to_string();
+    let out = dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--latest",
+            "--target-dir",
+            target.to_str().unwrap(),
+            "--port",
+            &port,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("dbagent: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("No space left on device"), "{err}");
+    eprintln!("{}", lines[0]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("restored"));
+    // What was unpacked is gone again.
+    assert!(
+        std::fs::read_dir(&target).map_or(true, |mut d| d.next().is_none()),
+        "the half-restored directory was left"
+    );
+}
+
+/// Pushes of one name from several processes at once: which succeed, what is stored.
+fn race(env: &[(String, String)], name: &str, contents: &[Vec<u8>]) -> (Vec<usize>, Vec<u8>) {
+    let dirs: Vec<tempfile::TempDir> = contents
+        .iter()
+        .map(|c| {
+            let d = wal_dir();
+            std::fs::write(d.path().join("pg_wal").join(name), c).unwrap();
+            d
+        })
+        .collect();
+    let children: Vec<Child> = dirs
+        .iter()
+        .map(|d| {
+            wal_cmd(env, d.path(), &["wal-push", &format!("pg_wal/{name}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut succeeded = Vec::new();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        match out.status.code() {
+            Some(0) => succeeded.push(i),
+            Some(2) => assert!(
+                stderr(&out).contains("refusing to overwrite"),
+                "{}",
+                stderr(&out)
+            ),
+            other => panic!("wal-push exited {other:?}: {}", stderr(&out)),
+        }
+    }
+    let check = wal_dir();
+    ok(&wal_run(
+        env,
+        check.path(),
+        &["wal-fetch", name, "pg_wal/STORED"],
+    ));
+    let stored = std::fs::read(check.path().join("pg_wal/STORED")).unwrap();
+    (succeeded, stored)
+}
+
+fn racing_pushes(env: Vec<(String, String)>) {
+    let name = seg_name(9);
+    // The same content from six processes: all succeed.
+    let same = wal_segment(&name, SYSID, Fill::Pattern(9));
+    let (ok_ones, stored) = race(&env, &name, &vec![same.clone(); 6]);
+    assert_eq!(ok_ones.len(), 6);
+    assert!(stored == same);
+    // Different contents (one PUT each, and multipart uploads): whoever succeeded sent
+    // exactly what is stored, and only one content can win.
+    for (n, incompressible) in [(10, false), (11, true)] {
+        let fill = |seed: u8| match incompressible {
+            true => Fill::Random(seed as u64),
+            false => Fill::Pattern(seed),
+        };
+        let name = seg_name(n);
+        let contents: Vec<Vec<u8>> = (0..6u8)
+            .map(|i| wal_segment(&name, SYSID, fill(1 + i % 2)))
+            .collect();
+        let (ok_ones, stored) = race(&env, &name, &contents);
+        assert!(!ok_ones.is_empty(), "no push succeeded");
+        let winners: BTreeSet<&Vec<u8>> = ok_ones.iter().map(|&i| &contents[i]).collect();
+        assert_eq!(
+            winners.len(),
+            1,
+            "two different contents were acknowledged for {name} (incompressible: {incompressible})"
+        );
+        assert!(
+            **winners.first().unwrap() == stored,
+            "stored content differs"
+        );
+    }
+}
+
+#[test]
+fn racing_pushes_on_s3_store_what_every_success_sent() {
+    // moto checks If-None-Match without a lock: the proxy gives it S3's atomicity (see
+    // dbagent_testcontainers::FaultProxy). Every request still goes to moto.
+    let s3 = FaultyS3::start("race");
+    s3.proxy.serialize_conditional_writes(true);
+    racing_pushes(s3.env());
+    let conditional = s3
+        .proxy
+        .seen()
+        .iter()
+        .filter(|s| s.outcome == "forwarded 412")
+        .count();
+    assert!(conditional > 0, "no conditional write was refused");
+    eprintln!("conditional writes refused by the store: {conditional}");
+
+    // Without conditional writes (a service that rejects If-None-Match), a push that finds
+    // different content stored still fails loudly and changes nothing.
+    let mut env = s3.env();
+    env.push(("DBAGENT_S3_CONDITIONAL_WRITES".into(), "false".into()));
+    let data = wal_dir();
+    let name = seg_name(12);
+    for (seed, code) in [(1, 0), (2, 2)] {
+        let bytes = wal_segment(&name, SYSID, Fill::Random(seed));
+        std::fs::write(data.path().join("pg_wal").join(&name), &bytes).unwrap();
+        let out = wal_run(&env, data.path(), &["wal-push", &format!("pg_wal/{name}")]);
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
+    }
+    let check = wal_dir();
+    ok(&wal_run(
+        &env,
+        check.path(),
+        &["wal-fetch", &name, "pg_wal/X"],
+    ));
+    assert!(
+        std::fs::read(check.path().join("pg_wal/X")).unwrap()
+            == wal_segment(&name, SYSID, Fill::Random(1))
+    );
+}
+
+#[test]
+fn racing_pushes_on_a_file_repository_store_what_every_success_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    racing_pushes(vec![(
+        "DBAGENT_REPO".into(),
+        format!("file://{}", dir.path().display()),
+    )]);
+}
+
+#[test]
+fn a_misnamed_recycled_or_foreign_segment_is_refused_at_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = vec![(
+        "DBAGENT_REPO".to_string(),
+        format!("file://{}", dir.path().display()),
+    )];
+    let data = wal_dir();
+    let name = seg_name(20);
+    for (bytes, why) in [
+        (
+            wal_segment(&seg_name(3), SYSID, Fill::Pattern(1)),
+            "segment 000000010000000000000003",
+        ),
+        (
+            wal_segment(&name, 42, Fill::Pattern(1)),
+            "system identifier 42",
+        ),
+        (vec![0u8; 16 << 20], "not a PostgreSQL WAL segment"),
+    ] {
+        std::fs::write(data.path().join("pg_wal").join(&name), &bytes).unwrap();
+        let out = wal_run(&env, data.path(), &["wal-push", &format!("pg_wal/{name}")]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{}", stderr(&out));
+        let stored: Vec<_> = walk_files(dir.path());
+        assert!(stored.is_empty(), "stored: {stored:?}");
+    }
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk_files(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
