@@ -448,10 +448,14 @@ pub async fn download_watched<W: Write + Send + 'static>(
     stall: Option<std::time::Duration>,
 ) -> anyhow::Result<(W, Trailer)> {
     let stalled = |what: &str| {
-        anyhow::anyhow!(
-            "downloading {key}: no {what} from the store for {}",
-            humantime::format_duration(stall.unwrap_or_default())
-        )
+        let limit = stall.unwrap_or_default().as_secs_f64();
+        match what {
+            // The S3 client retries failed requests inside this window.
+            "answer" => anyhow::anyhow!(
+                "downloading {key}: no usable answer from the store within {limit:.1}s"
+            ),
+            _ => anyhow::anyhow!("downloading {key}: no data from the store for {limit:.1}s"),
+        }
     };
     let mut stream = match stall {
         Some(limit) => tokio::time::timeout(limit, store.get(key))
