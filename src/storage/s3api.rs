@@ -18,7 +18,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 pub(crate) struct S3Api {
-    http: reqwest::Client,
+    /// Built on first use: loading the system's root certificates takes milliseconds that a
+    /// `wal-push` whose single PUT goes through `object_store` should not pay.
+    http: std::sync::OnceLock<reqwest::Client>,
+    allow_http: bool,
     /// `https://host/bucket` (path style) or the endpoint itself (virtual-hosted), as
     /// `object_store` builds it.
     bucket_endpoint: url::Url,
@@ -67,14 +70,9 @@ impl S3Api {
     ) -> anyhow::Result<S3Api> {
         let bucket_endpoint = url::Url::parse(bucket_endpoint.trim_end_matches('/'))
             .with_context(|| format!("S3 endpoint {bucket_endpoint:?}"))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(REQUEST_TIMEOUT)
-            .https_only(!allow_http)
-            .build()
-            .context("building the HTTP client")?;
         Ok(S3Api {
-            http,
+            http: std::sync::OnceLock::new(),
+            allow_http,
             bucket_endpoint,
             region: region.to_string(),
             key_id,
@@ -82,6 +80,19 @@ impl S3Api {
             token,
             retry_for,
         })
+    }
+
+    fn http(&self) -> anyhow::Result<&reqwest::Client> {
+        if let Some(client) = self.http.get() {
+            return Ok(client);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(REQUEST_TIMEOUT)
+            .https_only(!self.allow_http)
+            .build()
+            .context("building the HTTP client")?;
+        Ok(self.http.get_or_init(|| client))
     }
 
     /// Completes a multipart upload only if nothing is stored under `path` yet.
@@ -239,7 +250,7 @@ impl S3Api {
             now,
         );
         let method = reqwest::Method::from_bytes(method.as_bytes()).context("HTTP method")?;
-        let mut builder = self.http.request(method, url).body(body);
+        let mut builder = self.http()?.request(method, url).body(body);
         for (name, value) in signed {
             if name != "host" {
                 builder = builder.header(name, value);
