@@ -571,6 +571,35 @@ mod tests {
     }
 
     #[test]
+    fn retry_windows_and_conditional_writes() {
+        let cfg = Config::load(&Overrides::default(), &[("X", "y")]).unwrap();
+        assert_eq!(cfg.wal.fetch_retry_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.s3.retry_timeout, Duration::from_secs(120));
+        assert!(cfg.s3.conditional_writes);
+        let cfg = Config::load(
+            &Overrides::default(),
+            &[
+                ("DBAGENT_WAL_FETCH_RETRY_TIMEOUT", "4s"),
+                ("DBAGENT_S3_RETRY_TIMEOUT", "3s"),
+                ("DBAGENT_S3_CONDITIONAL_WRITES", "false"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.wal.fetch_retry_timeout, Duration::from_secs(4));
+        assert_eq!(cfg.s3.retry_timeout, Duration::from_secs(3));
+        assert!(!cfg.s3.conditional_writes);
+        for (key, name) in [
+            ("DBAGENT_WAL_FETCH_RETRY_TIMEOUT", "wal.fetch_retry_timeout"),
+            ("DBAGENT_S3_RETRY_TIMEOUT", "s3.retry_timeout"),
+        ] {
+            let err = Config::load(&Overrides::default(), &[(key, "soon")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(name), "{err}");
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("8MiB"), Some(8 << 20));
         assert_eq!(parse_size("16MB"), Some(16 << 20));

@@ -72,11 +72,23 @@ enum Mode {
 /// Makes `tmp` visible as `path` only if `path` does not exist, durably. The temp file is gone
 /// afterwards whatever happens. `Ok(false)`: the name was taken and nothing changed.
 fn publish_new(tmp: &Path, path: &Path) -> std::io::Result<bool> {
+    let unsupported = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
+        )
+    };
     let res = match rename_noreplace(tmp, path) {
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
-            // The file system has no RENAME_NOREPLACE: link(2) fails on an existing name too.
-            std::fs::hard_link(tmp, path)
-        }
+        // The file system has no RENAME_NOREPLACE: link(2) fails on an existing name too.
+        Err(e) if unsupported(&e) => match std::fs::hard_link(tmp, path) {
+            // Nor hard links: look, then rename (not atomic against a concurrent writer).
+            Err(e) if unsupported(&e) => match path.try_exists() {
+                Ok(true) => Err(std::io::ErrorKind::AlreadyExists.into()),
+                Ok(false) => std::fs::rename(tmp, path),
+                Err(e) => Err(e),
+            },
+            other => other,
+        },
         other => other,
     };
     let _ = std::fs::remove_file(tmp);

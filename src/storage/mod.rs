@@ -83,10 +83,7 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
     // says the request itself is wrong.
     let text = format!("{err:#}");
     match text.find("status code: 4") {
-        Some(i) => {
-            let code = &text[i + 13..(i + 16).min(text.len())];
-            code == "408" || code == "429"
-        }
+        Some(i) => matches!(text.get(i + 13..i + 16), Some("408" | "429")),
         None => true,
     }
 }
