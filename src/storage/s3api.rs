@@ -3,7 +3,8 @@
 //! ListMultipartUploads (it has no way to find uploads a killed process left behind).
 //!
 //! Signed here with AWS Signature Version 4, addressed exactly as `object_store` addresses the
-//! bucket, and like everything else sent without `x-amz-checksum-*` headers (B2 rejects them).
+//! bucket, verified against the same CA roots (`crate::tls`), and like everything else sent
+//! without `x-amz-checksum-*` headers (B2 rejects them).
 
 use std::time::Duration;
 
@@ -86,7 +87,12 @@ impl S3Api {
         if let Some(client) = self.http.get() {
             return Ok(client);
         }
-        let client = reqwest::Client::builder()
+        // The same CA roots as object_store's client (the system's, or the built-in ones).
+        let builder = match self.bucket_endpoint.scheme() {
+            "https" => crate::tls::reqwest_builder()?,
+            _ => reqwest::Client::builder(),
+        };
+        let client = builder
             .connect_timeout(Duration::from_secs(10))
             .timeout(REQUEST_TIMEOUT)
             .https_only(!self.allow_http)
