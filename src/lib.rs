@@ -16,6 +16,7 @@ pub mod mysql;
 pub mod notify;
 pub mod pg;
 pub mod pipeline;
+pub mod proc;
 pub mod prune;
 pub mod repo;
 pub mod restore;

@@ -5,7 +5,6 @@
 //! comes from the archive, so the backup is recorded (manifest last) only once every segment
 //! from its start to its stop LSN is in the store.
 
-use std::io::{BufRead, BufReader};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,8 +14,10 @@ use chrono::Utc;
 use crate::config::Config;
 use crate::input_err;
 use crate::pg::conn::ConnInfo;
-use crate::pipeline;
-use crate::repo::manifest::{BaseBackup, DatabaseInfo, ObjectRef, TableRows};
+use crate::pg::tarscan::TarScanner;
+use crate::pipeline::PipeOptions;
+use crate::proc::{Program, Stdout};
+use crate::repo::manifest::{BaseBackup, DatabaseInfo, TableRows};
 use crate::repo::wal::Segment;
 use crate::repo::{self, FORMAT_VERSION};
 use crate::storage::Store;
@@ -24,25 +25,9 @@ use crate::storage::Store;
 /// Tables per database whose row estimates the manifest records (bounds its size).
 const MAX_TABLES_PER_DB: i64 = 5000;
 
-/// What pg_basebackup reported on stderr.
-#[derive(Debug, Default)]
-struct Progress {
-    waiting_for_archive_since: Option<Instant>,
-    last_lines: Vec<String>,
-}
-
-impl Progress {
-    fn observe(&mut self, line: &str) {
-        if line.contains("waiting for required WAL segments to be archived")
-            && self.waiting_for_archive_since.is_none()
-        {
-            self.waiting_for_archive_since = Some(Instant::now());
-        }
-        self.last_lines.push(line.to_string());
-        if self.last_lines.len() > 20 {
-            self.last_lines.remove(0);
-        }
-    }
+/// pg_basebackup's line that says the server now waits for the backup's WAL to be archived.
+fn waits_for_archiving(line: &str) -> bool {
+    line.contains("waiting for required WAL segments to be archived")
 }
 
 struct ServerFacts {
@@ -196,8 +181,7 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         anyhow::bail!("a backup named {id} already exists; try again in a second");
     }
 
-    let program = crate::pg::bins::program(&cfg.pg, "pg_basebackup")?;
-    let mut child = std::process::Command::new(&program)
+    let program = Program::new(crate::pg::bins::program(&cfg.pg, "pg_basebackup")?)
         .args([
             "-D",
             "-",
@@ -212,72 +196,43 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         ])
         .arg("-l")
         .arg(format!("dbagent {id}"))
-        .envs(conn.child_env())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
-    let pid = child.id() as i32;
-    let stdout = child.stdout.take().expect("piped");
-    crate::pipeline::widen_pipe(&stdout);
-    let (stdout, tar_facts) = crate::pg::tarscan::TarScan::new(stdout);
-    let stderr = child.stderr.take().expect("piped");
-    let progress = Arc::new(Mutex::new(Progress::default()));
-    let reader_progress = progress.clone();
-    let stderr_thread = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            tracing::debug!(target: "pg_basebackup", "{line}");
-            reader_progress.lock().unwrap().observe(&line);
-        }
-    });
-
-    tracing::info!(%id, server = %conn.describe(), "base backup started");
-    let upload = pipeline::upload(
-        store.as_ref(),
-        &data_key,
-        stdout,
-        crate::pipeline::PipeOptions::from_config(cfg),
-    );
-    tokio::pin!(upload);
-    // Watch for an archive that never catches up: fail with the reason instead of hanging.
-    let stuck = loop {
-        tokio::select! {
-            res = &mut upload => break Ok(res),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                let since = progress.lock().unwrap().waiting_for_archive_since;
-                if since.is_some_and(|s| s.elapsed() > cfg.wal.archive_wait) {
-                    // SAFETY: signalling our own child.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                    break Err(());
-                }
+        .envs(conn.child_env());
+    let waiting_since: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let seen = waiting_since.clone();
+    // An archive that never catches up: fail with the reason instead of hanging.
+    let archive_wait = cfg.wal.archive_wait;
+    let stuck = async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let since = *waiting_since.lock().unwrap_or_else(|e| e.into_inner());
+            if since.is_some_and(|s| s.elapsed() > archive_wait) {
+                return anyhow::anyhow!(
+                    "WAL archiving is stuck: the server waited more than {} for the backup's WAL to be archived; check archive_command and `dbagent wal-push` errors in the PostgreSQL log",
+                    humantime::format_duration(archive_wait)
+                );
             }
         }
     };
-    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-    let _ = stderr_thread.join();
-    let progress = std::mem::take(&mut *progress.lock().unwrap());
-
-    if stuck.is_err() {
-        let _ = store.delete(&data_key).await;
-        anyhow::bail!(
-            "WAL archiving is stuck: the server waited more than {} for the backup's WAL to be archived; check archive_command and `dbagent wal-push` errors in the PostgreSQL log",
-            humantime::format_duration(cfg.wal.archive_wait)
-        );
-    }
-    let written = match (stuck.unwrap(), status.success()) {
-        (Ok(w), true) => w,
-        (res, _) => {
-            let _ = store.delete(&data_key).await;
-            let tail = progress.last_lines.last().cloned().unwrap_or_default();
-            return Err(match res {
-                Err(e) if status.success() => e,
-                _ => anyhow::anyhow!("pg_basebackup failed ({status}): {tail}"),
-            });
-        }
-    };
-    let facts_seen = tar_facts.lock().unwrap().clone();
-    let (Some((start_lsn, tli)), Some(stop_lsn)) = (facts_seen.start(), facts_seen.stop()) else {
+    tracing::info!(%id, server = %conn.describe(), "base backup started");
+    let (data, scanner) = program
+        .run()
+        .on_stderr_line(move |line| {
+            if waits_for_archiving(line) {
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(Instant::now);
+            }
+        })
+        .stop_when(stuck)
+        .to_store(
+            store.as_ref(),
+            &data_key,
+            PipeOptions::from_config(cfg),
+            Stdout::watched(TarScanner::default()),
+        )
+        .await?;
+    let tar = scanner.facts();
+    let (Some((start_lsn, tli)), Some(stop_lsn)) = (tar.start(), tar.stop()) else {
         let _ = store.delete(&data_key).await;
         anyhow::bail!(
             "the base backup stream had no backup_label or backup_manifest WAL range: is the server PostgreSQL 13 or newer?"
@@ -303,20 +258,17 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         server_version: facts.version,
         server_version_num: facts.version_num,
         wal_segment_size: seg_size,
-        data: ObjectRef {
-            key: data_key.clone(),
-            stored_bytes: written.stored_size,
-            plain_bytes: written.trailer.plain_size,
-            sha256: written.trailer.sha256_hex(),
-        },
+        data,
         databases: facts.databases,
         dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let json = serde_json::to_vec_pretty(&manifest)?;
-    let key = repo::backup_manifest_key(facts.sysid, &id);
-    crate::storage::put_once(store.as_ref(), &key, json.into())
-        .await
-        .context("writing the backup manifest")?;
+    repo::write_manifest(
+        store.as_ref(),
+        &repo::backup_manifest_key(facts.sysid, &id),
+        &manifest,
+        "the backup manifest",
+    )
+    .await?;
     tracing::info!(%id, "base backup complete");
     Ok(manifest)
 }
@@ -360,10 +312,11 @@ mod tests {
 
     #[test]
     fn notices_the_wait_for_archiving() {
-        let mut p = Progress::default();
-        p.observe("pg_basebackup: initiating base backup, waiting for checkpoint to complete");
-        assert!(p.waiting_for_archive_since.is_none());
-        p.observe("NOTICE:  base backup done, waiting for required WAL segments to be archived");
-        assert!(p.waiting_for_archive_since.is_some());
+        assert!(!waits_for_archiving(
+            "pg_basebackup: initiating base backup, waiting for checkpoint to complete"
+        ));
+        assert!(waits_for_archiving(
+            "NOTICE:  base backup done, waiting for required WAL segments to be archived"
+        ));
     }
 }

@@ -2,9 +2,7 @@
 //! backup manifest needs: `backup_label` (start LSN, timeline) and the end of
 //! `backup_manifest` (its WAL-Ranges give the stop LSN). Costs one header parse per member.
 
-use std::io::Read;
-use std::sync::{Arc, Mutex};
-
+use crate::pipeline::Watch;
 use crate::repo::wal::Lsn;
 
 const BLOCK: usize = 512;
@@ -57,28 +55,30 @@ enum State {
     },
 }
 
-/// A reader that passes bytes through unchanged and records `TarFacts`.
-pub struct TarScan<R> {
-    inner: R,
+/// Watches the tar stream (see `pipeline::Tap`) and records `TarFacts`.
+#[derive(Debug)]
+pub struct TarScanner {
     state: State,
-    facts: Arc<Mutex<TarFacts>>,
+    facts: TarFacts,
     capture: Vec<u8>,
 }
 
-impl<R: Read> TarScan<R> {
-    pub fn new(inner: R) -> (Self, Arc<Mutex<TarFacts>>) {
-        let facts = Arc::new(Mutex::new(TarFacts::default()));
-        (
-            TarScan {
-                inner,
-                state: State::Header {
-                    buf: Vec::with_capacity(BLOCK),
-                },
-                facts: facts.clone(),
-                capture: Vec::new(),
+impl Default for TarScanner {
+    fn default() -> Self {
+        TarScanner {
+            state: State::Header {
+                buf: Vec::with_capacity(BLOCK),
             },
-            facts,
-        )
+            facts: TarFacts::default(),
+            capture: Vec::new(),
+        }
+    }
+}
+
+impl TarScanner {
+    /// What the stream said, once it has passed.
+    pub fn facts(&self) -> &TarFacts {
+        &self.facts
     }
 
     fn observe(&mut self, mut data: &[u8]) {
@@ -120,7 +120,7 @@ impl<R: Read> TarScan<R> {
                     if *remaining == 0 && *padding == 0 {
                         let done = std::mem::take(name);
                         let captured = std::mem::take(&mut self.capture);
-                        let mut facts = self.facts.lock().unwrap();
+                        let facts = &mut self.facts;
                         match done.as_str() {
                             "backup_label" => {
                                 facts.backup_label =
@@ -185,17 +185,16 @@ fn parse_size(field: &[u8]) -> u64 {
     }
 }
 
-impl<R: Read> Read for TarScan<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.observe(&buf[..n]);
-        Ok(n)
+impl Watch for TarScanner {
+    fn watch(&mut self, buf: &[u8]) {
+        self.observe(buf);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     fn tar_with(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -222,7 +221,8 @@ mod tests {
             ("backup_manifest", manifest),
         ]);
         for step in [1usize, 7, 512, 4096, 1 << 20] {
-            let (mut scan, facts) = TarScan::new(std::io::Cursor::new(tar.clone()));
+            let (mut scan, scanner) =
+                crate::pipeline::Tap::new(std::io::Cursor::new(tar.clone()), TarScanner::default());
             let mut out = Vec::new();
             let mut buf = vec![0u8; step];
             loop {
@@ -233,7 +233,8 @@ mod tests {
                 out.extend_from_slice(&buf[..n]);
             }
             assert_eq!(out, tar, "passes bytes through unchanged");
-            let f = facts.lock().unwrap();
+            let scanner = scanner.lock().unwrap();
+            let f = scanner.facts();
             assert_eq!(
                 f.start(),
                 Some(("0/5000028".parse().unwrap(), 1)),

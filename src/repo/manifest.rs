@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::wal::Lsn;
+use crate::pipeline::{Trailer, Written};
 
 /// One data object a manifest points at, with the plain bytes' identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,6 +13,29 @@ pub struct ObjectRef {
     pub stored_bytes: u64,
     pub plain_bytes: u64,
     pub sha256: String,
+}
+
+impl ObjectRef {
+    /// The object an upload wrote under `key`.
+    pub fn written(key: &str, w: &Written) -> ObjectRef {
+        ObjectRef {
+            key: key.to_string(),
+            stored_bytes: w.stored_size,
+            plain_bytes: w.trailer.plain_size,
+            sha256: w.trailer.sha256_hex(),
+        }
+    }
+
+    /// Checks what a download read (its trailer, already verified against the bytes) against
+    /// the checksum this manifest recorded. `what` names the object in the message.
+    pub fn verify(&self, read: &Trailer, what: &str) -> anyhow::Result<()> {
+        if read.sha256_hex() == self.sha256 {
+            return Ok(());
+        }
+        Err(anyhow::Error::new(crate::error::Failure::Corrupt(format!(
+            "{what} is corrupt: its data does not match the checksum in its manifest"
+        ))))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

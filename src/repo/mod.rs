@@ -17,6 +17,23 @@ pub mod wal;
 
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Writes a manifest (or report) as pretty JSON under `key`, create-only (`storage::put_once`:
+/// the same bytes already there is success, different ones fail and change nothing). `what`
+/// names it in the error ("the backup manifest"). Manifests go last: what they describe is
+/// already stored.
+pub async fn write_manifest<T: serde::Serialize>(
+    store: &dyn crate::storage::Store,
+    key: &str,
+    value: &T,
+    what: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let json = serde_json::to_vec_pretty(value).with_context(|| format!("encoding {what}"))?;
+    crate::storage::put_once(store, key, json.into())
+        .await
+        .with_context(|| format!("writing {what}"))
+}
+
 /// A new backup, dump or report id: its UTC start time, then a random suffix, so two runs
 /// started in the same second never share keys (one's cleanup must not touch the other's data).
 /// Ids sort by time; code that orders backups uses their recorded times anyway.
