@@ -114,13 +114,11 @@ impl Drop for Scratch {
         let data = self.data();
         if data.join("postmaster.pid").exists() {
             if let Some(pg_ctl) = &self.pg_ctl {
-                let _ = std::process::Command::new(pg_ctl)
+                let _ = crate::proc::Program::new(pg_ctl)
                     .arg("-D")
                     .arg(&data)
                     .args(["-m", "immediate", "-w", "-t", "30", "stop"])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status();
+                    .status_blocking();
             }
         }
         if let Some(dir) = self.dir.take() {

@@ -8,11 +8,9 @@
 //! `CREATE USER IF NOT EXISTS` + `GRANT`) come first in the same object, so that a restore can
 //! replay binlogged statements that refer to them. The manifest is written last.
 
-use std::io::{BufRead, BufReader, Read};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
 use chrono::Utc;
 
 use super::client::{self, MysqlConn};
@@ -20,10 +18,9 @@ use super::dumpscan::{DumpFacts, DumpScanner};
 use super::server::{Server, ServerFacts};
 use crate::config::Config;
 use crate::input_err;
-use crate::pipeline;
-use crate::pipeline::Tap;
+use crate::pipeline::PipeOptions;
+use crate::proc::{Program, Stdout};
 use crate::repo::FORMAT_VERSION;
-use crate::repo::manifest::ObjectRef;
 use crate::repo::mysql::{
     self as keys, BinlogPosition, DumpedDatabase, Flavor, MysqlDump, TableCount,
 };
@@ -33,8 +30,6 @@ use crate::storage::Store;
 /// The accounts part is read into memory before the data dump starts; it is a few lines per
 /// account, so this bound is generous.
 const MAX_ACCOUNTS_BYTES: u64 = 64 << 20;
-/// stderr lines of the dump program kept for the error message.
-const STDERR_LINES: usize = 20;
 
 pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
     let started = Instant::now();
@@ -65,81 +60,32 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         Flavor::Mysql => None,
     };
     let options = server.conn.options_file()?;
-    let mut child = std::process::Command::new(&server.programs.dump)
+    let program = Program::new(&server.programs.dump)
         .arg(options.arg())
         .args(dump_args(&server.facts))
         .arg("--databases")
-        .args(&databases)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", server.programs.dump.display()))?;
-    let stdout = child.stdout.take().expect("piped");
-    crate::pipeline::widen_pipe(&stdout);
-    let stderr = child.stderr.take().expect("piped");
-    let stderr_tail = Arc::new(Mutex::new(Vec::<String>::new()));
-    let tail = stderr_tail.clone();
-    let stderr_thread = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            tracing::debug!(target: "mysqldump", "{line}");
-            let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-            t.push(line);
-            if t.len() > STDERR_LINES {
-                t.remove(0);
-            }
-        }
-    });
-
+        .args(&databases);
     tracing::info!(%id, server = %server.conn.describe(), databases = databases.len(), "mysql dump started");
     let has_accounts = accounts.is_some();
-    let source = std::io::Cursor::new(accounts.unwrap_or_default()).chain(stdout);
-    let (reader, scanner) = Tap::new(source, DumpScanner::default());
-    let uploaded = pipeline::upload(
-        store.as_ref(),
-        &data_key,
-        reader,
-        crate::pipeline::PipeOptions::from_config(cfg),
-    )
-    .await;
-    if uploaded.is_err() {
-        let _ = child.kill();
-    }
-    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-    let _ = stderr_thread.join();
+    let (data, scanner) = program
+        .run()
+        .on_failure(|exit| {
+            let line = exit.telling_line();
+            if client::is_connect_error(&line) {
+                client::client_error(&server.conn, &line)
+            } else {
+                exit.error()
+            }
+        })
+        .to_store(
+            store.as_ref(),
+            &data_key,
+            PipeOptions::from_config(cfg),
+            Stdout::watched(DumpScanner::default()).after(accounts.unwrap_or_default()),
+        )
+        .await?;
     drop(options);
-    let stderr_text = stderr_tail
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .join("\n");
-    let written = match (uploaded, status.success()) {
-        (Ok(w), true) => w,
-        // The upload failed (storage): the dump program was stopped by us; its death is not
-        // the news.
-        (Err(e), _) => {
-            let _ = store.delete(&data_key).await;
-            return Err(e);
-        }
-        (uploaded, _) => {
-            let _ = store.delete(&data_key).await;
-            return Err(match uploaded {
-                Err(e) => e,
-                _ => {
-                    let e = client::client_error(&server.conn, &stderr_text);
-                    if crate::error::exit_code(&e) == 1 {
-                        e
-                    } else {
-                        anyhow::anyhow!(
-                            "{} failed ({status}): {}",
-                            server.programs.dump.display(),
-                            client::first_error_line(&stderr_text)
-                        )
-                    }
-                }
-            });
-        }
-    };
-    let facts = std::mem::take(&mut *scanner.lock().unwrap_or_else(|e| e.into_inner())).finish();
+    let facts = scanner.finish();
     let (binlog, consistent_time) = match (&facts.binlog, facts.coordinates_seen_at) {
         (Some((file, position)), Some(seen)) if facts.completed => (
             BinlogPosition {
@@ -177,19 +123,17 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         binlog,
         gtid: facts.gtid.clone(),
         accounts: has_accounts,
-        data: ObjectRef {
-            key: data_key.clone(),
-            stored_bytes: written.stored_size,
-            plain_bytes: written.trailer.plain_size,
-            sha256: written.trailer.sha256_hex(),
-        },
+        data,
         databases: dumped_databases(&databases, &facts),
         dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let json = serde_json::to_vec_pretty(&manifest)?;
-    crate::storage::put_once(store.as_ref(), &manifest_key, json.into())
-        .await
-        .context("writing the dump manifest")?;
+    crate::repo::write_manifest(
+        store.as_ref(),
+        &manifest_key,
+        &manifest,
+        "the dump manifest",
+    )
+    .await?;
     tracing::info!(%id, "mysql dump complete");
     let tables: usize = manifest.databases.iter().map(|d| d.tables.len()).sum();
     Ok(format!(
@@ -199,8 +143,8 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         started.elapsed().as_secs_f64(),
         manifest.databases.len(),
         manifest.total_rows(),
-        human(written.trailer.plain_size),
-        human(written.stored_size),
+        human(manifest.data.plain_bytes),
+        human(manifest.data.stored_bytes),
         manifest.binlog,
         manifest
             .gtid
@@ -250,19 +194,18 @@ fn version_at_least(version: &str, want: (u32, u32, u32)) -> bool {
 /// dump goes on without them (and says so).
 async fn dump_accounts(server: &Server) -> Option<Vec<u8>> {
     let options = server.conn.options_file().ok()?;
-    let out = tokio::process::Command::new(&server.programs.dump)
+    let out = Program::new(&server.programs.dump)
         .arg(options.arg())
         .args([
             "--system=users",
             "--insert-ignore",
             "--default-character-set=utf8mb4",
         ])
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
+        .run()
         .output()
         .await;
     match out {
-        Ok(out) if out.status.success() && (out.stdout.len() as u64) < MAX_ACCOUNTS_BYTES => {
+        Ok(out) if out.success() && (out.stdout.len() as u64) < MAX_ACCOUNTS_BYTES => {
             // The data dump's own end marker is the one that proves completeness.
             let text: Vec<u8> = out
                 .stdout
@@ -274,13 +217,13 @@ async fn dump_accounts(server: &Server) -> Option<Vec<u8>> {
         }
         Ok(out) => {
             tracing::warn!(
-                error = %client::first_error_line(&String::from_utf8_lossy(&out.stderr)),
+                error = %out.telling_line(),
                 "accounts and grants not dumped (the dump user needs SELECT on mysql.*)"
             );
             None
         }
         Err(e) => {
-            tracing::warn!(error = %e, "accounts and grants not dumped");
+            tracing::warn!(error = %format!("{e:#}"), "accounts and grants not dumped");
             None
         }
     }

@@ -8,10 +8,8 @@
 //! transactions that span a rotation intact. `mysqlbinlog` reads `--stop-datetime` in its own
 //! time zone, so it runs with `TZ=UTC` and gets the target in UTC.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +22,7 @@ use super::plan::{MysqlPlan, plan_mysql};
 use super::server::Server;
 use crate::config::{Config, MysqlConfig};
 use crate::input_err;
+use crate::proc::Program;
 use crate::repo::mysql::{self as keys, Flavor, MysqlCatalog};
 use crate::storage::Store;
 
@@ -233,7 +232,7 @@ async fn load_and_replay(
         stop = ?plan.stop_datetime,
         "replaying binlogs"
     );
-    replay(plan, programs, conn, &files)?;
+    replay(plan, programs, conn, &files).await?;
     Ok(())
 }
 
@@ -245,57 +244,23 @@ async fn load_dump(
     conn: &MysqlConn,
 ) -> anyhow::Result<()> {
     let options = conn.options_file()?;
-    let mut child = Command::new(&programs.client)
+    Program::new(&programs.client)
         .arg(options.arg())
         .args([
             "--binary-mode",
             "--default-character-set=utf8mb4",
             "--max-allowed-packet=1G",
         ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", programs.client.display()))?;
-    let stdin = child.stdin.take().expect("piped");
-    let stderr = collect_stderr(child.stderr.take().expect("piped"));
-    let downloaded = crate::pipeline::download(store, &plan.dump.data.key, stdin)
+        .run()
+        .on_failure(|exit| {
+            anyhow::anyhow!(
+                "loading dump {} failed: {}",
+                plan.dump.id,
+                exit.telling_line()
+            )
+        })
+        .from_store(store, &plan.dump.data, &format!("dump {}", plan.dump.id))
         .await
-        .map(|(stdin, trailer)| {
-            drop(stdin);
-            trailer
-        });
-    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-    let stderr = stderr.join().unwrap_or_default();
-    drop(options);
-    if !status.success() {
-        return Err(anyhow::anyhow!(
-            "loading dump {} failed: {}",
-            plan.dump.id,
-            client::first_error_line(&stderr)
-        ));
-    }
-    let trailer = downloaded.with_context(|| format!("downloading dump {}", plan.dump.id))?;
-    if trailer.sha256_hex() != plan.dump.data.sha256 {
-        anyhow::bail!(
-            "dump {} is corrupt: its data does not match the checksum in its manifest",
-            plan.dump.id
-        );
-    }
-    Ok(())
-}
-
-fn collect_stderr(stderr: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            lines.push(line);
-            if lines.len() > 40 {
-                lines.remove(0);
-            }
-        }
-        lines.join("\n")
-    })
 }
 
 /// Downloads the plan's binlogs into `work`, verified against the trailer and the catalog.
@@ -348,74 +313,36 @@ async fn download_binlogs(
 }
 
 /// One binlog reader over all files, piped into one client connection.
-fn replay(
+async fn replay(
     plan: &MysqlPlan,
     programs: &Programs,
     conn: &MysqlConn,
     files: &[PathBuf],
 ) -> anyhow::Result<()> {
-    let mut reader = Command::new(&programs.binlog);
-    reader.env("TZ", "UTC");
+    let mut reader = Program::new(&programs.binlog).env("TZ", "UTC");
     if programs.flavor == Flavor::Mysql {
         // The restored server is a new server: its GTID history starts from the dump's
         // GTID_PURGED, and replayed transactions get its own GTIDs.
-        reader.arg("--skip-gtids");
+        reader = reader.arg("--skip-gtids");
     }
-    reader.arg(format!("--start-position={}", plan.start_position));
+    reader = reader.arg(format!("--start-position={}", plan.start_position));
     if let Some(stop) = plan.stop_datetime {
-        reader.arg(format!(
+        reader = reader.arg(format!(
             "--stop-datetime={}",
             stop.format("%Y-%m-%d %H:%M:%S")
         ));
     }
-    let mut reader = reader
-        .args(files)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", programs.binlog.display()))?;
-    let reader_err = collect_stderr(reader.stderr.take().expect("piped"));
+    let reader = reader.args(files);
     let options = conn.options_file()?;
-    let applier = Command::new(&programs.client)
+    let applier = Program::new(&programs.client)
         .arg(options.arg())
-        .args(["--binary-mode", "--max-allowed-packet=1G"])
-        .stdin(Stdio::from(reader.stdout.take().expect("piped")))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut applier = match applier {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = reader.kill();
-            let _ = reader.wait();
-            return Err(
-                anyhow::Error::new(e).context(format!("starting {}", programs.client.display()))
-            );
-        }
-    };
-    let applier_err = collect_stderr(applier.stderr.take().expect("piped"));
-    let applied = applier.wait()?;
-    if !applied.success() {
-        let _ = reader.kill();
-    }
-    let read = reader.wait()?;
-    let reader_err = reader_err.join().unwrap_or_default();
-    let applier_err = applier_err.join().unwrap_or_default();
-    if !applied.success() {
-        anyhow::bail!(
-            "replaying binlogs failed: {}",
-            client::first_error_line(&applier_err)
-        );
-    }
-    if !read.success() {
-        anyhow::bail!(
-            "{} failed ({read}): {}",
-            programs.binlog.display(),
-            client::first_error_line(&reader_err)
-        );
-    }
-    Ok(())
+        .args(["--binary-mode", "--max-allowed-packet=1G"]);
+    reader
+        .run()
+        .pipe_into(applier.run().on_failure(|exit| {
+            anyhow::anyhow!("replaying binlogs failed: {}", exit.telling_line())
+        }))
+        .await
 }
 
 /// The programs that initialise and run a server.
@@ -508,7 +435,9 @@ async fn restore_into_scratch(
     let flavor = plan.dump.flavor;
     let programs = Programs::find(&cfg.mysql, flavor).map_err(|e| (e, None))?;
     let server_programs = ScratchPrograms::find(&cfg.mysql, flavor).map_err(|e| (e, None))?;
-    let scratch = init_scratch(dir, port, flavor, &server_programs).map_err(|e| (e, None))?;
+    let scratch = init_scratch(dir, port, flavor, &server_programs)
+        .await
+        .map_err(|e| (e, None))?;
     let scratch = match start_scratch(scratch, &server_programs, &programs).await {
         Ok(s) => s,
         Err((e, s)) => return Err((e, Some(s))),
@@ -532,7 +461,7 @@ async fn restore_into_scratch(
     }
 }
 
-fn init_scratch(
+async fn init_scratch(
     dir: &Path,
     port: Option<u16>,
     flavor: Flavor,
@@ -575,37 +504,33 @@ fn init_scratch(
     ));
     let cnf_path = dir.join("my.cnf");
     std::fs::write(&cnf_path, cnf).with_context(|| format!("writing {}", cnf_path.display()))?;
-    let mut cmd = match (flavor, &programs.install) {
-        (Flavor::Mariadb, Some(install)) => {
-            let mut c = Command::new(install);
-            c.arg(format!("--defaults-file={}", cnf_path.display()))
-                .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
-            c
-        }
-        _ => {
-            let mut c = Command::new(&programs.server);
-            c.arg(format!("--defaults-file={}", cnf_path.display()))
-                .arg("--initialize-insecure");
-            c
-        }
+    let defaults = format!("--defaults-file={}", cnf_path.display());
+    let init = match (flavor, &programs.install) {
+        (Flavor::Mariadb, Some(install)) => Program::new(install)
+            .arg(&defaults)
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]),
+        _ => Program::new(&programs.server)
+            .arg(&defaults)
+            .arg("--initialize-insecure"),
     };
     tracing::info!(dir = %dir.display(), "initialising a scratch server");
-    let out = cmd
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
+    init.current_dir(dir)
+        .run()
+        .on_failure(|exit| {
+            anyhow::anyhow!(
+                "initialising the scratch server in {} failed: {}",
+                data.display(),
+                crate::proc::telling_line(
+                    &String::from_utf8_lossy(&exit.stdout)
+                        .lines()
+                        .chain(exit.stderr().lines())
+                        .collect::<Vec<_>>()
+                )
+            )
+        })
+        .check()
+        .await
         .context("initialising the scratch server")?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "initialising the scratch server in {} failed: {}",
-            data.display(),
-            client::first_error_line(&format!(
-                "{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        );
-    }
     Ok(Scratch {
         dir: dir.to_path_buf(),
         cnf: cnf_path,
@@ -621,32 +546,14 @@ async fn start_scratch(
     programs: &ScratchPrograms,
     clients: &Programs,
 ) -> Result<Scratch, (anyhow::Error, Scratch)> {
-    use std::os::unix::process::CommandExt;
-    let out = match std::fs::File::create(scratch.dir.join("server.out")) {
-        Ok(f) => f,
-        Err(e) => return Err((e.into(), scratch)),
-    };
-    let err = match out.try_clone() {
-        Ok(f) => f,
-        Err(e) => return Err((e.into(), scratch)),
-    };
     // Its own process group: the server outlives this command and a ^C to it.
-    let child = Command::new(&programs.server)
+    let child = Program::new(&programs.server)
         .arg(format!("--defaults-file={}", scratch.cnf.display()))
         .current_dir(&scratch.dir)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .spawn();
+        .spawn_server(&scratch.dir.join("server.out"));
     let mut child = match child {
         Ok(c) => c,
-        Err(e) => {
-            return Err((
-                anyhow::Error::new(e).context(format!("starting {}", programs.server.display())),
-                scratch,
-            ));
-        }
+        Err(e) => return Err((e, scratch)),
     };
     scratch.pid = Some(child.id());
     let conn = MysqlConn::local_root(&scratch.socket, scratch.port);
@@ -732,7 +639,7 @@ impl DrillServer {
         let flavor = plan.dump.flavor;
         let programs = Programs::find(&cfg.mysql, flavor)?;
         let server_programs = ScratchPrograms::find(&cfg.mysql, flavor)?;
-        let scratch = init_scratch(dir, None, flavor, &server_programs)?;
+        let scratch = init_scratch(dir, None, flavor, &server_programs).await?;
         let scratch = match start_scratch(scratch, &server_programs, &programs).await {
             Ok(s) => s,
             Err((e, s)) => {
@@ -766,7 +673,7 @@ impl DrillServer {
         }
         let work = WorkDir::inside(&self.dir)?;
         let files = download_binlogs(store, &self.cat, &self.plan, work.path()).await?;
-        replay(&self.plan, &self.programs, &self.conn(), &files)
+        replay(&self.plan, &self.programs, &self.conn(), &files).await
     }
 }
 

@@ -8,8 +8,7 @@
 //! re-applied by the restore. Roles come from `pg_dumpall --globals-only`; a restore creates
 //! the roles the target server lacks and never changes existing ones.
 
-use std::io::{BufRead, BufReader};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -19,7 +18,8 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::input_err;
 use crate::pg::conn::ConnInfo;
-use crate::pipeline;
+use crate::pipeline::{self, PipeOptions};
+use crate::proc::{Program, Stdout};
 use crate::repo::FORMAT_VERSION;
 use crate::repo::dump::{self as keys, DbSetting, DumpedDatabase, PgDumpSet, TableCount};
 use crate::repo::manifest::ObjectRef;
@@ -38,7 +38,6 @@ const LIST_SETTINGS: [&str; 6] = [
     "temp_tablespaces",
     "unix_socket_directories",
 ];
-const STDERR_LINES: usize = 20;
 
 /// `dbagent backup --engine postgres --kind dump`. Returns the summary printed on stdout.
 pub async fn backup_dumps(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
@@ -114,10 +113,13 @@ pub async fn backup_dumps(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result
         databases: dumped,
         dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let json = serde_json::to_vec_pretty(&manifest)?;
-    crate::storage::put_once(store.as_ref(), &keys::manifest_key(sysid, &id), json.into())
-        .await
-        .context("writing the dump manifest")?;
+    crate::repo::write_manifest(
+        store.as_ref(),
+        &keys::manifest_key(sysid, &id),
+        &manifest,
+        "the dump manifest",
+    )
+    .await?;
     let tables: usize = manifest.databases.iter().map(|d| d.tables.len()).sum();
     let rows: i64 = manifest
         .databases
@@ -227,60 +229,19 @@ async fn run_to_store(
     args: &[&str],
     key: &str,
 ) -> anyhow::Result<ObjectRef> {
-    let path = crate::pg::bins::program(&cfg.pg, program)?;
-    let mut child = std::process::Command::new(&path)
+    let program = Program::new(crate::pg::bins::program(&cfg.pg, program)?)
         .args(args)
-        .envs(conn.child_env())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", path.display()))?;
-    let stdout = child.stdout.take().expect("piped");
-    crate::pipeline::widen_pipe(&stdout);
-    let stderr = stderr_tail(child.stderr.take().expect("piped"));
-    let uploaded = pipeline::upload(
-        store.as_ref(),
-        key,
-        stdout,
-        crate::pipeline::PipeOptions::from_config(cfg),
-    )
-    .await;
-    if uploaded.is_err() {
-        let _ = child.kill();
-    }
-    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-    let stderr = stderr.join().unwrap_or_default();
-    // A failed upload stopped the program: report the storage error, not the kill.
-    let w = uploaded?;
-    if !status.success() {
-        anyhow::bail!(
-            "{program} failed ({status}): {}",
-            stderr.lines().last().unwrap_or("no message")
-        );
-    }
-    Ok(ObjectRef {
-        key: key.to_string(),
-        stored_bytes: w.stored_size,
-        plain_bytes: w.trailer.plain_size,
-        sha256: w.trailer.sha256_hex(),
-    })
-}
-
-fn stderr_tail(stderr: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            tracing::debug!(target: "pg_dump", "{line}");
-            let mut l = lines.lock().unwrap_or_else(|e| e.into_inner());
-            l.push(line);
-            if l.len() > STDERR_LINES {
-                l.remove(0);
-            }
-        }
-        let l = lines.lock().unwrap_or_else(|e| e.into_inner());
-        l.join("\n")
-    })
+        .envs(conn.child_env());
+    let (data, _) = program
+        .run()
+        .to_store(
+            store.as_ref(),
+            key,
+            PipeOptions::from_config(cfg),
+            Stdout::plain(),
+        )
+        .await?;
+    Ok(data)
 }
 
 /// Dumps one database from a snapshot that the same transaction counts rows in.
@@ -623,46 +584,16 @@ async fn restore_into(
     db: &DumpedDatabase,
     target: &ConnInfo,
 ) -> anyhow::Result<()> {
-    let path = crate::pg::bins::program(&cfg.pg, "pg_restore")?;
-    let mut child = std::process::Command::new(&path)
+    Program::new(crate::pg::bins::program(&cfg.pg, "pg_restore")?)
         .args(["--exit-on-error", "--no-password"])
         .arg(format!(
             "--dbname=dbname={}",
             conninfo_quote(&target.dbname)
         ))
         .envs(target.child_env())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", path.display()))?;
-    let stdin = child.stdin.take().expect("piped");
-    let stderr = stderr_tail(child.stderr.take().expect("piped"));
-    let downloaded =
-        pipeline::download(store, &db.data.key, stdin)
-            .await
-            .map(|(stdin, trailer)| {
-                drop(stdin);
-                trailer
-            });
-    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-    let stderr = stderr.join().unwrap_or_default();
-    if !status.success() {
-        let line = stderr
-            .lines()
-            .find(|l| l.contains("error:"))
-            .or(stderr.lines().last())
-            .unwrap_or("no message");
-        anyhow::bail!("pg_restore failed ({status}): {line}");
-    }
-    let trailer = downloaded.with_context(|| format!("downloading {}", db.data.key))?;
-    if trailer.sha256_hex() != db.data.sha256 {
-        anyhow::bail!(
-            "the dump of {} is corrupt: its data does not match the checksum in its manifest",
-            db.name
-        );
-    }
-    Ok(())
+        .run()
+        .from_store(store, &db.data, &format!("the dump of {}", db.name))
+        .await
 }
 
 async fn apply_settings(target: &ConnInfo, name: &str, db: &DumpedDatabase) -> anyhow::Result<()> {
@@ -821,12 +752,8 @@ async fn create_missing_roles(
     let (text, trailer) = pipeline::download(store, &set.globals.key, Vec::new())
         .await
         .context("downloading the dump's roles (globals)")?;
-    if trailer.sha256_hex() != set.globals.sha256 {
-        anyhow::bail!(
-            "the globals of dump {} are corrupt: they do not match the checksum in the manifest",
-            set.id
-        );
-    }
+    set.globals
+        .verify(&trailer, &format!("the globals of dump {}", set.id))?;
     let existing: Vec<String> = client
         .query("SELECT rolname::text FROM pg_roles", &[])
         .await?

@@ -15,6 +15,7 @@ use anyhow::Context;
 use crate::config::Config;
 use crate::input_err;
 use crate::pg::conn::ConnInfo;
+use crate::proc::Program;
 use crate::repo::catalog::{self, PgCatalog};
 use crate::storage::Store;
 use plan::{PgPlan, Target};
@@ -156,13 +157,12 @@ impl Landed {
 /// Stops a server started by `start_and_wait` (immediately: it is a scratch copy).
 pub async fn stop_server(cfg: &Config, dir: &Path) {
     if let Ok(pg_ctl) = crate::pg::bins::program(&cfg.pg, "pg_ctl") {
-        let _ = tokio::process::Command::new(pg_ctl)
+        let _ = Program::new(pg_ctl)
             .arg("-D")
             .arg(dir)
             .args(["-m", "immediate", "-w", "stop"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
+            .run()
+            .output()
             .await;
     }
 }
@@ -352,26 +352,25 @@ pub async fn start_and_wait(
 ) -> anyhow::Result<Landed> {
     let pg_ctl = crate::pg::bins::program(&cfg.pg, "pg_ctl")?;
     let log = dir.join("dbagent-restore.log");
-    let mut cmd = tokio::process::Command::new(&pg_ctl);
-    cmd.arg("-D")
+    let mut cmd = Program::new(&pg_ctl)
+        .arg("-D")
         .arg(dir)
         .arg("-l")
         .arg(&log)
         .arg("-W")
         .arg("start");
     if let Some(port) = port {
-        cmd.arg("-o").arg(format!("-p {port}"));
+        cmd = cmd.arg("-o").arg(format!("-p {port}"));
     }
-    let out = cmd
-        .output()
-        .await
-        .with_context(|| format!("running {}", pg_ctl.display()))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "pg_ctl could not start the restored server: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    cmd.run()
+        .on_failure(|exit| {
+            anyhow::anyhow!(
+                "pg_ctl could not start the restored server: {}",
+                exit.stderr().trim()
+            )
+        })
+        .check()
+        .await?;
     eprintln!(
         "started PostgreSQL on the restored data; replaying WAL (log: {})",
         log.display()

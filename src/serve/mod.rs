@@ -543,15 +543,14 @@ async fn run_job(
             j.last_start = Some(started);
         });
         tracing::info!(job = name, "scheduled job started");
-        let mut child = tokio::process::Command::new(&exe)
-            .args(job_args(&cfg, name))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting job {name}"))?;
-        let status = tokio::select! {
-            s = child.wait() => s?,
-            _ = token.cancelled() => {
-                let _ = child.kill().await;
+        let job = crate::proc::Program::new(&exe).args(job_args(&cfg, name));
+        let status = match job
+            .status_until(token.cancelled())
+            .await
+            .with_context(|| format!("running job {name}"))?
+        {
+            Some(status) => status,
+            None => {
                 shared.job_update(name, |j| j.running = false);
                 return Ok(());
             }
