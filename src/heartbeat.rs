@@ -7,21 +7,13 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Role;
+use crate::mysql::sql as mysql_sql;
 use crate::pg::conn::ConnInfo;
+use crate::pg::sql as pg_sql;
 use crate::serve::state::{Counters, Shared};
 
 /// Written into every heartbeat row; a restore proves CJK text survived by reading it back.
 pub const CANARY: &str = "dbagent 心跳 ハートビート 하트비트 🐘 χΨψΩω";
-
-pub const PG_SCHEMA: &str = include_str!("../sql/postgres/heartbeat.sql");
-pub const MYSQL_SCHEMA: &str = include_str!("../sql/mysql/heartbeat.sql");
-
-const PG_UPSERT: &str = "
-INSERT INTO dbagent.heartbeat (node, ts, lsn, timeline, canary)
-VALUES ($1, clock_timestamp(), pg_current_wal_lsn(),
-        (SELECT timeline_id FROM pg_control_checkpoint()), $2)
-ON CONFLICT (node) DO UPDATE
-   SET ts = EXCLUDED.ts, lsn = EXCLUDED.lsn, timeline = EXCLUDED.timeline, canary = EXCLUDED.canary";
 
 async fn pg_connect(conn: &ConnInfo) -> anyhow::Result<Client> {
     let client = tokio::time::timeout(Duration::from_secs(2), conn.connect())
@@ -33,7 +25,7 @@ async fn pg_connect(conn: &ConnInfo) -> anyhow::Result<Client> {
             "SET synchronous_commit = local; SET statement_timeout = '2s'; SET lock_timeout = '1s'; SET application_name = 'dbagent heartbeat'",
         )
         .await?;
-    client.batch_execute(PG_SCHEMA).await?;
+    client.batch_execute(pg_sql::HEARTBEAT_SCHEMA).await?;
     Ok(client)
 }
 
@@ -68,7 +60,8 @@ impl Writer for PgWriter {
             self.client = Some(pg_connect(&self.conn).await?);
         }
         let c = self.client.as_ref().expect("connected above");
-        c.execute(PG_UPSERT, &[&self.node, &CANARY]).await?;
+        c.execute(pg_sql::HEARTBEAT_WRITE, &[&self.node, &CANARY])
+            .await?;
         Ok(())
     }
 
@@ -94,7 +87,7 @@ impl Writer for MysqlWriter {
         use mysql_async::prelude::Queryable;
         if self.conn.is_none() {
             let mut c = crate::health::mysql::connect(&self.opts).await?;
-            for stmt in sql_statements(MYSQL_SCHEMA) {
+            for stmt in sql_statements(mysql_sql::HEARTBEAT_SCHEMA) {
                 c.query_drop(stmt).await?;
             }
             self.conn = Some(c);
@@ -104,11 +97,8 @@ impl Writer for MysqlWriter {
         let ts = chrono::Utc::now()
             .format("%Y-%m-%dT%H:%M:%S%.6f")
             .to_string();
-        c.exec_drop(
-            "REPLACE INTO dbagent.heartbeat (ts, server_id, canary) VALUES (?, @@server_id, ?)",
-            (ts, CANARY),
-        )
-        .await?;
+        c.exec_drop(mysql_sql::HEARTBEAT_WRITE, (ts, CANARY))
+            .await?;
         Ok(())
     }
 
@@ -179,10 +169,10 @@ mod tests {
 
     #[test]
     fn schema_scripts_split_into_statements() {
-        let stmts = sql_statements(MYSQL_SCHEMA);
+        let stmts = sql_statements(mysql_sql::HEARTBEAT_SCHEMA);
         assert_eq!(stmts.len(), 2, "{stmts:?}");
         assert!(stmts[0].starts_with("CREATE DATABASE"));
         assert!(stmts[1].starts_with("CREATE TABLE IF NOT EXISTS dbagent.heartbeat"));
-        assert_eq!(sql_statements(PG_SCHEMA).len(), 2);
+        assert_eq!(sql_statements(pg_sql::HEARTBEAT_SCHEMA).len(), 2);
     }
 }

@@ -398,10 +398,7 @@ async fn check_heartbeat(
     checks: &mut Vec<CheckResult>,
 ) -> Option<String> {
     let row = client
-        .query_opt(
-            "SELECT ts::text, extract(epoch FROM ts)::float8, canary FROM dbagent.heartbeat ORDER BY ts DESC LIMIT 1",
-            &[],
-        )
+        .query_opt(crate::pg::sql::HEARTBEAT_NEWEST, &[])
         .await;
     let db = Some(cfg.serve.heartbeat_database.as_str());
     let row = match row {

@@ -12,6 +12,7 @@ use super::report::{CheckResult, Report, Status};
 use super::{DrillTarget, Outcome, Scratch, one_line, random_point, seed, suite};
 use crate::config::Config;
 use crate::mysql::restore::DrillServer;
+use crate::mysql::sql;
 use crate::restore::plan::Target;
 use crate::storage::Store;
 
@@ -165,12 +166,12 @@ async fn check_rows(
     for db in &dump.databases {
         let mut problems = Vec::new();
         for t in &db.tables {
-            let sql = format!(
-                "SELECT COUNT(*) FROM `{}`.`{}`",
-                db.name.replace('`', "``"),
-                t.table.replace('`', "``")
+            let count = format!(
+                "SELECT COUNT(*) FROM {}.{}",
+                sql::quote_ident(&db.name),
+                sql::quote_ident(&t.table)
             );
-            match conn.query_first::<u64, _>(sql).await {
+            match conn.query_first::<u64, _>(count).await {
                 Ok(Some(n)) if n == t.rows => {}
                 Ok(n) => problems.push(format!(
                     "{} has {} rows, the dump wrote {}",
@@ -207,11 +208,8 @@ async fn check_heartbeat(
     plan: &crate::mysql::plan::MysqlPlan,
     checks: &mut Vec<CheckResult>,
 ) -> Option<String> {
-    let row: Option<(String, String)> = conn
-        .query_first("SELECT ts, canary FROM dbagent.heartbeat ORDER BY ts DESC LIMIT 1")
-        .await
-        .ok()
-        .flatten();
+    let row: Option<(String, String)> =
+        conn.query_first(sql::HEARTBEAT_NEWEST).await.ok().flatten();
     let db = Some("dbagent");
     let Some((ts_text, canary)) = row else {
         checks.push(CheckResult::new(
@@ -258,7 +256,7 @@ async fn run_suite(
         let db = check.database.as_deref();
         let result = async {
             if let Some(db) = db {
-                conn.query_drop(format!("USE `{}`", db.replace('`', "``")))
+                conn.query_drop(format!("USE {}", sql::quote_ident(db)))
                     .await?;
             }
             let rows: Vec<mysql_async::Row> = conn.query(check.sql.as_str()).await?;
@@ -303,12 +301,7 @@ async fn check_fulltext(
         return;
     }
     let result = async {
-        conn.query_drop(
-            "CREATE DATABASE IF NOT EXISTS dbagent_drill;
-             CREATE TABLE dbagent_drill.ft (body TEXT, FULLTEXT (body) WITH PARSER ngram) DEFAULT CHARSET = utf8mb4;
-             INSERT INTO dbagent_drill.ft VALUES ('ドラえもん のび太の牧場物語 多拉A梦 野比大雄'), ('unrelated text');",
-        )
-        .await?;
+        conn.query_drop(sql::FULLTEXT_NGRAM).await?;
         let n: Option<u64> = conn
             .query_first("SELECT COUNT(*) FROM dbagent_drill.ft WHERE MATCH(body) AGAINST ('野比大雄' IN BOOLEAN MODE)")
             .await?;

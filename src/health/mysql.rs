@@ -119,7 +119,7 @@ impl Probe {
             Err(e) => return Err(e.into()),
         };
         let heartbeat: Option<(String, Option<String>)> =
-            match conn.query_first("SELECT DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%f'), MAX(ts) FROM dbagent.heartbeat").await {
+            match conn.query_first(crate::mysql::sql::HEALTH_HEARTBEAT).await {
                 Ok(row) => row,
                 // No heartbeat table yet.
                 Err(mysql_async::Error::Server(e)) if e.code == 1146 || e.code == 1049 => None,

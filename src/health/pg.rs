@@ -8,33 +8,7 @@ use tokio_postgres::Client;
 
 use super::{Archiver, ReplicaState, Role, Snapshot, Standby};
 use crate::pg::conn::ConnInfo;
-
-const STATE_SQL: &str = "
-SELECT pg_is_in_recovery(),
-       current_setting('server_version_num')::bigint,
-       current_setting('server_version'),
-       (SELECT system_identifier::text FROM pg_control_system()),
-       (SELECT timeline_id FROM pg_control_checkpoint()),
-       pg_postmaster_start_time(),
-       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint END,
-       CASE WHEN pg_is_in_recovery() THEN pg_wal_lsn_diff(pg_last_wal_receive_lsn(), '0/0')::bigint END,
-       CASE WHEN pg_is_in_recovery() THEN pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint END,
-       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
-       pg_last_xact_replay_timestamp(),
-       current_setting('default_transaction_read_only')::bool";
-
-const RECEIVER_SQL: &str = "
-SELECT status, pg_wal_lsn_diff(latest_end_lsn, '0/0')::bigint, sender_host, sender_port, received_tli
-  FROM pg_stat_wal_receiver";
-
-const REPLICATION_SQL: &str = "
-SELECT usename::text, application_name, client_addr::text, state, sync_state, sync_priority,
-       pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint
-  FROM pg_stat_replication ORDER BY application_name, client_addr::text";
-
-const ARCHIVER_SQL: &str = "
-SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time
-  FROM pg_stat_archiver";
+use crate::pg::sql;
 
 const HEARTBEAT_AGE_SQL: &str =
     "SELECT extract(epoch FROM clock_timestamp() - max(ts))::float8 FROM dbagent.heartbeat";
@@ -98,7 +72,7 @@ impl Probe {
     async fn read(&mut self) -> anyhow::Result<Snapshot> {
         let data_dir = self.data_dir.clone();
         let client = self.client().await?;
-        let row = client.query_one(STATE_SQL, &[]).await?;
+        let row = client.query_one(sql::HEALTH_STATE, &[]).await?;
         let in_recovery: bool = row.get(0);
         let read_only: bool = row.get(11);
         let mut s = Snapshot {
@@ -130,7 +104,7 @@ impl Probe {
             let replayed: Option<i64> = row.get(8);
             let paused: bool = row.get(9);
             let replay_ts: Option<DateTime<Utc>> = row.get(10);
-            let receiver = client.query_opt(RECEIVER_SQL, &[]).await?;
+            let receiver = client.query_opt(sql::HEALTH_RECEIVER, &[]).await?;
             let (streaming, broken_reason, latest_end, sender, tli) = match &receiver {
                 Some(r) => {
                     let status: String = r.get(0);
@@ -183,7 +157,7 @@ impl Probe {
             s.lag_bytes = Some(0);
             s.lag_seconds = Some(0.0);
             s.replication = client
-                .query(REPLICATION_SQL, &[])
+                .query(sql::HEALTH_REPLICATION, &[])
                 .await?
                 .into_iter()
                 .map(|r| Standby {
@@ -197,7 +171,7 @@ impl Probe {
                 })
                 .collect();
         }
-        let a = client.query_one(ARCHIVER_SQL, &[]).await?;
+        let a = client.query_one(sql::HEALTH_ARCHIVER, &[]).await?;
         s.archiver = Some(Archiver {
             archived_count: a.get(0),
             last_archived_wal: a.get(1),

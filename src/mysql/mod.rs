@@ -7,6 +7,7 @@ pub mod dumpscan;
 pub mod plan;
 pub mod restore;
 pub mod server;
+pub mod sql;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use chrono::Utc;
 use crate::config::Config;
 use crate::input_err;
 use crate::pg::conn::ConnInfo;
+use crate::pg::sql;
 use crate::pg::tarscan::TarScanner;
 use crate::pipeline::PipeOptions;
 use crate::proc::{Program, Stdout};
@@ -41,15 +42,7 @@ struct ServerFacts {
 async fn server_facts(conn: &ConnInfo) -> anyhow::Result<ServerFacts> {
     let client = conn.connect().await?;
     let row = client
-        .query_one(
-            "SELECT (SELECT system_identifier::text FROM pg_control_system()),
-                    current_setting('server_version'),
-                    current_setting('server_version_num')::int,
-                    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
-                    current_setting('archive_mode'),
-                    pg_is_in_recovery()",
-            &[],
-        )
+        .query_one(sql::SERVER_FACTS, &[])
         .await
         .context("reading server settings")?;
     let sysid: u64 = row
@@ -65,11 +58,7 @@ async fn server_facts(conn: &ConnInfo) -> anyhow::Result<ServerFacts> {
         ));
     }
     let archiver = client
-        .query_one(
-            "SELECT failed_count, last_failed_wal, last_failed_time > coalesce(last_archived_time, '-infinity')
-               FROM pg_stat_archiver",
-            &[],
-        )
+        .query_one(sql::ARCHIVER, &[])
         .await
         .context("reading pg_stat_archiver")?;
     let failing: Option<bool> = archiver.get(2);
@@ -84,11 +73,7 @@ async fn server_facts(conn: &ConnInfo) -> anyhow::Result<ServerFacts> {
     }
     let mut databases = Vec::new();
     for db in client
-        .query(
-            "SELECT datname::text, pg_database_size(oid) FROM pg_database
-              WHERE datallowconn AND NOT datistemplate ORDER BY 1",
-            &[],
-        )
+        .query(sql::DATABASE_SIZES, &[])
         .await
         .context("listing databases")?
     {
@@ -96,15 +81,7 @@ async fn server_facts(conn: &ConnInfo) -> anyhow::Result<ServerFacts> {
         let (tables, extensions) = match conn.with_db(&name).connect().await {
             Ok(c) => {
                 let tables = c
-                    .query(
-                        "SELECT format('%I.%I', n.nspname, c.relname), c.reltuples::bigint
-                           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                          WHERE c.relkind IN ('r', 'p')
-                            AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                            AND n.nspname NOT LIKE 'pg_toast%'
-                          ORDER BY 1 LIMIT $1",
-                        &[&MAX_TABLES_PER_DB],
-                    )
+                    .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
                     .await
                     .with_context(|| format!("row estimates in {name}"))?
                     .into_iter()
@@ -154,11 +131,7 @@ pub async fn database_settings(
     db: &str,
 ) -> anyhow::Result<Vec<String>> {
     let rows = client
-        .query(
-            "SELECT unnest(s.setconfig) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
-              WHERE d.datname = $1 AND s.setrole = 0 ORDER BY 1",
-            &[&db],
-        )
+        .query(sql::DATABASE_SETTINGS, &[&db])
         .await
         .with_context(|| format!("reading the settings of database {db}"))?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())

@@ -18,6 +18,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::input_err;
 use crate::pg::conn::ConnInfo;
+use crate::pg::sql::{self, conninfo_quote, create_database_sql, quote_ident, setting_sql};
 use crate::pipeline::{self, PipeOptions};
 use crate::proc::{Program, Stdout};
 use crate::repo::FORMAT_VERSION;
@@ -27,17 +28,6 @@ use crate::restore::human;
 use crate::restore::plan::Target;
 use crate::storage::Store;
 use crate::timespec::show;
-
-/// Settings whose values are lists that PostgreSQL quotes element by element (pg_dump's
-/// `variable_is_guc_list_quote`): `SET search_path TO '$user', 'public'`.
-const LIST_SETTINGS: [&str; 6] = [
-    "local_preload_libraries",
-    "search_path",
-    "session_preload_libraries",
-    "shared_preload_libraries",
-    "temp_tablespaces",
-    "unix_socket_directories",
-];
 
 /// `dbagent backup --engine postgres --kind dump`. Returns the summary printed on stdout.
 pub async fn backup_dumps(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
@@ -155,21 +145,8 @@ struct DbFacts {
 }
 
 async fn list_databases(client: &Client, version_num: i32) -> anyhow::Result<Vec<DbFacts>> {
-    // The ICU columns arrived in 15 and were renamed in 17.
-    let icu = if version_num >= 170000 {
-        "datlocprovider::text, datlocale"
-    } else if version_num >= 150000 {
-        "datlocprovider::text, daticulocale"
-    } else {
-        "'c'::text, NULL::text"
-    };
-    let sql = format!(
-        "SELECT datname::text, pg_get_userbyid(datdba)::text, pg_encoding_to_char(encoding)::text,
-                datcollate::text, datctype::text, {icu}
-           FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
-    );
     Ok(client
-        .query(&sql, &[])
+        .query(&sql::dump_databases(version_num), &[])
         .await
         .context("listing databases")?
         .into_iter()
@@ -265,15 +242,7 @@ async fn dump_database(
         .get(0);
     let snapshot_time = Utc::now();
     let settings = client
-        .query(
-            "SELECT r.rolname::text, c
-               FROM pg_db_role_setting s
-               LEFT JOIN pg_roles r ON r.oid = s.setrole
-               CROSS JOIN LATERAL unnest(s.setconfig) c
-              WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-              ORDER BY s.setrole, c",
-            &[],
-        )
+        .query(sql::DUMP_SETTINGS, &[])
         .await
         .context("reading database settings")?
         .into_iter()
@@ -288,21 +257,8 @@ async fn dump_database(
             })
         })
         .collect();
-    // Ordinary tables and leaf partitions, not those an extension owns (pg_dump leaves
-    // their contents to CREATE EXTENSION).
     let tables: Vec<String> = client
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname)
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.relkind = 'r'
-                AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                AND n.nspname NOT LIKE 'pg_toast%'
-                AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
-                                   AND d.deptype = 'e')
-              ORDER BY 1",
-            &[],
-        )
+        .query(sql::DUMP_TABLES, &[])
         .await
         .context("listing tables")?
         .into_iter()
@@ -623,125 +579,6 @@ async fn apply_settings(target: &ConnInfo, name: &str, db: &DumpedDatabase) -> a
     Ok(())
 }
 
-/// `ALTER DATABASE … SET …` (or `ALTER ROLE … IN DATABASE …`) as pg_dump would write it.
-pub fn setting_sql(database: &str, s: &DbSetting) -> String {
-    let target = match &s.role {
-        Some(role) => format!(
-            "ALTER ROLE {} IN DATABASE {}",
-            quote_ident(role),
-            quote_ident(database)
-        ),
-        None => format!("ALTER DATABASE {}", quote_ident(database)),
-    };
-    let value = if LIST_SETTINGS.contains(&s.name.to_ascii_lowercase().as_str()) {
-        split_guc_list(&s.value)
-            .iter()
-            .map(|v| quote_literal(v))
-            .collect::<Vec<_>>()
-            .join(", ")
-    } else {
-        quote_literal(&s.value)
-    };
-    format!("{target} SET {} TO {value}", setting_name(&s.name))
-}
-
-/// Splits a list setting the way PostgreSQL's SplitGUCList does: commas separate elements,
-/// double quotes protect them (`""` is a quote).
-fn split_guc_list(value: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut chars = value.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut item = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            while let Some(c) = chars.next() {
-                if c == '"' {
-                    if chars.peek() == Some(&'"') {
-                        chars.next();
-                        item.push('"');
-                    } else {
-                        break;
-                    }
-                } else {
-                    item.push(c);
-                }
-            }
-            while chars.peek().is_some_and(|&c| c != ',') {
-                chars.next();
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == ',' {
-                    break;
-                }
-                item.push(c);
-                chars.next();
-            }
-            item = item.trim_end().to_string();
-        }
-        out.push(item);
-        if chars.next().is_none() {
-            break;
-        }
-    }
-    out
-}
-
-fn setting_name(name: &str) -> String {
-    if name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
-    {
-        name.to_string()
-    } else {
-        quote_ident(name)
-    }
-}
-
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-fn quote_literal(s: &str) -> String {
-    if s.contains('\\') {
-        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
-    } else {
-        format!("'{}'", s.replace('\'', "''"))
-    }
-}
-
-fn conninfo_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
-fn create_database_sql(
-    name: &str,
-    db: &DumpedDatabase,
-    owner_exists: bool,
-    server_version: i32,
-) -> String {
-    let mut sql = format!(
-        "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
-        quote_ident(name),
-        quote_literal(&db.encoding),
-        quote_literal(&db.collate),
-        quote_literal(&db.ctype)
-    );
-    if db.locale_provider == "i" && server_version >= 150000 {
-        sql.push_str(" LOCALE_PROVIDER icu");
-        if let Some(icu) = &db.icu_locale {
-            sql.push_str(&format!(" ICU_LOCALE {}", quote_literal(icu)));
-        }
-    }
-    if owner_exists {
-        sql.push_str(&format!(" OWNER {}", quote_ident(&db.owner)));
-    }
-    sql
-}
-
 /// Creates the roles in the dump's globals that the target lacks (with their attributes,
 /// settings and memberships). Existing roles are left exactly as they are.
 async fn create_missing_roles(
@@ -861,46 +698,6 @@ fn pg_identifier(s: &str) -> Option<(String, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn setting(role: Option<&str>, name: &str, value: &str) -> DbSetting {
-        DbSetting {
-            role: role.map(str::to_string),
-            name: name.into(),
-            value: value.into(),
-        }
-    }
-
-    #[test]
-    fn settings_are_written_as_pg_dump_would() {
-        assert_eq!(
-            setting_sql(
-                "new",
-                &setting(
-                    None,
-                    "default_text_search_config",
-                    "public.config_2_gram_cjk"
-                )
-            ),
-            "ALTER DATABASE \"new\" SET default_text_search_config TO 'public.config_2_gram_cjk'"
-        );
-        assert_eq!(
-            setting_sql(
-                "new",
-                &setting(None, "search_path", "\"$user\", public, \"odd,schema\"")
-            ),
-            "ALTER DATABASE \"new\" SET search_path TO '$user', 'public', 'odd,schema'"
-        );
-        assert_eq!(
-            setting_sql("n\"b", &setting(Some("app"), "work_mem", "8MB")),
-            "ALTER ROLE \"app\" IN DATABASE \"n\"\"b\" SET work_mem TO '8MB'"
-        );
-        assert_eq!(
-            setting_sql("n", &setting(None, "myext.Opt", "it's")),
-            "ALTER DATABASE \"n\" SET \"myext.Opt\" TO 'it''s'"
-        );
-        assert_eq!(split_guc_list(""), vec![""]);
-        assert_eq!(split_guc_list("a, \"b\"\"c\" ,d"), vec!["a", "b\"c", "d"]);
-    }
 
     #[test]
     fn only_missing_roles_are_created() {

@@ -5,6 +5,7 @@ pub mod bins;
 pub mod conn;
 pub mod control;
 pub mod dump;
+pub mod sql;
 pub mod tarscan;
 pub mod tls;
 pub mod wal;

@@ -1,0 +1,3 @@
+-- serve, on a replica: the WAL receiver
+SELECT status, pg_wal_lsn_diff(latest_end_lsn, '0/0')::bigint, sender_host, sender_port, received_tli
+  FROM pg_stat_wal_receiver
