@@ -140,7 +140,7 @@ fn free_port() -> anyhow::Result<u16> {
 fn scratch_settings(scratch: &std::path::Path, port: u16) -> anyhow::Result<Vec<String>> {
     let hba = scratch.join("dbagent_hba.conf");
     std::fs::write(&hba, "local all all trust\n").context("writing the scratch pg_hba.conf")?;
-    let q = |p: &std::path::Path| format!("'{}'", p.display().to_string().replace('\'', "''"));
+    let q = |p: &std::path::Path| restore::recovery::quote(&p.display().to_string());
     Ok(vec![
         "# dbagent drill: private scratch server".into(),
         format!("port = {port}"),

@@ -3,7 +3,8 @@
 //! queries, which live as plain files under `sql/postgres/`.
 //!
 //! Values in `postgresql.conf` syntax (the recovery settings a restore writes) and the shell
-//! syntax of `restore_command` are quoted next to the one writer of each, in `restore`.
+//! syntax of `restore_command` are quoted next to the one writer of each: `restore::recovery`
+//! and `restore`.
 
 use crate::repo::dump::{DbSetting, DumpedDatabase};
 
