@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, Overrides, ProcessEnv};
+use crate::engine::Engine;
 use crate::input_err;
 use crate::restore::plan::Target;
 
@@ -25,12 +26,6 @@ pub struct Cli {
     pub repo: Option<String>,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum Engine {
-    Postgres,
-    Mysql,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -337,10 +332,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { listen, engine } => {
             let mut cfg = cfg;
             if let Some(engine) = engine {
-                cfg.serve.engine = match engine {
-                    Engine::Postgres => crate::config::EngineKind::Postgres,
-                    Engine::Mysql => crate::config::EngineKind::Mysql,
-                };
+                cfg.serve.engine = engine;
             }
             crate::serve::run(cfg, listen).await?;
         }

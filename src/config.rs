@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::engine::Engine;
 use crate::input_err;
 
 pub mod keys;
@@ -159,16 +160,10 @@ pub struct NotifyConfig {
     pub on_success: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineKind {
-    Postgres,
-    Mysql,
-}
-
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: String,
-    pub engine: EngineKind,
+    pub engine: Engine,
     /// This server's name in the heartbeat table (default: the host name, i.e. the pod name).
     pub node_name: String,
     pub refresh: Duration,
@@ -271,10 +266,10 @@ impl Config {
                 ));
             }
         }
-        let engine = match v.get::<String>("serve.engine")?.as_str() {
-            "mysql" | "mariadb" => EngineKind::Mysql,
-            _ => EngineKind::Postgres,
-        };
+        let engine: Engine = v
+            .get::<String>("serve.engine")?
+            .parse()
+            .map_err(|e| input_err!("serve.engine: {e}"))?;
         let mut schedule = Vec::new();
         for key in keys::KEYS
             .iter()

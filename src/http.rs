@@ -310,7 +310,7 @@ mod tests {
                 loop_dead_after: Duration::from_secs(10),
                 readiness: LagLimits::default(),
             },
-            "postgres",
+            crate::engine::Engine::Postgres,
         );
         shared.set_snapshot(s);
         shared

@@ -4,6 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod drill;
+pub mod engine;
 pub mod error;
 pub mod health;
 pub mod heartbeat;

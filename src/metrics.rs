@@ -112,7 +112,7 @@ pub fn render(shared: &Shared) -> String {
         "Agent version and engine.",
         Info::new(vec![
             ("version", env!("CARGO_PKG_VERSION")),
-            ("engine", shared.engine),
+            ("engine", shared.engine.as_str()),
         ]),
     );
     o.gauge(
@@ -323,7 +323,7 @@ pub fn render(shared: &Shared) -> String {
         "Look-ahead WAL pushes that failed.",
         load(&c.lookahead_failures),
     );
-    if shared.engine == "mysql" {
+    if shared.engine == crate::engine::Engine::Mysql {
         o.counter(
             "dbagent_binlog_shipped_total",
             "Binlog files shipped.",
@@ -400,7 +400,7 @@ mod tests {
     use crate::health::{Archiver, LagLimits, Policy, ReplicaState, Snapshot, Standby};
     use crate::serve::state::{DrillFacts, JobStats, RepoFacts};
 
-    fn shared(engine: &'static str, s: Snapshot) -> std::sync::Arc<Shared> {
+    fn shared(engine: crate::engine::Engine, s: Snapshot) -> std::sync::Arc<Shared> {
         let shared = Shared::new(
             Policy {
                 stale_after: Duration::from_secs(3),
@@ -482,8 +482,8 @@ mod tests {
         };
         let mut out = BTreeMap::new();
         for body in [
-            render(&shared("postgres", primary)),
-            render(&shared("mysql", replica)),
+            render(&shared(crate::engine::Engine::Postgres, primary)),
+            render(&shared(crate::engine::Engine::Mysql, replica)),
         ] {
             let mut types = BTreeMap::new();
             for line in body.lines() {

@@ -198,7 +198,7 @@ pub async fn run_pg(
         Report {
             format_version: REPORT_FORMAT,
             id: crate::repo::new_id(started),
-            engine: "postgres".into(),
+            engine: crate::engine::Engine::Postgres,
             cluster: sysid.to_string(),
             backup: out.backup,
             target: out.target,

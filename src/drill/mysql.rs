@@ -75,7 +75,7 @@ pub async fn run(
         Report {
             format_version: super::REPORT_FORMAT,
             id: crate::repo::new_id(started),
-            engine: "mysql".into(),
+            engine: crate::engine::Engine::Mysql,
             cluster: server_uuid,
             backup: out.backup,
             target: out.target,

@@ -3,6 +3,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::Engine;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -40,7 +42,7 @@ impl CheckResult {
 pub struct Report {
     pub format_version: u32,
     pub id: String,
-    pub engine: String,
+    pub engine: Engine,
     pub cluster: String,
     /// What was restored (a base backup or dump id).
     pub backup: Option<String>,

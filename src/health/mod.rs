@@ -12,6 +12,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::engine::Engine;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -71,7 +73,7 @@ pub struct Archiver {
 /// What the refresher saw at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct Snapshot {
-    pub engine: &'static str,
+    pub engine: Engine,
     pub taken_at: DateTime<Utc>,
     /// The database answered.
     pub up: bool,

@@ -13,6 +13,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Row};
 
 use super::{ReplicaState, Role, Snapshot};
 use crate::config::MysqlConfig;
+use crate::engine::Engine;
 use crate::input_err;
 
 /// Connection options from `DBAGENT_MYSQL_URL` and the password file.
@@ -92,7 +93,7 @@ impl Probe {
             Err(e) => {
                 self.conn = None;
                 Snapshot {
-                    engine: "mysql",
+                    engine: Engine::Mysql,
                     taken_at: now,
                     up: false,
                     error: Some(format!("{e:#}").replace('\n', " ")),
@@ -132,7 +133,7 @@ impl Probe {
         });
         let version_num = version_number(&version);
         let mut s = Snapshot {
-            engine: "mysql",
+            engine: Engine::Mysql,
             up: true,
             server_version: Some(version_num),
             server_version_text: Some(version),

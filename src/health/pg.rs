@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Client;
 
 use super::{Archiver, ReplicaState, Role, Snapshot, Standby};
+use crate::engine::Engine;
 use crate::pg::conn::ConnInfo;
 use crate::pg::sql;
 
@@ -43,7 +44,7 @@ impl Probe {
             Err(e) => {
                 self.client = None;
                 Snapshot {
-                    engine: "postgres",
+                    engine: Engine::Postgres,
                     taken_at: now,
                     up: false,
                     error: Some(one_line(&e)),
@@ -76,7 +77,7 @@ impl Probe {
         let in_recovery: bool = row.get(0);
         let read_only: bool = row.get(11);
         let mut s = Snapshot {
-            engine: "postgres",
+            engine: Engine::Postgres,
             up: true,
             role: if in_recovery {
                 Role::Replica

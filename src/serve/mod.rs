@@ -14,7 +14,8 @@ use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, EngineKind};
+use crate::config::Config;
+use crate::engine::Engine;
 use crate::health::{LagLimits, Policy, Prober};
 use crate::input_err;
 use crate::pg::conn::ConnInfo;
@@ -50,10 +51,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
             seconds: cfg.serve.max_lag_seconds,
         },
     };
-    let engine = match cfg.serve.engine {
-        EngineKind::Postgres => "postgres",
-        EngineKind::Mysql => "mysql",
-    };
+    let engine = cfg.serve.engine;
     let shared = Shared::new(policy, engine);
     let token = CancellationToken::new();
     let store: Option<Arc<dyn Store>> = match &cfg.repo {
@@ -69,7 +67,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
     });
 
     match cfg.serve.engine {
-        EngineKind::Postgres => {
+        Engine::Postgres => {
             let conn = ConnInfo::from_config(&cfg.pg);
             let probe = crate::health::pg::Probe::new(conn.clone(), cfg.pg.data_dir.clone());
             spawn(
@@ -115,7 +113,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                 );
             }
         }
-        EngineKind::Mysql => {
+        Engine::Mysql => {
             let opts = crate::health::mysql::opts(&cfg.mysql)?;
             let probe = crate::health::mysql::Probe::new(opts.clone());
             spawn(
@@ -166,7 +164,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
         spawn(&mut tasks, name, run_job(cfg, name, cron, shared, t));
     }
 
-    tracing::info!(%addr, engine, node = %cfg.serve.node_name, "serving");
+    tracing::info!(%addr, %engine, node = %cfg.serve.node_name, "serving");
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
         _ = sigterm.recv() => {
@@ -384,7 +382,7 @@ async fn read_repo_facts(
         timeline_forks: None,
     };
     match cfg.serve.engine {
-        EngineKind::Postgres => {
+        Engine::Postgres => {
             let sysid = cfg.pg.system_identifier.or_else(|| {
                 shared
                     .snapshot()
@@ -407,7 +405,7 @@ async fn read_repo_facts(
                 .await,
             )
         }
-        EngineKind::Mysql => {
+        Engine::Mysql => {
             let server = match &cfg.mysql.server_uuid {
                 Some(id) => id.clone(),
                 None => match crate::repo::mysql::servers(store).await {
@@ -491,13 +489,10 @@ fn job_args(cfg: &Config, job: &str) -> Vec<String> {
     if let Some(repo) = &cfg.repo {
         args.extend(["--repo".to_string(), repo.clone()]);
     }
-    let engine = match cfg.serve.engine {
-        EngineKind::Postgres => "postgres",
-        EngineKind::Mysql => "mysql",
-    };
+    let engine = cfg.serve.engine.as_str();
     match job {
-        "backup" if cfg.serve.engine == EngineKind::Mysql => {
-            args.extend(["backup", "--engine", "mysql"].map(String::from))
+        "backup" if cfg.serve.engine == Engine::Mysql => {
+            args.extend(["backup", "--engine", engine].map(String::from))
         }
         "backup" => args.push("backup".into()),
         "dump" => args.extend(["backup", "--engine", engine, "--kind", "dump"].map(String::from)),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
+use crate::engine::Engine;
 use crate::health::{Policy, Role, Snapshot};
 
 /// Outcomes of one scheduled job.
@@ -69,7 +70,7 @@ impl Counters {
 
 pub struct Shared {
     pub policy: Policy,
-    pub engine: &'static str,
+    pub engine: Engine,
     started: Instant,
     snapshot: RwLock<Option<(Instant, Arc<Snapshot>)>>,
     loop_tick: RwLock<Instant>,
@@ -79,7 +80,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(policy: Policy, engine: &'static str) -> Arc<Shared> {
+    pub fn new(policy: Policy, engine: Engine) -> Arc<Shared> {
         let now = Instant::now();
         Arc::new(Shared {
             policy,
