@@ -254,7 +254,9 @@ impl Config {
             binlog_dir: v.opt("mysql.binlog_dir")?,
             server_uuid: v.opt("mysql.server_uuid")?,
         };
-        check_mysql_url(mysql.url.as_deref())?;
+        if let Some(url) = &mysql.url {
+            crate::mysql::conn::MysqlConn::parse(url, None)?;
+        }
         if let Some(id) = &mysql.server_uuid {
             if id.is_empty()
                 || !id
@@ -400,24 +402,6 @@ fn read_file(path: &Path) -> anyhow::Result<toml::Table> {
     Ok(table)
 }
 
-/// `mysql://user@host:port`, without a password (that goes in the password file).
-fn check_mysql_url(url: Option<&str>) -> anyhow::Result<()> {
-    let Some(url) = url else { return Ok(()) };
-    let parsed = url::Url::parse(url)
-        .map_err(|e| input_err!("DBAGENT_MYSQL_URL: {e}: expected mysql://user@host:port"))?;
-    if parsed.scheme() != "mysql" && parsed.scheme() != "mariadb" {
-        return Err(input_err!(
-            "DBAGENT_MYSQL_URL: expected mysql://user@host:port"
-        ));
-    }
-    if parsed.password().is_some() {
-        return Err(input_err!(
-            "DBAGENT_MYSQL_URL must not carry a password: put it in DBAGENT_MYSQL_PASSWORD_FILE"
-        ));
-    }
-    Ok(())
-}
-
 /// Parses sizes like `8MiB`, `16MB`, `5000000`, `64kB` (kB/MB/GB are 1024-based, as in PostgreSQL).
 pub fn parse_size(s: &str) -> Option<usize> {
     let s = s.trim();
@@ -533,7 +517,7 @@ mod tests {
             format!("{:?}", crate::pg::conn::ConnInfo::from_config(&cfg.pg)),
             format!(
                 "{:?}",
-                crate::mysql::client::MysqlConn::from_config(&cfg.mysql).unwrap()
+                crate::mysql::conn::MysqlConn::from_config(&cfg.mysql).unwrap()
             ),
             format!(
                 "{:?}",

@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Role;
+use crate::mysql::conn::MysqlConn;
 use crate::mysql::sql as mysql_sql;
 use crate::pg::conn::ConnInfo;
 use crate::pg::sql as pg_sql;
@@ -15,8 +16,11 @@ use crate::serve::state::{Counters, Shared};
 /// Written into every heartbeat row; a restore proves CJK text survived by reading it back.
 pub const CANARY: &str = "dbagent 心跳 ハートビート 하트비트 🐘 χΨψΩω";
 
+/// A heartbeat connection that does not come within this is retried at the next beat.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn pg_connect(conn: &ConnInfo) -> anyhow::Result<Client> {
-    let client = tokio::time::timeout(Duration::from_secs(2), conn.connect())
+    let client = tokio::time::timeout(CONNECT_TIMEOUT, conn.connect())
         .await
         .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
     // A heartbeat must never wait for a synchronous standby that is gone, nor queue on locks.
@@ -71,13 +75,13 @@ impl Writer for PgWriter {
 }
 
 pub struct MysqlWriter {
-    opts: mysql_async::Opts,
+    server: MysqlConn,
     conn: Option<mysql_async::Conn>,
 }
 
 impl MysqlWriter {
-    pub fn new(opts: mysql_async::Opts) -> MysqlWriter {
-        MysqlWriter { opts, conn: None }
+    pub fn new(server: MysqlConn) -> MysqlWriter {
+        MysqlWriter { server, conn: None }
     }
 }
 
@@ -86,7 +90,7 @@ impl Writer for MysqlWriter {
     async fn write(&mut self) -> anyhow::Result<()> {
         use mysql_async::prelude::Queryable;
         if self.conn.is_none() {
-            let mut c = crate::health::mysql::connect(&self.opts).await?;
+            let mut c = self.server.connect_within(CONNECT_TIMEOUT).await?;
             for stmt in sql_statements(mysql_sql::HEARTBEAT_SCHEMA) {
                 c.query_drop(stmt).await?;
             }

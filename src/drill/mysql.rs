@@ -91,14 +91,6 @@ pub async fn run(
     ))
 }
 
-async fn connect(server: &DrillServer) -> anyhow::Result<mysql_async::Conn> {
-    let opts = mysql_async::OptsBuilder::default()
-        .user(Some("root"))
-        .socket(Some(server.socket().display().to_string()))
-        .prefer_socket(true);
-    Ok(mysql_async::Conn::new(opts).await?)
-}
-
 async fn drill(
     cfg: &Config,
     store: &dyn Store,
@@ -121,7 +113,7 @@ async fn drill(
             return Ok(());
         }
     };
-    let mut conn = connect(&server).await?;
+    let mut conn = server.conn().connect().await?;
     check_rows(&mut conn, &server.plan.dump, checks).await;
     if let Err(e) = server.replay(store).await {
         checks.push(CheckResult::new(

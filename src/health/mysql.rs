@@ -9,47 +9,17 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, OptsBuilder, Row};
+use mysql_async::{Conn, Row};
 
 use super::{ReplicaState, Role, Snapshot};
-use crate::config::MysqlConfig;
 use crate::engine::Engine;
-use crate::input_err;
+use crate::mysql::conn::MysqlConn;
 
-/// Connection options from `DBAGENT_MYSQL_URL` and the password file.
-pub fn opts(cfg: &MysqlConfig) -> anyhow::Result<Opts> {
-    let Some(url) = &cfg.url else {
-        return Err(input_err!(
-            "no MySQL server configured: set DBAGENT_MYSQL_URL=mysql://user@host:port (and DBAGENT_MYSQL_PASSWORD_FILE)"
-        ));
-    };
-    let parsed = url::Url::parse(url).map_err(|e| input_err!("DBAGENT_MYSQL_URL: {e}"))?;
-    let user = match parsed.username() {
-        "" => "root".to_string(),
-        u => u.to_string(),
-    };
-    let mut b = OptsBuilder::default()
-        .user(Some(user))
-        .pass(cfg.password.as_ref().map(|p| p.expose().to_string()))
-        .ip_or_hostname(parsed.host_str().unwrap_or("127.0.0.1").to_string())
-        .tcp_port(parsed.port().unwrap_or(3306))
-        .prefer_socket(false)
-        .stmt_cache_size(Some(16));
-    if let Some((_, socket)) = parsed.query_pairs().find(|(k, _)| k == "socket") {
-        b = b.socket(Some(socket.into_owned()));
-    }
-    Ok(b.into())
-}
-
-pub async fn connect(opts: &Opts) -> anyhow::Result<Conn> {
-    let conn = tokio::time::timeout(Duration::from_secs(2), Conn::new(opts.clone()))
-        .await
-        .map_err(|_| anyhow::anyhow!("connecting to MySQL timed out"))??;
-    Ok(conn)
-}
+/// How long a probe waits for a connection: the snapshot must stay fresh.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Probe {
-    opts: Opts,
+    server: MysqlConn,
     conn: Option<Conn>,
 }
 
@@ -75,8 +45,8 @@ fn col_u64(row: &Row, names: &[&str]) -> Option<u64> {
 }
 
 impl Probe {
-    pub fn new(opts: Opts) -> Probe {
-        Probe { opts, conn: None }
+    pub fn new(server: MysqlConn) -> Probe {
+        Probe { server, conn: None }
     }
 
     fn reset_conn(&mut self) {
@@ -105,7 +75,7 @@ impl Probe {
 
     async fn read(&mut self) -> anyhow::Result<Snapshot> {
         if self.conn.is_none() {
-            self.conn = Some(connect(&self.opts).await?);
+            self.conn = Some(self.server.connect_within(CONNECT_TIMEOUT).await?);
         }
         let conn = self.conn.as_mut().expect("connected above");
         let (server_id, read_only, version): (u64, i64, String) = conn

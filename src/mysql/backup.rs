@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use chrono::Utc;
 
-use super::client::{self, MysqlConn};
+use super::client;
+use super::conn::MysqlConn;
 use super::dumpscan::{DumpFacts, DumpScanner};
 use super::server::{Server, ServerFacts};
 use crate::config::Config;

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
 
-use super::client::MysqlConn;
+use super::conn::MysqlConn;
 use super::server::Server;
 use crate::config::Config;
 use crate::input_err;

@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod binlog;
 pub mod client;
+pub mod conn;
 pub mod dumpscan;
 pub mod plan;
 pub mod restore;

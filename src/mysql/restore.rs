@@ -17,7 +17,8 @@ use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 
 use super::MysqlRestoreOptions;
-use super::client::{self, MysqlConn, Programs};
+use super::client::{self, Programs};
+use super::conn::MysqlConn;
 use super::plan::{MysqlPlan, plan_mysql};
 use super::server::Server;
 use crate::config::{Config, MysqlConfig};
@@ -438,7 +439,7 @@ async fn restore_into_scratch(
     let scratch = init_scratch(dir, port, flavor, &server_programs)
         .await
         .map_err(|e| (e, None))?;
-    let scratch = match start_scratch(scratch, &server_programs, &programs).await {
+    let scratch = match start_scratch(scratch, &server_programs).await {
         Ok(s) => s,
         Err((e, s)) => return Err((e, Some(s))),
     };
@@ -544,7 +545,6 @@ async fn init_scratch(
 async fn start_scratch(
     mut scratch: Scratch,
     programs: &ScratchPrograms,
-    clients: &Programs,
 ) -> Result<Scratch, (anyhow::Error, Scratch)> {
     // Its own process group: the server outlives this command and a ^C to it.
     let child = Program::new(&programs.server)
@@ -575,10 +575,8 @@ async fn start_scratch(
                 scratch,
             ));
         }
-        if client::query(&clients.client, &conn, "SELECT 1")
-            .await
-            .is_ok()
-        {
+        if let Ok(session) = conn.connect().await {
+            let _ = session.disconnect().await;
             tracing::info!(port = scratch.port, "scratch server is up");
             return Ok(scratch);
         }
@@ -640,7 +638,7 @@ impl DrillServer {
         let programs = Programs::find(&cfg.mysql, flavor)?;
         let server_programs = ScratchPrograms::find(&cfg.mysql, flavor)?;
         let scratch = init_scratch(dir, None, flavor, &server_programs).await?;
-        let scratch = match start_scratch(scratch, &server_programs, &programs).await {
+        let scratch = match start_scratch(scratch, &server_programs).await {
             Ok(s) => s,
             Err((e, s)) => {
                 s.stop();

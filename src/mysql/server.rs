@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::client::{self, MysqlConn, Programs};
+use mysql_async::prelude::Queryable;
+
+use super::client::Programs;
+use super::conn::MysqlConn;
+use super::sql;
 use crate::config::MysqlConfig;
 use crate::input_err;
 use crate::repo::mysql::Flavor;
@@ -43,57 +47,35 @@ pub struct Server {
 }
 
 impl Server {
-    /// Connects (through the command-line client) and reads the server's facts.
+    /// Connects and reads the server's facts; finds the family's client programs.
     pub async fn connect(cfg: &MysqlConfig, conn: MysqlConn) -> anyhow::Result<Server> {
-        let probe = Programs::any_client(cfg)?;
-        let row = client::query_row(
-            &probe,
-            &conn,
-            "SELECT VERSION(), @@server_id, @@hostname, @@log_bin, IFNULL(@@log_bin_basename, '')",
-        )
-        .await?;
-        let version = row[0].clone();
-        let flavor = if version.to_ascii_lowercase().contains("mariadb") {
-            Flavor::Mariadb
-        } else {
-            Flavor::Mysql
-        };
-        let programs = Programs::find(cfg, flavor)?;
-        let server_id: u64 = row[1].parse().unwrap_or(0);
-        let hostname = row[2].clone();
-        let server_uuid = match (&cfg.server_uuid, flavor) {
-            (Some(id), _) => id.clone(),
-            (None, flavor) => match flavor {
-                Flavor::Mysql => client::query_row(&programs.client, &conn, "SELECT @@server_uuid")
-                    .await?
-                    .remove(0),
-                Flavor::Mariadb => derived_uuid(&hostname, server_id),
-            },
-        };
+        let mut session = conn.connect().await?;
+        let facts = read_facts(cfg, &mut session).await;
+        let _ = session.disconnect().await;
+        let facts = facts.map_err(|e| conn.query_error(e))?;
+        let programs = Programs::find(cfg, facts.flavor)?;
         Ok(Server {
             conn,
             programs,
-            facts: ServerFacts {
-                flavor,
-                version,
-                server_uuid,
-                server_id,
-                hostname,
-                log_bin: row[3] == "1" || row[3].eq_ignore_ascii_case("on"),
-                log_bin_basename: Some(PathBuf::from(&row[4]))
-                    .filter(|p| !p.as_os_str().is_empty()),
-            },
+            facts,
         })
     }
 
-    pub async fn query(&self, sql: &str) -> anyhow::Result<Vec<Vec<String>>> {
-        client::query(&self.programs.client, &self.conn, sql).await
+    /// Runs one query on a connection of its own (the CLI-like commands run a handful).
+    async fn query<T: mysql_async::prelude::FromRow + Send + 'static>(
+        &self,
+        sql: &str,
+    ) -> anyhow::Result<Vec<T>> {
+        let mut session = self.conn.connect().await?;
+        let rows = session.query(sql).await;
+        let _ = session.disconnect().await;
+        rows.map_err(|e| self.conn.query_error(e))
     }
 
     /// `SHOW BINARY LOGS`: every binlog file the server keeps, oldest first, with its size.
     /// The last one is the file being written.
     pub async fn binary_logs(&self) -> anyhow::Result<Vec<(String, u64)>> {
-        let rows = self.query("SHOW BINARY LOGS").await.map_err(|e| {
+        let rows: Vec<mysql_async::Row> = self.query("SHOW BINARY LOGS").await.map_err(|e| {
             if crate::error::exit_code(&e) == 1 {
                 e
             } else {
@@ -103,21 +85,22 @@ impl Server {
                 )
             }
         })?;
-        rows.into_iter()
+        Ok(rows
+            .into_iter()
             .map(|r| {
-                let size = r.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-                Ok((r.first().cloned().unwrap_or_default(), size))
+                let name: Option<String> = r.get(0);
+                let size: Option<u64> = r.get(1);
+                (name.unwrap_or_default(), size.unwrap_or(0))
             })
-            .collect()
+            .collect())
     }
 
     /// Databases other than the system ones.
     pub async fn user_databases(&self) -> anyhow::Result<Vec<String>> {
         Ok(self
-            .query("SHOW DATABASES")
+            .query::<String>("SHOW DATABASES")
             .await?
             .into_iter()
-            .filter_map(|r| r.into_iter().next())
             .filter(|d| !SYSTEM_DATABASES.contains(&d.as_str()))
             .collect())
     }
@@ -149,6 +132,39 @@ impl Server {
             self.conn.describe()
         ))
     }
+}
+
+async fn read_facts(
+    cfg: &MysqlConfig,
+    session: &mut mysql_async::Conn,
+) -> Result<ServerFacts, mysql_async::Error> {
+    let (version, server_id, hostname, log_bin, basename): (String, u64, String, String, String) =
+        session
+            .query_first(sql::SERVER_FACTS)
+            .await?
+            .unwrap_or_default();
+    let flavor = if version.to_ascii_lowercase().contains("mariadb") {
+        Flavor::Mariadb
+    } else {
+        Flavor::Mysql
+    };
+    let server_uuid = match (&cfg.server_uuid, flavor) {
+        (Some(id), _) => id.clone(),
+        (None, Flavor::Mysql) => session
+            .query_first("SELECT @@server_uuid")
+            .await?
+            .unwrap_or_default(),
+        (None, Flavor::Mariadb) => derived_uuid(&hostname, server_id),
+    };
+    Ok(ServerFacts {
+        flavor,
+        version,
+        server_uuid,
+        server_id,
+        hostname,
+        log_bin: log_bin == "1" || log_bin.eq_ignore_ascii_case("on"),
+        log_bin_basename: Some(PathBuf::from(basename)).filter(|p| !p.as_os_str().is_empty()),
+    })
 }
 
 /// A name-based UUID for a server that has none: the same hostname and server id always give

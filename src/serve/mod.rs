@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::health::{LagLimits, Policy, Prober};
 use crate::input_err;
+use crate::mysql::conn::MysqlConn;
 use crate::pg::conn::ConnInfo;
 use crate::schedule::Cron;
 use crate::storage::Store;
@@ -114,8 +115,8 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
             }
         }
         Engine::Mysql => {
-            let opts = crate::health::mysql::opts(&cfg.mysql)?;
-            let probe = crate::health::mysql::Probe::new(opts.clone());
+            let server = MysqlConn::from_config(&cfg.mysql)?;
+            let probe = crate::health::mysql::Probe::new(server.clone());
             spawn(
                 &mut tasks,
                 "refresher",
@@ -127,7 +128,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                     "heartbeat",
                     crate::heartbeat::run(
                         shared.clone(),
-                        crate::heartbeat::MysqlWriter::new(opts),
+                        crate::heartbeat::MysqlWriter::new(server),
                         cfg.serve.heartbeat_interval,
                         token.clone(),
                     ),
@@ -284,14 +285,14 @@ async fn ship_binlogs(
     let mut state = crate::mysql::binlog::ShipState::default();
     let mut last_error: Option<String> = None;
     let mut last_rotation = std::time::Instant::now();
-    let opts = crate::health::mysql::opts(&cfg.mysql)?;
+    let server = MysqlConn::from_config(&cfg.mysql)?;
     loop {
         // The active binlog is never shipped: rotate it when it is old, so the restorable
         // window never lags more than binlog_max_age behind on a quiet server.
         if last_rotation.elapsed() >= cfg.serve.binlog_max_age {
             let (snap, _) = shared.snapshot();
             if snap.is_some_and(|s| s.up && s.role == crate::health::Role::Primary) {
-                match rotate_binlog(&opts).await {
+                match rotate_binlog(&server).await {
                     Ok(()) => last_rotation = std::time::Instant::now(),
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "FLUSH BINARY LOGS failed (the account needs RELOAD)")
@@ -325,11 +326,12 @@ async fn ship_binlogs(
     }
 }
 
-async fn rotate_binlog(opts: &mysql_async::Opts) -> anyhow::Result<()> {
+async fn rotate_binlog(server: &MysqlConn) -> anyhow::Result<()> {
     use mysql_async::prelude::Queryable;
-    let mut conn = crate::health::mysql::connect(opts).await?;
-    conn.query_drop("FLUSH BINARY LOGS").await?;
-    Ok(())
+    let mut conn = server.connect().await?;
+    let flushed = conn.query_drop("FLUSH BINARY LOGS").await;
+    let _ = conn.disconnect().await;
+    flushed.map_err(|e| server.query_error(e))
 }
 
 /// Reads the repository every `serve.catalog_refresh` for backup, window and drill metrics.
