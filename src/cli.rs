@@ -1,5 +1,6 @@
 //! Command-line definitions and dispatch. Parses, resolves the configuration once, calls the
-//! domain code and prints; nothing else.
+//! domain code and prints its report (for people, or `--json`); nothing else. This is the only
+//! place that writes to stdout.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,9 +80,16 @@ pub enum Command {
         engine: Engine,
         #[arg(long, value_enum, default_value = "base")]
         kind: Kind,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Ship every closed MySQL/MariaDB binlog once (for a cron; `serve` does it continuously).
-    BinlogPush,
+    BinlogPush {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run as a sidecar: health endpoints (Patroni-compatible), metrics, heartbeat, lag,
     /// look-ahead WAL shipping and scheduled jobs.
     Serve {
@@ -116,12 +124,18 @@ pub enum Command {
         /// Print the plan and delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Check the repository: every object's checksum trailer against its manifest and every
     /// backup's WAL chain; --full reads and checksums every byte. Exits 2 on any problem.
     Verify {
         #[arg(long)]
         full: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List backups and the restorable window.
     List {
@@ -130,54 +144,60 @@ pub enum Command {
         json: bool,
     },
     /// Restore to a point in time into an empty data directory, then start and promote.
-    Restore {
-        /// Target time: RFC 3339, or "YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM]]" (UTC without an offset).
-        #[arg(
-            long,
-            value_name = "TIME",
-            conflicts_with = "latest",
-            required_unless_present = "latest"
-        )]
-        at: Option<String>,
-        /// Replay all archived WAL.
-        #[arg(long)]
-        latest: bool,
-        /// The new data directory: must be absent or empty. For MySQL, a scratch server is
-        /// initialised here (without it, the restore goes into DBAGENT_MYSQL_URL).
-        #[arg(long, value_name = "DIR")]
-        target_dir: Option<PathBuf>,
-        /// Restore this database's logical dump instead of a base backup (PostgreSQL).
-        #[arg(long, value_name = "DB", requires = "target_url")]
-        dump: Option<String>,
-        /// Where a dump is restored: postgresql://user@host:port/newdb (a new database).
-        #[arg(long, value_name = "URL")]
-        target_url: Option<String>,
-        #[arg(long, value_enum, default_value = "postgres")]
-        engine: Engine,
-        /// Prepare the data directory but do not start PostgreSQL.
-        #[arg(long)]
-        no_start: bool,
-        /// Print the plan and stop; writes nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Start the restored server on this port.
-        #[arg(long)]
-        port: Option<u16>,
-        /// Follow this timeline (PostgreSQL), e.g. one branch of a forked history, instead
-        /// of the branch that continues production.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-        timeline: Option<u32>,
-        /// The restored server replaces production (PostgreSQL): it archives its new timeline
-        /// into the repository. Without it, it archives nothing (archive_mode = off).
-        #[arg(long)]
-        as_primary: bool,
-    },
+    Restore(RestoreArgs),
     /// Copy this binary into DIR (as DIR/dbagent, executable, atomically): for an init
     /// container that shares it with the database container. Needs no shell.
     Install {
         /// The shared volume's mount point.
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Target time: RFC 3339, or "YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM]]" (UTC without an offset).
+    #[arg(
+        long,
+        value_name = "TIME",
+        conflicts_with = "latest",
+        required_unless_present = "latest"
+    )]
+    at: Option<String>,
+    /// Replay all archived WAL.
+    #[arg(long)]
+    latest: bool,
+    /// The new data directory: must be absent or empty. For MySQL, a scratch server is
+    /// initialised here (without it, the restore goes into DBAGENT_MYSQL_URL).
+    #[arg(long, value_name = "DIR")]
+    target_dir: Option<PathBuf>,
+    /// Restore this database's logical dump instead of a base backup (PostgreSQL).
+    #[arg(long, value_name = "DB", requires = "target_url")]
+    dump: Option<String>,
+    /// Where a dump is restored: postgresql://user@host:port/newdb (a new database).
+    #[arg(long, value_name = "URL")]
+    target_url: Option<String>,
+    #[arg(long, value_enum, default_value = "postgres")]
+    engine: Engine,
+    /// Prepare the data directory but do not start PostgreSQL.
+    #[arg(long)]
+    no_start: bool,
+    /// Print the plan and stop; writes nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Start the restored server on this port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Follow this timeline (PostgreSQL), e.g. one branch of a forked history, instead
+    /// of the branch that continues production.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    timeline: Option<u32>,
+    /// The restored server replaces production (PostgreSQL): it archives its new timeline
+    /// into the repository. Without it, it archives nothing (archive_mode = off).
+    #[arg(long)]
+    as_primary: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run() -> ExitCode {
@@ -244,6 +264,15 @@ fn print(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Prints a command's report: for people, or as JSON for scripts.
+fn emit<R: std::fmt::Display + serde::Serialize>(report: &R, json: bool) -> anyhow::Result<()> {
+    if json {
+        print(&(serde_json::to_string_pretty(report)? + "\n"))
+    } else {
+        print(&format!("{report}\n"))
+    }
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let flags = Overrides {
         config_file: cli.config.clone(),
@@ -255,6 +284,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         return print(&format!("installed {} ({size} bytes)\n", dest.display()));
     }
     let cfg = Config::load(&flags, &ProcessEnv)?;
+    let store = || crate::storage::open(&cfg);
     match cli.command {
         Command::Keygen { output } => {
             let public = crate::crypto::keys::keygen(&output)?;
@@ -262,79 +292,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 "dbagent: wrote the secret key to {}; the public key (for encryption.recipients_file) follows",
                 output.display()
             );
-            print(&(public + "\n"))?;
+            print(&(public + "\n"))
         }
-        Command::Encryption { action } => {
-            let store = crate::storage::open(&cfg)?;
-            let repo = cfg.repo_url()?;
-            let recipients = cfg.encryption.recipients()?;
-            if let EncryptionAction::Set = action {
-                let Some(r) = &recipients else {
-                    return Err(input_err!(
-                        "encryption set records the keys of encryption.recipients_file: set DBAGENT_ENCRYPTION_RECIPIENTS_FILE"
-                    ));
-                };
-                let rec = crate::crypto::record::set(store.as_ref(), r).await?;
-                print(&format!(
-                    "repository {repo}: new objects are encrypted for key set {} (record {})\n",
-                    rec.key_set, rec.version
-                ))?;
-            }
-            let records = crate::crypto::Records::load(store.as_ref()).await?;
-            let identities = cfg.encryption.identities()?;
-            print(&crate::crypto::record::describe(
-                &records,
-                repo,
-                recipients.as_ref(),
-                identities.as_ref(),
-            ))?;
-        }
-        Command::WalPush { path } => {
-            crate::pg::wal::push_opening(&cfg, &path).await?;
-        }
+        Command::Encryption { action } => encryption(&cfg, action).await,
+        Command::WalPush { path } => crate::pg::wal::push_opening(&cfg, &path).await.map(drop),
         Command::WalFetch { name, dest } => {
-            let store = crate::storage::open(&cfg)?;
-            crate::pg::wal::fetch(&cfg, store, &name, &dest).await?;
+            crate::pg::wal::fetch(&cfg, store()?, &name, &dest).await
         }
         Command::WalPrefetch { dir, names } => {
-            let store = crate::storage::open(&cfg)?;
-            crate::pg::wal::prefetch(&cfg, store, &dir, &names).await?;
+            crate::pg::wal::prefetch(&cfg, store()?, &dir, &names).await
         }
-        Command::Backup { engine, kind } => {
-            let store = crate::storage::open(&cfg)?;
-            let summary = match (engine, kind) {
-                (Engine::Mysql, _) => crate::mysql::backup_dump(&cfg, store).await?,
-                (Engine::Postgres, Kind::Dump) => {
-                    crate::pg::dump::backup_dumps(&cfg, store).await?
-                }
-                (Engine::Postgres, Kind::Base) => {
-                    let started = std::time::Instant::now();
-                    let m = crate::pg::backup::base_backup(&cfg, store).await?;
-                    format!(
-                        "backup {} complete in {:.1}s: {} read, {} stored, WAL {}..{}, consistent at {}",
-                        m.id,
-                        started.elapsed().as_secs_f64(),
-                        crate::restore::human(m.data.plain_bytes),
-                        crate::restore::human(m.data.stored_bytes),
-                        m.start_wal,
-                        m.stop_wal,
-                        crate::timespec::show(m.stop_time)
-                    )
-                }
-            };
-            print(&(summary + "\n"))?;
-        }
-        Command::BinlogPush => {
-            let store = crate::storage::open(&cfg)?;
-            let summary = crate::mysql::binlog_push(&cfg, store).await?;
-            print(&(summary + "\n"))?;
+        Command::Backup { engine, kind, json } => match (engine, kind) {
+            (Engine::Mysql, _) => emit(&crate::mysql::backup_dump(&cfg, store()?).await?, json),
+            (Engine::Postgres, Kind::Dump) => {
+                emit(&crate::pg::dump::backup_dumps(&cfg, store()?).await?, json)
+            }
+            (Engine::Postgres, Kind::Base) => {
+                emit(&crate::pg::backup::base_backup(&cfg, store()?).await?, json)
+            }
+        },
+        Command::BinlogPush { json } => {
+            emit(&crate::mysql::binlog_push(&cfg, store()?).await?, json)
         }
         Command::Serve { listen, engine } => {
             let mut cfg = cfg;
-            if let Some(engine) = engine {
-                cfg.serve.engine = engine;
-            }
-            crate::serve::run(cfg, listen).await?;
+            cfg.serve.engine = engine.unwrap_or(cfg.serve.engine);
+            crate::serve::run(cfg, listen).await
         }
         Command::Drill {
             engine,
@@ -343,184 +326,125 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             latest: _,
             json,
         } => {
-            let target = match (at, random) {
-                (Some(t), _) => crate::drill::DrillTarget::At(crate::timespec::parse_instant(&t)?),
-                (None, true) => crate::drill::DrillTarget::Random,
-                (None, false) => crate::drill::DrillTarget::Latest,
-            };
-            let store = crate::storage::open(&cfg)?;
-            let drill = async {
-                match engine {
-                    Engine::Postgres => crate::drill::run_pg(&cfg, store.clone(), target)
-                        .await
-                        .map(|(sysid, r)| (crate::repo::pg_drill_key(sysid, &r.id), r)),
-                    Engine::Mysql => crate::drill::mysql::run(&cfg, store.clone(), target)
-                        .await
-                        .map(|(uuid, r)| (crate::repo::mysql_drill_key(&uuid, &r.id), r)),
-                }
-            };
-            let mut sigterm =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            // An interrupted drill drops its future: the scratch server is stopped and removed.
-            let (key, mut report) = tokio::select! {
-                r = tokio::time::timeout(cfg.drill.timeout, drill) => r.map_err(|_| {
-                    anyhow::anyhow!("the drill did not finish within {}", humantime::format_duration(cfg.drill.timeout))
-                })??,
-                _ = sigterm.recv() => anyhow::bail!("drill interrupted by SIGTERM; the scratch server was removed"),
-                _ = tokio::signal::ctrl_c() => anyhow::bail!("drill interrupted; the scratch server was removed"),
-            };
-            crate::drill::publish(&cfg, store.as_ref(), &key, &mut report).await;
-            if json {
-                print(&(serde_json::to_string_pretty(&report)? + "\n"))?;
-            } else {
-                print(&report.render())?;
-            }
-            if !report.passed() {
-                anyhow::bail!(
-                    "restore drill failed: {} of {} checks failed (report: {key})",
-                    report.failures().len(),
-                    report.checks.len()
-                );
-            }
+            let target = drill_target(at, random)?;
+            let drilled = crate::drill::run(&cfg, store()?, engine, target).await?;
+            emit(&drilled, json)?;
+            drilled.verdict()
         }
-        Command::Prune { dry_run } => {
-            let store = crate::storage::open(&cfg)?;
-            let clusters = match cfg.pg.system_identifier {
-                Some(id) => vec![id],
-                None => crate::repo::catalog::clusters(store.as_ref()).await?,
-            };
-            for sysid in clusters {
-                let cat = crate::repo::catalog::PgCatalog::load(store.as_ref(), sysid).await?;
-                let objects = store.list(&crate::repo::pg_root(sysid)).await?;
-                let plan = crate::prune::plan(&cat, &objects, chrono::Utc::now(), &cfg.retention);
-                print(&plan.describe())?;
-                if dry_run {
-                    print("dry run: nothing was deleted\n")?;
-                } else if !plan.is_empty() {
-                    let n = crate::prune::execute(store.as_ref(), &plan).await?;
-                    print(&format!("deleted {n} object(s)\n"))?;
-                }
-            }
-            let leftovers = crate::leftovers::sweep(
-                store.as_ref(),
-                cfg.retention.incomplete_after,
-                chrono::Utc::now(),
-                dry_run,
-            );
-            print(&leftovers.await?.describe())?;
+        Command::Prune { dry_run, json } => emit(
+            &crate::prune::run(&cfg, store()?.as_ref(), dry_run).await?,
+            json,
+        ),
+        Command::Verify { full, json } => {
+            let verified = crate::verify::run(&cfg, store()?, full).await?;
+            emit(&verified, json)?;
+            verified.verdict()
         }
-        Command::Verify { full } => {
-            let store = crate::storage::open(&cfg)?;
-            let clusters = match cfg.pg.system_identifier {
-                Some(id) => vec![id],
-                None => crate::repo::catalog::clusters(store.as_ref()).await?,
-            };
-            let mut problems = 0;
-            for sysid in clusters {
-                let v = crate::verify::verify_pg(store.clone(), sysid, full).await?;
-                let mut text = format!(
-                    "PostgreSQL cluster {sysid}: {} object(s), {} verified\n",
-                    v.objects,
-                    crate::restore::human(v.bytes)
-                );
-                for n in &v.notes {
-                    text.push_str(&format!("  {n}\n"));
-                }
-                for p in &v.problems {
-                    text.push_str(&format!("  PROBLEM: {p}\n"));
-                }
-                problems += v.problems.len();
-                print(&text)?;
-            }
-            if problems > 0 {
-                return Err(anyhow::Error::new(crate::error::Failure::Corrupt(format!(
-                    "verify found {problems} problem(s) in the repository"
-                ))));
-            }
-        }
-        Command::List { json } => {
-            let store = crate::storage::open(&cfg)?;
-            let listing = crate::list::build(store.as_ref()).await?;
-            if json {
-                print(&(serde_json::to_string_pretty(&listing)? + "\n"))?;
-            } else {
-                print(&crate::list::render_text(&listing))?;
-            }
-        }
-        Command::Restore {
-            at,
-            latest,
-            target_dir,
-            dump,
-            target_url,
-            engine,
-            no_start,
-            dry_run,
-            port,
-            timeline,
-            as_primary,
-        } => {
-            if (engine == Engine::Mysql || dump.is_some()) && (timeline.is_some() || as_primary) {
-                return Err(input_err!(
-                    "--timeline and --as-primary are for PostgreSQL restores from a base backup (--target-dir)"
-                ));
-            }
-            let target = match (at, latest) {
-                (Some(t), false) => Target::Time(crate::timespec::parse_instant(&t)?),
-                (None, true) => Target::Latest,
-                _ => return Err(input_err!("give either --at <time> or --latest")),
-            };
-            let target_dir = target_dir.map(std::path::absolute).transpose()?;
-            let store = crate::storage::open(&cfg)?;
-            match (engine, dump) {
-                (Engine::Mysql, Some(_)) => {
-                    return Err(input_err!(
-                        "--dump restores a PostgreSQL logical dump: MySQL restores always load a dump and replay binlogs"
-                    ));
-                }
-                (Engine::Mysql, None) if no_start => {
-                    return Err(input_err!(
-                        "--no-start is for PostgreSQL: a MySQL restore needs a running server to load the dump into"
-                    ));
-                }
-                (Engine::Mysql, None) => {
-                    let opts = crate::mysql::MysqlRestoreOptions {
-                        target,
-                        target_dir,
-                        dry_run,
-                        port,
-                    };
-                    crate::mysql::restore(&cfg, store, &opts).await?;
-                }
-                (Engine::Postgres, Some(database)) => {
-                    let opts = crate::pg::dump::DumpRestoreOptions {
-                        database,
-                        target,
-                        target_url: target_url.expect("clap requires --target-url with --dump"),
-                        dry_run,
-                    };
-                    crate::pg::dump::restore_dump(&cfg, store, &opts).await?;
-                }
-                (Engine::Postgres, None) => {
-                    let Some(target_dir) = target_dir else {
-                        return Err(input_err!(
-                            "restore needs --target-dir <dir> (an empty or new data directory)"
-                        ));
-                    };
-                    let opts = crate::restore::PgRestoreOptions {
-                        target,
-                        target_dir,
-                        no_start,
-                        dry_run,
-                        port,
-                        timeline,
-                        as_primary,
-                    };
-                    crate::restore::restore_pg(&cfg, store, &opts).await?;
-                }
-            }
-        }
+        Command::List { json } => emit(&crate::list::build(store()?.as_ref()).await?, json),
+        Command::Restore(args) => restore(&cfg, args).await,
         Command::Install { .. } => unreachable!("handled before the configuration is loaded"),
     }
-    Ok(())
+}
+
+/// `dbagent encryption status|set`.
+async fn encryption(cfg: &Config, action: EncryptionAction) -> anyhow::Result<()> {
+    let store = crate::storage::open(cfg)?;
+    let repo = cfg.repo_url()?;
+    let recipients = cfg.encryption.recipients()?;
+    if let EncryptionAction::Set = action {
+        let Some(r) = &recipients else {
+            return Err(input_err!(
+                "encryption set records the keys of encryption.recipients_file: set DBAGENT_ENCRYPTION_RECIPIENTS_FILE"
+            ));
+        };
+        let rec = crate::crypto::record::set(store.as_ref(), r).await?;
+        print(&format!(
+            "repository {repo}: new objects are encrypted for key set {} (record {})\n",
+            rec.key_set, rec.version
+        ))?;
+    }
+    let records = crate::crypto::Records::load(store.as_ref()).await?;
+    let identities = cfg.encryption.identities()?;
+    print(&crate::crypto::record::describe(
+        &records,
+        repo,
+        recipients.as_ref(),
+        identities.as_ref(),
+    ))
+}
+
+fn drill_target(at: Option<String>, random: bool) -> anyhow::Result<crate::drill::DrillTarget> {
+    use crate::drill::DrillTarget;
+    Ok(match (at, random) {
+        (Some(t), _) => DrillTarget::At(crate::timespec::parse_instant(&t)?),
+        (None, true) => DrillTarget::Random,
+        (None, false) => DrillTarget::Latest,
+    })
+}
+
+/// `dbagent restore`: which of the three restores the flags ask for.
+async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
+    if (args.engine == Engine::Mysql || args.dump.is_some())
+        && (args.timeline.is_some() || args.as_primary)
+    {
+        return Err(input_err!(
+            "--timeline and --as-primary are for PostgreSQL restores from a base backup (--target-dir)"
+        ));
+    }
+    let target = match (args.at, args.latest) {
+        (Some(t), false) => Target::Time(crate::timespec::parse_instant(&t)?),
+        (None, true) => Target::Latest,
+        _ => return Err(input_err!("give either --at <time> or --latest")),
+    };
+    let target_dir = args.target_dir.map(std::path::absolute).transpose()?;
+    let store = crate::storage::open(cfg)?;
+    let json = args.json;
+    match (args.engine, args.dump) {
+        (Engine::Mysql, Some(_)) => Err(input_err!(
+            "--dump restores a PostgreSQL logical dump: MySQL restores always load a dump and replay binlogs"
+        )),
+        (Engine::Mysql, None) if args.no_start => Err(input_err!(
+            "--no-start is for PostgreSQL: a MySQL restore needs a running server to load the dump into"
+        )),
+        (Engine::Mysql, None) => {
+            let opts = crate::mysql::MysqlRestoreOptions {
+                target,
+                target_dir,
+                dry_run: args.dry_run,
+                port: args.port,
+            };
+            emit(&crate::mysql::restore(cfg, store, &opts).await?, json)
+        }
+        (Engine::Postgres, Some(database)) => {
+            let opts = crate::pg::dump::DumpRestoreOptions {
+                database,
+                target,
+                target_url: args
+                    .target_url
+                    .expect("clap requires --target-url with --dump"),
+                dry_run: args.dry_run,
+            };
+            emit(
+                &crate::pg::dump::restore_dump(cfg, store, &opts).await?,
+                json,
+            )
+        }
+        (Engine::Postgres, None) => {
+            let Some(target_dir) = target_dir else {
+                return Err(input_err!(
+                    "restore needs --target-dir <dir> (an empty or new data directory)"
+                ));
+            };
+            let opts = crate::restore::PgRestoreOptions {
+                target,
+                target_dir,
+                no_start: args.no_start,
+                dry_run: args.dry_run,
+                port: args.port,
+                timeline: args.timeline,
+                as_primary: args.as_primary,
+            };
+            emit(&crate::restore::restore_pg(cfg, store, &opts).await?, json)
+        }
+    }
 }

@@ -266,7 +266,13 @@ fn cluster(cat: &PgCatalog, dumps: &[PgDumpSet]) -> PgCluster {
     }
 }
 
-pub fn render_text(listing: &Listing) -> String {
+impl std::fmt::Display for Listing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(render_text(self).trim_end())
+    }
+}
+
+fn render_text(listing: &Listing) -> String {
     let mut out = String::new();
     if listing.postgres.is_empty() {
         out.push_str("no PostgreSQL backups or WAL in this repository\n");

@@ -11,21 +11,26 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
+use serde::{Serialize, Serializer};
 
-use crate::config::RetentionConfig;
-use crate::repo::catalog::PgCatalog;
+use crate::config::{Config, RetentionConfig};
+use crate::leftovers::Sweep;
+use crate::repo::catalog::{self, PgCatalog};
 use crate::repo::wal::{Segment, WalFile};
 use crate::storage::{ObjectInfo, Store};
 
 /// Drill reports kept per cluster.
 const KEEP_DRILL_REPORTS: usize = 36;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PrunePlan {
+    #[serde(serialize_with = "as_string")]
     pub system_identifier: u64,
     /// Kept backup ids, with why.
+    #[serde(serialize_with = "kept")]
     pub keep: Vec<(String, &'static str)>,
     /// Deleted backups: id and keys, the manifest first.
+    #[serde(serialize_with = "deleted")]
     pub delete_backups: Vec<(String, Vec<String>)>,
     /// WAL below this segment number (any timeline) is deleted.
     pub wal_floor: Option<String>,
@@ -73,6 +78,119 @@ impl PrunePlan {
         }
         out
     }
+}
+
+fn as_string<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn kept<S: Serializer>(keep: &[(String, &'static str)], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Kept<'a> {
+        id: &'a str,
+        why: &'a str,
+    }
+    s.collect_seq(keep.iter().map(|(id, why)| Kept { id, why }))
+}
+
+fn deleted<S: Serializer>(backups: &[(String, Vec<String>)], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Deleted<'a> {
+        id: &'a str,
+        keys: &'a [String],
+    }
+    s.collect_seq(backups.iter().map(|(id, keys)| Deleted { id, keys }))
+}
+
+/// What `prune` did (or, on a dry run, would do), cluster by cluster, and the unfinished
+/// uploads it swept.
+#[derive(Debug, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub clusters: Vec<Pruned>,
+    #[serde(serialize_with = "swept")]
+    pub leftovers: Sweep,
+}
+
+fn swept<S: Serializer>(sweep: &Sweep, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Old<'a> {
+        key: &'a str,
+        started: DateTime<Utc>,
+        size: Option<u64>,
+    }
+    #[derive(Serialize)]
+    struct Swept<'a> {
+        older_than_seconds: u64,
+        /// Removed, or on a dry run to be removed.
+        old: Vec<Old<'a>>,
+        /// Kept: young enough that the upload may still be running.
+        young: usize,
+    }
+    Swept {
+        older_than_seconds: sweep.older_than.as_secs(),
+        old: sweep
+            .old
+            .iter()
+            .map(|l| Old {
+                key: &l.key,
+                started: l.started,
+                size: l.size,
+            })
+            .collect(),
+        young: sweep.young,
+    }
+    .serialize(s)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Pruned {
+    pub plan: PrunePlan,
+    /// Objects deleted; none on a dry run or when there was nothing to delete.
+    pub deleted: Option<usize>,
+}
+
+impl std::fmt::Display for PruneReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = String::new();
+        for c in &self.clusters {
+            text.push_str(&c.plan.describe());
+            if self.dry_run {
+                text.push_str("dry run: nothing was deleted\n");
+            } else if let Some(n) = c.deleted {
+                text.push_str(&format!("deleted {n} object(s)\n"));
+            }
+        }
+        text.push_str(&self.leftovers.describe());
+        f.write_str(text.trim_end())
+    }
+}
+
+/// `dbagent prune [--dry-run]`: plans every PostgreSQL cluster in the repository (or the
+/// configured one) and carries the plans out.
+pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Result<PruneReport> {
+    let clusters = match cfg.pg.system_identifier {
+        Some(id) => vec![id],
+        None => catalog::clusters(store).await?,
+    };
+    let mut out = Vec::new();
+    for sysid in clusters {
+        let cat = PgCatalog::load(store, sysid).await?;
+        let objects = store.list(&crate::repo::pg_root(sysid)).await?;
+        let plan = plan(&cat, &objects, Utc::now(), &cfg.retention);
+        let deleted = match dry_run || plan.is_empty() {
+            true => None,
+            false => Some(execute(store, &plan).await?),
+        };
+        out.push(Pruned { plan, deleted });
+    }
+    let leftovers =
+        crate::leftovers::sweep(store, cfg.retention.incomplete_after, Utc::now(), dry_run).await?;
+    Ok(PruneReport {
+        dry_run,
+        clusters: out,
+        leftovers,
+    })
 }
 
 /// Decides what to delete. `objects` is everything under `pg/<sysid>/`.

@@ -6,24 +6,88 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
+use serde::Serialize;
 
+use crate::config::Config;
 use crate::pipeline;
-use crate::repo::catalog::PgCatalog;
+use crate::repo::catalog::{self, PgCatalog};
+use crate::restore::human;
 use crate::storage::Store;
 
 const PARALLEL: usize = 8;
 
-#[derive(Debug, Default)]
+/// What `verify` found, cluster by cluster.
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub full: bool,
+    pub clusters: Vec<Verified>,
+}
+
+#[derive(Debug, Default, Serialize)]
 pub struct Verified {
+    pub system_identifier: String,
     pub objects: usize,
     pub bytes: u64,
     pub problems: Vec<String>,
     pub notes: Vec<String>,
 }
 
+impl VerifyReport {
+    pub fn problems(&self) -> usize {
+        self.clusters.iter().map(|c| c.problems.len()).sum()
+    }
+
+    /// Any problem fails the command (exit 2), once the report is out.
+    pub fn verdict(&self) -> anyhow::Result<()> {
+        match self.problems() {
+            0 => Ok(()),
+            n => Err(anyhow::Error::new(crate::error::Failure::Corrupt(format!(
+                "verify found {n} problem(s) in the repository"
+            )))),
+        }
+    }
+}
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut lines = Vec::new();
+        for c in &self.clusters {
+            lines.push(format!(
+                "PostgreSQL cluster {}: {} object(s), {} verified",
+                c.system_identifier,
+                c.objects,
+                human(c.bytes)
+            ));
+            lines.extend(c.notes.iter().map(|n| format!("  {n}")));
+            lines.extend(c.problems.iter().map(|p| format!("  PROBLEM: {p}")));
+        }
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+/// `dbagent verify [--full]`: every PostgreSQL cluster in the repository (or the configured
+/// one).
+pub async fn run(cfg: &Config, store: Arc<dyn Store>, full: bool) -> anyhow::Result<VerifyReport> {
+    let clusters = match cfg.pg.system_identifier {
+        Some(id) => vec![id],
+        None => catalog::clusters(store.as_ref()).await?,
+    };
+    let mut out = Vec::new();
+    for sysid in clusters {
+        out.push(verify_pg(store.clone(), sysid, full).await?);
+    }
+    Ok(VerifyReport {
+        full,
+        clusters: out,
+    })
+}
+
 pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow::Result<Verified> {
     let cat = PgCatalog::load(store.as_ref(), sysid).await?;
-    let mut out = Verified::default();
+    let mut out = Verified {
+        system_identifier: sysid.to_string(),
+        ..Verified::default()
+    };
     for b in &cat.backups {
         let Some(head) = store.head(&b.data.key).await? else {
             out.problems.push(format!(

@@ -7,22 +7,20 @@
 //! (and `serve`), and a webhook on failure.
 
 pub mod mysql;
+pub mod pg;
 pub mod report;
 pub mod suite;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::config::Config;
-use crate::repo::catalog::{PgCatalog, Window};
-use crate::repo::manifest::DatabaseInfo;
-use crate::restore::plan::{self, PgPlan, Target};
-use crate::restore::{self, Landed};
+use crate::engine::Engine;
+use crate::repo::catalog::Window;
+use crate::restore::plan::Target;
 use crate::storage::Store;
 use report::{CheckResult, Report, Status};
 
@@ -74,15 +72,13 @@ fn seed() -> u64 {
     nanos ^ ((std::process::id() as u64) << 32)
 }
 
-/// The scratch server's directory; stops the server and removes everything when dropped,
-/// whatever happened (a failed check, an error, SIGTERM).
-struct Scratch {
-    dir: Option<tempfile::TempDir>,
-    pg_ctl: Option<PathBuf>,
-}
+/// The drill's scratch directory, removed with everything in it when dropped, whatever
+/// happened (a failed check, an error, SIGTERM). The server inside it is a value of its own,
+/// created after this one, so it is stopped first.
+struct ScratchDir(Option<tempfile::TempDir>);
 
-impl Scratch {
-    fn new(cfg: &Config) -> anyhow::Result<Scratch> {
+impl ScratchDir {
+    fn new(cfg: &Config) -> anyhow::Result<ScratchDir> {
         let mut b = tempfile::Builder::new();
         b.prefix("dbagent-drill-");
         let dir = match &cfg.drill.scratch_dir {
@@ -94,34 +90,22 @@ impl Scratch {
             None => b.tempdir(),
         }
         .context("creating the scratch directory")?;
-        Ok(Scratch {
-            dir: Some(dir),
-            pg_ctl: crate::pg::bins::program(&cfg.pg, "pg_ctl").ok(),
-        })
+        Ok(ScratchDir(Some(dir)))
     }
 
-    fn path(&self) -> &std::path::Path {
-        self.dir.as_ref().expect("present until drop").path()
+    fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until drop").path()
     }
 
+    /// Where the scratch server's data goes.
     fn data(&self) -> PathBuf {
         self.path().join("data")
     }
 }
 
-impl Drop for Scratch {
+impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let data = self.data();
-        if data.join("postmaster.pid").exists() {
-            if let Some(pg_ctl) = &self.pg_ctl {
-                let _ = crate::proc::Program::new(pg_ctl)
-                    .arg("-D")
-                    .arg(&data)
-                    .args(["-m", "immediate", "-w", "-t", "30", "stop"])
-                    .status_blocking();
-            }
-        }
-        if let Some(dir) = self.dir.take() {
+        if let Some(dir) = self.0.take() {
             let path = dir.path().to_path_buf();
             if let Err(e) = dir.close() {
                 tracing::warn!(dir = %path.display(), error = %e, "could not remove the drill's scratch directory");
@@ -130,96 +114,76 @@ impl Drop for Scratch {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+/// A finished drill: its report, stored under `key`.
+#[derive(Debug)]
+pub struct Drilled {
+    pub key: String,
+    pub report: Report,
 }
 
-/// Settings that make the restored copy a private scratch server: no TCP, a socket in the
-/// scratch directory, trust auth on that socket only, and no archiving into the real repository.
-fn scratch_settings(scratch: &std::path::Path, port: u16) -> anyhow::Result<Vec<String>> {
-    let hba = scratch.join("dbagent_hba.conf");
-    std::fs::write(&hba, "local all all trust\n").context("writing the scratch pg_hba.conf")?;
-    let q = |p: &std::path::Path| restore::recovery::quote(&p.display().to_string());
-    Ok(vec![
-        "# dbagent drill: private scratch server".into(),
-        format!("port = {port}"),
-        "listen_addresses = ''".into(),
-        format!("unix_socket_directories = {}", q(scratch)),
-        format!("hba_file = {}", q(&hba)),
-        "archive_mode = off".into(),
-        "synchronous_standby_names = ''".into(),
-        "primary_conninfo = ''".into(),
-    ])
+impl std::fmt::Display for Drilled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.report.render().trim_end())
+    }
 }
 
-pub async fn run_pg(
+impl serde::Serialize for Drilled {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.report.serialize(s)
+    }
+}
+
+impl Drilled {
+    /// A failed check fails the command (exit 2), once the report is out.
+    pub fn verdict(&self) -> anyhow::Result<()> {
+        if self.report.passed() {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "restore drill failed: {} of {} checks failed (report: {})",
+            self.report.failures().len(),
+            self.report.checks.len(),
+            self.key
+        )
+    }
+}
+
+/// `dbagent drill`: runs the engine's drill within `drill.timeout`, stores the report,
+/// pushes metrics and notifies. An interrupted drill (timeout, SIGTERM, ^C) drops its future:
+/// the scratch server is stopped and its directory removed.
+pub async fn run(
     cfg: &Config,
     store: Arc<dyn Store>,
+    engine: Engine,
     target: DrillTarget,
-) -> anyhow::Result<(u64, Report)> {
-    let started = Utc::now();
-    let clock = Instant::now();
-    let sysid = restore::choose_cluster(cfg, store.as_ref()).await?;
-    let cat = PgCatalog::load(store.as_ref(), sysid).await?;
-    let mut checks = Vec::new();
-    let mut out = Outcome::default();
-    let target = match target {
-        DrillTarget::Latest => Ok(Target::Latest),
-        DrillTarget::At(t) => Ok(Target::Time(t)),
-        DrillTarget::Random => random_point(&cat.windows(), seed())
-            .map(Target::Time)
-            .ok_or_else(|| anyhow::anyhow!("nothing is restorable yet: no backup with its WAL")),
-    };
-    let plan = target.and_then(|t| plan::plan_pg(&cat, t, None));
-    out.target = match plan.as_ref().map(|p| p.target) {
-        Ok(Target::Time(t)) => crate::timespec::show(t),
-        _ => "latest".into(),
-    };
-    match plan {
-        Err(e) => checks.push(CheckResult::new("plan", None, Status::Fail, one_line(&e))),
-        Ok(plan) => {
-            checks.push(CheckResult::new(
-                "plan",
-                None,
-                Status::Pass,
-                plan.describe(),
-            ));
-            out.backup = Some(plan.backup.id.clone());
-            if let Err(e) = drill_pg(cfg, store.as_ref(), &plan, &mut checks, &mut out).await {
-                checks.push(CheckResult::new("drill", None, Status::Fail, one_line(&e)));
-            }
+) -> anyhow::Result<Drilled> {
+    let drill = async {
+        match engine {
+            Engine::Postgres => pg::run(cfg, store.clone(), target)
+                .await
+                .map(|(sysid, r)| (crate::repo::pg_drill_key(sysid, &r.id), r)),
+            Engine::Mysql => mysql::run(cfg, store.clone(), target)
+                .await
+                .map(|(uuid, r)| (crate::repo::mysql_drill_key(&uuid, &r.id), r)),
         }
-    }
-    let finished = Utc::now();
-    let failed = checks.iter().any(|c| c.status == Status::Fail);
-    Ok((
-        sysid,
-        Report {
-            format_version: REPORT_FORMAT,
-            id: crate::repo::new_id(started),
-            engine: crate::engine::Engine::Postgres,
-            cluster: sysid.to_string(),
-            backup: out.backup,
-            target: out.target,
-            landed_at: out.landed_at,
-            started,
-            finished,
-            duration_seconds: clock.elapsed().as_secs_f64(),
-            rto_seconds: out.rto_seconds,
-            result: if failed { Status::Fail } else { Status::Pass },
-            checks,
-            dbagent_version: env!("CARGO_PKG_VERSION").into(),
-        },
-    ))
+    };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (key, mut report) = tokio::select! {
+        r = tokio::time::timeout(cfg.drill.timeout, drill) => r.map_err(|_| {
+            anyhow::anyhow!("the drill did not finish within {}", humantime::format_duration(cfg.drill.timeout))
+        })??,
+        _ = sigterm.recv() => anyhow::bail!("drill interrupted by SIGTERM; the scratch server was removed"),
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("drill interrupted; the scratch server was removed"),
+    };
+    publish(cfg, store.as_ref(), &key, &mut report).await;
+    Ok(Drilled { key, report })
 }
 
 /// Stores the report in the repository, pushes metrics, notifies. Problems with pushing or
 /// notifying are logged and never change the drill's result; a report that cannot be stored is
 /// a failure (the proof would be lost).
 pub async fn publish(cfg: &Config, store: &dyn Store, key: &str, report: &mut Report) {
-    let json = serde_json::to_vec_pretty(&report).expect("a report serializes");
-    if let Err(e) = store.put(key, json.into()).await {
+    if let Err(e) = crate::repo::write_manifest(store, key, report, "the drill report").await {
         report.checks.push(CheckResult::new(
             "report stored",
             None,
@@ -303,137 +267,14 @@ struct Outcome {
     rto_seconds: Option<f64>,
 }
 
-fn one_line(e: &anyhow::Error) -> String {
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
-}
-
-async fn drill_pg(
-    cfg: &Config,
-    store: &dyn Store,
-    plan: &PgPlan,
-    checks: &mut Vec<CheckResult>,
-    out: &mut Outcome,
-) -> anyhow::Result<()> {
-    let scratch = Scratch::new(cfg)?;
-    // The scratch server is reached over its private socket with trust auth: no password.
-    let mut cfg = cfg.clone();
-    cfg.pg.user = None;
-    cfg.pg.password = None;
-    cfg.pg.passfile = Some(scratch.path().join("no-pgpass"));
-    let port = free_port()?;
-    let extra = scratch_settings(scratch.path(), port)?;
-    let restore_clock = Instant::now();
-    let landed = match restore_into(&cfg, store, plan, &scratch.data(), &extra, port).await {
-        Ok(l) => l,
-        Err(e) => {
-            checks.push(CheckResult::new(
-                "restore",
-                None,
-                Status::Fail,
-                one_line(&e),
-            ));
-            return Ok(());
-        }
-    };
-    let rto = restore_clock.elapsed().as_secs_f64();
-    out.rto_seconds = Some(rto);
-    out.landed_at = landed.last_commit.clone();
-    checks.push(CheckResult::new(
-        "restore",
-        None,
-        Status::Pass,
-        format!(
-            "promoted on timeline {} after {rto:.1}s; last replayed transaction committed at {}",
-            landed.timeline,
-            landed.last_commit.as_deref().unwrap_or("(none)")
-        ),
-    ));
-
-    let suite = suite::load(suite::POSTGRES_SUITE, &cfg.drill.extra_suites)?;
-    let heartbeat_db = cfg.serve.heartbeat_database.clone();
-    for db in &plan.backup.databases {
-        let client = match landed.conn(&cfg, &db.name).connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                checks.push(CheckResult::new(
-                    "connect",
-                    Some(&db.name),
-                    Status::Fail,
-                    one_line(&e),
-                ));
-                continue;
-            }
-        };
-        if db.name == heartbeat_db {
-            if let Some(ts) = check_heartbeat(&cfg, &client, plan, checks).await {
-                out.landed_at = Some(ts);
-            }
-        }
-        check_extensions(&client, db, checks).await;
-        check_settings(&client, db, checks).await;
-        check_rows(&client, db, cfg.drill.row_tolerance, checks).await;
-        run_suite(&client, &db.name, &suite, checks).await;
-    }
-    restore::stop_server(&cfg, &scratch.data()).await;
-    drop(scratch);
-    Ok(())
-}
-
-async fn restore_into(
-    cfg: &Config,
-    store: &dyn Store,
-    plan: &PgPlan,
-    dir: &std::path::Path,
-    extra: &[String],
-    port: u16,
-) -> anyhow::Result<Landed> {
-    restore::materialize(cfg, store, plan, dir, extra).await?;
-    restore::start_and_wait(cfg, plan, dir, Some(port)).await
-}
-
-async fn check_heartbeat(
-    cfg: &Config,
-    client: &Client,
-    plan: &PgPlan,
-    checks: &mut Vec<CheckResult>,
-) -> Option<String> {
-    let row = client
-        .query_opt(crate::pg::sql::HEARTBEAT_NEWEST, &[])
-        .await;
-    let db = Some(cfg.serve.heartbeat_database.as_str());
-    let row = match row {
-        Ok(Some(r)) => r,
-        Ok(None) | Err(_) => {
-            checks.push(CheckResult::new(
-                "heartbeat",
-                db,
-                Status::Skip,
-                "no dbagent.heartbeat row: the source ran no `dbagent serve`, so where the restore landed cannot be proven",
-            ));
-            return None;
-        }
-    };
-    let ts_text: String = row.get(0);
-    let ts_epoch: f64 = row.get(1);
-    let canary: String = row.get(2);
-    let ts = DateTime::from_timestamp_micros((ts_epoch * 1e6) as i64).unwrap_or_default();
-    let tolerance = chrono::Duration::from_std(cfg.drill.heartbeat_tolerance).unwrap_or_default();
-    checks.extend(judge_heartbeat(
-        ts,
-        &ts_text,
-        &canary,
-        plan.target,
-        plan.reachable_until,
-        tolerance,
-        db,
-    ));
-    Some(ts_text)
 }
 
 /// Judges the newest heartbeat row of a restored server: it must be at or before the target
 /// and within `tolerance` of it (of the archive's end for `--latest`), and its CJK canary must
 /// have survived byte for byte.
-fn judge_heartbeat(
+pub(crate) fn judge_heartbeat(
     ts: DateTime<Utc>,
     ts_text: &str,
     canary: &str,
@@ -487,209 +328,6 @@ fn judge_heartbeat(
             },
         ),
     ]
-}
-
-async fn check_extensions(client: &Client, db: &DatabaseInfo, checks: &mut Vec<CheckResult>) {
-    let mut missing = Vec::new();
-    for ext in &db.extensions {
-        let name = ext.split_whitespace().next().unwrap_or(ext);
-        let available = client
-            .query_opt(
-                "SELECT 1 FROM pg_available_extensions WHERE name = $1",
-                &[&name],
-            )
-            .await
-            .map(|r| r.is_some())
-            .unwrap_or(false);
-        if !available {
-            missing.push(ext.clone());
-        }
-    }
-    let (status, detail) = if missing.is_empty() {
-        (
-            Status::Pass,
-            format!(
-                "{} extension(s) available: {}",
-                db.extensions.len(),
-                db.extensions.join(", ")
-            ),
-        )
-    } else {
-        (
-            Status::Fail,
-            format!(
-                "the source had {} but this server lacks it: run the drill in an image with the same extensions as the database",
-                missing.join(", ")
-            ),
-        )
-    };
-    checks.push(CheckResult::new(
-        "extensions",
-        Some(&db.name),
-        status,
-        detail,
-    ));
-}
-
-async fn check_settings(client: &Client, db: &DatabaseInfo, checks: &mut Vec<CheckResult>) {
-    let restored = match crate::pg::backup::database_settings(client, &db.name).await {
-        Ok(s) => s,
-        Err(e) => {
-            checks.push(CheckResult::new(
-                "database settings",
-                Some(&db.name),
-                Status::Fail,
-                one_line(&e),
-            ));
-            return;
-        }
-    };
-    let mut expected = db.settings.clone();
-    expected.sort();
-    let (status, detail) = if restored == expected {
-        let shown = if expected.is_empty() {
-            "none set".to_string()
-        } else {
-            expected.join(", ")
-        };
-        (Status::Pass, shown)
-    } else {
-        (
-            Status::Fail,
-            format!(
-                "the source had [{}], the restore has [{}]",
-                expected.join(", "),
-                restored.join(", ")
-            ),
-        )
-    };
-    checks.push(CheckResult::new(
-        "database settings",
-        Some(&db.name),
-        status,
-        detail,
-    ));
-}
-
-async fn check_rows(
-    client: &Client,
-    db: &DatabaseInfo,
-    tolerance: f64,
-    checks: &mut Vec<CheckResult>,
-) {
-    let mut problems = Vec::new();
-    let mut checked = 0;
-    for t in &db.tables {
-        checked += 1;
-        let count = match client
-            .query_one(&format!("SELECT count(*) FROM {}", t.table), &[])
-            .await
-        {
-            Ok(r) => r.get::<_, i64>(0),
-            Err(e) => {
-                problems.push(format!(
-                    "{}: {}",
-                    t.table,
-                    e.as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or(e.to_string())
-                ));
-                continue;
-            }
-        };
-        let est = t.rows_estimate;
-        if est > 0 && count == 0 {
-            problems.push(format!(
-                "{} is empty, but the source had about {est} rows",
-                t.table
-            ));
-        } else if est > 0 {
-            let slack = est as f64 * tolerance + 1000.0;
-            if (count as f64 - est as f64).abs() > slack {
-                problems.push(format!(
-                    "{} has {count} rows, the source had about {est}",
-                    t.table
-                ));
-            }
-        }
-    }
-    let (status, detail) = if problems.is_empty() {
-        (
-            Status::Pass,
-            format!(
-                "{checked} table(s) within {:.0}% of the backup's estimates, none empty that had rows",
-                tolerance * 100.0
-            ),
-        )
-    } else {
-        (Status::Fail, problems.join("; "))
-    };
-    checks.push(CheckResult::new(
-        "row counts",
-        Some(&db.name),
-        status,
-        detail,
-    ));
-}
-
-async fn run_suite(
-    client: &Client,
-    db: &str,
-    suite: &[suite::Check],
-    checks: &mut Vec<CheckResult>,
-) {
-    let installed: Vec<String> = client
-        .query("SELECT extname::text FROM pg_extension", &[])
-        .await
-        .map(|rows| rows.into_iter().map(|r| r.get(0)).collect())
-        .unwrap_or_default();
-    for check in suite {
-        if check.database.as_deref().is_some_and(|d| d != db) {
-            continue;
-        }
-        let name = format!("{}: {}", check.suite, check.name);
-        if let Some(missing) = check.requires.iter().find(|r| !installed.contains(r)) {
-            checks.push(CheckResult::new(
-                &name,
-                Some(db),
-                Status::Skip,
-                format!("skipped: extension {missing} is not installed in this database (the source never had it)"),
-            ));
-            continue;
-        }
-        let (status, detail) = match client.simple_query(&check.sql).await {
-            Err(e) => (
-                Status::Fail,
-                format!(
-                    "error: {}",
-                    e.as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or(e.to_string())
-                ),
-            ),
-            Ok(messages) => {
-                let rows: Vec<Vec<Option<String>>> = messages
-                    .iter()
-                    .filter_map(|m| match m {
-                        SimpleQueryMessage::Row(r) => {
-                            Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                match rows.as_slice() {
-                    [row] if row.first().and_then(|v| v.as_deref()) == Some("t") => {
-                        (Status::Pass, "true".into())
-                    }
-                    _ => (
-                        Status::Fail,
-                        format!("expected one row with true, got {rows:?}"),
-                    ),
-                }
-            }
-        };
-        checks.push(CheckResult::new(&name, Some(db), status, detail));
-    }
 }
 
 #[cfg(test)]

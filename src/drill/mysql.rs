@@ -9,10 +9,15 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use mysql_async::prelude::Queryable;
 
 use super::report::{CheckResult, Report, Status};
-use super::{DrillTarget, Outcome, Scratch, one_line, random_point, seed, suite};
+use super::{DrillTarget, Outcome, ScratchDir, one_line, random_point, seed, suite};
 use crate::config::Config;
-use crate::mysql::restore::DrillServer;
+use crate::mysql::client::Programs;
+use crate::mysql::conn::MysqlConn;
+use crate::mysql::load::{WorkDir, load_dump, replay_binlogs};
+use crate::mysql::plan::MysqlPlan;
+use crate::mysql::scratch::ScratchServer;
 use crate::mysql::sql;
+use crate::repo::mysql::MysqlCatalog;
 use crate::restore::plan::Target;
 use crate::storage::Store;
 
@@ -26,18 +31,26 @@ pub async fn run(
     let mut checks = Vec::new();
     let mut out = Outcome::default();
     let planned = match target {
-        DrillTarget::Latest => DrillServer::plan(cfg, store.as_ref(), Target::Latest).await,
-        DrillTarget::At(t) => DrillServer::plan(cfg, store.as_ref(), Target::Time(t)).await,
+        DrillTarget::Latest => {
+            crate::mysql::restore::plan(cfg, store.as_ref(), Target::Latest).await
+        }
+        DrillTarget::At(t) => {
+            crate::mysql::restore::plan(cfg, store.as_ref(), Target::Time(t)).await
+        }
         // Learn the window from the catalog, then pick a point inside it.
-        DrillTarget::Random => match DrillServer::plan(cfg, store.as_ref(), Target::Latest).await {
-            Ok((cat, _)) => match random_point(&cat.windows(), seed()) {
-                Some(t) => DrillServer::plan(cfg, store.as_ref(), Target::Time(t)).await,
-                None => Err(anyhow::anyhow!(
-                    "nothing is restorable yet: no dump with its binlogs"
-                )),
-            },
-            Err(e) => Err(e),
-        },
+        DrillTarget::Random => {
+            match crate::mysql::restore::plan(cfg, store.as_ref(), Target::Latest).await {
+                Ok((cat, _)) => match random_point(&cat.windows(), seed()) {
+                    Some(t) => {
+                        crate::mysql::restore::plan(cfg, store.as_ref(), Target::Time(t)).await
+                    }
+                    None => Err(anyhow::anyhow!(
+                        "nothing is restorable yet: no dump with its binlogs"
+                    )),
+                },
+                Err(e) => Err(e),
+            }
+        }
     };
     let (cat, plan) = match planned {
         Ok((c, p)) => (Some(c), Some(p)),
@@ -91,15 +104,68 @@ pub async fn run(
     ))
 }
 
+/// The drill's scratch server: the dump is loaded by `start` (so exact row counts can be checked
+/// against the dump's manifest), binlogs are replayed by `replay`, and the server is stopped
+/// when this is dropped, whatever happened.
+struct DrillServer {
+    plan: MysqlPlan,
+    cat: MysqlCatalog,
+    programs: Programs,
+    server: ScratchServer,
+    dir: std::path::PathBuf,
+}
+
+impl DrillServer {
+    /// Initialises and starts a scratch server in `dir` (private socket) and loads the dump.
+    async fn start(
+        cfg: &Config,
+        store: &dyn Store,
+        cat: MysqlCatalog,
+        plan: MysqlPlan,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<DrillServer> {
+        let flavor = plan.dump.flavor;
+        let programs = Programs::find(&cfg.mysql, flavor)?;
+        let server = ScratchServer::start(&cfg.mysql, dir, None, flavor).await?;
+        let drill = DrillServer {
+            plan,
+            cat,
+            programs,
+            server,
+            dir: dir.to_path_buf(),
+        };
+        load_dump(store, &drill.plan, &drill.programs, &drill.conn()).await?;
+        Ok(drill)
+    }
+
+    fn conn(&self) -> MysqlConn {
+        self.server.conn()
+    }
+
+    /// Replays the planned binlogs through one client connection.
+    async fn replay(&self, store: &dyn Store) -> anyhow::Result<()> {
+        let work = WorkDir::inside(&self.dir)?;
+        replay_binlogs(
+            store,
+            &self.cat,
+            &self.plan,
+            &self.programs,
+            &self.conn(),
+            work.path(),
+        )
+        .await
+    }
+}
+
 async fn drill(
     cfg: &Config,
     store: &dyn Store,
-    cat: crate::repo::mysql::MysqlCatalog,
-    plan: crate::mysql::plan::MysqlPlan,
+    cat: MysqlCatalog,
+    plan: MysqlPlan,
     checks: &mut Vec<CheckResult>,
     out: &mut Outcome,
 ) -> anyhow::Result<()> {
-    let scratch = Scratch::new(cfg)?;
+    let scratch = ScratchDir::new(cfg)?;
     let clock = Instant::now();
     let server = match DrillServer::start(cfg, store, cat, plan, &scratch.data()).await {
         Ok(s) => s,
@@ -197,7 +263,7 @@ async fn check_rows(
 async fn check_heartbeat(
     cfg: &Config,
     conn: &mut mysql_async::Conn,
-    plan: &crate::mysql::plan::MysqlPlan,
+    plan: &MysqlPlan,
     checks: &mut Vec<CheckResult>,
 ) -> Option<String> {
     let row: Option<(String, String)> =

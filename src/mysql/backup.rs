@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use serde::Serialize;
 
 use super::client;
 use super::conn::MysqlConn;
@@ -32,7 +33,49 @@ use crate::storage::Store;
 /// account, so this bound is generous.
 const MAX_ACCOUNTS_BYTES: u64 = 64 << 20;
 
-pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
+/// What `dbagent backup --engine mysql` did.
+#[derive(Debug, Serialize)]
+pub struct DumpReport {
+    pub id: String,
+    pub server_uuid: String,
+    pub flavor: Flavor,
+    pub server_version: String,
+    pub seconds: f64,
+    pub databases: Vec<String>,
+    pub tables: usize,
+    pub rows: u64,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    /// Where binlog replay starts.
+    pub binlog: BinlogPosition,
+    pub gtid: Option<String>,
+}
+
+impl std::fmt::Display for DumpReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mysql dump {} of server {} ({} {}) complete in {:.1}s: {} databases, {} tables, {} rows, {} read, {} stored, binlog {}",
+            self.id,
+            self.server_uuid,
+            self.flavor,
+            self.server_version,
+            self.seconds,
+            self.databases.len(),
+            self.tables,
+            self.rows,
+            human(self.plain_bytes),
+            human(self.stored_bytes),
+            self.binlog
+        )?;
+        if let Some(gtid) = &self.gtid {
+            write!(f, ", gtid {gtid}")?;
+        }
+        Ok(())
+    }
+}
+
+pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<DumpReport> {
     let started = Instant::now();
     let conn = MysqlConn::from_config(&cfg.mysql)?;
     let server = Server::connect(&cfg.mysql, conn).await?;
@@ -136,23 +179,20 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
     )
     .await?;
     tracing::info!(%id, "mysql dump complete");
-    let tables: usize = manifest.databases.iter().map(|d| d.tables.len()).sum();
-    Ok(format!(
-        "mysql dump {id} of server {uuid} ({} {}) complete in {:.1}s: {} databases, {tables} tables, {} rows, {} read, {} stored, binlog {}{}",
-        manifest.flavor,
-        manifest.server_version,
-        started.elapsed().as_secs_f64(),
-        manifest.databases.len(),
-        manifest.total_rows(),
-        human(manifest.data.plain_bytes),
-        human(manifest.data.stored_bytes),
-        manifest.binlog,
-        manifest
-            .gtid
-            .as_deref()
-            .map(|g| format!(", gtid {g}"))
-            .unwrap_or_default()
-    ))
+    Ok(DumpReport {
+        seconds: started.elapsed().as_secs_f64(),
+        tables: manifest.databases.iter().map(|d| d.tables.len()).sum(),
+        rows: manifest.total_rows(),
+        databases: manifest.databases.into_iter().map(|d| d.name).collect(),
+        id: manifest.id,
+        server_uuid: manifest.server_uuid,
+        flavor: manifest.flavor,
+        server_version: manifest.server_version,
+        plain_bytes: manifest.data.plain_bytes,
+        stored_bytes: manifest.data.stored_bytes,
+        binlog: manifest.binlog,
+        gtid: manifest.gtid,
+    })
 }
 
 /// The dump program's options: one consistent snapshot, everything in the databases

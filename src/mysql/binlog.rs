@@ -156,7 +156,7 @@ pub struct ShipState {
 }
 
 /// What one pass did.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
 pub struct ShipReport {
     pub server_uuid: String,
     pub shipped: Vec<String>,
@@ -166,8 +166,8 @@ pub struct ShipReport {
     pub active: Option<String>,
 }
 
-impl ShipReport {
-    pub fn summary(&self) -> String {
+impl std::fmt::Display for ShipReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let shipped = match (self.shipped.first(), self.shipped.last()) {
             (Some(first), Some(last)) if first == last => {
                 format!(
@@ -187,7 +187,8 @@ impl ShipReport {
             .as_deref()
             .map(|a| format!("; {a} is still being written and was not shipped"))
             .unwrap_or_default();
-        format!(
+        write!(
+            f,
             "binlog-push for server {}: {shipped}, {} already archived{active}",
             self.server_uuid, self.already_archived
         )
@@ -488,7 +489,7 @@ mod tests {
             active: Some("b.000004".into()),
         };
         assert_eq!(
-            r.summary(),
+            r.to_string(),
             "binlog-push for server u: shipped 2 binlogs b.000002..b.000003 (2.0 KiB), 1 already archived; b.000004 is still being written and was not shipped"
         );
     }

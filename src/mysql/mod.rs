@@ -5,8 +5,10 @@ pub mod binlog;
 pub mod client;
 pub mod conn;
 pub mod dumpscan;
+pub mod load;
 pub mod plan;
 pub mod restore;
+pub mod scratch;
 pub mod server;
 pub mod sql;
 
@@ -17,17 +19,21 @@ use crate::config::Config;
 use crate::restore::plan::Target;
 use crate::storage::Store;
 
-/// `dbagent backup --engine mysql`. Returns the one-line summary printed on stdout.
-pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
+/// `dbagent backup --engine mysql`.
+pub async fn backup_dump(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<backup::DumpReport> {
     backup::backup_dump(cfg, store).await
 }
 
-/// `dbagent binlog-push`: ship every closed binlog once. Returns the summary line.
-pub async fn binlog_push(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<String> {
+/// `dbagent binlog-push`: ship every closed binlog once.
+pub async fn binlog_push(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+) -> anyhow::Result<binlog::ShipReport> {
     let mut state = binlog::ShipState::default();
-    Ok(binlog::ship_closed(cfg, &store, &mut state)
-        .await?
-        .summary())
+    binlog::ship_closed(cfg, &store, &mut state).await
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +50,6 @@ pub async fn restore(
     cfg: &Config,
     store: Arc<dyn Store>,
     opts: &MysqlRestoreOptions,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<restore::MysqlRestoreReport> {
     restore::restore(cfg, store, opts).await
 }

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 
 use crate::config::Config;
 use crate::input_err;
-use crate::pg::conn::ConnInfo;
+use crate::pg::conn::{ConnInfo, ServerFacts};
 use crate::pg::sql;
 use crate::pg::tarscan::TarScanner;
 use crate::pipeline::PipeOptions;
@@ -21,6 +22,7 @@ use crate::proc::{Program, Stdout};
 use crate::repo::manifest::{BaseBackup, DatabaseInfo, TableRows};
 use crate::repo::wal::Segment;
 use crate::repo::{self, FORMAT_VERSION};
+use crate::restore::human;
 use crate::storage::Store;
 
 /// Tables per database whose row estimates the manifest records (bounds its size).
@@ -31,27 +33,17 @@ fn waits_for_archiving(line: &str) -> bool {
     line.contains("waiting for required WAL segments to be archived")
 }
 
-struct ServerFacts {
-    sysid: u64,
-    version: String,
-    version_num: i32,
-    seg_size: u64,
+/// The server a backup reads, and its databases.
+struct Source {
+    server: ServerFacts,
     databases: Vec<DatabaseInfo>,
 }
 
-async fn server_facts(conn: &ConnInfo) -> anyhow::Result<ServerFacts> {
+async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
     let client = conn.connect().await?;
-    let row = client
-        .query_one(sql::SERVER_FACTS, &[])
-        .await
-        .context("reading server settings")?;
-    let sysid: u64 = row
-        .get::<_, String>(0)
-        .parse()
-        .context("system identifier")?;
-    let archive_mode: String = row.get(4);
-    let in_recovery: bool = row.get(5);
-    if archive_mode == "off" || (in_recovery && archive_mode != "always") {
+    let server = ServerFacts::read(&client).await?;
+    let archive_mode = &server.archive_mode;
+    if archive_mode == "off" || (server.in_recovery && archive_mode != "always") {
         return Err(input_err!(
             "WAL archiving is off on {} (archive_mode = {archive_mode}): set archive_mode = on and archive_command = 'dbagent wal-push %p', or the backup could never be restored",
             conn.describe()
@@ -116,13 +108,7 @@ async fn server_facts(conn: &ConnInfo) -> anyhow::Result<ServerFacts> {
             extensions,
         });
     }
-    Ok(ServerFacts {
-        sysid,
-        version: row.get(1),
-        version_num: row.get(2),
-        seg_size: row.get::<_, i64>(3) as u64,
-        databases,
-    })
+    Ok(Source { server, databases })
 }
 
 /// A database's own settings (`ALTER DATABASE … SET`, for every role), as `name=value`.
@@ -137,17 +123,50 @@ pub async fn database_settings(
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
-pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<BaseBackup> {
+/// What `dbagent backup` did.
+#[derive(Debug, Serialize)]
+pub struct BackupReport {
+    pub id: String,
+    pub system_identifier: String,
+    pub seconds: f64,
+    pub plain_bytes: u64,
+    pub stored_bytes: u64,
+    pub timeline: u32,
+    pub start_wal: String,
+    pub stop_wal: String,
+    /// The earliest time it restores to.
+    pub consistent_at: DateTime<Utc>,
+}
+
+impl std::fmt::Display for BackupReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "backup {} complete in {:.1}s: {} read, {} stored, WAL {}..{}, consistent at {}",
+            self.id,
+            self.seconds,
+            human(self.plain_bytes),
+            human(self.stored_bytes),
+            self.start_wal,
+            self.stop_wal,
+            crate::timespec::show(self.consistent_at)
+        )
+    }
+}
+
+pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<BackupReport> {
+    let started = Instant::now();
     let conn = ConnInfo::from_config(&cfg.pg);
-    let facts = server_facts(&conn).await?;
+    let facts = source(&conn).await?;
+    let sysid = facts.server.system_identifier;
     // Fail on a wrong bucket or credentials before reading the database.
-    store.list(&repo::backups_prefix(facts.sysid)).await?;
+    store.list(&repo::backups_prefix(sysid)).await?;
 
     let start_time = Utc::now();
     let id = crate::repo::new_id(start_time);
-    let data_key = repo::backup_data_key(facts.sysid, &id);
+    let data_key = repo::backup_data_key(sysid, &id);
     if store
-        .head(&repo::backup_manifest_key(facts.sysid, &id))
+        .head(&repo::backup_manifest_key(sysid, &id))
         .await?
         .is_some()
     {
@@ -212,15 +231,15 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         );
     };
 
-    let seg_size = facts.seg_size;
+    let seg_size = facts.server.wal_segment_size;
     let first = Segment::of_lsn(tli, start_lsn, seg_size);
     let last = Segment::of_lsn(tli, stop_lsn, seg_size);
-    wait_for_wal(cfg, store.as_ref(), facts.sysid, first, last, seg_size).await?;
+    wait_for_wal(cfg, store.as_ref(), sysid, first, last, seg_size).await?;
 
     let manifest = BaseBackup {
         format_version: FORMAT_VERSION,
         id: id.clone(),
-        system_identifier: facts.sysid,
+        system_identifier: sysid,
         timeline: tli,
         start_lsn,
         stop_lsn,
@@ -228,8 +247,8 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         stop_wal: last.name(seg_size),
         start_time,
         stop_time: Utc::now(),
-        server_version: facts.version,
-        server_version_num: facts.version_num,
+        server_version: facts.server.version,
+        server_version_num: facts.server.version_num,
         wal_segment_size: seg_size,
         data,
         databases: facts.databases,
@@ -237,13 +256,23 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
     };
     repo::write_manifest(
         store.as_ref(),
-        &repo::backup_manifest_key(facts.sysid, &id),
+        &repo::backup_manifest_key(sysid, &id),
         &manifest,
         "the backup manifest",
     )
     .await?;
     tracing::info!(%id, "base backup complete");
-    Ok(manifest)
+    Ok(BackupReport {
+        id,
+        system_identifier: sysid.to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+        plain_bytes: manifest.data.plain_bytes,
+        stored_bytes: manifest.data.stored_bytes,
+        timeline: manifest.timeline,
+        start_wal: manifest.start_wal,
+        stop_wal: manifest.stop_wal,
+        consistent_at: manifest.stop_time,
+    })
 }
 
 /// Waits until every segment from `first` to `last` is in the store.

@@ -192,6 +192,37 @@ fn split_pgpass(line: &str) -> Vec<String> {
     out
 }
 
+/// What a server says about itself (`sql/postgres/server_facts.sql`).
+#[derive(Debug, Clone)]
+pub struct ServerFacts {
+    pub system_identifier: u64,
+    pub version: String,
+    pub version_num: i32,
+    pub wal_segment_size: u64,
+    pub archive_mode: String,
+    pub in_recovery: bool,
+}
+
+impl ServerFacts {
+    pub async fn read(client: &Client) -> anyhow::Result<ServerFacts> {
+        let row = client
+            .query_one(crate::pg::sql::SERVER_FACTS, &[])
+            .await
+            .context("reading server settings")?;
+        Ok(ServerFacts {
+            system_identifier: row
+                .get::<_, String>(0)
+                .parse()
+                .context("system identifier")?,
+            version: row.get(1),
+            version_num: row.get(2),
+            wal_segment_size: row.get::<_, i64>(3) as u64,
+            archive_mode: row.get(4),
+            in_recovery: row.get(5),
+        })
+    }
+}
+
 /// Runs a query returning one text column of one row.
 pub async fn query_one_text(client: &Client, sql: &str) -> anyhow::Result<String> {
     let row = client

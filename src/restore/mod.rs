@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use serde::Serialize;
 
 use crate::config::Config;
 use crate::input_err;
@@ -73,44 +74,88 @@ pub fn check_target_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// What `dbagent restore` did (or, on a dry run, would do).
+#[derive(Debug, Serialize)]
+pub struct RestoreReport {
+    pub plan: String,
+    pub dry_run: bool,
+    pub backup: String,
+    pub target_dir: PathBuf,
+    /// Prepared but not started (`--no-start`).
+    pub no_start: bool,
+    /// Where the started server landed.
+    pub promoted: Option<Promoted>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Promoted {
+    pub port: u16,
+    pub timeline: String,
+    /// The last replayed transaction's commit time, as PostgreSQL prints it.
+    pub last_commit: Option<String>,
+}
+
+impl std::fmt::Display for RestoreReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}", self.plan)?;
+        if self.dry_run {
+            return f.write_str("dry run: nothing was written");
+        }
+        let dir = self.target_dir.display();
+        write!(f, "restored base backup {} into {dir}", self.backup)?;
+        if self.no_start {
+            write!(
+                f,
+                "\nnot started (--no-start): start it with `pg_ctl -D {dir} start`; it replays WAL with `dbagent wal-fetch` and promotes at the target"
+            )?;
+        }
+        if let Some(p) = &self.promoted {
+            write!(
+                f,
+                "\nrestored: the server has promoted and is running on port {} (data {dir}); last replayed transaction committed at {}; timeline {}",
+                p.port,
+                p.last_commit.as_deref().unwrap_or("none"),
+                p.timeline
+            )?;
+        }
+        Ok(())
+    }
+}
+
 pub async fn restore_pg(
     cfg: &Config,
     store: Arc<dyn Store>,
     opts: &PgRestoreOptions,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RestoreReport> {
     check_target_dir(&opts.target_dir)?;
     let sysid = choose_cluster(cfg, store.as_ref()).await?;
     let cat = PgCatalog::load(store.as_ref(), sysid).await?;
     let mut plan = plan::plan_pg(&cat, opts.target, opts.timeline)?;
     plan.as_primary = opts.as_primary;
-    println!("{}", plan.render());
+    let mut report = RestoreReport {
+        plan: plan.render(),
+        dry_run: opts.dry_run,
+        backup: plan.backup.id.clone(),
+        target_dir: opts.target_dir.clone(),
+        no_start: opts.no_start,
+        promoted: None,
+    };
     if opts.dry_run {
-        println!("dry run: nothing was written");
-        return Ok(());
+        return Ok(report);
     }
+    eprintln!("{}", report.plan);
 
     materialize(cfg, store.as_ref(), &plan, &opts.target_dir, &[]).await?;
-    println!(
-        "restored base backup {} into {}",
-        plan.backup.id,
-        opts.target_dir.display()
-    );
     if opts.no_start {
-        println!(
-            "not started (--no-start): start it with `pg_ctl -D {} start`; it replays WAL with `dbagent wal-fetch` and promotes at the target",
-            opts.target_dir.display()
-        );
-        return Ok(());
+        return Ok(report);
     }
     let landed = start_and_wait(cfg, &plan, &opts.target_dir, opts.port).await?;
-    println!(
-        "restored: the server has promoted and is running on port {} (data {}); last replayed transaction committed at {}; timeline {}",
-        landed.port,
-        opts.target_dir.display(),
-        landed.last_commit.as_deref().unwrap_or("none"),
-        landed.timeline
-    );
-    Ok(())
+    report.promoted = Some(Promoted {
+        port: landed.port,
+        timeline: landed.timeline,
+        last_commit: landed.last_commit,
+    });
+    Ok(report)
 }
 
 /// Unpacks the plan's base backup into `dir` (absent or empty) and writes the recovery
@@ -151,19 +196,6 @@ impl Landed {
         pg.database = Some(db.to_string());
         pg.user = pg.user.or_else(|| Some("postgres".into()));
         ConnInfo::from_config(&pg)
-    }
-}
-
-/// Stops a server started by `start_and_wait` (immediately: it is a scratch copy).
-pub async fn stop_server(cfg: &Config, dir: &Path) {
-    if let Ok(pg_ctl) = crate::pg::bins::program(&cfg.pg, "pg_ctl") {
-        let _ = Program::new(pg_ctl)
-            .arg("-D")
-            .arg(dir)
-            .args(["-m", "immediate", "-w", "stop"])
-            .run()
-            .output()
-            .await;
     }
 }
 

@@ -304,7 +304,7 @@ async fn ship_binlogs(
             Ok(report) => {
                 Counters::add(&shared.counters.binlog_pushed, report.shipped.len() as u64);
                 if !report.shipped.is_empty() {
-                    tracing::info!(summary = %report.summary(), "binlogs shipped");
+                    tracing::info!(summary = %report, "binlogs shipped");
                 }
                 if last_error.take().is_some() {
                     tracing::info!("binlog shipping resumed");

@@ -1,0 +1,275 @@
+//! A scratch MySQL/MariaDB server: initialised by dbagent in a directory of its own, started on
+//! a private socket (and 127.0.0.1 on a free port), and stopped when the value is dropped —
+//! whatever happened — unless the caller hands it over with `leave_running` (a restore into
+//! `--target-dir` leaves its server running for the user).
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::client;
+use super::conn::MysqlConn;
+use crate::config::MysqlConfig;
+use crate::proc::Program;
+use crate::repo::mysql::Flavor;
+
+/// How long a freshly initialised scratch server may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The programs that initialise and run a server.
+pub struct ServerPrograms {
+    server: PathBuf,
+    install: Option<PathBuf>,
+}
+
+impl ServerPrograms {
+    /// Finds them (a missing one is an input error, before anything is written).
+    pub fn find(cfg: &MysqlConfig, flavor: Flavor) -> anyhow::Result<ServerPrograms> {
+        Ok(match flavor {
+            Flavor::Mariadb => ServerPrograms {
+                server: client::program(cfg, &["mariadbd", "mysqld"])?,
+                install: Some(client::program(
+                    cfg,
+                    &["mariadb-install-db", "mysql_install_db"],
+                )?),
+            },
+            Flavor::Mysql => ServerPrograms {
+                server: client::program(cfg, &["mysqld"])?,
+                install: None,
+            },
+        })
+    }
+}
+
+/// A server dbagent initialised and started; stopped on drop unless left running.
+#[derive(Debug)]
+pub struct ScratchServer {
+    dir: PathBuf,
+    cnf: PathBuf,
+    socket: PathBuf,
+    port: u16,
+    pid: Option<u32>,
+    flavor: Flavor,
+    keep: bool,
+}
+
+impl ScratchServer {
+    /// Initialises a server of `flavor` in `dir` (absent or empty) and starts it; `port` or a
+    /// free one. On failure, whatever was started is stopped.
+    pub async fn start(
+        cfg: &MysqlConfig,
+        dir: &Path,
+        port: Option<u16>,
+        flavor: Flavor,
+    ) -> anyhow::Result<ScratchServer> {
+        let programs = ServerPrograms::find(cfg, flavor)?;
+        let mut server = Self::init(dir, port, flavor, &programs).await?;
+        server.run(&programs).await?;
+        Ok(server)
+    }
+
+    /// Its root account over the private socket.
+    pub fn conn(&self) -> MysqlConn {
+        MysqlConn::local_root(&self.socket, self.port)
+    }
+
+    /// Hands the running server over: it is not stopped when this is dropped.
+    pub fn leave_running(mut self) -> RunningServer {
+        self.keep = true;
+        RunningServer {
+            flavor: self.flavor,
+            port: self.port,
+            socket: self.socket.clone(),
+            data_dir: self.dir.join("data"),
+            defaults_file: self.cnf.clone(),
+        }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("error.log")
+    }
+
+    async fn init(
+        dir: &Path,
+        port: Option<u16>,
+        flavor: Flavor,
+        programs: &ServerPrograms,
+    ) -> anyhow::Result<ScratchServer> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let port = match port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let socket = dir.join("mysqld.sock");
+        let data = dir.join("data");
+        // A private tmpdir: a starting server deletes every `#sql*` file in its tmpdir, which
+        // would pull temporary tables from under another server sharing /tmp.
+        let tmp = dir.join("tmp");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        // SAFETY: geteuid has no preconditions.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        let mut cnf = format!(
+            "# written by dbagent restore: the restored server's settings\n[mysqld]\ndatadir={}\ntmpdir={}\nport={port}\nbind-address=127.0.0.1\nsocket={}\npid-file={}\nlog-error={}\nskip-log-bin\nevent-scheduler=OFF\nmax-allowed-packet=1G\n",
+            data.display(),
+            tmp.display(),
+            socket.display(),
+            dir.join("mysqld.pid").display(),
+            dir.join("error.log").display()
+        );
+        if as_root {
+            cnf.push_str("user=root\n");
+        }
+        cnf.push_str(&format!(
+            "\n[client]\nsocket={}\nport={port}\nuser=root\n",
+            socket.display()
+        ));
+        let cnf_path = dir.join("my.cnf");
+        std::fs::write(&cnf_path, cnf)
+            .with_context(|| format!("writing {}", cnf_path.display()))?;
+        let defaults = format!("--defaults-file={}", cnf_path.display());
+        let init = match (flavor, &programs.install) {
+            (Flavor::Mariadb, Some(install)) => Program::new(install)
+                .arg(&defaults)
+                .args(["--auth-root-authentication-method=normal", "--skip-test-db"]),
+            _ => Program::new(&programs.server)
+                .arg(&defaults)
+                .arg("--initialize-insecure"),
+        };
+        tracing::info!(dir = %dir.display(), "initialising a scratch server");
+        init.current_dir(dir)
+            .run()
+            .on_failure(|exit| {
+                anyhow::anyhow!(
+                    "initialising the scratch server in {} failed: {}",
+                    data.display(),
+                    crate::proc::telling_line(
+                        &String::from_utf8_lossy(&exit.stdout)
+                            .lines()
+                            .chain(exit.stderr().lines())
+                            .collect::<Vec<_>>()
+                    )
+                )
+            })
+            .check()
+            .await
+            .context("initialising the scratch server")?;
+        Ok(ScratchServer {
+            dir: dir.to_path_buf(),
+            cnf: cnf_path,
+            socket,
+            port,
+            pid: None,
+            flavor,
+            keep: false,
+        })
+    }
+
+    /// Starts the initialised server and waits until it accepts connections.
+    async fn run(&mut self, programs: &ServerPrograms) -> anyhow::Result<()> {
+        // Its own process group: the server outlives this command and a ^C to it.
+        let mut child = Program::new(&programs.server)
+            .arg(format!("--defaults-file={}", self.cnf.display()))
+            .current_dir(&self.dir)
+            .spawn_server(&self.dir.join("server.out"))?;
+        self.pid = Some(child.id());
+        let conn = self.conn();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+                let line = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("[ERROR]"))
+                    .unwrap_or("no [ERROR] line in the log");
+                anyhow::bail!(
+                    "the scratch server exited during startup ({status}): {line} (log: {})",
+                    self.log().display()
+                );
+            }
+            if let Ok(session) = conn.connect().await {
+                let _ = session.disconnect().await;
+                tracing::info!(port = self.port, "scratch server is up");
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the scratch server did not accept connections within {}s (log: {})",
+                    START_TIMEOUT.as_secs(),
+                    self.log().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Kills the server (a scratch copy: nothing in it needs a clean shutdown) and waits a
+    /// little for it to go.
+    fn stop(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("mysqld.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .or(self.pid.map(|p| p as i32));
+        if let Some(pid) = pid {
+            // SAFETY: signalling the server process this command started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // SAFETY: signal 0 only checks that the process exists.
+            while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for ScratchServer {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.stop();
+        }
+    }
+}
+
+/// A restored server left running for the user, and how to use it.
+#[derive(Debug, Serialize)]
+pub struct RunningServer {
+    pub flavor: Flavor,
+    pub port: u16,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub defaults_file: PathBuf,
+}
+
+impl std::fmt::Display for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (client, admin, server) = match self.flavor {
+            Flavor::Mariadb => ("mariadb", "mariadb-admin", "mariadbd"),
+            Flavor::Mysql => ("mysql", "mysqladmin", "mysqld"),
+        };
+        let cnf = self.defaults_file.display();
+        write!(
+            f,
+            "the restored {} server is running on 127.0.0.1:{} (socket {}, data {}); it does not write binlogs and its event scheduler is off\n  connect: {client} --defaults-file={cnf} (or -h 127.0.0.1 -P {} -u root)\n  stop:    {admin} --defaults-file={cnf} shutdown\n  start:   {server} --defaults-file={cnf} &",
+            self.flavor,
+            self.port,
+            self.socket.display(),
+            self.data_dir.display(),
+            self.port,
+        )
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
