@@ -240,22 +240,14 @@ async fn check_rows(
                 Err(e) => problems.push(format!("{}: {e}", t.table)),
             }
         }
-        let (status, detail) = if problems.is_empty() {
-            (
-                Status::Pass,
-                format!(
-                    "{} table(s) hold exactly the rows the dump wrote",
-                    db.tables.len()
-                ),
-            )
-        } else {
-            (Status::Fail, problems.join("; "))
-        };
-        checks.push(CheckResult::new(
+        checks.push(CheckResult::judged(
             "row counts (dump)",
             Some(&db.name),
-            status,
-            detail,
+            &problems,
+            format!(
+                "{} table(s) hold exactly the rows the dump wrote",
+                db.tables.len()
+            ),
         ));
     }
 }

@@ -392,22 +392,14 @@ async fn check_rows(
             }
         }
     }
-    let (status, detail) = if problems.is_empty() {
-        (
-            Status::Pass,
-            format!(
-                "{checked} table(s) within {:.0}% of the backup's estimates, none empty that had rows",
-                tolerance * 100.0
-            ),
-        )
-    } else {
-        (Status::Fail, problems.join("; "))
-    };
-    checks.push(CheckResult::new(
+    checks.push(CheckResult::judged(
         "row counts",
         Some(&db.name),
-        status,
-        detail,
+        &problems,
+        format!(
+            "{checked} table(s) within {:.0}% of the backup's estimates, none empty that had rows",
+            tolerance * 100.0
+        ),
     ));
 }
 

@@ -38,6 +38,21 @@ impl CheckResult {
     }
 }
 
+impl CheckResult {
+    /// Passes saying `passed` when there are no problems; else fails naming them all.
+    pub fn judged(
+        name: &str,
+        database: Option<&str>,
+        problems: &[String],
+        passed: impl Into<String>,
+    ) -> CheckResult {
+        match problems {
+            [] => CheckResult::new(name, database, Status::Pass, passed),
+            _ => CheckResult::new(name, database, Status::Fail, problems.join("; ")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub format_version: u32,

@@ -26,10 +26,21 @@ pub enum Role {
 /// A source of snapshots (one per engine).
 #[async_trait::async_trait]
 pub trait Prober: Send {
-    /// One refresh. Never fails: a database that does not answer is `up = false`.
-    async fn snapshot(&mut self) -> Snapshot;
-    /// Drops the connection (after a timeout a query may still be pending on it).
+    const ENGINE: Engine;
+    /// Reads the server's state (on a connection kept between reads).
+    async fn read(&mut self) -> anyhow::Result<Snapshot>;
+    /// Drops the connection (after an error, or a timeout with a query still pending on it).
     fn reset(&mut self);
+
+    /// One refresh. Never fails: a database that does not answer is `up = false`.
+    async fn snapshot(&mut self) -> Snapshot {
+        let now = Utc::now();
+        let read = self.read().await;
+        if read.is_err() {
+            self.reset();
+        }
+        Snapshot::taken(Self::ENGINE, now, read)
+    }
 }
 
 /// One standby as the primary sees it (`pg_stat_replication`).
@@ -95,6 +106,22 @@ pub struct Snapshot {
     pub heartbeat_age_seconds: Option<f64>,
     pub replication: Vec<Standby>,
     pub archiver: Option<Archiver>,
+}
+
+impl Snapshot {
+    /// A refresh's result, stamped: a failed read means the database is down, and says why.
+    pub fn taken(engine: Engine, at: DateTime<Utc>, read: anyhow::Result<Snapshot>) -> Snapshot {
+        match read {
+            Ok(s) => Snapshot { taken_at: at, ..s },
+            Err(e) => Snapshot {
+                engine,
+                taken_at: at,
+                up: false,
+                error: Some(format!("{e:#}").replace('\n', " ")),
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// The endpoints' questions.

@@ -49,31 +49,7 @@ impl Probe {
         Probe { server, conn: None }
     }
 
-    fn reset_conn(&mut self) {
-        self.conn = None;
-    }
-
-    async fn take(&mut self) -> Snapshot {
-        let now = Utc::now();
-        match self.read().await {
-            Ok(mut s) => {
-                s.taken_at = now;
-                s
-            }
-            Err(e) => {
-                self.conn = None;
-                Snapshot {
-                    engine: Engine::Mysql,
-                    taken_at: now,
-                    up: false,
-                    error: Some(format!("{e:#}").replace('\n', " ")),
-                    ..Default::default()
-                }
-            }
-        }
-    }
-
-    async fn read(&mut self) -> anyhow::Result<Snapshot> {
+    async fn read_state(&mut self) -> anyhow::Result<Snapshot> {
         if self.conn.is_none() {
             self.conn = Some(self.server.connect_within(CONNECT_TIMEOUT).await?);
         }
@@ -213,11 +189,14 @@ fn lag_bytes(
 
 #[async_trait::async_trait]
 impl super::Prober for Probe {
-    async fn snapshot(&mut self) -> Snapshot {
-        self.take().await
+    const ENGINE: Engine = Engine::Mysql;
+
+    async fn read(&mut self) -> anyhow::Result<Snapshot> {
+        self.read_state().await
     }
+
     fn reset(&mut self) {
-        self.reset_conn();
+        self.conn = None;
     }
 }
 

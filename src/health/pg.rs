@@ -30,30 +30,6 @@ impl Probe {
         }
     }
 
-    fn reset_conn(&mut self) {
-        self.client = None;
-    }
-
-    async fn take(&mut self) -> Snapshot {
-        let now = Utc::now();
-        match self.read().await {
-            Ok(mut s) => {
-                s.taken_at = now;
-                s
-            }
-            Err(e) => {
-                self.client = None;
-                Snapshot {
-                    engine: Engine::Postgres,
-                    taken_at: now,
-                    up: false,
-                    error: Some(one_line(&e)),
-                    ..Default::default()
-                }
-            }
-        }
-    }
-
     async fn client(&mut self) -> anyhow::Result<&Client> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let client = tokio::time::timeout(Duration::from_secs(2), self.conn.connect())
@@ -70,7 +46,7 @@ impl Probe {
         Ok(self.client.as_ref().expect("connected above"))
     }
 
-    async fn read(&mut self) -> anyhow::Result<Snapshot> {
+    async fn read_state(&mut self) -> anyhow::Result<Snapshot> {
         let data_dir = self.data_dir.clone();
         let client = self.client().await?;
         let row = client.query_one(sql::HEALTH_STATE, &[]).await?;
@@ -196,23 +172,15 @@ pub fn count_ready(data_dir: &std::path::Path) -> Option<u64> {
     )
 }
 
-fn one_line(e: &anyhow::Error) -> String {
-    let mut s = String::new();
-    for (i, c) in e.chain().enumerate() {
-        if i > 0 {
-            s.push_str(": ");
-        }
-        s.push_str(&c.to_string());
-    }
-    s.replace('\n', " ")
-}
-
 #[async_trait::async_trait]
 impl super::Prober for Probe {
-    async fn snapshot(&mut self) -> Snapshot {
-        self.take().await
+    const ENGINE: Engine = Engine::Postgres;
+
+    async fn read(&mut self) -> anyhow::Result<Snapshot> {
+        self.read_state().await
     }
+
     fn reset(&mut self) {
-        self.reset_conn();
+        self.client = None;
     }
 }

@@ -58,19 +58,6 @@ impl Drop for WorkDir {
     }
 }
 
-/// Loads the dump, then replays the binlogs (downloaded into `work`) up to the target.
-pub async fn load_and_replay(
-    store: &dyn Store,
-    cat: &MysqlCatalog,
-    plan: &MysqlPlan,
-    programs: &Programs,
-    conn: &MysqlConn,
-    work: &Path,
-) -> anyhow::Result<()> {
-    load_dump(store, plan, programs, conn).await?;
-    replay_binlogs(store, cat, plan, programs, conn, work).await
-}
-
 /// Downloads the plan's binlogs into `work` and replays them through one client connection.
 pub async fn replay_binlogs(
     store: &dyn Store,

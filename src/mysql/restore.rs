@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::MysqlRestoreOptions;
 use super::client::Programs;
 use super::conn::MysqlConn;
-use super::load::{WorkDir, load_and_replay};
+use super::load::{WorkDir, load_dump, replay_binlogs};
 use super::plan::{MysqlPlan, plan_mysql};
 use super::scratch::{RunningServer, ScratchServer, ServerPrograms};
 use super::server::Server;
@@ -125,16 +125,13 @@ pub async fn restore(
     match dest {
         Destination::Existing(server) => {
             let work = WorkDir::temp()?;
-            load_and_replay(
-                store.as_ref(),
-                &cat,
-                &plan,
-                &server.programs,
-                &server.conn,
-                work.path(),
-            )
+            let (programs, conn) = (&server.programs, &server.conn);
+            async {
+                load_dump(store.as_ref(), &plan, programs, conn).await?;
+                replay_binlogs(store.as_ref(), &cat, &plan, programs, conn, work.path()).await
+            }
             .await
-            .map_err(|e| {
+            .map_err(|e: anyhow::Error| {
                 e.context(format!(
                     "the restore into {} stopped part-way: drop the databases it created before trying again",
                     server.conn.describe()
@@ -148,16 +145,13 @@ pub async fn restore(
                 ScratchServer::start(&cfg.mysql, &dir, opts.port, plan.dump.flavor).await?;
             let programs = Programs::find(&cfg.mysql, plan.dump.flavor)?;
             let work = WorkDir::inside(&dir)?;
-            load_and_replay(
-                store.as_ref(),
-                &cat,
-                &plan,
-                &programs,
-                &server.conn(),
-                work.path(),
-            )
+            let conn = server.conn();
+            async {
+                load_dump(store.as_ref(), &plan, &programs, &conn).await?;
+                replay_binlogs(store.as_ref(), &cat, &plan, &programs, &conn, work.path()).await
+            }
             .await
-            .map_err(|e| {
+            .map_err(|e: anyhow::Error| {
                 e.context(format!(
                     "the restore into a scratch server in {} failed and the directory was cleared",
                     dir.display()

@@ -70,27 +70,17 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
     match cfg.serve.engine {
         Engine::Postgres => {
             let conn = ConnInfo::from_config(&cfg.pg);
-            let probe = crate::health::pg::Probe::new(conn.clone(), cfg.pg.data_dir.clone());
-            spawn(
+            watch(
                 &mut tasks,
-                "refresher",
-                refresh(shared.clone(), probe, refresh_every, token.clone()),
+                &cfg,
+                &shared,
+                &token,
+                crate::health::pg::Probe::new(conn.clone(), cfg.pg.data_dir.clone()),
+                crate::heartbeat::PgWriter::new(
+                    conn.with_db(&cfg.serve.heartbeat_database),
+                    cfg.serve.node_name.clone(),
+                ),
             );
-            if cfg.serve.heartbeat {
-                spawn(
-                    &mut tasks,
-                    "heartbeat",
-                    crate::heartbeat::run(
-                        shared.clone(),
-                        crate::heartbeat::PgWriter::new(
-                            conn.with_db(&cfg.serve.heartbeat_database),
-                            cfg.serve.node_name.clone(),
-                        ),
-                        cfg.serve.heartbeat_interval,
-                        token.clone(),
-                    ),
-                );
-            }
             if let (true, Some(data_dir), Some(store)) =
                 (cfg.serve.wal_lookahead, cfg.pg.data_dir.clone(), &store)
             {
@@ -116,24 +106,14 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
         }
         Engine::Mysql => {
             let server = MysqlConn::from_config(&cfg.mysql)?;
-            let probe = crate::health::mysql::Probe::new(server.clone());
-            spawn(
+            watch(
                 &mut tasks,
-                "refresher",
-                refresh(shared.clone(), probe, refresh_every, token.clone()),
+                &cfg,
+                &shared,
+                &token,
+                crate::health::mysql::Probe::new(server.clone()),
+                crate::heartbeat::MysqlWriter::new(server),
             );
-            if cfg.serve.heartbeat {
-                spawn(
-                    &mut tasks,
-                    "heartbeat",
-                    crate::heartbeat::run(
-                        shared.clone(),
-                        crate::heartbeat::MysqlWriter::new(server),
-                        cfg.serve.heartbeat_interval,
-                        token.clone(),
-                    ),
-                );
-            }
             if let Some(store) = &store {
                 spawn(
                     &mut tasks,
@@ -191,6 +171,35 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
         tracing::warn!("tasks did not stop within 10 s; stopping anyway");
     }
     outcome
+}
+
+/// The snapshot refresher and, when `serve.heartbeat` is on, the heartbeat writer: the same
+/// two tasks for either engine.
+fn watch(
+    tasks: &mut Tasks,
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    token: &CancellationToken,
+    probe: impl Prober + 'static,
+    writer: impl crate::heartbeat::Writer + 'static,
+) {
+    spawn(
+        tasks,
+        "refresher",
+        refresh(shared.clone(), probe, cfg.serve.refresh, token.clone()),
+    );
+    if cfg.serve.heartbeat {
+        spawn(
+            tasks,
+            "heartbeat",
+            crate::heartbeat::run(
+                shared.clone(),
+                writer,
+                cfg.serve.heartbeat_interval,
+                token.clone(),
+            ),
+        );
+    }
 }
 
 /// Refreshes the snapshot once per period. The loop ticks whatever the database does, so
