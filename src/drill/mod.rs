@@ -5,6 +5,10 @@
 //! temporary directory on a private socket and always tears down, then check, then report:
 //! the JSON report goes into the repository, a summary to stdout, metrics to a Pushgateway
 //! (and `serve`), and a webhook on failure.
+//!
+//! This module is what both engines share: targets, the run with its deadline and signals,
+//! the scratch directory, publishing and the heartbeat judgement. `pg` and `mysql` hold each
+//! engine's restore and checks.
 
 pub mod mysql;
 pub mod pg;

@@ -1,4 +1,5 @@
-//! PostgreSQL: connections, binaries, the control file, WAL push/fetch, base backups.
+//! PostgreSQL: connections, programs, SQL, the control file, WAL push/fetch, base backups and
+//! logical dumps.
 
 pub mod backup;
 pub mod bins;
