@@ -362,23 +362,20 @@ async fn describe(
         format_version: FORMAT_VERSION,
         server_uuid: uuid.to_string(),
         name: name.to_string(),
-        data: ObjectRef {
-            key: data_key.to_string(),
-            stored_bytes: written.stored_size,
-            plain_bytes: written.trailer.plain_size,
-            sha256: written.trailer.sha256_hex(),
-        },
+        data: ObjectRef::written(data_key, &written),
         first_event_time: scan.first_event_time(),
         last_event_time: scan.last_event_time(),
         events: scan.events,
         closed_by: scan.closed_by().to_string(),
         uploaded_at: Utc::now(),
     };
-    let json = serde_json::to_vec_pretty(&meta)?;
-    store
-        .put(&keys::binlog_meta_key(uuid, name), json.into())
-        .await
-        .with_context(|| format!("describing binlog {name}"))
+    crate::repo::write_manifest(
+        store,
+        &keys::binlog_meta_key(uuid, name),
+        &meta,
+        &format!("the description of binlog {name}"),
+    )
+    .await
 }
 
 async fn compare_existing(

@@ -15,6 +15,7 @@ use super::client::Programs;
 use super::conn::MysqlConn;
 use super::plan::MysqlPlan;
 use crate::proc::Program;
+use crate::repo::manifest::ObjectRef;
 use crate::repo::mysql::{Flavor, MysqlCatalog};
 use crate::storage::Store;
 
@@ -115,7 +116,7 @@ async fn download_binlogs(
     plan: &MysqlPlan,
     work: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let jobs: Vec<(String, String, String, PathBuf)> = plan
+    let jobs: Vec<(&String, &ObjectRef, PathBuf)> = plan
         .binlogs
         .iter()
         .map(|name| {
@@ -124,32 +125,22 @@ async fn download_binlogs(
                 .values()
                 .find(|m| &m.name == name)
                 .expect("planned binlogs are in the catalog");
-            (
-                name.clone(),
-                meta.data.key.clone(),
-                meta.data.sha256.clone(),
-                work.join(name),
-            )
+            (name, &meta.data, work.join(name))
         })
         .collect();
-    let paths: Vec<PathBuf> = jobs.iter().map(|j| j.3.clone()).collect();
+    let paths: Vec<PathBuf> = jobs.iter().map(|j| j.2.clone()).collect();
     futures::stream::iter(jobs)
-        .map(|(name, key, sha, path)| async move {
+        .map(|(name, data, path)| async move {
             let file = std::fs::File::create(&path)
                 .with_context(|| format!("creating {}", path.display()))?;
             let (_, trailer) = crate::pipeline::download(
                 store,
-                &key,
+                &data.key,
                 std::io::BufWriter::with_capacity(1 << 20, file),
             )
             .await
             .with_context(|| format!("downloading binlog {name}"))?;
-            if trailer.sha256_hex() != sha {
-                anyhow::bail!(
-                    "binlog {name} is corrupt: it does not match the checksum recorded when it was archived"
-                );
-            }
-            Ok(())
+            data.verify(&trailer, &format!("binlog {name}"))
         })
         .buffered(DOWNLOADS_IN_FLIGHT)
         .try_collect::<Vec<()>>()

@@ -290,12 +290,9 @@ async fn unpack_backup(store: &dyn Store, plan: &PgPlan, dir: &Path) -> anyhow::
     let trailer =
         downloaded.with_context(|| format!("downloading base backup {}", plan.backup.id))?;
     unpacked?;
-    if trailer.sha256_hex() != plan.backup.data.sha256 {
-        anyhow::bail!(
-            "base backup {} is corrupt: its data does not match the checksum in its manifest",
-            plan.backup.id
-        );
-    }
+    plan.backup
+        .data
+        .verify(&trailer, &format!("base backup {}", plan.backup.id))?;
     // Verified: only now does the directory become a cluster PostgreSQL would start.
     untar::release(dir)
 }
