@@ -148,9 +148,28 @@ fn prune_keeps_what_restores_need() {
     assert_eq!(plan.matches("delete backup").count(), 2, "{plan}");
     assert_eq!(plan.matches("keep   backup").count(), 1, "{plan}");
     assert!(plan.contains("WAL file(s) before"), "{plan}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&ok(&run(&["prune", "--dry-run", "--json"]))).unwrap();
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    assert_eq!(
+        plan["clusters"][0]["plan"]["delete_backups"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        plan["clusters"][0]["plan"]["keep"][0]["why"],
+        "among the newest"
+    );
+    assert!(plan["clusters"][0]["deleted"].is_null(), "{plan}");
     assert_eq!(repo.snapshot(), before);
 
-    ok(&run(&["prune"]));
+    let pruned: serde_json::Value = serde_json::from_str(&ok(&run(&["prune", "--json"]))).unwrap();
+    assert!(
+        pruned["clusters"][0]["deleted"].as_u64().unwrap() > 0,
+        "{pruned}"
+    );
     let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
     let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(
@@ -199,7 +218,10 @@ fn verify_proves_integrity_and_finds_damage() {
         "CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g",
     )
     .unwrap();
-    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    let backup: serde_json::Value =
+        serde_json::from_str(&ok(&dbagent(&repo, Some(&pg), &["backup", "--json"]))).unwrap();
+    assert!(backup["plain_bytes"].as_u64().unwrap() > 0, "{backup}");
+    assert!(backup["stop_wal"].as_str().unwrap().len() == 24, "{backup}");
     for _ in 0..3 {
         pg.psql(
             "postgres",
@@ -250,4 +272,15 @@ fn verify_proves_integrity_and_finds_damage() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("is missing"), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("verify found"));
+    // The same for scripts: the report first, then exit 2.
+    let out = dbagent(&repo, None, &["verify", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let problems = report["clusters"][0]["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("is missing")),
+        "{report}"
+    );
 }

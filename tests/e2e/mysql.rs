@@ -587,6 +587,13 @@ fn mysql_refusals_change_nothing() {
     let plan = ok(&restore(&with_dir(&["--latest", "--dry-run"]), None));
     assert!(plan.contains("restore plan: MariaDB dump"), "{plan}");
     assert!(plan.contains("dry run"), "{plan}");
+    let plan: serde_json::Value = serde_json::from_str(&ok(&restore(
+        &with_dir(&["--latest", "--dry-run", "--json"]),
+        None,
+    )))
+    .unwrap();
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    assert!(plan["binlogs"].as_u64().unwrap() >= 1, "{plan}");
     assert!(!target.exists());
     assert_eq!(repo.snapshot(), before, "refusals changed the repository");
 
@@ -636,6 +643,10 @@ fn binlog_push_is_idempotent_and_refuses_different_content() {
     assert!(out.contains("shipped"), "{out}");
     let out = ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
     assert!(out.contains("nothing new to ship"), "{out}");
+    let out = ok(&agent(&repo, Some(&url), None, &["binlog-push", "--json"]));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(report["shipped"].as_array().unwrap().is_empty(), "{out}");
+    assert!(report["already_archived"].as_u64().unwrap() >= 3, "{out}");
 
     // The file being written is never shipped.
     let logs = db.sql(None, "SHOW BINARY LOGS").unwrap();

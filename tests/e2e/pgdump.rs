@@ -71,8 +71,22 @@ fn source() -> Postgres {
 fn pg_dump_round_trip_keeps_settings_roles_and_cjk() {
     let repo = Repo::file();
     let pg = source();
-    let out = ok(&dbagent(&repo, Some(&pg), &["backup", "--kind", "dump"]));
-    assert!(out.contains("discourse") && out.contains("logto"), "{out}");
+    let out = ok(&dbagent(
+        &repo,
+        Some(&pg),
+        &["backup", "--kind", "dump", "--json"],
+    ));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = report["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"discourse") && names.contains(&"logto"),
+        "{out}"
+    );
     // Writes after the dump are not in it.
     pg.psql("discourse", "INSERT INTO posts VALUES (999999, 'later')")
         .unwrap();
@@ -331,6 +345,21 @@ fn pg_dump_refusals_change_nothing() {
         &url,
     ]));
     assert!(plan.contains("restore plan: dump"), "{plan}");
+    let plan: serde_json::Value = serde_json::from_str(&ok(&restore(&[
+        "app",
+        "--latest",
+        "--dry-run",
+        "--json",
+        "--target-url",
+        &url,
+    ])))
+    .unwrap();
+    assert_eq!(
+        (&plan["dry_run"], &plan["new_database"]),
+        (&true.into(), &"fresh".into()),
+        "{plan}"
+    );
+    assert!(plan["seconds"].is_null(), "{plan}");
     assert_eq!(
         pg.psql(
             "postgres",

@@ -107,6 +107,27 @@ fn restore_refusals_touch_nothing() {
         &["restore", "--latest", "--dry-run", "--target-dir", target_s],
     ));
     assert!(out.contains("restore plan: base backup"), "{out}");
+    let out = ok(&dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--latest",
+            "--dry-run",
+            "--json",
+            "--target-dir",
+            target_s,
+        ],
+    ));
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        plan["plan"]
+            .as_str()
+            .unwrap()
+            .starts_with("restore plan: base backup"),
+        "{out}"
+    );
+    assert!(plan["promoted"].is_null(), "{out}");
     assert!(!target.exists());
     assert_eq!(repo.snapshot(), before, "refusals changed the repository");
 
