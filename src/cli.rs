@@ -267,9 +267,12 @@ fn print(text: &str) -> anyhow::Result<()> {
 /// Prints a command's report: for people, or as JSON for scripts.
 fn emit<R: std::fmt::Display + serde::Serialize>(report: &R, json: bool) -> anyhow::Result<()> {
     if json {
-        print(&(serde_json::to_string_pretty(report)? + "\n"))
-    } else {
-        print(&format!("{report}\n"))
+        return print(&(serde_json::to_string_pretty(report)? + "\n"));
+    }
+    let text = report.to_string();
+    match text.is_empty() {
+        true => Ok(()),
+        false => print(&(text + "\n")),
     }
 }
 

@@ -3,8 +3,8 @@
 //!
 //! A `Program` says what to run: a path, arguments and environment, never a shell, never a
 //! secret in the arguments (passwords travel in the environment or in a private option file).
-//! A `Run` adds what the caller wants to know or decide while it runs, and runs it one of a
-//! few ways:
+//! A `Run` adds what the caller wants to see or decide while it runs (each stderr line as it
+//! comes, what a failure means, a watchdog that stops it), and runs it one of a few ways:
 //!
 //! - `to_store`: the program's stdout (after an optional prefix, shown to an optional watcher)
 //!   is compressed and uploaded to one key. A failed upload kills the program and is the error
@@ -106,10 +106,6 @@ impl Program {
             .unwrap_or(self.path.as_os_str())
             .to_string_lossy()
             .into_owned()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn command(&self) -> std::process::Command {

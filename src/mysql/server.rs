@@ -61,7 +61,7 @@ impl Server {
         })
     }
 
-    /// Runs one query on a connection of its own (the CLI-like commands run a handful).
+    /// Runs one query on a connection of its own (a command runs a handful).
     async fn query<T: mysql_async::prelude::FromRow + Send + 'static>(
         &self,
         sql: &str,
