@@ -1,5 +1,6 @@
 //! Child processes: the one place that starts programs (`pg_basebackup`, `pg_dump`,
-//! `pg_restore`, `pg_ctl`, `mariadb-dump`, `mariadb`, `mariadb-binlog`, scheduled jobs).
+//! `pg_restore`, `pg_ctl`, `mariadb-dump`, `mariadb`, `mariadb-binlog`, scheduled jobs,
+//! `wal-fetch`'s detached prefetch).
 //!
 //! A `Program` says what to run: a path, arguments and environment, never a shell, never a
 //! secret in the arguments (passwords travel in the environment or in a private option file).
@@ -176,6 +177,21 @@ impl Program {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", self.path.display()))
+    }
+
+    /// Starts a helper that runs on by itself (`wal-fetch`'s prefetch): stdio closed, its own
+    /// process group, so a signal to the caller's group does not interrupt it mid-write. Nobody
+    /// waits for it; whatever goes wrong in it is retried by whoever needs its work.
+    pub fn spawn_detached(&self) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt;
+        self.command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", self.path.display()))?;
+        Ok(())
     }
 
     /// Runs it to the end, blocking the thread, output discarded. Only for cleanup in `Drop`,

@@ -469,25 +469,16 @@ fn spawn_prefetch(cfg: &Config, dir: &Path, name: &str) {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
-    let mut cmd = std::process::Command::new(exe);
+    let mut program = crate::proc::Program::new(exe);
     if let Some(cfg_file) = &cfg.config_file {
-        cmd.arg("--config").arg(cfg_file);
+        program = program.arg("--config").arg(cfg_file);
     }
     if let Some(repo) = &cfg.repo {
-        cmd.arg("--repo").arg(repo);
+        program = program.arg("--repo").arg(repo);
     }
-    cmd.arg("wal-prefetch").arg(dir).args(&wanted);
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt;
-        // Its own process group: a signal to the caller's group does not interrupt it mid-write.
-        cmd.process_group(0);
-    }
-    if let Err(e) = cmd.spawn() {
-        tracing::debug!(error = %e, "could not start prefetch");
+    let program = program.arg("wal-prefetch").arg(dir).args(&wanted);
+    if let Err(e) = program.spawn_detached() {
+        tracing::debug!(error = %format!("{e:#}"), "could not start prefetch");
     }
 }
 
