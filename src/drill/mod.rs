@@ -203,19 +203,24 @@ pub async fn publish(cfg: &Config, store: &dyn Store, key: &str, report: &mut Re
             report.engine,
             report.cluster
         );
-        let res = reqwest::Client::new()
-            .put(&target)
-            .header("Content-Type", "text/plain; version=0.0.4")
-            .body(report.metrics())
-            .timeout(std::time::Duration::from_secs(15))
-            .send()
-            .await;
+        // The same CA roots as the S3 client and the webhooks (built-in ones without a store).
+        let res = match crate::tls::reqwest_builder().and_then(|b| Ok(b.build()?)) {
+            Ok(client) => client
+                .put(&target)
+                .header("Content-Type", "text/plain; version=0.0.4")
+                .body(report.metrics())
+                .timeout(std::time::Duration::from_secs(15))
+                .send()
+                .await
+                .map_err(|e| e.without_url().to_string()),
+            Err(e) => Err(format!("HTTP client: {e:#}")),
+        };
         match res {
             Ok(r) if r.status().is_success() => {}
             Ok(r) => {
                 tracing::warn!(status = %r.status(), "the Pushgateway refused the drill metrics")
             }
-            Err(e) => tracing::warn!(error = %e.without_url(), "could not push the drill metrics"),
+            Err(e) => tracing::warn!(error = %e, "could not push the drill metrics"),
         }
     }
     let failures = report.failures();
