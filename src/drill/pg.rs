@@ -226,7 +226,7 @@ async fn restore_into(
     port: u16,
 ) -> anyhow::Result<Landed> {
     restore::materialize(cfg, store, plan, dir, extra).await?;
-    restore::start_and_wait(cfg, plan, dir, Some(port)).await
+    restore::start_and_wait(cfg, store, plan, dir, Some(port)).await
 }
 
 async fn check_heartbeat(

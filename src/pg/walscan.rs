@@ -62,6 +62,10 @@ pub struct WalScan {
     pub transactions: u64,
     /// Microseconds since the Unix epoch of the last commit or abort record.
     pub last_xact_micros: Option<i64>,
+    /// Where the last record that ends inside the segment ends, as PostgreSQL reports the end
+    /// of a replayed record (`pg_last_wal_replay_lsn()`): 8-byte aligned, and the segment's end
+    /// after a switch record. A record running on into the next segment is not counted.
+    pub end_lsn: Option<u64>,
 }
 
 impl WalScan {
@@ -171,12 +175,19 @@ impl WalScan {
                 self.record.extend_from_slice(&data[..n]);
                 if self.record.len() == want {
                     self.record_read();
+                    if self.record.is_empty() && self.skip == 0 && !self.done {
+                        self.end_lsn = Some(maxalign(lsn + n as u64));
+                    }
                 }
                 lsn += n as u64;
                 data = &data[n..];
                 continue;
             };
+            let skipping = self.skip > 0;
             self.skip = self.skip.saturating_sub(n as u64);
+            if skipping && self.skip == 0 {
+                self.end_lsn = Some(maxalign(lsn + n as u64)); // the rest of a record
+            }
             lsn += n as u64;
             data = &data[n..];
         }
@@ -235,6 +246,7 @@ impl WalScan {
         self.record.clear();
         if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
             self.done = true; // the rest of the segment is padding
+            self.end_lsn = Some(self.seg_start + self.seg_size);
         }
     }
 }
@@ -243,6 +255,21 @@ impl crate::pipeline::Watch for WalScan {
     fn watch(&mut self, buf: &[u8]) {
         self.feed(buf);
     }
+}
+
+/// A segment downloaded only to be scanned.
+impl std::io::Write for WalScan {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.feed(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn maxalign(lsn: u64) -> u64 {
+    lsn.next_multiple_of(8)
 }
 
 /// `xact_time` of a commit/abort record: the first field of its main data, which follows the
@@ -411,6 +438,57 @@ mod tests {
         b.heap(PAGE);
         b.commit(9_000_000, false);
         assert_eq!(scan(&b.seg, 65536).last_xact_micros, Some(1_000_000));
+    }
+
+    /// Where the Builder's last record ended, as PostgreSQL reports a replayed record's end.
+    fn written_end(b: &Builder) -> Option<u64> {
+        Some(START + b.pos.next_multiple_of(8) as u64)
+    }
+
+    #[test]
+    fn the_end_of_the_last_whole_record_is_where_replay_can_reach() {
+        let mut b = Builder::new(None);
+        b.commit(1_000_000, false);
+        b.heap(20_000); // spans pages
+        b.commit(2_000_000, false);
+        b.heap(13); // ends off an 8-byte boundary
+        let end = written_end(&b);
+        for chunk in [1, 7, 8192, SEG] {
+            assert_eq!(scan(&b.seg, chunk).end_lsn, end, "chunk {chunk}");
+        }
+
+        // A record that runs on into the next segment cannot be replayed from this one.
+        let start = b.record(10, 0, &[0x5A; 64]) - START;
+        let at = start as usize;
+        b.seg[at..at + 4].copy_from_slice(&(40u32 << 20).to_le_bytes());
+        assert_eq!(scan(&b.seg, 65536).end_lsn, end);
+
+        // A record ending exactly at a page boundary ends there.
+        let mut b = Builder::new(None);
+        b.commit(1_000_000, false);
+        let room = PAGE - b.pos.next_multiple_of(8) % PAGE;
+        b.heap(room - RECORD_HEADER);
+        assert_eq!(b.pos % PAGE, 0);
+        assert_eq!(scan(&b.seg, 4096).end_lsn, Some(START + PAGE as u64));
+    }
+
+    #[test]
+    fn a_switch_ends_at_the_segment_end_and_a_continued_record_counts() {
+        let mut b = Builder::new(None);
+        b.commit(1_000_000, false);
+        b.record(RM_XLOG_ID, XLOG_SWITCH, &[]);
+        b.commit(9_000_000, false);
+        assert_eq!(scan(&b.seg, 65536).end_lsn, Some(START + SEG as u64));
+
+        // Only the tail of a record begun in the previous segment.
+        let b = Builder::new(Some(10_003));
+        assert_eq!(scan(&b.seg, 4096).end_lsn, written_end(&b));
+        let mut b = Builder::new(Some(100));
+        b.commit(5_000_000, false);
+        assert_eq!(scan(&b.seg, 4096).end_lsn, written_end(&b));
+
+        assert_eq!(scan(&[0u8; 100_000], 4096).end_lsn, None);
+        assert_eq!(scan(b"not wal", 3).end_lsn, None);
     }
 
     #[test]

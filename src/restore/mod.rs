@@ -16,8 +16,10 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::input_err;
 use crate::pg::conn::ConnInfo;
+use crate::pg::walscan::WalScan;
 use crate::proc::Program;
 use crate::repo::catalog::{self, PgCatalog};
+use crate::repo::wal::{Lsn, Segment};
 use crate::storage::Store;
 use plan::{PgPlan, Target};
 
@@ -149,7 +151,7 @@ pub async fn restore_pg(
     if opts.no_start {
         return Ok(report);
     }
-    let landed = start_and_wait(cfg, &plan, &opts.target_dir, opts.port).await?;
+    let landed = start_and_wait(cfg, store.as_ref(), &plan, &opts.target_dir, opts.port).await?;
     report.promoted = Some(Promoted {
         port: landed.port,
         timeline: landed.timeline,
@@ -375,6 +377,7 @@ fn write_recovery_settings(
 /// Starts the restored server and waits until it has promoted. Returns where it landed.
 pub async fn start_and_wait(
     cfg: &Config,
+    store: &dyn Store,
     plan: &PgPlan,
     dir: &Path,
     port: Option<u16>,
@@ -450,32 +453,63 @@ pub async fn start_and_wait(
                 replayed_lsn: row.get::<_, Option<i64>>(3).map(|v| v as u64),
                 ..probe
             };
-            check_replayed_all(plan, &landed, &log)?;
+            check_replayed_all(store, plan, &landed, &log).await?;
             return Ok(landed);
         }
     }
 }
 
-/// Without a recovery target PostgreSQL promotes wherever restore_command first fails. Make
-/// sure a `--latest` restore replayed into the last segment the plan found in the archive.
-fn check_replayed_all(plan: &PgPlan, landed: &Landed, log: &Path) -> anyhow::Result<()> {
+/// Without a recovery target PostgreSQL promotes wherever restore_command first fails, or
+/// wherever the WAL it reads stops making sense (a record whose checksum fails ends it as
+/// quietly as a missing segment). So a `--latest` restore must have replayed up to the end of
+/// the archive: the end of the last whole record in the last archived segment, read from the
+/// repository. Short of that is a failure naming both positions.
+async fn check_replayed_all(
+    store: &dyn Store,
+    plan: &PgPlan,
+    landed: &Landed,
+    log: &Path,
+) -> anyhow::Result<()> {
     if plan.target != Target::Latest {
         return Ok(()); // with a target time PostgreSQL itself refuses to stop short
     }
-    let seg_size = plan.backup.wal_segment_size;
-    let Some(last) = crate::repo::wal::Segment::parse(&plan.last_wal, seg_size) else {
-        return Ok(());
-    };
-    let needed = last.start_lsn(seg_size).0;
-    match landed.replayed_lsn {
-        Some(lsn) if lsn < needed => anyhow::bail!(
-            "recovery stopped at {} before the end of the archived WAL ({}): a WAL file could not be restored; see {}",
-            crate::repo::wal::Lsn(lsn),
-            plan.last_wal,
+    let end = archive_end(store, plan).await.with_context(|| {
+        format!(
+            "the server promoted at {}, but whether that is the end of the archive could not be checked",
+            landed.replayed_lsn.map(Lsn).map_or("an unknown position".into(), |l| l.to_string())
+        )
+    })?;
+    short_landing(plan, landed.replayed_lsn.map(Lsn), end).map_or(Ok(()), |why| {
+        Err(anyhow::anyhow!(
+            "{why}; the restored server on port {} must not be used as a complete copy (log: {})",
+            landed.port,
             log.display()
-        ),
-        _ => Ok(()),
-    }
+        ))
+    })
+}
+
+/// Why a landing at `reached` is short of `end`, the end of the archived WAL (pure).
+fn short_landing(plan: &PgPlan, reached: Option<Lsn>, end: Lsn) -> Option<String> {
+    let reached = reached?;
+    (reached < end).then(|| {
+        format!(
+            "recovery stopped at {reached}, short of the end of the archived WAL at {end} (in {}): WAL after {reached} could not be restored or read",
+            plan.last_wal
+        )
+    })
+}
+
+/// The end of the archived WAL along the plan: the end of the last whole record in its last
+/// segment (the segment's start when no record ends in it).
+async fn archive_end(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<Lsn> {
+    let seg_size = plan.backup.wal_segment_size;
+    let last = Segment::parse(&plan.last_wal, seg_size)
+        .with_context(|| format!("{} is not a WAL segment name", plan.last_wal))?;
+    let key = crate::repo::wal_key(plan.backup.system_identifier, &plan.last_wal);
+    let (scan, _) = crate::pipeline::download(store, &key, WalScan::new())
+        .await
+        .with_context(|| format!("reading {}", plan.last_wal))?;
+    Ok(Lsn(scan.end_lsn.unwrap_or(last.start_lsn(seg_size).0)))
 }
 
 struct PostmasterPid {
@@ -584,6 +618,24 @@ mod tests {
             chars.next();
         }
         out
+    }
+
+    #[test]
+    fn a_landing_short_of_the_archive_end_names_both_positions() {
+        use crate::repo::catalog::tests::{SEG, backup, catalog};
+        let c = catalog(vec![backup("b1", 2, 3, "00:03:30")], &[2, 3, 4, 5]);
+        let plan = plan::plan_pg(&c, Target::Latest, None).unwrap();
+        let end = Lsn(5 * SEG + 0x1238);
+        assert_eq!(short_landing(&plan, Some(end), end), None);
+        assert_eq!(short_landing(&plan, Some(Lsn(6 * SEG)), end), None);
+        assert_eq!(short_landing(&plan, None, end), None);
+        // Inside the last segment, and before it.
+        for reached in [Lsn(5 * SEG + 0x1230), Lsn(4 * SEG + 0x10)] {
+            let why = short_landing(&plan, Some(reached), end).unwrap();
+            assert!(why.contains(&format!("stopped at {reached}")), "{why}");
+            assert!(why.contains("at 0/5001238"), "{why}");
+            assert!(why.contains("000000010000000000000005"), "{why}");
+        }
     }
 
     #[test]

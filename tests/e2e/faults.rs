@@ -1042,3 +1042,117 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// `restore --latest` on an archive whose last segment holds a record that fails its checksum
+/// (on-disk damage before archiving: the page headers are intact, so `wal-push` takes it).
+/// PostgreSQL ends recovery quietly at the damaged record, inside the last segment; the
+/// restore must say it stopped short, and where, instead of reporting success.
+#[test]
+fn a_landing_inside_the_last_segment_is_a_short_landing() {
+    let repo = Repo::file();
+    let mut pg = archiving_primary(&repo);
+    pg.psql("postgres", "ALTER SYSTEM SET autovacuum = off")
+        .unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    pg.psql(
+        "postgres",
+        "CREATE TABLE marks (id int PRIMARY KEY, note text)",
+    )
+    .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    switch_and_wait_archived(&pg);
+    const PAGE: u64 = 8192;
+    let mut id = 0;
+    let mark = |id: &mut i32| {
+        *id += 1;
+        pg.psql(
+            "postgres",
+            &format!("INSERT INTO marks VALUES ({id}, repeat('x', 50))"),
+        )
+        .unwrap();
+        pg.psql("postgres", "SELECT pg_current_wal_insert_lsn()")
+            .unwrap()
+    };
+    // Damage goes 28 bytes into the record after `mid`: well inside one page.
+    let mut mid = mark(&mut id);
+    while id < 5 || !(64..PAGE - 128).contains(&(lsn(&mid) % PAGE)) {
+        mid = mark(&mut id);
+    }
+    let kept = id;
+    for _ in 0..5 {
+        mark(&mut id);
+    }
+    let name = pg
+        .psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
+        .unwrap();
+    let segment = std::fs::read(pg.data_dir().join("pg_wal").join(&name)).unwrap();
+    wait_archived(&pg, &name);
+    let sysid = pg
+        .psql(
+            "postgres",
+            "SELECT system_identifier FROM pg_control_system()",
+        )
+        .unwrap();
+    pg.stop().unwrap();
+
+    let seg_start = u64::from_str_radix(&name[8..16], 16).unwrap() * (1 << 32)
+        + u64::from_str_radix(&name[16..24], 16).unwrap() * (16 << 20);
+    let mut damaged = segment.clone();
+    damaged[(lsn(&mid) - seg_start + 28) as usize] ^= 0xFF;
+    let data = pg_owned_tempdir().unwrap();
+    std::fs::create_dir(data.path().join("pg_wal")).unwrap();
+    std::fs::write(data.path().join("pg_wal").join(&name), &damaged).unwrap();
+    let stored = repo
+        .root()
+        .unwrap()
+        .join(format!("pg/{sysid}/wal/{name}.zst"));
+    std::fs::remove_file(&stored).unwrap();
+    let mut push = dbagent_cmd(&repo, None, &["wal-push", &format!("pg_wal/{name}")]);
+    push.current_dir(data.path())
+        .env("PGDATA", data.path())
+        .env("DBAGENT_PG_SYSTEM_IDENTIFIER", &sysid);
+    ok(&push.output().unwrap());
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let port = free_port();
+    let target = scratch.path().join("r");
+    let out = dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--latest",
+            "--target-dir",
+            target.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let restored = Restored { dir: target, port };
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("restored:"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // It names where it stopped (just before the damaged record) and where the archive ends
+    // (the end of the last segment, which ends with a WAL switch).
+    let seg_end = seg_start + (16 << 20);
+    let show = |l: u64| format!("{:X}/{:X}", l >> 32, l & 0xFFFF_FFFF);
+    assert!(
+        err.contains(&format!("recovery stopped at {}", show(lsn(&mid)))),
+        "{err}"
+    );
+    assert!(err.contains(&show(seg_end)), "{err}");
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM marks"),
+        kept.to_string()
+    );
+    eprintln!("{}", err.trim());
+}
+
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
