@@ -211,7 +211,8 @@ async fn choose_server(store: &dyn Store) -> anyhow::Result<String> {
     }
 }
 
-/// Refuses a target that already holds databases, or is of the other family.
+/// Refuses a target that already holds databases with anything in them, or is of the other
+/// family.
 async fn check_empty_target(server: &Server, plan: &MysqlPlan) -> anyhow::Result<()> {
     if server.facts.flavor != plan.dump.flavor {
         return Err(input_err!(
@@ -223,7 +224,7 @@ async fn check_empty_target(server: &Server, plan: &MysqlPlan) -> anyhow::Result
             plan.dump.flavor
         ));
     }
-    let existing = server.user_databases().await?;
+    let existing = server.databases_in_use().await?;
     if !existing.is_empty() {
         return Err(input_err!(
             "the target server {} is not empty (databases: {}): restore into an empty server, or into a scratch server with --target-dir",

@@ -105,6 +105,17 @@ impl Server {
             .collect())
     }
 
+    /// Databases other than the system ones that hold anything: a restore target may have
+    /// empty ones (`mariadb-install-db`'s `test`).
+    pub async fn databases_in_use(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .query::<String>(crate::mysql::sql::DATABASES_IN_USE)
+            .await?
+            .into_iter()
+            .filter(|d| !SYSTEM_DATABASES.contains(&d.as_str()))
+            .collect())
+    }
+
     /// Where the server writes its binlogs: `mysql.binlog_dir`, else `@@log_bin_basename`'s
     /// directory.
     pub fn binlog_dir(&self, cfg: &MysqlConfig) -> anyhow::Result<PathBuf> {

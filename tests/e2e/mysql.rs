@@ -871,3 +871,48 @@ fn mysql_restore_never_resets_existing_passwords() {
     );
     assert!(sql(&target, "SHOW GRANTS FOR 'app'@'%'").contains("`shop`.*"));
 }
+
+/// What `mariadb-install-db` leaves (an empty `test` database unless told otherwise) is an
+/// empty restore target; a database holding anything at all (here only a procedure) is not.
+#[test]
+fn a_freshly_initialised_server_is_an_empty_restore_target() {
+    let repo = Repo::file();
+    let source = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &source,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (i int PRIMARY KEY); INSERT INTO shop.t VALUES (1), (2);",
+    );
+    ok(&agent(
+        &repo,
+        Some(&source.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let restore = |target: &MariaDb| {
+        agent(
+            &repo,
+            Some(&target.url()),
+            None,
+            &["restore", "--engine", "mysql", "--latest"],
+        )
+    };
+
+    let fresh = MariaDbBuilder::new().start().unwrap();
+    sql(&fresh, "CREATE DATABASE test");
+    ok(&restore(&fresh));
+    assert_eq!(sql(&fresh, "SELECT count(*) FROM shop.t"), "2");
+
+    let used = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &used,
+        "CREATE DATABASE test; CREATE DATABASE keep; CREATE PROCEDURE keep.p() SELECT 1;",
+    );
+    refused(&restore(&used), "not empty (databases: keep)");
+    assert_eq!(
+        sql(
+            &used,
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'shop'"
+        ),
+        "0"
+    );
+}
