@@ -5,7 +5,7 @@
 //! comes from the archive, so the backup is recorded (manifest last) only once every segment
 //! from its start to its stop LSN is in the store.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -28,9 +28,125 @@ use crate::storage::Store;
 /// Tables per database whose row estimates the manifest records (bounds its size).
 const MAX_TABLES_PER_DB: i64 = 5000;
 
-/// pg_basebackup's line that says the server now waits for the backup's WAL to be archived.
-fn waits_for_archiving(line: &str) -> bool {
-    line.contains("waiting for required WAL segments to be archived")
+/// Whether the archive keeps up with a running backup, judged from `pg_stat_archiver` and WAL
+/// positions (pure). The server's own words ("waiting for required WAL segments to be
+/// archived") depend on `lc_messages`, so they are never read.
+///
+/// Every segment before the one being written is complete and due for archiving; the backup
+/// needs those from the one it started in. While one of them is not archived, the archiver
+/// must make progress (`last_archived_wal` changes) at least once per `limit`.
+#[derive(Debug)]
+struct ArchiveWatch {
+    /// The segment the backup started in: earlier ones are not its business.
+    first_needed: u64,
+    seg_size: u64,
+    limit: Duration,
+    last_archived: String,
+    /// Since when a needed segment has waited without the archiver moving.
+    behind_since: Option<Instant>,
+}
+
+/// One reading of `sql::ARCHIVE_PROGRESS`.
+#[derive(Debug, Clone, PartialEq)]
+struct ArchiveProgress {
+    last_archived: String,
+    last_failed: String,
+    failed_count: i64,
+    /// Where WAL is written (replayed, on a standby) now.
+    lsn: u64,
+}
+
+impl ArchiveWatch {
+    fn new(start_lsn: u64, seg_size: u64, limit: Duration) -> ArchiveWatch {
+        ArchiveWatch {
+            first_needed: start_lsn / seg_size,
+            seg_size,
+            limit,
+            last_archived: String::new(),
+            behind_since: None,
+        }
+    }
+
+    /// Takes a reading at `now`; the complaint once the archive has been stuck too long.
+    fn observe(&mut self, now: Instant, p: &ArchiveProgress) -> Option<String> {
+        let segno = |name: &str| {
+            name.get(..24)
+                .and_then(|n| Segment::parse(n, self.seg_size))
+                .map(|s| s.segno)
+        };
+        let moved = p.last_archived != self.last_archived;
+        self.last_archived = p.last_archived.clone();
+        let due = (p.lsn / self.seg_size).checked_sub(1);
+        let behind = due.is_some_and(|due| {
+            due >= self.first_needed && segno(&p.last_archived).is_none_or(|a| a < due)
+        });
+        if !behind || moved {
+            self.behind_since = behind.then_some(now);
+            return None;
+        }
+        let since = *self.behind_since.get_or_insert(now);
+        if now.duration_since(since) <= self.limit {
+            return None;
+        }
+        let waiting = match segno(&p.last_archived) {
+            Some(a) if a + 1 >= self.first_needed => a + 1,
+            _ => self.first_needed,
+        };
+        let name = |n: u64| {
+            p.last_failed
+                .get(..8)
+                .or(p.last_archived.get(..8))
+                .and_then(|tli| u32::from_str_radix(tli, 16).ok())
+                .map_or(format!("segment number {n}"), |tli| {
+                    Segment { tli, segno: n }.name(self.seg_size)
+                })
+        };
+        let failures = match p.last_failed.as_str() {
+            "" => format!("{} failed attempts", p.failed_count),
+            last => format!("{} failed attempts, the last on {last}", p.failed_count),
+        };
+        Some(format!(
+            "WAL archiving is stuck: {} that the backup needs has not been archived and the archiver made no progress for {} (last archived: {}; {failures}); check archive_command and `dbagent wal-push` errors in the PostgreSQL log",
+            name(waiting),
+            humantime::format_duration(self.limit),
+            if p.last_archived.is_empty() {
+                "none"
+            } else {
+                &p.last_archived
+            },
+        ))
+    }
+}
+
+/// Reads the archiver's progress on `client`.
+async fn archive_progress(client: &tokio_postgres::Client) -> anyhow::Result<ArchiveProgress> {
+    let row = client
+        .query_one(sql::ARCHIVE_PROGRESS, &[])
+        .await
+        .context("reading pg_stat_archiver")?;
+    Ok(ArchiveProgress {
+        last_archived: row.get(0),
+        last_failed: row.get(1),
+        failed_count: row.get(2),
+        lsn: row.get::<_, i64>(3) as u64,
+    })
+}
+
+/// Resolves with the reason once the archive stops keeping up with the backup (see
+/// `ArchiveWatch`). A reading that fails is skipped: a server gone away fails the backup
+/// through pg_basebackup.
+async fn archive_stuck(client: tokio_postgres::Client, mut watch: ArchiveWatch) -> anyhow::Error {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match archive_progress(&client).await {
+            Ok(p) => {
+                if let Some(why) = watch.observe(Instant::now(), &p) {
+                    return anyhow::anyhow!(why);
+                }
+            }
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "no archiver reading"),
+        }
+    }
 }
 
 /// The server a backup reads, and its databases.
@@ -189,33 +305,18 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .arg("-l")
         .arg(format!("dbagent {id}"))
         .envs(conn.child_env());
-    let waiting_since: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let seen = waiting_since.clone();
     // An archive that never catches up: fail with the reason instead of hanging.
-    let archive_wait = cfg.wal.archive_wait;
-    let stuck = async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let since = *waiting_since.lock().unwrap_or_else(|e| e.into_inner());
-            if since.is_some_and(|s| s.elapsed() > archive_wait) {
-                return anyhow::anyhow!(
-                    "WAL archiving is stuck: the server waited more than {} for the backup's WAL to be archived; check archive_command and `dbagent wal-push` errors in the PostgreSQL log",
-                    humantime::format_duration(archive_wait)
-                );
-            }
-        }
-    };
+    let watcher = conn.connect().await?;
+    let before = archive_progress(&watcher).await?;
+    let watch = ArchiveWatch::new(
+        before.lsn,
+        facts.server.wal_segment_size,
+        cfg.wal.archive_wait,
+    );
     tracing::info!(%id, server = %conn.describe(), "base backup started");
     let (data, scanner) = program
         .run()
-        .on_stderr_line(move |line| {
-            if waits_for_archiving(line) {
-                seen.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert_with(Instant::now);
-            }
-        })
-        .stop_when(stuck)
+        .stop_when(archive_stuck(watcher, watch))
         .to_store(
             store.as_ref(),
             &data_key,
@@ -312,13 +413,71 @@ async fn wait_for_wal(
 mod tests {
     use super::*;
 
+    const SEG: u64 = 16 << 20;
+
+    fn reading(last_archived: &str, segno_written: u64) -> ArchiveProgress {
+        ArchiveProgress {
+            last_archived: last_archived.into(),
+            last_failed: String::new(),
+            failed_count: 0,
+            lsn: segno_written * SEG + 0x100,
+        }
+    }
+
     #[test]
-    fn notices_the_wait_for_archiving() {
-        assert!(!waits_for_archiving(
-            "pg_basebackup: initiating base backup, waiting for checkpoint to complete"
-        ));
-        assert!(waits_for_archiving(
-            "NOTICE:  base backup done, waiting for required WAL segments to be archived"
-        ));
+    fn a_stuck_archive_is_noticed_from_positions_only() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut w = ArchiveWatch::new(5 * SEG + 0x28, SEG, s(10));
+        // Writing segment 5, the backup's first: nothing is due yet, however long.
+        assert_eq!(w.observe(t0, &reading("000000010000000000000004", 5)), None);
+        assert_eq!(
+            w.observe(t0 + s(60), &reading("000000010000000000000004", 5)),
+            None
+        );
+        // Segment 5 is complete and not archived: stuck after 10 s without progress.
+        assert_eq!(
+            w.observe(t0 + s(61), &reading("000000010000000000000004", 6)),
+            None
+        );
+        assert_eq!(
+            w.observe(t0 + s(70), &reading("000000010000000000000004", 6)),
+            None
+        );
+        let mut failing = reading("000000010000000000000004", 6);
+        failing.last_failed = "000000010000000000000005".into();
+        failing.failed_count = 7;
+        let why = w.observe(t0 + s(72), &failing).unwrap();
+        assert!(
+            why.contains("000000010000000000000005 that the backup needs"),
+            "{why}"
+        );
+        assert!(
+            why.contains("7 failed attempts, the last on 000000010000000000000005"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn an_archive_that_moves_or_has_caught_up_is_not_stuck() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut w = ArchiveWatch::new(5 * SEG, SEG, s(10));
+        // Behind by many segments, but moving every few seconds.
+        for i in 0..20u64 {
+            let last = format!("0000000100000000{:08X}", 5 + i / 2);
+            assert_eq!(w.observe(t0 + s(i * 4), &reading(&last, 40)), None);
+        }
+        // Caught up (a .backup file archived last counts by its segment), for ever.
+        let mut w = ArchiveWatch::new(5 * SEG, SEG, s(10));
+        for i in 0..20u64 {
+            let r = reading("000000010000000000000006.00000028.backup", 7);
+            assert_eq!(w.observe(t0 + s(i * 4), &r), None);
+        }
+        // Nothing archived at all yet, and the backup's segment is due: stuck.
+        let mut w = ArchiveWatch::new(5 * SEG, SEG, s(10));
+        assert_eq!(w.observe(t0, &reading("", 6)), None);
+        let why = w.observe(t0 + s(11), &reading("", 6)).unwrap();
+        assert!(why.contains("last archived: none"), "{why}");
     }
 }

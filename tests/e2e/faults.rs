@@ -1156,3 +1156,81 @@ fn lsn(text: &str) -> u64 {
     let (hi, lo) = text.trim().split_once('/').unwrap();
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
 }
+
+/// A non-English locale the machine has (scripts/setup generates de_DE.UTF-8).
+fn german_locale() -> String {
+    let out = Command::new("locale").arg("-a").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("de_de.utf"))
+        .map(str::to_string)
+        .expect("no de_DE.UTF-8 locale: run scripts/setup (it generates one)")
+}
+
+/// A server speaking German (`lc_messages`, and the client programs too) backs up like any
+/// other; and when its archiving breaks, `backup` notices from pg_stat_archiver and the WAL
+/// positions, not from the server's words, and fails within `wal.archive_wait` instead of
+/// waiting for ever.
+#[test]
+fn a_backup_with_german_messages_succeeds_and_a_stuck_archive_fails_it_fast() {
+    let locale = german_locale();
+    let repo = Repo::file();
+    let mut b = PostgresBuilder::new()
+        .archive_command(&format!("{BIN} wal-push %p"))
+        .setting("archive_timeout", "0")
+        .setting("lc_messages", &locale);
+    for (k, v) in repo.env() {
+        b = b.env(&k, &v);
+    }
+    let pg = b.start().expect("start PostgreSQL");
+    assert!(
+        pg.psql("postgres", "SELECT 1/0")
+            .is_err_and(|e| format!("{e:#}").contains("Division durch Null")),
+        "the server does not speak German"
+    );
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g",
+    )
+    .unwrap();
+    let backup = |wait: &str| {
+        let mut cmd = dbagent_cmd(&repo, Some(&pg), &["backup"]);
+        cmd.env("LANG", &locale)
+            .env("LC_ALL", &locale)
+            .env("DBAGENT_WAL_ARCHIVE_WAIT", wait)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().unwrap();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(120) {
+                kill_tree(child.id());
+                panic!("backup still waiting after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (child.wait_with_output().unwrap(), started.elapsed())
+    };
+    let (out, _) = backup("5m");
+    ok(&out);
+
+    pg.psql(
+        "postgres",
+        "ALTER SYSTEM SET archive_command = '/bin/false'",
+    )
+    .unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    let (out, took) = backup("5s");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("WAL archiving is stuck"), "{err}");
+    assert!(took < Duration::from_secs(60), "took {took:?}: {err}");
+    eprintln!("stuck archive noticed in {took:?}: {}", err.trim());
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        json["postgres"][0]["backups"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+}
