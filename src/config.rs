@@ -46,6 +46,7 @@ pub struct Config {
     pub upload: UploadConfig,
     pub pg: PgConfig,
     pub wal: WalConfig,
+    pub restore: RestoreConfig,
     pub mysql: MysqlConfig,
     pub serve: ServeConfig,
     /// Cron expressions (5 fields, UTC) for jobs `serve` runs itself, by job name.
@@ -181,6 +182,12 @@ pub struct ServeConfig {
     /// writes reach the archive anyway: the MySQL twin of PostgreSQL's archive_timeout.
     pub binlog_max_age: Duration,
     pub catalog_refresh: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreConfig {
+    /// How long `restore` waits for the restored server to replay its WAL and promote.
+    pub promote_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -324,6 +331,9 @@ impl Config {
                 prefetch: v.get("wal.prefetch")?,
                 archive_wait: v.get("wal.archive_wait")?,
                 fetch_retry_timeout: v.get("wal.fetch_retry_timeout")?,
+            },
+            restore: RestoreConfig {
+                promote_timeout: v.get("restore.promote_timeout")?,
             },
             mysql,
             serve: ServeConfig {

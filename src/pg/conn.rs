@@ -82,6 +82,27 @@ impl ConnInfo {
     }
 
     pub async fn connect(&self) -> anyhow::Result<Client> {
+        match self.open().await {
+            Ok(client) => Ok(client),
+            Err(Opening::Refused(e)) => Err(self.explain(e)),
+            Err(Opening::Setup(e)) => Err(e),
+        }
+    }
+
+    /// `connect`, to a server that is starting (a restored one, replaying WAL): `None` while
+    /// it says "not yet" (no socket or listener yet, starting up, not yet accepting
+    /// connections); every other refusal (authentication, an unknown role or database, TLS)
+    /// is the error, at once.
+    pub async fn connect_when_ready(&self) -> anyhow::Result<Option<Client>> {
+        match self.open().await {
+            Ok(client) => Ok(Some(client)),
+            Err(Opening::Refused(e)) if not_ready(&e) => Ok(None),
+            Err(Opening::Refused(e)) => Err(self.explain(e)),
+            Err(Opening::Setup(e)) => Err(e),
+        }
+    }
+
+    async fn open(&self) -> Result<Client, Opening> {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&self.host)
             .port(self.port)
@@ -92,51 +113,84 @@ impl ConnInfo {
         if let Some(p) = &self.password {
             cfg.password(p.expose());
         }
-        let fail = |detail: String| {
-            anyhow::Error::new(Failure::Input(format!(
-                "cannot connect to PostgreSQL at {}: {detail}",
-                self.describe()
-            )))
-        };
-        let explain = |e: tokio_postgres::Error| {
-            let mut detail = e
-                .as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| {
-                    let mut chain = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        chain = format!("{chain}: {s}");
-                        source = s.source();
-                    }
-                    chain
-                });
-            if let Some(why) = self.tls.explain(&detail, &self.host) {
-                detail = format!("{why} ({detail})");
-            } else if detail.contains("no encryption") {
-                detail.push_str(
-                    ": the server accepts only TLS: set PGSSLMODE=verify-full and PGSSLROOTCERT",
-                );
-            } else {
-                detail.push_str(": check PGHOST, PGPORT, PGUSER, the password and PGSSLMODE");
-            }
-            fail(detail)
-        };
         let client = if self.is_socket() || self.tls.mode == super::tls::SslMode::Disable {
             cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(explain)?;
+            let (client, connection) = cfg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(Opening::Refused)?;
             drive(connection);
             client
         } else {
             cfg.ssl_mode(self.tls.wire_mode());
-            let tls = self.tls.connector()?;
-            let (client, connection) = cfg.connect(tls).await.map_err(explain)?;
+            let tls = self.tls.connector().map_err(Opening::Setup)?;
+            let (client, connection) = cfg.connect(tls).await.map_err(Opening::Refused)?;
             drive(connection);
             client
         };
         Ok(client)
     }
+
+    /// The one line a failed connection gets: what the server or the network said, and what
+    /// to check.
+    fn explain(&self, e: tokio_postgres::Error) -> anyhow::Error {
+        let mut detail = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| {
+                let mut chain = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    chain = format!("{chain}: {s}");
+                    source = s.source();
+                }
+                chain
+            });
+        if let Some(why) = self.tls.explain(&detail, &self.host) {
+            detail = format!("{why} ({detail})");
+        } else if detail.contains("no encryption") {
+            detail.push_str(
+                ": the server accepts only TLS: set PGSSLMODE=verify-full and PGSSLROOTCERT",
+            );
+        } else {
+            detail.push_str(": check PGHOST, PGPORT, PGUSER, the password and PGSSLMODE");
+        }
+        anyhow::Error::new(Failure::Input(format!(
+            "cannot connect to PostgreSQL at {}: {detail}",
+            self.describe()
+        )))
+    }
 }
+
+/// Why a connection did not open: the server (or the network) refused it, or the client
+/// could not even be set up (TLS files).
+enum Opening {
+    Refused(tokio_postgres::Error),
+    Setup(anyhow::Error),
+}
+
+/// A refusal that a starting server gives before it takes connections: nothing listening
+/// yet, or SQLSTATE 57P03 ("the database system is starting up", "not yet accepting
+/// connections"). Keyed on the SQLSTATE and the I/O error kind, never on message text.
+fn not_ready(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        return db.code() == &tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                NotFound | ConnectionRefused | ConnectionReset | UnexpectedEof | TimedOut
+            );
+        }
+        source = s.source();
+    }
+    // A connection closed during startup (the server restarting between phases).
+    e.is_closed()
+}
+
 /// Runs a connection's I/O until the client is dropped.
 fn drive(connection: impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static) {
     tokio::spawn(async move {

@@ -407,6 +407,8 @@ pub async fn start_and_wait(
         "started PostgreSQL on the restored data; replaying WAL (log: {})",
         log.display()
     );
+    let deadline = tokio::time::Instant::now() + cfg.restore.promote_timeout;
+    let mut replayed: Option<u64> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let Some(pm) = read_postmaster_pid(dir) else {
@@ -416,6 +418,19 @@ pub async fn start_and_wait(
         if unsafe { libc::kill(pm.pid, 0) } != 0 {
             return Err(recovery_failure(plan, &log));
         }
+        if tokio::time::Instant::now() > deadline {
+            return Err(anyhow::anyhow!(
+                "the restored server did not promote within {} (restore.promote_timeout); recovery {}; it is still running (data {}): see its log {} and stop it with `pg_ctl -D {} stop` if it is stuck",
+                humantime::format_duration(cfg.restore.promote_timeout),
+                replayed.map_or("had not reached a consistent state".into(), |l| format!(
+                    "had replayed up to {}",
+                    Lsn(l)
+                )),
+                dir.display(),
+                log.display(),
+                dir.display()
+            ));
+        }
         let probe = Landed {
             port: pm.port,
             socket_dir: pm.socket_dir.clone(),
@@ -424,8 +439,18 @@ pub async fn start_and_wait(
             replayed_lsn: None,
         };
         let conn = probe.conn(cfg, "postgres");
-        let Ok(client) = conn.connect().await else {
-            continue;
+        // Refusals other than "not yet" (a role or password the restored cluster does not
+        // know) will not go away by waiting.
+        let client = match conn.connect_when_ready().await {
+            Ok(Some(client)) => client,
+            Ok(None) => continue,
+            Err(e) => {
+                return Err(e.context(format!(
+                    "the restored server is running (data {}, port {}) but dbagent cannot connect to it to see it promote",
+                    dir.display(),
+                    pm.port
+                )));
+            }
         };
         let Ok(row) = client
             .query_one(
@@ -439,6 +464,7 @@ pub async fn start_and_wait(
             continue;
         };
         let in_recovery: bool = row.get(0);
+        replayed = row.get::<_, Option<i64>>(3).map(|v| v as u64).or(replayed);
         if !in_recovery {
             // Segments fetched ahead but never replayed are of no further use.
             let _ = std::fs::remove_dir_all(dir.join("pg_wal").join(crate::pg::wal::PREFETCH_DIR));

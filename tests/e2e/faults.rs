@@ -1197,19 +1197,8 @@ fn a_backup_with_german_messages_succeeds_and_a_stuck_archive_fails_it_fast() {
         let mut cmd = dbagent_cmd(&repo, Some(&pg), &["backup"]);
         cmd.env("LANG", &locale)
             .env("LC_ALL", &locale)
-            .env("DBAGENT_WAL_ARCHIVE_WAIT", wait)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let started = Instant::now();
-        let mut child = cmd.spawn().unwrap();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > Duration::from_secs(120) {
-                kill_tree(child.id());
-                panic!("backup still waiting after 120 s");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        (child.wait_with_output().unwrap(), started.elapsed())
+            .env("DBAGENT_WAL_ARCHIVE_WAIT", wait);
+        run_within(cmd, Duration::from_secs(120))
     };
     let (out, _) = backup("5m");
     ok(&out);
@@ -1233,4 +1222,92 @@ fn a_backup_with_german_messages_succeeds_and_a_stuck_archive_fails_it_fast() {
         1,
         "{listing}"
     );
+}
+
+/// Runs `cmd` to its end, or kills it (and its children) and fails the test after `limit`.
+fn run_within(mut cmd: Command, limit: Duration) -> (Output, Duration) {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            kill_tree(child.id());
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still running after {limit:?}; stderr: {}",
+                stderr(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (child.wait_with_output().unwrap(), started.elapsed())
+}
+
+/// `restore` waiting for the restored server to promote: a role the restored server does not
+/// know fails at once (exit 1, naming it) instead of polling for ever, and a recovery that
+/// makes no headway (the WAL downloads stall) ends at `restore.promote_timeout` with exit 2.
+#[test]
+fn restore_waits_for_promotion_with_a_deadline_and_fails_at_once_on_auth() {
+    let s3 = FaultyS3::start("promote-wait");
+    let env = s3.env();
+    let pg = primary(&env);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g",
+    )
+    .unwrap();
+    ok(&pg_run(&env, Some(&pg), &["backup"]));
+    pg.psql("postgres", "INSERT INTO t VALUES (0)").unwrap();
+    switch_and_wait_archived(&pg);
+    let scratch = pg_owned_tempdir().unwrap();
+    let restore = |dir: &str, extra: &[(&str, &str)]| {
+        let target = scratch.path().join(dir);
+        let port = free_port();
+        let mut cmd = pg_cmd(
+            &env,
+            None,
+            &[
+                "restore",
+                "--latest",
+                "--target-dir",
+                target.to_str().unwrap(),
+                "--port",
+                &port.to_string(),
+            ],
+        );
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let restored = Restored { dir: target, port };
+        let (out, took) = run_within(cmd, Duration::from_secs(120));
+        (restored, out, took)
+    };
+
+    let (_r, out, took) = restore("auth", &[("PGUSER", "nosuchrole")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nosuchrole"), "{err}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    eprintln!("unknown role reported in {took:?}: {}", err.trim());
+
+    // The plan reads the trailers of the two segments first; the downloads after that stall.
+    s3.proxy.inject(
+        Rule::new(Fault::Stall(Duration::from_secs(50)))
+            .method("GET")
+            .target("/wal/0")
+            .skip(2),
+    );
+    let (_r, out, took) = restore(
+        "stalled",
+        &[
+            ("DBAGENT_RESTORE_PROMOTE_TIMEOUT", "8s"),
+            ("DBAGENT_WAL_FETCH_RETRY_TIMEOUT", "10m"),
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("did not promote within 8s"), "{err}");
+    assert!(took < Duration::from_secs(40), "took {took:?}");
+    assert!(!reports_restored(&out) || !String::from_utf8_lossy(&out.stdout).contains("restored:"));
+    eprintln!("stalled recovery given up in {took:?}: {}", err.trim());
 }
