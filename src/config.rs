@@ -122,6 +122,9 @@ pub struct MysqlConfig {
     /// The server's identity in the repository: overrides `@@server_uuid` (MySQL) or the one
     /// derived from host name and server_id (MariaDB), and picks the server to restore.
     pub server_uuid: Option<String>,
+    /// How long a dump may wait for a lock before it gives up (and withdraws its request, so
+    /// that writes queued behind it go on).
+    pub lock_wait_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -260,6 +263,7 @@ impl Config {
             bin_dir: v.opt("mysql.bin_dir")?,
             binlog_dir: v.opt("mysql.binlog_dir")?,
             server_uuid: v.opt("mysql.server_uuid")?,
+            lock_wait_timeout: v.get("mysql.lock_wait_timeout")?,
         };
         if let Some(url) = &mysql.url {
             crate::mysql::conn::MysqlConn::parse(url, None)?;

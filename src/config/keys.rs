@@ -163,6 +163,7 @@ pub const KEYS: &[Key] = &[
     text("mysql.bin_dir"),
     text("mysql.binlog_dir"),
     text("mysql.server_uuid"),
+    duration("mysql.lock_wait_timeout", "1m"),
     text("serve.listen").or("0.0.0.0:8008"),
     Key::new(
         "serve.engine",

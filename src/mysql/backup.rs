@@ -9,7 +9,7 @@
 //! replay binlogged statements that refer to them. The manifest is written last.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde::Serialize;
@@ -109,10 +109,19 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .args(dump_args(&server.facts))
         .arg("--databases")
         .args(&databases);
+    // Sessions of this account already waiting are not the dump's.
+    let waiting_before: Vec<u64> = server
+        .waiting_sessions()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|w| w.0)
+        .collect();
     tracing::info!(%id, server = %server.conn.describe(), databases = databases.len(), "mysql dump started");
     let has_accounts = accounts.is_some();
     let (data, scanner) = program
         .run()
+        .stop_when(lock_wait(&server, cfg.mysql.lock_wait_timeout, waiting_before))
         .on_failure(|exit| {
             let line = exit.telling_line();
             if client::is_connect_error(&line) {
@@ -193,6 +202,42 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         binlog: manifest.binlog,
         gtid: manifest.gtid,
     })
+}
+
+/// Resolves once a session of the dump has waited `limit` for a lock, after ending its wait on
+/// the server: `FLUSH TABLES WITH READ LOCK` queued behind a long query holds up every write
+/// on the server while it waits, and killing the client alone would leave it queued.
+/// (`mariadb-dump` and `mysqldump` have no lock-wait option of their own.)
+async fn lock_wait(server: &Server, limit: Duration, before: Vec<u64>) -> anyhow::Error {
+    let limit_secs = limit.as_secs().max(1);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waiting = match server.waiting_sessions().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "cannot see the dump's sessions");
+                continue;
+            }
+        };
+        let Some((id, _, state, statement)) = waiting
+            .into_iter()
+            .find(|(id, secs, ..)| !before.contains(id) && *secs >= limit_secs)
+        else {
+            continue;
+        };
+        if let Err(e) = server.kill_query(id).await {
+            tracing::warn!(error = %format!("{e:#}"), session = id, "could not end the dump's lock wait on the server");
+        }
+        return anyhow::anyhow!(
+            "the dump waited {} for a lock ({state}{}): another session holds it (a long query or LOCK TABLES); the dump stopped and withdrew its request so writes are not held up; retry once the lock is released, or raise mysql.lock_wait_timeout",
+            humantime::format_duration(limit),
+            if statement.is_empty() {
+                String::new()
+            } else {
+                format!(": {statement}")
+            }
+        );
+    }
 }
 
 /// The dump program's options: one consistent snapshot, everything in the databases

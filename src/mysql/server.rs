@@ -105,6 +105,16 @@ impl Server {
             .collect())
     }
 
+    /// This account's other sessions waiting for a lock: (id, seconds, state, statement).
+    pub async fn waiting_sessions(&self) -> anyhow::Result<Vec<(u64, u64, String, String)>> {
+        self.query(crate::mysql::sql::WAITING_SESSIONS).await
+    }
+
+    /// Ends the statement a session of this account runs (its own sessions need no privilege).
+    pub async fn kill_query(&self, id: u64) -> anyhow::Result<()> {
+        self.query::<u64>(&format!("KILL QUERY {id}")).await.map(|_| ())
+    }
+
     /// Databases other than the system ones that hold anything: a restore target may have
     /// empty ones (`mariadb-install-db`'s `test`).
     pub async fn databases_in_use(&self) -> anyhow::Result<Vec<String>> {

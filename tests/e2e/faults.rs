@@ -149,28 +149,6 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// SIGKILL a process and its descendants (runuser → dbagent → pg_basebackup …).
-fn kill_tree(pid: u32) {
-    let mut pids = vec![pid];
-    let mut i = 0;
-    while i < pids.len() {
-        if let Ok(children) =
-            std::fs::read_to_string(format!("/proc/{}/task/{}/children", pids[i], pids[i]))
-        {
-            pids.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-        i += 1;
-    }
-    for p in pids.iter().rev() {
-        // SAFETY: sending a signal to processes this test started.
-        unsafe { libc::kill(*p as i32, libc::SIGKILL) };
-    }
-}
-
 /// A directory holding one segment file per name, for pushes without a server.
 fn wal_dir() -> tempfile::TempDir {
     let data = tempfile::tempdir().unwrap();
@@ -1222,25 +1200,6 @@ fn a_backup_with_german_messages_succeeds_and_a_stuck_archive_fails_it_fast() {
         1,
         "{listing}"
     );
-}
-
-/// Runs `cmd` to its end, or kills it (and its children) and fails the test after `limit`.
-fn run_within(mut cmd: Command, limit: Duration) -> (Output, Duration) {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let started = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > limit {
-            kill_tree(child.id());
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{cmd:?} still running after {limit:?}; stderr: {}",
-                stderr(&out)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    (child.wait_with_output().unwrap(), started.elapsed())
 }
 
 /// `restore` waiting for the restored server to promote: a role the restored server does not

@@ -916,3 +916,74 @@ fn a_freshly_initialised_server_is_an_empty_restore_target() {
         "0"
     );
 }
+
+/// A session holding a lock the dump needs (here `LOCK TABLES … WRITE`; a long query does the
+/// same to the dump's FLUSH TABLES WITH READ LOCK): the dump gives up after
+/// `mysql.lock_wait_timeout` instead of hanging, withdraws its lock request so other sessions'
+/// writes go on, and stores nothing. Once the lock is gone the dump succeeds.
+#[test]
+fn a_dump_blocked_by_a_lock_fails_within_the_lock_wait_timeout() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    backup_account(&db);
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (i int PRIMARY KEY); CREATE TABLE app.u (i int PRIMARY KEY);
+         INSERT INTO app.t VALUES (1), (2);",
+    );
+    let mut holder = Session::open(&db);
+    holder.run("LOCK TABLES app.t WRITE;");
+    holder.now(); // the lock is held once this answers
+
+    let dump = || {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["backup", "--engine", "mysql"])
+            .env("DBAGENT_LOG_FORMAT", "text")
+            .env_remove("DBAGENT_CONFIG")
+            .env("DBAGENT_MYSQL_URL", backup_url(&db))
+            .env("DBAGENT_MYSQL_PASSWORD", PASSWORD)
+            .env("DBAGENT_MYSQL_LOCK_WAIT_TIMEOUT", "3s")
+            .current_dir("/tmp");
+        for (k, v) in repo.env() {
+            cmd.env(k, v);
+        }
+        run_within(cmd, Duration::from_secs(120))
+    };
+    let (out, took) = dump();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("waited 3s for a lock"), "{err}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    eprintln!("blocked dump gave up in {took:?}: {}", err.trim());
+
+    // Nothing waits behind the dump any more: another session writes at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url_db = (db.host().to_string(), db.port());
+    std::thread::spawn(move || {
+        let out = Command::new(mariadb_bin("mariadb").unwrap())
+            .arg("--no-defaults")
+            .args(["-h", &url_db.0, "-P", &url_db.1.to_string(), "-u", "root"])
+            .args(["-e", "INSERT INTO app.u VALUES (1)"])
+            .output()
+            .unwrap();
+        let _ = tx.send(out.status.success());
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)),
+        Ok(true),
+        "writes are held up"
+    );
+    let listing = ok(&agent(&repo, None, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert!(
+        json["mysql"].as_array().is_none_or(|servers| servers
+            .iter()
+            .all(|s| s["dumps"].as_array().is_none_or(|d| d.is_empty()))),
+        "{listing}"
+    );
+
+    holder.run("UNLOCK TABLES;");
+    holder.close();
+    let (out, _) = dump();
+    ok(&out);
+}

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use dbagent_testcontainers::{
     Postgres, PostgresBuilder, S3Server, command_as_pg_user, pg_bin, pg_owned_tempdir,
@@ -218,4 +218,45 @@ impl Drop for Restored {
             );
         }
     }
+}
+
+/// SIGKILL a process and its descendants (runuser → dbagent → pg_basebackup …).
+pub fn kill_tree(pid: u32) {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() {
+        if let Ok(children) =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", pids[i], pids[i]))
+        {
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    for p in pids.iter().rev() {
+        // SAFETY: sending a signal to processes this test started.
+        unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+    }
+}
+
+/// Runs `cmd` to its end, or kills it (and its children) and fails the test after `limit`.
+pub fn run_within(mut cmd: Command, limit: Duration) -> (Output, Duration) {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            kill_tree(child.id());
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (child.wait_with_output().unwrap(), started.elapsed())
 }
