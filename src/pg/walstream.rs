@@ -8,8 +8,9 @@
 //! supersedes its pieces. The server is told that WAL is flushed only once the repository
 //! holds it, so the slot keeps everything not yet stored.
 //!
-//! A lost connection drops what was received but not stored and resumes from the end of what
-//! is stored: no gap, and no piece stored twice. When the server no longer has that WAL (the
+//! A lost connection keeps what was received in memory and resumes from the end of it (the
+//! slot still holds it: only stored WAL is confirmed); a restarted sidecar resumes from the
+//! end of the stored pieces. Either way no gap, and no piece stored twice. When the server no longer has that WAL (the
 //! slot was dropped, or `max_slot_wal_keep_size` invalidated it) the gap is reported loudly
 //! (log, `dbagent_wal_stream_gaps_total`, `/status`) and streaming resumes where it can.
 

@@ -179,7 +179,13 @@ fn node_loss(stream: bool, prefix: &str, write_for: Duration) -> f64 {
         });
     }
     let w = writer(pg.port());
-    std::thread::sleep(write_for);
+    // A random phase against the stream's 1 s cadence: the loss may come just before a store.
+    let jitter = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        % 1_000_000_000;
+    std::thread::sleep(write_for + Duration::from_nanos(jitter as u64));
 
     // The node is lost: database and sidecar killed together, the data directory deleted.
     let lost = SystemTime::now();
@@ -271,4 +277,76 @@ fn recovery_point_figures() {
             if stream { "streaming" } else { "archive-only" }
         );
     }
+}
+
+/// `list` shows the window up to the last streamed commit, and `restore --at` a moment
+/// inside the segment still being written lands between two markers there.
+#[test]
+fn list_and_restore_at_reach_into_the_streamed_segment() {
+    let repo = Repo::s3("stream-pitr");
+    let pg = archiving_primary(&repo);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE markers (id bigint PRIMARY KEY, at timestamptz)",
+    )
+    .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    let serve = streaming_serve(&repo, &pg, &[]);
+    let mut times = Vec::new();
+    for id in 1..=6 {
+        let at = pg
+            .psql(
+                "postgres",
+                &format!("INSERT INTO markers VALUES ({id}, clock_timestamp()) RETURNING at"),
+            )
+            .unwrap();
+        times.push(
+            chrono::DateTime::parse_from_str(&format!("{at}00"), "%Y-%m-%d %H:%M:%S%.f%z").unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let flushed = parse_lsn(
+        &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    serve.wait_for("the markers to be stored", Duration::from_secs(10), |s| {
+        stored_lsn(s) >= flushed
+    });
+
+    let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    let to = chrono::DateTime::parse_from_rfc3339(
+        json["postgres"][0]["restorable"][0]["to"].as_str().unwrap(),
+    )
+    .unwrap();
+    // Just before the last streamed commit record, which is stamped after its INSERT ran.
+    assert!(
+        to >= times[5] && to < times[5] + chrono::Duration::seconds(1),
+        "the window ends at {to}, the last marker was inserted at {}: {listing}",
+        times[5]
+    );
+
+    let target = times[2] + (times[3] - times[2]) / 2;
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("at");
+    let port = dbagent_testcontainers::free_port();
+    let out = dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--at",
+            &target.to_rfc3339(),
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let restored = Restored { dir, port };
+    ok(&out);
+    assert_eq!(
+        restored.psql("SELECT count(*), max(id) FROM markers"),
+        "3|3"
+    );
 }
