@@ -447,6 +447,10 @@ impl ReplConn {
                     }
                 }
                 b'c' => return self.timeline_end().await,
+                b'C' | b'Z' => {
+                    self.streaming = false;
+                    bail!("the server ended the stream (shutting down?)");
+                }
                 _ => self.common(f)?,
             }
         }

@@ -76,6 +76,20 @@ struct Streamer {
     sysid: Option<u64>,
     seg_size: u64,
     cursor: Option<Cursor>,
+    /// When the oldest WAL not yet stored arrived.
+    pending_since: Option<Instant>,
+    /// How long the last store took.
+    put_time: Duration,
+    /// The slot as the last session found it.
+    slot: Option<SlotSeen>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SlotSeen {
+    state: super::replication::SlotState,
+    /// It was missing and had to be made again.
+    recreated: bool,
+    server_tli: u32,
 }
 
 /// Runs until `token` is cancelled, reconnecting with backoff after any failure.
@@ -93,6 +107,9 @@ pub async fn run(
         sysid: None,
         seg_size: 0,
         cursor: None,
+        pending_since: None,
+        put_time: Duration::ZERO,
+        slot: None,
     };
     let mut pause = Duration::from_millis(500);
     loop {
@@ -101,6 +118,7 @@ pub async fn run(
         s.shared.stream_update(|f| f.connected = false);
         match res {
             Ok(()) => return Ok(()),
+            Err(e) if wal_removed(&e) => s.gap().await,
             Err(e) => {
                 let msg = format!("{e:#}");
                 tracing::warn!(error = %msg, "WAL streaming interrupted; reconnecting");
@@ -152,58 +170,32 @@ impl Streamer {
         }
         // A slot that had to be made while the repository already streamed from this
         // cluster: WAL written meanwhile may be gone from the server.
-        let mut start = self.cursor().received(self.seg_size);
-        let mut tli = self.cursor().seg.tli;
-        loop {
-            match conn.start(&slot_name, start, tli).await {
-                Ok(()) => break,
-                Err(e) => {
-                    let removed = e.chain().any(|c| {
-                        c.downcast_ref::<ServerError>()
-                            .is_some_and(|s| s.wal_removed())
-                    });
-                    if !removed {
-                        return Err(e);
-                    }
-                    let resume = slot.restart_lsn.context(
-                        "the server removed the WAL asked for, and the slot reserves none",
-                    )?;
-                    let resume_seg = Segment::of_lsn(
-                        slot.restart_tli.unwrap_or(id.timeline),
-                        resume,
-                        self.seg_size,
-                    );
-                    let gap = format!(
-                        "WAL from {start} to {} on timeline {tli} was removed from the server before it was streamed{}; streaming resumes at {}. Unless archive_command stored those segments, point-in-time recovery cannot cross this gap: take a new base backup",
-                        resume_seg.start_lsn(self.seg_size),
-                        if fresh_slot {
-                            " (the replication slot was missing and has been created again)"
-                        } else {
-                            " (was max_slot_wal_keep_size exceeded?)"
-                        },
-                        resume_seg.start_lsn(self.seg_size),
-                    );
-                    tracing::error!(gap = %gap, "WAL streaming gap");
-                    self.shared.stream_update(|f| {
-                        f.gaps += 1;
-                        f.last_gap = Some(gap.clone());
-                    });
-                    self.cursor = Some(Cursor::empty(resume_seg));
-                    start = resume_seg.start_lsn(self.seg_size);
-                    tli = resume_seg.tli;
-                }
-            }
-        }
+        self.slot = Some(SlotSeen {
+            state: slot,
+            recreated: fresh_slot,
+            server_tli: id.timeline,
+        });
+        let start = self.cursor().received(self.seg_size);
+        let tli = self.cursor().seg.tli;
+        conn.start(&slot_name, start, tli).await?;
         tracing::info!(slot = %slot_name, %start, timeline = tli, "streaming WAL");
         self.shared.stream_update(|f| {
             f.connected = true;
             f.error = None;
             f.timeline = Some(tli);
         });
-        let mut tick = tokio::time::interval(self.settings.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
         loop {
+            // Store once the oldest unstored byte has waited the interval less what a store
+            // takes, so it is durable within the interval; and answer the server at least
+            // every 10 s.
+            let status_due = last_status + Duration::from_secs(10);
+            let due = match self.pending_since {
+                Some(since) => {
+                    (since + self.settings.interval.saturating_sub(self.put_time)).min(status_due)
+                }
+                None => status_due,
+            };
             tokio::select! {
                 _ = token.cancelled() => {
                     self.store_piece().await?;
@@ -241,7 +233,7 @@ impl Streamer {
                         self.shared.stream_update(|f| f.timeline = Some(next_tli));
                     }
                 },
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(due.into()) => {
                     let stored = self.store_piece().await?;
                     if stored || last_status.elapsed() >= Duration::from_secs(10) {
                         let (recv, stored) = self.positions();
@@ -251,6 +243,44 @@ impl Streamer {
                 }
             }
         }
+    }
+
+    /// The server no longer has the WAL the stream needs: report the gap loudly and go on
+    /// from where the slot begins. What was received and not stored is stored first.
+    async fn gap(&mut self) {
+        if let Err(e) = self.store_piece().await {
+            tracing::warn!(error = %format!("{e:#}"), "could not store the WAL received before the gap");
+        }
+        let (Some(seen), Some(c)) = (self.slot, self.cursor.as_ref()) else {
+            return;
+        };
+        let from = c.received(self.seg_size);
+        let tli = c.seg.tli;
+        let Some(resume) = seen.state.restart_lsn else {
+            return;
+        };
+        let resume_seg = Segment::of_lsn(
+            seen.state.restart_tli.unwrap_or(seen.server_tli),
+            resume,
+            self.seg_size,
+        );
+        let resume_at = resume_seg.start_lsn(self.seg_size);
+        let gap = format!(
+            "WAL from {from} to {resume_at} on timeline {tli} was removed from the server before it was streamed{}; streaming resumes at {resume_at}. Unless archive_command stored those segments, point-in-time recovery cannot cross this gap: take a new base backup",
+            if seen.recreated {
+                " (the replication slot was missing and has been created again)"
+            } else {
+                " (was the slot invalidated by max_slot_wal_keep_size?)"
+            },
+        );
+        tracing::error!(gap = %gap, "WAL streaming gap");
+        self.shared.stream_update(|f| {
+            f.gaps += 1;
+            f.last_gap = Some(gap.clone());
+            f.error = Some(gap);
+        });
+        self.cursor = Some(Cursor::empty(resume_seg));
+        self.pending_since = None;
     }
 
     fn cursor(&self) -> &Cursor {
@@ -337,6 +367,7 @@ impl Streamer {
             let chunk = data.split_to(take);
             c.scan.feed(&chunk);
             c.buf.extend_from_slice(&chunk);
+            self.pending_since.get_or_insert_with(Instant::now);
             if c.buf.len() == seg_size {
                 self.store_segment().await?;
                 stored = true;
@@ -356,6 +387,7 @@ impl Streamer {
         self.put(&key, data, note)
             .await
             .with_context(|| format!("storing streamed segment {name}"))?;
+        self.pending_since = None;
         tracing::debug!(segment = %name, "stored a streamed segment");
         self.cursor = Some(Cursor::empty(Segment {
             tli: c.seg.tli,
@@ -390,6 +422,7 @@ impl Streamer {
         self.put(&key, data, note)
             .await
             .with_context(|| format!("storing streamed WAL {}", piece.name()))?;
+        self.pending_since = None;
         let c = self.cursor.as_mut().expect("located");
         c.stored = c.buf.len();
         let lsn = c.stored_lsn(self.seg_size);
@@ -404,7 +437,15 @@ impl Streamer {
     /// A create-only write of `data`, compressed with `note` in its trailer, retried while
     /// the store fails transiently. The name already holding the same bytes is success (a
     /// retry whose answer was lost, or `wal-push` storing the segment first).
-    async fn put(&self, key: &str, data: Bytes, note: u64) -> anyhow::Result<()> {
+    async fn put(&mut self, key: &str, data: Bytes, note: u64) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let res = self.put_inner(key, data, note).await;
+        // Only a quick store predicts the next one; a retried one says the store was down.
+        self.put_time = started.elapsed().min(self.settings.interval / 2);
+        res
+    }
+
+    async fn put_inner(&self, key: &str, data: Bytes, note: u64) -> anyhow::Result<()> {
         let compression = self.settings.pipe.compression;
         let plain = data.clone();
         let (compressed, trailer) = tokio::task::spawn_blocking(move || {
@@ -456,7 +497,7 @@ impl Streamer {
     }
 
     async fn store_history(
-        &self,
+        &mut self,
         sysid: u64,
         tli: u32,
         name: &str,
@@ -488,6 +529,13 @@ impl Streamer {
         }
         self.cursor = Some(c);
     }
+}
+
+fn wal_removed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<ServerError>()
+            .is_some_and(|s| s.wal_removed())
+    })
 }
 
 /// Whether `s` is newer than `than` (higher segment; on a tie, the later timeline).

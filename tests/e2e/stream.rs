@@ -350,3 +350,109 @@ fn list_and_restore_at_reach_into_the_streamed_segment() {
         "3|3"
     );
 }
+
+/// Every piece stored for each segment: (segment, start, end), from a file repository.
+fn pieces(repo: &Repo) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for (path, _) in repo.snapshot() {
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let Some(rest) = name.strip_suffix(".part.zst") else {
+            continue;
+        };
+        let (seg, range) = rest.split_once('.').unwrap();
+        let (a, b) = range.split_once('-').unwrap();
+        out.push((
+            seg.to_string(),
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// Pieces of one segment tile it from 0: each starts where the one before ended.
+fn assert_tiled(pieces: &[(String, u64, u64)]) {
+    for w in pieces.windows(2) {
+        if w[0].0 == w[1].0 {
+            assert_eq!(w[0].2, w[1].1, "pieces overlap or leave a hole: {pieces:?}");
+        }
+    }
+    for (i, p) in pieces.iter().enumerate() {
+        if i == 0 || pieces[i - 1].0 != p.0 {
+            assert_eq!(p.1, 0, "a segment's first piece starts at 0: {pieces:?}");
+        }
+    }
+}
+
+#[test]
+fn restarts_leave_no_gap_and_no_duplicate_and_a_dropped_slot_is_a_loud_gap() {
+    let repo = Repo::file();
+    let mut pg = PostgresBuilder::new().start().unwrap();
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    let mut serve = streaming_serve(&repo, &pg, &[]);
+    let write_and_wait = |pg: &Postgres, serve: &Serve, id: i32| {
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({id})"))
+            .unwrap();
+        let lsn = parse_lsn(
+            &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+                .unwrap(),
+        );
+        serve.wait_for("the write to be stored", Duration::from_secs(30), |s| {
+            stored_lsn(s) >= lsn
+        });
+    };
+    write_and_wait(&pg, &serve, 1);
+
+    // The server restarts: the stream reconnects and goes on from where it was.
+    pg.restart().unwrap();
+    write_and_wait(&pg, &serve, 2);
+    // The sidecar restarts: it resumes from the end of the stored pieces.
+    serve.kill();
+    let serve2 = streaming_serve(&repo, &pg, &[]);
+    write_and_wait(&pg, &serve2, 3);
+    assert_eq!(serve2.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
+    let stored = pieces(&repo);
+    assert!(stored.len() >= 3, "{stored:?}");
+    assert_tiled(&stored);
+    // What the pieces hold is what the server wrote.
+    let current = pg
+        .psql(
+            "postgres",
+            "SELECT pg_walfile_name(pg_current_wal_flush_lsn())",
+        )
+        .unwrap();
+    let upto = stored
+        .iter()
+        .filter(|p| p.0 == current)
+        .map(|p| p.2)
+        .max()
+        .unwrap() as usize;
+    let partial = fetch(&repo, &pg, &current);
+    let on_server = std::fs::read(pg.data_dir().join("pg_wal").join(&current)).unwrap();
+    assert!(partial[..upto] == on_server[..upto]);
+    drop(serve2);
+
+    // The slot is dropped while the sidecar is away, and the server recycles the WAL.
+    pg.psql("postgres", "SELECT pg_drop_replication_slot('dbagent')")
+        .unwrap();
+    for i in 0..3 {
+        pg.psql(
+            "postgres",
+            &format!("INSERT INTO t SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal(); CHECKPOINT; -- {i}"),
+        )
+        .unwrap();
+    }
+    let serve3 = streaming_serve(&repo, &pg, &[]);
+    serve3.wait_for("the gap to be reported", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_stream_gaps_total") == Some(1.0)
+    });
+    let status = serve3.json("/status");
+    let gap = status["wal_stream"]["last_gap"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(gap.contains("was removed from the server"), "{status}");
+    assert!(gap.contains("slot was missing"), "{status}");
+    // And it streams on from where the server can.
+    write_and_wait(&pg, &serve3, 4);
+}
