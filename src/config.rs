@@ -180,6 +180,10 @@ pub struct ServeConfig {
     pub max_lag_seconds: Option<f64>,
     pub wal_lookahead: bool,
     pub wal_lookahead_parallel: usize,
+    /// Stream WAL from a physical replication slot into the repository (`pg::walstream`).
+    pub wal_stream: bool,
+    pub wal_stream_slot: String,
+    pub wal_stream_interval: Duration,
     pub binlog_interval: Duration,
     /// Rotate the active binlog (FLUSH BINARY LOGS) once it is this old, so a quiet server's
     /// writes reach the archive anyway: the MySQL twin of PostgreSQL's archive_timeout.
@@ -357,6 +361,9 @@ impl Config {
                 max_lag_seconds: Some(v.get("serve.max_lag_seconds")?),
                 wal_lookahead: v.get("serve.wal_lookahead")?,
                 wal_lookahead_parallel: v.get::<usize>("serve.wal_lookahead_parallel")?.max(1),
+                wal_stream: v.get("serve.wal_stream")?,
+                wal_stream_slot: slot_name(v.get("serve.wal_stream_slot")?)?,
+                wal_stream_interval: v.get("serve.wal_stream_interval")?,
                 binlog_interval: v.get("serve.binlog_interval")?,
                 binlog_max_age: v.get("serve.binlog_max_age")?,
                 catalog_refresh: v.get("serve.catalog_refresh")?,
@@ -394,6 +401,23 @@ impl Config {
         self.repo.as_deref().ok_or_else(|| {
             input_err!("no repository configured: pass --repo file:///path or s3://bucket/prefix, or set DBAGENT_REPO")
         })
+    }
+}
+
+/// A replication slot name as PostgreSQL accepts it: lower-case letters, digits and `_`,
+/// at most 63 characters.
+fn slot_name(name: String) -> anyhow::Result<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(name)
+    } else {
+        Err(input_err!(
+            "serve.wal_stream_slot {name:?}: a replication slot name is 1 to 63 lower-case letters, digits or underscores"
+        ))
     }
 }
 

@@ -261,6 +261,24 @@ fn extra(shared: &Shared) -> serde_json::Map<String, serde_json::Value> {
         "restorable_until".into(),
         json!(repo.window_end.map(|t| t.to_rfc3339())),
     );
+    if let Some(st) = shared.stream.read().unwrap().as_ref() {
+        m.insert(
+            "wal_stream".into(),
+            json!({
+                "slot": st.slot,
+                "connected": st.connected,
+                "timeline": st.timeline,
+                "received_lsn": st.received_lsn.map(|l| l.to_string()),
+                "stored_lsn": st.stored_lsn.map(|l| l.to_string()),
+                "stored_at": st.stored_at.map(|t| t.to_rfc3339()),
+                "slot_retained_bytes": st.slot_retained_bytes,
+                "slot_wal_status": st.slot_wal_status,
+                "gaps": st.gaps,
+                "last_gap": st.last_gap,
+                "error": st.error,
+            }),
+        );
+    }
     m.insert(
         "dbagent".into(),
         json!({ "version": env!("CARGO_PKG_VERSION") }),

@@ -323,6 +323,51 @@ pub fn render(shared: &Shared) -> String {
         "Look-ahead WAL pushes that failed.",
         load(&c.lookahead_failures),
     );
+    if let Some(st) = shared.stream.read().unwrap().clone() {
+        o.gauge(
+            "dbagent_wal_stream_up",
+            "1 while WAL streams from the replication slot (serve.wal_stream).",
+            Some(bool01(st.connected)),
+        );
+        o.gauge(
+            "dbagent_wal_stream_stored_lsn_bytes",
+            "The end of the streamed WAL the repository holds, as a byte position.",
+            st.stored_lsn.map(|l| l.0),
+        );
+        o.gauge(
+            "dbagent_wal_stream_last_stored_timestamp_seconds",
+            "When streamed WAL was last stored.",
+            ts(st.stored_at),
+        );
+        o.gauge(
+            "dbagent_wal_stream_lag_bytes",
+            "WAL received from the server and not yet stored.",
+            match (st.received_lsn, st.stored_lsn) {
+                (Some(r), Some(s)) => Some(r.0.saturating_sub(s.0)),
+                _ => None,
+            },
+        );
+        o.gauge(
+            "dbagent_wal_stream_slot_retained_bytes",
+            "WAL the streaming slot holds back on the server.",
+            st.slot_retained_bytes,
+        );
+        o.counter(
+            "dbagent_wal_stream_pieces_total",
+            "Partial-segment objects stored by the stream.",
+            st.pieces_stored,
+        );
+        o.counter(
+            "dbagent_wal_stream_segments_total",
+            "Complete segments stored by the stream.",
+            st.segments_stored,
+        );
+        o.counter(
+            "dbagent_wal_stream_gaps_total",
+            "WAL the server removed before it was streamed (a dropped or invalidated slot).",
+            st.gaps,
+        );
+    }
     if shared.engine == crate::engine::Engine::Mysql {
         o.counter(
             "dbagent_binlog_shipped_total",
@@ -439,6 +484,14 @@ mod tests {
             }
         });
         shared.counters.heartbeat_writes.store(7, Ordering::Relaxed);
+        shared.stream_update(|f| {
+            f.slot = "dbagent".into();
+            f.connected = true;
+            f.received_lsn = Some(crate::repo::wal::Lsn(200));
+            f.stored_lsn = Some(crate::repo::wal::Lsn(100));
+            f.stored_at = Some(t);
+            f.slot_retained_bytes = Some(4096);
+        });
         shared
     }
 

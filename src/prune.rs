@@ -272,14 +272,20 @@ pub fn plan(
                 Some(WalFile::Partial(n)) | Some(WalFile::BackupHistory(n)) => {
                     Segment::parse(&n[..24], cat.seg_size)
                 }
-                Some(WalFile::History(_)) | None => None,
+                Some(WalFile::History(_)) => None,
+                // Streamed pieces go with their segment.
+                None => crate::repo::wal::Piece::parse(name)
+                    .and_then(|p| Segment::parse(&p.segment, cat.seg_size)),
             };
             if segment.is_some_and(|s| s.segno < floor) {
                 delete_wal.push(o.key.clone());
             }
         }
     }
+    // Pieces of a segment stored whole hold nothing the segment lacks.
+    delete_wal.extend(cat.superseded_pieces.iter().map(|o| o.key.clone()));
     delete_wal.sort();
+    delete_wal.dedup();
 
     let drills_prefix = crate::repo::pg_drills_prefix(sysid);
     let mut reports: Vec<&str> = objects
@@ -401,6 +407,40 @@ mod tests {
                 "000000010000000000000003"
             ]
         );
+    }
+
+    #[test]
+    fn streamed_pieces_go_with_their_segment_or_once_it_is_stored_whole() {
+        let mut cat = catalog(
+            vec![
+                backup("b1", 2, 2, "00:02:30"),
+                backup("b2", 4, 4, "00:04:30"),
+            ],
+            &[2, 3, 4, 5],
+        );
+        let piece = |seg: &str, end: &str| {
+            (
+                format!("pg/1/wal/{seg}.00000000-{end}.part.zst"),
+                "00:01:00",
+            )
+        };
+        let old = piece("000000010000000000000003", "00002000");
+        let superseded = piece("000000010000000000000005", "00004000");
+        let current = piece("000000010000000000000006", "00001000");
+        cat.superseded_pieces.push(ObjectInfo {
+            key: superseded.0.clone(),
+            size: 1,
+            last_modified: t("00:05:00"),
+        });
+        let extra = [
+            (old.0.as_str(), old.1),
+            (superseded.0.as_str(), superseded.1),
+            (current.0.as_str(), current.1),
+        ];
+        let p = plan(&cat, &objects(&cat, &extra), t("23:00:00"), &policy(1));
+        assert!(p.delete_wal.contains(&old.0), "{:?}", p.delete_wal);
+        assert!(p.delete_wal.contains(&superseded.0), "{:?}", p.delete_wal);
+        assert!(!p.delete_wal.contains(&current.0), "{:?}", p.delete_wal);
     }
 
     #[test]

@@ -145,6 +145,17 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
         .values()
         .map(|o| (o.key.clone(), o.size))
         .collect();
+    // Every streamed piece: the ones in use and the ones superseded, still restorable.
+    let listed: std::collections::HashSet<&str> =
+        cat.segments.values().map(|o| o.key.as_str()).collect();
+    keys.extend(
+        cat.streamed
+            .values()
+            .flat_map(|s| &s.pieces)
+            .chain(&cat.superseded_pieces)
+            .filter(|o| !listed.contains(o.key.as_str()))
+            .map(|o| (o.key.clone(), o.size)),
+    );
     keys.extend(cat.histories.keys().map(|tli| {
         (
             crate::repo::wal_key(sysid, &crate::repo::wal::history_name(*tli)),

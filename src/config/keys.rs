@@ -180,6 +180,9 @@ pub const KEYS: &[Key] = &[
     float("serve.max_lag_seconds", 0.0, f64::INFINITY).or("30"),
     flag("serve.wal_lookahead", "true"),
     int("serve.wal_lookahead_parallel", 0, NO_MAX).or("4"),
+    flag("serve.wal_stream", "false").also(&["DBAGENT_WAL_STREAM"]),
+    text("serve.wal_stream_slot").or("dbagent"),
+    duration("serve.wal_stream_interval", "1s"),
     duration("serve.binlog_interval", "10s").also(&["DBAGENT_BINLOG_INTERVAL"]),
     duration("serve.binlog_max_age", "5m").also(&["DBAGENT_BINLOG_MAX_AGE"]),
     duration("serve.catalog_refresh", "5m").also(&["DBAGENT_CATALOG_REFRESH"]),
@@ -698,7 +701,8 @@ mod tests {
             msg(load_toml("[serve]\nheartbeet = true\n")),
             "config file c.toml: unknown key serve.heartbeet ([serve] has listen, engine, \
              node_name, refresh, heartbeat, heartbeat_interval, heartbeat_database, max_lag, \
-             max_lag_seconds, wal_lookahead, wal_lookahead_parallel, binlog_interval, \
+             max_lag_seconds, wal_lookahead, wal_lookahead_parallel, wal_stream, \
+             wal_stream_slot, wal_stream_interval, binlog_interval, \
              binlog_max_age, catalog_refresh)"
         );
         assert_eq!(

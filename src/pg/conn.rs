@@ -77,6 +77,11 @@ impl ConnInfo {
         self.host.starts_with('/')
     }
 
+    /// The password, for connections dbagent speaks itself (`pg::replication`).
+    pub fn password(&self) -> Option<&Secret> {
+        self.password.as_ref()
+    }
+
     pub fn describe(&self) -> String {
         format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
     }

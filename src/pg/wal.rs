@@ -330,11 +330,29 @@ pub async fn fetch(
             Ok(()) => break,
             Err(e) => e,
         };
-        if storage::is_not_found(&err) {
-            return Err(anyhow::Error::new(Failure::NotFound(format!(
-                "{name} is not archived"
-            ))));
-        }
+        let err = if storage::is_not_found(&err) {
+            // The end of the archive: the segment being streamed, if `serve` streamed any.
+            let streamed = match is_segment {
+                true => crate::pg::walstream::assemble(store.as_ref(), sysid, name).await,
+                false => Ok(None),
+            };
+            match streamed {
+                Ok(Some((data, end))) => {
+                    write_file(dest, &data)?;
+                    tracing::info!(%name, streamed_bytes = end, "restored the streamed part of a segment, zero-padded");
+                    return Ok(());
+                }
+                Ok(None) => {
+                    return Err(anyhow::Error::new(Failure::NotFound(format!(
+                        "{name} is not archived"
+                    ))));
+                }
+                Err(e) if storage::is_transient(&e) => e,
+                Err(e) => return Err(e.context(format!("restoring the streamed part of {name}"))),
+            }
+        } else {
+            err
+        };
         if !storage::is_transient(&err) {
             return Err(err.context(format!("restoring {name}")));
         }
@@ -387,6 +405,22 @@ async fn download_verified(
         let _ = std::fs::remove_file(&tmp);
     }
     done
+}
+
+/// Writes `data` to a temp file beside `dest`, fsyncs and renames: `dest` appears whole or
+/// not at all.
+fn write_file(dest: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = tmp_beside(dest);
+    let done = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dest)
+    })();
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done.with_context(|| format!("writing {}", dest.display()))
 }
 
 fn tmp_beside(dest: &Path) -> PathBuf {

@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
 use super::manifest::BaseBackup;
-use super::wal::{DEFAULT_SEGMENT_SIZE, HistoryEntry, Lsn, Segment, WalFile, parse_history};
+use super::wal::{
+    DEFAULT_SEGMENT_SIZE, HistoryEntry, Lsn, Piece, Segment, WalFile, contiguous, parse_history,
+};
 use crate::storage::{ObjectInfo, Store};
 
 #[derive(Debug, Clone, Default)]
@@ -27,6 +29,21 @@ pub struct PgCatalog {
     /// backup's chain (`None`: the segment holds no transaction, or was archived without the
     /// note). Segments not read are absent.
     pub last_xact: BTreeMap<Segment, Option<DateTime<Utc>>>,
+    /// Segments held only as streamed pieces (`serve.wal_stream`): each also appears in
+    /// `segments`, under its newest contiguous piece, so chains reach into it; a chain ends
+    /// there, since recovery reads it zero-padded after the last streamed byte.
+    pub streamed: BTreeMap<Segment, Streamed>,
+    /// Pieces of segments that are complete here: superseded, `prune` removes them.
+    pub superseded_pieces: Vec<ObjectInfo>,
+}
+
+/// The streamed part of a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Streamed {
+    /// Where the contiguous run of pieces from offset 0 ends.
+    pub end: u64,
+    /// Every piece stored for the segment (the run and any left over from a cut stream).
+    pub pieces: Vec<ObjectInfo>,
 }
 
 /// How many segments at the end of a chain have their trailers read for a transaction time.
@@ -180,6 +197,7 @@ impl PgCatalog {
             .unwrap_or(DEFAULT_SEGMENT_SIZE);
 
         let mut segments = BTreeMap::new();
+        let mut pieces: BTreeMap<Segment, Vec<(Piece, ObjectInfo)>> = BTreeMap::new();
         let mut history_keys = Vec::new();
         let prefix = super::wal_prefix(sysid);
         for obj in store.list(&prefix).await? {
@@ -197,8 +215,41 @@ impl PgCatalog {
                     }
                 }
                 Some(WalFile::History(tli)) => history_keys.push((tli, obj)),
-                _ => {}
+                Some(_) => {}
+                None => {
+                    if let Some(p) = Piece::parse(name) {
+                        if let Some(seg) = Segment::parse(&p.segment, seg_size) {
+                            pieces.entry(seg).or_default().push((p, obj));
+                        }
+                    }
+                }
             }
+        }
+        let mut streamed = BTreeMap::new();
+        let mut superseded_pieces = Vec::new();
+        for (seg, list) in pieces {
+            if segments.contains_key(&seg) {
+                superseded_pieces.extend(list.into_iter().map(|(_, o)| o));
+                continue;
+            }
+            let names: Vec<Piece> = list.iter().map(|(p, _)| p.clone()).collect();
+            let (run, end) = contiguous(&names);
+            let Some(last) = run.last() else {
+                continue; // nothing from offset 0: unusable, verify reports it
+            };
+            let newest = list
+                .iter()
+                .find(|(p, _)| p == last)
+                .map(|(_, o)| o.clone())
+                .expect("the run is made of these pieces");
+            segments.insert(seg, newest);
+            streamed.insert(
+                seg,
+                Streamed {
+                    end,
+                    pieces: list.into_iter().map(|(_, o)| o).collect(),
+                },
+            );
         }
         let mut histories = BTreeMap::new();
         let mut history_times = BTreeMap::new();
@@ -218,6 +269,8 @@ impl PgCatalog {
             histories,
             history_times,
             last_xact: BTreeMap::new(),
+            streamed,
+            superseded_pieces,
         };
         cat.read_tails(store).await;
         Ok(cat)
@@ -478,6 +531,12 @@ impl PgCatalog {
         let mut chain = Vec::new();
         loop {
             match self.find(&path, segno) {
+                Ok(seg) if self.streamed.contains_key(&seg) => {
+                    // Recovery reads no further than the last streamed byte of this one: the
+                    // complete segment is what is missing, should later WAL exist.
+                    chain.push(seg);
+                    return (chain, seg);
+                }
                 Ok(seg) => {
                     chain.push(seg);
                     segno += 1;
@@ -651,6 +710,37 @@ pub(crate) mod tests {
                 last_modified: t(&format!("00:{n:02}:00")),
             },
         );
+    }
+
+    /// Segment `n` held only as streamed pieces ending at `end`, the newest stored at minute n.
+    fn add_streamed(c: &mut PgCatalog, n: u64, end: u64) {
+        add_seg(c, 1, n);
+        let seg = Segment { tli: 1, segno: n };
+        c.streamed.insert(
+            seg,
+            Streamed {
+                end,
+                pieces: vec![c.segments[&seg].clone()],
+            },
+        );
+    }
+
+    #[test]
+    fn a_streamed_segment_ends_the_chain_and_extends_the_window() {
+        let mut c = catalog(vec![backup("b1", 2, 3, "00:03:30")], &[2, 3, 4]);
+        add_streamed(&mut c, 5, 0x2000);
+        c.last_xact
+            .insert(Segment { tli: 1, segno: 5 }, Some(t("00:05:10")));
+        let r = c.reach(&c.backups[0]);
+        assert_eq!(r.last, Some(Segment { tli: 1, segno: 5 }));
+        assert_eq!(r.gap, None);
+        let end = t("00:05:10") - chrono::Duration::microseconds(1);
+        assert_eq!(c.windows()[0].to, end);
+        // Complete WAL after a streamed segment: recovery would stop inside it, a gap.
+        add_seg(&mut c, 1, 6);
+        let r = c.reach(&c.backups[0]);
+        assert_eq!(r.last, Some(Segment { tli: 1, segno: 5 }));
+        assert_eq!(r.gap.as_deref(), Some("000000010000000000000005"));
     }
 
     #[test]

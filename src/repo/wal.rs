@@ -127,6 +127,63 @@ impl WalFile {
     }
 }
 
+/// A streamed piece of a segment (`serve` with `serve.wal_stream`): bytes `[start, end)` of
+/// `segment`, stored as `<segment>.<start>-<end>.part` (offsets in 8 hex digits). Pieces of a
+/// segment are contiguous from offset 0; a complete segment under the plain name supersedes
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Piece {
+    pub segment: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Piece {
+    pub fn name(&self) -> String {
+        format!("{}.{:08X}-{:08X}.part", self.segment, self.start, self.end)
+    }
+
+    pub fn parse(name: &str) -> Option<Piece> {
+        let rest = name.strip_suffix(".part")?;
+        let (segment, range) = rest.split_once('.')?;
+        let (start, end) = range.split_once('-')?;
+        let hex8 = |s: &str| {
+            (s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u64::from_str_radix(s, 16).ok())
+                .flatten()
+        };
+        let (start, end) = (hex8(start)?, hex8(end)?);
+        let is_seg = segment.len() == 24 && segment.bytes().all(|b| b.is_ascii_hexdigit());
+        (is_seg && start < end).then(|| Piece {
+            segment: segment.to_string(),
+            start,
+            end,
+        })
+    }
+}
+
+/// The pieces that make one segment's contiguous run from offset 0, in order (the longest
+/// piece where two start at one offset), and the offset where the run ends.
+pub fn contiguous(pieces: &[Piece]) -> (Vec<Piece>, u64) {
+    let mut sorted: Vec<&Piece> = pieces.iter().collect();
+    sorted.sort();
+    let mut run = Vec::new();
+    let mut at = 0;
+    loop {
+        let next = sorted
+            .iter()
+            .filter(|p| p.start == at)
+            .max_by_key(|p| p.end);
+        match next {
+            Some(p) => {
+                at = p.end;
+                run.push((*p).clone());
+            }
+            None => return (run, at),
+        }
+    }
+}
+
 pub fn history_name(tli: u32) -> String {
     format!("{tli:08X}.history")
 }
@@ -214,6 +271,37 @@ mod tests {
         ));
         assert_eq!(WalFile::classify("RECOVERYXLOG"), None);
         assert_eq!(WalFile::classify("../../etc/passwd"), None);
+    }
+
+    #[test]
+    fn pieces_name_their_segment_and_range() {
+        let p = Piece {
+            segment: "000000010000000000000003".into(),
+            start: 0,
+            end: 0x2000,
+        };
+        assert_eq!(p.name(), "000000010000000000000003.00000000-00002000.part");
+        assert_eq!(Piece::parse(&p.name()), Some(p.clone()));
+        assert_eq!(
+            Piece::parse("000000010000000000000003.00002000-00002000.part"),
+            None
+        );
+        assert_eq!(Piece::parse("000000010000000000000003.partial"), None);
+        assert_eq!(WalFile::classify(&p.name()), None);
+        let q = Piece {
+            start: 0x2000,
+            end: 0x5000,
+            ..p.clone()
+        };
+        let far = Piece {
+            start: 0x6000,
+            end: 0x7000,
+            ..p.clone()
+        };
+        let (run, end) = contiguous(&[far, q.clone(), p.clone()]);
+        assert_eq!(run, vec![p, q]);
+        assert_eq!(end, 0x5000);
+        assert_eq!(contiguous(&[]).1, 0);
     }
 
     #[test]

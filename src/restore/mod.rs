@@ -531,10 +531,21 @@ async fn archive_end(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<Lsn> {
     let seg_size = plan.backup.wal_segment_size;
     let last = Segment::parse(&plan.last_wal, seg_size)
         .with_context(|| format!("{} is not a WAL segment name", plan.last_wal))?;
-    let key = crate::repo::wal_key(plan.backup.system_identifier, &plan.last_wal);
-    let (scan, _) = crate::pipeline::download(store, &key, WalScan::new())
-        .await
-        .with_context(|| format!("reading {}", plan.last_wal))?;
+    let sysid = plan.backup.system_identifier;
+    let key = crate::repo::wal_key(sysid, &plan.last_wal);
+    let scan = match crate::pipeline::download(store, &key, WalScan::new()).await {
+        Ok((scan, _)) => scan,
+        // Held only as streamed pieces (serve.wal_stream): what they hold is the end.
+        Err(e) if crate::storage::is_not_found(&e) => {
+            let (data, end) = crate::pg::walstream::assemble(store, sysid, &plan.last_wal)
+                .await?
+                .with_context(|| format!("{} is not archived", plan.last_wal))?;
+            let mut scan = WalScan::new();
+            scan.feed(&data[..end as usize]);
+            scan
+        }
+        Err(e) => return Err(e.context(format!("reading {}", plan.last_wal))),
+    };
     Ok(Lsn(scan.end_lsn.unwrap_or(last.start_lsn(seg_size).0)))
 }
 

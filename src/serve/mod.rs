@@ -96,6 +96,34 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                     ),
                 );
             }
+            if cfg.serve.wal_stream {
+                let Some(store) = &store else {
+                    return Err(input_err!(
+                        "serve.wal_stream needs a repository: set DBAGENT_REPO"
+                    ));
+                };
+                let settings = crate::pg::walstream::Settings {
+                    conn: conn.clone(),
+                    slot: cfg.serve.wal_stream_slot.clone(),
+                    interval: cfg.serve.wal_stream_interval,
+                    pipe: crate::pipeline::PipeOptions::for_wal(&cfg),
+                };
+                spawn(
+                    &mut tasks,
+                    "wal-stream",
+                    crate::pg::walstream::run(
+                        settings.clone(),
+                        store.clone(),
+                        shared.clone(),
+                        token.clone(),
+                    ),
+                );
+                spawn(
+                    &mut tasks,
+                    "wal-stream-slot",
+                    crate::pg::walstream::watch_slot(settings, shared.clone(), token.clone()),
+                );
+            }
             if let Some(store) = &store {
                 spawn(
                     &mut tasks,

@@ -51,6 +51,28 @@ pub struct DrillFacts {
     pub last_success: Option<DateTime<Utc>>,
 }
 
+/// The WAL stream (`serve.wal_stream`), as `/status` and `/metrics` show it.
+#[derive(Debug, Clone, Default)]
+pub struct StreamFacts {
+    pub slot: String,
+    pub connected: bool,
+    pub timeline: Option<u32>,
+    /// The end of what the server sent.
+    pub received_lsn: Option<crate::repo::wal::Lsn>,
+    /// The end of what the repository holds (what the server was told is flushed).
+    pub stored_lsn: Option<crate::repo::wal::Lsn>,
+    pub stored_at: Option<DateTime<Utc>>,
+    pub pieces_stored: u64,
+    pub segments_stored: u64,
+    /// WAL the server removed before it was streamed.
+    pub gaps: u64,
+    pub last_gap: Option<String>,
+    /// WAL the slot holds back on the server, and the slot's `wal_status`.
+    pub slot_retained_bytes: Option<u64>,
+    pub slot_wal_status: Option<String>,
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct Counters {
     pub heartbeat_writes: AtomicU64,
@@ -77,6 +99,8 @@ pub struct Shared {
     pub repo: RwLock<RepoFacts>,
     pub jobs: Mutex<BTreeMap<String, JobStats>>,
     pub counters: Counters,
+    /// `None` unless `serve.wal_stream` is on.
+    pub stream: RwLock<Option<StreamFacts>>,
 }
 
 impl Shared {
@@ -91,6 +115,7 @@ impl Shared {
             repo: RwLock::new(RepoFacts::default()),
             jobs: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
+            stream: RwLock::new(None),
         })
     }
 
@@ -132,6 +157,11 @@ impl Shared {
 
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    pub fn stream_update(&self, f: impl FnOnce(&mut StreamFacts)) {
+        let mut guard = self.stream.write().unwrap();
+        f(guard.get_or_insert_with(StreamFacts::default));
     }
 
     pub fn job_update(&self, name: &str, f: impl FnOnce(&mut JobStats)) {

@@ -12,6 +12,7 @@ mod pitr;
 mod refusals;
 mod s3;
 mod serve;
+mod stream;
 mod support;
 mod tls;
 mod wal;

@@ -95,6 +95,12 @@ impl Serve {
         );
     }
 
+    /// SIGKILL, as when the node is lost.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM and the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")

@@ -1,0 +1,654 @@
+//! `serve` with `serve.wal_stream`: WAL streamed from a physical replication slot into the
+//! repository as it is written, for a recovery point about one second behind.
+//!
+//! What arrives is kept in memory for the segment being filled (one segment, 16 MiB by
+//! default) and stored every `serve.wal_stream_interval` as an immutable *piece*
+//! (`<segment>.<start>-<end>.part`, create-only). A filled segment is stored under its plain
+//! name, exactly as `wal-push` would store it (same bytes, same trailer note), and so
+//! supersedes its pieces. The server is told that WAL is flushed only once the repository
+//! holds it, so the slot keeps everything not yet stored.
+//!
+//! A lost connection keeps what was received in memory and resumes from the end of it (the
+//! slot still holds it: only stored WAL is confirmed); a restarted sidecar resumes from the
+//! end of the stored pieces. Either way no gap, and no piece stored twice. When the server no longer has that WAL (the
+//! slot was dropped, or `max_slot_wal_keep_size` invalidated it) the gap is reported loudly
+//! (log, `dbagent_wal_stream_gaps_total`, `/status`) and streaming resumes where it can.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::ConnInfo;
+use super::replication::{Event, ReplConn, ServerError};
+use super::walscan::WalScan;
+use crate::pipeline::{self, PipeOptions, WriteMode};
+use crate::repo::wal::{Lsn, Piece, Segment, WalFile, contiguous, history_name};
+use crate::serve::state::Shared;
+use crate::storage::{self, Store};
+
+/// Settings of the streaming task.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub conn: ConnInfo,
+    pub slot: String,
+    pub interval: Duration,
+    pub pipe: PipeOptions,
+}
+
+/// Where the streamed WAL stands: the segment being filled, its bytes from offset 0, and how
+/// much of it the repository holds.
+struct Cursor {
+    seg: Segment,
+    buf: Vec<u8>,
+    stored: usize,
+    scan: WalScan,
+}
+
+impl Cursor {
+    fn empty(seg: Segment) -> Cursor {
+        Cursor {
+            seg,
+            buf: Vec::new(),
+            stored: 0,
+            scan: WalScan::new(),
+        }
+    }
+
+    fn received(&self, seg_size: u64) -> Lsn {
+        Lsn(self.seg.start_lsn(seg_size).0 + self.buf.len() as u64)
+    }
+
+    fn stored_lsn(&self, seg_size: u64) -> Lsn {
+        Lsn(self.seg.start_lsn(seg_size).0 + self.stored as u64)
+    }
+}
+
+struct Streamer {
+    settings: Settings,
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    sysid: Option<u64>,
+    seg_size: u64,
+    cursor: Option<Cursor>,
+    /// When the oldest WAL not yet stored arrived.
+    pending_since: Option<Instant>,
+    /// How long the last store took.
+    put_time: Duration,
+    /// The slot as the last session found it.
+    slot: Option<SlotSeen>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SlotSeen {
+    state: super::replication::SlotState,
+    /// It was missing and had to be made again.
+    recreated: bool,
+    server_tli: u32,
+}
+
+/// Runs until `token` is cancelled, reconnecting with backoff after any failure.
+pub async fn run(
+    settings: Settings,
+    store: Arc<dyn Store>,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    shared.stream_update(|f| f.slot = settings.slot.clone());
+    let mut s = Streamer {
+        settings,
+        store,
+        shared,
+        sysid: None,
+        seg_size: 0,
+        cursor: None,
+        pending_since: None,
+        put_time: Duration::ZERO,
+        slot: None,
+    };
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        let res = s.session(&token).await;
+        s.shared.stream_update(|f| f.connected = false);
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e) if wal_removed(&e) => s.gap().await,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(error = %msg, "WAL streaming interrupted; reconnecting");
+                s.shared.stream_update(|f| f.error = Some(msg));
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            pause = Duration::from_millis(500);
+        }
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+impl Streamer {
+    async fn session(&mut self, token: &CancellationToken) -> anyhow::Result<()> {
+        let mut conn = ReplConn::connect(&self.settings.conn).await?;
+        let id = conn.identify_system().await?;
+        match self.sysid {
+            Some(s) if s != id.system_identifier => anyhow::bail!(
+                "the server is now cluster {} (was {s}): refusing to stream another cluster's WAL into this one's archive; restart serve",
+                id.system_identifier
+            ),
+            _ => self.sysid = Some(id.system_identifier),
+        }
+        let sysid = id.system_identifier;
+        self.seg_size = conn.wal_segment_size().await?;
+        let slot_name = self.settings.slot.clone();
+        let mut fresh_slot = false;
+        let slot = match conn.read_slot(&slot_name).await? {
+            Some(s) => s,
+            None => {
+                conn.create_slot(&slot_name).await?;
+                fresh_slot = true;
+                tracing::info!(slot = %slot_name, "created the physical replication slot");
+                conn.read_slot(&slot_name)
+                    .await?
+                    .context("the slot just created is missing")?
+            }
+        };
+        if self.cursor.is_none() {
+            self.cursor = Some(
+                self.locate(sysid, id.timeline, slot.restart_lsn.unwrap_or(id.xlogpos))
+                    .await?,
+            );
+        }
+        // A slot that had to be made while the repository already streamed from this
+        // cluster: WAL written meanwhile may be gone from the server.
+        self.slot = Some(SlotSeen {
+            state: slot,
+            recreated: fresh_slot,
+            server_tli: id.timeline,
+        });
+        let start = self.cursor().received(self.seg_size);
+        let tli = self.cursor().seg.tli;
+        conn.start(&slot_name, start, tli).await?;
+        tracing::info!(slot = %slot_name, %start, timeline = tli, "streaming WAL");
+        self.shared.stream_update(|f| {
+            f.connected = true;
+            f.error = None;
+            f.timeline = Some(tli);
+        });
+        let mut last_status = Instant::now();
+        loop {
+            // Store once the oldest unstored byte has waited the interval less what a store
+            // takes, so it is durable within the interval; and answer the server at least
+            // every 10 s.
+            let status_due = last_status + Duration::from_secs(10);
+            let due = match self.pending_since {
+                Some(since) => {
+                    (since + self.settings.interval.saturating_sub(self.put_time)).min(status_due)
+                }
+                None => status_due,
+            };
+            tokio::select! {
+                _ = token.cancelled() => {
+                    self.store_piece().await?;
+                    let (recv, stored) = self.positions();
+                    let _ = conn.status(recv, stored, false).await;
+                    conn.close().await;
+                    return Ok(());
+                }
+                ev = conn.next() => match ev? {
+                    Event::Data { start, data, .. } => {
+                        let at = self.cursor().received(self.seg_size);
+                        anyhow::ensure!(start == at, "the server sent WAL from {start}, expected {at}");
+                        let confirmed = self.absorb(data).await?;
+                        self.shared.stream_update(|f| f.received_lsn = Some(self.cursor.as_ref().map(|c| c.received(self.seg_size)).unwrap_or_default()));
+                        if confirmed {
+                            let (recv, stored) = self.positions();
+                            conn.status(recv, stored, false).await?;
+                            last_status = Instant::now();
+                        }
+                    }
+                    Event::Keepalive { reply_requested, .. } => {
+                        if reply_requested {
+                            let (recv, stored) = self.positions();
+                            conn.status(recv, stored, false).await?;
+                            last_status = Instant::now();
+                        }
+                    }
+                    Event::TimelineEnd { next_tli, next_start } => {
+                        self.store_piece().await?;
+                        let (name, content) = conn.timeline_history(next_tli).await?;
+                        self.store_history(sysid, next_tli, &name, content).await?;
+                        self.switch_timeline(next_tli, next_start);
+                        tracing::info!(timeline = next_tli, start = %next_start, "following the server onto a new timeline");
+                        conn.start(&slot_name, next_start, next_tli).await?;
+                        self.shared.stream_update(|f| f.timeline = Some(next_tli));
+                    }
+                },
+                _ = tokio::time::sleep_until(due.into()) => {
+                    let stored = self.store_piece().await?;
+                    if stored || last_status.elapsed() >= Duration::from_secs(10) {
+                        let (recv, stored) = self.positions();
+                        conn.status(recv, stored, false).await?;
+                        last_status = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The server no longer has the WAL the stream needs: report the gap loudly and go on
+    /// from where the slot begins. What was received and not stored is stored first.
+    async fn gap(&mut self) {
+        if let Err(e) = self.store_piece().await {
+            tracing::warn!(error = %format!("{e:#}"), "could not store the WAL received before the gap");
+        }
+        let (Some(seen), Some(c)) = (self.slot, self.cursor.as_ref()) else {
+            return;
+        };
+        let from = c.received(self.seg_size);
+        let tli = c.seg.tli;
+        let Some(resume) = seen.state.restart_lsn else {
+            return;
+        };
+        let resume_seg = Segment::of_lsn(
+            seen.state.restart_tli.unwrap_or(seen.server_tli),
+            resume,
+            self.seg_size,
+        );
+        let resume_at = resume_seg.start_lsn(self.seg_size);
+        let gap = format!(
+            "WAL from {from} to {resume_at} on timeline {tli} was removed from the server before it was streamed{}; streaming resumes at {resume_at}. Unless archive_command stored those segments, point-in-time recovery cannot cross this gap: take a new base backup",
+            if seen.recreated {
+                " (the replication slot was missing and has been created again)"
+            } else {
+                " (was the slot invalidated by max_slot_wal_keep_size?)"
+            },
+        );
+        tracing::error!(gap = %gap, "WAL streaming gap");
+        self.shared.stream_update(|f| {
+            f.gaps += 1;
+            f.last_gap = Some(gap.clone());
+            f.error = Some(gap);
+        });
+        self.cursor = Some(Cursor::empty(resume_seg));
+        self.pending_since = None;
+    }
+
+    fn cursor(&self) -> &Cursor {
+        self.cursor.as_ref().expect("located before streaming")
+    }
+
+    fn positions(&self) -> (Lsn, Lsn) {
+        let c = self.cursor();
+        (c.received(self.seg_size), c.stored_lsn(self.seg_size))
+    }
+
+    /// Where streaming resumes: after the newest stored WAL of this cluster (the end of its
+    /// pieces, or after its newest complete segment), else where the slot begins.
+    async fn locate(&self, sysid: u64, server_tli: u32, slot_start: Lsn) -> anyhow::Result<Cursor> {
+        let prefix = crate::repo::wal_prefix(sysid);
+        let mut complete: Option<Segment> = None;
+        let mut pieces: BTreeMap<Segment, Vec<Piece>> = BTreeMap::new();
+        for obj in self.store.list(&prefix).await? {
+            let Some(name) = obj
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|n| n.strip_suffix(".zst"))
+            else {
+                continue;
+            };
+            if let Some(WalFile::Segment(n)) = WalFile::classify(name) {
+                if let Some(seg) = Segment::parse(&n, self.seg_size) {
+                    if newer(seg, complete) {
+                        complete = Some(seg);
+                    }
+                }
+            } else if let Some(p) = Piece::parse(name) {
+                if let Some(seg) = Segment::parse(&p.segment, self.seg_size) {
+                    pieces.entry(seg).or_default().push(p);
+                }
+            }
+        }
+        let partial = pieces
+            .into_iter()
+            .filter(|(s, _)| complete.is_none_or(|c| s.segno > c.segno))
+            .max_by_key(|(s, _)| (s.segno, s.tli));
+        if let Some((seg, list)) = partial {
+            let (run, end) = contiguous(&list);
+            let mut cursor = Cursor::empty(seg);
+            for p in &run {
+                let key = crate::repo::wal_key(sysid, &p.name());
+                let (bytes, _) = pipeline::download(self.store.as_ref(), &key, Vec::new())
+                    .await
+                    .with_context(|| format!("reading the streamed piece {}", p.name()))?;
+                anyhow::ensure!(
+                    bytes.len() as u64 == p.end - p.start,
+                    "streamed piece {} holds {} bytes",
+                    p.name(),
+                    bytes.len()
+                );
+                cursor.scan.feed(&bytes);
+                cursor.buf.extend_from_slice(&bytes);
+            }
+            cursor.stored = end as usize;
+            tracing::info!(segment = %seg.name(self.seg_size), offset = end, "resuming the stream after the stored pieces");
+            return Ok(cursor);
+        }
+        if let Some(c) = complete {
+            return Ok(Cursor::empty(Segment {
+                tli: c.tli,
+                segno: c.segno + 1,
+            }));
+        }
+        Ok(Cursor::empty(Segment::of_lsn(
+            server_tli,
+            slot_start,
+            self.seg_size,
+        )))
+    }
+
+    /// Takes in streamed bytes; stores each segment that fills. True when something new is
+    /// durable.
+    async fn absorb(&mut self, mut data: Bytes) -> anyhow::Result<bool> {
+        let seg_size = self.seg_size as usize;
+        let mut stored = false;
+        while !data.is_empty() {
+            let c = self.cursor.as_mut().expect("located");
+            let take = (seg_size - c.buf.len()).min(data.len());
+            let chunk = data.split_to(take);
+            c.scan.feed(&chunk);
+            c.buf.extend_from_slice(&chunk);
+            self.pending_since.get_or_insert_with(Instant::now);
+            if c.buf.len() == seg_size {
+                self.store_segment().await?;
+                stored = true;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Stores the filled segment under its plain name, then moves to the next one.
+    async fn store_segment(&mut self) -> anyhow::Result<()> {
+        let sysid = self.sysid.expect("identified");
+        let c = self.cursor.take().expect("located");
+        let name = c.seg.name(self.seg_size);
+        let note = c.scan.last_xact_micros.map_or(0, |t| t as u64);
+        let key = crate::repo::wal_key(sysid, &name);
+        let data = Bytes::from(c.buf);
+        self.put(&key, data, note)
+            .await
+            .with_context(|| format!("storing streamed segment {name}"))?;
+        self.pending_since = None;
+        tracing::debug!(segment = %name, "stored a streamed segment");
+        self.cursor = Some(Cursor::empty(Segment {
+            tli: c.seg.tli,
+            segno: c.seg.segno + 1,
+        }));
+        let lsn = self.cursor().stored_lsn(self.seg_size);
+        self.shared.stream_update(|f| {
+            f.segments_stored += 1;
+            f.stored_lsn = Some(lsn);
+            f.stored_at = Some(Utc::now());
+        });
+        Ok(())
+    }
+
+    /// Stores what was received since the last piece. True when it stored something.
+    async fn store_piece(&mut self) -> anyhow::Result<bool> {
+        let Some(c) = self.cursor.as_ref() else {
+            return Ok(false);
+        };
+        if c.buf.len() == c.stored {
+            return Ok(false);
+        }
+        let sysid = self.sysid.expect("identified");
+        let piece = Piece {
+            segment: c.seg.name(self.seg_size),
+            start: c.stored as u64,
+            end: c.buf.len() as u64,
+        };
+        let note = c.scan.last_xact_micros.map_or(0, |t| t as u64);
+        let data = Bytes::copy_from_slice(&c.buf[c.stored..]);
+        let key = crate::repo::wal_key(sysid, &piece.name());
+        self.put(&key, data, note)
+            .await
+            .with_context(|| format!("storing streamed WAL {}", piece.name()))?;
+        self.pending_since = None;
+        let c = self.cursor.as_mut().expect("located");
+        c.stored = c.buf.len();
+        let lsn = c.stored_lsn(self.seg_size);
+        self.shared.stream_update(|f| {
+            f.pieces_stored += 1;
+            f.stored_lsn = Some(lsn);
+            f.stored_at = Some(Utc::now());
+        });
+        Ok(true)
+    }
+
+    /// A create-only write of `data`, compressed with `note` in its trailer, retried while
+    /// the store fails transiently. The name already holding the same bytes is success (a
+    /// retry whose answer was lost, or `wal-push` storing the segment first).
+    async fn put(&mut self, key: &str, data: Bytes, note: u64) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let res = self.put_inner(key, data, note).await;
+        // Only a quick store predicts the next one; a retried one says the store was down.
+        self.put_time = started.elapsed().min(self.settings.interval / 2);
+        res
+    }
+
+    async fn put_inner(&self, key: &str, data: Bytes, note: u64) -> anyhow::Result<()> {
+        let compression = self.settings.pipe.compression;
+        let plain = data.clone();
+        let (compressed, trailer) = tokio::task::spawn_blocking(move || {
+            pipeline::compress_to_memory(
+                std::io::Cursor::new(plain),
+                compression,
+                || Ok(note),
+                &AtomicBool::new(false),
+            )
+        })
+        .await
+        .context("compression task panicked")??;
+        let compressed = Bytes::from(compressed.context("compression was abandoned")?);
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let res = pipeline::put_compressed(
+                self.store.as_ref(),
+                key,
+                compressed.clone(),
+                self.settings.pipe.upload,
+                WriteMode::CreateOnly,
+            )
+            .await;
+            let err = match res {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if storage::is_already_exists(&err) {
+                if let Some(obj) = self.store.head(key).await? {
+                    let stored = pipeline::read_trailer(self.store.as_ref(), key, obj.size).await?;
+                    if stored == trailer {
+                        return Ok(());
+                    }
+                    anyhow::bail!(
+                        "refusing to overwrite {key}: the repository holds different WAL under that name (sha256 {}, {} bytes; streamed: sha256 {}, {} bytes)",
+                        &stored.sha256_hex()[..16],
+                        stored.plain_size,
+                        &trailer.sha256_hex()[..16],
+                        trailer.plain_size
+                    );
+                }
+            } else if !storage::is_transient(&err) {
+                return Err(err);
+            }
+            tracing::warn!(%key, error = %format!("{err:#}"), "storing streamed WAL failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn store_history(
+        &mut self,
+        sysid: u64,
+        tli: u32,
+        name: &str,
+        content: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        let expected = history_name(tli);
+        anyhow::ensure!(
+            name == expected,
+            "TIMELINE_HISTORY {tli} named {name:?}, expected {expected}"
+        );
+        let key = crate::repo::wal_key(sysid, &expected);
+        self.put(&key, content.into(), 0).await
+    }
+
+    /// The server moved to `tli` at `start`: the new timeline's first segment begins with the
+    /// old one's bytes up to the switch (as PostgreSQL copies them), stored as its first piece.
+    fn switch_timeline(&mut self, tli: u32, start: Lsn) {
+        let seg = Segment::of_lsn(tli, start, self.seg_size);
+        let old = self.cursor.take().expect("located");
+        let mut c = Cursor::empty(seg);
+        let offset = (start.0 - seg.start_lsn(self.seg_size).0) as usize;
+        if old.seg.segno == seg.segno && old.buf.len() >= offset {
+            c.scan.feed(&old.buf[..offset]);
+            c.buf.extend_from_slice(&old.buf[..offset]);
+        } else {
+            // Not reachable with a server that streams what it switched from; stay safe by
+            // storing nothing that does not start at offset 0.
+            tracing::warn!(timeline = tli, %start, "the new timeline starts in a segment not streamed; its first segment will be left to archive_command");
+        }
+        self.cursor = Some(c);
+    }
+}
+
+fn wal_removed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<ServerError>()
+            .is_some_and(|s| s.wal_removed())
+    })
+}
+
+/// Whether `s` is newer than `than` (higher segment; on a tie, the later timeline).
+fn newer(s: Segment, than: Option<Segment>) -> bool {
+    than.is_none_or(|t| (s.segno, s.tli) > (t.segno, t.tli))
+}
+
+/// Assembles the streamed pieces of `segment` into a full-size segment (zero-padded after
+/// the last streamed byte), as `pg_receivewal`'s `.partial` files are used, and says where the
+/// streamed bytes end. `None` when no piece starts at offset 0. The segment size comes from
+/// the first page's long header, which must name cluster `sysid`.
+pub async fn assemble(
+    store: &dyn Store,
+    sysid: u64,
+    segment: &str,
+) -> anyhow::Result<Option<(Vec<u8>, u64)>> {
+    let prefix = format!("{}{segment}.", crate::repo::wal_prefix(sysid));
+    let pieces: Vec<Piece> = store
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|o| {
+            let name = o.key.rsplit('/').next()?.strip_suffix(".zst")?;
+            Piece::parse(name)
+        })
+        .collect();
+    let (run, end) = contiguous(&pieces);
+    if run.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for p in &run {
+        let key = crate::repo::wal_key(sysid, &p.name());
+        let (bytes, _) = pipeline::download(store, &key, Vec::new())
+            .await
+            .with_context(|| format!("reading streamed WAL {}", p.name()))?;
+        anyhow::ensure!(
+            bytes.len() as u64 == p.end - p.start,
+            "streamed WAL {} holds {} bytes, its name says {}",
+            p.name(),
+            bytes.len(),
+            p.end - p.start
+        );
+        out.extend_from_slice(&bytes);
+    }
+    let header = out
+        .get(..40)
+        .context("streamed WAL shorter than a page header")?;
+    let stored_sysid = u64::from_le_bytes(header[24..32].try_into().expect("8 bytes"));
+    let seg_size = u32::from_le_bytes(header[32..36].try_into().expect("4 bytes")) as u64;
+    anyhow::ensure!(
+        stored_sysid == sysid,
+        "streamed WAL {segment} belongs to cluster {stored_sysid}, not {sysid}"
+    );
+    anyhow::ensure!(
+        seg_size.is_power_of_two()
+            && ((1 << 20)..=(1 << 30)).contains(&seg_size)
+            && end <= seg_size,
+        "streamed WAL {segment}: its first page header gives a segment size of {seg_size}"
+    );
+    out.resize(seg_size as usize, 0);
+    Ok(Some((out, end)))
+}
+
+/// Reads the slot's retained WAL every few seconds over an ordinary connection, for
+/// `dbagent_wal_stream_slot_retained_bytes` and its alert. A slot PostgreSQL invalidated
+/// (`wal_status = lost`) is a gap, reported like one.
+pub async fn watch_slot(
+    settings: Settings,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = settings.conn.connect().await.ok();
+        }
+        if let Some(c) = &client {
+            match c
+                .query_opt(super::sql::STREAM_SLOT, &[&settings.slot])
+                .await
+            {
+                Ok(Some(row)) => {
+                    let retained: Option<i64> = row.get(0);
+                    let status: Option<String> = row.get(1);
+                    let lost = status.as_deref() == Some("lost");
+                    shared.stream_update(|f| {
+                        f.slot_retained_bytes = retained.map(|b| b.max(0) as u64);
+                        if lost && f.slot_wal_status.as_deref() != Some("lost") {
+                            let gap = format!(
+                                "replication slot {} was invalidated (wal_status lost, max_slot_wal_keep_size exceeded): WAL not yet streamed is gone from the server",
+                                settings.slot
+                            );
+                            tracing::error!(gap = %gap, "WAL streaming gap");
+                            f.gaps += 1;
+                            f.last_gap = Some(gap);
+                        }
+                        f.slot_wal_status = status;
+                    });
+                }
+                Ok(None) => shared.stream_update(|f| {
+                    f.slot_retained_bytes = None;
+                    f.slot_wal_status = None;
+                }),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the streaming slot");
+                    client = None;
+                }
+            }
+        }
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
