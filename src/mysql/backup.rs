@@ -121,7 +121,11 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
     let has_accounts = accounts.is_some();
     let (data, scanner) = program
         .run()
-        .stop_when(lock_wait(&server, cfg.mysql.lock_wait_timeout, waiting_before))
+        .stop_when(lock_wait(
+            &server,
+            cfg.mysql.lock_wait_timeout,
+            waiting_before,
+        ))
         .on_failure(|exit| {
             let line = exit.telling_line();
             if client::is_connect_error(&line) {

@@ -112,7 +112,9 @@ impl Server {
 
     /// Ends the statement a session of this account runs (its own sessions need no privilege).
     pub async fn kill_query(&self, id: u64) -> anyhow::Result<()> {
-        self.query::<u64>(&format!("KILL QUERY {id}")).await.map(|_| ())
+        self.query::<u64>(&format!("KILL QUERY {id}"))
+            .await
+            .map(|_| ())
     }
 
     /// Databases other than the system ones that hold anything: a restore target may have
