@@ -6,7 +6,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use dbagent_testcontainers::{Postgres, PostgresBuilder, pg_bin, pg_owned_tempdir};
+use dbagent_testcontainers::{
+    Fault, FaultProxy, Postgres, PostgresBuilder, Rule, pg_bin, pg_owned_tempdir,
+};
 
 use crate::serve::{Serve, pg_env};
 use crate::support::*;
@@ -159,7 +161,18 @@ fn writer(port: u16) -> std::thread::JoinHandle<Vec<(i64, SystemTime)>> {
 /// One node loss. Returns the recovery point: how long before the loss the newest restored
 /// marker was committed (seconds).
 fn node_loss(stream: bool, prefix: &str, write_for: Duration) -> f64 {
+    node_loss_with(stream, prefix, write_for, false)
+}
+
+/// `node_loss`; with `stall`, the sidecar reaches S3 through a proxy that holds every PUT
+/// for ten seconds in the middle of the writes, and the loss comes a few seconds after it
+/// returns.
+fn node_loss_with(stream: bool, prefix: &str, write_for: Duration, stall: bool) -> f64 {
     let repo = Repo::s3(prefix);
+    let proxy = match &repo {
+        Repo::S3(server, _) if stall => Some(FaultProxy::start(server.port()).unwrap()),
+        _ => None,
+    };
     let mut pg = archiving_primary(&repo); // archive_timeout = 0: off
     pg.psql(
         "postgres",
@@ -172,13 +185,39 @@ fn node_loss(stream: bool, prefix: &str, write_for: Duration) -> f64 {
     } else {
         &[("DBAGENT_WAL_STREAM", "false")]
     };
-    let mut serve = streaming_serve(&repo, &pg, extra);
+    let mut serve = match (&proxy, &repo) {
+        (Some(proxy), Repo::S3(server, prefix)) => {
+            let mut env = pg_env(&pg);
+            env.extend(proxy.s3_env(server, prefix));
+            for (k, v) in [
+                ("DBAGENT_WAL_STREAM", "true"),
+                ("DBAGENT_SERVE_HEARTBEAT", "false"),
+                ("DBAGENT_SERVE_WAL_LOOKAHEAD", "false"),
+            ] {
+                env.push((k.into(), v.into()));
+            }
+            Serve::start(&env)
+        }
+        _ => streaming_serve(&repo, &pg, extra),
+    };
     if stream {
         serve.wait_for("the stream to start", Duration::from_secs(20), |s| {
             s.json("/status")["wal_stream"]["connected"].as_bool() == Some(true)
         });
     }
     let w = writer(pg.port());
+    if let Some(proxy) = &proxy {
+        std::thread::sleep(Duration::from_secs(2));
+        let held = proxy.inject(Rule::new(Fault::Stall(Duration::from_secs(10))).method("PUT"));
+        std::thread::sleep(Duration::from_secs(10));
+        proxy.clear();
+        assert!(proxy.fired(held) > 0, "the stall caught no PUT");
+        serve.wait_for("the stream to catch up", Duration::from_secs(30), |s| {
+            let status = s.json("/status");
+            let st = &status["wal_stream"];
+            st["received_lsn"].as_str().map(parse_lsn) <= st["stored_lsn"].as_str().map(parse_lsn)
+        });
+    }
     // A random phase against the stream's 1 s cadence: the loss may come just before a store.
     let jitter = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -249,6 +288,11 @@ fn node_loss(stream: bool, prefix: &str, write_for: Duration) -> f64 {
         acked.len()
     );
     rpo
+}
+
+#[test]
+fn after_a_ten_second_s3_stall_the_stream_catches_up_and_loses_nothing() {
+    node_loss_with(true, "stream-stall", Duration::from_secs(3), true);
 }
 
 #[test]
