@@ -95,6 +95,10 @@ impl Serve {
         );
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, as when the node is lost.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -135,7 +139,7 @@ pub fn pg_env(pg: &Postgres) -> Vec<(String, String)> {
 }
 
 /// A streaming standby of `primary` (pg_basebackup -R), started on its own port.
-fn standby_of(primary: &Postgres) -> (TempDir, Postgres) {
+pub fn standby_of(primary: &Postgres) -> (TempDir, Postgres) {
     let dir = pg_owned_tempdir().unwrap();
     let data = dir.path().join("data");
     let out = command_as_pg_user(pg_bin("pg_basebackup").unwrap())

@@ -6,7 +6,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use dbagent_testcontainers::{Postgres, PostgresBuilder, pg_bin, pg_owned_tempdir};
+use dbagent_testcontainers::{
+    Fault, FaultProxy, Postgres, PostgresBuilder, Rule, pg_bin, pg_owned_tempdir,
+};
 
 use crate::serve::{Serve, pg_env};
 use crate::support::*;
@@ -159,7 +161,18 @@ fn writer(port: u16) -> std::thread::JoinHandle<Vec<(i64, SystemTime)>> {
 /// One node loss. Returns the recovery point: how long before the loss the newest restored
 /// marker was committed (seconds).
 fn node_loss(stream: bool, prefix: &str, write_for: Duration) -> f64 {
+    node_loss_with(stream, prefix, write_for, false)
+}
+
+/// `node_loss`; with `stall`, the sidecar reaches S3 through a proxy that holds every PUT
+/// for ten seconds in the middle of the writes, and the loss comes a few seconds after it
+/// returns.
+fn node_loss_with(stream: bool, prefix: &str, write_for: Duration, stall: bool) -> f64 {
     let repo = Repo::s3(prefix);
+    let proxy = match &repo {
+        Repo::S3(server, _) if stall => Some(FaultProxy::start(server.port()).unwrap()),
+        _ => None,
+    };
     let mut pg = archiving_primary(&repo); // archive_timeout = 0: off
     pg.psql(
         "postgres",
@@ -172,13 +185,39 @@ fn node_loss(stream: bool, prefix: &str, write_for: Duration) -> f64 {
     } else {
         &[("DBAGENT_WAL_STREAM", "false")]
     };
-    let mut serve = streaming_serve(&repo, &pg, extra);
+    let mut serve = match (&proxy, &repo) {
+        (Some(proxy), Repo::S3(server, prefix)) => {
+            let mut env = pg_env(&pg);
+            env.extend(proxy.s3_env(server, prefix));
+            for (k, v) in [
+                ("DBAGENT_WAL_STREAM", "true"),
+                ("DBAGENT_SERVE_HEARTBEAT", "false"),
+                ("DBAGENT_SERVE_WAL_LOOKAHEAD", "false"),
+            ] {
+                env.push((k.into(), v.into()));
+            }
+            Serve::start(&env)
+        }
+        _ => streaming_serve(&repo, &pg, extra),
+    };
     if stream {
         serve.wait_for("the stream to start", Duration::from_secs(20), |s| {
             s.json("/status")["wal_stream"]["connected"].as_bool() == Some(true)
         });
     }
     let w = writer(pg.port());
+    if let Some(proxy) = &proxy {
+        std::thread::sleep(Duration::from_secs(2));
+        let held = proxy.inject(Rule::new(Fault::Stall(Duration::from_secs(10))).method("PUT"));
+        std::thread::sleep(Duration::from_secs(10));
+        proxy.clear();
+        assert!(proxy.fired(held) > 0, "the stall caught no PUT");
+        serve.wait_for("the stream to catch up", Duration::from_secs(30), |s| {
+            let status = s.json("/status");
+            let st = &status["wal_stream"];
+            st["received_lsn"].as_str().map(parse_lsn) <= st["stored_lsn"].as_str().map(parse_lsn)
+        });
+    }
     // A random phase against the stream's 1 s cadence: the loss may come just before a store.
     let jitter = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -249,6 +288,11 @@ fn node_loss(stream: bool, prefix: &str, write_for: Duration) -> f64 {
         acked.len()
     );
     rpo
+}
+
+#[test]
+fn after_a_ten_second_s3_stall_the_stream_catches_up_and_loses_nothing() {
+    node_loss_with(true, "stream-stall", Duration::from_secs(3), true);
 }
 
 #[test]
@@ -455,4 +499,176 @@ fn restarts_leave_no_gap_and_no_duplicate_and_a_dropped_slot_is_a_loud_gap() {
     assert!(gap.contains("slot was missing"), "{status}");
     // And it streams on from where the server can.
     write_and_wait(&pg, &serve3, 4);
+}
+
+/// The streamed server is a standby that is then promoted: the stream follows it onto the new
+/// timeline, stores the history file, and the new timeline's segment starts with the old
+/// one's bytes, as in the server's pg_wal.
+#[test]
+fn a_promotion_is_followed_onto_the_new_timeline() {
+    let repo = Repo::file();
+    let primary = PostgresBuilder::new().start().unwrap();
+    primary.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    let (_dir, standby) = crate::serve::standby_of(&primary);
+    let serve = streaming_serve(&repo, &standby, &[]);
+    primary
+        .psql("postgres", "INSERT INTO t VALUES (1)")
+        .unwrap();
+    let lsn = parse_lsn(
+        &primary
+            .psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    serve.wait_for(
+        "the standby's WAL to be stored",
+        Duration::from_secs(30),
+        |s| stored_lsn(s) >= lsn,
+    );
+
+    standby.psql("postgres", "SELECT pg_promote()").unwrap();
+    standby
+        .psql("postgres", "INSERT INTO t VALUES (2)")
+        .unwrap();
+    let lsn = parse_lsn(
+        &standby
+            .psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    serve.wait_for(
+        "the new timeline to be stored",
+        Duration::from_secs(30),
+        |s| s.json("/status")["wal_stream"]["timeline"] == 2 && stored_lsn(s) >= lsn,
+    );
+    let files: Vec<String> = repo
+        .snapshot()
+        .keys()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.iter().any(|f| f == "00000002.history.zst"),
+        "{files:?}"
+    );
+    let current = standby
+        .psql(
+            "postgres",
+            "SELECT pg_walfile_name(pg_current_wal_flush_lsn())",
+        )
+        .unwrap();
+    assert!(current.starts_with("00000002"), "{current}");
+    let upto = (lsn % (16 << 20)) as usize;
+    let streamed = fetch(&repo, &standby, &current);
+    let on_server = std::fs::read(standby.data_dir().join("pg_wal").join(&current)).unwrap();
+    assert!(
+        streamed[..upto] == on_server[..upto],
+        "the streamed {current} differs from the promoted server's"
+    );
+    assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
+}
+
+/// The sidecar's CPU and memory while it streams a `pgbench` load flat out, and whether it
+/// keeps up (the slot's retained bytes stay bounded).
+/// `cargo test --test e2e -- stream::sidecar_under_pgbench --ignored --nocapture`
+#[test]
+#[ignore]
+fn sidecar_under_pgbench() {
+    let secs: u64 = std::env::var("DBAGENT_PGBENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let repo = Repo::s3("stream-pgbench");
+    let pg = PostgresBuilder::new().start().unwrap();
+    let pgbench = |args: &[&str]| {
+        let out = Command::new(pg_bin("pgbench").unwrap())
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port().to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(args)
+            .arg("postgres")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    pgbench(&["-i", "-s", "10", "-q"]);
+    let serve = streaming_serve(&repo, &pg, &[]);
+    serve.wait_for("the stream to start", Duration::from_secs(20), |s| {
+        s.json("/status")["wal_stream"]["connected"].as_bool() == Some(true)
+    });
+    let ticks = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let pid = serve.pid();
+    let before = ticks(pid);
+    let start_lsn = parse_lsn(
+        &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    let bench = {
+        let port = pg.port();
+        std::thread::spawn(move || {
+            Command::new(pg_bin("pgbench").unwrap())
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .args(["-c", "4", "-j", "2", "-T", &secs.to_string(), "postgres"])
+                .output()
+                .unwrap()
+        })
+    };
+    let started = Instant::now();
+    let (mut max_rss, mut max_retained) = (0u64, 0f64);
+    while !bench.is_finished() {
+        max_rss = max_rss.max(rss(pid));
+        if let Some(r) = serve.metric("dbagent_wal_stream_slot_retained_bytes") {
+            max_retained = max_retained.max(r);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = bench.join().unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = (ticks(pid) - before) as f64 / 100.0;
+    let end_lsn = parse_lsn(
+        &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    let caught_up = serve.wait_for("the stream to catch up", Duration::from_secs(60), |s| {
+        stored_lsn(s) >= end_lsn
+    });
+    let tps = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("tps"))
+        .unwrap_or("")
+        .to_string();
+    let mib = (end_lsn - start_lsn) as f64 / (1 << 20) as f64;
+    println!(
+        "pgbench {secs} s ({tps}): {mib:.0} MiB of WAL ({:.1} MiB/s); sidecar CPU {cpu:.1} s ({:.0}% of one core), peak RSS {} MiB, slot retained at most {:.1} MiB, caught up {caught_up:?} after the load",
+        mib / elapsed,
+        100.0 * cpu / elapsed,
+        max_rss / 1024,
+        max_retained / (1 << 20) as f64
+    );
 }
