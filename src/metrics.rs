@@ -566,10 +566,20 @@ mod tests {
             }),
             ..Default::default()
         };
+        let mysql = shared(crate::engine::Engine::Mysql, replica);
+        mysql
+            .binlog_stream
+            .get_or_init(Default::default)
+            .set_for_test(crate::mysql::stream::StreamFacts {
+                connected: true,
+                last_event_time: Some(Utc::now()),
+                last_stored_at: Some(Utc::now()),
+                ..Default::default()
+            });
         let mut out = BTreeMap::new();
         for body in [
             render(&shared(crate::engine::Engine::Postgres, primary)),
-            render(&shared(crate::engine::Engine::Mysql, replica)),
+            render(&mysql),
         ] {
             let mut types = BTreeMap::new();
             for line in body.lines() {

@@ -455,6 +455,11 @@ impl StreamStatus {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    #[cfg(test)]
+    pub fn set_for_test(&self, facts: StreamFacts) {
+        self.update(|s| *s = facts);
+    }
+
     fn update(&self, f: impl FnOnce(&mut StreamFacts)) {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
     }

@@ -156,8 +156,15 @@ fn mariadb_node_loss_restores_every_marker_older_than_a_second() {
     let max_age = std::env::var("DBAGENT_TEST_RPO_MAX_AGE").unwrap_or_else(|_| "30s".into());
     let mut points = Vec::new();
     for run in 0..runs {
-        // A loss at a different moment of the second each run.
-        let run_for = Duration::from_millis(6000 + 137 * run as u64 % 1000);
+        // A loss at a different moment each run: of the second when streaming, of the
+        // rotation period without.
+        let frac = (run as f64 * 0.37 + 0.1) % 1.0;
+        let run_for = if rotation {
+            let age = humantime::parse_duration(&max_age).unwrap();
+            age + age.mul_f64(frac)
+        } else {
+            Duration::from_secs_f64(6.0 + frac)
+        };
         let loss = node_loss(!rotation, run_for, if rotation { &max_age } else { "1h" });
         eprintln!(
             "run {run}: recovery point {:.2}s, {} markers lost",
@@ -182,4 +189,202 @@ fn mariadb_node_loss_restores_every_marker_older_than_a_second() {
         },
         median(&mut points)
     );
+}
+
+/// The byte ranges of the parts stored for each binlog file (from their descriptions).
+fn parts(repo: &Repo) -> std::collections::BTreeMap<String, Vec<(u64, u64)>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mysql = repo.root().unwrap().join("mysql");
+    for server in std::fs::read_dir(mysql).unwrap().flatten() {
+        let Ok(files) = std::fs::read_dir(server.path().join("binlog-stream")) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            let mut ranges: Vec<(u64, u64)> = std::fs::read_dir(file.path())
+                .unwrap()
+                .flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let (from, to) = n.strip_suffix(".json")?.split_once('-')?;
+                    Some((from.parse().unwrap(), to.parse().unwrap()))
+                })
+                .collect();
+            ranges.sort();
+            if !ranges.is_empty() {
+                out.insert(name, ranges);
+            }
+        }
+    }
+    out
+}
+
+/// The server's current binlog file and position.
+fn master_status(db: &dbagent_testcontainers::MariaDb) -> (String, u64) {
+    let line = db.sql(None, "SHOW MASTER STATUS").unwrap();
+    let mut cols = line.split('\t');
+    let file = cols.next().unwrap().to_string();
+    (file, cols.next().unwrap().parse().unwrap())
+}
+
+/// Waits until the stream stored everything the server wrote.
+fn wait_streamed(serve: &Serve, db: &dbagent_testcontainers::MariaDb) {
+    let (file, pos) = master_status(db);
+    serve.wait_for(
+        &format!("the stream to store {file} up to {pos}"),
+        Duration::from_secs(40),
+        |s| {
+            let st = s.json("/status")["binlog_stream"].clone();
+            st["file"] == file.as_str() && st["stored_position"].as_u64() == Some(pos)
+        },
+    );
+}
+
+#[test]
+fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_gap() {
+    let repo = Repo::file();
+    let mut db = MariaDbBuilder::new().start().unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (id INT PRIMARY KEY, note VARCHAR(50))",
+    )
+    .unwrap();
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+        ("DBAGENT_WAL_STREAM".into(), "true".into()),
+        ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
+        ("DBAGENT_BINLOG_INTERVAL".into(), "1s".into()),
+        ("DBAGENT_SERVE_HEARTBEAT".into(), "false".into()),
+    ];
+    env.extend(repo.env());
+    let insert = |db: &dbagent_testcontainers::MariaDb, ids: std::ops::RangeInclusive<u32>| {
+        for id in ids {
+            db.sql(
+                None,
+                &format!("INSERT INTO shop.t VALUES ({id}, 'row {id}')"),
+            )
+            .unwrap();
+        }
+    };
+
+    let mut serve = Serve::start(&env);
+    insert(&db, 1..=3);
+    wait_streamed(&serve, &db);
+    // The sidecar restarts: it resumes where the repository ends.
+    assert_eq!(serve.terminate().code(), Some(0));
+    insert(&db, 4..=5);
+    let serve2 = Serve::start(&env);
+    wait_streamed(&serve2, &db);
+    // The server restarts (a new binlog file after a Stop event): the stream reconnects.
+    let url = db.url();
+    db.restart().unwrap();
+    if db.url() == url {
+        serve = serve2;
+    } else {
+        // Another port was free: the sidecar follows it, as a restarted pod's would.
+        env[0].1 = db.url();
+        drop(serve2);
+        serve = Serve::start(&env);
+    }
+    insert(&db, 6..=6);
+    wait_streamed(&serve, &db);
+    // A rotation: the shipper archives the closed files, the stream goes on in the new one.
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    insert(&db, 7..=7);
+    wait_streamed(&serve, &db);
+    serve.wait_for(
+        "the closed binlogs to be shipped",
+        Duration::from_secs(30),
+        |s| s.metric("dbagent_binlog_shipped_total").unwrap_or(0.0) >= 2.0,
+    );
+
+    // Every file's parts follow each other from 0: nothing stored twice, nothing skipped; a
+    // closed file's parts reach exactly its size on disk.
+    let stored = parts(&repo);
+    assert!(stored.len() >= 3, "{stored:?}");
+    for (name, ranges) in &stored {
+        let mut end = 0;
+        for (from, to) in ranges {
+            assert_eq!(*from, end, "{name}: {ranges:?}");
+            end = *to;
+        }
+        if name != &master_status(&db).0 {
+            let size = std::fs::metadata(db.data_dir().join(name)).unwrap().len();
+            assert_eq!(end, size, "{name}");
+        }
+    }
+    let (current, _) = master_status(&db);
+    let listing = ok(&agent(&repo, None, None, &["list"]));
+    assert!(
+        listing.contains(&format!("streamed: {current}")),
+        "{listing}"
+    );
+    let verified = ok(&agent(&repo, None, None, &["verify"]));
+    assert!(verified.contains("MySQL server"), "{verified}");
+    assert!(verified.contains("superseded"), "{verified}");
+
+    // A point in time inside the streamed file.
+    insert(&db, 100..=100);
+    std::thread::sleep(Duration::from_millis(2200));
+    let target = db.sql(None, "SELECT UTC_TIMESTAMP()").unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    insert(&db, 101..=101);
+    wait_streamed(&serve, &db);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("at");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--at",
+            &format!("{target}Z").replace(' ', "T"),
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    let text = ok(&out);
+    assert!(text.contains("as streamed so far"), "{text}");
+    assert_eq!(
+        scratch.sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM shop.t"),
+        "1,2,3,4,5,6,7,100"
+    );
+    drop(scratch);
+
+    // prune removes the parts the complete files supersede, and only those.
+    let pruned = ok(&agent(&repo, None, None, &["prune"]));
+    assert!(pruned.contains("streamed binlog part"), "{pruned}");
+    let left = parts(&repo);
+    assert_eq!(left.keys().collect::<Vec<_>>(), vec![&current], "{left:?}");
+
+    // Binlogs purged while the sidecar was away: a gap, loudly.
+    assert_eq!(serve.terminate().code(), Some(0));
+    insert(&db, 200..=200);
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    insert(&db, 201..=201);
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    let (newest, _) = master_status(&db);
+    db.sql(None, &format!("PURGE BINARY LOGS TO '{newest}'"))
+        .unwrap();
+    let serve = Serve::start(&env);
+    serve.wait_for("the gap to be reported", Duration::from_secs(20), |s| {
+        s.metric("dbagent_binlog_stream_gap") == Some(1.0)
+    });
+    let status = serve.json("/status");
+    let gap = status["binlog_stream"]["gap"].as_str().unwrap_or_default();
+    assert!(gap.contains(&current), "{status}");
+    // It goes on from what the server still has.
+    insert(&db, 202..=202);
+    wait_streamed(&serve, &db);
 }
