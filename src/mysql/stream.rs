@@ -63,6 +63,8 @@ const MARIADB_SLAVE_CAPABILITY_GTID: u32 = 4;
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// No event nor heartbeat for this long: the connection is dead.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping session may take to store what it holds.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The server's "cannot read the binlog you asked for" (purged, or never existed).
 const ER_MASTER_FATAL_ERROR_READING_BINLOG: u16 = 1236;
 
@@ -474,9 +476,21 @@ impl StreamStatus {
         });
     }
 
+    fn store_failing(&self, error: &anyhow::Error) {
+        let msg = format!("{error:#}");
+        if self.facts().error.as_deref() != Some(msg.as_str()) {
+            tracing::warn!(error = %msg, "cannot store streamed binlog; retrying");
+        }
+        self.update(|s| s.error = Some(msg));
+    }
+
     fn stored(&self, part: &Part) {
         tracing::debug!(file = %part.name, from = part.from, to = part.to, "binlog part stored");
+        if self.facts().error.is_some() {
+            tracing::info!(file = %part.name, "binlog streaming caught up");
+        }
         self.update(|s| {
+            s.error = None;
             s.file = Some(part.name.clone());
             s.stored_position = part.to;
             if let Some(t) = part.file_max_time.and_then(time) {
@@ -637,7 +651,7 @@ pub fn plan_start(
     ))
 }
 
-/// Streams until `token` is cancelled, reconnecting after failures (backoff up to 10 s).
+/// Streams until `token` is cancelled, reconnecting after failures (backoff up to 5 s).
 pub async fn run(
     cfg: Config,
     store: Arc<dyn Store>,
@@ -647,12 +661,17 @@ pub async fn run(
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = Instant::now();
+        // On SIGTERM the session stores what it holds; it gets a few seconds for that.
+        let shutdown = async {
+            token.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
         let res = tokio::select! {
-            _ = token.cancelled() => return Ok(()),
+            _ = shutdown => return Ok(()),
             res = session(&cfg, &store, &status, &token) => res,
         };
         match res {
-            Ok(()) if token.is_cancelled() => return Ok(()),
+            _ if token.is_cancelled() => return Ok(()),
             Ok(()) => {}
             Err(e) => status.failed(&e),
         }
@@ -663,7 +682,7 @@ pub async fn run(
             _ = token.cancelled() => return Ok(()),
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -818,10 +837,29 @@ async fn store_ready(
     let Some(part) = file.take_ready() else {
         return Ok(());
     };
-    store_part(store, uuid, &part, opts).await?;
+    // A repository that fails for a while (S3 down, throttling) is waited for here, holding
+    // the connection: once it answers again the stream goes on where it was. The server
+    // buffers meanwhile, or drops the connection after its net_write_timeout; either way
+    // nothing is lost.
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match store_part(store, uuid, &part, opts).await {
+            Ok(()) => break,
+            Err(e) if crate::storage::is_transient(&e) => {
+                status.store_failing(&e);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_STORE_BACKOFF);
+            }
+            Err(e) => return Err(e),
+        }
+    }
     status.stored(&part);
     Ok(())
 }
+
+/// The longest wait between two attempts to store a part: the stream catches up at most
+/// this long after the repository is back.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(2);
 
 pub async fn store_part(
     store: &dyn Store,

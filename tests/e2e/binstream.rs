@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use dbagent_testcontainers::MariaDbBuilder;
+use dbagent_testcontainers::{FaultProxy, MariaDbBuilder, S3Server};
 
 use crate::mysql::{Scratch, agent};
 use crate::serve::Serve;
@@ -31,8 +31,16 @@ struct Loss {
     lost_older_than_1s: Vec<u32>,
 }
 
-fn node_loss(stream: bool, run_for: Duration, max_age: &str) -> Loss {
-    let repo = Repo::s3("binstream");
+/// S3 unreachable for `.1` from `.0` after the writes start.
+type Outage = Option<(Duration, Duration)>;
+
+fn node_loss(stream: bool, run_for: Duration, max_age: &str, outage: Outage) -> Loss {
+    // The sidecar reaches S3 through a proxy that can cut it off; the dump and the restore
+    // go straight to it.
+    let server = S3Server::start("dbagent-test").expect("S3 server");
+    let proxy = FaultProxy::start(server.port()).expect("fault proxy");
+    let sidecar_s3 = proxy.s3_env(&server, "binstream");
+    let repo = Repo::S3(server, "binstream".into());
     let mut db = MariaDbBuilder::new().start().unwrap();
     db.sql(
         None,
@@ -53,7 +61,8 @@ fn node_loss(stream: bool, run_for: Duration, max_age: &str) -> Loss {
         ("DBAGENT_BINLOG_MAX_AGE".into(), max_age.into()),
         ("DBAGENT_BINLOG_INTERVAL".into(), "1s".into()),
     ];
-    env.extend(repo.env());
+    env.extend(sidecar_s3);
+    env.push(("DBAGENT_S3_RETRY_TIMEOUT".into(), "1m".into()));
     let serve = Serve::start(&env);
     if stream {
         serve.wait_for(
@@ -66,7 +75,17 @@ fn node_loss(stream: bool, run_for: Duration, max_age: &str) -> Loss {
     let mut markers = Vec::new();
     let started = Instant::now();
     let mut id = 0;
+    let mut committed_before_outage = 0;
     while started.elapsed() < run_for {
+        if let Some((at, len)) = outage {
+            let down = started.elapsed() >= at && started.elapsed() < at + len;
+            if down && committed_before_outage == 0 {
+                committed_before_outage = id;
+                proxy.set_unreachable(true);
+            } else if !down && committed_before_outage > 0 {
+                proxy.set_unreachable(false);
+            }
+        }
         id += 1;
         db.sql(
             None,
@@ -129,6 +148,10 @@ fn node_loss(stream: bool, run_for: Duration, max_age: &str) -> Loss {
         .iter()
         .find(|m| m.id == newest)
         .map_or(dumped, |m| m.committed);
+    assert!(
+        newest >= committed_before_outage,
+        "markers committed before the outage were lost: {newest} restored, {committed_before_outage} committed"
+    );
     let cutoff = lost_at - chrono::Duration::seconds(1);
     Loss {
         recovery_point: (lost_at - newest_time).as_seconds_f64(),
@@ -165,7 +188,12 @@ fn mariadb_node_loss_restores_every_marker_older_than_a_second() {
         } else {
             Duration::from_secs_f64(6.0 + frac)
         };
-        let loss = node_loss(!rotation, run_for, if rotation { &max_age } else { "1h" });
+        let loss = node_loss(
+            !rotation,
+            run_for,
+            if rotation { &max_age } else { "1h" },
+            None,
+        );
         eprintln!(
             "run {run}: recovery point {:.2}s, {} markers lost",
             loss.recovery_point, loss.lost
@@ -188,6 +216,28 @@ fn mariadb_node_loss_restores_every_marker_older_than_a_second() {
             "streaming"
         },
         median(&mut points)
+    );
+}
+
+/// S3 is unreachable for ten seconds while markers are written: the stream holds on,
+/// catches up once S3 is back, and a node loss three seconds later loses at most the last
+/// second.
+#[test]
+fn binlog_stream_catches_up_after_s3_is_unreachable_for_ten_seconds() {
+    let loss = node_loss(
+        true,
+        Duration::from_secs(15),
+        "1h",
+        Some((Duration::from_secs(2), Duration::from_secs(10))),
+    );
+    eprintln!(
+        "after a 10 s S3 outage: recovery point {:.2}s, {} markers lost",
+        loss.recovery_point, loss.lost
+    );
+    assert!(
+        loss.lost_older_than_1s.is_empty(),
+        "markers committed more than 1 s before the loss were not restored: {:?}",
+        loss.lost_older_than_1s
     );
 }
 
