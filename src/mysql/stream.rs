@@ -180,6 +180,8 @@ pub struct FileAssembler {
     open: Stats,
     file_max_time: Option<u32>,
     boundary_max_time: Option<u32>,
+    /// Stored parts not yet read again (see `expect_stored`).
+    checks: std::collections::VecDeque<(u64, u64, String)>,
 }
 
 impl FileAssembler {
@@ -198,6 +200,7 @@ impl FileAssembler {
             open: Stats::default(),
             file_max_time: None,
             boundary_max_time: None,
+            checks: Default::default(),
         }
     }
 
@@ -226,8 +229,9 @@ impl FileAssembler {
             // The file starts with the magic number, which is not an event.
             self.len = 4;
         }
-        if h.log_pos <= self.stored {
-            // Stored already: the file is read again from its start after a reconnect.
+        // Stored already: the file is read again from its start after a reconnect.
+        let replay = h.log_pos <= self.stored;
+        if replay && self.checks.is_empty() {
             if h.kind == FORMAT_DESCRIPTION_EVENT {
                 self.checksum = fde_checksum(raw);
             }
@@ -250,11 +254,11 @@ impl FileAssembler {
                 self.len
             );
         }
+        if self.len == 4 && self.pending.is_empty() && (self.stored == 0 || replay) {
+            self.pending.extend_from_slice(&BINLOG_MAGIC);
+        }
         if start > self.len {
             self.fill_hole(start - self.len, h.timestamp)?;
-        }
-        if self.len == 4 && self.stored == 0 && self.pending.is_empty() {
-            self.pending.extend_from_slice(&BINLOG_MAGIC);
         }
         if h.kind == FORMAT_DESCRIPTION_EVENT {
             self.checksum = fde_checksum(raw);
@@ -268,7 +272,44 @@ impl FileAssembler {
         if self.ends_group(&h, raw) {
             self.mark_boundary();
         }
+        if replay {
+            self.check_replayed()?;
+            return Ok(Pushed::Skipped);
+        }
         Ok(Pushed::Appended)
+    }
+
+    /// Compares the bytes read again with the stored parts they should equal: a server whose
+    /// binlog changed under the same name (reset, restored, another server) must not get its
+    /// new events appended to the old history.
+    fn check_replayed(&mut self) -> anyhow::Result<()> {
+        while let Some(&(from, to, ref sha)) = self.checks.front() {
+            if self.len < to {
+                return Ok(());
+            }
+            let same =
+                self.len == to && crate::pipeline::Trailer::of(&self.pending).sha256_hex() == *sha;
+            if !same {
+                return Err(input_err!(
+                    "the server's binlog {} differs from what the repository holds of it (bytes {from}..{to}): its binlogs were reset (RESET MASTER) or belong to another server; give it a new server_id or repository prefix",
+                    self.name
+                ));
+            }
+            self.pending.clear();
+            self.checks.pop_front();
+        }
+        // Everything stored was read again: what follows is new.
+        self.closed = Stats::default();
+        self.open = Stats::default();
+        self.group = Group::Outside;
+        self.boundary = self.stored;
+        Ok(())
+    }
+
+    /// The stored parts (`from`, `to`, SHA-256 of their bytes) that the bytes read again up
+    /// to `stored` must equal.
+    pub fn expect_stored(&mut self, parts: Vec<(u64, u64, String)>) {
+        self.checks = parts.into();
     }
 
     /// An event the server left out: an Annotate_rows event of the same size takes its place.
@@ -739,6 +780,9 @@ async fn session(
     let opts = PipeOptions::from_config(cfg);
     let interval = cfg.serve.wal_stream_interval;
     let mut file = FileAssembler::new(&start.file, flavor, start.stored);
+    if start.stored > 0 {
+        file.expect_stored(stored_parts(store.as_ref(), &uuid, &start).await?);
+    }
     // Stores start early by the last one's duration, so that what was ready is durable
     // within `interval`, not `interval` plus an upload.
     let mut last_store = Instant::now() - interval;
@@ -817,6 +861,33 @@ async fn session(
             store_ready(store.as_ref(), &uuid, &mut file, opts, status).await?;
         }
     }
+}
+
+/// The descriptions of the parts of `start.file` up to `start.stored`, in order.
+async fn stored_parts(
+    store: &dyn Store,
+    uuid: &str,
+    start: &Resume,
+) -> anyhow::Result<Vec<(u64, u64, String)>> {
+    let prefix = format!("{}{}/", keys::stream_prefix(uuid), start.file);
+    let mut parts = Vec::new();
+    for obj in store.list(&prefix).await? {
+        if !obj.key.ends_with(".json") {
+            continue;
+        }
+        let bytes = crate::storage::get_all(store, &obj.key).await?;
+        let p: BinlogPart = serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading streamed binlog part {}", obj.key))?;
+        parts.push(p);
+    }
+    let run = keys::Streamed::from_parts(&start.file, parts)
+        .map(|s| s.parts)
+        .unwrap_or_default();
+    Ok(run
+        .into_iter()
+        .filter(|p| p.to <= start.stored)
+        .map(|p| (p.from, p.to, p.data.sha256))
+        .collect())
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -1091,6 +1162,27 @@ mod tests {
         let ph = &p.bytes[hole..hole + annotate.len()];
         let crc = crc32fast::hash(&ph[..ph.len() - 4]);
         assert_eq!(&ph[ph.len() - 4..], &crc.to_le_bytes());
+
+        // Read again with the stored parts' checksums: the same bytes pass, then new ones.
+        let stored_bytes = &w.file[..stored as usize];
+        let sha = crate::pipeline::Trailer::of(stored_bytes).sha256_hex();
+        let mut b = FileAssembler::new("binlog.000001", Flavor::Mariadb, stored);
+        b.expect_stored(vec![(0, stored, sha)]);
+        for e in [&fde, &g1, &x1] {
+            assert_eq!(b.push(e).unwrap(), Pushed::Skipped);
+        }
+        b.push(&g2).unwrap();
+        b.push(&rows).unwrap();
+        b.push(&x2).unwrap();
+        let again = b.take_ready().unwrap();
+        assert_eq!(again, p);
+        // A server whose file differs under the same name is refused.
+        let mut c = FileAssembler::new("binlog.000001", Flavor::Mariadb, stored);
+        c.expect_stored(vec![(0, stored, "0".repeat(64))]);
+        c.push(&fde).unwrap();
+        c.push(&g1).unwrap();
+        let e = c.push(&x1).unwrap_err();
+        assert!(e.to_string().contains("differs"), "{e}");
 
         // A hole a MySQL server leaves, or an overlap, stops the stream.
         let mut m = FileAssembler::new("binlog.000001", Flavor::Mysql, stored);
