@@ -125,6 +125,9 @@ pub struct MysqlConfig {
     /// How long a dump may wait for a lock before it gives up (and withdraws its request, so
     /// that writes queued behind it go on).
     pub lock_wait_timeout: Duration,
+    /// The `server_id` binlog streaming registers with (default: 2,000,000,000 + the
+    /// server's own).
+    pub stream_server_id: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +271,7 @@ impl Config {
             binlog_dir: v.opt("mysql.binlog_dir")?,
             server_uuid: v.opt("mysql.server_uuid")?,
             lock_wait_timeout: v.get("mysql.lock_wait_timeout")?,
+            stream_server_id: v.opt("mysql.stream_server_id")?,
         };
         if let Some(url) = &mysql.url {
             crate::mysql::conn::MysqlConn::parse(url, None)?;

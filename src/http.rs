@@ -279,6 +279,9 @@ fn extra(shared: &Shared) -> serde_json::Map<String, serde_json::Value> {
             }),
         );
     }
+    if let Some(stream) = shared.binlog_stream.get() {
+        m.insert("binlog_stream".into(), json!(stream.facts()));
+    }
     m.insert(
         "dbagent".into(),
         json!({ "version": env!("CARGO_PKG_VERSION") }),

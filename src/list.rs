@@ -64,6 +64,8 @@ pub struct MysqlServer {
     pub server_id: Option<u64>,
     pub dumps: Vec<MysqlDumpLine>,
     pub binlogs: BinlogSummary,
+    /// Binlogs streamed (`serve.wal_stream`) but not archived complete yet.
+    pub streamed: Vec<StreamedLine>,
     /// Reached by a dump plus the unbroken run of binlogs after it.
     pub restorable: Vec<Window>,
 }
@@ -84,6 +86,15 @@ pub struct MysqlDumpLine {
     pub stored_bytes: u64,
     /// The binlogs after it reach past its snapshot.
     pub restorable: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamedLine {
+    pub name: String,
+    /// Bytes of the file the repository holds.
+    pub bytes: u64,
+    pub parts: usize,
+    pub last_event_time: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -209,6 +220,16 @@ fn mysql_server(cat: &MysqlCatalog) -> MysqlServer {
             gaps: cat.gaps(),
             last_event_time: binlogs.iter().map(|m| m.end_time()).max(),
         },
+        streamed: cat
+            .streamed
+            .values()
+            .map(|s| StreamedLine {
+                name: s.name.clone(),
+                bytes: s.end(),
+                parts: s.parts.len(),
+                last_event_time: s.last_event_time(),
+            })
+            .collect(),
         restorable: cat.windows(),
     }
 }
@@ -436,6 +457,15 @@ fn render_mysql(out: &mut String, m: &MysqlServer) {
             format!(", MISSING {}", m.binlogs.gaps.join(", "))
         }
     ));
+    for st in &m.streamed {
+        out.push_str(&format!(
+            "  streamed: {} up to byte {} ({} parts), events until {}\n",
+            st.name,
+            st.bytes,
+            st.parts,
+            st.last_event_time.map(show).unwrap_or_else(|| "?".into())
+        ));
+    }
     if m.restorable.is_empty() {
         out.push_str("  restorable: nothing yet\n");
     }

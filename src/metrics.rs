@@ -380,6 +380,39 @@ pub fn render(shared: &Shared) -> String {
             load(&c.binlog_failures),
         );
     }
+    if let Some(stream) = shared.binlog_stream.get() {
+        let f = stream.facts();
+        o.gauge(
+            "dbagent_binlog_stream_up",
+            "Whether the binlog stream is connected to the server.",
+            Some(bool01(f.connected)),
+        );
+        o.gauge(
+            "dbagent_binlog_stream_gap",
+            "1 when binlogs were purged before the stream stored them: no restore crosses the gap until a new dump.",
+            Some(bool01(f.gap.is_some())),
+        );
+        o.gauge(
+            "dbagent_binlog_stream_last_event_timestamp_seconds",
+            "The newest binlog event time the repository holds from the stream.",
+            ts(f.last_event_time),
+        );
+        o.gauge(
+            "dbagent_binlog_stream_last_stored_timestamp_seconds",
+            "When the stream last stored a part in the repository.",
+            ts(f.last_stored_at),
+        );
+        o.counter(
+            "dbagent_binlog_stream_parts_total",
+            "Streamed binlog parts stored.",
+            f.parts_stored,
+        );
+        o.counter(
+            "dbagent_binlog_stream_bytes_total",
+            "Binlog bytes stored by the stream.",
+            f.bytes_stored,
+        );
+    }
     o.counter(
         "dbagent_http_requests_total",
         "HTTP requests answered.",
@@ -533,10 +566,20 @@ mod tests {
             }),
             ..Default::default()
         };
+        let mysql = shared(crate::engine::Engine::Mysql, replica);
+        mysql
+            .binlog_stream
+            .get_or_init(Default::default)
+            .set_for_test(crate::mysql::stream::StreamFacts {
+                connected: true,
+                last_event_time: Some(Utc::now()),
+                last_stored_at: Some(Utc::now()),
+                ..Default::default()
+            });
         let mut out = BTreeMap::new();
         for body in [
             render(&shared(crate::engine::Engine::Postgres, primary)),
-            render(&shared(crate::engine::Engine::Mysql, replica)),
+            render(&mysql),
         ] {
             let mut types = BTreeMap::new();
             for line in body.lines() {

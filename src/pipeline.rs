@@ -94,6 +94,14 @@ impl Trailer {
     pub fn sha256_hex(&self) -> String {
         hex::encode(self.sha256)
     }
+
+    /// The identity of bytes held in memory.
+    pub fn of(bytes: &[u8]) -> Trailer {
+        Trailer {
+            plain_size: bytes.len() as u64,
+            sha256: Sha256::digest(bytes).into(),
+        }
+    }
 }
 
 /// What an upload wrote.

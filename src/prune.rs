@@ -108,8 +108,18 @@ fn deleted<S: Serializer>(backups: &[(String, Vec<String>)], s: S) -> Result<S::
 pub struct PruneReport {
     pub dry_run: bool,
     pub clusters: Vec<Pruned>,
+    /// MySQL/MariaDB: streamed binlog parts a complete archived binlog supersedes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub superseded_binlog_parts: Vec<SupersededParts>,
     #[serde(serialize_with = "swept")]
     pub leftovers: Sweep,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SupersededParts {
+    pub server_uuid: String,
+    /// Deleted, or on a dry run to be deleted.
+    pub keys: Vec<String>,
 }
 
 fn swept<S: Serializer>(sweep: &Sweep, s: S) -> Result<S::Ok, S::Error> {
@@ -161,6 +171,14 @@ impl std::fmt::Display for PruneReport {
                 text.push_str(&format!("deleted {n} object(s)\n"));
             }
         }
+        for p in &self.superseded_binlog_parts {
+            text.push_str(&format!(
+                "MySQL server {}: {} {} streamed binlog part object(s) that complete binlogs supersede\n",
+                p.server_uuid,
+                if self.dry_run { "would delete" } else { "deleted" },
+                p.keys.len()
+            ));
+        }
         text.push_str(&self.leftovers.describe());
         f.write_str(text.trim_end())
     }
@@ -184,11 +202,35 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
         };
         out.push(Pruned { plan, deleted });
     }
+    let mut superseded_binlog_parts = Vec::new();
+    let servers = match &cfg.mysql.server_uuid {
+        Some(id) => vec![id.clone()],
+        None => crate::repo::mysql::servers(store).await?,
+    };
+    for uuid in servers {
+        let cat = crate::repo::mysql::MysqlCatalog::load(store, &uuid).await?;
+        let mut keys = cat.superseded_parts;
+        if keys.is_empty() {
+            continue;
+        }
+        // Descriptions first: a part without one no longer counts, its data is garbage.
+        keys.sort_by_key(|k| !k.ends_with(".json"));
+        if !dry_run {
+            for key in &keys {
+                store.delete(key).await?;
+            }
+        }
+        superseded_binlog_parts.push(SupersededParts {
+            server_uuid: uuid,
+            keys,
+        });
+    }
     let leftovers =
         crate::leftovers::sweep(store, cfg.retention.incomplete_after, Utc::now(), dry_run).await?;
     Ok(PruneReport {
         dry_run,
         clusters: out,
+        superseded_binlog_parts,
         leftovers,
     })
 }

@@ -21,6 +21,9 @@ const PARALLEL: usize = 8;
 pub struct VerifyReport {
     pub full: bool,
     pub clusters: Vec<Verified>,
+    /// MySQL/MariaDB servers: dumps, archived binlogs and streamed binlog parts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mysql: Vec<Verified>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -34,7 +37,11 @@ pub struct Verified {
 
 impl VerifyReport {
     pub fn problems(&self) -> usize {
-        self.clusters.iter().map(|c| c.problems.len()).sum()
+        self.clusters
+            .iter()
+            .chain(&self.mysql)
+            .map(|c| c.problems.len())
+            .sum()
     }
 
     /// Any problem fails the command (exit 2), once the report is out.
@@ -61,6 +68,16 @@ impl std::fmt::Display for VerifyReport {
             lines.extend(c.notes.iter().map(|n| format!("  {n}")));
             lines.extend(c.problems.iter().map(|p| format!("  PROBLEM: {p}")));
         }
+        for c in &self.mysql {
+            lines.push(format!(
+                "MySQL server {}: {} object(s), {} verified",
+                c.system_identifier,
+                c.objects,
+                human(c.bytes)
+            ));
+            lines.extend(c.notes.iter().map(|n| format!("  {n}")));
+            lines.extend(c.problems.iter().map(|p| format!("  PROBLEM: {p}")));
+        }
         f.write_str(&lines.join("\n"))
     }
 }
@@ -76,10 +93,104 @@ pub async fn run(cfg: &Config, store: Arc<dyn Store>, full: bool) -> anyhow::Res
     for sysid in clusters {
         out.push(verify_pg(store.clone(), sysid, full).await?);
     }
+    // The configured MySQL server, or every one when no PostgreSQL cluster is configured.
+    let servers = match (&cfg.mysql.server_uuid, cfg.pg.system_identifier) {
+        (Some(id), _) => vec![id.clone()],
+        (None, Some(_)) => vec![],
+        (None, None) => crate::repo::mysql::servers(store.as_ref()).await?,
+    };
+    let mut mysql = Vec::new();
+    for uuid in servers {
+        mysql.push(verify_mysql(store.clone(), &uuid, full).await?);
+    }
     Ok(VerifyReport {
         full,
         clusters: out,
+        mysql,
     })
+}
+
+/// A MySQL/MariaDB server's dumps, archived binlogs and streamed parts: each object is there
+/// with the size and checksum its manifest records, and the streamed parts of a file follow
+/// each other from its start.
+pub async fn verify_mysql(
+    store: Arc<dyn Store>,
+    uuid: &str,
+    full: bool,
+) -> anyhow::Result<Verified> {
+    use crate::repo::mysql::MysqlCatalog;
+    let cat = MysqlCatalog::load(store.as_ref(), uuid).await?;
+    let mut out = Verified {
+        system_identifier: uuid.to_string(),
+        ..Verified::default()
+    };
+    let mut objects: Vec<(String, crate::repo::manifest::ObjectRef)> = Vec::new();
+    for d in &cat.dumps {
+        objects.push((format!("dump {}", d.id), d.data.clone()));
+    }
+    for m in cat.binlogs.values() {
+        objects.push((format!("binlog {}", m.name), m.data.clone()));
+    }
+    for s in cat.streamed.values() {
+        for p in &s.parts {
+            objects.push((
+                format!("streamed binlog {} bytes {}..{}", s.name, p.from, p.to),
+                p.data.clone(),
+            ));
+        }
+        out.notes.push(format!(
+            "binlog {} streamed up to byte {} in {} part(s), events until {}",
+            s.name,
+            s.end(),
+            s.parts.len(),
+            s.last_event_time()
+                .map(crate::timespec::show)
+                .unwrap_or_else(|| "?".into())
+        ));
+    }
+    let results: Vec<(String, anyhow::Result<u64>)> = futures::stream::iter(objects)
+        .map(|(what, data)| {
+            let store = store.clone();
+            async move {
+                let res = async {
+                    let trailer = if full {
+                        pipeline::download(store.as_ref(), &data.key, std::io::sink())
+                            .await?
+                            .1
+                    } else {
+                        pipeline::read_trailer(store.as_ref(), &data.key, data.stored_bytes).await?
+                    };
+                    data.verify(&trailer, &what)?;
+                    Ok(data.stored_bytes)
+                }
+                .await;
+                (what, res)
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    for (what, res) in results {
+        match res {
+            Ok(n) => {
+                out.objects += 1;
+                out.bytes += n;
+            }
+            Err(e) => out.problems.push(format!("{what}: {e:#}")),
+        }
+    }
+    for gap in cat.gaps() {
+        out.problems
+            .push(format!("binlog {gap} is missing: restores stop before it"));
+    }
+    if !cat.superseded_parts.is_empty() {
+        out.notes.push(format!(
+            "{} streamed part object(s) superseded by complete binlogs (prune removes them)",
+            cat.superseded_parts.len()
+        ));
+    }
+    out.problems.sort();
+    Ok(out)
 }
 
 pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow::Result<Verified> {

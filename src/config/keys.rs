@@ -164,6 +164,7 @@ pub const KEYS: &[Key] = &[
     text("mysql.binlog_dir"),
     text("mysql.server_uuid"),
     duration("mysql.lock_wait_timeout", "1m"),
+    int("mysql.stream_server_id", 1, u32::MAX as i128),
     text("serve.listen").or("0.0.0.0:8008"),
     Key::new(
         "serve.engine",

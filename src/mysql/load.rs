@@ -116,31 +116,45 @@ async fn download_binlogs(
     plan: &MysqlPlan,
     work: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let jobs: Vec<(&String, &ObjectRef, PathBuf)> = plan
+    // A file is one archived object, or the streamed parts of one not archived complete yet,
+    // written one after the other into the same file.
+    let jobs: Vec<(&String, Vec<&ObjectRef>, PathBuf)> = plan
         .binlogs
         .iter()
         .map(|name| {
-            let meta = cat
-                .binlogs
-                .values()
-                .find(|m| &m.name == name)
-                .expect("planned binlogs are in the catalog");
-            (name, &meta.data, work.join(name))
+            let objects = match cat.binlogs.values().find(|m| &m.name == name) {
+                Some(meta) => vec![&meta.data],
+                None => cat
+                    .streamed_file(name)
+                    .expect("planned binlogs are in the catalog")
+                    .parts
+                    .iter()
+                    .map(|p| &p.data)
+                    .collect(),
+            };
+            (name, objects, work.join(name))
         })
         .collect();
     let paths: Vec<PathBuf> = jobs.iter().map(|j| j.2.clone()).collect();
     futures::stream::iter(jobs)
-        .map(|(name, data, path)| async move {
-            let file = std::fs::File::create(&path)
+        .map(|(name, objects, path)| async move {
+            let mut file = std::fs::File::create(&path)
                 .with_context(|| format!("creating {}", path.display()))?;
-            let (_, trailer) = crate::pipeline::download(
-                store,
-                &data.key,
-                std::io::BufWriter::with_capacity(1 << 20, file),
-            )
-            .await
-            .with_context(|| format!("downloading binlog {name}"))?;
-            data.verify(&trailer, &format!("binlog {name}"))
+            for data in objects {
+                let (writer, trailer) = crate::pipeline::download(
+                    store,
+                    &data.key,
+                    std::io::BufWriter::with_capacity(1 << 20, file),
+                )
+                .await
+                .with_context(|| format!("downloading binlog {name}"))?;
+                data.verify(&trailer, &format!("binlog {name}"))?;
+                file = writer
+                    .into_inner()
+                    .map_err(|e| e.into_error())
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok::<(), anyhow::Error>(())
         })
         .buffered(DOWNLOADS_IN_FLIGHT)
         .try_collect::<Vec<()>>()

@@ -11,6 +11,7 @@ pub mod restore;
 pub mod scratch;
 pub mod server;
 pub mod sql;
+pub mod stream;
 
 use std::path::PathBuf;
 use std::sync::Arc;

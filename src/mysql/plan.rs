@@ -24,6 +24,8 @@ pub struct MysqlPlan {
     pub stop_datetime: Option<DateTime<Utc>>,
     /// The latest instant the archived binlogs reach from this dump.
     pub reachable_until: Option<DateTime<Utc>>,
+    /// The last of `binlogs` is the streamed prefix of a file not archived complete yet.
+    pub streamed: bool,
 }
 
 impl MysqlPlan {
@@ -45,6 +47,10 @@ impl MysqlPlan {
                 self.start_position
             ),
             _ => ", no binlogs to replay".to_string(),
+        };
+        let binlogs = match (self.streamed, self.binlogs.last()) {
+            (true, Some(last)) => format!("{binlogs}, {last} as streamed so far"),
+            _ => binlogs,
         };
         let target = match (self.target, self.stop_datetime) {
             (Target::Time(t), Some(stop)) => format!(
@@ -161,20 +167,15 @@ pub fn plan_mysql(cat: &MysqlCatalog, target: Target) -> anyhow::Result<MysqlPla
             // Up to the first file that was still open at the target's second: later files
             // hold only transactions committed after it.
             let stop = t.trunc_subsecs(0);
-            let metas: Vec<_> = chain
+            let ends: Vec<_> = chain
                 .files
                 .iter()
-                .map(|f| {
-                    cat.binlogs
-                        .values()
-                        .find(|m| &m.name == f)
-                        .expect("chain files are in the catalog")
-                })
+                .map(|f| cat.end_time_of(f).expect("chain files are in the catalog"))
                 .collect();
-            let last = metas
+            let last = ends
                 .iter()
-                .position(|m| m.end_time() >= stop)
-                .unwrap_or(metas.len() - 1);
+                .position(|end| *end >= stop)
+                .unwrap_or(ends.len() - 1);
             chain.files[..=last].to_vec()
         }
         Target::Latest => {
@@ -189,7 +190,9 @@ pub fn plan_mysql(cat: &MysqlCatalog, target: Target) -> anyhow::Result<MysqlPla
             chain.files.clone()
         }
     };
+    let streamed = chain.streamed && files.last() == chain.files.last();
     Ok(MysqlPlan {
+        streamed,
         dump: dump.clone(),
         target,
         binlogs: files,

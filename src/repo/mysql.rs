@@ -7,7 +7,14 @@
 //! mysql/<server-uuid>/binlog/<name>.zst           one closed binlog file
 //! mysql/<server-uuid>/binlog/<name>.json          what it holds (written last: the file counts
 //!                                                 as archived only once this exists)
+//! mysql/<server-uuid>/binlog-stream/<name>/<from>-<to>.zst   bytes [from, to) of binlog
+//!                                                 <name>, streamed while it was written
+//! mysql/<server-uuid>/binlog-stream/<name>/<from>-<to>.json  what they hold (written last)
 //! ```
+//!
+//! Streamed parts of one file follow each other without overlap, each ending on a
+//! transaction boundary; the first starts at 0, so parts `0..n` together are a readable
+//! binlog file prefix. Once the complete file is archived its parts are superseded.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -50,6 +57,29 @@ pub fn binlog_key(server: &str, name: &str) -> String {
 
 pub fn binlog_meta_key(server: &str, name: &str) -> String {
     format!("mysql/{server}/binlog/{name}.json")
+}
+
+pub fn stream_prefix(server: &str) -> String {
+    format!("mysql/{server}/binlog-stream/")
+}
+
+pub fn stream_part_key(server: &str, name: &str, from: u64, to: u64) -> String {
+    format!("mysql/{server}/binlog-stream/{name}/{from:012}-{to:012}.zst")
+}
+
+pub fn stream_part_meta_key(server: &str, name: &str, from: u64, to: u64) -> String {
+    format!("mysql/{server}/binlog-stream/{name}/{from:012}-{to:012}.json")
+}
+
+/// The binlog name and byte range a streamed part's key names (either of its two objects).
+pub fn parse_stream_key(server: &str, key: &str) -> Option<(String, u64, u64)> {
+    let rest = key.strip_prefix(&stream_prefix(server))?;
+    let (name, file) = rest.split_once('/')?;
+    let stem = file
+        .strip_suffix(".json")
+        .or_else(|| file.strip_suffix(".zst"))?;
+    let (from, to) = stem.split_once('-')?;
+    Some((name.to_string(), from.parse().ok()?, to.parse().ok()?))
 }
 
 /// Which server family wrote a dump: the tools and some SQL differ.
@@ -159,6 +189,74 @@ impl BinlogMeta {
     }
 }
 
+/// One streamed part of a binlog file: bytes `from..to`, ending on a transaction boundary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BinlogPart {
+    pub format_version: u32,
+    pub server_uuid: String,
+    pub name: String,
+    pub from: u64,
+    pub to: u64,
+    pub data: ObjectRef,
+    pub first_event_time: Option<DateTime<Utc>>,
+    /// The latest event time in the file up to `to`.
+    pub last_event_time: Option<DateTime<Utc>>,
+    pub events: u64,
+    /// The GTID of the last transaction in the part (MariaDB `domain-server-seq`), if any.
+    pub gtid: Option<String>,
+    /// Bytes of events the server does not send a replica (MariaDB's Annotate_rows: the SQL
+    /// text of row events), stored as placeholders of the same size so offsets match.
+    pub placeholder_bytes: u64,
+    /// The part ends the file (its last event is a Rotate or Stop event).
+    pub ends_file: bool,
+    pub uploaded_at: DateTime<Utc>,
+}
+
+/// The streamed prefix of a binlog file whose complete copy is not archived (yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Streamed {
+    pub name: String,
+    /// Contiguous from offset 0.
+    pub parts: Vec<BinlogPart>,
+}
+
+impl Streamed {
+    /// Bytes of the file the parts hold.
+    pub fn end(&self) -> u64 {
+        self.parts.last().map_or(0, |p| p.to)
+    }
+
+    pub fn last_event_time(&self) -> Option<DateTime<Utc>> {
+        self.parts.iter().filter_map(|p| p.last_event_time).max()
+    }
+
+    /// No transaction after this is in the streamed prefix.
+    pub fn end_time(&self) -> DateTime<Utc> {
+        self.last_event_time()
+            .or_else(|| self.parts.last().map(|p| p.uploaded_at))
+            .unwrap_or_default()
+    }
+
+    /// Puts the parts of one file in order and keeps the run that starts at 0 and has no hole.
+    pub fn from_parts(name: &str, mut parts: Vec<BinlogPart>) -> Option<Streamed> {
+        parts.sort_by_key(|p| (p.from, p.to));
+        let mut run: Vec<BinlogPart> = Vec::new();
+        let mut end = 0;
+        for p in parts {
+            if p.from == end && p.to > p.from {
+                end = p.to;
+                run.push(p);
+            } else if p.from > end {
+                break;
+            }
+        }
+        (!run.is_empty()).then(|| Streamed {
+            name: name.to_string(),
+            parts: run,
+        })
+    }
+}
+
 /// A binlog file name split into its base and sequence number (`binlog.000042`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BinlogName {
@@ -215,6 +313,10 @@ pub struct MysqlCatalog {
     pub dumps: Vec<MysqlDump>,
     /// Archived binlogs (those with a description), keyed by (base, sequence).
     pub binlogs: BTreeMap<(String, u64), BinlogMeta>,
+    /// Streamed prefixes of binlogs not archived complete, keyed like `binlogs`.
+    pub streamed: BTreeMap<(String, u64), Streamed>,
+    /// Keys of streamed parts whose complete file is archived: `prune` removes them.
+    pub superseded_parts: Vec<String>,
 }
 
 /// How far the unbroken run of archived binlogs from a dump's position reaches.
@@ -226,6 +328,8 @@ pub struct Chain {
     pub end_time: Option<DateTime<Utc>>,
     /// The first missing file, when later files of the same sequence exist.
     pub gap: Option<String>,
+    /// The last file of `files` is a streamed prefix, not a complete archived file.
+    pub streamed: bool,
 }
 
 /// The servers that have anything in the repository.
@@ -282,11 +386,30 @@ impl MysqlCatalog {
                 binlogs.insert((n.base, n.seq), m);
             }
         }
+        let (streamed, superseded_parts) = load_streamed(store, server, &binlogs).await?;
         Ok(MysqlCatalog {
             server_uuid: server.to_string(),
             dumps,
             binlogs,
+            streamed,
+            superseded_parts,
         })
+    }
+
+    /// When no transaction after this instant is in `name` (archived or streamed).
+    pub fn end_time_of(&self, name: &str) -> Option<DateTime<Utc>> {
+        let n = BinlogName::parse(name)?;
+        let k = (n.base, n.seq);
+        self.binlogs
+            .get(&k)
+            .map(BinlogMeta::end_time)
+            .or_else(|| self.streamed.get(&k).map(Streamed::end_time))
+    }
+
+    /// The streamed prefix of `name`, when its complete copy is not archived.
+    pub fn streamed_file(&self, name: &str) -> Option<&Streamed> {
+        let n = BinlogName::parse(name)?;
+        self.streamed.get(&(n.base, n.seq))
     }
 
     /// The archived binlogs from `from` on, up to the first missing one.
@@ -296,6 +419,7 @@ impl MysqlCatalog {
                 files: vec![],
                 end_time: None,
                 gap: None,
+                streamed: false,
             };
         };
         let mut files = Vec::new();
@@ -304,6 +428,14 @@ impl MysqlCatalog {
         while let Some(m) = self.binlogs.get(&(next.base.clone(), next.seq)) {
             files.push(m.name.clone());
             end_time = Some(m.end_time());
+            next = next.next();
+        }
+        // The file being written when the stream last stored something.
+        let mut streamed = false;
+        if let Some(s) = self.streamed.get(&(next.base.clone(), next.seq)) {
+            files.push(s.name.clone());
+            end_time = Some(s.end_time());
+            streamed = true;
             next = next.next();
         }
         let later_exists = self
@@ -315,6 +447,7 @@ impl MysqlCatalog {
             files,
             end_time,
             gap: later_exists.then(|| next.to_string()),
+            streamed,
         }
     }
 
@@ -356,6 +489,56 @@ impl MysqlCatalog {
         }
         out
     }
+}
+
+/// The streamed parts of files not archived complete (their descriptions read), and the keys
+/// of parts a complete file supersedes (not read).
+async fn load_streamed(
+    store: &dyn Store,
+    server: &str,
+    binlogs: &BTreeMap<(String, u64), BinlogMeta>,
+) -> anyhow::Result<(BTreeMap<(String, u64), Streamed>, Vec<String>)> {
+    let mut superseded = Vec::new();
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    for obj in store.list(&stream_prefix(server)).await? {
+        let Some((name, _, _)) = parse_stream_key(server, &obj.key) else {
+            continue;
+        };
+        let Some(n) = BinlogName::parse(&name) else {
+            continue;
+        };
+        if binlogs.contains_key(&(n.base, n.seq)) {
+            superseded.push(obj.key);
+        } else if obj.key.ends_with(".json") {
+            wanted.push((name, obj.key));
+        }
+    }
+    let parts: Vec<anyhow::Result<(String, BinlogPart)>> = futures::stream::iter(wanted)
+        .map(|(name, key)| async move {
+            let bytes = crate::storage::get_all(store, &key).await?;
+            let p: BinlogPart = serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading streamed binlog part {key}"))?;
+            check_version(p.format_version, &format!("streamed part of binlog {name}"))?;
+            Ok((name, p))
+        })
+        .buffer_unordered(META_READS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut by_file: BTreeMap<String, Vec<BinlogPart>> = BTreeMap::new();
+    for p in parts {
+        let (name, p) = p?;
+        by_file.entry(name).or_default().push(p);
+    }
+    let mut streamed = BTreeMap::new();
+    for (name, parts) in by_file {
+        let Some(n) = BinlogName::parse(&name) else {
+            continue;
+        };
+        if let Some(s) = Streamed::from_parts(&name, parts) {
+            streamed.insert((n.base, n.seq), s);
+        }
+    }
+    Ok((streamed, superseded))
 }
 
 fn check_version(found: u32, what: &str) -> anyhow::Result<()> {
@@ -433,6 +616,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|&n| (("binlog".to_string(), n), binlog(n)))
                 .collect(),
+            ..Default::default()
         }
     }
 

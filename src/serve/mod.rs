@@ -148,6 +148,19 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                     "binlog-shipper",
                     ship_binlogs(cfg.clone(), store.clone(), shared.clone(), token.clone()),
                 );
+                if cfg.serve.wal_stream {
+                    let status = shared.binlog_stream.get_or_init(Default::default).clone();
+                    spawn(
+                        &mut tasks,
+                        "binlog-stream",
+                        crate::mysql::stream::run(
+                            cfg.clone(),
+                            store.clone(),
+                            status,
+                            token.clone(),
+                        ),
+                    );
+                }
                 spawn(
                     &mut tasks,
                     "repository",

@@ -101,6 +101,8 @@ pub struct Shared {
     pub counters: Counters,
     /// `None` unless `serve.wal_stream` is on.
     pub stream: RwLock<Option<StreamFacts>>,
+    /// Set when `serve.wal_stream` streams binlogs (MySQL/MariaDB).
+    pub binlog_stream: std::sync::OnceLock<Arc<crate::mysql::stream::StreamStatus>>,
 }
 
 impl Shared {
@@ -116,6 +118,7 @@ impl Shared {
             jobs: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
             stream: RwLock::new(None),
+            binlog_stream: std::sync::OnceLock::new(),
         })
     }
 

@@ -2,6 +2,7 @@
 //! (moto), all started as local processes by `dbagent-testcontainers`.
 
 mod backup;
+mod binstream;
 mod drill;
 mod faults;
 mod forks;

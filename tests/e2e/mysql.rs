@@ -28,7 +28,12 @@ const PASSWORD: &str = "p#ss w'rd";
 const CJK: &str = "中文 繁體 日本語のテキスト 한국어 텍스트 🐘🎉 𠀀";
 
 /// Runs dbagent with the repository's settings and, if given, a server's URL and password.
-fn agent(repo: &Repo, url: Option<&str>, password: Option<&str>, args: &[&str]) -> Output {
+pub(crate) fn agent(
+    repo: &Repo,
+    url: Option<&str>,
+    password: Option<&str>,
+    args: &[&str],
+) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .env("DBAGENT_LOG_FORMAT", "text")
@@ -129,12 +134,12 @@ impl Session {
 
 /// A server `dbagent restore --target-dir` started; shut down on drop the way the restore
 /// told us to.
-struct Scratch {
-    dir: PathBuf,
+pub(crate) struct Scratch {
+    pub(crate) dir: PathBuf,
 }
 
 impl Scratch {
-    fn sql(&self, text: &str) -> String {
+    pub(crate) fn sql(&self, text: &str) -> String {
         let out = Command::new(mariadb_bin("mariadb").unwrap())
             .arg(format!(
                 "--defaults-file={}",

@@ -1,0 +1,440 @@
+//! Binlog streaming (`serve.wal_stream` with `--engine mysql`): a lost node loses at most the
+//! last second, without any binlog rotation.
+//!
+//! DBAGENT_TEST_RPO_RUNS repeats the node loss (default 1) and prints the recovery point of
+//! each run, their median and worst; DBAGENT_TEST_RPO_MODE=rotation measures the same loss
+//! with streaming off (rotation every DBAGENT_TEST_RPO_MAX_AGE, default 30s).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use dbagent_testcontainers::{FaultProxy, MariaDbBuilder, S3Server};
+
+use crate::mysql::{Scratch, agent};
+use crate::serve::Serve;
+use crate::support::*;
+
+struct Marker {
+    id: u32,
+    /// After its commit returned.
+    committed: DateTime<Utc>,
+}
+
+/// What one node loss cost.
+struct Loss {
+    /// The loss time minus the commit time of the newest marker restored (the dump's time
+    /// when none was).
+    recovery_point: f64,
+    lost: usize,
+    /// Markers committed more than a second before the loss that did not come back.
+    lost_older_than_1s: Vec<u32>,
+}
+
+/// S3 unreachable for `.1` from `.0` after the writes start.
+type Outage = Option<(Duration, Duration)>;
+
+fn node_loss(stream: bool, run_for: Duration, max_age: &str, outage: Outage) -> Loss {
+    // The sidecar reaches S3 through a proxy that can cut it off; the dump and the restore
+    // go straight to it.
+    let server = S3Server::start("dbagent-test").expect("S3 server");
+    let proxy = FaultProxy::start(server.port()).expect("fault proxy");
+    let sidecar_s3 = proxy.s3_env(&server, "binstream");
+    let repo = Repo::S3(server, "binstream".into());
+    let mut db = MariaDbBuilder::new().start().unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.markers (id INT PRIMARY KEY, at DATETIME(6))",
+    )
+    .unwrap();
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let dumped = Utc::now();
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+        ("DBAGENT_WAL_STREAM".into(), stream.to_string()),
+        ("DBAGENT_BINLOG_MAX_AGE".into(), max_age.into()),
+        ("DBAGENT_BINLOG_INTERVAL".into(), "1s".into()),
+    ];
+    env.extend(sidecar_s3);
+    env.push(("DBAGENT_S3_RETRY_TIMEOUT".into(), "1m".into()));
+    let serve = Serve::start(&env);
+    if stream {
+        serve.wait_for(
+            "the binlog stream to connect",
+            Duration::from_secs(20),
+            |s| s.json("/status")["binlog_stream"]["connected"] == true,
+        );
+    }
+
+    let mut markers = Vec::new();
+    let started = Instant::now();
+    let mut id = 0;
+    let mut committed_before_outage = 0;
+    while started.elapsed() < run_for {
+        if let Some((at, len)) = outage {
+            let down = started.elapsed() >= at && started.elapsed() < at + len;
+            if down && committed_before_outage == 0 {
+                committed_before_outage = id;
+                proxy.set_unreachable(true);
+            } else if !down && committed_before_outage > 0 {
+                proxy.set_unreachable(false);
+            }
+        }
+        id += 1;
+        db.sql(
+            None,
+            &format!("INSERT INTO shop.markers VALUES ({id}, UTC_TIMESTAMP(6))"),
+        )
+        .unwrap();
+        markers.push(Marker {
+            id,
+            committed: Utc::now(),
+        });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if stream {
+        let status = serve.json("/status");
+        assert!(
+            status["binlog_stream"]["parts_stored"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0,
+            "{status}"
+        );
+        assert_eq!(serve.metric("dbagent_binlog_stream_gap"), Some(0.0));
+    }
+    // The node is lost: the server and the sidecar die together, the data goes.
+    let lost_at = Utc::now();
+    db.kill();
+    drop(serve);
+    std::fs::remove_dir_all(db.data_dir()).unwrap();
+    drop(db);
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("restored");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    let text = ok(&out);
+    if stream {
+        assert!(text.contains("as streamed so far"), "{text}");
+    }
+    let restored: BTreeSet<u32> = scratch
+        .sql("SELECT id FROM shop.markers")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    // Restored markers are a prefix: nothing later without everything before it.
+    let newest = restored.iter().max().copied().unwrap_or(0);
+    assert_eq!(restored.len() as u32, newest, "{restored:?}");
+    let newest_time = markers
+        .iter()
+        .find(|m| m.id == newest)
+        .map_or(dumped, |m| m.committed);
+    assert!(
+        newest >= committed_before_outage,
+        "markers committed before the outage were lost: {newest} restored, {committed_before_outage} committed"
+    );
+    let cutoff = lost_at - chrono::Duration::seconds(1);
+    Loss {
+        recovery_point: (lost_at - newest_time).as_seconds_f64(),
+        lost: markers.len() - restored.len(),
+        lost_older_than_1s: markers
+            .iter()
+            .filter(|m| m.committed < cutoff && !restored.contains(&m.id))
+            .map(|m| m.id)
+            .collect(),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[test]
+fn mariadb_node_loss_restores_every_marker_older_than_a_second() {
+    let runs: usize = std::env::var("DBAGENT_TEST_RPO_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let rotation = std::env::var("DBAGENT_TEST_RPO_MODE").as_deref() == Ok("rotation");
+    let max_age = std::env::var("DBAGENT_TEST_RPO_MAX_AGE").unwrap_or_else(|_| "30s".into());
+    let mut points = Vec::new();
+    for run in 0..runs {
+        // A loss at a different moment each run: of the second when streaming, of the
+        // rotation period without.
+        let frac = (run as f64 * 0.37 + 0.1) % 1.0;
+        let run_for = if rotation {
+            let age = humantime::parse_duration(&max_age).unwrap();
+            age + age.mul_f64(frac)
+        } else {
+            Duration::from_secs_f64(6.0 + frac)
+        };
+        let loss = node_loss(
+            !rotation,
+            run_for,
+            if rotation { &max_age } else { "1h" },
+            None,
+        );
+        eprintln!(
+            "run {run}: recovery point {:.2}s, {} markers lost",
+            loss.recovery_point, loss.lost
+        );
+        if !rotation {
+            assert!(
+                loss.lost_older_than_1s.is_empty(),
+                "markers committed more than 1 s before the loss were not restored: {:?}",
+                loss.lost_older_than_1s
+            );
+        }
+        points.push(loss.recovery_point);
+    }
+    let worst = points.iter().cloned().fold(0.0, f64::max);
+    eprintln!(
+        "recovery point ({}) over {runs} runs: median {:.2}s, worst {worst:.2}s",
+        if rotation {
+            "rotation only"
+        } else {
+            "streaming"
+        },
+        median(&mut points)
+    );
+}
+
+/// S3 is unreachable for ten seconds while markers are written: the stream holds on,
+/// catches up once S3 is back, and a node loss three seconds later loses at most the last
+/// second.
+#[test]
+fn binlog_stream_catches_up_after_s3_is_unreachable_for_ten_seconds() {
+    let loss = node_loss(
+        true,
+        Duration::from_secs(15),
+        "1h",
+        Some((Duration::from_secs(2), Duration::from_secs(10))),
+    );
+    eprintln!(
+        "after a 10 s S3 outage: recovery point {:.2}s, {} markers lost",
+        loss.recovery_point, loss.lost
+    );
+    assert!(
+        loss.lost_older_than_1s.is_empty(),
+        "markers committed more than 1 s before the loss were not restored: {:?}",
+        loss.lost_older_than_1s
+    );
+}
+
+/// The byte ranges of the parts stored for each binlog file (from their descriptions).
+fn parts(repo: &Repo) -> std::collections::BTreeMap<String, Vec<(u64, u64)>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mysql = repo.root().unwrap().join("mysql");
+    for server in std::fs::read_dir(mysql).unwrap().flatten() {
+        let Ok(files) = std::fs::read_dir(server.path().join("binlog-stream")) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            let mut ranges: Vec<(u64, u64)> = std::fs::read_dir(file.path())
+                .unwrap()
+                .flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let (from, to) = n.strip_suffix(".json")?.split_once('-')?;
+                    Some((from.parse().unwrap(), to.parse().unwrap()))
+                })
+                .collect();
+            ranges.sort();
+            if !ranges.is_empty() {
+                out.insert(name, ranges);
+            }
+        }
+    }
+    out
+}
+
+/// The server's current binlog file and position.
+fn master_status(db: &dbagent_testcontainers::MariaDb) -> (String, u64) {
+    let line = db.sql(None, "SHOW MASTER STATUS").unwrap();
+    let mut cols = line.split('\t');
+    let file = cols.next().unwrap().to_string();
+    (file, cols.next().unwrap().parse().unwrap())
+}
+
+/// Waits until the stream stored everything the server wrote.
+fn wait_streamed(serve: &Serve, db: &dbagent_testcontainers::MariaDb) {
+    let (file, pos) = master_status(db);
+    serve.wait_for(
+        &format!("the stream to store {file} up to {pos}"),
+        Duration::from_secs(40),
+        |s| {
+            let st = s.json("/status")["binlog_stream"].clone();
+            st["file"] == file.as_str() && st["stored_position"].as_u64() == Some(pos)
+        },
+    );
+}
+
+#[test]
+fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_gap() {
+    let repo = Repo::file();
+    let mut db = MariaDbBuilder::new().start().unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (id INT PRIMARY KEY, note VARCHAR(50))",
+    )
+    .unwrap();
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+        ("DBAGENT_WAL_STREAM".into(), "true".into()),
+        ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
+        ("DBAGENT_BINLOG_INTERVAL".into(), "1s".into()),
+        ("DBAGENT_SERVE_HEARTBEAT".into(), "false".into()),
+    ];
+    env.extend(repo.env());
+    let insert = |db: &dbagent_testcontainers::MariaDb, ids: std::ops::RangeInclusive<u32>| {
+        for id in ids {
+            db.sql(
+                None,
+                &format!("INSERT INTO shop.t VALUES ({id}, 'row {id}')"),
+            )
+            .unwrap();
+        }
+    };
+
+    let mut serve = Serve::start(&env);
+    insert(&db, 1..=3);
+    wait_streamed(&serve, &db);
+    // The sidecar restarts: it resumes where the repository ends.
+    assert_eq!(serve.terminate().code(), Some(0));
+    insert(&db, 4..=5);
+    let serve2 = Serve::start(&env);
+    wait_streamed(&serve2, &db);
+    // The server restarts (a new binlog file after a Stop event): the stream reconnects.
+    let url = db.url();
+    db.restart().unwrap();
+    if db.url() == url {
+        serve = serve2;
+    } else {
+        // Another port was free: the sidecar follows it, as a restarted pod's would.
+        env[0].1 = db.url();
+        drop(serve2);
+        serve = Serve::start(&env);
+    }
+    insert(&db, 6..=6);
+    wait_streamed(&serve, &db);
+    // A rotation: the shipper archives the closed files, the stream goes on in the new one.
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    insert(&db, 7..=7);
+    wait_streamed(&serve, &db);
+    serve.wait_for(
+        "the closed binlogs to be shipped",
+        Duration::from_secs(30),
+        |s| s.metric("dbagent_binlog_shipped_total").unwrap_or(0.0) >= 2.0,
+    );
+
+    // Every file's parts follow each other from 0: nothing stored twice, nothing skipped; a
+    // closed file's parts reach exactly its size on disk.
+    let stored = parts(&repo);
+    assert!(stored.len() >= 3, "{stored:?}");
+    for (name, ranges) in &stored {
+        let mut end = 0;
+        for (from, to) in ranges {
+            assert_eq!(*from, end, "{name}: {ranges:?}");
+            end = *to;
+        }
+        if name != &master_status(&db).0 {
+            let size = std::fs::metadata(db.data_dir().join(name)).unwrap().len();
+            assert_eq!(end, size, "{name}");
+        }
+    }
+    let (current, _) = master_status(&db);
+    let listing = ok(&agent(&repo, None, None, &["list"]));
+    assert!(
+        listing.contains(&format!("streamed: {current}")),
+        "{listing}"
+    );
+    let verified = ok(&agent(&repo, None, None, &["verify"]));
+    assert!(verified.contains("MySQL server"), "{verified}");
+    assert!(verified.contains("superseded"), "{verified}");
+
+    // A point in time inside the streamed file.
+    insert(&db, 100..=100);
+    std::thread::sleep(Duration::from_millis(2200));
+    let target = db.sql(None, "SELECT UTC_TIMESTAMP()").unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    insert(&db, 101..=101);
+    wait_streamed(&serve, &db);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("at");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--at",
+            &format!("{target}Z").replace(' ', "T"),
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    let text = ok(&out);
+    assert!(text.contains("as streamed so far"), "{text}");
+    assert_eq!(
+        scratch.sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM shop.t"),
+        "1,2,3,4,5,6,7,100"
+    );
+    drop(scratch);
+
+    // prune removes the parts the complete files supersede, and only those.
+    let pruned = ok(&agent(&repo, None, None, &["prune"]));
+    assert!(pruned.contains("streamed binlog part"), "{pruned}");
+    let left = parts(&repo);
+    assert_eq!(left.keys().collect::<Vec<_>>(), vec![&current], "{left:?}");
+
+    // Binlogs purged while the sidecar was away: a gap, loudly.
+    assert_eq!(serve.terminate().code(), Some(0));
+    insert(&db, 200..=200);
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    insert(&db, 201..=201);
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    let (newest, _) = master_status(&db);
+    db.sql(None, &format!("PURGE BINARY LOGS TO '{newest}'"))
+        .unwrap();
+    let serve = Serve::start(&env);
+    serve.wait_for("the gap to be reported", Duration::from_secs(20), |s| {
+        s.metric("dbagent_binlog_stream_gap") == Some(1.0)
+    });
+    let status = serve.json("/status");
+    let gap = status["binlog_stream"]["gap"].as_str().unwrap_or_default();
+    assert!(gap.contains(&current), "{status}");
+    // It goes on from what the server still has.
+    insert(&db, 202..=202);
+    wait_streamed(&serve, &db);
+}
