@@ -103,7 +103,7 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
             ));
         }
         match pipeline::read_trailer(store.as_ref(), &b.data.key, head.size).await {
-            Ok(t) if t.sha256_hex() == b.data.sha256 && t.plain_size == b.data.plain_bytes => {}
+            Ok(t) if b.data.agrees(&t) => {}
             Ok(_) => out.problems.push(format!(
                 "backup {}: its data's checksum does not match the manifest",
                 b.id
@@ -176,7 +176,7 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
                 let res = if full {
                     pipeline::download(store.as_ref(), &key, std::io::sink())
                         .await
-                        .map(|(_, t)| t.plain_size)
+                        .map(|(_, t)| t.trailer.plain_size)
                 } else {
                     let size = match size {
                         0 => store

@@ -119,6 +119,17 @@ pub async fn restore(
     if opts.dry_run {
         return Ok(report);
     }
+    // A reader without the keys of the dump or of a binlog is refused before anything starts.
+    let mut needed: Vec<_> = plan.dump.data.needs().into_iter().collect();
+    needed.extend(
+        cat.binlogs
+            .values()
+            .filter(|m| plan.binlogs.contains(&m.name))
+            .filter_map(|m| m.data.needs()),
+    );
+    needed.sort();
+    needed.dedup();
+    crate::pipeline::check_readable(store.as_ref(), &needed).await?;
     eprintln!("{}", report.plan);
 
     let started = Instant::now();

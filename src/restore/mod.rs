@@ -169,6 +169,11 @@ pub async fn materialize(
     dir: &Path,
     extra: &[String],
 ) -> anyhow::Result<()> {
+    // A reader without the keys of the backup, or of the WAL archived now, is refused before
+    // the directory is touched.
+    let mut needed: Vec<_> = plan.backup.data.needs().into_iter().collect();
+    needed.extend(crate::pipeline::current_key_set(store).await?);
+    crate::pipeline::check_readable(store, &needed).await?;
     let created = !dir.exists();
     if let Err(e) = unpack_backup(store, plan, dir).await {
         remove_contents(dir, created);
