@@ -252,6 +252,8 @@ impl<'a> Run<'a> {
             on_failure,
             stop,
         } = self;
+        // A writer the repository refuses (encryption keys) is refused before the program runs.
+        pipeline::recipients(store).await?;
         let mut child = program.spawn(Stdio::null(), Stdio::piped(), Stdio::piped())?;
         let out = blocking(child.stdout.take().expect("piped").into_owned_fd())?;
         pipeline::widen_pipe(&out);

@@ -3,6 +3,7 @@
 
 mod backup;
 mod drill;
+mod encryption;
 mod faults;
 mod forks;
 mod mysql;
