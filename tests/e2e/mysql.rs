@@ -29,7 +29,23 @@ const CJK: &str = "中文 繁體 日本語のテキスト 한국어 텍스트 �
 
 /// Runs dbagent with the repository's settings and, if given, a server's URL and password.
 fn agent(repo: &Repo, url: Option<&str>, password: Option<&str>, args: &[&str]) -> Output {
+    agent_with(repo, url, password, &[], args)
+}
+
+/// `agent` with more environment (encryption keys).
+fn agent_with(
+    repo: &Repo,
+    url: Option<&str>,
+    password: Option<&str>,
+    env: &[(&str, &Path)],
+    args: &[&str],
+) -> Output {
     let mut cmd = Command::new(BIN);
+    cmd.env_remove("DBAGENT_ENCRYPTION_RECIPIENTS_FILE")
+        .env_remove("DBAGENT_ENCRYPTION_IDENTITY_FILE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     cmd.args(args)
         .env("DBAGENT_LOG_FORMAT", "text")
         .env_remove("DBAGENT_CONFIG")
@@ -815,6 +831,114 @@ fn mysql_dump_and_binlogs_through_s3() {
     assert_eq!(
         scratch.sql("SELECT HEX(txt) FROM app.t WHERE id = 3"),
         hex(&format!("{CJK} 3"))
+    );
+}
+
+#[test]
+fn mysql_encrypted_dump_and_binlogs_restore_only_with_the_key() {
+    use crate::encryption::{keygen, s3_objects, showing};
+    let repo = Repo::s3("mysql-encrypted");
+    let keydir = dbagent_testcontainers::pg_owned_tempdir().unwrap();
+    let key = keygen(keydir.path(), "k");
+    let wrong = keygen(keydir.path(), "w");
+    let r = "DBAGENT_ENCRYPTION_RECIPIENTS_FILE";
+    let i = "DBAGENT_ENCRYPTION_IDENTITY_FILE";
+    ok(&agent_with(
+        &repo,
+        None,
+        None,
+        &[(r, &key.recipients)],
+        &["encryption", "set"],
+    ));
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE app CHARACTER SET utf8mb4; CREATE TABLE app.secret_table (id INT PRIMARY KEY, txt TEXT); \
+         INSERT INTO app.secret_table VALUES (1, 'MYMARK-1');",
+    );
+    refused(
+        &agent(
+            &repo,
+            Some(&db.url()),
+            None,
+            &["backup", "--engine", "mysql"],
+        ),
+        "encryption.recipients_file",
+    );
+    let w = [(r, key.recipients.as_path())];
+    ok(&agent_with(
+        &repo,
+        Some(&db.url()),
+        None,
+        &w,
+        &["backup", "--engine", "mysql"],
+    ));
+    for n in 2..=4 {
+        sql(
+            &db,
+            &format!("INSERT INTO app.secret_table VALUES ({n}, 'MYMARK-{n}')"),
+        );
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    refused(
+        &agent(&repo, Some(&db.url()), None, &["binlog-push"]),
+        "encryption.recipients_file",
+    );
+    ok(&agent_with(
+        &repo,
+        Some(&db.url()),
+        None,
+        &w,
+        &["binlog-push"],
+    ));
+    // Shipping again compares without a secret key: nothing new, nothing refused.
+    let again = ok(&agent_with(
+        &repo,
+        Some(&db.url()),
+        None,
+        &w,
+        &["binlog-push"],
+    ));
+    assert!(again.contains("nothing new to ship"), "{again}");
+
+    let objects = s3_objects(&repo);
+    assert!(objects.iter().any(|(k, _)| k.ends_with("/dump.sql.zst")));
+    assert_eq!(showing(&objects, "MYMARK-"), Vec::<String>::new());
+    // Row counts and table names stay out of the manifests' clear text.
+    assert_eq!(showing(&objects, "secret_table"), Vec::<String>::new());
+    let listing = ok(&agent(&repo, None, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        json["mysql"][0]["restorable"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let restore = [
+        "restore",
+        "--engine",
+        "mysql",
+        "--latest",
+        "--target-dir",
+        dir.to_str().unwrap(),
+    ];
+    refused(
+        &agent(&repo, None, None, &restore),
+        "encryption.identity_file",
+    );
+    refused(
+        &agent_with(&repo, None, None, &[(i, &wrong.identity)], &restore),
+        "encryption.identity_file",
+    );
+    assert!(!dir.exists(), "a refused restore made its target");
+    let out = agent_with(&repo, None, None, &[(i, &key.identity)], &restore);
+    let scratch = Scratch { dir };
+    ok(&out);
+    assert_eq!(
+        scratch.sql("SELECT GROUP_CONCAT(txt ORDER BY id) FROM app.secret_table"),
+        "MYMARK-1,MYMARK-2,MYMARK-3,MYMARK-4"
     );
 }
 
