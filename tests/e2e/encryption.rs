@@ -229,6 +229,32 @@ fn pg_encrypted_backup_wal_and_restore_latest() {
     );
     assert!(String::from_utf8_lossy(&fetched.stderr).contains("encryption.identity_file"));
 
+    // A drill needs the key too, and with it restores the encrypted backup and WAL.
+    let scratch = pg_owned_tempdir().unwrap();
+    let drill = |env: &[(&str, &Path)]| {
+        let mut cmd = dbagent_cmd(&repo, None, &["drill", "--json"]);
+        cmd.env("DBAGENT_DRILL_SCRATCH_DIR", scratch.path())
+            .env_remove(R)
+            .env_remove(I);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    refused(&drill(&[(R, &key.recipients)]), "encryption.identity_file");
+    // It stores its report, so it needs the public keys as well.
+    refused(&drill(&[(I, &key.identity)]), "encryption.recipients_file");
+    let out = drill(&[(I, &key.identity), (R, &key.recipients)]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let restore = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "restore")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(restore["status"], "pass", "{report:#}");
+
     // Readers without the key, or with the wrong one: one line, exit 1, nothing in the target.
     pg.destroy_data().unwrap();
     let (_scratch, dir) = scratch_dir();
