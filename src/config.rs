@@ -125,6 +125,11 @@ pub struct MysqlConfig {
     /// How long a dump may wait for a lock before it gives up (and withdraws its request, so
     /// that writes queued behind it go on).
     pub lock_wait_timeout: Duration,
+    /// TLS to the server (`disabled` … `verify_identity`); unset: the client programs' default
+    /// and no TLS on dbagent's own connections.
+    pub ssl_mode: Option<String>,
+    /// The CA certificates (PEM) `verify_ca`/`verify_identity` trust.
+    pub ssl_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +273,8 @@ impl Config {
             binlog_dir: v.opt("mysql.binlog_dir")?,
             server_uuid: v.opt("mysql.server_uuid")?,
             lock_wait_timeout: v.get("mysql.lock_wait_timeout")?,
+            ssl_mode: v.opt("mysql.ssl_mode")?,
+            ssl_ca: v.opt("mysql.ssl_ca")?,
         };
         if let Some(url) = &mysql.url {
             crate::mysql::conn::MysqlConn::parse(url, None)?;

@@ -164,6 +164,11 @@ pub const KEYS: &[Key] = &[
     text("mysql.binlog_dir"),
     text("mysql.server_uuid"),
     duration("mysql.lock_wait_timeout", "1m"),
+    Key::new(
+        "mysql.ssl_mode",
+        Kind::Choice(crate::mysql::conn::SslMode::NAMES),
+    ),
+    text("mysql.ssl_ca"),
     text("serve.listen").or("0.0.0.0:8008"),
     Key::new(
         "serve.engine",

@@ -942,6 +942,194 @@ fn mysql_encrypted_dump_and_binlogs_restore_only_with_the_key() {
     );
 }
 
+#[test]
+fn a_tls_only_mariadb_works_with_verify_identity_and_refuses_another_ca() {
+    let db = MariaDbBuilder::new().tls_only().start().unwrap();
+    backup_account(&db);
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); INSERT INTO app.t VALUES (1), (2);",
+    );
+    let ca = db.ca_cert_path().unwrap().to_path_buf();
+    let repo = Repo::file();
+    let url = backup_url(&db);
+    let mode = std::path::Path::new("verify_identity");
+    let tls = [
+        ("DBAGENT_MYSQL_SSL_MODE", mode),
+        ("DBAGENT_MYSQL_SSL_CA", ca.as_path()),
+    ];
+
+    // Without TLS the server says no, and the message says which setting to fix.
+    let out = agent(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &["backup", "--engine", "mysql"],
+    );
+    refused(&out, "mysql.ssl_mode");
+    // A certificate from another CA is refused, naming mysql.ssl_ca.
+    let other = dbagent_testcontainers::TestCa::generate().unwrap();
+    let other_pem = other.pem_path();
+    let wrong = [
+        ("DBAGENT_MYSQL_SSL_MODE", mode),
+        ("DBAGENT_MYSQL_SSL_CA", other_pem.as_path()),
+    ];
+    let out = agent_with(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &wrong,
+        &["backup", "--engine", "mysql"],
+    );
+    let line = refused(&out, "mysql.ssl_ca");
+    assert!(line.contains("certificate"), "{line}");
+    assert!(repo.snapshot().is_empty(), "a refused backup wrote");
+
+    // With the CA: the dump (the client program over TLS) and binlog shipping.
+    let dump = ok(&agent_with(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &tls,
+        &["backup", "--engine", "mysql", "--json"],
+    ));
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert!(dump["id"].is_string(), "{dump:#}");
+    sql(&db, "INSERT INTO app.t VALUES (3); FLUSH BINARY LOGS;");
+    ok(&agent_with(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &tls,
+        &["binlog-push"],
+    ));
+
+    // serve connects over TLS too and sees a writable primary (its probe reads replica
+    // status, which takes SLAVE MONITOR).
+    sql(&db, "GRANT SLAVE MONITOR ON *.* TO 'dbagent'@'%'");
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), url.clone()),
+        ("DBAGENT_MYSQL_PASSWORD".to_string(), PASSWORD.to_string()),
+        ("DBAGENT_ENGINE".to_string(), "mysql".to_string()),
+        ("DBAGENT_SERVE_HEARTBEAT".to_string(), "false".to_string()),
+    ];
+    env.extend(
+        tls.iter()
+            .map(|(k, v)| (k.to_string(), v.display().to_string())),
+    );
+    env.extend(repo.env());
+    let serve = crate::serve::Serve::start(&env);
+    serve.wait_for(
+        "the primary over TLS",
+        std::time::Duration::from_secs(15),
+        |s| s.code("/primary") == 200,
+    );
+
+    // And the restore from that dump and binlog has every row.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    ok(&out);
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM app.t"), "3");
+}
+
+#[test]
+fn a_restored_server_is_locked_and_option_like_database_names_stay_names() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE `--no-data`; CREATE TABLE `--no-data`.t (id INT PRIMARY KEY); \
+         INSERT INTO `--no-data`.t VALUES (1), (2); \
+         CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); INSERT INTO app.t VALUES (7);",
+    );
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let port = free_port();
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let scratch = Scratch { dir: dir.clone() };
+    let stdout = ok(&out);
+    // The database called like an option was dumped as a database, with its rows.
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM `--no-data`.t"), "2");
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM app.t"), "1");
+
+    // root has a random password, in a private file the output names.
+    use std::os::unix::fs::PermissionsExt;
+    let password_file = dir.join("root-password");
+    assert!(
+        stdout.contains(&password_file.display().to_string()),
+        "{stdout}"
+    );
+    for f in [&password_file, &dir.join("my.cnf")] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+    }
+    let password = std::fs::read_to_string(&password_file).unwrap();
+    let password = password.trim();
+    assert!(password.len() >= 20, "{password:?}");
+    let client = |pw: Option<&str>| {
+        let mut cmd = Command::new(mariadb_bin("mariadb").unwrap());
+        cmd.args([
+            "--no-defaults",
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &port.to_string(),
+            "-u",
+            "root",
+        ]);
+        if let Some(pw) = pw {
+            cmd.arg(format!("--password={pw}"));
+        }
+        cmd.args(["-N", "-B", "-e", "SELECT 1"]).output().unwrap()
+    };
+    let open = client(None);
+    assert!(
+        !open.status.success(),
+        "root logs in over TCP without a password"
+    );
+    assert!(
+        String::from_utf8_lossy(&open.stderr).contains("Access denied"),
+        "{}",
+        String::from_utf8_lossy(&open.stderr)
+    );
+    assert!(client(Some(password)).status.success());
+}
+
 /// The dump carries the source's accounts (so binlogged GRANTs replay), but restoring it must
 /// never change an account that already exists on the target: not its password, not root's.
 #[test]
