@@ -476,13 +476,13 @@ impl Streamer {
             if storage::is_already_exists(&err) {
                 if let Some(obj) = self.store.head(key).await? {
                     let stored = pipeline::read_trailer(self.store.as_ref(), key, obj.size).await?;
-                    if stored == trailer {
+                    let recipients = pipeline::recipients(self.store.as_ref()).await?;
+                    if stored.holds(&trailer, recipients.as_deref()) == Some(true) {
                         return Ok(());
                     }
                     anyhow::bail!(
-                        "refusing to overwrite {key}: the repository holds different WAL under that name (sha256 {}, {} bytes; streamed: sha256 {}, {} bytes)",
-                        &stored.sha256_hex()[..16],
-                        stored.plain_size,
+                        "refusing to overwrite {key}: the repository holds different WAL under that name ({} bytes; streamed: sha256 {}, {} bytes), or WAL encrypted for another key set",
+                        stored.plain_size(),
                         &trailer.sha256_hex()[..16],
                         trailer.plain_size
                     );
