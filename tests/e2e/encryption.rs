@@ -176,6 +176,14 @@ fn pg_encrypted_backup_wal_and_restore_latest() {
     ));
     marker_rows(&pg, "MARKER-after-", 500);
     switch_and_wait_archived(&pg);
+    // wal-push without the public keys is refused (exit 1): PostgreSQL keeps the segment and
+    // retries, nothing is stored in the clear.
+    let last = pg
+        .psql("postgres", "SELECT last_archived_wal FROM pg_stat_archiver")
+        .unwrap();
+    let seg_path = pg.data_dir().join("pg_wal").join(&last);
+    let pushed = run(&repo, Some(&pg), &[], &["wal-push", seg_path.to_str().unwrap()]);
+    refused(&pushed, "encryption.recipients_file");
     let sysid = pg
         .psql(
             "postgres",
