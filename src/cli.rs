@@ -288,6 +288,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
     let cfg = Config::load(&flags, &ProcessEnv)?;
     let store = || crate::storage::open(&cfg);
+    // A writer the repository refuses (encryption keys) stops before it starts work; the
+    // pipeline asks again before every write.
+    let writer = || async {
+        let store = store()?;
+        crate::pipeline::recipients(store.as_ref()).await?;
+        anyhow::Ok(store)
+    };
     match cli.command {
         Command::Keygen { output } => {
             let public = crate::crypto::keys::keygen(&output)?;
@@ -306,17 +313,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             crate::pg::wal::prefetch(&cfg, store()?, &dir, &names).await
         }
         Command::Backup { engine, kind, json } => match (engine, kind) {
-            (Engine::Mysql, _) => emit(&crate::mysql::backup_dump(&cfg, store()?).await?, json),
-            (Engine::Postgres, Kind::Dump) => {
-                emit(&crate::pg::dump::backup_dumps(&cfg, store()?).await?, json)
-            }
-            (Engine::Postgres, Kind::Base) => {
-                emit(&crate::pg::backup::base_backup(&cfg, store()?).await?, json)
-            }
+            (Engine::Mysql, _) => emit(
+                &crate::mysql::backup_dump(&cfg, writer().await?).await?,
+                json,
+            ),
+            (Engine::Postgres, Kind::Dump) => emit(
+                &crate::pg::dump::backup_dumps(&cfg, writer().await?).await?,
+                json,
+            ),
+            (Engine::Postgres, Kind::Base) => emit(
+                &crate::pg::backup::base_backup(&cfg, writer().await?).await?,
+                json,
+            ),
         },
-        Command::BinlogPush { json } => {
-            emit(&crate::mysql::binlog_push(&cfg, store()?).await?, json)
-        }
+        Command::BinlogPush { json } => emit(
+            &crate::mysql::binlog_push(&cfg, writer().await?).await?,
+            json,
+        ),
         Command::Serve { listen, engine } => {
             let mut cfg = cfg;
             cfg.serve.engine = engine.unwrap_or(cfg.serve.engine);

@@ -128,6 +128,11 @@ pub struct MysqlConfig {
     /// The `server_id` binlog streaming registers with (default: 2,000,000,000 + the
     /// server's own).
     pub stream_server_id: Option<u32>,
+    /// TLS to the server (`disabled` … `verify_identity`); unset: the client programs' default
+    /// and no TLS on dbagent's own connections.
+    pub ssl_mode: Option<String>,
+    /// The CA certificates (PEM) `verify_ca`/`verify_identity` trust.
+    pub ssl_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -272,6 +277,8 @@ impl Config {
             server_uuid: v.opt("mysql.server_uuid")?,
             lock_wait_timeout: v.get("mysql.lock_wait_timeout")?,
             stream_server_id: v.opt("mysql.stream_server_id")?,
+            ssl_mode: v.opt("mysql.ssl_mode")?,
+            ssl_ca: v.opt("mysql.ssl_ca")?,
         };
         if let Some(url) = &mysql.url {
             crate::mysql::conn::MysqlConn::parse(url, None)?;

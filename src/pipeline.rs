@@ -1,4 +1,5 @@
-//! Streaming: reader -> zstd -> checksum of the plain bytes -> (multipart) upload, and back.
+//! Streaming: reader -> zstd -> checksum of the plain bytes -> (encryption) -> (multipart)
+//! upload, and back.
 //!
 //! Every object ends with a zstd *skippable frame* (the trailer) carrying the plain size and
 //! SHA-256. Standard tools ignore skippable frames, so `zstd -d < object` gives the plain
@@ -6,18 +7,28 @@
 //! handed to PostgreSQL. Compression and hashing run on blocking threads; the upload runs on
 //! the async runtime; the two are joined by a bounded channel, so memory stays at a few parts
 //! whatever the object size.
+//!
+//! This is also the one place that encrypts and decrypts (see `crypto`): every write asks the
+//! store's keyring for the recipients before it writes a byte (refused, exit 1, when they do
+//! not match the repository's records), and every read opens an encrypted object with the
+//! keyring's identities (refused, exit 1, naming the setting, before a byte is handed on).
+//! Every writer and reader (`wal-push`, backups, dumps, globals, binlogs; restores, `wal-fetch`,
+//! drills, `verify --full`) goes through here or through `proc`, which calls here.
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::{Compression, UploadConfig};
+use crate::crypto::keys::IDENTITY_SETTING;
+use crate::crypto::{Identities, Recipients, SEAL_LEN, Seal, SealWriter};
+use crate::input_err;
 use crate::storage::Store;
 
 /// zstd skippable frame magic (0x184D2A50..0x184D2A5F are all skippable).
@@ -109,6 +120,142 @@ impl Trailer {
 pub struct Written {
     pub trailer: Trailer,
     pub stored_size: u64,
+    /// The seal of an encrypted object.
+    pub seal: Option<Seal>,
+}
+
+/// What a download read and verified: the plain trailer, and the seal of an encrypted object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetched {
+    pub trailer: Trailer,
+    pub seal: Option<Seal>,
+}
+
+/// The recipients a write into `store` encrypts for (`None`: a plain repository). Asked before
+/// anything is written: a writer without recipients in an encrypted repository, or with
+/// recipients that are not its current key set, is refused here (exit 1). A store opened
+/// without a keyring (tests) still reads the records, so it cannot write plaintext into an
+/// encrypted repository either.
+pub async fn recipients(store: &dyn Store) -> anyhow::Result<Option<Arc<Recipients>>> {
+    match store.keyring() {
+        Some(keyring) => keyring.recipients(store).await,
+        None => {
+            crate::crypto::Records::load(store)
+                .await?
+                .write_mode("this repository", None)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Whether the object under `key` is stored in the clear even in an encrypted repository:
+/// only PostgreSQL timeline history files, which are planning data (which timeline branched
+/// from which, at which LSN) that `list`, `verify` and restore planning read without a key.
+/// The writer is still checked against the records like any other.
+pub fn stays_clear(key: &str) -> bool {
+    key.ends_with(".history.zst")
+}
+
+/// The recipients for one object: none for what `stays_clear`.
+async fn recipients_for(store: &dyn Store, key: &str) -> anyhow::Result<Option<Arc<Recipients>>> {
+    let recipients = recipients(store).await?;
+    Ok(recipients.filter(|_| !stays_clear(key)))
+}
+
+/// Refuses (exit 1) a reader that cannot open objects of every key set in `needed` (from the
+/// manifests), before it starts writing anything anywhere.
+pub async fn check_readable(
+    store: &dyn Store,
+    needed: &[crate::crypto::KeySet],
+) -> anyhow::Result<()> {
+    if needed.is_empty() {
+        return Ok(());
+    }
+    match store.keyring() {
+        Some(keyring) => keyring.check_reader(store, needed).await,
+        None => Err(input_err!(
+            "the objects to read are encrypted: readers need {IDENTITY_SETTING}, the secret keys; nothing was written"
+        )),
+    }
+}
+
+/// The key set new objects are written with, if the repository is encrypted: what WAL archived
+/// from now on needs.
+pub async fn current_key_set(store: &dyn Store) -> anyhow::Result<Option<crate::crypto::KeySet>> {
+    let records = match store.keyring() {
+        Some(keyring) => keyring.records(store).await?.current().cloned(),
+        None => crate::crypto::Records::load(store)
+            .await?
+            .current()
+            .cloned(),
+    };
+    records.map(|r| r.key_set()).transpose()
+}
+
+/// The identities a read from `store` decrypts with, if any are configured.
+pub async fn identities(store: &dyn Store) -> anyhow::Result<Option<Arc<Identities>>> {
+    match store.keyring() {
+        Some(keyring) => keyring.identities().await,
+        None => Ok(None),
+    }
+}
+
+/// Where compressed bytes go: straight on, or through age first.
+enum Sink<W: Write> {
+    Plain(W),
+    Sealed(Box<SealWriter<W>>),
+}
+
+impl<W: Write> Sink<W> {
+    fn new(recipients: Option<&Recipients>, out: W) -> std::io::Result<Sink<W>> {
+        Ok(match recipients {
+            None => Sink::Plain(out),
+            Some(r) => Sink::Sealed(Box::new(SealWriter::new(r, out)?)),
+        })
+    }
+
+    /// Closes the age stream and appends the seal (encrypted objects).
+    fn finish(self, trailer: &Trailer, note: u64) -> std::io::Result<(W, Option<Seal>)> {
+        match self {
+            Sink::Plain(w) => Ok((w, None)),
+            Sink::Sealed(w) => {
+                let (w, seal) = (*w).finish(trailer.plain_size, note, &trailer.sha256)?;
+                Ok((w, Some(seal)))
+            }
+        }
+    }
+}
+
+impl<W: Write> Write for Sink<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Plain(w) => w.write(buf),
+            Sink::Sealed(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.flush(),
+            Sink::Sealed(w) => w.flush(),
+        }
+    }
+}
+
+/// Encrypts a whole object made by `compress_to_memory` for `recipients`, if any.
+fn seal_in_memory(recipients: Option<&Recipients>, data: Bytes) -> anyhow::Result<Bytes> {
+    let Some(r) = recipients else {
+        return Ok(data);
+    };
+    let tail = data
+        .len()
+        .checked_sub(TRAILER_LEN)
+        .map(|start| &data[start..])
+        .unwrap_or_default();
+    let trailer = Trailer::decode(tail).context("a compressed object without its trailer")?;
+    let mut w = SealWriter::new(r, Vec::with_capacity(data.len() + 1024))?;
+    w.write_all(&data)?;
+    let (out, _) = w.finish(trailer.plain_size, Trailer::note(tail), &trailer.sha256)?;
+    Ok(out.into())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -188,7 +335,7 @@ fn compress_into<W: Write>(
     out: W,
     note: impl FnOnce() -> anyhow::Result<u64>,
     abandon: &AtomicBool,
-) -> anyhow::Result<(Option<W>, Trailer)> {
+) -> anyhow::Result<(Option<W>, Trailer, u64)> {
     let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
     let threads = match opts.threads {
         0 => std::thread::available_parallelism()
@@ -243,15 +390,16 @@ fn compress_into<W: Write>(
             plain_size: size,
             sha256,
         };
-        let out = match enc.take() {
+        let (out, note) = match enc.take() {
             Some(enc) => {
                 let mut out = enc.finish().context("finishing zstd")?;
-                out.write_all(&trailer.encode(note()?))?;
-                Some(out)
+                let note = note()?;
+                out.write_all(&trailer.encode(note))?;
+                (Some(out), note)
             }
-            None => None,
+            None => (None, 0),
         };
-        Ok((out, trailer))
+        Ok((out, trailer, note))
     })
 }
 
@@ -272,7 +420,7 @@ pub fn compress_to_memory(
     note: impl FnOnce() -> anyhow::Result<u64>,
     abandon: &AtomicBool,
 ) -> anyhow::Result<(Option<Vec<u8>>, Trailer)> {
-    compress_into(reader, opts, Vec::new(), note, abandon)
+    compress_into(reader, opts, Vec::new(), note, abandon).map(|(out, trailer, _)| (out, trailer))
 }
 
 /// Whether a write may replace what is stored under its key.
@@ -301,8 +449,9 @@ async fn start_upload_as(
     }
 }
 
-/// Stores an object compressed by `compress_to_memory`: one PUT, or a multipart upload when
-/// it is bigger than a part. Nothing is visible under `key` unless all of it was stored.
+/// Stores an object compressed by `compress_to_memory` (encrypted first in an encrypted
+/// repository): one PUT, or a multipart upload when it is bigger than a part. Nothing is
+/// visible under `key` unless all of it was stored.
 pub async fn put_compressed(
     store: &dyn Store,
     key: &str,
@@ -310,6 +459,13 @@ pub async fn put_compressed(
     upload: UploadConfig,
     mode: WriteMode,
 ) -> anyhow::Result<()> {
+    let recipients = recipients_for(store, key).await?;
+    let data = match recipients {
+        None => data,
+        Some(r) => tokio::task::spawn_blocking(move || seal_in_memory(Some(&r), data))
+            .await
+            .context("encryption task panicked")??,
+    };
     let part = upload.part_size.max(1);
     if data.len() <= part {
         return put_as(store, key, data, mode)
@@ -356,6 +512,8 @@ where
     R: Read + Send + 'static,
     N: FnOnce() -> anyhow::Result<u64> + Send + 'static,
 {
+    // Before a byte is read or written: a writer the repository refuses stops here.
+    let recipients = recipients_for(store, key).await?;
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
     let writer = PartWriter {
         buf: Vec::with_capacity(opts.upload.part_size),
@@ -365,13 +523,14 @@ where
     };
     let compression = opts.compression;
     let producer = tokio::task::spawn_blocking(move || {
-        let (rest, trailer) =
-            compress_into(reader, compression, writer, note, &AtomicBool::new(false))?;
-        let mut rest = rest.expect("never abandoned");
+        let sink = Sink::new(recipients.as_deref(), writer)?;
+        let (sink, trailer, note) =
+            compress_into(reader, compression, sink, note, &AtomicBool::new(false))?;
+        let (mut rest, seal) = sink.expect("never abandoned").finish(&trailer, note)?;
         if !rest.buf.is_empty() {
             rest.send()?;
         }
-        Ok::<_, anyhow::Error>(trailer)
+        Ok::<_, anyhow::Error>((trailer, seal))
     });
 
     // The first part is held back: if it is also the last, one plain PUT is enough.
@@ -413,7 +572,7 @@ where
     drop(rx);
     let produced = producer.await.context("compression task panicked")?;
     match (sent, produced) {
-        (Ok(()), Ok(trailer)) => {
+        (Ok(()), Ok((trailer, seal))) => {
             match multipart {
                 Some(up) => up.complete().await,
                 None => put_as(store, key, held.unwrap_or_default(), mode).await,
@@ -422,6 +581,7 @@ where
             Ok(Written {
                 trailer,
                 stored_size: stored,
+                seal,
             })
         }
         (sent, produced) => {
@@ -436,13 +596,14 @@ where
     }
 }
 
-/// Downloads `key`, decompresses it into `out`, and verifies the trailer. The caller must
-/// treat what it wrote as garbage unless this returns Ok.
+/// Downloads `key`, decrypts it (an encrypted object), decompresses it into `out`, and verifies
+/// the trailer (and the seal). The caller must treat what it wrote as garbage unless this
+/// returns Ok.
 pub async fn download<W: Write + Send + 'static>(
     store: &dyn Store,
     key: &str,
     out: W,
-) -> anyhow::Result<(W, Trailer)> {
+) -> anyhow::Result<(W, Fetched)> {
     download_watched(store, key, out, None).await
 }
 
@@ -454,7 +615,7 @@ pub async fn download_watched<W: Write + Send + 'static>(
     key: &str,
     out: W,
     stall: Option<std::time::Duration>,
-) -> anyhow::Result<(W, Trailer)> {
+) -> anyhow::Result<(W, Fetched)> {
     let stalled = |what: &str| {
         let limit = stall.unwrap_or_default().as_secs_f64();
         match what {
@@ -465,6 +626,7 @@ pub async fn download_watched<W: Write + Send + 'static>(
             _ => anyhow::anyhow!("downloading {key}: no data from the store for {limit:.1}s"),
         }
     };
+    let identities = identities(store).await?;
     let mut stream = match stall {
         Some(limit) => tokio::time::timeout(limit, store.get(key))
             .await
@@ -473,8 +635,9 @@ pub async fn download_watched<W: Write + Send + 'static>(
     };
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
     let name = key.to_string();
-    let consumer =
-        tokio::task::spawn_blocking(move || decompress_from(ChannelReader::new(rx), out, &name));
+    let consumer = tokio::task::spawn_blocking(move || {
+        decompress_from(ChannelReader::new(rx), out, &name, identities.as_deref())
+    });
     let mut sent: anyhow::Result<()> = Ok(());
     loop {
         let next = match stall {
@@ -502,6 +665,12 @@ pub async fn download_watched<W: Write + Send + 'static>(
     }
     drop(tx);
     let consumed = consumer.await.context("decompression task panicked")?;
+    // A refused key says what to fix, whatever the transfer did meanwhile.
+    if let Err(e) = &consumed
+        && crate::error::exit_code(e) == crate::error::EXIT_INPUT
+    {
+        return consumed;
+    }
     sent?;
     consumed
 }
@@ -509,8 +678,6 @@ pub async fn download_watched<W: Write + Send + 'static>(
 struct ChannelReader {
     rx: std::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
-    /// The last TRAILER_LEN bytes seen, to find the trailer at the end.
-    tail: Vec<u8>,
 }
 
 impl ChannelReader {
@@ -518,7 +685,6 @@ impl ChannelReader {
         ChannelReader {
             rx,
             current: Bytes::new(),
-            tail: Vec::with_capacity(2 * TRAILER_LEN),
         }
     }
 }
@@ -534,12 +700,27 @@ impl Read for ChannelReader {
         let n = buf.len().min(self.current.len());
         let chunk = self.current.split_to(n);
         buf[..n].copy_from_slice(&chunk);
+        Ok(n)
+    }
+}
+
+/// Passes bytes through and keeps the last `TRAILER_LEN` of them, to find the trailer at the
+/// end of the plain object.
+struct TailKeeper<R> {
+    inner: R,
+    tail: Vec<u8>,
+}
+
+impl<R: Read> Read for TailKeeper<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let chunk = &buf[..n];
         if chunk.len() >= TRAILER_LEN {
             self.tail.clear();
             self.tail
                 .extend_from_slice(&chunk[chunk.len() - TRAILER_LEN..]);
         } else {
-            self.tail.extend_from_slice(&chunk);
+            self.tail.extend_from_slice(chunk);
             if self.tail.len() > TRAILER_LEN {
                 self.tail.drain(..self.tail.len() - TRAILER_LEN);
             }
@@ -548,11 +729,72 @@ impl Read for ChannelReader {
     }
 }
 
+/// The age header every encrypted object starts with.
+const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
+
+/// Decrypts (when the object is encrypted) and decompresses `reader` into `out`.
 fn decompress_from<W: Write>(
-    reader: ChannelReader,
+    mut reader: ChannelReader,
+    out: W,
+    key: &str,
+    identities: Option<&Identities>,
+) -> anyhow::Result<(W, Fetched)> {
+    // The first bytes say which: a zstd frame or an age header.
+    let mut head = Vec::with_capacity(AGE_MAGIC.len());
+    while head.len() < AGE_MAGIC.len() {
+        let mut byte = [0u8; 64];
+        let want = AGE_MAGIC.len() - head.len();
+        match reader.read(&mut byte[..want])? {
+            0 => break,
+            n => head.extend_from_slice(&byte[..n]),
+        }
+    }
+    let encrypted = head == AGE_MAGIC;
+    let input = std::io::Cursor::new(head).chain(reader);
+    if !encrypted {
+        let (out, trailer, _) = decompress_plain(input, out, key)?;
+        return Ok((
+            out,
+            Fetched {
+                trailer,
+                seal: None,
+            },
+        ));
+    }
+    let Some(identities) = identities else {
+        return Err(input_err!(
+            "{key} is encrypted: readers need {IDENTITY_SETTING}, the secret key(s) of the repository; nothing was written"
+        ));
+    };
+    let opened = crate::crypto::seal::open(identities, input, key)?;
+    let (out, trailer, opened) = decompress_plain(opened, out, key)?;
+    let seal = opened.finish()?;
+    if seal.plain_size != trailer.plain_size {
+        return Err(corrupt(format!(
+            "{key} is corrupt: its seal says {} plain bytes, its content {}",
+            seal.plain_size, trailer.plain_size
+        )));
+    }
+    Ok((
+        out,
+        Fetched {
+            trailer,
+            seal: Some(seal),
+        },
+    ))
+}
+
+/// Decompresses a plain object (zstd frames, then the trailer) into `out`, checks the
+/// trailer, and gives back the reader, read to its end.
+fn decompress_plain<R: Read, W: Write>(
+    reader: R,
     mut out: W,
     key: &str,
-) -> anyhow::Result<(W, Trailer)> {
+) -> anyhow::Result<(W, Trailer, R)> {
+    let reader = TailKeeper {
+        inner: reader,
+        tail: Vec::with_capacity(2 * TRAILER_LEN),
+    };
     let mut dec = zstd::stream::read::Decoder::new(reader).context("starting zstd")?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
@@ -563,6 +805,12 @@ fn decompress_from<W: Write>(
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // An encrypted chunk that failed authentication surfaces here.
+                if let Some(inner) = e.get_ref()
+                    && inner.to_string().contains(" is corrupt")
+                {
+                    return Err(corrupt(inner.to_string()));
+                }
                 return Err(corrupt(format!(
                     "{key} is corrupt: cannot decompress it ({e})"
                 )));
@@ -576,7 +824,7 @@ fn decompress_from<W: Write>(
     out.flush()?;
     let mut reader = dec.finish().into_inner();
     // Drain anything the decoder did not need (there should be nothing).
-    std::io::copy(&mut reader, &mut std::io::sink())?;
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(crate::crypto::seal::read_failure)?;
     let Some(trailer) = Trailer::decode(&reader.tail) else {
         return Err(corrupt(format!(
             "{key} is corrupt or truncated: its checksum trailer is missing"
@@ -592,33 +840,72 @@ fn decompress_from<W: Write>(
             hex::encode(actual)
         )));
     }
-    Ok((out, trailer))
+    Ok((out, trailer, reader.inner))
 }
 
 fn corrupt(msg: String) -> anyhow::Error {
     anyhow::Error::new(crate::error::Failure::Corrupt(msg))
 }
 
-/// Reads an object's trailer without downloading the object.
-pub async fn read_trailer(store: &dyn Store, key: &str, size: u64) -> anyhow::Result<Trailer> {
-    Ok(read_tail(store, key, size).await?.0)
+/// What an object's last bytes say about it, read without downloading it (or a key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// A plain object: its trailer and note.
+    Plain(Trailer, u64),
+    /// An encrypted object: its seal.
+    Sealed(Seal),
+}
+
+impl Stored {
+    pub fn plain_size(&self) -> u64 {
+        match self {
+            Stored::Plain(t, _) => t.plain_size,
+            Stored::Sealed(s) => s.plain_size,
+        }
+    }
+
+    pub fn note(&self) -> u64 {
+        match self {
+            Stored::Plain(_, note) => *note,
+            Stored::Sealed(s) => s.note,
+        }
+    }
+
+    /// Whether the stored object holds the same plain bytes as `local` (a file about to be
+    /// pushed under the same name). `None` when it cannot be told: the object was encrypted
+    /// for other recipients than the writer's.
+    pub fn holds(&self, local: &Trailer, recipients: Option<&Recipients>) -> Option<bool> {
+        match self {
+            Stored::Plain(t, _) => Some(t == local),
+            Stored::Sealed(s) => {
+                let r = recipients.filter(|r| r.key_set() == s.key_set)?;
+                let id = crate::crypto::seal::plain_id(&r.plain_id_key(), &local.sha256);
+                Some(s.plain_size == local.plain_size && s.plain_id == id)
+            }
+        }
+    }
+}
+
+/// Reads an object's trailer (or seal) without downloading the object.
+pub async fn read_trailer(store: &dyn Store, key: &str, size: u64) -> anyhow::Result<Stored> {
+    let min = TRAILER_LEN.min(SEAL_LEN) as u64;
+    if size < min {
+        return Err(corrupt(format!("{key} is corrupt: only {size} bytes")));
+    }
+    let from = size.saturating_sub(SEAL_LEN.max(TRAILER_LEN) as u64);
+    let bytes = store.get_range(key, from..size).await?;
+    if let Some(seal) = Seal::find(&bytes) {
+        return Ok(Stored::Sealed(seal));
+    }
+    let tail = &bytes[bytes.len().saturating_sub(TRAILER_LEN)..];
+    let trailer = Trailer::decode(tail)
+        .ok_or_else(|| corrupt(format!("{key} is corrupt: its checksum trailer is missing")))?;
+    Ok(Stored::Plain(trailer, Trailer::note(tail)))
 }
 
 /// Reads an object's trailer note without downloading the object.
 pub async fn read_note(store: &dyn Store, key: &str, size: u64) -> anyhow::Result<u64> {
-    Ok(read_tail(store, key, size).await?.1)
-}
-
-async fn read_tail(store: &dyn Store, key: &str, size: u64) -> anyhow::Result<(Trailer, u64)> {
-    if size < TRAILER_LEN as u64 {
-        bail!("{key} is corrupt: only {size} bytes");
-    }
-    let bytes = store
-        .get_range(key, size - TRAILER_LEN as u64..size)
-        .await?;
-    let trailer = Trailer::decode(&bytes)
-        .with_context(|| format!("{key} is corrupt: its checksum trailer is missing"))?;
-    Ok((trailer, Trailer::note(&bytes)))
+    Ok(read_trailer(store, key, size).await?.note())
 }
 
 /// SHA-256 and size of a local file, as the trailer would record it.
@@ -724,12 +1011,12 @@ mod tests {
             assert_eq!(w.trailer.plain_size, len as u64);
             let (out, t) = download(&store, "obj", Vec::new()).await.unwrap();
             assert_eq!(out, plain);
-            assert_eq!(t, w.trailer);
+            assert_eq!(t.trailer, w.trailer);
             let head = store.head("obj").await.unwrap().unwrap();
             assert_eq!(head.size, w.stored_size);
             assert_eq!(
                 read_trailer(&store, "obj", head.size).await.unwrap(),
-                w.trailer
+                Stored::Plain(w.trailer, 0)
             );
             // A person can decompress the object with the plain zstd tool.
             let raw = std::fs::read(dir.path().join("obj")).unwrap();
@@ -824,7 +1111,7 @@ mod tests {
             .unwrap();
             assert_eq!(std::fs::read(dir.path().join("mem")).unwrap(), object);
             let (out, t) = download(&store, "mem", Vec::new()).await.unwrap();
-            assert_eq!((out, t), (plain, trailer));
+            assert_eq!((out, t.trailer), (plain, trailer));
             let tail = &object[object.len() - TRAILER_LEN..];
             assert_eq!(Trailer::note(tail), 42);
         }
@@ -908,6 +1195,192 @@ mod tests {
             assert!(store.list("").await.unwrap().is_empty());
             assert!(store.leftovers().await.unwrap().is_empty());
         }
+    }
+
+    /// An encrypted repository in `dir`: the key pair's files, and stores for a writer, a
+    /// reader and one without keys.
+    struct Encrypted {
+        dir: tempfile::TempDir,
+        recipients: std::path::PathBuf,
+        identity: std::path::PathBuf,
+    }
+
+    impl Encrypted {
+        async fn new() -> Encrypted {
+            let dir = tempfile::tempdir().unwrap();
+            let identity = dir.path().join("key.txt");
+            let public = crate::crypto::keys::keygen(&identity).unwrap();
+            let recipients = dir.path().join("recipients.txt");
+            std::fs::write(&recipients, format!("{public}\n")).unwrap();
+            std::fs::create_dir(dir.path().join("repo")).unwrap();
+            let e = Encrypted {
+                dir,
+                recipients,
+                identity,
+            };
+            let r = crate::crypto::Recipients::load(&e.recipients).unwrap();
+            crate::crypto::record::set(&e.bare(), &r).await.unwrap();
+            e
+        }
+
+        fn bare(&self) -> LocalStore {
+            LocalStore::new(self.dir.path().join("repo"))
+        }
+
+        fn store(
+            &self,
+            recipients: Option<&std::path::Path>,
+            identity: Option<&std::path::Path>,
+        ) -> crate::storage::Keyed {
+            crate::storage::Keyed::new(
+                Box::new(self.bare()),
+                crate::crypto::keyring::Keyring::new(
+                    "file:///repo",
+                    crate::crypto::EncryptionConfig {
+                        recipients_file: recipients.map(Into::into),
+                        identity_file: identity.map(Into::into),
+                    },
+                ),
+            )
+        }
+
+        fn raw(&self, key: &str) -> Vec<u8> {
+            std::fs::read(self.dir.path().join("repo").join(key)).unwrap()
+        }
+    }
+
+    fn marked(len: usize) -> Vec<u8> {
+        let mut plain = b"MARKER-secret-row ".repeat(len / 18 + 1);
+        plain.truncate(len);
+        plain
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_repository_stores_no_plaintext_and_reads_back() {
+        let e = Encrypted::new().await;
+        let writer = e.store(Some(&e.recipients), None);
+        let reader = e.store(None, Some(&e.identity));
+        for (len, part) in [(0usize, 5 << 20), (100_000, 5 << 20), (12 << 20, 1 << 16)] {
+            let plain = marked(len);
+            let w = upload(
+                &writer,
+                "obj",
+                std::io::Cursor::new(plain.clone()),
+                opts(part),
+            )
+            .await
+            .unwrap();
+            let seal = w.seal.expect("sealed");
+            let raw = e.raw("obj");
+            assert_eq!(raw.len() as u64, w.stored_size);
+            assert!(
+                !raw.windows(6).any(|x| x == b"MARKER"),
+                "plaintext in the object"
+            );
+            // Without a key: the seal; with one, the bytes.
+            let stored = read_trailer(&writer, "obj", w.stored_size).await.unwrap();
+            assert_eq!(stored, Stored::Sealed(seal));
+            let obj = crate::repo::manifest::ObjectRef::written("obj", &w);
+            assert!(obj.agrees(&stored));
+            assert_eq!(stored.holds(&w.trailer, None), None);
+            let r = crate::crypto::Recipients::load(&e.recipients).unwrap();
+            assert_eq!(stored.holds(&w.trailer, Some(&r)), Some(true));
+            let (out, fetched) = download(&reader, "obj", Vec::new()).await.unwrap();
+            assert_eq!(out, plain, "len {len}");
+            obj.verify(&fetched, "obj").unwrap();
+        }
+        // In-memory objects (wal-push) are sealed too.
+        let (object, _) = compress_to_memory(
+            std::io::Cursor::new(marked(5000)),
+            opts(5 << 20).compression,
+            || Ok(9),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        put_compressed(
+            &writer,
+            "mem",
+            object.unwrap().into(),
+            opts(5 << 20).upload,
+            WriteMode::CreateOnly,
+        )
+        .await
+        .unwrap();
+        let raw = e.raw("mem");
+        assert!(!raw.windows(6).any(|x| x == b"MARKER"));
+        assert_eq!(
+            read_note(&writer, "mem", raw.len() as u64).await.unwrap(),
+            9
+        );
+        assert_eq!(
+            download(&reader, "mem", Vec::new()).await.unwrap().0,
+            marked(5000)
+        );
+    }
+
+    #[tokio::test]
+    async fn writers_and_readers_without_the_keys_are_refused_before_writing() {
+        let e = Encrypted::new().await;
+        let before = e.bare().list("").await.unwrap().len();
+        for store in [
+            Box::new(e.store(None, Some(&e.identity))) as Box<dyn Store>,
+            Box::new(e.bare()),
+        ] {
+            let err = upload(
+                store.as_ref(),
+                "obj",
+                std::io::Cursor::new(marked(10)),
+                opts(5 << 20),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(crate::error::exit_code(&err), 1, "{err:#}");
+            assert!(
+                err.to_string().contains("encryption.recipients_file"),
+                "{err}"
+            );
+            let err = put_compressed(
+                store.as_ref(),
+                "mem",
+                Bytes::from_static(b"x"),
+                opts(5 << 20).upload,
+                WriteMode::CreateOnly,
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(crate::error::exit_code(&err), 1, "{err:#}");
+        }
+        assert_eq!(e.bare().list("").await.unwrap().len(), before);
+
+        let writer = e.store(Some(&e.recipients), None);
+        upload(
+            &writer,
+            "obj",
+            std::io::Cursor::new(marked(1000)),
+            opts(5 << 20),
+        )
+        .await
+        .unwrap();
+        // No identity, and the wrong one: exit 1 naming the setting, nothing handed on.
+        let other = e.dir.path().join("other.txt");
+        crate::crypto::keys::keygen(&other).unwrap();
+        for store in [e.store(None, None), e.store(None, Some(&other))] {
+            let err = download(&store, "obj", Vec::new()).await.unwrap_err();
+            assert_eq!(crate::error::exit_code(&err), 1, "{err:#}");
+            assert!(
+                err.to_string().contains("encryption.identity_file"),
+                "{err}"
+            );
+        }
+        // Damage is corruption, not a key problem.
+        let reader = e.store(None, Some(&e.identity));
+        let path = e.dir.path().join("repo/obj");
+        let mut raw = std::fs::read(&path).unwrap();
+        let i = raw.len() / 2;
+        raw[i] ^= 1;
+        std::fs::write(&path, &raw).unwrap();
+        let err = download(&reader, "obj", Vec::new()).await.unwrap_err();
+        assert!(crate::error::is_corrupt(&err), "{err:#}");
     }
 
     struct Stalling;

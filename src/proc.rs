@@ -252,6 +252,8 @@ impl<'a> Run<'a> {
             on_failure,
             stop,
         } = self;
+        // A writer the repository refuses (encryption keys) is refused before the program runs.
+        pipeline::recipients(store).await?;
         let mut child = program.spawn(Stdio::null(), Stdio::piped(), Stdio::piped())?;
         let out = blocking(child.stdout.take().expect("piped").into_owned_fd())?;
         pipeline::widen_pipe(&out);
@@ -313,6 +315,8 @@ impl<'a> Run<'a> {
             on_failure,
             stop: _,
         } = self;
+        // A reader without the key is refused before the program starts.
+        pipeline::check_readable(store, object.needs().as_slice()).await?;
         let mut child = program.spawn(Stdio::piped(), Stdio::null(), Stdio::piped())?;
         let stdin = blocking(child.stdin.take().expect("piped").into_owned_fd())?;
         let tail = Tail::start(program, child.stderr.take().expect("piped"), on_line);
@@ -320,12 +324,18 @@ impl<'a> Run<'a> {
         let downloaded =
             pipeline::download(store, &object.key, stdin)
                 .await
-                .map(|(stdin, trailer)| {
+                .map(|(stdin, fetched)| {
                     drop(stdin);
-                    trailer
+                    fetched
                 });
         let status = child.wait().await?;
         let exit = Exit::new(program, status, tail.finish().await, Vec::new());
+        // A refused key is what to fix, whatever the program made of its empty input.
+        if let Err(e) = &downloaded
+            && crate::error::exit_code(e) == crate::error::EXIT_INPUT
+        {
+            return downloaded.map(drop);
+        }
         if !exit.status.success() {
             return Err(failure(on_failure, &exit));
         }
@@ -625,9 +635,9 @@ mod tests {
             .unwrap();
         assert_eq!(count.0, 11);
         assert_eq!(obj.plain_bytes, 11);
-        let (plain, trailer) = pipeline::download(&store, "k", Vec::new()).await.unwrap();
+        let (plain, fetched) = pipeline::download(&store, "k", Vec::new()).await.unwrap();
         assert_eq!(plain, b"hello world");
-        obj.verify(&trailer, "k").unwrap();
+        obj.verify(&fetched, "k").unwrap();
     }
 
     #[tokio::test]

@@ -153,14 +153,21 @@ pub async fn verify_mysql(
             let store = store.clone();
             async move {
                 let res = async {
-                    let trailer = if full {
-                        pipeline::download(store.as_ref(), &data.key, std::io::sink())
-                            .await?
-                            .1
+                    if full {
+                        let (_, fetched) =
+                            pipeline::download(store.as_ref(), &data.key, std::io::sink()).await?;
+                        data.verify(&fetched, &what)?;
                     } else {
-                        pipeline::read_trailer(store.as_ref(), &data.key, data.stored_bytes).await?
-                    };
-                    data.verify(&trailer, &what)?;
+                        let stored =
+                            pipeline::read_trailer(store.as_ref(), &data.key, data.stored_bytes)
+                                .await?;
+                        anyhow::ensure!(
+                            data.agrees(&stored),
+                            crate::error::Failure::Corrupt(format!(
+                                "{what}: its checksum does not match its manifest"
+                            ))
+                        );
+                    }
                     Ok(data.stored_bytes)
                 }
                 .await;
@@ -214,7 +221,7 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
             ));
         }
         match pipeline::read_trailer(store.as_ref(), &b.data.key, head.size).await {
-            Ok(t) if t.sha256_hex() == b.data.sha256 && t.plain_size == b.data.plain_bytes => {}
+            Ok(t) if b.data.agrees(&t) => {}
             Ok(_) => out.problems.push(format!(
                 "backup {}: its data's checksum does not match the manifest",
                 b.id
@@ -287,7 +294,7 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
                 let res = if full {
                     pipeline::download(store.as_ref(), &key, std::io::sink())
                         .await
-                        .map(|(_, t)| t.plain_size)
+                        .map(|(_, t)| t.trailer.plain_size)
                 } else {
                     let size = match size {
                         0 => store

@@ -165,6 +165,11 @@ pub const KEYS: &[Key] = &[
     text("mysql.server_uuid"),
     duration("mysql.lock_wait_timeout", "1m"),
     int("mysql.stream_server_id", 1, u32::MAX as i128),
+    Key::new(
+        "mysql.ssl_mode",
+        Kind::Choice(crate::mysql::conn::SslMode::NAMES),
+    ),
+    text("mysql.ssl_ca"),
     text("serve.listen").or("0.0.0.0:8008"),
     Key::new(
         "serve.engine",

@@ -162,6 +162,19 @@ impl Recipients {
         &self.source
     }
 
+    /// The key of `seal::plain_id`: a hash of the public keys themselves (sorted), which the
+    /// repository never stores (it records fingerprints only).
+    pub fn plain_id_key(&self) -> [u8; 32] {
+        let mut texts: Vec<String> = self.keys.iter().map(|k| k.to_string()).collect();
+        texts.sort();
+        let mut h = Sha256::new();
+        for t in texts {
+            h.update(t.as_bytes());
+            h.update(b"\n");
+        }
+        h.finalize().into()
+    }
+
     pub(crate) fn encryptor(&self) -> age::Encryptor {
         age::Encryptor::with_recipients(self.keys.iter().map(|k| k as &dyn age::Recipient))
             .expect("X25519 recipients, at least one")

@@ -20,34 +20,36 @@
 //! A plain object is zstd frames followed by the 64-byte trailer (a zstd skippable frame:
 //! `DBAGENT1`, plain size, plain SHA-256, note). An encrypted object is that same plain object
 //! inside an age v1 stream (X25519 stanzas for every recipient of the key set, 64 KiB
-//! ChaCha20-Poly1305 chunks), followed by an 80-byte *seal* in the clear, framed like the
+//! ChaCha20-Poly1305 chunks), followed by a 112-byte *seal* in the clear, framed like the
 //! trailer:
 //!
 //! ```text
 //! offset  size  field
 //! 0       4     0x184D2A5E (little-endian): a zstd skippable frame
-//! 4       4     72: the payload's length
+//! 4       4     104: the payload's length
 //! 8       8     "DBAGENTS"
 //! 16      8     plain size (u64 LE): the bytes the database wrote
 //! 24      8     note (u64 LE): a WAL segment's last transaction time, else 0
 //! 32      8     size of the age stream (u64 LE)
 //! 40      32    SHA-256 of the age stream
 //! 72      8     key set: the first 8 bytes of SHA-256 over the recipients' sorted fingerprints
+//! 80      32    plain id: the plain SHA-256 hashed with a key derived from the public keys
 //! ```
 //!
-//! So `list` reads sizes and the WAL note with one ranged read of the last 80 bytes, and
+//! So `list` reads sizes and the WAL note with one ranged read of the last 112 bytes, and
 //! `verify` without `--full` compares the seal (stored size and checksum, key set) with the
 //! manifest, all without a key. The plain SHA-256 is only inside the encrypted part: the
 //! clear text says nothing about the content beyond its size (and a WAL segment's time). A
 //! reader checks the stored bytes against the seal and the manifest, then age authenticates
 //! every chunk, then the plain trailer inside proves the decompressed bytes. By hand:
-//! `head -c -80 OBJECT | age -d -i key.txt | zstd -d`.
+//! `head -c -112 OBJECT | age -d -i key.txt | zstd -d`.
 //!
 //! Manifests stay JSON in the clear with what listing and planning need (names, LSNs, times,
 //! sizes, the stored bytes' checksum, key sets); what is derived from the data (row counts,
 //! database settings, extensions, table names, owners, locales) moves into a `private` field
 //! holding an age-encrypted JSON document (`seal_bytes`).
 
+pub mod keyring;
 pub mod keys;
 pub mod record;
 pub mod seal;

@@ -2,7 +2,7 @@
 //! *seal*) that listing and `verify` read without a key. See the module above for the layout.
 //!
 //! Both directions stream with bounded memory: age encrypts and decrypts 64 KiB chunks, the
-//! hashing is done as bytes pass, and the reader holds back only the seal's 80 bytes.
+//! hashing is done as bytes pass, and the reader holds back only the seal's 112 bytes.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
@@ -15,8 +15,8 @@ use crate::error::Failure;
 /// zstd skippable frame magic, as the plain trailer uses: the seal has the same framing.
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A5E;
 const SEAL_TAG: &[u8; 8] = b"DBAGENTS";
-/// tag, plain size, note, cipher size, cipher SHA-256, key set.
-const SEAL_PAYLOAD: usize = 8 + 8 + 8 + 8 + 32 + 8;
+/// tag, plain size, note, cipher size, cipher SHA-256, key set, keyed plain id.
+const SEAL_PAYLOAD: usize = 8 + 8 + 8 + 8 + 32 + 8 + 32;
 /// The seal's length at the end of every encrypted object.
 pub const SEAL_LEN: usize = 8 + SEAL_PAYLOAD;
 const READ_CHUNK: usize = 256 << 10;
@@ -35,6 +35,11 @@ pub struct Seal {
     pub cipher_sha256: [u8; 32],
     /// The recipients the object was encrypted for.
     pub key_set: KeySet,
+    /// The plain bytes' SHA-256 hashed again with a key derived from the recipients' public
+    /// keys (`Recipients::plain_id`): a writer holding the same recipients file can tell
+    /// whether a stored object has the same content as its own (two pushes of one WAL name),
+    /// while whoever reads the bucket, without that file, learns nothing about the content.
+    pub plain_id: [u8; 32],
 }
 
 impl Seal {
@@ -48,6 +53,7 @@ impl Seal {
         out[32..40].copy_from_slice(&self.cipher_size.to_le_bytes());
         out[40..72].copy_from_slice(&self.cipher_sha256);
         out[72..80].copy_from_slice(&self.key_set.0);
+        out[80..112].copy_from_slice(&self.plain_id);
         out
     }
 
@@ -67,6 +73,7 @@ impl Seal {
             cipher_size: u64_at(32),
             cipher_sha256: bytes[40..72].try_into().ok()?,
             key_set: KeySet(bytes[72..80].try_into().ok()?),
+            plain_id: bytes[80..112].try_into().ok()?,
         })
     }
 
@@ -106,6 +113,7 @@ impl<W: Write> Write for Hashing<W> {
 pub struct SealWriter<W: Write> {
     age: age::stream::StreamWriter<Hashing<W>>,
     key_set: KeySet,
+    plain_id_key: [u8; 32],
 }
 
 impl<W: Write> SealWriter<W> {
@@ -118,12 +126,19 @@ impl<W: Write> SealWriter<W> {
         Ok(SealWriter {
             age: recipients.encryptor().wrap_output(hashing)?,
             key_set: recipients.key_set(),
+            plain_id_key: recipients.plain_id_key(),
         })
     }
 
     /// Ends the age stream and writes the seal, which repeats `plain_size` and `note` (the
-    /// plain trailer already inside the encrypted part holds them with the plain checksum).
-    pub fn finish(self, plain_size: u64, note: u64) -> io::Result<(W, Seal)> {
+    /// plain trailer already inside the encrypted part holds them with the plain checksum)
+    /// and holds the keyed id of `plain_sha256`.
+    pub fn finish(
+        self,
+        plain_size: u64,
+        note: u64,
+        plain_sha256: &[u8; 32],
+    ) -> io::Result<(W, Seal)> {
         let hashing = self.age.finish()?;
         let seal = Seal {
             plain_size,
@@ -131,6 +146,7 @@ impl<W: Write> SealWriter<W> {
             cipher_size: hashing.size,
             cipher_sha256: hashing.hasher.finalize().into(),
             key_set: self.key_set,
+            plain_id: plain_id(&self.plain_id_key, plain_sha256),
         };
         let mut out = hashing.inner;
         out.write_all(&seal.encode())?;
@@ -146,6 +162,15 @@ impl<W: Write> Write for SealWriter<W> {
         // age writes whole chunks; a flush here would only be a no-op on the inner writer.
         Ok(())
     }
+}
+
+/// The keyed id of a plain SHA-256 (see `Seal::plain_id`).
+pub fn plain_id(key: &[u8; 32], plain_sha256: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"dbagent plain id v1\n");
+    h.update(key);
+    h.update(plain_sha256);
+    h.finalize().into()
 }
 
 /// What `HoldBack` found once its input ended.
@@ -389,7 +414,9 @@ mod tests {
         for piece in plain.chunks(7919) {
             w.write_all(piece).unwrap();
         }
-        let (out, s) = w.finish(plain.len() as u64, note).unwrap();
+        let sha: [u8; 32] = Sha256::digest(plain).into();
+        let (out, s) = w.finish(plain.len() as u64, note, &sha).unwrap();
+        assert_eq!(s.plain_id, plain_id(&recipients.plain_id_key(), &sha));
         assert_eq!(s.cipher_size as usize, out.len() - SEAL_LEN);
         out
     }
@@ -418,7 +445,7 @@ mod tests {
         for len in [0usize, 1, 65535, 65536, 65537, 3 * 65536, 1 << 20] {
             let plain: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let object = seal(&rs, &plain, 77);
-            let found = Seal::find(&object[object.len().saturating_sub(100)..]).unwrap();
+            let found = Seal::find(&object[object.len().saturating_sub(200)..]).unwrap();
             assert_eq!(found.plain_size, len as u64);
             assert_eq!(found.note, 77);
             assert_eq!(found.key_set, rs.key_set());
@@ -460,9 +487,9 @@ mod tests {
         bad[1000] ^= 1;
         let err = open_all(&ids, &bad).unwrap_err();
         assert!(crate::error::is_corrupt(&err), "{err:#}");
-        // A flipped byte in the seal's checksum.
+        // A flipped byte in the seal's checksum of the stored bytes.
         let mut bad = object.clone();
-        let i = bad.len() - 20;
+        let i = bad.len() - SEAL_LEN + 50;
         bad[i] ^= 1;
         let err = open_all(&ids, &bad).unwrap_err();
         assert!(format!("{err:#}").contains("checksum mismatch"), "{err:#}");

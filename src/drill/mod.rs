@@ -161,6 +161,14 @@ pub async fn run(
     engine: Engine,
     target: DrillTarget,
 ) -> anyhow::Result<Drilled> {
+    // In an encrypted repository a drill reads (the secret keys of the current key set) and
+    // writes its report (the recipients): a job missing either is refused before it starts.
+    crate::pipeline::recipients(store.as_ref()).await?;
+    let current: Vec<_> = crate::pipeline::current_key_set(store.as_ref())
+        .await?
+        .into_iter()
+        .collect();
+    crate::pipeline::check_readable(store.as_ref(), &current).await?;
     let drill = async {
         match engine {
             Engine::Postgres => pg::run(cfg, store.clone(), target)

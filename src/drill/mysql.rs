@@ -15,7 +15,7 @@ use crate::mysql::client::Programs;
 use crate::mysql::conn::MysqlConn;
 use crate::mysql::load::{WorkDir, load_dump, replay_binlogs};
 use crate::mysql::plan::MysqlPlan;
-use crate::mysql::scratch::ScratchServer;
+use crate::mysql::scratch::{Listen, ScratchServer};
 use crate::mysql::sql;
 use crate::repo::mysql::MysqlCatalog;
 use crate::restore::plan::Target;
@@ -126,7 +126,7 @@ impl DrillServer {
     ) -> anyhow::Result<DrillServer> {
         let flavor = plan.dump.flavor;
         let programs = Programs::find(&cfg.mysql, flavor)?;
-        let server = ScratchServer::start(&cfg.mysql, dir, None, flavor).await?;
+        let server = ScratchServer::start(&cfg.mysql, dir, Listen::SocketOnly, flavor).await?;
         let drill = DrillServer {
             plan,
             cat,

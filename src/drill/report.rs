@@ -71,6 +71,8 @@ pub struct Report {
     /// Restore until the server accepted queries: the measured RTO.
     pub rto_seconds: Option<f64>,
     pub result: Status,
+    /// Private in an encrypted repository (see `repo::private`).
+    #[serde(default)]
     pub checks: Vec<CheckResult>,
     pub dbagent_version: String,
 }

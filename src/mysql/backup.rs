@@ -108,6 +108,8 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .arg(options.arg())
         .args(dump_args(&server.facts))
         .arg("--databases")
+        // Names are the server's: after `--`, a database called `--no-data` stays a name.
+        .arg("--")
         .args(&databases);
     // Sessions of this account already waiting are not the dump's.
     let waiting_before: Vec<u64> = server

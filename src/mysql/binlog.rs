@@ -268,14 +268,18 @@ pub async fn ship_closed(
                 .find(|o| o.key == data_key)
                 .map(|o| o.size)
                 .unwrap_or(0);
-            compare_existing(store.as_ref(), &data_key, stored_size, &path, name).await?;
+            let (stored, trailer) =
+                compare_existing(store.as_ref(), &data_key, stored_size, &path, name).await?;
             if !present.contains(meta_key.as_str()) {
                 // Uploaded by a pass that died before describing it.
                 let scan = scan_file(&path)?;
-                let trailer = pipeline::file_identity(&path)?;
                 let written = pipeline::Written {
                     trailer,
                     stored_size,
+                    seal: match stored {
+                        pipeline::Stored::Sealed(seal) => Some(seal),
+                        pipeline::Stored::Plain(..) => None,
+                    },
                 };
                 describe(store.as_ref(), &uuid, name, &data_key, written, &scan).await?;
             }
@@ -378,25 +382,30 @@ async fn describe(
     .await
 }
 
+/// Whether the binlog stored under `key` is the local file: what is stored and the file's
+/// identity when it is, a loud error when it is not.
 async fn compare_existing(
     store: &dyn Store,
     key: &str,
     size: u64,
     path: &Path,
     name: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(pipeline::Stored, pipeline::Trailer)> {
     let stored = pipeline::read_trailer(store, key, size).await?;
     let local = pipeline::file_identity(path)?;
-    if stored == local {
-        return Ok(());
+    let recipients = pipeline::recipients(store).await?;
+    match stored.holds(&local, recipients.as_deref()) {
+        Some(true) => Ok((stored, local)),
+        Some(false) => anyhow::bail!(
+            "refusing to overwrite binlog {name}: the archive already holds a different {name} ({} bytes; this one is sha256 {}, {} bytes). Two servers may share a server id and hostname, or the server's binlogs were reset (RESET MASTER): give it a new server_id or a new repository prefix",
+            stored.plain_size(),
+            &local.sha256_hex()[..16],
+            local.plain_size
+        ),
+        None => anyhow::bail!(
+            "binlog {name} is already archived, encrypted for another key set than this writer's: cannot tell whether it is this file; not archived again"
+        ),
     }
-    anyhow::bail!(
-        "refusing to overwrite binlog {name}: the archive already holds a different {name} (sha256 {}, {} bytes; this one is sha256 {}, {} bytes). Two servers may share a server id and hostname, or the server's binlogs were reset (RESET MASTER): give it a new server_id or a new repository prefix",
-        &stored.sha256_hex()[..16],
-        stored.plain_size,
-        &local.sha256_hex()[..16],
-        local.plain_size
-    )
 }
 
 #[cfg(test)]

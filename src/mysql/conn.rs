@@ -5,6 +5,11 @@
 //!
 //! The password never goes on a command line: every program gets a private option file
 //! (mode 0600 in a 0700 directory, removed afterwards) as its `--defaults-file`.
+//!
+//! TLS (`mysql.ssl_mode`, `mysql.ssl_ca`) applies to both: `mysql_async` over rustls, and the
+//! option file's `ssl*` lines, written for MariaDB's and MySQL's programs at once with the
+//! `loose-` prefix (each ignores the other's options instead of refusing to start). Over a
+//! unix socket there is no TLS, as the clients themselves do.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -26,6 +31,126 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Server error codes that mean "cannot log in here": the user's settings are wrong (exit 1).
 const LOGIN_ERRORS: [u16; 4] = [1044, 1045, 1049, 1698];
 
+/// `mysql.ssl_mode`, in MySQL's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disabled,
+    /// The client programs' default (TLS when the server offers it); dbagent's own
+    /// connections go without TLS (`mysql_async` cannot fall back).
+    Preferred,
+    /// TLS, any certificate.
+    Required,
+    /// TLS, a certificate from `mysql.ssl_ca` (MariaDB's programs check the host name too:
+    /// they have no CA-only check).
+    VerifyCa,
+    /// TLS, a certificate from `mysql.ssl_ca` for the host name connected to.
+    VerifyIdentity,
+}
+
+impl SslMode {
+    pub const NAMES: &'static [&'static str] = &[
+        "disabled",
+        "preferred",
+        "required",
+        "verify_ca",
+        "verify_identity",
+    ];
+
+    fn parse(s: &str) -> anyhow::Result<SslMode> {
+        Ok(match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "disabled" => SslMode::Disabled,
+            "preferred" => SslMode::Preferred,
+            "required" => SslMode::Required,
+            "verify_ca" => SslMode::VerifyCa,
+            "verify_identity" => SslMode::VerifyIdentity,
+            other => {
+                return Err(input_err!(
+                    "mysql.ssl_mode: expected one of {}, got {other:?}",
+                    Self::NAMES.join(", ")
+                ));
+            }
+        })
+    }
+}
+
+/// TLS settings for one server.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// `None`: nothing configured (the programs' defaults).
+    pub mode: Option<SslMode>,
+    pub ca: Option<PathBuf>,
+}
+
+impl Tls {
+    pub fn from_config(cfg: &MysqlConfig) -> anyhow::Result<Tls> {
+        let mode = cfg.ssl_mode.as_deref().map(SslMode::parse).transpose()?;
+        if let Some(ca) = &cfg.ssl_ca {
+            std::fs::metadata(ca).map_err(|e| {
+                input_err!(
+                    "mysql.ssl_ca (DBAGENT_MYSQL_SSL_CA): cannot read {}: {e}",
+                    ca.display()
+                )
+            })?;
+        }
+        Ok(Tls {
+            mode,
+            ca: cfg.ssl_ca.clone(),
+        })
+    }
+
+    /// The `mysql_async` TLS options; `None` for no TLS.
+    fn ssl_opts(&self) -> Option<mysql_async::SslOpts> {
+        let roots = || self.ca.iter().map(|p| p.clone().into()).collect();
+        let opts = mysql_async::SslOpts::default();
+        match self.mode? {
+            SslMode::Disabled | SslMode::Preferred => None,
+            SslMode::Required => Some(
+                opts.with_danger_accept_invalid_certs(true)
+                    .with_danger_skip_domain_validation(true),
+            ),
+            SslMode::VerifyCa => Some(
+                opts.with_root_certs(roots())
+                    .with_disable_built_in_roots(self.ca.is_some())
+                    .with_danger_skip_domain_validation(true),
+            ),
+            SslMode::VerifyIdentity => Some(
+                opts.with_root_certs(roots())
+                    .with_disable_built_in_roots(self.ca.is_some()),
+            ),
+        }
+    }
+
+    /// The `[client]` lines for the programs.
+    fn option_lines(&self) -> anyhow::Result<String> {
+        let mut text = String::new();
+        let Some(mode) = self.mode else {
+            return Ok(text);
+        };
+        let (mariadb, mysql) = match mode {
+            SslMode::Disabled => ("loose-skip-ssl\n", "DISABLED"),
+            SslMode::Preferred => ("", "PREFERRED"),
+            SslMode::Required => ("loose-ssl\nloose-skip-ssl-verify-server-cert\n", "REQUIRED"),
+            SslMode::VerifyCa => ("loose-ssl\nloose-ssl-verify-server-cert\n", "VERIFY_CA"),
+            SslMode::VerifyIdentity => (
+                "loose-ssl\nloose-ssl-verify-server-cert\n",
+                "VERIFY_IDENTITY",
+            ),
+        };
+        text.push_str(mariadb);
+        text.push_str(&format!("loose-ssl-mode={mysql}\n"));
+        if let Some(ca) = &self.ca {
+            if mode != SslMode::Disabled {
+                text.push_str(&format!(
+                    "ssl-ca={}\n",
+                    option_value(&ca.to_string_lossy())?
+                ));
+            }
+        }
+        Ok(text)
+    }
+}
+
 /// Connection settings for one server.
 #[derive(Debug, Clone)]
 pub struct MysqlConn {
@@ -34,6 +159,7 @@ pub struct MysqlConn {
     pub port: u16,
     pub socket: Option<PathBuf>,
     password: Option<Secret>,
+    tls: Tls,
 }
 
 impl MysqlConn {
@@ -44,7 +170,9 @@ impl MysqlConn {
                 "no MySQL server configured: set DBAGENT_MYSQL_URL=mysql://user@host:port (and DBAGENT_MYSQL_PASSWORD_FILE)"
             ));
         };
-        Self::parse(url, cfg.password.clone())
+        let mut conn = Self::parse(url, cfg.password.clone())?;
+        conn.tls = Tls::from_config(cfg)?;
+        Ok(conn)
     }
 
     /// Parses `mysql://user@host:port[?socket=/path]` (or `mariadb://…`). A password in the
@@ -81,6 +209,7 @@ impl MysqlConn {
             port: parsed.port().unwrap_or(3306),
             socket,
             password,
+            tls: Tls::default(),
         })
     }
 
@@ -92,6 +221,7 @@ impl MysqlConn {
             port,
             socket: Some(socket.to_path_buf()),
             password: None,
+            tls: Tls::default(),
         }
     }
 
@@ -105,6 +235,10 @@ impl MysqlConn {
     /// The options for `mysql_async`: the socket when one is named, else TCP (never swapped
     /// for a local socket behind the user's back).
     pub fn opts(&self) -> Opts {
+        let ssl = match self.socket {
+            Some(_) => None,
+            None => self.tls.ssl_opts(),
+        };
         OptsBuilder::default()
             .user(Some(&self.user))
             .pass(self.password.as_ref().map(|p| p.expose()))
@@ -113,6 +247,7 @@ impl MysqlConn {
             .socket(self.socket.as_ref().map(|s| s.display().to_string()))
             .prefer_socket(self.socket.is_some())
             .stmt_cache_size(Some(16))
+            .ssl_opts(ssl)
             .into()
     }
 
@@ -132,7 +267,9 @@ impl MysqlConn {
 
     fn connect_error(&self, e: mysql_async::Error) -> anyhow::Error {
         match e {
-            mysql_async::Error::Server(e) if !LOGIN_ERRORS.contains(&e.code) => {
+            mysql_async::Error::Server(e)
+                if !LOGIN_ERRORS.contains(&e.code) && tls_hint(&e.message).is_none() =>
+            {
                 self.query_error(mysql_async::Error::Server(e))
             }
             mysql_async::Error::Server(e) => self.cannot_connect(&e.to_string()),
@@ -146,8 +283,21 @@ impl MysqlConn {
     }
 
     fn cannot_connect(&self, why: &str) -> anyhow::Error {
+        let without_tls = self.socket.is_none()
+            && matches!(
+                self.tls.mode,
+                None | Some(SslMode::Disabled) | Some(SslMode::Preferred)
+            );
+        let hint = match tls_hint(why) {
+            Some(hint) => hint,
+            // MariaDB answers "access denied" to a client without TLS when it requires TLS.
+            None if without_tls && why.contains("Access denied") => {
+                "check DBAGENT_MYSQL_URL and DBAGENT_MYSQL_PASSWORD_FILE; a server that takes only TLS connections answers the same way: then set mysql.ssl_mode (DBAGENT_MYSQL_SSL_MODE) to verify_identity, with mysql.ssl_ca"
+            }
+            None => "check DBAGENT_MYSQL_URL and DBAGENT_MYSQL_PASSWORD_FILE",
+        };
         anyhow::Error::new(Failure::Input(format!(
-            "cannot connect to MySQL at {}: {why}: check DBAGENT_MYSQL_URL and DBAGENT_MYSQL_PASSWORD_FILE",
+            "cannot connect to MySQL at {}: {why}: {hint}",
             self.describe()
         )))
     }
@@ -164,12 +314,35 @@ impl MysqlConn {
         if let Some(p) = &self.password {
             text.push_str(&format!("password={}\n", option_value(p.expose())?));
         }
+        if self.socket.is_none() {
+            text.push_str(&self.tls.option_lines()?);
+        }
         // Only the interactive client knows this option; the dump program would refuse it.
         text.push_str(&format!(
             "[mysql]\nconnect-timeout={}\n",
             CONNECT_TIMEOUT.as_secs()
         ));
         OptionsFile::create(&text)
+    }
+}
+
+/// What to fix when a connection failed over TLS (or for the lack of it).
+pub fn tls_hint(why: &str) -> Option<&'static str> {
+    let why = why.to_ascii_lowercase();
+    if why.contains("certificate") || why.contains("unknownissuer") || why.contains("unknown ca") {
+        Some(
+            "the server's TLS certificate was refused: mysql.ssl_ca (DBAGENT_MYSQL_SSL_CA) must hold the CA that signed it, and under verify_identity the certificate must name the host in DBAGENT_MYSQL_URL",
+        )
+    } else if why.contains("insecure transport") || why.contains("secure transport") {
+        Some(
+            "the server takes only TLS connections: set mysql.ssl_mode (DBAGENT_MYSQL_SSL_MODE) to verify_identity (with mysql.ssl_ca) or required",
+        )
+    } else if why.contains("tls") || why.contains("ssl") {
+        Some(
+            "TLS failed: check mysql.ssl_mode (DBAGENT_MYSQL_SSL_MODE) and mysql.ssl_ca (DBAGENT_MYSQL_SSL_CA)",
+        )
+    } else {
+        None
     }
 }
 
@@ -341,6 +514,58 @@ mod tests {
         drop(conn.options_file().unwrap());
         assert!(!stale.exists());
         assert!(!format!("{conn:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn tls_settings_reach_both_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "pem").unwrap();
+        let cfg = |mode: &str| MysqlConfig {
+            url: Some("mysql://u@db:3306".into()),
+            password: None,
+            bin_dir: None,
+            binlog_dir: None,
+            server_uuid: None,
+            lock_wait_timeout: Duration::from_secs(60),
+            stream_server_id: None,
+            ssl_mode: Some(mode.into()),
+            ssl_ca: Some(ca.clone()),
+        };
+        let conn = MysqlConn::from_config(&cfg("VERIFY_IDENTITY")).unwrap();
+        let ssl = conn.opts().ssl_opts().cloned().expect("TLS");
+        assert!(!ssl.skip_domain_validation() && !ssl.accept_invalid_certs());
+        assert!(ssl.disable_built_in_roots());
+        let f = conn.options_file().unwrap();
+        let text = std::fs::read_to_string(&f.path).unwrap();
+        for line in [
+            "loose-ssl\n",
+            "loose-ssl-verify-server-cert\n",
+            "loose-ssl-mode=VERIFY_IDENTITY\n",
+            &format!("ssl-ca=\"{}\"\n", ca.display()),
+        ] {
+            assert!(text.contains(line), "{line:?} missing from {text}");
+        }
+        let conn = MysqlConn::from_config(&cfg("verify_ca")).unwrap();
+        assert!(conn.opts().ssl_opts().unwrap().skip_domain_validation());
+        let conn = MysqlConn::from_config(&cfg("disabled")).unwrap();
+        assert!(conn.opts().ssl_opts().is_none());
+        let text = std::fs::read_to_string(&conn.options_file().unwrap().path).unwrap();
+        assert!(
+            text.contains("loose-skip-ssl\n") && !text.contains("ssl-ca"),
+            "{text}"
+        );
+        // Unset: nothing changes for either client.
+        let conn = MysqlConn::parse("mysql://u@db", None).unwrap();
+        assert!(conn.opts().ssl_opts().is_none());
+        let text = std::fs::read_to_string(&conn.options_file().unwrap().path).unwrap();
+        assert!(!text.contains("ssl"), "{text}");
+        // A CA file that is not there is refused with the setting's name.
+        let mut bad = cfg("verify_identity");
+        bad.ssl_ca = Some(dir.path().join("missing.pem"));
+        let e = MysqlConn::from_config(&bad).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), 1);
+        assert!(e.to_string().starts_with("mysql.ssl_ca"), "{e}");
     }
 
     #[tokio::test]

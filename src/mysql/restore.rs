@@ -15,7 +15,7 @@ use super::client::Programs;
 use super::conn::MysqlConn;
 use super::load::{WorkDir, load_dump, replay_binlogs};
 use super::plan::{MysqlPlan, plan_mysql};
-use super::scratch::{RunningServer, ScratchServer, ServerPrograms};
+use super::scratch::{Listen, RunningServer, ScratchServer, ServerPrograms};
 use super::server::Server;
 use crate::config::Config;
 use crate::input_err;
@@ -119,6 +119,17 @@ pub async fn restore(
     if opts.dry_run {
         return Ok(report);
     }
+    // A reader without the keys of the dump or of a binlog is refused before anything starts.
+    let mut needed: Vec<_> = plan.dump.data.needs().into_iter().collect();
+    needed.extend(
+        cat.binlogs
+            .values()
+            .filter(|m| plan.binlogs.contains(&m.name))
+            .filter_map(|m| m.data.needs()),
+    );
+    needed.sort();
+    needed.dedup();
+    crate::pipeline::check_readable(store.as_ref(), &needed).await?;
     eprintln!("{}", report.plan);
 
     let started = Instant::now();
@@ -142,7 +153,8 @@ pub async fn restore(
         Destination::Scratch(dir) => {
             let cleared = ClearOnFailure::new(dir.clone());
             let server =
-                ScratchServer::start(&cfg.mysql, &dir, opts.port, plan.dump.flavor).await?;
+                ScratchServer::start(&cfg.mysql, &dir, Listen::Tcp(opts.port), plan.dump.flavor)
+                    .await?;
             let programs = Programs::find(&cfg.mysql, plan.dump.flavor)?;
             let work = WorkDir::inside(&dir)?;
             let conn = server.conn();
@@ -158,7 +170,7 @@ pub async fn restore(
                 ))
             })?;
             drop(work);
-            report.server = Some(server.leave_running());
+            report.server = Some(server.leave_running().await?);
             cleared.disarm();
         }
     }

@@ -1,7 +1,11 @@
 //! A scratch MySQL/MariaDB server: initialised by dbagent in a directory of its own, started on
-//! a private socket (and 127.0.0.1 on a free port), and stopped when the value is dropped —
-//! whatever happened — unless the caller hands it over with `leave_running` (a restore into
-//! `--target-dir` leaves its server running for the user).
+//! a private socket (a drill's server: nothing else; a restore's: also 127.0.0.1 on a port), and
+//! stopped when the value is dropped — whatever happened — unless the caller hands it over with
+//! `leave_running` (a restore into `--target-dir` leaves its server running for the user).
+//!
+//! A copy of production must not be an open door: the drill's server takes no TCP at all, and
+//! a server left running gets a random root password (every `root` account) before it is
+//! handed over, written to `root-password` (mode 0600) and to its `my.cnf` (made 0600).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -44,6 +48,50 @@ impl ServerPrograms {
     }
 }
 
+/// Where a scratch server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// Its unix socket only (`skip-networking`): a drill's private copy.
+    SocketOnly,
+    /// Also 127.0.0.1, on this port or a free one: a restore the user connects to.
+    Tcp(Option<u16>),
+}
+
+/// The server's option file (pure).
+fn server_cnf(dir: &Path, listen: Listen, port: u16, as_root: bool) -> String {
+    let network = match listen {
+        Listen::SocketOnly => "skip-networking\n".to_string(),
+        Listen::Tcp(_) => format!("port={port}\nbind-address=127.0.0.1\n"),
+    };
+    let mut cnf = format!(
+        "# written by dbagent restore: the restored server's settings\n[mysqld]\ndatadir={}\ntmpdir={}\n{network}socket={}\npid-file={}\nlog-error={}\nskip-log-bin\nevent-scheduler=OFF\nmax-allowed-packet=1G\n",
+        dir.join("data").display(),
+        dir.join("tmp").display(),
+        dir.join("mysqld.sock").display(),
+        dir.join("mysqld.pid").display(),
+        dir.join("error.log").display()
+    );
+    if as_root {
+        cnf.push_str("user=root\n");
+    }
+    cnf.push_str(&format!(
+        "\n[client]\nsocket={}\nport={port}\nuser=root\n",
+        dir.join("mysqld.sock").display()
+    ));
+    cnf
+}
+
+/// A random password of 24 URL-safe characters (144 bits from the kernel).
+fn random_password() -> anyhow::Result<String> {
+    use base64::Engine as _;
+    use std::io::Read;
+    let mut bytes = [0u8; 18];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the root password")?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
 /// A server dbagent initialised and started; stopped on drop unless left running.
 #[derive(Debug)]
 pub struct ScratchServer {
@@ -62,11 +110,11 @@ impl ScratchServer {
     pub async fn start(
         cfg: &MysqlConfig,
         dir: &Path,
-        port: Option<u16>,
+        listen: Listen,
         flavor: Flavor,
     ) -> anyhow::Result<ScratchServer> {
         let programs = ServerPrograms::find(cfg, flavor)?;
-        let mut server = Self::init(dir, port, flavor, &programs).await?;
+        let mut server = Self::init(dir, listen, flavor, &programs).await?;
         server.run(&programs).await?;
         Ok(server)
     }
@@ -76,16 +124,55 @@ impl ScratchServer {
         MysqlConn::local_root(&self.socket, self.port)
     }
 
-    /// Hands the running server over: it is not stopped when this is dropped.
-    pub fn leave_running(mut self) -> RunningServer {
+    /// Hands the running server over: every `root` account gets a random password first
+    /// (written to `root-password` and to `my.cnf`'s client section, both mode 0600), and the
+    /// server is not stopped when this is dropped.
+    pub async fn leave_running(mut self) -> anyhow::Result<RunningServer> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let password = random_password()?;
+        let conn = self.conn();
+        let mut session = conn.connect().await?;
+        let roots: Vec<String> = mysql_async::prelude::Queryable::query(
+            &mut session,
+            "SELECT Host FROM mysql.user WHERE User = 'root'",
+        )
+        .await
+        .map_err(|e| conn.query_error(e))?;
+        // The files first: a password the user cannot find would lock them out.
+        let password_file = self.dir.join("root-password");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&password_file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{password}\n").as_bytes()))
+            .with_context(|| format!("writing {}", password_file.display()))?;
+        std::fs::set_permissions(&self.cnf, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("protecting {}", self.cnf.display()))?;
+        let mut cnf = std::fs::read_to_string(&self.cnf)?;
+        cnf.push_str(&format!("password={password}\n"));
+        std::fs::write(&self.cnf, cnf)
+            .with_context(|| format!("writing {}", self.cnf.display()))?;
+        for host in roots {
+            let sql = format!(
+                "ALTER USER 'root'@{} IDENTIFIED BY '{password}'",
+                super::sql::quote_string(&host)
+            );
+            mysql_async::prelude::Queryable::query_drop(&mut session, sql)
+                .await
+                .map_err(|e| conn.query_error(e))
+                .with_context(|| format!("setting the password of root@{host}"))?;
+        }
+        let _ = session.disconnect().await;
         self.keep = true;
-        RunningServer {
+        Ok(RunningServer {
             flavor: self.flavor,
             port: self.port,
             socket: self.socket.clone(),
             data_dir: self.dir.join("data"),
             defaults_file: self.cnf.clone(),
-        }
+            password_file,
+        })
     }
 
     fn log(&self) -> PathBuf {
@@ -94,7 +181,7 @@ impl ScratchServer {
 
     async fn init(
         dir: &Path,
-        port: Option<u16>,
+        listen: Listen,
         flavor: Flavor,
         programs: &ServerPrograms,
     ) -> anyhow::Result<ScratchServer> {
@@ -103,9 +190,10 @@ impl ScratchServer {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        let port = match port {
-            Some(p) => p,
-            None => free_port()?,
+        let port = match listen {
+            Listen::Tcp(Some(p)) => p,
+            // A socket-only server still names a port (clients read it), never listened on.
+            Listen::Tcp(None) | Listen::SocketOnly => free_port()?,
         };
         let socket = dir.join("mysqld.sock");
         let data = dir.join("data");
@@ -118,21 +206,7 @@ impl ScratchServer {
             .with_context(|| format!("creating {}", tmp.display()))?;
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
-        let mut cnf = format!(
-            "# written by dbagent restore: the restored server's settings\n[mysqld]\ndatadir={}\ntmpdir={}\nport={port}\nbind-address=127.0.0.1\nsocket={}\npid-file={}\nlog-error={}\nskip-log-bin\nevent-scheduler=OFF\nmax-allowed-packet=1G\n",
-            data.display(),
-            tmp.display(),
-            socket.display(),
-            dir.join("mysqld.pid").display(),
-            dir.join("error.log").display()
-        );
-        if as_root {
-            cnf.push_str("user=root\n");
-        }
-        cnf.push_str(&format!(
-            "\n[client]\nsocket={}\nport={port}\nuser=root\n",
-            socket.display()
-        ));
+        let cnf = server_cnf(dir, listen, port, as_root);
         let cnf_path = dir.join("my.cnf");
         std::fs::write(&cnf_path, cnf)
             .with_context(|| format!("writing {}", cnf_path.display()))?;
@@ -248,6 +322,8 @@ pub struct RunningServer {
     pub socket: PathBuf,
     pub data_dir: PathBuf,
     pub defaults_file: PathBuf,
+    /// The random root password, mode 0600.
+    pub password_file: PathBuf,
 }
 
 impl std::fmt::Display for RunningServer {
@@ -259,11 +335,12 @@ impl std::fmt::Display for RunningServer {
         let cnf = self.defaults_file.display();
         write!(
             f,
-            "the restored {} server is running on 127.0.0.1:{} (socket {}, data {}); it does not write binlogs and its event scheduler is off\n  connect: {client} --defaults-file={cnf} (or -h 127.0.0.1 -P {} -u root)\n  stop:    {admin} --defaults-file={cnf} shutdown\n  start:   {server} --defaults-file={cnf} &",
+            "the restored {} server is running on 127.0.0.1:{} (socket {}, data {}); it does not write binlogs and its event scheduler is off\n  root's password is random, in {} (mode 0600, also in {cnf})\n  connect: {client} --defaults-file={cnf} (or -h 127.0.0.1 -P {} -u root -p)\n  stop:    {admin} --defaults-file={cnf} shutdown\n  start:   {server} --defaults-file={cnf} &",
             self.flavor,
             self.port,
             self.socket.display(),
             self.data_dir.display(),
+            self.password_file.display(),
             self.port,
         )
     }
@@ -272,4 +349,35 @@ impl std::fmt::Display for RunningServer {
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drill_server_takes_no_tcp_and_a_restored_one_only_on_loopback() {
+        let dir = Path::new("/scratch");
+        let drill = server_cnf(dir, Listen::SocketOnly, 3307, false);
+        assert!(drill.contains("\nskip-networking\n"), "{drill}");
+        assert!(
+            !drill.contains("bind-address") && !drill.contains("\nport=3307\n["),
+            "{drill}"
+        );
+        let mysqld = drill.split("[client]").next().unwrap();
+        assert!(!mysqld.contains("port="), "{mysqld}");
+        let restore = server_cnf(dir, Listen::Tcp(Some(3307)), 3307, false);
+        assert!(
+            restore.contains("port=3307\nbind-address=127.0.0.1\n"),
+            "{restore}"
+        );
+        assert!(!restore.contains("skip-networking"));
+        let pw = random_password().unwrap();
+        assert_eq!(pw.len(), 24);
+        assert!(
+            pw.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+        assert_ne!(pw, random_password().unwrap());
+    }
 }

@@ -16,6 +16,16 @@ pub fn quote_ident(s: &str) -> String {
     format!("`{}`", s.replace('`', "``"))
 }
 
+/// `'value'`, a string literal: quotes and backslashes escaped (valid whatever the
+/// server's `NO_BACKSLASH_ESCAPES` says: a doubled quote and no lone backslash).
+pub fn quote_string(s: &str) -> String {
+    if s.contains('\\') {
+        // Under NO_BACKSLASH_ESCAPES `\\` is two characters: spell the value in hex instead.
+        return format!("X'{}'", hex::encode(s.as_bytes()));
+    }
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -24,5 +34,12 @@ mod tests {
     fn identifiers() {
         assert_eq!(quote_ident("wp"), "`wp`");
         assert_eq!(quote_ident("a`b"), "`a``b`");
+    }
+
+    #[test]
+    fn strings() {
+        assert_eq!(quote_string("localhost"), "'localhost'");
+        assert_eq!(quote_string("o'h"), "'o''h'");
+        assert_eq!(quote_string("a\\b"), "X'615c62'");
     }
 }

@@ -181,7 +181,7 @@ pub struct FileAssembler {
     file_max_time: Option<u32>,
     boundary_max_time: Option<u32>,
     /// Stored parts not yet read again (see `expect_stored`).
-    checks: std::collections::VecDeque<(u64, u64, String)>,
+    checks: std::collections::VecDeque<(u64, u64, PartCheck)>,
 }
 
 impl FileAssembler {
@@ -283,12 +283,12 @@ impl FileAssembler {
     /// binlog changed under the same name (reset, restored, another server) must not get its
     /// new events appended to the old history.
     fn check_replayed(&mut self) -> anyhow::Result<()> {
-        while let Some(&(from, to, ref sha)) = self.checks.front() {
+        while let Some((from, to, check)) = self.checks.front() {
+            let (from, to) = (*from, *to);
             if self.len < to {
                 return Ok(());
             }
-            let same =
-                self.len == to && crate::pipeline::Trailer::of(&self.pending).sha256_hex() == *sha;
+            let same = self.len == to && (check.0)(&crate::pipeline::Trailer::of(&self.pending));
             if !same {
                 return Err(input_err!(
                     "the server's binlog {} differs from what the repository holds of it (bytes {from}..{to}): its binlogs were reset (RESET MASTER) or belong to another server; give it a new server_id or repository prefix",
@@ -306,9 +306,9 @@ impl FileAssembler {
         Ok(())
     }
 
-    /// The stored parts (`from`, `to`, SHA-256 of their bytes) that the bytes read again up
-    /// to `stored` must equal.
-    pub fn expect_stored(&mut self, parts: Vec<(u64, u64, String)>) {
+    /// The stored parts (`from`, `to`, a check of their plain bytes) that the bytes read again
+    /// up to `stored` must equal.
+    pub fn expect_stored(&mut self, parts: Vec<(u64, u64, PartCheck)>) {
         self.checks = parts.into();
     }
 
@@ -868,7 +868,7 @@ async fn stored_parts(
     store: &dyn Store,
     uuid: &str,
     start: &Resume,
-) -> anyhow::Result<Vec<(u64, u64, String)>> {
+) -> anyhow::Result<Vec<(u64, u64, PartCheck)>> {
     let prefix = format!("{}{}/", keys::stream_prefix(uuid), start.file);
     let mut parts = Vec::new();
     for obj in store.list(&prefix).await? {
@@ -883,11 +883,37 @@ async fn stored_parts(
     let run = keys::Streamed::from_parts(&start.file, parts)
         .map(|s| s.parts)
         .unwrap_or_default();
-    Ok(run
-        .into_iter()
-        .filter(|p| p.to <= start.stored)
-        .map(|p| (p.from, p.to, p.data.sha256))
-        .collect())
+    // An encrypted part records the ciphertext's checksum: its seal's keyed id (the writer's
+    // recipients derive the key) tells whether bytes read again are the ones stored.
+    let recipients = pipeline::recipients(store).await?;
+    let mut checks = Vec::new();
+    for p in run.into_iter().filter(|p| p.to <= start.stored) {
+        let check: PartCheck = if p.data.key_set.is_none() {
+            plain_check(p.data.sha256)
+        } else {
+            let stored = pipeline::read_trailer(store, &p.data.key, p.data.stored_bytes).await?;
+            let recipients = recipients.clone();
+            PartCheck(Box::new(move |t| {
+                stored.holds(t, recipients.as_deref()) == Some(true)
+            }))
+        };
+        checks.push((p.from, p.to, check));
+    }
+    Ok(checks)
+}
+
+/// How the bytes read again are compared with a stored part.
+pub struct PartCheck(Box<dyn Fn(&crate::pipeline::Trailer) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for PartCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PartCheck")
+    }
+}
+
+/// The check of a plain part: the SHA-256 of its bytes.
+fn plain_check(sha256_hex: String) -> PartCheck {
+    PartCheck(Box::new(move |t| t.sha256_hex() == sha256_hex))
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -961,16 +987,21 @@ pub async fn store_part(
                 .unwrap_or_default();
             let stored = pipeline::read_trailer(store, &data_key, size).await?;
             let mine = crate::pipeline::Trailer::of(&part.bytes);
+            let recipients = pipeline::recipients(store).await?;
             anyhow::ensure!(
-                stored == mine,
-                "refusing to overwrite streamed {what}: the repository holds different bytes under {data_key}"
+                stored.holds(&mine, recipients.as_deref()) == Some(true),
+                "refusing to overwrite streamed {what}: the repository holds different bytes under {data_key}, or bytes encrypted for another key set"
             );
             if store.head(&meta_key).await?.is_some() {
                 return Ok(());
             }
             pipeline::Written {
-                trailer: stored,
+                trailer: mine,
                 stored_size: size,
+                seal: match stored {
+                    pipeline::Stored::Sealed(seal) => Some(seal),
+                    pipeline::Stored::Plain(..) => None,
+                },
             }
         }
         Err(e) => return Err(e.context(format!("storing streamed {what}"))),
@@ -1167,7 +1198,7 @@ mod tests {
         let stored_bytes = &w.file[..stored as usize];
         let sha = crate::pipeline::Trailer::of(stored_bytes).sha256_hex();
         let mut b = FileAssembler::new("binlog.000001", Flavor::Mariadb, stored);
-        b.expect_stored(vec![(0, stored, sha)]);
+        b.expect_stored(vec![(0, stored, plain_check(sha.clone()))]);
         for e in [&fde, &g1, &x1] {
             assert_eq!(b.push(e).unwrap(), Pushed::Skipped);
         }
@@ -1178,7 +1209,7 @@ mod tests {
         assert_eq!(again, p);
         // A server whose file differs under the same name is refused.
         let mut c = FileAssembler::new("binlog.000001", Flavor::Mariadb, stored);
-        c.expect_stored(vec![(0, stored, "0".repeat(64))]);
+        c.expect_stored(vec![(0, stored, plain_check("0".repeat(64)))]);
         c.push(&fde).unwrap();
         c.push(&g1).unwrap();
         let e = c.push(&x1).unwrap_err();

@@ -162,8 +162,9 @@ impl Pending {
                 }
             };
             let stored = pipeline::read_trailer(store, &self.key, existing.size);
-            let (stored, local) = tokio::try_join!(stored, local)?;
-            return compare_existing(stored, local, &self.name);
+            let (stored, local, recipients) =
+                tokio::try_join!(stored, local, pipeline::recipients(store))?;
+            return compare_existing(stored, local, recipients.as_deref(), &self.name);
         }
         let name = self.name.clone();
         let (stored, plain) = match self.compressed.take() {
@@ -237,7 +238,8 @@ impl Pending {
         for _ in 0..20 {
             if let Some(existing) = store.head(&self.key).await? {
                 let stored = pipeline::read_trailer(store, &self.key, existing.size).await?;
-                return compare_existing(stored, local, &self.name);
+                let recipients = pipeline::recipients(store).await?;
+                return compare_existing(stored, local, recipients.as_deref(), &self.name);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -270,21 +272,26 @@ impl<R: std::io::Read> std::io::Read for Cancellable<R> {
 }
 
 fn compare_existing(
-    stored: pipeline::Trailer,
+    stored: pipeline::Stored,
     local: pipeline::Trailer,
+    recipients: Option<&crate::crypto::Recipients>,
     name: &str,
 ) -> anyhow::Result<Pushed> {
-    if stored == local {
-        tracing::debug!(%name, "already archived with the same content");
-        return Ok(Pushed::AlreadyArchived);
+    match stored.holds(&local, recipients) {
+        Some(true) => {
+            tracing::debug!(%name, "already archived with the same content");
+            Ok(Pushed::AlreadyArchived)
+        }
+        Some(false) => anyhow::bail!(
+            "refusing to overwrite {name}: the archive already holds a different {name} ({} bytes; this one is sha256 {}, {} bytes). Two clusters may be archiving into one repository prefix, or a restored cluster reused a timeline: check the repository URL",
+            stored.plain_size(),
+            &local.sha256_hex()[..16],
+            local.plain_size
+        ),
+        None => anyhow::bail!(
+            "{name} is already archived, encrypted for another key set than this writer's (archived before a key rotation?): cannot tell whether it holds the same WAL; check it with a reader's key (dbagent verify --full)"
+        ),
     }
-    anyhow::bail!(
-        "refusing to overwrite {name}: the archive already holds a different {name} (sha256 {}, {} bytes; this one is sha256 {}, {} bytes). Two clusters may be archiving into one repository prefix, or a restored cluster reused a timeline: check the repository URL",
-        &stored.sha256_hex()[..16],
-        stored.plain_size,
-        &local.sha256_hex()[..16],
-        local.plain_size
-    )
 }
 
 fn file_name(path: &Path) -> anyhow::Result<String> {

@@ -327,9 +327,19 @@ impl Streamer {
             let mut cursor = Cursor::empty(seg);
             for p in &run {
                 let key = crate::repo::wal_key(sysid, &p.name());
-                let (bytes, _) = pipeline::download(self.store.as_ref(), &key, Vec::new())
-                    .await
-                    .with_context(|| format!("reading the streamed piece {}", p.name()))?;
+                let read = pipeline::download(self.store.as_ref(), &key, Vec::new()).await;
+                // In an encrypted repository the sidecar holds no key that decrypts: it cannot
+                // read its pieces back, so it streams the segment again from its start (the
+                // slot keeps it); the new pieces overlap the old ones with the same bytes.
+                if let Err(e) = &read
+                    && crate::error::exit_code(e) == crate::error::EXIT_INPUT
+                    && !crate::storage::is_not_found(e)
+                {
+                    tracing::warn!(segment = %seg.name(self.seg_size), "the stored pieces are encrypted and this process holds no key for them: streaming the segment again from its start");
+                    return Ok(Cursor::empty(seg));
+                }
+                let (bytes, _) =
+                    read.with_context(|| format!("reading the streamed piece {}", p.name()))?;
                 anyhow::ensure!(
                     bytes.len() as u64 == p.end - p.start,
                     "streamed piece {} holds {} bytes",
@@ -476,13 +486,13 @@ impl Streamer {
             if storage::is_already_exists(&err) {
                 if let Some(obj) = self.store.head(key).await? {
                     let stored = pipeline::read_trailer(self.store.as_ref(), key, obj.size).await?;
-                    if stored == trailer {
+                    let recipients = pipeline::recipients(self.store.as_ref()).await?;
+                    if stored.holds(&trailer, recipients.as_deref()) == Some(true) {
                         return Ok(());
                     }
                     anyhow::bail!(
-                        "refusing to overwrite {key}: the repository holds different WAL under that name (sha256 {}, {} bytes; streamed: sha256 {}, {} bytes)",
-                        &stored.sha256_hex()[..16],
-                        stored.plain_size,
+                        "refusing to overwrite {key}: the repository holds different WAL under that name ({} bytes; streamed: sha256 {}, {} bytes), or WAL encrypted for another key set",
+                        stored.plain_size(),
                         &trailer.sha256_hex()[..16],
                         trailer.plain_size
                     );

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
@@ -177,9 +176,9 @@ impl PgCatalog {
             if !obj.key.ends_with("/backup.json") {
                 continue;
             }
-            let bytes = crate::storage::get_all(store, &obj.key).await?;
-            let m: BaseBackup = serde_json::from_slice(&bytes)
-                .with_context(|| format!("reading backup manifest {}", obj.key))?;
+            let m: BaseBackup =
+                super::read_manifest(store, &obj.key, &format!("backup manifest {}", obj.key))
+                    .await?;
             if m.format_version > super::FORMAT_VERSION {
                 anyhow::bail!(
                     "backup {} has repository format {} but this dbagent reads up to {}: upgrade dbagent",
@@ -680,6 +679,7 @@ pub(crate) mod tests {
                 stored_bytes: 1,
                 plain_bytes: 1,
                 sha256: String::new(),
+                key_set: None,
             },
             databases: vec![],
             dbagent_version: "test".into(),

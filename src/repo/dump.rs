@@ -8,7 +8,6 @@
 //! Database names are percent-encoded in keys (they may hold `/` or spaces); the manifest
 //! holds the exact keys.
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -60,19 +59,29 @@ pub struct TableCount {
     pub rows: i64,
 }
 
+/// The fields `repo::private` keeps out of the clear in an encrypted repository default to
+/// empty: a reader without the key still lists and plans.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DumpedDatabase {
     pub name: String,
+    #[serde(default)]
     pub owner: String,
+    #[serde(default)]
     pub encoding: String,
+    #[serde(default)]
     pub collate: String,
+    #[serde(default)]
     pub ctype: String,
     /// `c` (libc) or `i` (ICU).
+    #[serde(default)]
     pub locale_provider: String,
+    #[serde(default)]
     pub icu_locale: Option<String>,
     /// No later than the snapshot the dump and the row counts saw.
     pub snapshot_time: DateTime<Utc>,
+    #[serde(default)]
     pub settings: Vec<DbSetting>,
+    #[serde(default)]
     pub tables: Vec<TableCount>,
     pub data: ObjectRef,
 }
@@ -123,9 +132,8 @@ pub async fn load(store: &dyn Store, sysid: u64) -> anyhow::Result<Vec<PgDumpSet
         if !obj.key.ends_with("/dump.json") {
             continue;
         }
-        let bytes = crate::storage::get_all(store, &obj.key).await?;
-        let m: PgDumpSet = serde_json::from_slice(&bytes)
-            .with_context(|| format!("reading dump manifest {}", obj.key))?;
+        let m: PgDumpSet =
+            super::read_manifest(store, &obj.key, &format!("dump manifest {}", obj.key)).await?;
         if m.format_version > super::FORMAT_VERSION {
             anyhow::bail!(
                 "dump {} has repository format {} but this dbagent reads up to {}: upgrade dbagent",

@@ -4,15 +4,20 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::wal::Lsn;
-use crate::pipeline::{Trailer, Written};
+use crate::pipeline::{Fetched, Stored, Written};
 
-/// One data object a manifest points at, with the plain bytes' identity.
+/// One data object a manifest points at, with the identity of its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRef {
     pub key: String,
     pub stored_bytes: u64,
     pub plain_bytes: u64,
+    /// SHA-256 of the plain bytes; of an encrypted object (`key_set` set), of the stored age
+    /// stream, so the manifest says nothing about the content.
     pub sha256: String,
+    /// The key set an encrypted object was written for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_set: Option<String>,
 }
 
 impl ObjectRef {
@@ -22,14 +27,40 @@ impl ObjectRef {
             key: key.to_string(),
             stored_bytes: w.stored_size,
             plain_bytes: w.trailer.plain_size,
-            sha256: w.trailer.sha256_hex(),
+            sha256: match &w.seal {
+                Some(seal) => seal.cipher_sha256_hex(),
+                None => w.trailer.sha256_hex(),
+            },
+            key_set: w.seal.map(|s| s.key_set.to_string()),
         }
     }
 
-    /// Checks what a download read (its trailer, already verified against the bytes) against
-    /// the checksum this manifest recorded. `what` names the object in the message.
-    pub fn verify(&self, read: &Trailer, what: &str) -> anyhow::Result<()> {
-        if read.sha256_hex() == self.sha256 {
+    /// The key set a reader needs for this object, if it is encrypted.
+    pub fn needs(&self) -> Option<crate::crypto::KeySet> {
+        self.key_set.as_deref().and_then(|k| k.parse().ok())
+    }
+
+    /// Whether the object's last bytes (read without a key) agree with this manifest.
+    pub fn agrees(&self, stored: &Stored) -> bool {
+        let same = match (stored, &self.key_set) {
+            (Stored::Plain(t, _), None) => t.sha256_hex() == self.sha256,
+            (Stored::Sealed(s), Some(set)) => {
+                s.cipher_sha256_hex() == self.sha256 && s.key_set.to_string() == *set
+            }
+            _ => false,
+        };
+        same && stored.plain_size() == self.plain_bytes
+    }
+
+    /// Checks what a download read (its trailer and seal, already verified against the bytes)
+    /// against the checksum this manifest recorded. `what` names the object in the message.
+    pub fn verify(&self, read: &Fetched, what: &str) -> anyhow::Result<()> {
+        let matches = match (&read.seal, &self.key_set) {
+            (None, None) => read.trailer.sha256_hex() == self.sha256,
+            (Some(seal), Some(_)) => seal.cipher_sha256_hex() == self.sha256,
+            _ => false,
+        };
+        if matches {
             return Ok(());
         }
         Err(anyhow::Error::new(crate::error::Failure::Corrupt(format!(
@@ -120,6 +151,7 @@ mod tests {
                 stored_bytes: 10,
                 plain_bytes: 20,
                 sha256: "ab".repeat(32),
+                key_set: None,
             },
             databases: vec![DatabaseInfo {
                 name: "discourse".into(),

@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod dump;
 pub mod manifest;
 pub mod mysql;
+pub mod private;
 pub mod wal;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -28,10 +29,32 @@ pub async fn write_manifest<T: serde::Serialize>(
     what: &str,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let json = serde_json::to_vec_pretty(value).with_context(|| format!("encoding {what}"))?;
+    let mut doc = serde_json::to_value(value).with_context(|| format!("encoding {what}"))?;
+    if let Some(recipients) = crate::pipeline::recipients(store).await? {
+        private::seal(&mut doc, &recipients).with_context(|| format!("encrypting {what}"))?;
+    }
+    let json = serde_json::to_vec_pretty(&doc).with_context(|| format!("encoding {what}"))?;
     crate::storage::put_once(store, key, json.into())
         .await
         .with_context(|| format!("writing {what}"))
+}
+
+/// Reads a manifest written by `write_manifest`: its private part opened when this reader holds
+/// a key for it, left out otherwise. `what` names it in the error ("backup manifest …").
+pub async fn read_manifest<T: serde::de::DeserializeOwned>(
+    store: &dyn crate::storage::Store,
+    key: &str,
+    what: &str,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let bytes = crate::storage::get_all(store, key).await?;
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("reading {what}"))?;
+    if doc.get("private").is_some() {
+        let identities = crate::pipeline::identities(store).await?;
+        private::open(&mut doc, identities.as_deref(), key)?;
+    }
+    serde_json::from_value(doc).with_context(|| format!("reading {what}"))
 }
 
 /// A new backup, dump or report id: its UTC start time, then a random suffix, so two runs

@@ -122,6 +122,8 @@ pub struct TableCount {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DumpedDatabase {
     pub name: String,
+    /// Private in an encrypted repository (see `repo::private`).
+    #[serde(default)]
     pub tables: Vec<TableCount>,
 }
 
@@ -353,9 +355,9 @@ impl MysqlCatalog {
             if !obj.key.ends_with("/dump.json") {
                 continue;
             }
-            let bytes = crate::storage::get_all(store, &obj.key).await?;
-            let m: MysqlDump = serde_json::from_slice(&bytes)
-                .with_context(|| format!("reading dump manifest {}", obj.key))?;
+            let m: MysqlDump =
+                super::read_manifest(store, &obj.key, &format!("dump manifest {}", obj.key))
+                    .await?;
             check_version(m.format_version, &format!("dump {}", m.id))?;
             dumps.push(m);
         }
@@ -370,9 +372,8 @@ impl MysqlCatalog {
             .collect();
         let metas: Vec<anyhow::Result<BinlogMeta>> = futures::stream::iter(meta_keys)
             .map(|key| async move {
-                let bytes = crate::storage::get_all(store, &key).await?;
-                let m: BinlogMeta = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("reading binlog description {key}"))?;
+                let m: BinlogMeta =
+                    super::read_manifest(store, &key, &format!("binlog description {key}")).await?;
                 check_version(m.format_version, &format!("binlog {}", m.name))?;
                 Ok(m)
             })
@@ -582,6 +583,7 @@ pub(crate) mod tests {
                 stored_bytes: 1,
                 plain_bytes: 1,
                 sha256: String::new(),
+                key_set: None,
             },
             databases: vec![],
             dbagent_version: "test".into(),
@@ -599,6 +601,7 @@ pub(crate) mod tests {
                 stored_bytes: 1,
                 plain_bytes: 1,
                 sha256: String::new(),
+                key_set: None,
             },
             first_event_time: Some(t(&format!("00:{:02}:00", n - 1))),
             last_event_time: Some(t(&format!("00:{n:02}:00"))),

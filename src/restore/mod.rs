@@ -145,6 +145,7 @@ pub async fn restore_pg(
     if opts.dry_run {
         return Ok(report);
     }
+    check_keys(store.as_ref(), &plan).await?;
     eprintln!("{}", report.plan);
 
     materialize(cfg, store.as_ref(), &plan, &opts.target_dir, &[]).await?;
@@ -160,6 +161,14 @@ pub async fn restore_pg(
     Ok(report)
 }
 
+/// Refuses (exit 1) a reader without the keys of the plan's backup, or of the WAL archived
+/// now, before anything is printed or touched.
+pub async fn check_keys(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<()> {
+    let mut needed: Vec<_> = plan.backup.data.needs().into_iter().collect();
+    needed.extend(crate::pipeline::current_key_set(store).await?);
+    crate::pipeline::check_readable(store, &needed).await
+}
+
 /// Unpacks the plan's base backup into `dir` (absent or empty) and writes the recovery
 /// settings, plus `extra` lines for postgresql.auto.conf. On failure `dir` is left as it was.
 pub async fn materialize(
@@ -169,6 +178,7 @@ pub async fn materialize(
     dir: &Path,
     extra: &[String],
 ) -> anyhow::Result<()> {
+    check_keys(store, plan).await?;
     let created = !dir.exists();
     if let Err(e) = unpack_backup(store, plan, dir).await {
         remove_contents(dir, created);

@@ -495,15 +495,14 @@ async fn latest_drill(store: &dyn Store, prefix: &str) -> Option<state::DrillFac
     keys.reverse();
     let mut facts: Option<state::DrillFacts> = None;
     for key in keys.iter().take(50) {
-        let report = match crate::storage::get_all(store, key)
-            .await
-            .map(|b| serde_json::from_slice::<crate::drill::report::Report>(&b))
+        let report = match crate::repo::read_manifest::<crate::drill::report::Report>(
+            store,
+            key,
+            "drill report",
+        )
+        .await
         {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::warn!(%key, error = %e, "unreadable drill report");
-                continue;
-            }
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%key, error = %format!("{e:#}"), "cannot read drill report");
                 continue;

@@ -5,6 +5,8 @@
 //! stored go through the create-only writes (`put_new`, `start_upload_new`): S3 conditional
 //! requests (`If-None-Match: *`), locally `renameat2(RENAME_NOREPLACE)` or `link(2)`.
 
+mod keyed;
+pub use keyed::Keyed;
 mod local;
 mod s3;
 mod s3api;
@@ -131,6 +133,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn leftovers(&self) -> anyhow::Result<Vec<Leftover>>;
     /// Removes one leftover (gone already is fine).
     async fn remove_leftover(&self, leftover: &Leftover) -> anyhow::Result<()>;
+    /// The command's encryption keys for this repository (`storage::open` attaches them).
+    /// A store without one still refuses plaintext writes into an encrypted repository (see
+    /// `pipeline::recipients`).
+    fn keyring(&self) -> Option<&crate::crypto::keyring::Keyring> {
+        None
+    }
 }
 
 /// Opens the repository named by the configuration (`file:///path` or `s3://bucket/prefix`).
@@ -139,14 +147,22 @@ pub fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     open_url(url, cfg)
 }
 
+/// Opens the repository at `url` with the configuration's encryption keys attached (see
+/// `crypto::keyring`).
 pub fn open_url(url: &str, cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let inner = open_bare(url, cfg)?;
+    let keyring = crate::crypto::keyring::Keyring::new(url, cfg.encryption.clone());
+    Ok(Arc::new(keyed::Keyed::new(inner, keyring)))
+}
+
+fn open_bare(url: &str, cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
             return Err(input_err!(
                 "repository {url:?}: a file repository needs an absolute path, like file:///var/backups/dbagent"
             ));
         }
-        return Ok(Arc::new(LocalStore::new(path.into())));
+        return Ok(Box::new(LocalStore::new(path.into())));
     }
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -156,7 +172,7 @@ pub fn open_url(url: &str, cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
             ));
         }
         let store = S3Store::new(&cfg.s3, bucket, prefix)?;
-        return Ok(Arc::new(store.with_concurrency(cfg.upload.concurrency)));
+        return Ok(Box::new(store.with_concurrency(cfg.upload.concurrency)));
     }
     Err(input_err!(
         "repository {url:?}: unsupported scheme; use file:///path or s3://bucket/prefix"

@@ -43,6 +43,7 @@ pub fn mariadb_bin(name: &str) -> Result<PathBuf> {
 pub struct MariaDbBuilder {
     server_id: u32,
     settings: Vec<(String, String)>,
+    tls_only: bool,
 }
 
 impl Default for MariaDbBuilder {
@@ -50,6 +51,7 @@ impl Default for MariaDbBuilder {
         Self {
             server_id: 1,
             settings: Vec::new(),
+            tls_only: false,
         }
     }
 }
@@ -69,6 +71,14 @@ impl MariaDbBuilder {
     /// mariadbd as `--key=value`, after the defaults, so it wins).
     pub fn setting(mut self, key: &str, value: &str) -> Self {
         self.settings.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// A server that takes connections only over TLS (`require_secure_transport`), with a
+    /// certificate for `localhost` and `127.0.0.1` signed by a CA made for this server
+    /// (`MariaDb::ca_cert_path`). The test's own client (`sql`) uses TLS too.
+    pub fn tls_only(mut self) -> Self {
+        self.tls_only = true;
         self
     }
 
@@ -96,6 +106,33 @@ impl MariaDbBuilder {
             cmd.arg("--user=root");
         }
         run(&mut cmd, "mariadb-install-db")?;
+        let mut settings = self.settings;
+        let ca = match self.tls_only {
+            false => None,
+            true => {
+                let ca = crate::tls::TestCa::generate()?;
+                let server = ca.issue(&["localhost", "127.0.0.1"])?;
+                let ca_path = dir_path.join("ca.pem");
+                ca.write_pem(&ca_path)?;
+                fs::write(dir_path.join("server-cert.pem"), &server.cert_pem)?;
+                fs::write(dir_path.join("server-key.pem"), &server.key_pem)?;
+                for (k, v) in [
+                    ("ssl-ca", ca_path.display().to_string()),
+                    (
+                        "ssl-cert",
+                        dir_path.join("server-cert.pem").display().to_string(),
+                    ),
+                    (
+                        "ssl-key",
+                        dir_path.join("server-key.pem").display().to_string(),
+                    ),
+                    ("require-secure-transport", "ON".to_string()),
+                ] {
+                    settings.insert(0, (k.to_string(), v));
+                }
+                Some(ca_path)
+            }
+        };
         let mut db = MariaDb {
             child: None,
             dir: Some(dir),
@@ -103,7 +140,8 @@ impl MariaDbBuilder {
             data_dir,
             port: free_port(),
             server_id: self.server_id,
-            settings: self.settings,
+            settings,
+            ca,
         };
         db.launch()?;
         Ok(db)
@@ -123,9 +161,16 @@ pub struct MariaDb {
     port: u16,
     server_id: u32,
     settings: Vec<(String, String)>,
+    /// The CA of a TLS-only server.
+    ca: Option<PathBuf>,
 }
 
 impl MariaDb {
+    /// The CA certificate (PEM) of a `tls_only` server.
+    pub fn ca_cert_path(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -223,6 +268,11 @@ impl MariaDb {
                 "root",
             ])
             .arg("--connect-timeout=10");
+        if let Some(ca) = &self.ca {
+            cmd.arg("--ssl")
+                .arg(format!("--ssl-ca={}", ca.display()))
+                .arg("--ssl-verify-server-cert");
+        }
         Ok(cmd)
     }
 

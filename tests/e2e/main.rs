@@ -4,6 +4,7 @@
 mod backup;
 mod binstream;
 mod drill;
+mod encryption;
 mod faults;
 mod forks;
 mod mysql;

@@ -34,7 +34,23 @@ pub(crate) fn agent(
     password: Option<&str>,
     args: &[&str],
 ) -> Output {
+    agent_with(repo, url, password, &[], args)
+}
+
+/// `agent` with more environment (encryption keys).
+pub(crate) fn agent_with(
+    repo: &Repo,
+    url: Option<&str>,
+    password: Option<&str>,
+    env: &[(&str, &Path)],
+    args: &[&str],
+) -> Output {
     let mut cmd = Command::new(BIN);
+    cmd.env_remove("DBAGENT_ENCRYPTION_RECIPIENTS_FILE")
+        .env_remove("DBAGENT_ENCRYPTION_IDENTITY_FILE");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     cmd.args(args)
         .env("DBAGENT_LOG_FORMAT", "text")
         .env_remove("DBAGENT_CONFIG")
@@ -821,6 +837,302 @@ fn mysql_dump_and_binlogs_through_s3() {
         scratch.sql("SELECT HEX(txt) FROM app.t WHERE id = 3"),
         hex(&format!("{CJK} 3"))
     );
+}
+
+#[test]
+fn mysql_encrypted_dump_and_binlogs_restore_only_with_the_key() {
+    use crate::encryption::{keygen, s3_objects, showing};
+    let repo = Repo::s3("mysql-encrypted");
+    let keydir = dbagent_testcontainers::pg_owned_tempdir().unwrap();
+    let key = keygen(keydir.path(), "k");
+    let wrong = keygen(keydir.path(), "w");
+    let r = "DBAGENT_ENCRYPTION_RECIPIENTS_FILE";
+    let i = "DBAGENT_ENCRYPTION_IDENTITY_FILE";
+    ok(&agent_with(
+        &repo,
+        None,
+        None,
+        &[(r, &key.recipients)],
+        &["encryption", "set"],
+    ));
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE app CHARACTER SET utf8mb4; CREATE TABLE app.secret_table (id INT PRIMARY KEY, txt TEXT); \
+         INSERT INTO app.secret_table VALUES (1, 'MYMARK-1');",
+    );
+    refused(
+        &agent(
+            &repo,
+            Some(&db.url()),
+            None,
+            &["backup", "--engine", "mysql"],
+        ),
+        "encryption.recipients_file",
+    );
+    let w = [(r, key.recipients.as_path())];
+    ok(&agent_with(
+        &repo,
+        Some(&db.url()),
+        None,
+        &w,
+        &["backup", "--engine", "mysql"],
+    ));
+    for n in 2..=4 {
+        sql(
+            &db,
+            &format!("INSERT INTO app.secret_table VALUES ({n}, 'MYMARK-{n}')"),
+        );
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    refused(
+        &agent(&repo, Some(&db.url()), None, &["binlog-push"]),
+        "encryption.recipients_file",
+    );
+    ok(&agent_with(
+        &repo,
+        Some(&db.url()),
+        None,
+        &w,
+        &["binlog-push"],
+    ));
+    // Shipping again compares without a secret key: nothing new, nothing refused.
+    let again = ok(&agent_with(
+        &repo,
+        Some(&db.url()),
+        None,
+        &w,
+        &["binlog-push"],
+    ));
+    assert!(again.contains("nothing new to ship"), "{again}");
+
+    let objects = s3_objects(&repo);
+    assert!(objects.iter().any(|(k, _)| k.ends_with("/dump.sql.zst")));
+    assert_eq!(showing(&objects, "MYMARK-"), Vec::<String>::new());
+    // Row counts and table names stay out of the manifests' clear text.
+    assert_eq!(showing(&objects, "secret_table"), Vec::<String>::new());
+    let listing = ok(&agent(&repo, None, None, &["list", "--json"]));
+    let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        json["mysql"][0]["restorable"].as_array().unwrap().len(),
+        1,
+        "{listing}"
+    );
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let restore = [
+        "restore",
+        "--engine",
+        "mysql",
+        "--latest",
+        "--target-dir",
+        dir.to_str().unwrap(),
+    ];
+    refused(
+        &agent(&repo, None, None, &restore),
+        "encryption.identity_file",
+    );
+    refused(
+        &agent_with(&repo, None, None, &[(i, &wrong.identity)], &restore),
+        "encryption.identity_file",
+    );
+    assert!(!dir.exists(), "a refused restore made its target");
+    let out = agent_with(&repo, None, None, &[(i, &key.identity)], &restore);
+    let scratch = Scratch { dir };
+    ok(&out);
+    assert_eq!(
+        scratch.sql("SELECT GROUP_CONCAT(txt ORDER BY id) FROM app.secret_table"),
+        "MYMARK-1,MYMARK-2,MYMARK-3,MYMARK-4"
+    );
+}
+
+#[test]
+fn a_tls_only_mariadb_works_with_verify_identity_and_refuses_another_ca() {
+    let db = MariaDbBuilder::new().tls_only().start().unwrap();
+    backup_account(&db);
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); INSERT INTO app.t VALUES (1), (2);",
+    );
+    let ca = db.ca_cert_path().unwrap().to_path_buf();
+    let repo = Repo::file();
+    let url = backup_url(&db);
+    let mode = std::path::Path::new("verify_identity");
+    let tls = [
+        ("DBAGENT_MYSQL_SSL_MODE", mode),
+        ("DBAGENT_MYSQL_SSL_CA", ca.as_path()),
+    ];
+
+    // Without TLS the server says no, and the message says which setting to fix.
+    let out = agent(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &["backup", "--engine", "mysql"],
+    );
+    refused(&out, "mysql.ssl_mode");
+    // A certificate from another CA is refused, naming mysql.ssl_ca.
+    let other = dbagent_testcontainers::TestCa::generate().unwrap();
+    let other_pem = other.pem_path();
+    let wrong = [
+        ("DBAGENT_MYSQL_SSL_MODE", mode),
+        ("DBAGENT_MYSQL_SSL_CA", other_pem.as_path()),
+    ];
+    let out = agent_with(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &wrong,
+        &["backup", "--engine", "mysql"],
+    );
+    let line = refused(&out, "mysql.ssl_ca");
+    assert!(line.contains("certificate"), "{line}");
+    assert!(repo.snapshot().is_empty(), "a refused backup wrote");
+
+    // With the CA: the dump (the client program over TLS) and binlog shipping.
+    let dump = ok(&agent_with(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &tls,
+        &["backup", "--engine", "mysql", "--json"],
+    ));
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert!(dump["id"].is_string(), "{dump:#}");
+    sql(&db, "INSERT INTO app.t VALUES (3); FLUSH BINARY LOGS;");
+    ok(&agent_with(
+        &repo,
+        Some(&url),
+        Some(PASSWORD),
+        &tls,
+        &["binlog-push"],
+    ));
+
+    // serve connects over TLS too and sees a writable primary (its probe reads replica
+    // status, which takes SLAVE MONITOR).
+    sql(&db, "GRANT SLAVE MONITOR ON *.* TO 'dbagent'@'%'");
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), url.clone()),
+        ("DBAGENT_MYSQL_PASSWORD".to_string(), PASSWORD.to_string()),
+        ("DBAGENT_ENGINE".to_string(), "mysql".to_string()),
+        ("DBAGENT_SERVE_HEARTBEAT".to_string(), "false".to_string()),
+    ];
+    env.extend(
+        tls.iter()
+            .map(|(k, v)| (k.to_string(), v.display().to_string())),
+    );
+    env.extend(repo.env());
+    let serve = crate::serve::Serve::start(&env);
+    serve.wait_for(
+        "the primary over TLS",
+        std::time::Duration::from_secs(15),
+        |s| s.code("/primary") == 200,
+    );
+
+    // And the restore from that dump and binlog has every row.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    ok(&out);
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM app.t"), "3");
+}
+
+#[test]
+fn a_restored_server_is_locked_and_option_like_database_names_stay_names() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE `--no-data`; CREATE TABLE `--no-data`.t (id INT PRIMARY KEY); \
+         INSERT INTO `--no-data`.t VALUES (1), (2); \
+         CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); INSERT INTO app.t VALUES (7);",
+    );
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let port = free_port();
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let scratch = Scratch { dir: dir.clone() };
+    let stdout = ok(&out);
+    // The database called like an option was dumped as a database, with its rows.
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM `--no-data`.t"), "2");
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM app.t"), "1");
+
+    // root has a random password, in a private file the output names.
+    use std::os::unix::fs::PermissionsExt;
+    let password_file = dir.join("root-password");
+    assert!(
+        stdout.contains(&password_file.display().to_string()),
+        "{stdout}"
+    );
+    for f in [&password_file, &dir.join("my.cnf")] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+    }
+    let password = std::fs::read_to_string(&password_file).unwrap();
+    let password = password.trim();
+    assert!(password.len() >= 20, "{password:?}");
+    let client = |pw: Option<&str>| {
+        let mut cmd = Command::new(mariadb_bin("mariadb").unwrap());
+        cmd.args([
+            "--no-defaults",
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &port.to_string(),
+            "-u",
+            "root",
+        ]);
+        if let Some(pw) = pw {
+            cmd.arg(format!("--password={pw}"));
+        }
+        cmd.args(["-N", "-B", "-e", "SELECT 1"]).output().unwrap()
+    };
+    let open = client(None);
+    assert!(
+        !open.status.success(),
+        "root logs in over TCP without a password"
+    );
+    assert!(
+        String::from_utf8_lossy(&open.stderr).contains("Access denied"),
+        "{}",
+        String::from_utf8_lossy(&open.stderr)
+    );
+    assert!(client(Some(password)).status.success());
 }
 
 /// The dump carries the source's accounts (so binlogged GRANTs replay), but restoring it must

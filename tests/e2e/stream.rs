@@ -672,3 +672,61 @@ fn sidecar_under_pgbench() {
         max_retained / (1 << 20) as f64
     );
 }
+
+#[test]
+fn an_encrypted_stream_resumes_without_a_key_that_decrypts() {
+    let repo = Repo::file();
+    let keydir = pg_owned_tempdir().unwrap();
+    let key = crate::encryption::keygen(keydir.path(), "k");
+    let recipients = key.recipients.to_str().unwrap();
+    let mut set = dbagent_cmd(&repo, None, &["encryption", "set"]);
+    set.env("DBAGENT_ENCRYPTION_RECIPIENTS_FILE", recipients);
+    ok(&set.output().unwrap());
+    let pg = PostgresBuilder::new().start().unwrap();
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    // The sidecar holds only the public key, as in the database pod.
+    let env = [("DBAGENT_ENCRYPTION_RECIPIENTS_FILE", recipients)];
+    let write_and_wait = |serve: &Serve, id: i32| {
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({id})"))
+            .unwrap();
+        let lsn = parse_lsn(
+            &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+                .unwrap(),
+        );
+        serve.wait_for("the write to be stored", Duration::from_secs(30), |s| {
+            stored_lsn(s) >= lsn
+        });
+    };
+    let mut serve = streaming_serve(&repo, &pg, &env);
+    write_and_wait(&serve, 1);
+    // Restarted, it cannot read its encrypted pieces back: it streams the segment again.
+    serve.kill();
+    let serve2 = streaming_serve(&repo, &pg, &env);
+    write_and_wait(&serve2, 2);
+    drop(serve2);
+    // A reader with the key gets what the server wrote.
+    let current = pg
+        .psql(
+            "postgres",
+            "SELECT pg_walfile_name(pg_current_wal_flush_lsn())",
+        )
+        .unwrap();
+    let upto = pieces(&repo)
+        .iter()
+        .filter(|p| p.0 == current)
+        .map(|p| p.2)
+        .max()
+        .unwrap() as usize;
+    let dir = pg_owned_tempdir().unwrap();
+    let dest = dir.path().join(&current);
+    let mut cmd = dbagent_cmd(
+        &repo,
+        Some(&pg),
+        &["wal-fetch", &current, dest.to_str().unwrap()],
+    );
+    cmd.env("DBAGENT_ENCRYPTION_IDENTITY_FILE", &key.identity);
+    ok(&cmd.output().unwrap());
+    let partial = std::fs::read(&dest).unwrap();
+    let on_server = std::fs::read(pg.data_dir().join("pg_wal").join(&current)).unwrap();
+    assert!(partial[..upto] == on_server[..upto]);
+}

@@ -244,6 +244,12 @@ pub async fn restore_dump(
     if opts.dry_run {
         return Ok(report);
     }
+    // A reader without the keys is refused before a role or a database is created.
+    let needed: Vec<_> = [db.data.needs(), set.globals.needs()]
+        .into_iter()
+        .flatten()
+        .collect();
+    crate::pipeline::check_readable(store.as_ref(), &needed).await?;
     eprintln!("{}", report.plan);
 
     let started = Instant::now();
@@ -403,6 +409,7 @@ mod tests {
             stored_bytes: 1,
             plain_bytes: 1,
             sha256: String::new(),
+            key_set: None,
         };
         PgDumpSet {
             format_version: 1,
