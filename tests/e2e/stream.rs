@@ -327,7 +327,7 @@ fn recovery_point_figures() {
 /// inside the segment still being written lands between two markers there.
 #[test]
 fn list_and_restore_at_reach_into_the_streamed_segment() {
-    let repo = Repo::s3("stream-pitr");
+    let repo = Repo::file();
     let pg = archiving_primary(&repo);
     pg.psql(
         "postgres",
@@ -368,6 +368,24 @@ fn list_and_restore_at_reach_into_the_streamed_segment() {
         to >= times[5] && to < times[5] + chrono::Duration::seconds(1),
         "the window ends at {to}, the last marker was inserted at {}: {listing}",
         times[5]
+    );
+
+    // verify reads every streamed piece; prune keeps them (the backup needs them).
+    let out = ok(&dbagent(&repo, None, &["verify", "--json"]));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let cluster = &report["clusters"][0];
+    assert_eq!(cluster["problems"], serde_json::json!([]), "{out}");
+    let pieces = pieces(&repo);
+    assert!(!pieces.is_empty());
+    // Every piece is read besides the segments and the backup's manifest objects.
+    assert!(
+        cluster["objects"].as_u64().unwrap() as usize >= pieces.len(),
+        "{out}"
+    );
+    let out = ok(&dbagent(&repo, None, &["prune", "--dry-run", "--json"]));
+    assert!(
+        !out.contains(".part.zst"),
+        "prune would delete streamed WAL: {out}"
     );
 
     let target = times[2] + (times[3] - times[2]) / 2;
