@@ -748,3 +748,31 @@ fn an_encrypted_stream_resumes_without_a_key_that_decrypts() {
     let on_server = std::fs::read(pg.data_dir().join("pg_wal").join(&current)).unwrap();
     assert!(partial[..upto] == on_server[..upto]);
 }
+
+/// Streaming from a TLS-only server (`hostssl` with SCRAM-SHA-256, `verify-full`): the
+/// replication connection negotiates TLS and authenticates like every other connection, and
+/// nothing of the password reaches `/status`.
+#[test]
+fn streams_from_a_tls_only_server_with_scram() {
+    const PASSWORD: &str = "Str3am s3cret";
+    let repo = Repo::s3("stream-tls");
+    let pg = PostgresBuilder::new().tls_only(PASSWORD).start().unwrap();
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    let serve = streaming_serve(&repo, &pg, &[("PGPASSWORD", PASSWORD)]);
+    pg.psql("postgres", "INSERT INTO t VALUES (1)").unwrap();
+    let lsn = parse_lsn(
+        &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    serve.wait_for("WAL streamed over TLS", Duration::from_secs(20), |s| {
+        stored_lsn(s) >= lsn
+    });
+    let status = serve.get("/status").1;
+    assert!(!status.contains(PASSWORD), "{status}");
+    let env: Vec<(String, String)> = pg.env();
+    assert!(
+        env.iter()
+            .any(|(k, v)| k == "PGSSLMODE" && v == "verify-full"),
+        "{env:?}"
+    );
+}
