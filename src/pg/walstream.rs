@@ -162,6 +162,14 @@ impl Streamer {
                     .context("the slot just created is missing")?
             }
         };
+        // A physical slot made with RESERVE_WAL always holds a position; one without has been
+        // invalidated by max_slot_wal_keep_size and can never stream again. Slots are not
+        // dropped behind the operator's back: say what to do (watch_slot counts the gap).
+        if slot.restart_lsn.is_none() {
+            anyhow::bail!(
+                "replication slot {slot_name} was invalidated (max_slot_wal_keep_size exceeded) and can never stream again: drop it with SELECT pg_drop_replication_slot('{slot_name}'); the sidecar then creates it anew and reports the WAL lost meanwhile as a gap"
+            );
+        }
         if self.cursor.is_none() {
             self.cursor = Some(
                 self.locate(sysid, id.timeline, slot.restart_lsn.unwrap_or(id.xlogpos))

@@ -776,3 +776,72 @@ fn streams_from_a_tls_only_server_with_scram() {
         "{env:?}"
     );
 }
+
+/// `max_slot_wal_keep_size` invalidates the slot while the sidecar is away: the gap is
+/// reported (metric, `/status`), and the stream says what to do instead of retrying a slot
+/// that can never work again.
+#[test]
+fn an_invalidated_slot_is_a_loud_gap_with_the_fix_named() {
+    let repo = Repo::file();
+    let pg = PostgresBuilder::new()
+        .setting("max_slot_wal_keep_size", "32MB")
+        .start()
+        .unwrap();
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    let mut serve = streaming_serve(&repo, &pg, &[]);
+    pg.psql("postgres", "INSERT INTO t VALUES (1)").unwrap();
+    let lsn = parse_lsn(
+        &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    serve.wait_for("the write to be stored", Duration::from_secs(20), |s| {
+        stored_lsn(s) >= lsn
+    });
+    serve.kill();
+    // More WAL than the slot may keep, then a checkpoint: the slot is invalidated.
+    for _ in 0..5 {
+        pg.psql(
+            "postgres",
+            "INSERT INTO t SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal();",
+        )
+        .unwrap();
+    }
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'dbagent'"
+        )
+        .unwrap(),
+        "lost"
+    );
+    let serve = streaming_serve(&repo, &pg, &[]);
+    serve.wait_for("the gap to be reported", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_stream_gaps_total") >= Some(1.0)
+    });
+    let status = serve.json("/status");
+    let st = &status["wal_stream"];
+    assert!(
+        st["last_gap"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalidated"),
+        "{status}"
+    );
+    serve.wait_for("the error to name the fix", Duration::from_secs(20), |s| {
+        s.json("/status")["wal_stream"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pg_drop_replication_slot"))
+    });
+    // The operator drops it: the sidecar makes it again and streams on.
+    pg.psql("postgres", "SELECT pg_drop_replication_slot('dbagent')")
+        .unwrap();
+    pg.psql("postgres", "INSERT INTO t VALUES (2)").unwrap();
+    let lsn = parse_lsn(
+        &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    serve.wait_for("streaming again", Duration::from_secs(40), |s| {
+        stored_lsn(s) >= lsn
+    });
+}
