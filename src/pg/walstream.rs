@@ -162,10 +162,10 @@ impl Streamer {
                     .context("the slot just created is missing")?
             }
         };
-        // A physical slot made with RESERVE_WAL always holds a position; one without has been
-        // invalidated by max_slot_wal_keep_size and can never stream again. Slots are not
-        // dropped behind the operator's back: say what to do (watch_slot counts the gap).
-        if slot.restart_lsn.is_none() {
+        // A slot without a position was made without reserving WAL (streaming reserves it),
+        // or was invalidated by max_slot_wal_keep_size and can never stream again. Slots are
+        // not dropped behind the operator's back: say what to do (watch_slot counts the gap).
+        if slot.restart_lsn.is_none() && self.slot_lost(&slot_name).await {
             anyhow::bail!(
                 "replication slot {slot_name} was invalidated (max_slot_wal_keep_size exceeded) and can never stream again: drop it with SELECT pg_drop_replication_slot('{slot_name}'); the sidecar then creates it anew and reports the WAL lost meanwhile as a gap"
             );
@@ -289,6 +289,20 @@ impl Streamer {
         });
         self.cursor = Some(Cursor::empty(resume_seg));
         self.pending_since = None;
+    }
+
+    /// Whether the server says the slot is invalidated (`wal_status = lost`).
+    async fn slot_lost(&self, slot: &str) -> bool {
+        let Ok(client) = self.settings.conn.connect().await else {
+            return false;
+        };
+        let row = client
+            .query_opt(super::sql::STREAM_SLOT, &[&slot])
+            .await
+            .ok()
+            .flatten();
+        row.and_then(|r| r.get::<_, Option<String>>(1))
+            .is_some_and(|s| s == "lost")
     }
 
     fn cursor(&self) -> &Cursor {
