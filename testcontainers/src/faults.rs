@@ -48,6 +48,7 @@ pub struct Rule {
     target: Option<String>,
     skip: usize,
     times: Option<usize>,
+    whole_only: bool,
     fault: Fault,
 }
 
@@ -59,6 +60,7 @@ impl Rule {
             target: None,
             skip: 0,
             times: None,
+            whole_only: false,
             fault,
         }
     }
@@ -87,9 +89,24 @@ impl Rule {
         self
     }
 
-    fn matches(&self, method: &str, target: &str) -> bool {
-        self.method.as_deref().is_none_or(|m| m == method)
-            && self.target.as_deref().is_none_or(|t| target.contains(t))
+    /// Only requests for a whole object (no `Range` header): downloads, not trailer reads.
+    pub fn whole_objects_only(mut self) -> Rule {
+        self.whole_only = true;
+        self
+    }
+
+    fn matches(&self, req: &Request) -> bool {
+        let ranged = || {
+            req.headers
+                .iter()
+                .any(|h| h.to_ascii_lowercase().starts_with("range:"))
+        };
+        self.method.as_deref().is_none_or(|m| m == req.method)
+            && self
+                .target
+                .as_deref()
+                .is_none_or(|t| req.target.contains(t))
+            && !(self.whole_only && ranged())
     }
 }
 
@@ -276,7 +293,7 @@ fn serve(client: TcpStream, upstream: u16, state: &Mutex<State>) -> Result<()> {
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         let mut chosen = None;
         for r in s.rules.iter_mut() {
-            if !r.rule.matches(&req.method, &req.target) {
+            if !r.rule.matches(&req) {
                 continue;
             }
             r.matched += 1;

@@ -1249,12 +1249,13 @@ fn restore_waits_for_promotion_with_a_deadline_and_fails_at_once_on_auth() {
     assert!(took < Duration::from_secs(60), "took {took:?}");
     eprintln!("unknown role reported in {took:?}: {}", err.trim());
 
-    // The plan reads the trailers of the two segments first; the downloads after that stall.
+    // The plan reads the segments' trailers (ranged GETs); the downloads of whole segments,
+    // which only the restored server's restore_command makes, stall.
     s3.proxy.inject(
         Rule::new(Fault::Stall(Duration::from_secs(50)))
             .method("GET")
             .target("/wal/0")
-            .skip(2),
+            .whole_objects_only(),
     );
     let (_r, out, took) = restore(
         "stalled",
