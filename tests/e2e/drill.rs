@@ -764,3 +764,122 @@ fn mysql_drill_passes_and_fails_on_a_missing_binlog() {
     );
     assert_scratch_gone(scratch.path());
 }
+
+/// MariaDB: a binlog replay that takes long (a statement-logged `SLEEP`) is cut off by
+/// `drill.timeout` and by SIGTERM like any other part of the drill: the drill fails saying so,
+/// within moments, and its scratch server and files are gone.
+#[test]
+fn mysql_binlog_replay_honours_the_drill_timeout_and_sigterm() {
+    let repo = Repo::file();
+    let source = dbagent_testcontainers::MariaDbBuilder::new()
+        .start()
+        .unwrap();
+    let mut env = repo.env();
+    env.push(("DBAGENT_MYSQL_URL".into(), source.url()));
+    let cmd = |args: &[&str], extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(args)
+            .env("DBAGENT_LOG_FORMAT", "text")
+            .env_remove("DBAGENT_CONFIG")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    source
+        .sql(
+            None,
+            "CREATE DATABASE shop; CREATE TABLE shop.t (id int PRIMARY KEY); INSERT INTO shop.t VALUES (1);",
+        )
+        .unwrap();
+    ok(&cmd(&["backup", "--engine", "mysql"], &[]).output().unwrap());
+    // Logged as a statement, the SLEEP runs again on replay.
+    source
+        .sql(
+            None,
+            "SET SESSION binlog_format = 'STATEMENT';
+             INSERT INTO shop.t SELECT 2 FROM DUAL WHERE SLEEP(40) = 0;
+             FLUSH BINARY LOGS;",
+        )
+        .unwrap();
+    ok(&cmd(&["binlog-push"], &[]).output().unwrap());
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let scratch_env = (
+        "DBAGENT_DRILL_SCRATCH_DIR",
+        scratch.path().to_str().unwrap(),
+    );
+    let (out, took) = run_within(
+        cmd(
+            &["drill", "--engine", "mysql"],
+            &[scratch_env, ("DBAGENT_DRILL_TIMEOUT", "12s")],
+        ),
+        Duration::from_secs(120),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("drill timed out during the replay after {took:?}");
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("did not finish within 12s"), "{err}");
+    assert!(took < Duration::from_secs(18), "took {took:?}");
+    assert_scratch_gone(scratch.path());
+
+    let mut child = cmd(&["drill", "--engine", "mysql"], &[scratch_env])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the binlogs are downloaded into the scratch directory; the replay (40 s of
+    // SLEEP) follows at once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let downloaded = || {
+        walk(scratch.path())
+            .iter()
+            .any(|p| p.to_string_lossy().contains("dbagent-binlogs/binlog."))
+    };
+    while !downloaded() {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the drill ended early ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "the replay never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let stopping = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let took = stopping.elapsed();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("interrupted by SIGTERM"), "{stderr}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    eprintln!("drill stopped by SIGTERM during the replay in {took:?}");
+    assert_scratch_gone(scratch.path());
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
