@@ -7,6 +7,10 @@
 //! restored branch can start below an older backup), so no kept backup or promised point loses
 //! WAL. Timeline history files are never deleted. Leftovers of a backup without a manifest go
 //! only after `incomplete_after`, since the backup may still be running.
+//!
+//! Logical dumps follow the same keep rule: PostgreSQL dump sets by the time they were taken,
+//! MySQL/MariaDB dumps by their consistent time, and a MySQL binlog is deleted only when it
+//! lies before the file the oldest kept dump replays from.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,11 +41,18 @@ pub struct PrunePlan {
     pub delete_wal: Vec<String>,
     pub delete_incomplete: Vec<String>,
     pub delete_reports: Vec<String>,
+    /// Kept logical dump sets (`backup --kind dump`), with why.
+    #[serde(serialize_with = "kept")]
+    pub keep_dumps: Vec<(String, &'static str)>,
+    /// Deleted dump sets: id and keys, the manifest first.
+    #[serde(serialize_with = "deleted")]
+    pub delete_dumps: Vec<(String, Vec<String>)>,
 }
 
 impl PrunePlan {
     pub fn is_empty(&self) -> bool {
-        self.delete_backups.is_empty()
+        self.delete_dumps.is_empty()
+            && self.delete_backups.is_empty()
             && self.delete_wal.is_empty()
             && self.delete_incomplete.is_empty()
             && self.delete_reports.is_empty()
@@ -63,6 +74,12 @@ impl PrunePlan {
                 out.push_str(&format!("  delete {n} WAL file(s) before {floor}\n"))
             }
             _ => out.push_str("  delete no WAL\n"),
+        }
+        for (id, why) in &self.keep_dumps {
+            out.push_str(&format!("  keep   dump {id} ({why})\n"));
+        }
+        for (id, _) in &self.delete_dumps {
+            out.push_str(&format!("  delete dump {id}\n"));
         }
         if !self.delete_incomplete.is_empty() {
             out.push_str(&format!(
@@ -213,7 +230,9 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
     for sysid in clusters {
         let cat = PgCatalog::load(store, sysid).await?;
         let objects = store.list(&crate::repo::pg_root(sysid)).await?;
-        let plan = plan(&cat, &objects, Utc::now(), &cfg.retention);
+        let mut plan = plan(&cat, &objects, Utc::now(), &cfg.retention);
+        let dumps = crate::repo::dump::load(store, sysid).await?;
+        plan_dumps(&mut plan, &dumps, Utc::now(), &cfg.retention);
         let deleted = match dry_run || plan.is_empty() {
             true => None,
             false => Some(execute(store, &plan).await?),
@@ -516,14 +535,45 @@ pub fn plan(
         delete_wal,
         delete_incomplete,
         delete_reports,
+        keep_dumps: Vec::new(),
+        delete_dumps: Vec::new(),
     }
+}
+
+/// Adds the logical dump sets to a cluster's plan (pure): the base-backup rules, by the time
+/// each set was taken. A dump needs no WAL, so nothing else depends on it.
+pub fn plan_dumps(
+    plan: &mut PrunePlan,
+    dumps: &[crate::repo::dump::PgDumpSet],
+    now: DateTime<Utc>,
+    policy: &RetentionConfig,
+) {
+    let sysid = plan.system_identifier;
+    let keep = keep_by_time(
+        dumps.iter().map(|d| (d.id.as_str(), d.stop_time)),
+        now,
+        policy,
+    );
+    plan.delete_dumps = dumps
+        .iter()
+        .filter(|d| !keep.contains_key(&d.id))
+        .map(|d| {
+            let mut keys = vec![crate::repo::dump::manifest_key(sysid, &d.id)];
+            keys.push(d.globals.key.clone());
+            keys.extend(d.databases.iter().map(|db| db.data.key.clone()));
+            (d.id.clone(), keys)
+        })
+        .collect();
+    let mut kept: Vec<(String, &'static str)> = keep.into_iter().collect();
+    kept.sort_by_key(|(id, _)| dumps.iter().position(|d| &d.id == id));
+    plan.keep_dumps = kept;
 }
 
 /// Carries the plan out: each deleted backup's manifest first (the backup disappears at once),
 /// then its data, then WAL oldest first.
 pub async fn execute(store: &dyn Store, plan: &PrunePlan) -> anyhow::Result<usize> {
     let mut deleted = 0;
-    for (_, keys) in &plan.delete_backups {
+    for (_, keys) in plan.delete_backups.iter().chain(&plan.delete_dumps) {
         for key in keys {
             store.delete(key).await?;
             deleted += 1;
