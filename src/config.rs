@@ -197,6 +197,8 @@ pub struct ServeConfig {
     /// writes reach the archive anyway: the MySQL twin of PostgreSQL's archive_timeout.
     pub binlog_max_age: Duration,
     pub catalog_refresh: Duration,
+    /// How long a scheduled job has, after SIGTERM, before SIGKILL when `serve` stops.
+    pub job_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -378,6 +380,7 @@ impl Config {
                 binlog_interval: v.get("serve.binlog_interval")?,
                 binlog_max_age: v.get("serve.binlog_max_age")?,
                 catalog_refresh: v.get("serve.catalog_refresh")?,
+                job_grace: v.get("serve.job_grace")?,
             },
             schedule,
             drill: DrillConfig {

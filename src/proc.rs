@@ -144,20 +144,33 @@ impl Program {
         }
     }
 
-    /// Runs it with the caller's stdio until it exits or `stop` resolves (then it is killed
-    /// and `None` returned). For jobs that report for themselves (`serve`'s schedules).
+    /// Runs it with the caller's stdio until it exits or `stop` resolves. Then it gets SIGTERM
+    /// and `grace` to finish (a drill tears its scratch server down), SIGKILL after that, and
+    /// `None` is returned. For jobs that report for themselves (`serve`'s schedules).
     pub async fn status_until(
         &self,
         stop: impl Future<Output = ()>,
+        grace: Duration,
     ) -> anyhow::Result<Option<ExitStatus>> {
         let mut child = self.spawn(Stdio::inherit(), Stdio::inherit(), Stdio::inherit())?;
         tokio::select! {
-            status = child.wait() => Ok(Some(status?)),
-            _ = stop => {
+            status = child.wait() => return Ok(Some(status?)),
+            _ = stop => {}
+        }
+        if let Some(pid) = child.id() {
+            // SAFETY: a signal to the child this runner started and has not reaped yet.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(status) => {
+                tracing::info!(program = %self.name(), status = %status?, "stopped on request");
+            }
+            Err(_) => {
+                tracing::warn!(program = %self.name(), grace = %humantime::format_duration(grace), "did not stop within its grace period after SIGTERM; killing it");
                 let _ = child.kill().await;
-                Ok(None)
             }
         }
+        Ok(None)
     }
 
     /// Starts a server that outlives this process: its own process group (a ^C to dbagent does

@@ -7,6 +7,10 @@
 //! restored branch can start below an older backup), so no kept backup or promised point loses
 //! WAL. Timeline history files are never deleted. Leftovers of a backup without a manifest go
 //! only after `incomplete_after`, since the backup may still be running.
+//!
+//! Logical dumps follow the same keep rule: PostgreSQL dump sets by the time they were taken,
+//! MySQL/MariaDB dumps by their consistent time, and a MySQL binlog is deleted only when it
+//! lies before the file the oldest kept dump replays from.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,11 +41,18 @@ pub struct PrunePlan {
     pub delete_wal: Vec<String>,
     pub delete_incomplete: Vec<String>,
     pub delete_reports: Vec<String>,
+    /// Kept logical dump sets (`backup --kind dump`), with why.
+    #[serde(serialize_with = "kept")]
+    pub keep_dumps: Vec<(String, &'static str)>,
+    /// Deleted dump sets: id and keys, the manifest first.
+    #[serde(serialize_with = "deleted")]
+    pub delete_dumps: Vec<(String, Vec<String>)>,
 }
 
 impl PrunePlan {
     pub fn is_empty(&self) -> bool {
-        self.delete_backups.is_empty()
+        self.delete_dumps.is_empty()
+            && self.delete_backups.is_empty()
             && self.delete_wal.is_empty()
             && self.delete_incomplete.is_empty()
             && self.delete_reports.is_empty()
@@ -63,6 +74,12 @@ impl PrunePlan {
                 out.push_str(&format!("  delete {n} WAL file(s) before {floor}\n"))
             }
             _ => out.push_str("  delete no WAL\n"),
+        }
+        for (id, why) in &self.keep_dumps {
+            out.push_str(&format!("  keep   dump {id} ({why})\n"));
+        }
+        for (id, _) in &self.delete_dumps {
+            out.push_str(&format!("  delete dump {id}\n"));
         }
         if !self.delete_incomplete.is_empty() {
             out.push_str(&format!(
@@ -108,6 +125,9 @@ fn deleted<S: Serializer>(backups: &[(String, Vec<String>)], s: S) -> Result<S::
 pub struct PruneReport {
     pub dry_run: bool,
     pub clusters: Vec<Pruned>,
+    /// MySQL/MariaDB servers: dumps and binlogs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mysql: Vec<MysqlPruned>,
     /// MySQL/MariaDB: streamed binlog parts a complete archived binlog supersedes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub superseded_binlog_parts: Vec<SupersededParts>,
@@ -160,6 +180,13 @@ pub struct Pruned {
     pub deleted: Option<usize>,
 }
 
+#[derive(Debug, Serialize)]
+pub struct MysqlPruned {
+    pub plan: MysqlPrunePlan,
+    /// Objects deleted; none on a dry run or when there was nothing to delete.
+    pub deleted: Option<usize>,
+}
+
 impl std::fmt::Display for PruneReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut text = String::new();
@@ -168,6 +195,14 @@ impl std::fmt::Display for PruneReport {
             if self.dry_run {
                 text.push_str("dry run: nothing was deleted\n");
             } else if let Some(n) = c.deleted {
+                text.push_str(&format!("deleted {n} object(s)\n"));
+            }
+        }
+        for m in &self.mysql {
+            text.push_str(&m.plan.describe());
+            if self.dry_run {
+                text.push_str("dry run: nothing was deleted\n");
+            } else if let Some(n) = m.deleted {
                 text.push_str(&format!("deleted {n} object(s)\n"));
             }
         }
@@ -195,7 +230,9 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
     for sysid in clusters {
         let cat = PgCatalog::load(store, sysid).await?;
         let objects = store.list(&crate::repo::pg_root(sysid)).await?;
-        let plan = plan(&cat, &objects, Utc::now(), &cfg.retention);
+        let mut plan = plan(&cat, &objects, Utc::now(), &cfg.retention);
+        let dumps = crate::repo::dump::load(store, sysid).await?;
+        plan_dumps(&mut plan, &dumps, Utc::now(), &cfg.retention);
         let deleted = match dry_run || plan.is_empty() {
             true => None,
             false => Some(execute(store, &plan).await?),
@@ -207,8 +244,15 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
         Some(id) => vec![id.clone()],
         None => crate::repo::mysql::servers(store).await?,
     };
+    let mut mysql = Vec::new();
     for uuid in servers {
         let cat = crate::repo::mysql::MysqlCatalog::load(store, &uuid).await?;
+        let plan = plan_mysql(&cat, Utc::now(), &cfg.retention);
+        let deleted = match dry_run || plan.is_empty() {
+            true => None,
+            false => Some(execute_mysql(store, &plan).await?),
+        };
+        mysql.push(MysqlPruned { plan, deleted });
         let mut keys = cat.superseded_parts;
         if keys.is_empty() {
             continue;
@@ -230,9 +274,156 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
     Ok(PruneReport {
         dry_run,
         clusters: out,
+        mysql,
         superseded_binlog_parts,
         leftovers,
     })
+}
+
+/// Which of a series of backups (or dumps), oldest first with the time each restores from,
+/// the policy keeps, and why: the `keep_backups` newest, those inside the last `keep_days`,
+/// and the newest before that window, which covers its start.
+fn keep_by_time<'a>(
+    items: impl DoubleEndedIterator<Item = (&'a str, DateTime<Utc>)> + Clone,
+    now: DateTime<Utc>,
+    policy: &RetentionConfig,
+) -> BTreeMap<String, &'static str> {
+    let window_start = now - chrono::Duration::days(policy.keep_days as i64);
+    let mut keep: BTreeMap<String, &'static str> = BTreeMap::new();
+    for (id, _) in items.clone().rev().take(policy.keep_backups) {
+        keep.insert(id.to_string(), "among the newest");
+    }
+    for (id, _) in items.clone().filter(|(_, t)| *t >= window_start) {
+        keep.entry(id.to_string())
+            .or_insert("inside the recovery window");
+    }
+    if let Some((id, _)) = items.rev().find(|(_, t)| *t < window_start) {
+        keep.entry(id.to_string())
+            .or_insert("covers the start of the recovery window");
+    }
+    keep
+}
+
+/// What `prune` does to one MySQL/MariaDB server: the base-backup rules applied to dumps, and
+/// archived (or streamed) binlogs deleted only before the oldest kept dump's coordinates, so
+/// every kept dump can still be rolled forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MysqlPrunePlan {
+    pub server_uuid: String,
+    #[serde(serialize_with = "kept")]
+    pub keep: Vec<(String, &'static str)>,
+    /// Deleted dumps: id and keys, the manifest first.
+    #[serde(serialize_with = "deleted")]
+    pub delete_dumps: Vec<(String, Vec<String>)>,
+    /// Binlogs before this file (of the same base name) are deleted.
+    pub binlog_floor: Option<String>,
+    /// Binlog objects, each file's description before its data.
+    pub delete_binlogs: Vec<String>,
+}
+
+impl MysqlPrunePlan {
+    pub fn is_empty(&self) -> bool {
+        self.delete_dumps.is_empty() && self.delete_binlogs.is_empty()
+    }
+
+    pub fn describe(&self) -> String {
+        let mut out = format!("prune plan for MySQL server {}:\n", self.server_uuid);
+        for (id, why) in &self.keep {
+            out.push_str(&format!("  keep   dump {id} ({why})\n"));
+        }
+        for (id, _) in &self.delete_dumps {
+            out.push_str(&format!("  delete dump {id}\n"));
+        }
+        match (&self.binlog_floor, self.delete_binlogs.len()) {
+            (Some(floor), n) if n > 0 => {
+                out.push_str(&format!("  delete {n} binlog object(s) before {floor}\n"))
+            }
+            _ => out.push_str("  delete no binlogs\n"),
+        }
+        out
+    }
+}
+
+/// Decides what to delete on a MySQL/MariaDB server (pure).
+pub fn plan_mysql(
+    cat: &crate::repo::mysql::MysqlCatalog,
+    now: DateTime<Utc>,
+    policy: &RetentionConfig,
+) -> MysqlPrunePlan {
+    use crate::repo::mysql::{self as keys, BinlogName};
+    let uuid = &cat.server_uuid;
+    let dumps = &cat.dumps; // oldest consistent_time first
+    let keep = keep_by_time(
+        dumps.iter().map(|d| (d.id.as_str(), d.consistent_time)),
+        now,
+        policy,
+    );
+    let delete_dumps = dumps
+        .iter()
+        .filter(|d| !keep.contains_key(&d.id))
+        .map(|d| {
+            (
+                d.id.clone(),
+                vec![keys::dump_manifest_key(uuid, &d.id), d.data.key.clone()],
+            )
+        })
+        .collect();
+    // Per base name, the earliest file a kept dump starts replaying from.
+    let mut floors: BTreeMap<String, BinlogName> = BTreeMap::new();
+    for d in dumps.iter().filter(|d| keep.contains_key(&d.id)) {
+        if let Some(name) = BinlogName::parse(&d.binlog.file) {
+            let floor = floors.entry(name.base.clone()).or_insert(name.clone());
+            if name.seq < floor.seq {
+                *floor = name;
+            }
+        }
+    }
+    let below = |base: &str, seq: u64| floors.get(base).is_some_and(|f| seq < f.seq);
+    let mut delete_binlogs = Vec::new();
+    for ((base, seq), meta) in &cat.binlogs {
+        if below(base, *seq) {
+            delete_binlogs.push(keys::binlog_meta_key(uuid, &meta.name));
+            delete_binlogs.push(meta.data.key.clone());
+        }
+    }
+    for ((base, seq), streamed) in &cat.streamed {
+        if below(base, *seq) {
+            for part in &streamed.parts {
+                delete_binlogs.push(keys::stream_part_meta_key(
+                    uuid, &part.name, part.from, part.to,
+                ));
+                delete_binlogs.push(part.data.key.clone());
+            }
+        }
+    }
+    // One base name only: the floor can be named.
+    let binlog_floor = match floors.len() {
+        1 => floors.values().next().map(|f| f.to_string()),
+        _ => None,
+    };
+    MysqlPrunePlan {
+        server_uuid: uuid.clone(),
+        keep: keep.into_iter().collect(),
+        delete_dumps,
+        binlog_floor,
+        delete_binlogs,
+    }
+}
+
+/// Deletes what the plan says: manifests and descriptions before their data, so that an
+/// interrupted prune leaves garbage, never a listed dump or binlog without its data.
+async fn execute_mysql(store: &dyn Store, plan: &MysqlPrunePlan) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for key in plan
+        .delete_dumps
+        .iter()
+        .flat_map(|(_, keys)| keys)
+        .chain(&plan.delete_binlogs)
+    {
+        store.delete(key).await?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Decides what to delete. `objects` is everything under `pg/<sysid>/`.
@@ -243,20 +434,12 @@ pub fn plan(
     policy: &RetentionConfig,
 ) -> PrunePlan {
     let sysid = cat.system_identifier;
-    let window_start = now - chrono::Duration::days(policy.keep_days as i64);
     let backups = &cat.backups; // oldest stop_time first
-    let mut keep: BTreeMap<String, &'static str> = BTreeMap::new();
-    for b in backups.iter().rev().take(policy.keep_backups) {
-        keep.insert(b.id.clone(), "among the newest");
-    }
-    for b in backups.iter().filter(|b| b.stop_time >= window_start) {
-        keep.entry(b.id.clone())
-            .or_insert("inside the recovery window");
-    }
-    if let Some(b) = backups.iter().rev().find(|b| b.stop_time < window_start) {
-        keep.entry(b.id.clone())
-            .or_insert("covers the start of the recovery window");
-    }
+    let keep = keep_by_time(
+        backups.iter().map(|b| (b.id.as_str(), b.stop_time)),
+        now,
+        policy,
+    );
 
     let backups_prefix = crate::repo::backups_prefix(sysid);
     let mut by_dir: BTreeMap<String, Vec<&ObjectInfo>> = BTreeMap::new();
@@ -352,14 +535,45 @@ pub fn plan(
         delete_wal,
         delete_incomplete,
         delete_reports,
+        keep_dumps: Vec::new(),
+        delete_dumps: Vec::new(),
     }
+}
+
+/// Adds the logical dump sets to a cluster's plan (pure): the base-backup rules, by the time
+/// each set was taken. A dump needs no WAL, so nothing else depends on it.
+pub fn plan_dumps(
+    plan: &mut PrunePlan,
+    dumps: &[crate::repo::dump::PgDumpSet],
+    now: DateTime<Utc>,
+    policy: &RetentionConfig,
+) {
+    let sysid = plan.system_identifier;
+    let keep = keep_by_time(
+        dumps.iter().map(|d| (d.id.as_str(), d.stop_time)),
+        now,
+        policy,
+    );
+    plan.delete_dumps = dumps
+        .iter()
+        .filter(|d| !keep.contains_key(&d.id))
+        .map(|d| {
+            let mut keys = vec![crate::repo::dump::manifest_key(sysid, &d.id)];
+            keys.push(d.globals.key.clone());
+            keys.extend(d.databases.iter().map(|db| db.data.key.clone()));
+            (d.id.clone(), keys)
+        })
+        .collect();
+    let mut kept: Vec<(String, &'static str)> = keep.into_iter().collect();
+    kept.sort_by_key(|(id, _)| dumps.iter().position(|d| &d.id == id));
+    plan.keep_dumps = kept;
 }
 
 /// Carries the plan out: each deleted backup's manifest first (the backup disappears at once),
 /// then its data, then WAL oldest first.
 pub async fn execute(store: &dyn Store, plan: &PrunePlan) -> anyhow::Result<usize> {
     let mut deleted = 0;
-    for (_, keys) in &plan.delete_backups {
+    for (_, keys) in plan.delete_backups.iter().chain(&plan.delete_dumps) {
         for key in keys {
             store.delete(key).await?;
             deleted += 1;
@@ -382,6 +596,64 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn mysql_dumps_follow_the_backup_rules_and_binlogs_stay_from_the_oldest_kept_dump() {
+        use crate::repo::mysql::tests::{catalog, dump, t};
+        let c = catalog(
+            vec![
+                dump("d1", "binlog.000002", "00:01:30"),
+                dump("d2", "binlog.000004", "00:03:30"),
+                dump("d3", "binlog.000006", "00:05:30"),
+            ],
+            &[1, 2, 3, 4, 5, 6, 7],
+        );
+        let policy = |days, backups| RetentionConfig {
+            keep_days: days,
+            keep_backups: backups,
+            incomplete_after: std::time::Duration::from_secs(86400),
+        };
+        // Two newest kept: d1 goes, and binlogs 1..3 (d2 starts replaying in 4).
+        let p = plan_mysql(
+            &c,
+            t("00:10:00") + chrono::Duration::days(30),
+            &policy(1, 2),
+        );
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, ["d2", "d3"]);
+        assert_eq!(p.delete_dumps.len(), 1);
+        assert_eq!(p.delete_dumps[0].0, "d1");
+        assert!(
+            p.delete_dumps[0].1[0].ends_with("dumps/d1/dump.json"),
+            "manifest first"
+        );
+        assert_eq!(p.binlog_floor.as_deref(), Some("binlog.000004"));
+        let data: Vec<&str> = p
+            .delete_binlogs
+            .iter()
+            .filter(|k| !k.ends_with(".json"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            data,
+            [
+                "binlog.000001.zst",
+                "binlog.000002.zst",
+                "binlog.000003.zst"
+            ]
+        );
+        assert!(p.delete_binlogs[0].ends_with(".json"), "description first");
+
+        // The window reaches back to 00:02: d1 covers its start and is kept with all binlogs.
+        let p = plan_mysql(&c, t("00:02:00") + chrono::Duration::days(1), &policy(1, 1));
+        assert_eq!(p.keep.len(), 3, "{p:?}");
+        assert_eq!(p.binlog_floor.as_deref(), Some("binlog.000002"));
+        assert_eq!(p.delete_binlogs.len(), 2); // binlog.000001 and its description
+
+        // No dumps: nothing bounds the binlogs, nothing is deleted.
+        let p = plan_mysql(&catalog(vec![], &[1, 2, 3]), t("00:10:00"), &policy(0, 1));
+        assert!(p.is_empty());
+    }
     use crate::repo::catalog::tests::{SEG, add_seg, backup, catalog, t};
 
     fn objects(cat: &PgCatalog, extra: &[(&str, &str)]) -> Vec<ObjectInfo> {

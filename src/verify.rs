@@ -1,6 +1,7 @@
 //! `dbagent verify`: proves the repository's integrity. By default every object's checksum
-//! trailer is read (one small range read each) and compared with its manifest, and every
-//! backup's WAL chain is walked; `--full` also downloads and decompresses everything,
+//! trailer is read (one small range read each) and compared with its manifest (base backups,
+//! WAL, PostgreSQL dump sets, MySQL dumps, binlogs and streamed parts), and every backup's WAL
+//! chain is walked; `--full` also downloads and decompresses everything,
 //! checking each SHA-256.
 
 use std::sync::Arc;
@@ -148,6 +149,29 @@ pub async fn verify_mysql(
                 .unwrap_or_else(|| "?".into())
         ));
     }
+    check_objects(store, objects, full, &mut out).await;
+    for gap in cat.gaps() {
+        out.problems
+            .push(format!("binlog {gap} is missing: restores stop before it"));
+    }
+    if !cat.superseded_parts.is_empty() {
+        out.notes.push(format!(
+            "{} streamed part object(s) superseded by complete binlogs (prune removes them)",
+            cat.superseded_parts.len()
+        ));
+    }
+    out.problems.sort();
+    Ok(out)
+}
+
+/// Checks objects that a manifest describes: the trailer against the manifest, or with `full`
+/// every byte against it. Problems name the object as `what` says.
+async fn check_objects(
+    store: Arc<dyn Store>,
+    objects: Vec<(String, crate::repo::manifest::ObjectRef)>,
+    full: bool,
+    out: &mut Verified,
+) {
     let results: Vec<(String, anyhow::Result<u64>)> = futures::stream::iter(objects)
         .map(|(what, data)| {
             let store = store.clone();
@@ -186,18 +210,6 @@ pub async fn verify_mysql(
             Err(e) => out.problems.push(format!("{what}: {e:#}")),
         }
     }
-    for gap in cat.gaps() {
-        out.problems
-            .push(format!("binlog {gap} is missing: restores stop before it"));
-    }
-    if !cat.superseded_parts.is_empty() {
-        out.notes.push(format!(
-            "{} streamed part object(s) superseded by complete binlogs (prune removes them)",
-            cat.superseded_parts.len()
-        ));
-    }
-    out.problems.sort();
-    Ok(out)
 }
 
 pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow::Result<Verified> {
@@ -325,10 +337,24 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
             Err(e) => out.problems.push(format!("{key}: {e:#}")),
         }
     }
+    // Logical dumps: every database's object and the globals, against the set's manifest.
+    let dumps = crate::repo::dump::load(store.as_ref(), sysid).await?;
+    let mut objects = Vec::new();
+    for d in &dumps {
+        objects.push((format!("dump {} globals", d.id), d.globals.clone()));
+        for db in &d.databases {
+            objects.push((
+                format!("dump {} database {}", d.id, db.name),
+                db.data.clone(),
+            ));
+        }
+    }
+    check_objects(store.clone(), objects, full, &mut out).await;
     out.problems.sort();
     out.notes.push(format!(
-        "{} backup(s), {} WAL segment(s), {} timeline history file(s){}",
+        "{} backup(s), {} dump set(s), {} WAL segment(s), {} timeline history file(s){}",
         cat.backups.len(),
+        dumps.len(),
         cat.segments.len(),
         cat.histories.len(),
         if full {

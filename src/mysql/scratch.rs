@@ -100,6 +100,9 @@ pub struct ScratchServer {
     socket: PathBuf,
     port: u16,
     pid: Option<u32>,
+    /// The server when this process started it: reaped once killed (an unreaped child stays
+    /// a zombie, which signal 0 still finds).
+    child: Option<std::process::Child>,
     flavor: Flavor,
     keep: bool,
 }
@@ -243,6 +246,7 @@ impl ScratchServer {
             socket,
             port,
             pid: None,
+            child: None,
             flavor,
             keep: false,
         })
@@ -251,13 +255,14 @@ impl ScratchServer {
     /// Starts the initialised server and waits until it accepts connections.
     async fn run(&mut self, programs: &ServerPrograms) -> anyhow::Result<()> {
         // Its own process group: the server outlives this command and a ^C to it.
-        let mut child = Program::new(&programs.server)
+        let child = Program::new(&programs.server)
             .arg(format!("--defaults-file={}", self.cnf.display()))
             .current_dir(&self.dir)
             .spawn_server(&self.dir.join("server.out"))?;
         self.pid = Some(child.id());
         let conn = self.conn();
         let deadline = Instant::now() + START_TIMEOUT;
+        let child = self.child.insert(child);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(self.log()).unwrap_or_default();
@@ -289,19 +294,27 @@ impl ScratchServer {
 
     /// Kills the server (a scratch copy: nothing in it needs a clean shutdown) and waits a
     /// little for it to go.
-    fn stop(&self) {
+    fn stop(&mut self) {
         let pid = std::fs::read_to_string(self.dir.join("mysqld.pid"))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
             .or(self.pid.map(|p| p as i32));
-        if let Some(pid) = pid {
-            // SAFETY: signalling the server process this command started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            // SAFETY: signal 0 only checks that the process exists.
-            while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
+        let Some(pid) = pid else {
+            return;
+        };
+        // SAFETY: signalling the server process this command started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let gone = match self.child.as_mut().filter(|c| c.id() as i32 == pid) {
+                Some(child) => !matches!(child.try_wait(), Ok(None)),
+                // SAFETY: signal 0 only checks that the process exists.
+                None => (unsafe { libc::kill(pid, 0) }) != 0,
+            };
+            if gone || Instant::now() > deadline {
+                return;
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -591,7 +591,7 @@ async fn run_job(
         tracing::info!(job = name, "scheduled job started");
         let job = crate::proc::Program::new(&exe).args(job_args(&cfg, name));
         let status = match job
-            .status_until(token.cancelled())
+            .status_until(token.cancelled(), cfg.serve.job_grace)
             .await
             .with_context(|| format!("running job {name}"))?
         {

@@ -492,12 +492,9 @@ fn drill_fails_loudly() {
     drop(src.pg);
 }
 
-#[test]
-fn interrupted_drill_leaves_nothing_behind() {
-    let src = source(None);
-    let receiver = Receiver::start();
-    let scratch = pg_owned_tempdir().unwrap();
-    // A suite that keeps the drill busy once the scratch server is up.
+/// A config whose extra suite keeps a drill busy (`pg_sleep(60)`) once its scratch server is
+/// up; readable by the postgres OS user.
+fn slow_suite() -> (TempDir, PathBuf) {
     let suites = TempDir::new().unwrap();
     let suite = suites.path().join("slow.sql");
     std::fs::write(
@@ -518,30 +515,27 @@ fn interrupted_drill_leaves_nothing_behind() {
         let mode = if p.is_dir() { 0o755 } else { 0o644 };
         std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
     }
-    let mut cmd = dbagent_cmd(&src.repo, None, &["drill"]);
-    cmd.env("DBAGENT_DRILL_SCRATCH_DIR", scratch.path())
-        .env("DBAGENT_CONFIG", &config)
-        .env("DBAGENT_NOTIFY_SLACK_URL", receiver.url("/slack"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    // Wait until the scratch server runs the slow check.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    (suites, config)
+}
+
+/// Waits until a scratch server under `scratch` runs the slow check.
+fn wait_for_slow_check(scratch: &Path, child: &mut std::process::Child, limit: Duration) {
+    let deadline = Instant::now() + limit;
     loop {
         let busy = std::process::Command::new("pgrep")
             .args(["-f", "pg_sleep|postgres: postgres postgres"])
             .output()
             .unwrap();
-        let running = std::fs::read_dir(scratch.path())
+        let running = std::fs::read_dir(scratch)
             .unwrap()
             .flatten()
             .any(|d| d.path().join("data/postmaster.pid").exists());
         if running && !busy.stdout.is_empty() {
-            break;
+            return;
         }
         assert!(
             child.try_wait().unwrap().is_none(),
-            "the drill ended before it could be interrupted"
+            "the process ended before the drill could be interrupted"
         );
         assert!(
             Instant::now() < deadline,
@@ -549,6 +543,71 @@ fn interrupted_drill_leaves_nothing_behind() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `serve` told to stop while its scheduled drill runs: the drill gets SIGTERM and its grace
+/// period, so it tears its scratch server down; nothing is left running.
+#[test]
+fn serve_stopping_lets_a_scheduled_drill_tear_down() {
+    let src = source(None);
+    let scratch = pg_owned_tempdir().unwrap();
+    let (_suites, config) = slow_suite();
+    let port = dbagent_testcontainers::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = dbagent_cmd(&src.repo, Some(&src.pg), &["serve", "--listen", &listen]);
+    cmd.env("DBAGENT_DRILL_SCRATCH_DIR", scratch.path())
+        .env("DBAGENT_CONFIG", &config)
+        .env("DBAGENT_SCHEDULE_DRILL", "* * * * *")
+        .env("DBAGENT_SERVE_HEARTBEAT", "false")
+        .env("DBAGENT_SERVE_WAL_LOOKAHEAD", "false")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // A minute-granular schedule fires within 60 s.
+    wait_for_slow_check(scratch.path(), &mut child, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_millis(500));
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .unwrap_or_default();
+    let serve_pid = children
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .unwrap_or(child.id().to_string());
+    let stopping = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &serve_pid])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    eprintln!("serve stopped in {:?} ({status})", stopping.elapsed());
+    assert!(
+        stderr.contains("drill interrupted by SIGTERM"),
+        "the drill was not told to stop: {stderr}"
+    );
+    assert_scratch_gone(scratch.path());
+}
+
+#[test]
+fn interrupted_drill_leaves_nothing_behind() {
+    let src = source(None);
+    let receiver = Receiver::start();
+    let scratch = pg_owned_tempdir().unwrap();
+    let (_suites, config) = slow_suite();
+    let mut cmd = dbagent_cmd(&src.repo, None, &["drill"]);
+    cmd.env("DBAGENT_DRILL_SCRATCH_DIR", scratch.path())
+        .env("DBAGENT_CONFIG", &config)
+        .env("DBAGENT_NOTIFY_SLACK_URL", receiver.url("/slack"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    wait_for_slow_check(scratch.path(), &mut child, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     // SIGTERM the dbagent process itself (runuser's child).
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
@@ -704,4 +763,123 @@ fn mysql_drill_passes_and_fails_on_a_missing_binlog() {
         "{got:?}"
     );
     assert_scratch_gone(scratch.path());
+}
+
+/// MariaDB: a binlog replay that takes long (a statement-logged `SLEEP`) is cut off by
+/// `drill.timeout` and by SIGTERM like any other part of the drill: the drill fails saying so,
+/// within moments, and its scratch server and files are gone.
+#[test]
+fn mysql_binlog_replay_honours_the_drill_timeout_and_sigterm() {
+    let repo = Repo::file();
+    let source = dbagent_testcontainers::MariaDbBuilder::new()
+        .start()
+        .unwrap();
+    let mut env = repo.env();
+    env.push(("DBAGENT_MYSQL_URL".into(), source.url()));
+    let cmd = |args: &[&str], extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(args)
+            .env("DBAGENT_LOG_FORMAT", "text")
+            .env_remove("DBAGENT_CONFIG")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    source
+        .sql(
+            None,
+            "CREATE DATABASE shop; CREATE TABLE shop.t (id int PRIMARY KEY); INSERT INTO shop.t VALUES (1);",
+        )
+        .unwrap();
+    ok(&cmd(&["backup", "--engine", "mysql"], &[]).output().unwrap());
+    // Logged as a statement, the SLEEP runs again on replay.
+    source
+        .sql(
+            None,
+            "SET SESSION binlog_format = 'STATEMENT';
+             INSERT INTO shop.t SELECT 2 FROM DUAL WHERE SLEEP(40) = 0;
+             FLUSH BINARY LOGS;",
+        )
+        .unwrap();
+    ok(&cmd(&["binlog-push"], &[]).output().unwrap());
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let scratch_env = (
+        "DBAGENT_DRILL_SCRATCH_DIR",
+        scratch.path().to_str().unwrap(),
+    );
+    let (out, took) = run_within(
+        cmd(
+            &["drill", "--engine", "mysql"],
+            &[scratch_env, ("DBAGENT_DRILL_TIMEOUT", "12s")],
+        ),
+        Duration::from_secs(120),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("drill timed out during the replay after {took:?}");
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("did not finish within 12s"), "{err}");
+    assert!(took < Duration::from_secs(18), "took {took:?}");
+    assert_scratch_gone(scratch.path());
+
+    let mut child = cmd(&["drill", "--engine", "mysql"], &[scratch_env])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the binlogs are downloaded into the scratch directory; the replay (40 s of
+    // SLEEP) follows at once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let downloaded = || {
+        walk(scratch.path())
+            .iter()
+            .any(|p| p.to_string_lossy().contains("dbagent-binlogs/binlog."))
+    };
+    while !downloaded() {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the drill ended early ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "the replay never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let stopping = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let took = stopping.elapsed();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("interrupted by SIGTERM"), "{stderr}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    eprintln!("drill stopped by SIGTERM during the replay in {took:?}");
+    assert_scratch_gone(scratch.path());
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
 }

@@ -1304,3 +1304,109 @@ fn a_dump_blocked_by_a_lock_fails_within_the_lock_wait_timeout() {
     let (out, _) = dump();
     ok(&out);
 }
+
+/// `prune` applies the base-backup rules to MySQL dumps and never deletes a binlog that a kept
+/// dump needs: with one dump kept, the older dump and the binlogs before the kept dump's
+/// coordinates go, and a restore from what is left still reaches the last write.
+#[test]
+fn prune_removes_old_dumps_and_only_the_binlogs_no_kept_dump_needs() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (i int PRIMARY KEY);",
+    );
+    let run = |args: &[&str], extra: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("DBAGENT_LOG_FORMAT", "text")
+            .env_remove("DBAGENT_CONFIG")
+            .env("DBAGENT_MYSQL_URL", db.url())
+            .current_dir("/tmp");
+        for (k, v) in repo.env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let mut rows = 0;
+    let mut write = |n: usize| {
+        for _ in 0..n {
+            rows += 1;
+            sql(
+                &db,
+                &format!("INSERT INTO app.t VALUES ({rows}); FLUSH BINARY LOGS;"),
+            );
+        }
+        rows
+    };
+    ok(&run(&["backup", "--engine", "mysql"], &[]));
+    write(3);
+    ok(&run(&["binlog-push"], &[]));
+    std::thread::sleep(Duration::from_millis(1100));
+    ok(&run(&["backup", "--engine", "mysql"], &[]));
+    let total = write(2);
+    ok(&run(&["binlog-push"], &[]));
+    let listing = || -> serde_json::Value {
+        serde_json::from_str(&ok(&run(&["list", "--json"], &[]))).unwrap()
+    };
+    let before = listing();
+    let dumps = before["mysql"][0]["dumps"].as_array().unwrap().clone();
+    assert_eq!(dumps.len(), 2, "{before:#}");
+    let kept_file = manifest_binlog(&repo, dumps[1]["id"].as_str().unwrap());
+    let files_before = before["mysql"][0]["binlogs"]["files"].as_u64().unwrap();
+
+    let policy = [
+        ("DBAGENT_RETENTION_KEEP_DAYS", "0"),
+        ("DBAGENT_RETENTION_KEEP_BACKUPS", "1"),
+    ];
+    let snapshot = repo.snapshot();
+    let plan = ok(&run(&["prune", "--dry-run"], &policy));
+    assert!(
+        plan.contains(&format!("delete dump {}", dumps[0]["id"].as_str().unwrap())),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("binlog object(s) before {kept_file}")),
+        "{plan}"
+    );
+    assert_eq!(
+        repo.snapshot(),
+        snapshot,
+        "a dry run changed the repository"
+    );
+    ok(&run(&["prune"], &policy));
+
+    let after = listing();
+    let left = after["mysql"][0]["dumps"].as_array().unwrap();
+    assert_eq!(left.len(), 1, "{after:#}");
+    assert_eq!(left[0]["id"], dumps[1]["id"]);
+    assert_eq!(
+        after["mysql"][0]["binlogs"]["first"],
+        kept_file.as_str(),
+        "{after:#}"
+    );
+    assert!(after["mysql"][0]["binlogs"]["files"].as_u64().unwrap() < files_before);
+    ok(&run(&["verify"], &[]));
+
+    let target = MariaDbBuilder::new().start().unwrap();
+    ok(&agent(
+        &repo,
+        Some(&target.url()),
+        None,
+        &["restore", "--engine", "mysql", "--latest"],
+    ));
+    assert_eq!(
+        sql(&target, "SELECT count(*) FROM app.t"),
+        total.to_string()
+    );
+}
+
+/// The binlog file a dump's coordinates are in, from its manifest.
+fn manifest_binlog(repo: &Repo, id: &str) -> String {
+    let path = server_dir(repo).join("dumps").join(id).join("dump.json");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["binlog"]["file"].as_str().unwrap().to_string()
+}

@@ -370,3 +370,77 @@ fn pg_dump_refusals_change_nothing() {
     );
     assert_eq!(repo.snapshot(), before);
 }
+
+/// `verify` checks every object of the PostgreSQL dumps (`--full`: every byte) and names a
+/// damaged one; `prune` applies the base-backup rules to dump sets.
+#[test]
+fn verify_checks_pg_dumps_and_prune_keeps_the_newest() {
+    let repo = Repo::file();
+    let pg = PostgresBuilder::new().start().unwrap();
+    pg.psql("postgres", "CREATE DATABASE shop").unwrap();
+    pg.psql(
+        "shop",
+        "CREATE TABLE t AS SELECT g, md5(g::text) AS v FROM generate_series(1, 20000) g",
+    )
+    .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup", "--kind", "dump"]));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    ok(&dbagent(&repo, Some(&pg), &["backup", "--kind", "dump"]));
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&dbagent(&repo, None, &["verify", "--json"]))).unwrap();
+    // Two sets of three objects (globals, postgres, shop) besides any WAL.
+    assert!(
+        report["clusters"][0]["objects"].as_u64().unwrap() >= 6,
+        "{report:#}"
+    );
+
+    let pg_dir = std::fs::read_dir(repo.root().unwrap().join("pg"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut ids: Vec<String> = std::fs::read_dir(pg_dir.join("dumps"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids.len(), 2);
+    // Damage the middle of the older set's shop dump, keeping its size and trailer.
+    let victim = pg_dir.join("dumps").join(&ids[0]).join("shop.pgdump.zst");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&victim, &bytes).unwrap();
+    ok(&dbagent(&repo, None, &["verify"]));
+    let out = dbagent(&repo, None, &["verify", "--full"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("dump {} database shop", ids[0])),
+        "{text}"
+    );
+
+    let policy = [
+        ("DBAGENT_RETENTION_KEEP_DAYS", "0"),
+        ("DBAGENT_RETENTION_KEEP_BACKUPS", "1"),
+    ];
+    let mut prune = dbagent_cmd(&repo, None, &["prune"]);
+    prune.envs(policy);
+    let text = ok(&prune.output().unwrap());
+    assert!(text.contains(&format!("delete dump {}", ids[0])), "{text}");
+    let left: Vec<_> = repo
+        .snapshot()
+        .into_keys()
+        .filter(|p| p.to_string_lossy().contains(&ids[0]))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        pg_dir
+            .join("dumps")
+            .join(&ids[1])
+            .join("dump.json")
+            .exists()
+    );
+    ok(&dbagent(&repo, None, &["verify", "--full"]));
+}
