@@ -269,17 +269,14 @@ pub async fn set(store: &dyn Store, recipients: &Recipients) -> anyhow::Result<K
     };
     let mut bytes = serde_json::to_vec_pretty(&record)?;
     bytes.push(b'\n');
-    // Never replace a record: a concurrent `set` that got there first wins, and this one
-    // says so instead of rewriting history.
-    if store.head(&key).await?.is_some() {
-        anyhow::bail!(
+    // Never replace a record: a concurrent `set` that got there first wins (a create-only
+    // write, not a look then a write), and this one says so instead of rewriting history.
+    match store.put_new(&key, Bytes::from(bytes)).await {
+        Err(e) if crate::storage::is_already_exists(&e) => anyhow::bail!(
             "encryption record {key} appeared while this one was written: run `dbagent encryption status` and try again"
-        );
+        ),
+        other => other.with_context(|| format!("writing encryption record {key}"))?,
     }
-    store
-        .put(&key, Bytes::from(bytes))
-        .await
-        .with_context(|| format!("writing encryption record {key}"))?;
     Ok(record)
 }
 

@@ -444,3 +444,39 @@ fn verify_checks_pg_dumps_and_prune_keeps_the_newest() {
     );
     ok(&dbagent(&repo, None, &["verify", "--full"]));
 }
+
+/// A database named like an option is dumped and restored as a database: its name reaches
+/// pg_dump through PGDATABASE and pg_restore as a quoted conninfo value, never as an argument.
+#[test]
+fn a_database_named_like_an_option_stays_a_name() {
+    let repo = Repo::file();
+    let pg = PostgresBuilder::new().start().unwrap();
+    pg.psql("postgres", "CREATE DATABASE \"--no-data\"")
+        .unwrap();
+    pg.psql(
+        "--no-data",
+        "CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 42);",
+    )
+    .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup", "--kind", "dump"]));
+    let json = manifest(&repo);
+    let db = json["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "--no-data")
+        .unwrap_or_else(|| panic!("{json:#}"));
+    assert_eq!(db["tables"][0]["rows"], 42, "{json:#}");
+    ok(&dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--dump=--no-data",
+            "--latest",
+            "--target-url",
+            &target_url(&pg, "restored"),
+        ],
+    ));
+    assert_eq!(pg.psql("restored", "SELECT count(*) FROM t").unwrap(), "42");
+}
