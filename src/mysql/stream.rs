@@ -52,6 +52,9 @@ const HEARTBEAT_EVENT: u8 = 27;
 const MYSQL_GTID_EVENT: u8 = 33;
 const MYSQL_ANONYMOUS_GTID_EVENT: u8 = 34;
 const XA_PREPARE_EVENT: u8 = 38;
+/// MySQL 8 `binlog_transaction_compression`: one event holds a whole transaction (the client
+/// library also hands out the events inside it, with no position of their own).
+const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
 const MARIADB_ANNOTATE_ROWS_EVENT: u8 = 160;
 const MARIADB_GTID_EVENT: u8 = 162;
 /// MariaDB GTID flag: the group is one statement (DDL), with no BEGIN/COMMIT around it.
@@ -382,14 +385,20 @@ impl FileAssembler {
                     Group::Started { mysql: true, .. } if !word("BEGIN") && !word("XA START") => {
                         true
                     }
-                    _ if word("COMMIT") || word("ROLLBACK") || word("XA END") => true,
+                    _ if word("COMMIT")
+                        || word("ROLLBACK")
+                        || word("XA COMMIT")
+                        || word("XA ROLLBACK") =>
+                    {
+                        true
+                    }
                     _ => {
                         self.group = Group::Transaction;
                         false
                     }
                 }
             }
-            XID_EVENT | XA_PREPARE_EVENT => true,
+            XID_EVENT | XA_PREPARE_EVENT | TRANSACTION_PAYLOAD_EVENT => true,
             ROTATE_EVENT | STOP_EVENT => {
                 self.open.ends_file = true;
                 true
@@ -479,6 +488,8 @@ pub struct StreamFacts {
     /// The file being streamed and how much of it the repository holds.
     pub file: Option<String>,
     pub stored_position: u64,
+    /// The GTID of the newest transaction the repository holds from the stream (MariaDB).
+    pub stored_gtid: Option<String>,
     /// The newest event time the repository holds from the stream.
     pub last_event_time: Option<DateTime<Utc>>,
     pub last_stored_at: Option<DateTime<Utc>>,
@@ -534,6 +545,9 @@ impl StreamStatus {
             s.error = None;
             s.file = Some(part.name.clone());
             s.stored_position = part.to;
+            if part.gtid.is_some() {
+                s.stored_gtid = part.gtid.clone();
+            }
             if let Some(t) = part.file_max_time.and_then(time) {
                 s.last_event_time = s.last_event_time.max(Some(t));
             }
@@ -755,10 +769,15 @@ async fn session(
         "SET @master_heartbeat_period = {}",
         HEARTBEAT.as_nanos()
     )];
-    if flavor == Flavor::Mariadb {
-        setup.push(format!(
+    match flavor {
+        Flavor::Mariadb => setup.push(format!(
             "SET @mariadb_slave_capability = {MARIADB_SLAVE_CAPABILITY_GTID}"
-        ));
+        )),
+        // MySQL 8.0.26+ reads the `source_` spellings (8.4 may read only those).
+        Flavor::Mysql => setup.extend([
+            format!("SET @source_heartbeat_period = {}", HEARTBEAT.as_nanos()),
+            "SET @source_binlog_checksum = 'CRC32'".to_string(),
+        ]),
     }
     for q in setup {
         session
@@ -1137,6 +1156,23 @@ mod tests {
             .unwrap();
         assert!(!a.has_ready());
         a.push(&w.add(QUERY_EVENT, 104, &query("COMMIT"))).unwrap();
+        // An XA transaction ends with its prepare, not with XA END.
+        a.push(&w.add(MARIADB_GTID_EVENT, 104, &gtid(10, false)))
+            .unwrap();
+        a.push(&w.add(QUERY_EVENT, 104, &query("XA START 'x'")))
+            .unwrap();
+        a.push(&w.add(QUERY_EVENT, 104, &query("XA END 'x'")))
+            .unwrap();
+        let before_prepare = a.boundary;
+        a.push(&w.add(XA_PREPARE_EVENT, 104, &[0; 12])).unwrap();
+        assert!(a.boundary > before_prepare);
+        // MySQL: a compressed transaction is one event after its GTID.
+        a.push(&w.add(MYSQL_GTID_EVENT, 104, &[0; 20])).unwrap();
+        let before_payload = a.boundary;
+        a.push(&w.add(TRANSACTION_PAYLOAD_EVENT, 104, &[0; 30]))
+            .unwrap();
+        assert_eq!(a.boundary, w.at);
+        assert!(a.boundary > before_payload);
         let s = a.take_ready().unwrap();
         a.push(&w.add(ROTATE_EVENT, 105, b"\x04\0\0\0\0\0\0\0binlog.000002"))
             .unwrap();

@@ -327,6 +327,12 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
     let mut serve = Serve::start(&env);
     insert(&db, 1..=3);
     wait_streamed(&serve, &db);
+    // GTID-aware: the stored position is also the server's GTID position.
+    let gtid = db.sql(None, "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        serve.json("/status")["binlog_stream"]["stored_gtid"],
+        gtid.as_str()
+    );
     // The sidecar restarts: it resumes where the repository ends.
     assert_eq!(serve.terminate().code(), Some(0));
     insert(&db, 4..=5);
