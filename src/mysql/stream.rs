@@ -185,7 +185,13 @@ pub struct FileAssembler {
     boundary_max_time: Option<u32>,
     /// Stored parts not yet read again (see `expect_stored`).
     checks: std::collections::VecDeque<(u64, u64, PartCheck)>,
+    /// Bytes of one transaction held before it is handed out unfinished.
+    max_open: u64,
 }
+
+/// The most of one unfinished transaction held in memory (a bulk load commits gigabytes at
+/// once): beyond it, its bytes so far are stored anyway.
+const MAX_OPEN_TRANSACTION_BYTES: u64 = 64 << 20;
 
 impl FileAssembler {
     /// A file whose first `stored` bytes (a transaction boundary) the repository holds.
@@ -204,6 +210,7 @@ impl FileAssembler {
             file_max_time: None,
             boundary_max_time: None,
             checks: Default::default(),
+            max_open: MAX_OPEN_TRANSACTION_BYTES,
         }
     }
 
@@ -274,6 +281,8 @@ impl FileAssembler {
         self.file_max_time = self.file_max_time.max(Some(h.timestamp));
         if self.ends_group(&h, raw) {
             self.mark_boundary();
+        } else if self.len - self.boundary > self.max_open {
+            self.cut_open_transaction();
         }
         if replay {
             self.check_replayed()?;
@@ -405,6 +414,18 @@ impl FileAssembler {
             }
             _ => self.group == Group::Outside,
         }
+    }
+
+    /// A transaction this big is handed out before its end, so memory stays bounded. Replay
+    /// of a prefix that ends inside it rolls it back (the binlog reader adds the ROLLBACK),
+    /// and the event times the part records stay those of whole transactions.
+    fn cut_open_transaction(&mut self) {
+        self.boundary = self.len;
+        let mut open = std::mem::take(&mut self.open);
+        // Its GTID counts as stored once its end is.
+        self.open.gtid = open.gtid.take();
+        open.max_time = None;
+        self.closed.merge(open);
     }
 
     fn mark_boundary(&mut self) {
@@ -1255,6 +1276,35 @@ mod tests {
         let mut m = FileAssembler::new("binlog.000001", Flavor::Mysql, stored);
         m.push(&fde).unwrap();
         assert!(m.push(&rows).is_err());
+    }
+
+    #[test]
+    fn a_huge_transaction_is_handed_out_before_it_ends() {
+        let mut w = Writer::new();
+        let mut a = FileAssembler::new("binlog.000001", Flavor::Mariadb, 0);
+        a.max_open = 150;
+        a.push(&w.add(FORMAT_DESCRIPTION_EVENT, 100, &[])).unwrap();
+        let first = a.take_ready().unwrap();
+        a.push(&w.add(MARIADB_GTID_EVENT, 101, &gtid(1, false)))
+            .unwrap();
+        a.push(&w.add(23, 105, &[7; 60])).unwrap();
+        assert!(!a.has_ready());
+        a.push(&w.add(23, 106, &[7; 60])).unwrap();
+        // Over the bound: out it goes, without claiming the transaction's time or GTID.
+        let cut = a.take_ready().unwrap();
+        assert_eq!(cut.to, w.at);
+        assert_eq!(cut.gtid, None);
+        assert_eq!(cut.file_max_time, first.file_max_time);
+        // Its end closes it as usual.
+        a.push(&w.add(XID_EVENT, 107, &[0; 8])).unwrap();
+        let end = a.take_ready().unwrap();
+        assert_eq!(end.gtid.as_deref(), Some("0-1-1"));
+        assert_eq!(end.file_max_time, Some(107));
+        let joined: Vec<u8> = [first, cut, end]
+            .into_iter()
+            .flat_map(|p| p.bytes)
+            .collect();
+        assert_eq!(joined, w.file);
     }
 
     #[test]

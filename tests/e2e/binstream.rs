@@ -580,3 +580,99 @@ fn an_encrypted_binlog_stream_resumes_and_restores() {
         "1,2,3,4,5"
     );
 }
+
+/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (ticks / 100.0, hwm)
+}
+
+/// The sidecar streaming a flat-out write load: its CPU, its memory, and whether it keeps
+/// up. Run by hand: `cargo test --test e2e -- --ignored binstream::sidecar_keeps_up --nocapture`
+/// (DBAGENT_TEST_LOAD_SECONDS, default 30).
+#[test]
+#[ignore]
+fn sidecar_keeps_up_with_a_flat_out_write_load() {
+    let secs: u64 = std::env::var("DBAGENT_TEST_LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let repo = Repo::s3("binstream-load");
+    let db = MariaDbBuilder::new().start().unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (id BIGINT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64))",
+    )
+    .unwrap();
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+        ("DBAGENT_WAL_STREAM".into(), "true".into()),
+        ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
+    ];
+    env.extend(repo.env());
+    let serve = Serve::start(&env);
+    serve.wait_for(
+        "the binlog stream to connect",
+        Duration::from_secs(20),
+        |s| s.json("/status")["binlog_stream"]["connected"] == true,
+    );
+    let (cpu0, _) = usage(serve.pid());
+    let (_, pos0) = master_status(&db);
+    let started = Instant::now();
+    let mut lags = Vec::new();
+    let mut transactions = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        // About 1 MB of row events per transaction.
+        db.sql(
+            None,
+            "USE shop; INSERT INTO t (v) SELECT MD5(seq) FROM seq_1_to_10000",
+        )
+        .unwrap();
+        transactions += 1;
+        let (file, pos) = master_status(&db);
+        let st = serve.json("/status")["binlog_stream"].clone();
+        if st["file"] == file.as_str() {
+            lags.push(pos.saturating_sub(st["stored_position"].as_u64().unwrap_or(0)));
+        }
+    }
+    let load = started.elapsed().as_secs_f64();
+    let (_, pos1) = master_status(&db);
+    let caught_up = Instant::now();
+    wait_streamed(&serve, &db);
+    let catch_up = caught_up.elapsed().as_secs_f64();
+    let (cpu1, hwm) = usage(serve.pid());
+    let written = pos1 - pos0;
+    lags.sort();
+    eprintln!(
+        "streamed {:.1} MiB of binlog in {load:.1}s ({:.2} MiB/s, {transactions} transactions): sidecar CPU {:.0}% of one core, peak RSS {} MiB; bytes written but not stored: median {:.1} MiB, max {:.1} MiB; caught up {catch_up:.2}s after the load stopped",
+        written as f64 / 1048576.0,
+        written as f64 / 1048576.0 / load,
+        (cpu1 - cpu0) / load * 100.0,
+        hwm / 1024,
+        lags[lags.len() / 2] as f64 / 1048576.0,
+        lags[lags.len() - 1] as f64 / 1048576.0,
+    );
+    assert!(catch_up < 10.0, "the stream did not keep up");
+}
