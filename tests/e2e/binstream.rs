@@ -241,6 +241,21 @@ fn binlog_stream_catches_up_after_s3_is_unreachable_for_ten_seconds() {
     );
 }
 
+/// Streaming with nowhere to stream to is refused at start, not silently skipped.
+#[test]
+fn binlog_streaming_without_a_repository_is_refused() {
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--engine", "mysql", "--listen", "127.0.0.1:0"])
+        .env("DBAGENT_LOG_FORMAT", "text")
+        .env_remove("DBAGENT_CONFIG")
+        .env_remove("DBAGENT_REPO")
+        .env("DBAGENT_MYSQL_URL", "mysql://root@127.0.0.1:1")
+        .env("DBAGENT_WAL_STREAM", "true")
+        .output()
+        .unwrap();
+    refused(&out, "serve.wal_stream needs a repository");
+}
+
 /// The byte ranges of the parts stored for each binlog file (from their descriptions).
 fn parts(repo: &Repo) -> std::collections::BTreeMap<String, Vec<(u64, u64)>> {
     let mut out = std::collections::BTreeMap::new();
