@@ -480,6 +480,22 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
     // It goes on from what the server still has.
     insert(&db, 202..=202);
     wait_streamed(&serve, &db);
+    // And a restore does not stop silently at the gap.
+    let dir = root.path().join("latest");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    refused(&out, "is missing from the archive");
 }
 
 /// In an encrypted repository the sidecar holds only the public key: its parts are sealed, a
