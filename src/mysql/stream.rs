@@ -650,10 +650,42 @@ pub async fn repository_end(store: &dyn Store, uuid: &str) -> anyhow::Result<Opt
             newest = Some((n, end));
         }
     }
+    // A file whose stored parts reach its end: the next one is where to resume (the server
+    // may have purged this one already, which is no gap).
+    if let Some((n, stored)) = &newest {
+        if *stored > 0 {
+            let (from, to) = last_range(store, uuid, n, *stored).await?;
+            let key = keys::stream_part_meta_key(uuid, &n.to_string(), from, to);
+            let part: BinlogPart =
+                serde_json::from_slice(&crate::storage::get_all(store, &key).await?)
+                    .with_context(|| format!("reading streamed binlog part {key}"))?;
+            if part.ends_file {
+                newest = Some((n.next(), 0));
+            }
+        }
+    }
     Ok(newest.map(|(n, stored)| Resume {
         file: n.to_string(),
         stored,
     }))
+}
+
+/// The `from` of the part of `name` that ends at `to` (from the listing).
+async fn last_range(
+    store: &dyn Store,
+    uuid: &str,
+    name: &BinlogName,
+    to: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let prefix = format!("{}{name}/", keys::stream_prefix(uuid));
+    store
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|o| keys::parse_stream_key(uuid, &o.key))
+        .map(|(_, from, end)| (from, end))
+        .find(|(_, end)| *end == to)
+        .ok_or_else(|| anyhow::anyhow!("the streamed part of {name} ending at {to} vanished"))
 }
 
 /// Where to start given what the server still has. A resume file older than the server's
@@ -1305,6 +1337,63 @@ mod tests {
             .flat_map(|p| p.bytes)
             .collect();
         assert_eq!(joined, w.file);
+    }
+
+    #[tokio::test]
+    async fn the_repository_end_is_after_the_newest_part_or_in_the_next_file_once_one_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::LocalStore::new(dir.path().to_path_buf());
+        let opts = PipeOptions {
+            compression: crate::config::Compression {
+                level: 1,
+                wal_level: 1,
+                threads: 1,
+            },
+            upload: crate::config::UploadConfig {
+                part_size: crate::config::MIN_PART_SIZE,
+                concurrency: 1,
+            },
+        };
+        assert_eq!(repository_end(&store, "u").await.unwrap(), None);
+        let part = |name: &str, from: u64, to: u64, ends_file: bool| Part {
+            name: name.into(),
+            from,
+            to,
+            bytes: vec![1; (to - from) as usize],
+            first_time: Some(1),
+            file_max_time: Some(2),
+            events: 1,
+            gtid: None,
+            placeholder_bytes: 0,
+            ends_file,
+        };
+        for p in [
+            part("b.000007", 0, 300, false),
+            part("b.000007", 300, 450, false),
+        ] {
+            store_part(&store, "u", &p, opts).await.unwrap();
+        }
+        let at = |file: &str, stored: u64| {
+            Some(Resume {
+                file: file.into(),
+                stored,
+            })
+        };
+        assert_eq!(
+            repository_end(&store, "u").await.unwrap(),
+            at("b.000007", 450)
+        );
+        // The same part again is fine (a session that died before its description).
+        store_part(&store, "u", &part("b.000007", 300, 450, false), opts)
+            .await
+            .unwrap();
+        store_part(&store, "u", &part("b.000007", 450, 500, true), opts)
+            .await
+            .unwrap();
+        assert_eq!(
+            repository_end(&store, "u").await.unwrap(),
+            at("b.000008", 0)
+        );
     }
 
     #[test]

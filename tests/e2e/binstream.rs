@@ -35,13 +35,23 @@ struct Loss {
 type Outage = Option<(Duration, Duration)>;
 
 fn node_loss(stream: bool, run_for: Duration, max_age: &str, outage: Outage) -> Loss {
+    node_loss_on(MariaDbBuilder::new(), stream, run_for, max_age, outage)
+}
+
+fn node_loss_on(
+    server: MariaDbBuilder,
+    stream: bool,
+    run_for: Duration,
+    max_age: &str,
+    outage: Outage,
+) -> Loss {
     // The sidecar reaches S3 through a proxy that can cut it off; the dump and the restore
     // go straight to it.
-    let server = S3Server::start("dbagent-test").expect("S3 server");
-    let proxy = FaultProxy::start(server.port()).expect("fault proxy");
-    let sidecar_s3 = proxy.s3_env(&server, "binstream");
-    let repo = Repo::S3(server, "binstream".into());
-    let mut db = MariaDbBuilder::new().start().unwrap();
+    let s3 = S3Server::start("dbagent-test").expect("S3 server");
+    let proxy = FaultProxy::start(s3.port()).expect("fault proxy");
+    let sidecar_s3 = proxy.s3_env(&s3, "binstream");
+    let repo = Repo::S3(s3, "binstream".into());
+    let mut db = server.start().unwrap();
     db.sql(
         None,
         "CREATE DATABASE shop; CREATE TABLE shop.markers (id INT PRIMARY KEY, at DATETIME(6))",
@@ -233,6 +243,23 @@ fn binlog_stream_catches_up_after_s3_is_unreachable_for_ten_seconds() {
     eprintln!(
         "after a 10 s S3 outage: recovery point {:.2}s, {} markers lost",
         loss.recovery_point, loss.lost
+    );
+    assert!(
+        loss.lost_older_than_1s.is_empty(),
+        "markers committed more than 1 s before the loss were not restored: {:?}",
+        loss.lost_older_than_1s
+    );
+}
+
+/// A server that writes its binlog without checksums streams the same way.
+#[test]
+fn binlog_stream_without_event_checksums() {
+    let loss = node_loss_on(
+        MariaDbBuilder::new().setting("binlog_checksum", "NONE"),
+        true,
+        Duration::from_secs(4),
+        "1h",
+        None,
     );
     assert!(
         loss.lost_older_than_1s.is_empty(),
