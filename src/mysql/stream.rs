@@ -144,7 +144,7 @@ pub struct Part {
     pub name: String,
     pub from: u64,
     pub to: u64,
-    pub bytes: Vec<u8>,
+    pub bytes: bytes::Bytes,
     first_time: Option<u32>,
     /// The latest event time in the file up to `to`.
     file_max_time: Option<u32>,
@@ -442,7 +442,13 @@ impl FileAssembler {
             return None;
         }
         let n = (self.boundary - self.stored) as usize;
-        let bytes: Vec<u8> = self.pending.drain(..n).collect();
+        // No copy of what goes out: the pending buffer itself, or its head.
+        let bytes = if n == self.pending.len() {
+            bytes::Bytes::from(std::mem::take(&mut self.pending))
+        } else {
+            let rest = self.pending.split_off(n);
+            bytes::Bytes::from(std::mem::replace(&mut self.pending, rest))
+        };
         let stats = std::mem::take(&mut self.closed);
         let part = Part {
             name: self.name.clone(),
@@ -1359,7 +1365,7 @@ mod tests {
             name: name.into(),
             from,
             to,
-            bytes: vec![1; (to - from) as usize],
+            bytes: vec![1; (to - from) as usize].into(),
             first_time: Some(1),
             file_max_time: Some(2),
             events: 1,

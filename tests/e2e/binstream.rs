@@ -734,3 +734,81 @@ fn sidecar_keeps_up_with_a_flat_out_write_load() {
     );
     assert!(catch_up < 10.0, "the stream did not keep up");
 }
+
+/// One transaction far bigger than what the sidecar holds in memory (64 MiB): it is stored
+/// in pieces before it ends, the sidecar's memory stays bounded, and a restore replays it
+/// whole.
+#[test]
+fn a_transaction_bigger_than_the_memory_bound_streams_in_pieces_and_restores() {
+    let repo = Repo::file();
+    let mut db = MariaDbBuilder::new()
+        .setting("max_binlog_cache_size", "1073741824")
+        .start()
+        .unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.big (id INT PRIMARY KEY, v VARCHAR(255))",
+    )
+    .unwrap();
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+        ("DBAGENT_WAL_STREAM".into(), "true".into()),
+        ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
+        ("DBAGENT_SERVE_HEARTBEAT".into(), "false".into()),
+    ];
+    env.extend(repo.env());
+    let serve = Serve::start(&env);
+    serve.wait_for(
+        "the binlog stream to connect",
+        Duration::from_secs(20),
+        |s| s.json("/status")["binlog_stream"]["connected"] == true,
+    );
+    // About 100 MB of row events in one transaction.
+    db.sql(
+        None,
+        "USE shop; INSERT INTO big SELECT seq, REPEAT('x', 240) FROM seq_1_to_400000",
+    )
+    .unwrap();
+    wait_streamed(&serve, &db);
+    let (_, hwm) = usage(serve.pid());
+    let stored = parts(&repo);
+    let (name, ranges) = stored.iter().next().unwrap();
+    let biggest = ranges.iter().map(|(f, t)| t - f).max().unwrap();
+    let end = ranges.last().unwrap().1;
+    eprintln!(
+        "{name}: {end} bytes in {} parts, the biggest {biggest} bytes; sidecar peak RSS {} MiB",
+        ranges.len(),
+        hwm / 1024
+    );
+    assert!(end > 90 << 20, "{end}");
+    assert!(biggest < 70 << 20, "a part of {biggest} bytes");
+    assert!(hwm < 400 * 1024, "peak RSS {} MiB", hwm / 1024);
+    db.kill();
+    drop(serve);
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("restored");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    ok(&out);
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM shop.big"), "400000");
+}
