@@ -66,6 +66,8 @@ const MARIADB_SLAVE_CAPABILITY_GTID: u32 = 4;
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// No event nor heartbeat for this long: the connection is dead.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many recent stores the pacing looks back on.
+const RECENT_STORES: usize = 10;
 /// How long a stopping session may take to store what it holds.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The server's "cannot read the binlog you asked for" (purged, or never existed).
@@ -861,9 +863,11 @@ async fn session(
     if start.stored > 0 {
         file.expect_stored(stored_parts(store.as_ref(), &uuid, &start).await?);
     }
-    // Stores start early by the last one's duration, so that what was ready is durable
-    // within `interval`, not `interval` plus an upload.
+    // Stores start early by the slowest recent one's duration (at most half the interval),
+    // so that what was ready is durable within `interval`, not `interval` plus an upload.
     let mut last_store = Instant::now() - interval;
+    // The slowest of the recent stores: one slower than the last must still end in time.
+    let mut upload_times: std::collections::VecDeque<Duration> = Default::default();
     let mut upload_time = Duration::ZERO;
     loop {
         let due = file
@@ -878,7 +882,11 @@ async fn session(
             _ = sleep_until(due), if due.is_some() => {
                 last_store = Instant::now();
                 store_ready(store.as_ref(), &uuid, &mut file, opts, status).await?;
-                upload_time = last_store.elapsed().min(interval / 2);
+                if upload_times.len() == RECENT_STORES {
+                    upload_times.pop_front();
+                }
+                upload_times.push_back(last_store.elapsed());
+                upload_time = upload_times.iter().max().copied().unwrap_or_default().min(interval / 2);
                 continue;
             }
             ev = tokio::time::timeout(READ_TIMEOUT, stream.next()) => ev,
