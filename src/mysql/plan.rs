@@ -269,6 +269,22 @@ mod tests {
     }
 
     #[test]
+    fn latest_refuses_to_stop_silently_before_a_streamed_file_past_a_gap() {
+        use crate::repo::mysql::tests::streamed;
+        let mut c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2]);
+        c.streamed.extend([streamed(3, false)]);
+        let p = plan_mysql(&c, Target::Latest).unwrap();
+        assert_eq!(p.binlogs, vec!["binlog.000002", "binlog.000003"]);
+        assert!(p.streamed && p.describe().contains("binlog.000003 as streamed so far"));
+        assert_eq!(p.reachable_until, Some(t("00:03:00")));
+        // Within the streamed file's seconds, --at picks it too.
+        let p = plan_mysql(&c, Target::Time(t("00:02:30"))).unwrap();
+        assert_eq!(p.binlogs, vec!["binlog.000002", "binlog.000003"]);
+        c.streamed.extend([streamed(5, false)]);
+        assert!(err(&c, Target::Latest).contains("binlog.000004 is missing"));
+    }
+
+    #[test]
     fn refusals() {
         let c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2, 3, 5]);
         assert!(err(&c, Target::Time(t("00:01:00"))).contains("before the first dump"));

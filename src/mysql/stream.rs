@@ -52,6 +52,9 @@ const HEARTBEAT_EVENT: u8 = 27;
 const MYSQL_GTID_EVENT: u8 = 33;
 const MYSQL_ANONYMOUS_GTID_EVENT: u8 = 34;
 const XA_PREPARE_EVENT: u8 = 38;
+/// MySQL 8 `binlog_transaction_compression`: one event holds a whole transaction (the client
+/// library also hands out the events inside it, with no position of their own).
+const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
 const MARIADB_ANNOTATE_ROWS_EVENT: u8 = 160;
 const MARIADB_GTID_EVENT: u8 = 162;
 /// MariaDB GTID flag: the group is one statement (DDL), with no BEGIN/COMMIT around it.
@@ -63,6 +66,8 @@ const MARIADB_SLAVE_CAPABILITY_GTID: u32 = 4;
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// No event nor heartbeat for this long: the connection is dead.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many recent stores the pacing looks back on.
+const RECENT_STORES: usize = 10;
 /// How long a stopping session may take to store what it holds.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The server's "cannot read the binlog you asked for" (purged, or never existed).
@@ -141,7 +146,7 @@ pub struct Part {
     pub name: String,
     pub from: u64,
     pub to: u64,
-    pub bytes: Vec<u8>,
+    pub bytes: bytes::Bytes,
     first_time: Option<u32>,
     /// The latest event time in the file up to `to`.
     file_max_time: Option<u32>,
@@ -182,7 +187,13 @@ pub struct FileAssembler {
     boundary_max_time: Option<u32>,
     /// Stored parts not yet read again (see `expect_stored`).
     checks: std::collections::VecDeque<(u64, u64, PartCheck)>,
+    /// Bytes of one transaction held before it is handed out unfinished.
+    max_open: u64,
 }
+
+/// The most of one unfinished transaction held in memory (a bulk load commits gigabytes at
+/// once): beyond it, its bytes so far are stored anyway.
+const MAX_OPEN_TRANSACTION_BYTES: u64 = 64 << 20;
 
 impl FileAssembler {
     /// A file whose first `stored` bytes (a transaction boundary) the repository holds.
@@ -201,6 +212,7 @@ impl FileAssembler {
             file_max_time: None,
             boundary_max_time: None,
             checks: Default::default(),
+            max_open: MAX_OPEN_TRANSACTION_BYTES,
         }
     }
 
@@ -271,6 +283,8 @@ impl FileAssembler {
         self.file_max_time = self.file_max_time.max(Some(h.timestamp));
         if self.ends_group(&h, raw) {
             self.mark_boundary();
+        } else if self.len - self.boundary > self.max_open {
+            self.cut_open_transaction();
         }
         if replay {
             self.check_replayed()?;
@@ -382,20 +396,38 @@ impl FileAssembler {
                     Group::Started { mysql: true, .. } if !word("BEGIN") && !word("XA START") => {
                         true
                     }
-                    _ if word("COMMIT") || word("ROLLBACK") || word("XA END") => true,
+                    _ if word("COMMIT")
+                        || word("ROLLBACK")
+                        || word("XA COMMIT")
+                        || word("XA ROLLBACK") =>
+                    {
+                        true
+                    }
                     _ => {
                         self.group = Group::Transaction;
                         false
                     }
                 }
             }
-            XID_EVENT | XA_PREPARE_EVENT => true,
+            XID_EVENT | XA_PREPARE_EVENT | TRANSACTION_PAYLOAD_EVENT => true,
             ROTATE_EVENT | STOP_EVENT => {
                 self.open.ends_file = true;
                 true
             }
             _ => self.group == Group::Outside,
         }
+    }
+
+    /// A transaction this big is handed out before its end, so memory stays bounded. Replay
+    /// of a prefix that ends inside it rolls it back (the binlog reader adds the ROLLBACK),
+    /// and the event times the part records stay those of whole transactions.
+    fn cut_open_transaction(&mut self) {
+        self.boundary = self.len;
+        let mut open = std::mem::take(&mut self.open);
+        // Its GTID counts as stored once its end is.
+        self.open.gtid = open.gtid.take();
+        open.max_time = None;
+        self.closed.merge(open);
     }
 
     fn mark_boundary(&mut self) {
@@ -412,7 +444,13 @@ impl FileAssembler {
             return None;
         }
         let n = (self.boundary - self.stored) as usize;
-        let bytes: Vec<u8> = self.pending.drain(..n).collect();
+        // No copy of what goes out: the pending buffer itself, or its head.
+        let bytes = if n == self.pending.len() {
+            bytes::Bytes::from(std::mem::take(&mut self.pending))
+        } else {
+            let rest = self.pending.split_off(n);
+            bytes::Bytes::from(std::mem::replace(&mut self.pending, rest))
+        };
         let stats = std::mem::take(&mut self.closed);
         let part = Part {
             name: self.name.clone(),
@@ -479,6 +517,8 @@ pub struct StreamFacts {
     /// The file being streamed and how much of it the repository holds.
     pub file: Option<String>,
     pub stored_position: u64,
+    /// The GTID of the newest transaction the repository holds from the stream (MariaDB).
+    pub stored_gtid: Option<String>,
     /// The newest event time the repository holds from the stream.
     pub last_event_time: Option<DateTime<Utc>>,
     pub last_stored_at: Option<DateTime<Utc>>,
@@ -534,6 +574,9 @@ impl StreamStatus {
             s.error = None;
             s.file = Some(part.name.clone());
             s.stored_position = part.to;
+            if part.gtid.is_some() {
+                s.stored_gtid = part.gtid.clone();
+            }
             if let Some(t) = part.file_max_time.and_then(time) {
                 s.last_event_time = s.last_event_time.max(Some(t));
             }
@@ -615,10 +658,42 @@ pub async fn repository_end(store: &dyn Store, uuid: &str) -> anyhow::Result<Opt
             newest = Some((n, end));
         }
     }
+    // A file whose stored parts reach its end: the next one is where to resume (the server
+    // may have purged this one already, which is no gap).
+    if let Some((n, stored)) = &newest {
+        if *stored > 0 {
+            let (from, to) = last_range(store, uuid, n, *stored).await?;
+            let key = keys::stream_part_meta_key(uuid, &n.to_string(), from, to);
+            let part: BinlogPart =
+                serde_json::from_slice(&crate::storage::get_all(store, &key).await?)
+                    .with_context(|| format!("reading streamed binlog part {key}"))?;
+            if part.ends_file {
+                newest = Some((n.next(), 0));
+            }
+        }
+    }
     Ok(newest.map(|(n, stored)| Resume {
         file: n.to_string(),
         stored,
     }))
+}
+
+/// The `from` of the part of `name` that ends at `to` (from the listing).
+async fn last_range(
+    store: &dyn Store,
+    uuid: &str,
+    name: &BinlogName,
+    to: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let prefix = format!("{}{name}/", keys::stream_prefix(uuid));
+    store
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|o| keys::parse_stream_key(uuid, &o.key))
+        .map(|(_, from, end)| (from, end))
+        .find(|(_, end)| *end == to)
+        .ok_or_else(|| anyhow::anyhow!("the streamed part of {name} ending at {to} vanished"))
 }
 
 /// Where to start given what the server still has. A resume file older than the server's
@@ -755,10 +830,15 @@ async fn session(
         "SET @master_heartbeat_period = {}",
         HEARTBEAT.as_nanos()
     )];
-    if flavor == Flavor::Mariadb {
-        setup.push(format!(
+    match flavor {
+        Flavor::Mariadb => setup.push(format!(
             "SET @mariadb_slave_capability = {MARIADB_SLAVE_CAPABILITY_GTID}"
-        ));
+        )),
+        // MySQL 8.0.26+ reads the `source_` spellings (8.4 may read only those).
+        Flavor::Mysql => setup.extend([
+            format!("SET @source_heartbeat_period = {}", HEARTBEAT.as_nanos()),
+            "SET @source_binlog_checksum = 'CRC32'".to_string(),
+        ]),
     }
     for q in setup {
         session
@@ -783,9 +863,11 @@ async fn session(
     if start.stored > 0 {
         file.expect_stored(stored_parts(store.as_ref(), &uuid, &start).await?);
     }
-    // Stores start early by the last one's duration, so that what was ready is durable
-    // within `interval`, not `interval` plus an upload.
+    // Stores start early by the slowest recent one's duration (at most half the interval),
+    // so that what was ready is durable within `interval`, not `interval` plus an upload.
     let mut last_store = Instant::now() - interval;
+    // The slowest of the recent stores: one slower than the last must still end in time.
+    let mut upload_times: std::collections::VecDeque<Duration> = Default::default();
     let mut upload_time = Duration::ZERO;
     loop {
         let due = file
@@ -800,7 +882,11 @@ async fn session(
             _ = sleep_until(due), if due.is_some() => {
                 last_store = Instant::now();
                 store_ready(store.as_ref(), &uuid, &mut file, opts, status).await?;
-                upload_time = last_store.elapsed().min(interval / 2);
+                if upload_times.len() == RECENT_STORES {
+                    upload_times.pop_front();
+                }
+                upload_times.push_back(last_store.elapsed());
+                upload_time = upload_times.iter().max().copied().unwrap_or_default().min(interval / 2);
                 continue;
             }
             ev = tokio::time::timeout(READ_TIMEOUT, stream.next()) => ev,
@@ -1137,6 +1223,23 @@ mod tests {
             .unwrap();
         assert!(!a.has_ready());
         a.push(&w.add(QUERY_EVENT, 104, &query("COMMIT"))).unwrap();
+        // An XA transaction ends with its prepare, not with XA END.
+        a.push(&w.add(MARIADB_GTID_EVENT, 104, &gtid(10, false)))
+            .unwrap();
+        a.push(&w.add(QUERY_EVENT, 104, &query("XA START 'x'")))
+            .unwrap();
+        a.push(&w.add(QUERY_EVENT, 104, &query("XA END 'x'")))
+            .unwrap();
+        let before_prepare = a.boundary;
+        a.push(&w.add(XA_PREPARE_EVENT, 104, &[0; 12])).unwrap();
+        assert!(a.boundary > before_prepare);
+        // MySQL: a compressed transaction is one event after its GTID.
+        a.push(&w.add(MYSQL_GTID_EVENT, 104, &[0; 20])).unwrap();
+        let before_payload = a.boundary;
+        a.push(&w.add(TRANSACTION_PAYLOAD_EVENT, 104, &[0; 30]))
+            .unwrap();
+        assert_eq!(a.boundary, w.at);
+        assert!(a.boundary > before_payload);
         let s = a.take_ready().unwrap();
         a.push(&w.add(ROTATE_EVENT, 105, b"\x04\0\0\0\0\0\0\0binlog.000002"))
             .unwrap();
@@ -1219,6 +1322,92 @@ mod tests {
         let mut m = FileAssembler::new("binlog.000001", Flavor::Mysql, stored);
         m.push(&fde).unwrap();
         assert!(m.push(&rows).is_err());
+    }
+
+    #[test]
+    fn a_huge_transaction_is_handed_out_before_it_ends() {
+        let mut w = Writer::new();
+        let mut a = FileAssembler::new("binlog.000001", Flavor::Mariadb, 0);
+        a.max_open = 150;
+        a.push(&w.add(FORMAT_DESCRIPTION_EVENT, 100, &[])).unwrap();
+        let first = a.take_ready().unwrap();
+        a.push(&w.add(MARIADB_GTID_EVENT, 101, &gtid(1, false)))
+            .unwrap();
+        a.push(&w.add(23, 105, &[7; 60])).unwrap();
+        assert!(!a.has_ready());
+        a.push(&w.add(23, 106, &[7; 60])).unwrap();
+        // Over the bound: out it goes, without claiming the transaction's time or GTID.
+        let cut = a.take_ready().unwrap();
+        assert_eq!(cut.to, w.at);
+        assert_eq!(cut.gtid, None);
+        assert_eq!(cut.file_max_time, first.file_max_time);
+        // Its end closes it as usual.
+        a.push(&w.add(XID_EVENT, 107, &[0; 8])).unwrap();
+        let end = a.take_ready().unwrap();
+        assert_eq!(end.gtid.as_deref(), Some("0-1-1"));
+        assert_eq!(end.file_max_time, Some(107));
+        let joined: Vec<u8> = [first, cut, end]
+            .into_iter()
+            .flat_map(|p| p.bytes)
+            .collect();
+        assert_eq!(joined, w.file);
+    }
+
+    #[tokio::test]
+    async fn the_repository_end_is_after_the_newest_part_or_in_the_next_file_once_one_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::LocalStore::new(dir.path().to_path_buf());
+        let opts = PipeOptions {
+            compression: crate::config::Compression {
+                level: 1,
+                wal_level: 1,
+                threads: 1,
+            },
+            upload: crate::config::UploadConfig {
+                part_size: crate::config::MIN_PART_SIZE,
+                concurrency: 1,
+            },
+        };
+        assert_eq!(repository_end(&store, "u").await.unwrap(), None);
+        let part = |name: &str, from: u64, to: u64, ends_file: bool| Part {
+            name: name.into(),
+            from,
+            to,
+            bytes: vec![1; (to - from) as usize].into(),
+            first_time: Some(1),
+            file_max_time: Some(2),
+            events: 1,
+            gtid: None,
+            placeholder_bytes: 0,
+            ends_file,
+        };
+        for p in [
+            part("b.000007", 0, 300, false),
+            part("b.000007", 300, 450, false),
+        ] {
+            store_part(&store, "u", &p, opts).await.unwrap();
+        }
+        let at = |file: &str, stored: u64| {
+            Some(Resume {
+                file: file.into(),
+                stored,
+            })
+        };
+        assert_eq!(
+            repository_end(&store, "u").await.unwrap(),
+            at("b.000007", 450)
+        );
+        // The same part again is fine (a session that died before its description).
+        store_part(&store, "u", &part("b.000007", 300, 450, false), opts)
+            .await
+            .unwrap();
+        store_part(&store, "u", &part("b.000007", 450, 500, true), opts)
+            .await
+            .unwrap();
+        assert_eq!(
+            repository_end(&store, "u").await.unwrap(),
+            at("b.000008", 0)
+        );
     }
 
     #[test]

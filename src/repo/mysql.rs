@@ -232,6 +232,11 @@ impl Streamed {
         self.parts.iter().filter_map(|p| p.last_event_time).max()
     }
 
+    /// The parts reach the file's end (its Rotate or Stop event).
+    pub fn ended(&self) -> bool {
+        self.parts.last().is_some_and(|p| p.ends_file)
+    }
+
     /// No transaction after this is in the streamed prefix.
     pub fn end_time(&self) -> DateTime<Utc> {
         self.last_event_time()
@@ -426,24 +431,38 @@ impl MysqlCatalog {
         let mut files = Vec::new();
         let mut end_time = None;
         let mut next = start;
-        while let Some(m) = self.binlogs.get(&(next.base.clone(), next.seq)) {
-            files.push(m.name.clone());
-            end_time = Some(m.end_time());
-            next = next.next();
-        }
-        // The file being written when the stream last stored something.
         let mut streamed = false;
-        if let Some(s) = self.streamed.get(&(next.base.clone(), next.seq)) {
-            files.push(s.name.clone());
-            end_time = Some(s.end_time());
-            streamed = true;
+        loop {
+            let key = (next.base.clone(), next.seq);
+            if let Some(m) = self.binlogs.get(&key) {
+                files.push(m.name.clone());
+                end_time = Some(m.end_time());
+                streamed = false;
+            } else if let Some(s) = self.streamed.get(&key) {
+                // Streamed but not archived complete yet: the file being written, or one
+                // whose rotation the stream stored before the shipper archived it.
+                files.push(s.name.clone());
+                end_time = Some(s.end_time());
+                streamed = true;
+                if !s.ended() {
+                    next = next.next();
+                    break;
+                }
+            } else {
+                break;
+            }
             next = next.next();
         }
         let later_exists = self
             .binlogs
             .range((next.base.clone(), next.seq)..)
             .next()
-            .is_some_and(|((base, _), _)| *base == next.base);
+            .is_some_and(|((base, _), _)| *base == next.base)
+            || self
+                .streamed
+                .range((next.base.clone(), next.seq)..)
+                .next()
+                .is_some_and(|((base, _), _)| *base == next.base);
         Chain {
             files,
             end_time,
@@ -477,10 +496,14 @@ impl MysqlCatalog {
     pub fn gaps(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut prev: Option<BinlogName> = None;
-        for m in self.binlogs.values() {
-            let Some(n) = BinlogName::parse(&m.name) else {
-                continue;
-            };
+        let names: std::collections::BTreeSet<BinlogName> = self
+            .binlogs
+            .values()
+            .map(|m| m.name.as_str())
+            .chain(self.streamed.values().map(|s| s.name.as_str()))
+            .filter_map(BinlogName::parse)
+            .collect();
+        for n in names {
             if let Some(p) = &prev {
                 if p.base == n.base && n.seq > p.seq + 1 {
                     out.push(p.next().to_string());
@@ -658,6 +681,71 @@ pub(crate) mod tests {
         assert!(chain.files.is_empty());
         assert_eq!(chain.gap, None);
         assert!(c.windows().is_empty());
+    }
+
+    /// Binlog `binlog.00000n` streamed up to minute n (its end, when `ended`).
+    pub fn streamed(n: u64, ended: bool) -> ((String, u64), Streamed) {
+        let name = format!("binlog.{n:06}");
+        let part = BinlogPart {
+            format_version: 1,
+            server_uuid: "u".into(),
+            name: name.clone(),
+            from: 0,
+            to: 900,
+            data: ObjectRef {
+                key: format!("{name}/0-900.zst"),
+                stored_bytes: 1,
+                plain_bytes: 900,
+                sha256: String::new(),
+                key_set: None,
+            },
+            first_event_time: Some(t(&format!("00:{:02}:00", n - 1))),
+            last_event_time: Some(t(&format!("00:{n:02}:00"))),
+            events: 3,
+            gtid: Some(format!("0-1-{n}")),
+            placeholder_bytes: 0,
+            ends_file: ended,
+            uploaded_at: t(&format!("00:{n:02}:01")),
+        };
+        (
+            ("binlog".to_string(), n),
+            Streamed::from_parts(&name, vec![part]).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_chain_goes_on_through_streamed_files_that_ended_and_stops_at_the_one_being_written() {
+        let mut c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2, 3]);
+        c.streamed.extend([streamed(4, true), streamed(5, false)]);
+        let chain = c.chain("binlog.000002");
+        assert_eq!(
+            chain.files,
+            vec![
+                "binlog.000002",
+                "binlog.000003",
+                "binlog.000004",
+                "binlog.000005"
+            ]
+        );
+        assert!(chain.streamed);
+        assert_eq!(chain.end_time, Some(t("00:05:00")));
+        assert_eq!(chain.gap, None);
+        assert!(c.gaps().is_empty());
+        // A file streamed after a hole (binlogs purged while the sidecar was away) is a gap:
+        // --latest must not stop silently before it.
+        let mut c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2, 3]);
+        c.streamed.extend([streamed(4, false), streamed(6, false)]);
+        let chain = c.chain("binlog.000002");
+        assert_eq!(chain.files.len(), 3);
+        assert_eq!(chain.gap.as_deref(), Some("binlog.000005"));
+        assert_eq!(c.gaps(), vec!["binlog.000005".to_string()]);
+        // A streamed file that has not ended, then a complete later one: also a gap.
+        let mut c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2, 5]);
+        c.streamed.extend([streamed(3, false)]);
+        assert_eq!(
+            c.chain("binlog.000002").gap.as_deref(),
+            Some("binlog.000004")
+        );
     }
 
     #[test]

@@ -142,6 +142,11 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                 crate::health::mysql::Probe::new(server.clone()),
                 crate::heartbeat::MysqlWriter::new(server),
             );
+            if cfg.serve.wal_stream && store.is_none() {
+                return Err(input_err!(
+                    "serve.wal_stream needs a repository: set DBAGENT_REPO"
+                ));
+            }
             if let Some(store) = &store {
                 spawn(
                     &mut tasks,

@@ -35,13 +35,23 @@ struct Loss {
 type Outage = Option<(Duration, Duration)>;
 
 fn node_loss(stream: bool, run_for: Duration, max_age: &str, outage: Outage) -> Loss {
+    node_loss_on(MariaDbBuilder::new(), stream, run_for, max_age, outage)
+}
+
+fn node_loss_on(
+    server: MariaDbBuilder,
+    stream: bool,
+    run_for: Duration,
+    max_age: &str,
+    outage: Outage,
+) -> Loss {
     // The sidecar reaches S3 through a proxy that can cut it off; the dump and the restore
     // go straight to it.
-    let server = S3Server::start("dbagent-test").expect("S3 server");
-    let proxy = FaultProxy::start(server.port()).expect("fault proxy");
-    let sidecar_s3 = proxy.s3_env(&server, "binstream");
-    let repo = Repo::S3(server, "binstream".into());
-    let mut db = MariaDbBuilder::new().start().unwrap();
+    let s3 = S3Server::start("dbagent-test").expect("S3 server");
+    let proxy = FaultProxy::start(s3.port()).expect("fault proxy");
+    let sidecar_s3 = proxy.s3_env(&s3, "binstream");
+    let repo = Repo::S3(s3, "binstream".into());
+    let mut db = server.start().unwrap();
     db.sql(
         None,
         "CREATE DATABASE shop; CREATE TABLE shop.markers (id INT PRIMARY KEY, at DATETIME(6))",
@@ -241,6 +251,38 @@ fn binlog_stream_catches_up_after_s3_is_unreachable_for_ten_seconds() {
     );
 }
 
+/// A server that writes its binlog without checksums streams the same way.
+#[test]
+fn binlog_stream_without_event_checksums() {
+    let loss = node_loss_on(
+        MariaDbBuilder::new().setting("binlog_checksum", "NONE"),
+        true,
+        Duration::from_secs(4),
+        "1h",
+        None,
+    );
+    assert!(
+        loss.lost_older_than_1s.is_empty(),
+        "markers committed more than 1 s before the loss were not restored: {:?}",
+        loss.lost_older_than_1s
+    );
+}
+
+/// Streaming with nowhere to stream to is refused at start, not silently skipped.
+#[test]
+fn binlog_streaming_without_a_repository_is_refused() {
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--engine", "mysql", "--listen", "127.0.0.1:0"])
+        .env("DBAGENT_LOG_FORMAT", "text")
+        .env_remove("DBAGENT_CONFIG")
+        .env_remove("DBAGENT_REPO")
+        .env("DBAGENT_MYSQL_URL", "mysql://root@127.0.0.1:1")
+        .env("DBAGENT_WAL_STREAM", "true")
+        .output()
+        .unwrap();
+    refused(&out, "serve.wal_stream needs a repository");
+}
+
 /// The byte ranges of the parts stored for each binlog file (from their descriptions).
 fn parts(repo: &Repo) -> std::collections::BTreeMap<String, Vec<(u64, u64)>> {
     let mut out = std::collections::BTreeMap::new();
@@ -264,6 +306,22 @@ fn parts(repo: &Repo) -> std::collections::BTreeMap<String, Vec<(u64, u64)>> {
             if !ranges.is_empty() {
                 out.insert(name, ranges);
             }
+        }
+    }
+    out
+}
+
+/// Every streamed part's description in a file repository.
+fn walk_json(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_json(&p));
+        } else if p.extension().is_some_and(|x| x == "json")
+            && p.to_string_lossy().contains("/binlog-stream/")
+        {
+            out.push(serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap());
         }
     }
     out
@@ -327,6 +385,12 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
     let mut serve = Serve::start(&env);
     insert(&db, 1..=3);
     wait_streamed(&serve, &db);
+    // GTID-aware: the stored position is also the server's GTID position.
+    let gtid = db.sql(None, "SELECT @@gtid_binlog_pos").unwrap();
+    assert_eq!(
+        serve.json("/status")["binlog_stream"]["stored_gtid"],
+        gtid.as_str()
+    );
     // The sidecar restarts: it resumes where the repository ends.
     assert_eq!(serve.terminate().code(), Some(0));
     insert(&db, 4..=5);
@@ -370,6 +434,12 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
             assert_eq!(end, size, "{name}");
         }
     }
+    // MariaDB sent no Annotate_rows events: same-size placeholders stand in for them.
+    let placeholders: u64 = walk_json(repo.root().unwrap())
+        .iter()
+        .filter_map(|j| j["placeholder_bytes"].as_u64())
+        .sum();
+    assert!(placeholders > 0, "no placeholder was ever needed");
     let (current, _) = master_status(&db);
     let listing = ok(&agent(&repo, None, None, &["list"]));
     assert!(
@@ -437,6 +507,22 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
     // It goes on from what the server still has.
     insert(&db, 202..=202);
     wait_streamed(&serve, &db);
+    // And a restore does not stop silently at the gap.
+    let dir = root.path().join("latest");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    refused(&out, "is missing from the archive");
 }
 
 /// In an encrypted repository the sidecar holds only the public key: its parts are sealed, a
@@ -500,7 +586,7 @@ fn an_encrypted_binlog_stream_resumes_and_restores() {
     let serve = Serve::start(&env);
     wait_streamed(&serve, &db);
     let status = serve.json("/status");
-    assert!(status["binlog_stream"]["last_gap"].is_null(), "{status}");
+    assert!(status["binlog_stream"]["gap"].is_null(), "{status}");
     // Parts follow each other from 0: the restarted sidecar stored nothing twice.
     for (name, ranges) in parts(&repo) {
         let mut end = 0;
@@ -551,4 +637,178 @@ fn an_encrypted_binlog_stream_resumes_and_restores() {
         scratch.sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM shop.t"),
         "1,2,3,4,5"
     );
+}
+
+/// CPU seconds (user + system) and peak RSS (KiB) of a process, from /proc.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (ticks / 100.0, hwm)
+}
+
+/// The sidecar streaming a flat-out write load: its CPU, its memory, and whether it keeps
+/// up. Run by hand: `cargo test --test e2e -- --ignored binstream::sidecar_keeps_up --nocapture`
+/// (DBAGENT_TEST_LOAD_SECONDS, default 30).
+#[test]
+#[ignore]
+fn sidecar_keeps_up_with_a_flat_out_write_load() {
+    let secs: u64 = std::env::var("DBAGENT_TEST_LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let repo = Repo::s3("binstream-load");
+    let db = MariaDbBuilder::new().start().unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (id BIGINT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64))",
+    )
+    .unwrap();
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+        ("DBAGENT_WAL_STREAM".into(), "true".into()),
+        ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
+    ];
+    env.extend(repo.env());
+    let serve = Serve::start(&env);
+    serve.wait_for(
+        "the binlog stream to connect",
+        Duration::from_secs(20),
+        |s| s.json("/status")["binlog_stream"]["connected"] == true,
+    );
+    let (cpu0, _) = usage(serve.pid());
+    let (_, pos0) = master_status(&db);
+    let started = Instant::now();
+    let mut lags = Vec::new();
+    let mut transactions = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        // About 1 MB of row events per transaction.
+        db.sql(
+            None,
+            "USE shop; INSERT INTO t (v) SELECT MD5(seq) FROM seq_1_to_10000",
+        )
+        .unwrap();
+        transactions += 1;
+        let (file, pos) = master_status(&db);
+        let st = serve.json("/status")["binlog_stream"].clone();
+        if st["file"] == file.as_str() {
+            lags.push(pos.saturating_sub(st["stored_position"].as_u64().unwrap_or(0)));
+        }
+    }
+    let load = started.elapsed().as_secs_f64();
+    let (_, pos1) = master_status(&db);
+    let caught_up = Instant::now();
+    wait_streamed(&serve, &db);
+    let catch_up = caught_up.elapsed().as_secs_f64();
+    let (cpu1, hwm) = usage(serve.pid());
+    let written = pos1 - pos0;
+    lags.sort();
+    eprintln!(
+        "streamed {:.1} MiB of binlog in {load:.1}s ({:.2} MiB/s, {transactions} transactions): sidecar CPU {:.0}% of one core, peak RSS {} MiB; bytes written but not stored: median {:.1} MiB, max {:.1} MiB; caught up {catch_up:.2}s after the load stopped",
+        written as f64 / 1048576.0,
+        written as f64 / 1048576.0 / load,
+        (cpu1 - cpu0) / load * 100.0,
+        hwm / 1024,
+        lags[lags.len() / 2] as f64 / 1048576.0,
+        lags[lags.len() - 1] as f64 / 1048576.0,
+    );
+    assert!(catch_up < 10.0, "the stream did not keep up");
+}
+
+/// One transaction far bigger than what the sidecar holds in memory (64 MiB): it is stored
+/// in pieces before it ends, the sidecar's memory stays bounded, and a restore replays it
+/// whole.
+#[test]
+fn a_transaction_bigger_than_the_memory_bound_streams_in_pieces_and_restores() {
+    let repo = Repo::file();
+    let mut db = MariaDbBuilder::new()
+        .setting("max_binlog_cache_size", "1073741824")
+        .start()
+        .unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.big (id INT PRIMARY KEY, v VARCHAR(255))",
+    )
+    .unwrap();
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+        ("DBAGENT_WAL_STREAM".into(), "true".into()),
+        ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
+        ("DBAGENT_SERVE_HEARTBEAT".into(), "false".into()),
+    ];
+    env.extend(repo.env());
+    let serve = Serve::start(&env);
+    serve.wait_for(
+        "the binlog stream to connect",
+        Duration::from_secs(20),
+        |s| s.json("/status")["binlog_stream"]["connected"] == true,
+    );
+    // About 100 MB of row events in one transaction.
+    db.sql(
+        None,
+        "USE shop; INSERT INTO big SELECT seq, REPEAT('x', 240) FROM seq_1_to_400000",
+    )
+    .unwrap();
+    wait_streamed(&serve, &db);
+    let (_, hwm) = usage(serve.pid());
+    let stored = parts(&repo);
+    let (name, ranges) = stored.iter().next().unwrap();
+    let biggest = ranges.iter().map(|(f, t)| t - f).max().unwrap();
+    let end = ranges.last().unwrap().1;
+    eprintln!(
+        "{name}: {end} bytes in {} parts, the biggest {biggest} bytes; sidecar peak RSS {} MiB",
+        ranges.len(),
+        hwm / 1024
+    );
+    assert!(end > 90 << 20, "{end}");
+    assert!(biggest < 70 << 20, "a part of {biggest} bytes");
+    assert!(hwm < 400 * 1024, "peak RSS {} MiB", hwm / 1024);
+    db.kill();
+    drop(serve);
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("restored");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    ok(&out);
+    assert_eq!(scratch.sql("SELECT COUNT(*) FROM shop.big"), "400000");
 }
