@@ -133,49 +133,76 @@ pub async fn restore(
     eprintln!("{}", report.plan);
 
     let started = Instant::now();
-    match dest {
-        Destination::Existing(server) => {
-            let work = WorkDir::temp()?;
-            let (programs, conn) = (&server.programs, &server.conn);
-            async {
-                load_dump(store.as_ref(), &plan, programs, conn).await?;
-                replay_binlogs(store.as_ref(), &cat, &plan, programs, conn, work.path()).await
+    // SIGTERM or ^C drops the work: the load or replay programs are killed, a scratch server
+    // is stopped and its directory cleared, and the restore fails saying so.
+    let work = async {
+        match dest {
+            Destination::Existing(server) => {
+                let work = WorkDir::temp()?;
+                let (programs, conn) = (&server.programs, &server.conn);
+                async {
+                    load_dump(store.as_ref(), &plan, programs, conn).await?;
+                    replay_binlogs(store.as_ref(), &cat, &plan, programs, conn, work.path()).await
+                }
+                .await
+                .map_err(|e: anyhow::Error| {
+                    e.context(format!(
+                        "the restore into {} stopped part-way: drop the databases it created before trying again",
+                        server.conn.describe()
+                    ))
+                })?;
+                report.into = Some(server.conn.describe());
             }
-            .await
-            .map_err(|e: anyhow::Error| {
-                e.context(format!(
-                    "the restore into {} stopped part-way: drop the databases it created before trying again",
-                    server.conn.describe()
-                ))
-            })?;
-            report.into = Some(server.conn.describe());
-        }
-        Destination::Scratch(dir) => {
-            let cleared = ClearOnFailure::new(dir.clone());
-            let server =
-                ScratchServer::start(&cfg.mysql, &dir, Listen::Tcp(opts.port), plan.dump.flavor)
-                    .await?;
-            let programs = Programs::find(&cfg.mysql, plan.dump.flavor)?;
-            let work = WorkDir::inside(&dir)?;
-            let conn = server.conn();
-            async {
-                load_dump(store.as_ref(), &plan, &programs, &conn).await?;
-                replay_binlogs(store.as_ref(), &cat, &plan, &programs, &conn, work.path()).await
+            Destination::Scratch(dir) => {
+                let cleared = ClearOnFailure::new(dir.clone());
+                let server = ScratchServer::start(
+                    &cfg.mysql,
+                    &dir,
+                    Listen::Tcp(opts.port),
+                    plan.dump.flavor,
+                )
+                .await?;
+                let programs = Programs::find(&cfg.mysql, plan.dump.flavor)?;
+                let work = WorkDir::inside(&dir)?;
+                let conn = server.conn();
+                async {
+                    load_dump(store.as_ref(), &plan, &programs, &conn).await?;
+                    replay_binlogs(store.as_ref(), &cat, &plan, &programs, &conn, work.path()).await
+                }
+                .await
+                .map_err(|e: anyhow::Error| {
+                    e.context(format!(
+                        "the restore into a scratch server in {} failed and the directory was cleared",
+                        dir.display()
+                    ))
+                })?;
+                drop(work);
+                report.server = Some(server.leave_running().await?);
+                cleared.disarm();
             }
-            .await
-            .map_err(|e: anyhow::Error| {
-                e.context(format!(
-                    "the restore into a scratch server in {} failed and the directory was cleared",
-                    dir.display()
-                ))
-            })?;
-            drop(work);
-            report.server = Some(server.leave_running().await?);
-            cleared.disarm();
         }
-    }
+        anyhow::Ok(())
+    };
+    until_interrupted(work).await?;
     report.seconds = Some(started.elapsed().as_secs_f64());
     Ok(report)
+}
+
+const STOPPED: &str = "the load and replay were stopped; a --target-dir was cleared and its server stopped, an existing server keeps what was loaded so far (drop those databases before trying again)";
+
+/// Runs `work` to its end, or until SIGTERM or ^C, when it is dropped (everything it started
+/// stops) and the restore fails.
+async fn until_interrupted(
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate())
+        .map_err(|e| anyhow::anyhow!("listening for SIGTERM: {e}"))?;
+    tokio::select! {
+        r = work => r,
+        _ = sigterm.recv() => Err(anyhow::anyhow!("restore interrupted by SIGTERM: {STOPPED}")),
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("restore interrupted: {STOPPED}")),
+    }
 }
 
 /// Empties a target directory the restore filled, when the restore fails (after its server

@@ -1410,3 +1410,77 @@ fn manifest_binlog(repo: &Repo, id: &str) -> String {
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     m["binlog"]["file"].as_str().unwrap().to_string()
 }
+
+/// SIGTERM while `restore --engine mysql --target-dir` replays binlogs (a statement-logged
+/// 40 s `SLEEP`): the replay stops at once, the scratch server is stopped, the directory is
+/// cleared and the restore fails saying why.
+#[test]
+fn sigterm_during_a_mysql_replay_stops_it_and_clears_the_target() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (id int PRIMARY KEY); INSERT INTO shop.t VALUES (1);",
+    );
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    sql(
+        &db,
+        "SET SESSION binlog_format = 'STATEMENT';
+         INSERT INTO shop.t SELECT 2 FROM DUAL WHERE SLEEP(40) = 0;
+         FLUSH BINARY LOGS;",
+    );
+    ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
+
+    let root = tempfile::tempdir().unwrap();
+    let target = root.path().join("r");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["restore", "--engine", "mysql", "--latest", "--target-dir"])
+        .arg(&target)
+        .env("DBAGENT_LOG_FORMAT", "text")
+        .env_remove("DBAGENT_CONFIG")
+        .env_remove("DBAGENT_MYSQL_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in repo.env() {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let downloaded = target.join("dbagent-binlogs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_dir(&downloaded).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended early"
+        );
+        assert!(Instant::now() < deadline, "the replay never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let stopping = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = stopping.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("interrupted by SIGTERM"), "{err}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(!target.exists(), "the target directory was left behind");
+    let procs = Command::new("pgrep")
+        .args(["-f", &target.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        procs.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&procs.stdout)
+    );
+    eprintln!("replay stopped by SIGTERM in {took:?}");
+}
