@@ -112,8 +112,9 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .arg("--")
         .args(&databases);
     // Sessions of this account already waiting are not the dump's.
+    let mut watch = server.conn.connect().await?;
     let waiting_before: Vec<u64> = server
-        .waiting_sessions()
+        .waiting_sessions(&mut watch)
         .await
         .unwrap_or_default()
         .into_iter()
@@ -125,6 +126,7 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .run()
         .stop_when(lock_wait(
             &server,
+            watch,
             cfg.mysql.lock_wait_timeout,
             waiting_before,
         ))
@@ -214,14 +216,22 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
 /// the server: `FLUSH TABLES WITH READ LOCK` queued behind a long query holds up every write
 /// on the server while it waits, and killing the client alone would leave it queued.
 /// (`mariadb-dump` and `mysqldump` have no lock-wait option of their own.)
-async fn lock_wait(server: &Server, limit: Duration, before: Vec<u64>) -> anyhow::Error {
+async fn lock_wait(
+    server: &Server,
+    mut session: mysql_async::Conn,
+    limit: Duration,
+    before: Vec<u64>,
+) -> anyhow::Error {
     let limit_secs = limit.as_secs().max(1);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let waiting = match server.waiting_sessions().await {
+        let waiting = match server.waiting_sessions(&mut session).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::debug!(error = %format!("{e:#}"), "cannot see the dump's sessions");
+                if let Ok(fresh) = server.conn.connect().await {
+                    session = fresh;
+                }
                 continue;
             }
         };
@@ -231,7 +241,7 @@ async fn lock_wait(server: &Server, limit: Duration, before: Vec<u64>) -> anyhow
         else {
             continue;
         };
-        if let Err(e) = server.kill_query(id).await {
+        if let Err(e) = server.kill_query(&mut session, id).await {
             tracing::warn!(error = %format!("{e:#}"), session = id, "could not end the dump's lock wait on the server");
         }
         return anyhow::anyhow!(

@@ -105,16 +105,24 @@ impl Server {
             .collect())
     }
 
-    /// This account's other sessions waiting for a lock: (id, seconds, state, statement).
-    pub async fn waiting_sessions(&self) -> anyhow::Result<Vec<(u64, u64, String, String)>> {
-        self.query(crate::mysql::sql::WAITING_SESSIONS).await
+    /// This account's other sessions waiting for a lock: (id, seconds, state, statement), read
+    /// on `session` (a watchdog keeps one open rather than connecting every time it looks).
+    pub async fn waiting_sessions(
+        &self,
+        session: &mut mysql_async::Conn,
+    ) -> anyhow::Result<Vec<(u64, u64, String, String)>> {
+        session
+            .query(sql::WAITING_SESSIONS)
+            .await
+            .map_err(|e| self.conn.query_error(e))
     }
 
     /// Ends the statement a session of this account runs (its own sessions need no privilege).
-    pub async fn kill_query(&self, id: u64) -> anyhow::Result<()> {
-        self.query::<u64>(&format!("KILL QUERY {id}"))
+    pub async fn kill_query(&self, session: &mut mysql_async::Conn, id: u64) -> anyhow::Result<()> {
+        session
+            .query_drop(format!("KILL QUERY {id}"))
             .await
-            .map(|_| ())
+            .map_err(|e| self.conn.query_error(e))
     }
 
     /// Databases other than the system ones that hold anything: a restore target may have
