@@ -247,6 +247,8 @@ impl MysqlConn {
             .socket(self.socket.as_ref().map(|s| s.display().to_string()))
             .prefer_socket(self.socket.is_some())
             .stmt_cache_size(Some(16))
+            // A server that vanished mid-query is noticed, not waited on for hours.
+            .tcp_keepalive(Some(Duration::from_secs(30)))
             .ssl_opts(ssl)
             .into()
     }
