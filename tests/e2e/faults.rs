@@ -718,12 +718,16 @@ fn sigkill_and_crashes_mid_stream_leave_nothing_half_visible() {
 fn a_killed_backup_on_a_file_repository_leaves_a_temp_file_that_prune_removes() {
     let repo = Repo::file();
     let pg = archiving_primary(&repo);
-    // About 12 MB compressed: the upload writes its temp file part by part.
+    // About 24 MB compressed: the upload writes its temp file part by part, several parts
+    // before the stream ends (zstd's workers hold back up to a few MB until then).
     pg.psql(
         "postgres",
-        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 600000) g",
     )
     .unwrap();
+    // The table's WAL archived first: with segments still queued, the archiver would fail
+    // before the backup starts, and the backup refuses a failing archiver at once.
+    switch_and_wait_archived(&pg);
     // While archiving fails, the backup has streamed everything and waits for its WAL: it is
     // killed there, its data in a temp file.
     pg.psql("postgres", "ALTER SYSTEM SET archive_command = 'false'")
