@@ -796,31 +796,53 @@ fn decompress_plain<R: Read, W: Write>(
         tail: Vec::with_capacity(2 * TRAILER_LEN),
     };
     let mut dec = zstd::stream::read::Decoder::new(reader).context("starting zstd")?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut block = vec![0u8; READ_BLOCK];
-    loop {
-        let n = match dec.read(&mut block) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                // An encrypted chunk that failed authentication surfaces here.
-                if let Some(inner) = e.get_ref()
-                    && inner.to_string().contains(" is corrupt")
-                {
-                    return Err(corrupt(inner.to_string()));
-                }
-                return Err(corrupt(format!(
-                    "{key} is corrupt: cannot decompress it ({e})"
-                )));
+    // SHA-256 runs on a thread of its own, as in compress_into, so it never holds up zstd
+    // (and decryption) on the way to the target.
+    let (size, actual) = std::thread::scope(|scope| -> anyhow::Result<(u64, [u8; 32])> {
+        let (blocks, to_hash) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
+        let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let hasher = scope.spawn(move || {
+            let mut hasher = Sha256::new();
+            for (block, n) in to_hash {
+                hasher.update(&block[..n]);
+                let _ = recycle.try_send(block);
             }
-        };
-        hasher.update(&block[..n]);
-        size += n as u64;
-        out.write_all(&block[..n])
-            .with_context(|| format!("writing {key}"))?;
-    }
+            <[u8; 32]>::from(hasher.finalize())
+        });
+        let mut size = 0u64;
+        loop {
+            let mut block = recycled
+                .try_recv()
+                .unwrap_or_else(|_| vec![0u8; READ_BLOCK]);
+            let n = match dec.read(&mut block) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // An encrypted chunk that failed authentication surfaces here.
+                    if let Some(inner) = e.get_ref()
+                        && inner.to_string().contains(" is corrupt")
+                    {
+                        return Err(corrupt(inner.to_string()));
+                    }
+                    return Err(corrupt(format!(
+                        "{key} is corrupt: cannot decompress it ({e})"
+                    )));
+                }
+            };
+            size += n as u64;
+            out.write_all(&block[..n])
+                .with_context(|| format!("writing {key}"))?;
+            blocks
+                .send((block, n))
+                .map_err(|_| anyhow::anyhow!("the hashing thread stopped"))?;
+        }
+        drop(blocks);
+        let actual = hasher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))?;
+        Ok((size, actual))
+    })?;
     out.flush()?;
     let mut reader = dec.finish().into_inner();
     // Drain anything the decoder did not need (there should be nothing).
@@ -830,7 +852,6 @@ fn decompress_plain<R: Read, W: Write>(
             "{key} is corrupt or truncated: its checksum trailer is missing"
         )));
     };
-    let actual: [u8; 32] = hasher.finalize().into();
     if trailer.plain_size != size || trailer.sha256 != actual {
         return Err(corrupt(format!(
             "{key} is corrupt: checksum mismatch (recorded {} bytes sha256 {}, got {} bytes sha256 {})",
