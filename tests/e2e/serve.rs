@@ -19,7 +19,11 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(env: &[(String, String)]) -> Serve {
-        let port = free_port();
+        Serve::start_at(free_port(), env)
+    }
+
+    /// `start` on a port chosen beforehand (for a server whose archive_command asks it).
+    pub fn start_at(port: u16, env: &[(String, String)]) -> Serve {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .env("DBAGENT_LOG_FORMAT", "text")
