@@ -304,8 +304,9 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
 /// The longest a `/wal/segments/<name>` answer waits for a segment still being stored.
 pub const SEGMENT_WAIT_MAX: Duration = Duration::from_secs(10);
 
-/// `GET /wal/segments/<name>?system_identifier=N[&wait_ms=M]`: whether the WAL stream stored
-/// that complete segment of that cluster (200, `"stored": true`) or not (404). `wal-push`
+/// `GET /wal/segments/<name>?system_identifier=N[&wait_ms=M]`: whether the WAL stream (or the
+/// look-ahead) stored that complete segment of that cluster (200, `"stored": true`) or not
+/// (404). `wal-push`
 /// asks before it builds a repository client, and on 200 returns without reading the file.
 /// While the stream is connected on the segment's timeline the answer waits up to `wait_ms`
 /// for it (PostgreSQL's archiver usually asks while the stream is still storing it).

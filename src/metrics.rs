@@ -325,7 +325,7 @@ pub fn render(shared: &Shared) -> String {
     );
     o.counters(
         "dbagent_wal_segment_answers_total",
-        "Answers to wal-push asking whether the stream stored a segment: stored (wal-push skips it) or not_stored (it pushes as usual).",
+        "Answers to wal-push asking whether the stream or the look-ahead stored a segment: stored (wal-push skips it) or not_stored (it pushes as usual).",
         vec![
             (
                 vec![("answer", "stored".to_string())],

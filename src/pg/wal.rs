@@ -95,7 +95,7 @@ async fn stored_by_sidecar(cfg: &Config, path: &Path) -> bool {
     }
     match crate::pg::walcheck::first_page(path, &name, sysid) {
         Ok(()) => {
-            tracing::info!(segment = %name, "already stored by the streaming sidecar: not pushed again");
+            tracing::info!(segment = %name, "already stored by the sidecar: not pushed again");
             true
         }
         Err(e) => {

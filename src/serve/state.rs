@@ -106,7 +106,7 @@ pub struct Shared {
     pub stream: RwLock<Option<StreamFacts>>,
     /// Set when `serve.wal_stream` streams binlogs (MySQL/MariaDB).
     pub binlog_stream: std::sync::OnceLock<Arc<crate::mysql::stream::StreamStatus>>,
-    /// Complete segments the WAL stream stored, for `wal-push`'s fast path.
+    /// Complete segments the WAL stream or the look-ahead stored, for `wal-push`'s fast path.
     pub segments: StoredSegments,
 }
 
@@ -179,11 +179,12 @@ impl Shared {
     }
 }
 
-/// The complete WAL segments this process stored from the stream (or found stored with the
-/// very bytes it streamed), newest last and bounded. `wal-push` asks about a segment through
-/// `GET /wal/segments/<name>` and, told it is stored, skips reading and uploading it. Only
-/// what this process stored counts, never what a listing shows: the bytes came from the
-/// server whose `pg_wal` holds the file PostgreSQL asks to archive.
+/// The complete WAL segments this process stored from the stream or pushed from `pg_wal` by
+/// the look-ahead (or found stored with the very same bytes), newest last and bounded.
+/// `wal-push` asks about a segment through `GET /wal/segments/<name>` and, told it is stored,
+/// skips reading and uploading it. Only what this process stored counts, never what a listing
+/// shows: the bytes came from the server whose `pg_wal` holds the file PostgreSQL asks to
+/// archive.
 #[derive(Debug)]
 pub struct StoredSegments {
     /// (system identifier, segment name).

@@ -909,9 +909,8 @@ fn archive_command_beside_the_stream_returns_at_once_for_streamed_segments() {
     let fast: Vec<&String> = switched
         .iter()
         .filter(|seg| {
-            log.lines().any(|l| {
-                l.contains("already stored by the streaming sidecar") && l.contains(seg.as_str())
-            })
+            log.lines()
+                .any(|l| l.contains("already stored by the sidecar") && l.contains(seg.as_str()))
         })
         .collect();
     assert!(
@@ -969,7 +968,7 @@ fn archive_command_beside_the_stream_returns_at_once_for_streamed_segments() {
         "the sidecar was asked and said stored: {stderr}"
     );
     assert!(
-        !stderr.contains("already stored by the streaming sidecar"),
+        !stderr.contains("already stored by the sidecar"),
         "{stderr}"
     );
     assert_eq!(
