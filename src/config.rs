@@ -216,6 +216,11 @@ pub struct WalConfig {
     /// How long `wal-fetch` retries a repository that fails transiently before it stops
     /// recovery (exit 126) instead of answering "not archived".
     pub fetch_retry_timeout: Duration,
+    /// The streaming sidecar `wal-push` asks before it pushes (`wal.sidecar_url`): a loopback
+    /// address, or `None` when it asks nobody.
+    pub sidecar: Option<std::net::SocketAddr>,
+    /// How long the sidecar may take to answer when it is still storing the segment.
+    pub sidecar_wait: Duration,
 }
 
 /// B2's minimum part size is 5,000,000 bytes; S3's is 5 MiB. Use the larger.
@@ -352,6 +357,11 @@ impl Config {
                 prefetch: v.get("wal.prefetch")?,
                 archive_wait: v.get("wal.archive_wait")?,
                 fetch_retry_timeout: v.get("wal.fetch_retry_timeout")?,
+                sidecar: sidecar_addr(
+                    v.opt("wal.sidecar_url")?,
+                    &v.get::<String>("serve.listen")?,
+                )?,
+                sidecar_wait: v.get("wal.sidecar_wait")?,
             },
             restore: RestoreConfig {
                 promote_timeout: v.get("restore.promote_timeout")?,
@@ -435,6 +445,49 @@ fn slot_name(name: String) -> anyhow::Result<String> {
     }
 }
 
+/// Where `wal-push` finds the streaming sidecar: `wal.sidecar_url` (`off` for nowhere), by
+/// default `serve.listen` reached over loopback. Only loopback: `wal-push` acknowledges a
+/// segment on the sidecar's word, so that word must come from inside the pod.
+fn sidecar_addr(url: Option<String>, listen: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let Some(url) = url else {
+        let Ok(addr) = listen.parse::<SocketAddr>() else {
+            return Ok(None);
+        };
+        let ip = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip if ip.is_loopback() => ip,
+            _ => return Ok(None),
+        };
+        return Ok(Some(SocketAddr::new(ip, addr.port())));
+    };
+    let url = url.trim();
+    if url.is_empty() || url == "off" {
+        return Ok(None);
+    }
+    let bad = |why: &str| {
+        input_err!("wal.sidecar_url {url:?}: {why}; like http://127.0.0.1:8008, or off")
+    };
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(bad("expected an http:// URL"));
+    };
+    let hostport = rest.trim_end_matches('/');
+    let hostport = match hostport.strip_prefix("localhost:") {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => hostport.to_string(),
+    };
+    let addr: SocketAddr = hostport
+        .parse()
+        .map_err(|_| bad("expected http://<loopback address>:<port>"))?;
+    if !addr.ip().is_loopback() {
+        return Err(bad(
+            "must be a loopback address (wal-push skips storing a segment on the sidecar's word)",
+        ));
+    }
+    Ok(Some(addr))
+}
+
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -474,6 +527,55 @@ pub fn parse_size(s: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sidecar_is_serve_on_loopback_and_only_on_loopback() {
+        let addr = |url: Option<&str>, listen: &str| {
+            sidecar_addr(url.map(str::to_string), listen).map(|a| a.map(|a| a.to_string()))
+        };
+        assert_eq!(
+            addr(None, "0.0.0.0:8008").unwrap().as_deref(),
+            Some("127.0.0.1:8008")
+        );
+        assert_eq!(
+            addr(None, "[::]:9000").unwrap().as_deref(),
+            Some("[::1]:9000")
+        );
+        assert_eq!(
+            addr(None, "127.0.0.2:80").unwrap().as_deref(),
+            Some("127.0.0.2:80")
+        );
+        assert_eq!(
+            addr(None, "10.1.2.3:8008").unwrap(),
+            None,
+            "serve is not on loopback"
+        );
+        let url = |u: &str| addr(Some(u), "0.0.0.0:8008");
+        assert_eq!(
+            url("http://127.0.0.1:9999/").unwrap().as_deref(),
+            Some("127.0.0.1:9999")
+        );
+        assert_eq!(
+            url("http://localhost:9999").unwrap().as_deref(),
+            Some("127.0.0.1:9999")
+        );
+        assert_eq!(url("off").unwrap(), None);
+        for bad in [
+            "http://10.0.0.5:8008",
+            "https://127.0.0.1:8008",
+            "127.0.0.1:8008",
+            "http://sidecar:8008",
+        ] {
+            let err = url(bad).unwrap_err().to_string();
+            assert!(err.contains("wal.sidecar_url"), "{err}");
+        }
+        assert!(
+            url("http://10.0.0.5:8008")
+                .unwrap_err()
+                .to_string()
+                .contains("loopback")
+        );
+    }
 
     #[test]
     fn env_overrides_file_and_flags_override_env() {

@@ -175,6 +175,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         );
     }
     r.route("/metrics", get(metrics))
+        .route("/wal/segments/{name}", get(wal_segment))
         .route("/patroni", get(status))
         .route("/status", get(status))
         .with_state(shared)
@@ -296,6 +297,95 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::Value::Object(body).to_string(),
+    )
+        .into_response()
+}
+
+/// The longest a `/wal/segments/<name>` answer waits for a segment still being stored.
+pub const SEGMENT_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// `GET /wal/segments/<name>?system_identifier=N[&wait_ms=M]`: whether the WAL stream (or the
+/// look-ahead) stored that complete segment of that cluster (200, `"stored": true`) or not
+/// (404). `wal-push`
+/// asks before it builds a repository client, and on 200 returns without reading the file.
+/// While the stream is connected on the segment's timeline the answer waits up to `wait_ms`
+/// for it (PostgreSQL's archiver usually asks while the stream is still storing it).
+/// Read-only; it says nothing but the segment's name and cluster back.
+async fn wal_segment(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    use serde_json::json;
+    shared
+        .counters
+        .http_requests
+        .fetch_add(1, Ordering::Relaxed);
+    let mut sysid: Option<u64> = None;
+    let mut wait = Duration::ZERO;
+    for pair in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "system_identifier" => sysid = v.parse().ok(),
+            "wait_ms" => match v.parse::<u64>() {
+                Ok(ms) => wait = Duration::from_millis(ms).min(SEGMENT_WAIT_MAX),
+                Err(_) => {
+                    return (StatusCode::BAD_REQUEST, "wait_ms: expected milliseconds\n")
+                        .into_response();
+                }
+            },
+            _ => {}
+        }
+    }
+    let Some(sysid) = sysid else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "system_identifier: expected the cluster's system identifier\n",
+        )
+            .into_response();
+    };
+    let is_segment = name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit());
+    if !is_segment {
+        return (
+            StatusCode::BAD_REQUEST,
+            "expected a WAL segment name (24 hexadecimal digits)\n",
+        )
+            .into_response();
+    }
+    let tli = u32::from_str_radix(&name[..8], 16).unwrap_or(0);
+    let streaming_it = shared
+        .stream
+        .read()
+        .unwrap()
+        .as_ref()
+        .is_some_and(|f| f.connected && f.timeline == Some(tli));
+    let stored = if streaming_it {
+        shared.segments.wait_for(sysid, &name, wait).await
+    } else {
+        shared.segments.contains(sysid, &name)
+    };
+    let (code, counter) = match stored {
+        true => (StatusCode::OK, &shared.counters.segment_answers_stored),
+        false => (
+            StatusCode::NOT_FOUND,
+            &shared.counters.segment_answers_not_stored,
+        ),
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let body = json!({
+        "segment": name,
+        "system_identifier": sysid.to_string(),
+        "stored": stored,
+    });
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
     )
         .into_response()
 }
@@ -423,6 +513,64 @@ mod tests {
             .unwrap();
         assert_eq!(role.value, prometheus_parse::Value::Gauge(1.0));
         assert!(scrape.samples.iter().any(|s| s.metric == "dbagent_up"));
+    }
+
+    #[tokio::test]
+    async fn wal_segments_answers_only_for_what_the_stream_stored() {
+        let shared = shared_with(Snapshot::default());
+        let seg = "000000010000000000000002";
+        let path = |sysid: u64, wait: u64| {
+            format!("/wal/segments/{seg}?system_identifier={sysid}&wait_ms={wait}")
+        };
+        assert_eq!(
+            call(&shared, "GET", &path(7, 0)).await.0,
+            StatusCode::NOT_FOUND
+        );
+        shared.segments.add(7, seg);
+        let (code, body) = call(&shared, "GET", &path(7, 0)).await;
+        assert_eq!(code, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["stored"], true);
+        assert_eq!(json["system_identifier"], "7");
+        assert_eq!(json["segment"], seg);
+        // Another cluster's segment of that name is not this one.
+        assert_eq!(
+            call(&shared, "GET", &path(8, 0)).await.0,
+            StatusCode::NOT_FOUND
+        );
+        for bad in [
+            format!("/wal/segments/{seg}"),
+            "/wal/segments/000000010000000000000002.partial?system_identifier=7".to_string(),
+            format!("/wal/segments/{seg}?system_identifier=7&wait_ms=soon"),
+        ] {
+            assert_eq!(
+                call(&shared, "GET", &bad).await.0,
+                StatusCode::BAD_REQUEST,
+                "{bad}"
+            );
+        }
+        // While the stream is connected on the segment's timeline, the answer waits for it.
+        shared.stream_update(|f| {
+            f.connected = true;
+            f.timeline = Some(1);
+        });
+        let next = "000000010000000000000003";
+        let adder = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            adder.segments.add(7, next);
+        });
+        let waited = format!("/wal/segments/{next}?system_identifier=7&wait_ms=10000");
+        assert_eq!(call(&shared, "GET", &waited).await.0, StatusCode::OK);
+        let (_, metrics) = call(&shared, "GET", "/metrics").await;
+        assert!(
+            metrics.contains("dbagent_wal_segment_answers_total{answer=\"stored\"} 2"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("dbagent_wal_segment_answers_total{answer=\"not_stored\"} 2"),
+            "{metrics}"
+        );
     }
 
     /// A server on a free loopback port, stopped when the token is dropped... or cancelled.

@@ -323,6 +323,20 @@ pub fn render(shared: &Shared) -> String {
         "Look-ahead WAL pushes that failed.",
         load(&c.lookahead_failures),
     );
+    o.counters(
+        "dbagent_wal_segment_answers_total",
+        "Answers to wal-push asking whether the stream or the look-ahead stored a segment: stored (wal-push skips it) or not_stored (it pushes as usual).",
+        vec![
+            (
+                vec![("answer", "stored".to_string())],
+                load(&c.segment_answers_stored),
+            ),
+            (
+                vec![("answer", "not_stored".to_string())],
+                load(&c.segment_answers_not_stored),
+            ),
+        ],
+    );
     if let Some(st) = shared.stream.read().unwrap().clone() {
         o.gauge(
             "dbagent_wal_stream_up",

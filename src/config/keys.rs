@@ -157,6 +157,8 @@ pub const KEYS: &[Key] = &[
     int("wal.prefetch", 0, NO_MAX).or("8"),
     duration("wal.archive_wait", "5m"),
     duration("wal.fetch_retry_timeout", "1m"),
+    text("wal.sidecar_url"),
+    duration("wal.sidecar_wait", "1s"),
     duration("restore.promote_timeout", "24h"),
     text("mysql.url"),
     secret("mysql.password_file", "DBAGENT_MYSQL_PASSWORD"),

@@ -13,4 +13,5 @@ pub mod tls;
 pub mod wal;
 pub mod walcheck;
 pub mod walscan;
+pub mod walsidecar;
 pub mod walstream;

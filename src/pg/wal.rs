@@ -55,6 +55,9 @@ pub async fn push(cfg: &Config, store: &dyn Store, path: &Path) -> anyhow::Resul
 /// credentials) is built while the segment compresses. Store errors (a bad repository URL,
 /// missing credentials) still come first.
 pub async fn push_opening(cfg: &Config, path: &Path) -> anyhow::Result<Pushed> {
+    if stored_by_sidecar(cfg, path).await {
+        return Ok(Pushed::AlreadyArchived);
+    }
     let opening = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || storage::open(&cfg))
@@ -62,6 +65,44 @@ pub async fn push_opening(cfg: &Config, path: &Path) -> anyhow::Result<Pushed> {
     let pending = Pending::start(cfg, path);
     let store = opening.await.context("opening the repository")??;
     pending?.finish(store.as_ref()).await
+}
+
+/// The fast path (see `walsidecar`): the streaming sidecar stored this segment and the file's
+/// first page header says it is that segment of this cluster. Anything else, including any
+/// error, is `false` and the segment is pushed as usual, which reports what is wrong.
+async fn stored_by_sidecar(cfg: &Config, path: &Path) -> bool {
+    let Some(addr) = cfg.wal.sidecar else {
+        return false;
+    };
+    let Ok(name) = file_name(path) else {
+        return false;
+    };
+    if !matches!(WalFile::classify(&name), Some(WalFile::Segment(_))) {
+        return false;
+    }
+    let sysid = match cfg.pg.system_identifier {
+        Some(id) => id,
+        None => {
+            let data_dir = crate::pg::control::data_dir_for(path, cfg.pg.data_dir.as_deref());
+            match crate::pg::control::system_identifier(&data_dir) {
+                Ok(id) => id,
+                Err(_) => return false,
+            }
+        }
+    };
+    if !crate::pg::walsidecar::stored(addr, sysid, &name, cfg.wal.sidecar_wait).await {
+        return false;
+    }
+    match crate::pg::walcheck::first_page(path, &name, sysid) {
+        Ok(()) => {
+            tracing::info!(segment = %name, "already stored by the sidecar: not pushed again");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(segment = %name, error = %format!("{e:#}"), "the streaming sidecar stored this segment, but this file's first page is not that segment: pushing it the usual way");
+            false
+        }
+    }
 }
 
 /// A push whose compression may have started before the store was consulted.

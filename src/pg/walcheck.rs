@@ -217,6 +217,29 @@ impl WalCheck {
     }
 }
 
+/// `wal-push`'s fast path: the first page's long header names segment `name` of cluster
+/// `sysid` (magic, timeline, page address, system identifier, sizes) and the file is as long
+/// as that header says a segment is. Reads 40 bytes, not the file: enough to tell a recycled
+/// file or another cluster's segment from the one the streaming sidecar stored.
+pub fn first_page(path: &std::path::Path, name: &str, sysid: u64) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut header = [0u8; LONG_HEADER];
+    file.read_exact(&mut header)?;
+    let len = file.metadata()?.len();
+    let mut check = WalCheck::new(name, sysid);
+    check.feed(&header);
+    if let Some(why) = &check.problem {
+        anyhow::bail!("{why}");
+    }
+    anyhow::ensure!(
+        check.page_size != 0 && len == check.seg_size,
+        "it is {len} bytes long; its header says segments are {} bytes",
+        check.seg_size
+    );
+    Ok(())
+}
+
 impl crate::pipeline::Watch for WalCheck {
     fn watch(&mut self, buf: &[u8]) {
         self.feed(buf);
@@ -286,6 +309,26 @@ mod tests {
             branched[page * 8192 + 4..page * 8192 + 8].copy_from_slice(&1u32.to_le_bytes());
         }
         check(NAME, &branched, 4096).unwrap();
+    }
+
+    #[test]
+    fn the_first_page_check_reads_the_header_and_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |bytes: &[u8]| {
+            let path = dir.path().join(NAME);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let good = synthetic_segment(NAME, SYSID, SEG, 1);
+        first_page(&write(&good), NAME, SYSID).unwrap();
+        let recycled = synthetic_segment("000000020000000000000001", SYSID, SEG, 1);
+        let err = first_page(&write(&recycled), NAME, SYSID).unwrap_err();
+        assert!(err.to_string().contains("recycled"), "{err}");
+        let err = first_page(&write(&good), NAME, 42).unwrap_err();
+        assert!(err.to_string().contains("system identifier"), "{err}");
+        let err = first_page(&write(&good[..SEG / 2]), NAME, SYSID).unwrap_err();
+        assert!(err.to_string().contains("bytes long"), "{err}");
+        assert!(first_page(&write(&good[..20]), NAME, SYSID).is_err());
     }
 
     #[test]

@@ -420,6 +420,8 @@ impl Streamer {
             .await
             .with_context(|| format!("storing streamed segment {name}"))?;
         self.pending_since = None;
+        // wal-push of this segment (archive_command) may now return without reading it.
+        self.shared.segments.add(sysid, &name);
         tracing::debug!(segment = %name, "stored a streamed segment");
         self.cursor = Some(Cursor::empty(Segment {
             tli: c.seg.tli,

@@ -283,6 +283,12 @@ async fn lookahead(
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let parallel = cfg.serve.wal_lookahead_parallel;
+    // What it pushed (or found stored with the same bytes) is what PostgreSQL will ask
+    // wal-push to archive next: recorded so that wal-push returns at once.
+    let sysid = match cfg.pg.system_identifier {
+        Some(id) => Some(id),
+        None => crate::pg::control::system_identifier(&data_dir).ok(),
+    };
     let mut done: HashSet<String> = HashSet::new();
     let mut last_error: Option<String> = None;
     loop {
@@ -314,6 +320,13 @@ async fn lookahead(
             match res {
                 Ok(_) => {
                     Counters::add(&shared.counters.lookahead_pushed, 1);
+                    let segment = matches!(
+                        crate::repo::wal::WalFile::classify(&name),
+                        Some(crate::repo::wal::WalFile::Segment(_))
+                    );
+                    if let (Some(sysid), true) = (sysid, segment) {
+                        shared.segments.add(sysid, &name);
+                    }
                     done.insert(name);
                 }
                 Err(e) => {

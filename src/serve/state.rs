@@ -82,6 +82,9 @@ pub struct Counters {
     pub binlog_pushed: AtomicU64,
     pub binlog_failures: AtomicU64,
     pub http_requests: AtomicU64,
+    /// `GET /wal/segments/<name>` answers: stored (wal-push may skip the segment), or not.
+    pub segment_answers_stored: AtomicU64,
+    pub segment_answers_not_stored: AtomicU64,
 }
 
 impl Counters {
@@ -103,6 +106,8 @@ pub struct Shared {
     pub stream: RwLock<Option<StreamFacts>>,
     /// Set when `serve.wal_stream` streams binlogs (MySQL/MariaDB).
     pub binlog_stream: std::sync::OnceLock<Arc<crate::mysql::stream::StreamStatus>>,
+    /// Complete segments the WAL stream or the look-ahead stored, for `wal-push`'s fast path.
+    pub segments: StoredSegments,
 }
 
 impl Shared {
@@ -119,6 +124,7 @@ impl Shared {
             counters: Counters::default(),
             stream: RwLock::new(None),
             binlog_stream: std::sync::OnceLock::new(),
+            segments: StoredSegments::default(),
         })
     }
 
@@ -170,5 +176,106 @@ impl Shared {
     pub fn job_update(&self, name: &str, f: impl FnOnce(&mut JobStats)) {
         let mut jobs = self.jobs.lock().unwrap();
         f(jobs.entry(name.to_string()).or_default());
+    }
+}
+
+/// The complete WAL segments this process stored from the stream or pushed from `pg_wal` by
+/// the look-ahead (or found stored with the very same bytes), newest last and bounded.
+/// `wal-push` asks about a segment through `GET /wal/segments/<name>` and, told it is stored,
+/// skips reading and uploading it. Only what this process stored counts, never what a listing
+/// shows: the bytes came from the server whose `pg_wal` holds the file PostgreSQL asks to
+/// archive.
+#[derive(Debug)]
+pub struct StoredSegments {
+    /// (system identifier, segment name).
+    stored: Mutex<std::collections::VecDeque<(u64, String)>>,
+    /// Bumped on every addition, for answers that wait for a segment still being stored.
+    added: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for StoredSegments {
+    fn default() -> StoredSegments {
+        StoredSegments {
+            stored: Mutex::new(std::collections::VecDeque::new()),
+            added: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl StoredSegments {
+    /// How many segments are remembered: far more than PostgreSQL's archiver ever lags.
+    pub const KEEP: usize = 4096;
+
+    pub fn add(&self, sysid: u64, name: &str) {
+        let mut stored = self.stored.lock().unwrap();
+        if stored.iter().any(|(s, n)| *s == sysid && n == name) {
+            return;
+        }
+        if stored.len() >= Self::KEEP {
+            stored.pop_front();
+        }
+        stored.push_back((sysid, name.to_string()));
+        drop(stored);
+        self.added.send_modify(|n| *n += 1);
+    }
+
+    pub fn contains(&self, sysid: u64, name: &str) -> bool {
+        self.stored
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(s, n)| *s == sysid && n == name)
+    }
+
+    /// Whether the segment is stored, waiting up to `wait` for it to be.
+    pub async fn wait_for(&self, sysid: u64, name: &str, wait: Duration) -> bool {
+        let mut added = self.added.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.contains(sysid, name) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, added.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return self.contains(sysid, name),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stored_segments_are_bounded_and_awaitable() {
+        let s = StoredSegments::default();
+        s.add(7, "000000010000000000000001");
+        assert!(s.contains(7, "000000010000000000000001"));
+        assert!(
+            !s.contains(8, "000000010000000000000001"),
+            "another cluster's"
+        );
+        assert!(
+            !s.wait_for(7, "000000010000000000000002", Duration::ZERO)
+                .await
+        );
+        let s = Arc::new(s);
+        let adder = s.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            adder.add(7, "000000010000000000000002");
+        });
+        assert!(
+            s.wait_for(7, "000000010000000000000002", Duration::from_secs(10))
+                .await
+        );
+        for i in 0..StoredSegments::KEEP {
+            s.add(7, &format!("{i:024X}"));
+        }
+        assert!(
+            !s.contains(7, "000000010000000000000001"),
+            "the oldest is forgotten"
+        );
     }
 }

@@ -19,7 +19,11 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(env: &[(String, String)]) -> Serve {
-        let port = free_port();
+        Serve::start_at(free_port(), env)
+    }
+
+    /// `start` on a port chosen beforehand (for a server whose archive_command asks it).
+    pub fn start_at(port: u16, env: &[(String, String)]) -> Serve {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .env("DBAGENT_LOG_FORMAT", "text")
@@ -372,9 +376,17 @@ fn a_stopped_database_turns_health_503_but_not_liveness() {
 #[test]
 fn lookahead_ships_ready_wal_before_the_archiver() {
     let repo = Repo::file();
-    // The archiver waits 3 s per segment, so the sidecar gets there first.
+    let port = free_port();
+    // The archiver waits 3 s per segment, so the sidecar gets there first; wal-push then
+    // asks it and returns without pushing again.
     let mut b = dbagent_testcontainers::PostgresBuilder::new()
-        .archive_command(&format!("sleep 3 && {BIN} wal-push %p"));
+        .archive_command(&format!("sleep 3 && {BIN} wal-push %p"))
+        .env(
+            "DBAGENT_WAL_SIDECAR_URL",
+            &format!("http://127.0.0.1:{port}"),
+        )
+        .env("DBAGENT_LOG", "info")
+        .env("DBAGENT_LOG_FORMAT", "text");
     for (k, v) in repo.env() {
         b = b.env(&k, &v);
     }
@@ -382,7 +394,7 @@ fn lookahead_ships_ready_wal_before_the_archiver() {
     // PGDATA too: the sidecar shares the data directory and watches archive_status.
     let mut env = pg.env();
     env.extend(repo.env());
-    let serve = Serve::start(&env);
+    let serve = Serve::start_at(port, &env);
     for i in 0..3 {
         pg.psql("postgres", &format!("CREATE TABLE t{i} AS SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal()"))
             .unwrap();
@@ -419,6 +431,21 @@ fn lookahead_ships_ready_wal_before_the_archiver() {
     assert_eq!(
         serve.metric("dbagent_wal_lookahead_failures_total"),
         Some(0.0)
+    );
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    let fast = log
+        .lines()
+        .filter(|l| l.contains("already stored by the sidecar"))
+        .count();
+    assert!(
+        fast >= 3,
+        "archive_command took the fast path {fast} times:\n{log}"
+    );
+    assert!(
+        serve
+            .metric_where("dbagent_wal_segment_answers_total", "answer", "stored")
+            .unwrap()
+            >= 3.0
     );
 }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use dbagent_testcontainers::{
-    Fault, FaultProxy, Postgres, PostgresBuilder, Rule, pg_bin, pg_owned_tempdir,
+    Fault, FaultProxy, Postgres, PostgresBuilder, Rule, free_port, pg_bin, pg_owned_tempdir,
 };
 
 use crate::serve::{Serve, pg_env};
@@ -15,6 +15,10 @@ use crate::support::*;
 
 /// `serve` streaming into `repo` from `pg`.
 fn streaming_serve(repo: &Repo, pg: &Postgres, extra: &[(&str, &str)]) -> Serve {
+    streaming_serve_at(free_port(), repo, pg, extra)
+}
+
+fn streaming_serve_at(port: u16, repo: &Repo, pg: &Postgres, extra: &[(&str, &str)]) -> Serve {
     let mut env = pg_env(pg);
     env.extend(repo.env());
     for (k, v) in [
@@ -27,7 +31,7 @@ fn streaming_serve(repo: &Repo, pg: &Postgres, extra: &[(&str, &str)]) -> Serve 
     {
         env.push((k.to_string(), v.to_string()));
     }
-    Serve::start(&env)
+    Serve::start_at(port, &env)
 }
 
 fn stored_lsn(s: &Serve) -> u64 {
@@ -844,4 +848,136 @@ fn an_invalidated_slot_is_a_loud_gap_with_the_fix_named() {
     serve.wait_for("streaming again", Duration::from_secs(40), |s| {
         stored_lsn(s) >= lsn
     });
+}
+
+/// `archive_command = 'dbagent wal-push %p'` beside a streaming sidecar: every segment the
+/// stream stored is acknowledged without being read or uploaded again (the fast path, seen in
+/// PostgreSQL's log and the sidecar's answer counter), the archive holds every segment with
+/// the server's bytes, and a wrong file under a streamed name is not acknowledged: it takes
+/// the usual path and is refused with exit 2.
+#[test]
+fn archive_command_beside_the_stream_returns_at_once_for_streamed_segments() {
+    let repo = Repo::s3("stream-fastpush");
+    let port = free_port();
+    let sidecar = format!("http://127.0.0.1:{port}");
+    let mut b = PostgresBuilder::new()
+        .archive_command(&format!("{BIN} wal-push %p"))
+        .setting("archive_timeout", "0")
+        .env("DBAGENT_WAL_SIDECAR_URL", &sidecar)
+        .env("DBAGENT_LOG", "info")
+        .env("DBAGENT_LOG_FORMAT", "text");
+    for (k, v) in repo.env() {
+        b = b.env(&k, &v);
+    }
+    let pg = b.start().unwrap();
+    pg.psql("postgres", "CREATE TABLE t (id int, v text)")
+        .unwrap();
+    // No sidecar yet: archive_command pushes as it always did.
+    let first = pg
+        .psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
+        .unwrap();
+    wait_archived(&pg, &first);
+
+    let serve = streaming_serve_at(port, &repo, &pg, &[]);
+    serve.wait_for("the stream to store WAL", Duration::from_secs(20), |s| {
+        stored_lsn(s) > 0
+    });
+    let mut switched = Vec::new();
+    for round in 0..4 {
+        pg.psql(
+            "postgres",
+            &format!(
+                "INSERT INTO t SELECT g, md5(g::text) FROM generate_series({}, {}) g",
+                round * 20000,
+                round * 20000 + 19999
+            ),
+        )
+        .unwrap();
+        let seg = pg
+            .psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
+            .unwrap();
+        wait_archived(&pg, &seg);
+        switched.push(seg);
+    }
+    let failed = pg
+        .psql("postgres", "SELECT failed_count FROM pg_stat_archiver")
+        .unwrap();
+    assert_eq!(failed, "0", "archive_command never failed");
+
+    // The fast path was taken for the segments the stream stored.
+    let log = std::fs::read_to_string(pg.log_path()).unwrap();
+    let fast: Vec<&String> = switched
+        .iter()
+        .filter(|seg| {
+            log.lines()
+                .any(|l| l.contains("already stored by the sidecar") && l.contains(seg.as_str()))
+        })
+        .collect();
+    assert!(
+        fast.len() >= 3,
+        "archive_command took the fast path for {fast:?} of {switched:?}; log:\n{log}"
+    );
+    let stored_answers = serve
+        .metric_where("dbagent_wal_segment_answers_total", "answer", "stored")
+        .unwrap();
+    assert!(stored_answers >= fast.len() as f64, "{stored_answers}");
+
+    // The archive chain is complete, every segment with the server's bytes.
+    let from = u64::from_str_radix(&first[8..], 16).unwrap();
+    let to = u64::from_str_radix(&switched.last().unwrap()[8..], 16).unwrap();
+    for n in from..=to {
+        let seg = format!("{}{n:016X}", &first[..8]);
+        let on_server = std::fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap();
+        assert!(
+            fetch(&repo, &pg, &seg) == on_server,
+            "the archived {seg} differs from pg_wal/{seg}"
+        );
+    }
+
+    // A recycled file (another segment's bytes) under a streamed name: the sidecar says the
+    // name is stored, the first page says the file is not that segment, so wal-push takes the
+    // usual path, which refuses it.
+    let name = fast[0].clone();
+    let other = switched.iter().find(|s| **s != name).unwrap();
+    let dir = pg_owned_tempdir().unwrap();
+    let wal_dir = dir.path().join("pg_wal");
+    std::fs::create_dir(&wal_dir).unwrap();
+    let wrong = wal_dir.join(&name);
+    std::fs::copy(pg.data_dir().join("pg_wal").join(other), &wrong).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let sysid = pg
+        .psql(
+            "postgres",
+            "SELECT system_identifier FROM pg_control_system()",
+        )
+        .unwrap();
+    let out = dbagent_cmd(&repo, Some(&pg), &["wal-push", wrong.to_str().unwrap()])
+        .env("DBAGENT_WAL_SIDECAR_URL", &sidecar)
+        .env("DBAGENT_PG_SYSTEM_IDENTIFIER", &sysid)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("refusing to overwrite") || stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("is not that segment"),
+        "the sidecar was asked and said stored: {stderr}"
+    );
+    assert!(
+        !stderr.contains("already stored by the sidecar"),
+        "{stderr}"
+    );
+    assert_eq!(
+        serve.metric_where("dbagent_wal_segment_answers_total", "answer", "stored"),
+        Some(stored_answers + 1.0)
+    );
+    let on_server = std::fs::read(pg.data_dir().join("pg_wal").join(&name)).unwrap();
+    assert!(
+        fetch(&repo, &pg, &name) == on_server,
+        "the stored {name} is untouched"
+    );
 }
