@@ -307,7 +307,7 @@ fn a_lost_node_is_restored_to_within_a_second() {
 /// The recovery point, measured: `DBAGENT_RPO_RUNS` node losses (default 5) with streaming
 /// and without. `cargo test --test e2e -- stream::recovery_point_figures --ignored --nocapture`
 #[test]
-#[ignore]
+#[ignore = "a measurement for bench/results (minutes of load), not a check; the checks run in the node-loss and restart tests"]
 fn recovery_point_figures() {
     let runs: usize = std::env::var("DBAGENT_RPO_RUNS")
         .ok()
@@ -591,7 +591,7 @@ fn a_promotion_is_followed_onto_the_new_timeline() {
 /// keeps up (the slot's retained bytes stay bounded).
 /// `cargo test --test e2e -- stream::sidecar_under_pgbench --ignored --nocapture`
 #[test]
-#[ignore]
+#[ignore = "a measurement for bench/results (minutes of load), not a check; the checks run in the node-loss and restart tests"]
 fn sidecar_under_pgbench() {
     let secs: u64 = std::env::var("DBAGENT_PGBENCH_SECONDS")
         .ok()
