@@ -324,6 +324,58 @@ impl Write for PartWriter {
     }
 }
 
+/// SHA-256 on a thread of its own, fed the blocks the caller has finished with, so hashing
+/// never holds up zstd (or decryption, or the writes). Blocks keep their full length (a pipe
+/// fills 64 KiB of a 1 MiB block); the count of bytes read travels with them, and hashed
+/// blocks come back for reuse.
+struct HashThread<'scope> {
+    blocks: std::sync::mpsc::SyncSender<(Vec<u8>, usize)>,
+    recycled: std::sync::mpsc::Receiver<Vec<u8>>,
+    handle: std::thread::ScopedJoinHandle<'scope, [u8; 32]>,
+}
+
+impl<'scope> HashThread<'scope> {
+    fn spawn<'env>(scope: &'scope std::thread::Scope<'scope, 'env>) -> Self {
+        let (blocks, to_hash) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
+        let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let handle = scope.spawn(move || {
+            let mut hasher = Sha256::new();
+            for (block, n) in to_hash {
+                hasher.update(&block[..n]);
+                let _ = recycle.try_send(block);
+            }
+            <[u8; 32]>::from(hasher.finalize())
+        });
+        HashThread {
+            blocks,
+            recycled,
+            handle,
+        }
+    }
+
+    /// A block to read into: a hashed one back, or a new one.
+    fn block(&self) -> Vec<u8> {
+        self.recycled
+            .try_recv()
+            .unwrap_or_else(|_| vec![0u8; READ_BLOCK])
+    }
+
+    /// Hands over the first `n` bytes of `block`, in order.
+    fn hash(&self, block: Vec<u8>, n: usize) -> anyhow::Result<()> {
+        self.blocks
+            .send((block, n))
+            .map_err(|_| anyhow::anyhow!("the hashing thread stopped"))
+    }
+
+    /// The SHA-256 of everything handed over.
+    fn finish(self) -> anyhow::Result<[u8; 32]> {
+        drop(self.blocks);
+        self.handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))
+    }
+}
+
 /// Reads `reader` to its end, compressing into `out` and hashing on a thread of its own (so
 /// SHA-256 never holds up zstd), then appends the trailer. Once `abandon` is set the output is
 /// dropped and the rest is only hashed: the result has no writer, but its trailer still
@@ -348,23 +400,10 @@ fn compress_into<W: Write>(
     }
     let mut enc = Some(enc);
     std::thread::scope(|scope| {
-        // Blocks keep their full length (a pipe fills 64 KiB of a 1 MiB block); the count of
-        // bytes read travels with them.
-        let (blocks, to_hash) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
-        let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let hasher = scope.spawn(move || {
-            let mut hasher = Sha256::new();
-            for (block, n) in to_hash {
-                hasher.update(&block[..n]);
-                let _ = recycle.try_send(block);
-            }
-            <[u8; 32]>::from(hasher.finalize())
-        });
+        let hasher = HashThread::spawn(scope);
         let mut size = 0u64;
         loop {
-            let mut block = recycled
-                .try_recv()
-                .unwrap_or_else(|_| vec![0u8; READ_BLOCK]);
+            let mut block = hasher.block();
             let n = match reader.read(&mut block) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -378,14 +417,9 @@ fn compress_into<W: Write>(
             if let Some(enc) = enc.as_mut() {
                 enc.write_all(&block[..n]).context("compressing")?;
             }
-            blocks
-                .send((block, n))
-                .map_err(|_| anyhow::anyhow!("the hashing thread stopped"))?;
+            hasher.hash(block, n)?;
         }
-        drop(blocks);
-        let sha256 = hasher
-            .join()
-            .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))?;
+        let sha256 = hasher.finish()?;
         let trailer = Trailer {
             plain_size: size,
             sha256,
@@ -799,21 +833,10 @@ fn decompress_plain<R: Read, W: Write>(
     // SHA-256 runs on a thread of its own, as in compress_into, so it never holds up zstd
     // (and decryption) on the way to the target.
     let (size, actual) = std::thread::scope(|scope| -> anyhow::Result<(u64, [u8; 32])> {
-        let (blocks, to_hash) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
-        let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let hasher = scope.spawn(move || {
-            let mut hasher = Sha256::new();
-            for (block, n) in to_hash {
-                hasher.update(&block[..n]);
-                let _ = recycle.try_send(block);
-            }
-            <[u8; 32]>::from(hasher.finalize())
-        });
+        let hasher = HashThread::spawn(scope);
         let mut size = 0u64;
         loop {
-            let mut block = recycled
-                .try_recv()
-                .unwrap_or_else(|_| vec![0u8; READ_BLOCK]);
+            let mut block = hasher.block();
             let n = match dec.read(&mut block) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -833,15 +856,9 @@ fn decompress_plain<R: Read, W: Write>(
             size += n as u64;
             out.write_all(&block[..n])
                 .with_context(|| format!("writing {key}"))?;
-            blocks
-                .send((block, n))
-                .map_err(|_| anyhow::anyhow!("the hashing thread stopped"))?;
+            hasher.hash(block, n)?;
         }
-        drop(blocks);
-        let actual = hasher
-            .join()
-            .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))?;
-        Ok((size, actual))
+        Ok((size, hasher.finish()?))
     })?;
     out.flush()?;
     let mut reader = dec.finish().into_inner();
