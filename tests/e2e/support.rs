@@ -57,13 +57,26 @@ impl Repo {
     }
 }
 
+/// The repository may be live (an upload renaming its temp file, PostgreSQL archiving): an
+/// entry that vanishes between the listing and its size is simply not there any more.
 fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, u64>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => panic!("reading {}: {e}", dir.display()),
+    };
+    for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
             walk(&p, out);
         } else {
-            out.insert(p.clone(), e.metadata().unwrap().len());
+            match e.metadata() {
+                Ok(m) => {
+                    out.insert(p.clone(), m.len());
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => panic!("reading {}: {err}", p.display()),
+            }
         }
     }
 }
