@@ -59,6 +59,12 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
         Some(_) => Some(crate::storage::open(&cfg)?),
         None => None,
     };
+    // Refused before anything starts, so the refusal is the only line printed.
+    if cfg.serve.wal_stream && store.is_none() {
+        return Err(input_err!(
+            "serve.wal_stream needs a repository: set DBAGENT_REPO"
+        ));
+    }
     let mut tasks = Tasks::new();
 
     let router = crate::http::router(shared.clone());
@@ -96,12 +102,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                     ),
                 );
             }
-            if cfg.serve.wal_stream {
-                let Some(store) = &store else {
-                    return Err(input_err!(
-                        "serve.wal_stream needs a repository: set DBAGENT_REPO"
-                    ));
-                };
+            if let (true, Some(store)) = (cfg.serve.wal_stream, &store) {
                 let settings = crate::pg::walstream::Settings {
                     conn: conn.clone(),
                     slot: cfg.serve.wal_stream_slot.clone(),
@@ -142,11 +143,6 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
                 crate::health::mysql::Probe::new(server.clone()),
                 crate::heartbeat::MysqlWriter::new(server),
             );
-            if cfg.serve.wal_stream && store.is_none() {
-                return Err(input_err!(
-                    "serve.wal_stream needs a repository: set DBAGENT_REPO"
-                ));
-            }
             if let Some(store) = &store {
                 spawn(
                     &mut tasks,
