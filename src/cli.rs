@@ -80,6 +80,13 @@ pub enum Command {
         engine: Engine,
         #[arg(long, value_enum, default_value = "base")]
         kind: Kind,
+        /// A full base backup, whatever backup.full_every says.
+        #[arg(long, conflicts_with = "incremental")]
+        full: bool,
+        /// Store only what changed since the newest base backup of this cluster and timeline
+        /// (a full backup when there is none). Needs a file-level backup (pg.data_dir).
+        #[arg(long)]
+        incremental: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -195,6 +202,11 @@ pub struct RestoreArgs {
     /// into the repository. Without it, it archives nothing (archive_mode = off).
     #[arg(long)]
     as_primary: bool,
+    /// Restore into an existing data directory of the same cluster (stopped), writing only
+    /// the files and blocks that differ from the backup: a fast re-seed of a replica or a
+    /// repeated drill. Needs a file-level backup.
+    #[arg(long)]
+    delta: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -312,7 +324,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::WalPrefetch { dir, names } => {
             crate::pg::wal::prefetch(&cfg, store()?, &dir, &names).await
         }
-        Command::Backup { engine, kind, json } => match (engine, kind) {
+        Command::Backup {
+            engine,
+            kind,
+            full,
+            incremental,
+            json,
+        } => match (engine, kind) {
             (Engine::Mysql, _) => emit(
                 &crate::mysql::backup_dump(&cfg, writer().await?).await?,
                 json,
@@ -322,7 +340,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 json,
             ),
             (Engine::Postgres, Kind::Base) => emit(
-                &crate::pg::backup::base_backup(&cfg, writer().await?).await?,
+                &crate::pg::backup::base_backup(
+                    &cfg,
+                    writer().await?,
+                    crate::pg::backup::Wanted::from_flags(full, incremental),
+                )
+                .await?,
                 json,
             ),
         },
@@ -401,10 +424,10 @@ fn drill_target(at: Option<String>, random: bool) -> anyhow::Result<crate::drill
 /// `dbagent restore`: which of the three restores the flags ask for.
 async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
     if (args.engine == Engine::Mysql || args.dump.is_some())
-        && (args.timeline.is_some() || args.as_primary)
+        && (args.timeline.is_some() || args.as_primary || args.delta)
     {
         return Err(input_err!(
-            "--timeline and --as-primary are for PostgreSQL restores from a base backup (--target-dir)"
+            "--timeline, --as-primary and --delta are for PostgreSQL restores from a base backup (--target-dir)"
         ));
     }
     let target = match (args.at, args.latest) {
@@ -459,6 +482,7 @@ async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
                 port: args.port,
                 timeline: args.timeline,
                 as_primary: args.as_primary,
+                delta: args.delta,
             };
             emit(&crate::restore::restore_pg(cfg, store, &opts).await?, json)
         }

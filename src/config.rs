@@ -44,6 +44,7 @@ pub struct Config {
     pub s3: S3Config,
     pub compression: Compression,
     pub upload: UploadConfig,
+    pub backup: BackupConfig,
     pub pg: PgConfig,
     pub wal: WalConfig,
     pub restore: RestoreConfig,
@@ -88,6 +89,27 @@ pub struct Compression {
 pub struct UploadConfig {
     pub part_size: usize,
     pub concurrency: usize,
+}
+
+/// How PostgreSQL base backups are taken.
+#[derive(Debug, Clone, Default)]
+pub struct BackupConfig {
+    /// `auto` (files when `pg.data_dir` is set, else stream), `files`, `stream`.
+    pub method: String,
+    /// Worker threads of a file-level backup or restore; 0 means one per core.
+    pub parallel: usize,
+    /// `backup` without `--full`/`--incremental` takes an incremental unless the newest full
+    /// backup is older than this (unset: always a full).
+    pub full_every: Option<Duration>,
+}
+
+impl BackupConfig {
+    pub fn workers(&self) -> usize {
+        match self.parallel {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -336,6 +358,11 @@ impl Config {
             upload: UploadConfig {
                 part_size: v.get("upload.part_size")?,
                 concurrency: v.get::<usize>("upload.concurrency")?.max(1),
+            },
+            backup: BackupConfig {
+                method: v.get("backup.method")?,
+                parallel: v.get("backup.parallel")?,
+                full_every: v.opt("backup.full_every")?,
             },
             pg: PgConfig {
                 data_dir: v.opt("pg.data_dir")?,

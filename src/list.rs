@@ -121,6 +121,11 @@ pub struct PgBackupLine {
     pub stored_bytes: u64,
     pub server_version: String,
     pub restorable: bool,
+    /// "full" or "incremental".
+    pub kind: String,
+    /// An incremental's chain: the backups it builds on, oldest (the full one) first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -251,10 +256,12 @@ fn cluster(cat: &PgCatalog, dumps: &[PgDumpSet]) -> PgCluster {
                 timeline: b.timeline,
                 start_wal: b.start_wal.clone(),
                 stop_wal: b.stop_wal.clone(),
-                plain_bytes: b.data.plain_bytes,
-                stored_bytes: b.data.stored_bytes,
+                plain_bytes: b.plain_bytes(),
+                stored_bytes: b.stored_bytes(),
                 server_version: b.server_version.clone(),
                 restorable: cat.reach_on(b, cat.timeline_for(b, &branches)).consistent,
+                kind: b.kind().to_string(),
+                chain: b.depends_on().to_vec(),
             })
             .collect(),
         wal: WalSummary {
@@ -304,24 +311,35 @@ fn render_text(listing: &Listing) -> String {
             out.push_str("  no base backups\n");
         } else {
             out.push_str(&format!(
-                "  {:<22} {:<21} {:<21} {:>10} {:>10}  {}\n",
-                "BACKUP", "STARTED", "CONSISTENT AT", "SIZE", "STORED", "WAL"
+                "  {:<22} {:<5} {:<21} {:<21} {:>10} {:>10}  {}\n",
+                "BACKUP", "KIND", "STARTED", "CONSISTENT AT", "SIZE", "STORED", "WAL"
             ));
         }
         for b in &c.backups {
             out.push_str(&format!(
-                "  {:<22} {:<21} {:<21} {:>10} {:>10}  {}..{}{}\n",
+                "  {:<22} {:<5} {:<21} {:<21} {:>10} {:>10}  {}..{}{}{}\n",
                 b.id,
+                if b.kind == "incremental" {
+                    "incr"
+                } else {
+                    "full"
+                },
                 b.start_time.format("%Y-%m-%d %H:%M:%S"),
                 b.stop_time.format("%Y-%m-%d %H:%M:%S"),
                 human(b.plain_bytes),
                 human(b.stored_bytes),
                 b.start_wal,
                 b.stop_wal,
+                match b.chain.last() {
+                    Some(on) => format!("  on {on}"),
+                    None => String::new(),
+                },
                 if b.restorable {
                     ""
-                } else {
+                } else if b.chain.is_empty() {
                     "  (WAL missing: not restorable)"
+                } else {
+                    "  (WAL or a backup it builds on missing: not restorable)"
                 }
             ));
         }

@@ -435,11 +435,20 @@ pub fn plan(
 ) -> PrunePlan {
     let sysid = cat.system_identifier;
     let backups = &cat.backups; // oldest stop_time first
-    let keep = keep_by_time(
+    let mut keep = keep_by_time(
         backups.iter().map(|b| (b.id.as_str(), b.stop_time)),
         now,
         policy,
     );
+    // WAL is needed from the backups kept for their own sake; the ones an incremental builds
+    // on are kept for their files only.
+    let restore_points: BTreeSet<String> = keep.keys().cloned().collect();
+    for b in backups.iter().filter(|b| restore_points.contains(&b.id)) {
+        for dep in b.depends_on() {
+            keep.entry(dep.clone())
+                .or_insert("a kept incremental backup builds on it");
+        }
+    }
 
     let backups_prefix = crate::repo::backups_prefix(sysid);
     let mut by_dir: BTreeMap<String, Vec<&ObjectInfo>> = BTreeMap::new();
@@ -482,7 +491,7 @@ pub fn plan(
     // WAL: nothing is deleted unless a kept backup bounds it.
     let floor = backups
         .iter()
-        .filter(|b| keep.contains_key(&b.id))
+        .filter(|b| restore_points.contains(&b.id))
         .map(|b| b.start_lsn.0 / cat.seg_size)
         .min();
     let wal_prefix = crate::repo::wal_prefix(sysid);
@@ -654,7 +663,7 @@ mod tests {
         let p = plan_mysql(&catalog(vec![], &[1, 2, 3]), t("00:10:00"), &policy(0, 1));
         assert!(p.is_empty());
     }
-    use crate::repo::catalog::tests::{SEG, add_seg, backup, catalog, t};
+    use crate::repo::catalog::tests::{SEG, add_seg, backup, catalog, incremental, t};
 
     fn objects(cat: &PgCatalog, extra: &[(&str, &str)]) -> Vec<ObjectInfo> {
         let mut out = Vec::new();
@@ -690,6 +699,33 @@ mod tests {
             keep_backups,
             incomplete_after: Duration::from_secs(3600),
         }
+    }
+
+    #[test]
+    fn a_kept_incremental_keeps_its_chain_but_not_the_chain_s_wal() {
+        let cat = catalog(
+            vec![
+                backup("full-0-old", 1, 1, "00:01:30"),
+                backup("full-1", 2, 2, "00:02:30"),
+                incremental("incr-1", 4, "00:04:30", &["full-1"]),
+                incremental("incr-2", 6, "00:06:30", &["full-1", "incr-1"]),
+            ],
+            &[1, 2, 3, 4, 5, 6, 7],
+        );
+        let p = plan(&cat, &objects(&cat, &[]), t("23:00:00"), &policy(1));
+        let mut kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, vec!["full-1", "incr-1", "incr-2"]);
+        let deleted: Vec<&str> = p.delete_backups.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(deleted, vec!["full-0-old"]);
+        // Restores start at incr-2: WAL below its start goes.
+        let wal: Vec<&str> = p.delete_wal.iter().map(|k| &k[9..33]).collect();
+        assert_eq!(wal.last(), Some(&"000000010000000000000005"));
+        // Without its full backup, an incremental is not restorable.
+        let mut broken = cat.clone();
+        broken.backups.retain(|b| b.id != "full-1");
+        assert!(!broken.reach(&broken.backups[2]).consistent);
+        assert!(cat.reach(&cat.backups[3]).consistent);
     }
 
     #[test]

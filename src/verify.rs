@@ -242,6 +242,38 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
         }
         out.objects += 1;
         out.bytes += head.size;
+        if let Some(files) = &b.files {
+            for bundle in &files.bundles {
+                match store.head(&bundle.key).await? {
+                    None => out.problems.push(format!(
+                        "backup {}: its bundle {} is missing: it cannot be restored",
+                        b.id, bundle.key
+                    )),
+                    Some(h) if h.size != bundle.stored_bytes => out.problems.push(format!(
+                        "backup {}: {} has {} bytes, the manifest says {}",
+                        b.id, bundle.key, h.size, bundle.stored_bytes
+                    )),
+                    Some(h) => {
+                        out.objects += 1;
+                        out.bytes += h.size;
+                    }
+                }
+            }
+            for dep in &files.depends_on {
+                if !cat.backups.iter().any(|o| &o.id == dep) {
+                    out.problems.push(format!(
+                        "backup {}: it builds on backup {dep}, which is missing: it cannot be restored",
+                        b.id
+                    ));
+                }
+            }
+            if full {
+                let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+                if let Err(e) = crate::restore::files::check(store.as_ref(), b, workers).await {
+                    out.problems.push(format!("backup {}: {e:#}", b.id));
+                }
+            }
+        }
         let reach = cat.reach(b);
         if !reach.consistent {
             out.problems.push(format!(

@@ -225,7 +225,7 @@ async fn restore_into(
     extra: &[String],
     port: u16,
 ) -> anyhow::Result<Landed> {
-    restore::materialize(cfg, store, plan, dir, extra).await?;
+    restore::materialize(cfg, store, plan, dir, extra, false).await?;
     restore::start_and_wait(cfg, store, plan, dir, Some(port)).await
 }
 

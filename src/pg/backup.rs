@@ -19,7 +19,8 @@ use crate::pg::sql;
 use crate::pg::tarscan::TarScanner;
 use crate::pipeline::PipeOptions;
 use crate::proc::{Program, Stdout};
-use crate::repo::manifest::{BaseBackup, DatabaseInfo, TableRows};
+use crate::repo::manifest::{BaseBackup, DatabaseInfo, FilesInfo, ObjectRef, TableRows};
+use crate::repo::wal::Lsn;
 use crate::repo::wal::Segment;
 use crate::repo::{self, FORMAT_VERSION};
 use crate::restore::human;
@@ -243,6 +244,11 @@ pub async fn database_settings(
 #[derive(Debug, Serialize)]
 pub struct BackupReport {
     pub id: String,
+    /// "full" or "incremental".
+    pub kind: String,
+    /// The backup an incremental builds on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub based_on: Option<String>,
     pub system_identifier: String,
     pub seconds: f64,
     pub plain_bytes: u64,
@@ -258,9 +264,14 @@ impl std::fmt::Display for BackupReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "backup {} complete in {:.1}s: {} read, {} stored, WAL {}..{}, consistent at {}",
+            "{} backup {} complete in {:.1}s{}: {} read, {} stored, WAL {}..{}, consistent at {}",
+            self.kind,
             self.id,
             self.seconds,
+            self.based_on
+                .as_ref()
+                .map(|b| format!(" (on {b})"))
+                .unwrap_or_default(),
             human(self.plain_bytes),
             human(self.stored_bytes),
             self.start_wal,
@@ -270,17 +281,117 @@ impl std::fmt::Display for BackupReport {
     }
 }
 
-pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<BackupReport> {
+/// Which kind of base backup the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    Full,
+    Incremental,
+    /// `backup.full_every` decides.
+    Auto,
+}
+
+impl Wanted {
+    pub fn from_flags(full: bool, incremental: bool) -> Wanted {
+        match (full, incremental) {
+            (true, _) => Wanted::Full,
+            (_, true) => Wanted::Incremental,
+            _ => Wanted::Auto,
+        }
+    }
+}
+
+/// How the cluster is read: its data directory, or a base backup over the network.
+fn local_data_dir(cfg: &Config, sysid: u64) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let dir = cfg.pg.data_dir.clone();
+    match (cfg.backup.method.as_str(), dir) {
+        ("stream", _) => Ok(None),
+        ("files", None) => Err(input_err!(
+            "backup.method = files needs pg.data_dir (or PGDATA): the server's data directory, mounted where dbagent runs"
+        )),
+        (_, None) => Ok(None),
+        (_, Some(dir)) => {
+            crate::pg::filebackup::check_data_dir(&dir, sysid)?;
+            Ok(Some(dir))
+        }
+    }
+}
+
+/// The backup an incremental compares against: the newest file-level backup of this cluster
+/// on `timeline` with the same major version; `None` means take a full one.
+async fn choose_base(
+    cfg: &Config,
+    store: &dyn Store,
+    sysid: u64,
+    timeline: u32,
+    version_num: i32,
+    wanted: Wanted,
+) -> anyhow::Result<Option<BaseBackup>> {
+    if wanted == Wanted::Full || (wanted == Wanted::Auto && cfg.backup.full_every.is_none()) {
+        return Ok(None);
+    }
+    let cat = crate::repo::catalog::PgCatalog::load(store, sysid).await?;
+    let usable = |b: &&BaseBackup| {
+        b.files.is_some()
+            && b.timeline == timeline
+            && b.server_version_num / 10000 == version_num / 10000
+    };
+    let newest = cat
+        .backups
+        .iter()
+        .filter(usable)
+        .max_by_key(|b| b.stop_time);
+    let Some(newest) = newest else {
+        tracing::warn!(
+            "no file-level backup of this cluster on timeline {timeline} to build on: taking a full backup"
+        );
+        return Ok(None);
+    };
+    if wanted == Wanted::Auto {
+        let every = cfg.backup.full_every.expect("checked above");
+        let last_full = cat
+            .backups
+            .iter()
+            .filter(usable)
+            .filter(|b| b.kind() == "full")
+            .map(|b| b.start_time)
+            .max();
+        let due = last_full.is_none_or(|t| {
+            Utc::now()
+                .signed_duration_since(t)
+                .to_std()
+                .unwrap_or_default()
+                >= every
+        });
+        if due {
+            tracing::info!(
+                "the newest full backup is older than backup.full_every: taking a full backup"
+            );
+            return Ok(None);
+        }
+    }
+    Ok(Some(newest.clone()))
+}
+
+pub async fn base_backup(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    wanted: Wanted,
+) -> anyhow::Result<BackupReport> {
     let started = Instant::now();
     let conn = ConnInfo::from_config(&cfg.pg);
     let facts = source(&conn).await?;
     let sysid = facts.server.system_identifier;
     // Fail on a wrong bucket or credentials before reading the database.
     store.list(&repo::backups_prefix(sysid)).await?;
+    let local = local_data_dir(cfg, sysid)?;
+    if local.is_none() && wanted == Wanted::Incremental {
+        return Err(input_err!(
+            "incremental backups read the data directory: set pg.data_dir to the server's data directory (mounted where dbagent runs), or take a full backup without --incremental"
+        ));
+    }
 
     let start_time = Utc::now();
     let id = crate::repo::new_id(start_time);
-    let data_key = repo::backup_data_key(sysid, &id);
     if store
         .head(&repo::backup_manifest_key(sysid, &id))
         .await?
@@ -289,6 +400,159 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         anyhow::bail!("a backup named {id} already exists; try again in a second");
     }
 
+    let seg_size = facts.server.wal_segment_size;
+    let (data, start_lsn, tli, stop_lsn, files) = match local {
+        Some(dir) => {
+            let client = conn.connect().await?;
+            let timeline: u32 = client
+                .query_one("SELECT timeline_id::int4 FROM pg_control_checkpoint()", &[])
+                .await
+                .context("reading the server's timeline")?
+                .get::<_, i32>(0) as u32;
+            drop(client);
+            let base = choose_base(
+                cfg,
+                store.as_ref(),
+                sysid,
+                timeline,
+                facts.server.version_num,
+                wanted,
+            )
+            .await?;
+            let base = match base {
+                Some(manifest) => {
+                    let index = crate::pg::filebackup::load_index(store.as_ref(), &manifest)
+                        .await
+                        .map_err(|e| {
+                            if crate::error::exit_code(&e) == crate::error::EXIT_INPUT {
+                                input_err!(
+                                    "an incremental backup reads the block map of backup {}: {e:#}",
+                                    manifest.id
+                                )
+                            } else {
+                                e
+                            }
+                        })?;
+                    Some(crate::pg::filebackup::Base { manifest, index })
+                }
+                None => None,
+            };
+            let based_on = base.as_ref().map(|b| b.manifest.id.clone());
+            let taken = crate::pg::filebackup::take(crate::pg::filebackup::Request {
+                store: store.clone(),
+                conn: &conn,
+                dir: &dir,
+                sysid,
+                id: &id,
+                base,
+                parallel: cfg.backup.workers(),
+                opts: PipeOptions::from_config(cfg),
+                started: start_time,
+            })
+            .await?;
+            let s = taken.index_summary;
+            let info = FilesInfo {
+                kind: if based_on.is_some() {
+                    "incremental"
+                } else {
+                    "full"
+                }
+                .into(),
+                based_on,
+                depends_on: s.depends_on,
+                files: s.files,
+                plain_bytes: s.plain_bytes,
+                new_plain_bytes: s.new_plain_bytes,
+                bundles: s.bundles,
+            };
+            tracing::info!(%id, files = s.files, files_read = s.files_read, "files read");
+            (
+                taken.data,
+                taken.start_lsn,
+                taken.timeline,
+                taken.stop_lsn,
+                Some(info),
+            )
+        }
+        None => {
+            let data_key = repo::backup_data_key(sysid, &id);
+            let (data, start_lsn, tli, stop_lsn) =
+                stream_backup(cfg, store.as_ref(), &conn, &facts, &id, &data_key).await?;
+            (data, start_lsn, tli, stop_lsn, None)
+        }
+    };
+
+    let first = Segment::of_lsn(tli, start_lsn, seg_size);
+    let last = Segment::of_lsn(tli, stop_lsn, seg_size);
+    if let Err(e) = wait_for_wal(cfg, store.as_ref(), sysid, first, last, seg_size).await {
+        delete_objects(store.as_ref(), &data, files.as_ref()).await;
+        return Err(e);
+    }
+
+    let manifest = BaseBackup {
+        format_version: if files.is_some() {
+            repo::FILES_FORMAT_VERSION
+        } else {
+            FORMAT_VERSION
+        },
+        id: id.clone(),
+        system_identifier: sysid,
+        timeline: tli,
+        start_lsn,
+        stop_lsn,
+        start_wal: first.name(seg_size),
+        stop_wal: last.name(seg_size),
+        start_time,
+        stop_time: Utc::now(),
+        server_version: facts.server.version,
+        server_version_num: facts.server.version_num,
+        wal_segment_size: seg_size,
+        data,
+        databases: facts.databases,
+        dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
+        files,
+    };
+    repo::write_manifest(
+        store.as_ref(),
+        &repo::backup_manifest_key(sysid, &id),
+        &manifest,
+        "the backup manifest",
+    )
+    .await?;
+    tracing::info!(%id, kind = manifest.kind(), "base backup complete");
+    Ok(BackupReport {
+        id,
+        kind: manifest.kind().to_string(),
+        based_on: manifest.files.as_ref().and_then(|f| f.based_on.clone()),
+        system_identifier: sysid.to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+        plain_bytes: manifest.plain_bytes(),
+        stored_bytes: manifest.stored_bytes(),
+        timeline: manifest.timeline,
+        start_wal: manifest.start_wal,
+        stop_wal: manifest.stop_wal,
+        consistent_at: manifest.stop_time,
+    })
+}
+
+/// Deletes what a backup that will not get its manifest wrote (best effort: `prune` removes
+/// leftovers).
+async fn delete_objects(store: &dyn Store, data: &ObjectRef, files: Option<&FilesInfo>) {
+    let _ = store.delete(&data.key).await;
+    for b in files.map(|f| f.bundles.as_slice()).unwrap_or_default() {
+        let _ = store.delete(&b.key).await;
+    }
+}
+
+/// A base backup over the network: the server's tar stream, compressed into one object.
+async fn stream_backup(
+    cfg: &Config,
+    store: &dyn Store,
+    conn: &ConnInfo,
+    facts: &Source,
+    id: &str,
+    data_key: &str,
+) -> anyhow::Result<(ObjectRef, Lsn, u32, Lsn)> {
     let program = Program::new(crate::pg::bins::program(&cfg.pg, "pg_basebackup")?)
         .args([
             "-D",
@@ -318,62 +582,21 @@ pub async fn base_backup(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         .run()
         .stop_when(archive_stuck(watcher, watch))
         .to_store(
-            store.as_ref(),
-            &data_key,
+            store,
+            data_key,
             PipeOptions::from_config(cfg),
             Stdout::watched(TarScanner::default()),
         )
         .await?;
     let tar = scanner.facts();
     let (Some((start_lsn, tli)), Some(stop_lsn)) = (tar.start(), tar.stop()) else {
-        let _ = store.delete(&data_key).await;
+        let _ = store.delete(data_key).await;
         anyhow::bail!(
             "the base backup stream had no backup_label or backup_manifest WAL range: is the server PostgreSQL 13 or newer?"
         );
     };
 
-    let seg_size = facts.server.wal_segment_size;
-    let first = Segment::of_lsn(tli, start_lsn, seg_size);
-    let last = Segment::of_lsn(tli, stop_lsn, seg_size);
-    wait_for_wal(cfg, store.as_ref(), sysid, first, last, seg_size).await?;
-
-    let manifest = BaseBackup {
-        format_version: FORMAT_VERSION,
-        id: id.clone(),
-        system_identifier: sysid,
-        timeline: tli,
-        start_lsn,
-        stop_lsn,
-        start_wal: first.name(seg_size),
-        stop_wal: last.name(seg_size),
-        start_time,
-        stop_time: Utc::now(),
-        server_version: facts.server.version,
-        server_version_num: facts.server.version_num,
-        wal_segment_size: seg_size,
-        data,
-        databases: facts.databases,
-        dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    repo::write_manifest(
-        store.as_ref(),
-        &repo::backup_manifest_key(sysid, &id),
-        &manifest,
-        "the backup manifest",
-    )
-    .await?;
-    tracing::info!(%id, "base backup complete");
-    Ok(BackupReport {
-        id,
-        system_identifier: sysid.to_string(),
-        seconds: started.elapsed().as_secs_f64(),
-        plain_bytes: manifest.data.plain_bytes,
-        stored_bytes: manifest.data.stored_bytes,
-        timeline: manifest.timeline,
-        start_wal: manifest.start_wal,
-        stop_wal: manifest.stop_wal,
-        consistent_at: manifest.stop_time,
-    })
+    Ok((data, start_lsn, tli, stop_lsn))
 }
 
 /// Waits until every segment from `first` to `last` is in the store.

@@ -6,6 +6,8 @@ pub mod bins;
 pub mod conn;
 pub mod control;
 pub mod dump;
+pub mod filebackup;
+pub mod fileset;
 pub mod replication;
 pub mod sql;
 pub mod tarscan;

@@ -179,12 +179,12 @@ impl PgCatalog {
             let m: BaseBackup =
                 super::read_manifest(store, &obj.key, &format!("backup manifest {}", obj.key))
                     .await?;
-            if m.format_version > super::FORMAT_VERSION {
+            if m.format_version > super::FILES_FORMAT_VERSION {
                 anyhow::bail!(
                     "backup {} has repository format {} but this dbagent reads up to {}: upgrade dbagent",
                     m.id,
                     m.format_version,
-                    super::FORMAT_VERSION
+                    super::FILES_FORMAT_VERSION
                 );
             }
             backups.push(m);
@@ -581,9 +581,17 @@ impl PgCatalog {
             last,
             end_time,
             gap: later_exists.then(|| missing.name(self.seg_size)),
-            consistent: last.is_some_and(|s| s.segno >= b.stop_lsn.0 / self.seg_size),
+            consistent: last.is_some_and(|s| s.segno >= b.stop_lsn.0 / self.seg_size)
+                && self.chain_complete(b),
             timeline: tli,
         }
+    }
+
+    /// Every backup an incremental `b` builds on is in the repository.
+    pub fn chain_complete(&self, b: &BaseBackup) -> bool {
+        b.depends_on()
+            .iter()
+            .all(|dep| self.backups.iter().any(|o| &o.id == dep))
     }
 
     /// The spans of time a restore can reach, merged across backups: along the branch that
@@ -683,7 +691,24 @@ pub(crate) mod tests {
             },
             databases: vec![],
             dbagent_version: "test".into(),
+            files: None,
         }
+    }
+
+    /// `backup(…)`, as an incremental that builds on `deps` (oldest first).
+    pub fn incremental(id: &str, start_seg: u64, stop: &str, deps: &[&str]) -> BaseBackup {
+        let mut b = backup(id, start_seg, start_seg, stop);
+        b.format_version = 2;
+        b.files = Some(crate::repo::manifest::FilesInfo {
+            kind: "incremental".into(),
+            based_on: deps.last().map(|d| d.to_string()),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            files: 1,
+            plain_bytes: 1,
+            new_plain_bytes: 1,
+            bundles: vec![],
+        });
+        b
     }
 
     /// A catalog with segments `segs` on timeline 1, segment n archived at minute n.

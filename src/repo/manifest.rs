@@ -109,9 +109,71 @@ pub struct BaseBackup {
     pub server_version: String,
     pub server_version_num: i32,
     pub wal_segment_size: u64,
+    /// The tar stream of a network backup; the file index of a file-level one (`files`).
     pub data: ObjectRef,
     pub databases: Vec<DatabaseInfo>,
     pub dbagent_version: String,
+    /// Set for a file-level backup (format 2): its files live in bundles, listed in the index
+    /// object `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FilesInfo>,
+}
+
+/// What the manifest of a file-level backup says about its files (the index has the rest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilesInfo {
+    /// "full" or "incremental".
+    pub kind: String,
+    /// The backup an incremental was compared against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub based_on: Option<String>,
+    /// Every earlier backup whose bundles this one reads: deleting any of them breaks it.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    pub files: u64,
+    /// Bytes of the data directory it restores.
+    pub plain_bytes: u64,
+    /// Plain bytes this backup stored itself.
+    pub new_plain_bytes: u64,
+    /// This backup's own bundle objects.
+    pub bundles: Vec<crate::pg::fileset::BundleLoc>,
+}
+
+impl BaseBackup {
+    /// Bytes of the data directory it restores.
+    pub fn plain_bytes(&self) -> u64 {
+        self.files
+            .as_ref()
+            .map_or(self.data.plain_bytes, |f| f.plain_bytes)
+    }
+
+    /// Bytes this backup's own objects take in the repository.
+    pub fn stored_bytes(&self) -> u64 {
+        self.data.stored_bytes
+            + self
+                .files
+                .as_ref()
+                .map_or(0, |f| f.bundles.iter().map(|b| b.stored_bytes).sum())
+    }
+
+    /// "full" or "incremental" ("full" for a network backup).
+    pub fn kind(&self) -> &str {
+        self.files.as_ref().map_or("full", |f| f.kind.as_str())
+    }
+
+    /// The earlier backups it needs.
+    pub fn depends_on(&self) -> &[String] {
+        self.files.as_ref().map_or(&[], |f| f.depends_on.as_slice())
+    }
+
+    /// Every object key it owns, its manifest excepted.
+    pub fn own_keys(&self) -> Vec<String> {
+        let mut keys = vec![self.data.key.clone()];
+        if let Some(f) = &self.files {
+            keys.extend(f.bundles.iter().map(|b| b.key.clone()));
+        }
+        keys
+    }
 }
 
 mod u64_string {
@@ -164,6 +226,7 @@ mod tests {
                 extensions: vec!["pg_trgm 1.6".into()],
             }],
             dbagent_version: "0.1.0".into(),
+            files: None,
         };
         let json = serde_json::to_value(&m).unwrap();
         assert_eq!(json["system_identifier"], "7441000000000000001");

@@ -4,6 +4,8 @@
 //! ```text
 //! pg/<system-id>/wal/<segment or history file>.zst      WAL, one object per file
 //! pg/<system-id>/backups/<id>/base.tar.zst              base backup data (written first)
+//! pg/<system-id>/backups/<id>/data/<n>.bundle            file-level backup: blobs (first)
+//! pg/<system-id>/backups/<id>/files.json.zst             file-level backup: the file index
 //! pg/<system-id>/backups/<id>/backup.json               manifest (written last)
 //! ```
 //! A backup exists only when its manifest exists. Every `.zst` object ends with a trailer
@@ -17,6 +19,8 @@ pub mod private;
 pub mod wal;
 
 pub const FORMAT_VERSION: u32 = 1;
+/// File-level base backups (`pg::fileset`): older dbagents must not read them as a tar.
+pub const FILES_FORMAT_VERSION: u32 = 2;
 
 /// Writes a manifest (or report) as pretty JSON under `key`, create-only (`storage::put_once`:
 /// the same bytes already there is success, different ones fail and change nothing). `what`
@@ -90,6 +94,16 @@ pub fn backups_prefix(sysid: u64) -> String {
 
 pub fn backup_data_key(sysid: u64, id: &str) -> String {
     format!("pg/{sysid}/backups/{id}/base.tar.zst")
+}
+
+/// The file index of a file-level backup.
+pub fn backup_index_key(sysid: u64, id: &str) -> String {
+    format!("pg/{sysid}/backups/{id}/files.json.zst")
+}
+
+/// Bundle `no` of a file-level backup.
+pub fn backup_bundle_key(sysid: u64, id: &str, no: u32) -> String {
+    format!("pg/{sysid}/backups/{id}/data/{no:06}.bundle")
 }
 
 pub fn backup_manifest_key(sysid: u64, id: &str) -> String {

@@ -1,8 +1,9 @@
 //! Point-in-time restore: plan (pure, in `plan`) then execute (here).
 
+pub mod files;
 pub mod plan;
 pub mod recovery;
-mod untar;
+pub(crate) mod untar;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ pub struct PgRestoreOptions {
     pub timeline: Option<u32>,
     /// The restored server replaces production: it archives into the repository.
     pub as_primary: bool,
+    /// Into an existing data directory of the same cluster, writing only what differs.
+    pub delta: bool,
 }
 
 /// Which cluster in the repository: the configured one, or the only one there.
@@ -129,10 +132,21 @@ pub async fn restore_pg(
     store: Arc<dyn Store>,
     opts: &PgRestoreOptions,
 ) -> anyhow::Result<RestoreReport> {
-    check_target_dir(&opts.target_dir)?;
+    if !opts.delta {
+        check_target_dir(&opts.target_dir)?;
+    }
     let sysid = choose_cluster(cfg, store.as_ref()).await?;
+    if opts.delta {
+        files::check_delta_dir(&opts.target_dir, sysid)?;
+    }
     let cat = PgCatalog::load(store.as_ref(), sysid).await?;
     let mut plan = plan::plan_pg(&cat, opts.target, opts.timeline)?;
+    if opts.delta && plan.backup.files.is_none() {
+        return Err(input_err!(
+            "--delta needs a file-level backup, and backup {} was streamed over the network: restore into an empty directory without --delta",
+            plan.backup.id
+        ));
+    }
     plan.as_primary = opts.as_primary;
     let mut report = RestoreReport {
         plan: plan.render(),
@@ -148,7 +162,15 @@ pub async fn restore_pg(
     check_keys(store.as_ref(), &plan).await?;
     eprintln!("{}", report.plan);
 
-    materialize(cfg, store.as_ref(), &plan, &opts.target_dir, &[]).await?;
+    materialize(
+        cfg,
+        store.as_ref(),
+        &plan,
+        &opts.target_dir,
+        &[],
+        opts.delta,
+    )
+    .await?;
     if opts.no_start {
         return Ok(report);
     }
@@ -177,11 +199,31 @@ pub async fn materialize(
     plan: &PgPlan,
     dir: &Path,
     extra: &[String],
+    delta: bool,
 ) -> anyhow::Result<()> {
     check_keys(store, plan).await?;
     let created = !dir.exists();
-    if let Err(e) = unpack_backup(store, plan, dir).await {
-        remove_contents(dir, created);
+    let unpacked = match &plan.backup.files {
+        Some(_) => {
+            let parallel = cfg.backup.workers();
+            files::unpack(store, &plan.backup, dir, delta, parallel)
+                .await
+                .map(|u| {
+                    tracing::info!(
+                        files = u.files,
+                        written = u.bytes_written,
+                        kept = u.bytes_kept,
+                        "base backup restored"
+                    );
+                })
+        }
+        None => unpack_backup(store, plan, dir).await,
+    };
+    if let Err(e) = unpacked {
+        // A delta target stays as it is: a second --delta carries on from there.
+        if !delta {
+            remove_contents(dir, created);
+        }
         return Err(e);
     }
     write_recovery_settings(cfg, plan, dir, extra)

@@ -28,11 +28,11 @@ use anyhow::{Context, bail};
 
 const BLOCK: usize = 512;
 /// Where PostgreSQL's control file goes, and where it waits until the backup is verified.
-const CONTROL_FILE: &str = "global/pg_control";
-const CONTROL_UNVERIFIED: &str = "global/pg_control.dbagent-unverified";
+pub(crate) const CONTROL_FILE: &str = "global/pg_control";
+pub(crate) const CONTROL_UNVERIFIED: &str = "global/pg_control.dbagent-unverified";
 /// Present while a data directory is being restored or after a restore failed.
 pub const MARKER: &str = "DBAGENT_RESTORE_INCOMPLETE";
-const MARKER_TEXT: &str = "dbagent is restoring into this directory, or the restore failed: it is not a usable PostgreSQL cluster (global/pg_control is held back until the backup's checksum is verified)\n";
+pub(crate) const MARKER_TEXT: &str = "dbagent is restoring into this directory, or the restore failed: it is not a usable PostgreSQL cluster (global/pg_control is held back until the backup's checksum is verified)\n";
 const COPY_BUF: usize = 1 << 20;
 
 fn octal(field: &[u8]) -> anyhow::Result<u64> {

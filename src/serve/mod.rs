@@ -458,10 +458,7 @@ async fn read_repo_facts(
             Some(
                 async {
                     let cat = crate::repo::catalog::PgCatalog::load(store, sysid).await?;
-                    let last = cat
-                        .backups
-                        .last()
-                        .map(|b| (b.stop_time, b.data.plain_bytes));
+                    let last = cat.backups.last().map(|b| (b.stop_time, b.plain_bytes()));
                     let drill = latest_drill(store, &crate::repo::pg_drills_prefix(sysid)).await;
                     Ok(state::RepoFacts {
                         timeline_forks: Some(cat.branches().forks()),

@@ -7,6 +7,7 @@ mod drill;
 mod encryption;
 mod faults;
 mod forks;
+mod incremental;
 mod mysql;
 mod pg_tls;
 mod pgdump;

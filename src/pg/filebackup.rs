@@ -1,0 +1,764 @@
+//! File-level base backups, full and incremental, read straight from the data directory.
+//!
+//! When dbagent shares the data directory with the server (the sidecar, or a CronJob that
+//! mounts it), it calls `pg_backup_start` on one connection, reads the files itself with
+//! `backup.parallel` worker threads that hash, compress (and encrypt) blobs, and appends the
+//! blobs to bundles uploaded by a few async writers; then `pg_backup_stop` gives the
+//! backup_label. The layout is in `fileset`. Memory: each worker holds one blob of plain bytes,
+//! its compressed copy and a zstd context (about 3 MiB at level 3); each writer one upload part
+//! (`upload.part_size`); the channel between them a few blobs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+
+use crate::crypto::Recipients;
+use crate::input_err;
+use crate::pg::conn::ConnInfo;
+use crate::pg::fileset::{
+    self, BLOCK, Blob, BlobWriter, BundleLoc, CHUNK, Extent, FileEntry, FileIndex, Found,
+};
+use crate::pipeline::PipeOptions;
+use crate::repo::manifest::{BaseBackup, ObjectRef};
+use crate::repo::wal::Lsn;
+use crate::storage::{Store, Upload};
+
+/// A bundle is closed once it holds this many stored bytes.
+const BUNDLE_TARGET: u64 = 256 << 20;
+/// Files are read in jobs of at most this many bytes, so one big file keeps every worker busy.
+const JOB_BYTES: u64 = 64 << 20;
+/// Marks an extent's blob as one of the base backup's while the index is being built.
+const BASE_BLOB: u32 = 1 << 31;
+
+/// The previous backup an incremental is taken against.
+pub struct Base {
+    pub manifest: BaseBackup,
+    pub index: FileIndex,
+}
+
+/// What the file-level backup read and stored.
+pub struct Taken {
+    /// The index object.
+    pub data: ObjectRef,
+    pub index_summary: Summary,
+    pub start_lsn: Lsn,
+    pub timeline: u32,
+    pub stop_lsn: Lsn,
+}
+
+pub struct Summary {
+    pub files: u64,
+    /// Bytes of the data directory the backup restores.
+    pub plain_bytes: u64,
+    /// Plain bytes this backup stored itself (the rest is its base's).
+    pub new_plain_bytes: u64,
+    /// Files read (the others were unchanged since the base, by size and mtime).
+    pub files_read: u64,
+    pub bundles: Vec<BundleLoc>,
+    pub depends_on: Vec<String>,
+}
+
+/// Reads the base backup's index.
+pub async fn load_index(store: &dyn Store, b: &BaseBackup) -> anyhow::Result<FileIndex> {
+    let (bytes, fetched) = crate::pipeline::download(store, &b.data.key, Vec::new())
+        .await
+        .with_context(|| format!("reading the file index of backup {}", b.id))?;
+    b.data
+        .verify(&fetched, &format!("the file index of backup {}", b.id))?;
+    let index: FileIndex = serde_json::from_slice(&bytes)
+        .with_context(|| format!("reading the file index of backup {}", b.id))?;
+    if index.format > fileset::INDEX_FORMAT {
+        return Err(input_err!(
+            "backup {} has file index format {} but this dbagent reads up to {}: upgrade dbagent",
+            b.id,
+            index.format,
+            fileset::INDEX_FORMAT
+        ));
+    }
+    index.check()?;
+    Ok(index)
+}
+
+/// Checks that `dir` is the data directory of the server with `sysid`.
+pub fn check_data_dir(dir: &Path, sysid: u64) -> anyhow::Result<()> {
+    let found = crate::pg::control::system_identifier(dir).map_err(|e| {
+        input_err!(
+            "pg.data_dir = {}: {e:#}; set it to the server's data directory, or set backup.method = stream to back up over the network",
+            dir.display()
+        )
+    })?;
+    if found != sysid {
+        return Err(input_err!(
+            "pg.data_dir = {} belongs to cluster {found}, but the server is cluster {sysid}: set pg.data_dir to this server's data directory",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// One piece of work: bytes `from..to` of file `file`.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    file: usize,
+    from: u64,
+    to: u64,
+}
+
+/// What a job read: the block hashes of `from..from+read`, and where its bytes live.
+#[derive(Debug, Default)]
+struct JobResult {
+    from: u64,
+    read: u64,
+    short: bool,
+    vanished: bool,
+    hashes: Vec<u64>,
+    extents: Vec<Extent>,
+}
+
+/// A compressed blob on its way to a bundle.
+struct Sealed {
+    id: u32,
+    bytes: Vec<u8>,
+    plain: u32,
+}
+
+struct Shared<'a> {
+    root: &'a Path,
+    found: &'a [Found],
+    /// The base's entry and block hashes for each found file, when it has one.
+    base_entries: Vec<Option<(&'a FileEntry, Vec<u64>)>>,
+    jobs: Mutex<std::vec::IntoIter<(usize, Job)>>,
+    results: Mutex<Vec<Option<JobResult>>>,
+    next_blob: AtomicU32,
+    stop: AtomicBool,
+    level: i32,
+    recipients: Option<Arc<Recipients>>,
+}
+
+/// A worker's blob in the making.
+struct Pending {
+    writer: BlobWriter,
+    buf: Vec<u8>,
+    id: Option<u32>,
+}
+
+impl Pending {
+    fn flush(&mut self, shared: &Shared, tx: &mpsc::Sender<Sealed>) -> anyhow::Result<()> {
+        let Some(id) = self.id.take() else {
+            return Ok(());
+        };
+        let bytes = self.writer.seal(&self.buf, shared.recipients.as_deref())?;
+        let plain = self.buf.len() as u32;
+        self.buf.clear();
+        tx.blocking_send(Sealed { id, bytes, plain })
+            .map_err(|_| anyhow::anyhow!("the bundle writers stopped"))
+    }
+
+    /// Adds `data` (file bytes at `at`) to the blob, flushing first when it would not fit.
+    fn add(
+        &mut self,
+        shared: &Shared,
+        tx: &mpsc::Sender<Sealed>,
+        data: &[u8],
+        at: u64,
+        extents: &mut Vec<Extent>,
+    ) -> anyhow::Result<()> {
+        if self.buf.len() + data.len() > CHUNK {
+            self.flush(shared, tx)?;
+        }
+        let id = *self
+            .id
+            .get_or_insert_with(|| shared.next_blob.fetch_add(1, Ordering::Relaxed));
+        fileset::push_extent(
+            extents,
+            Extent {
+                at,
+                len: data.len() as u64,
+                blob: id,
+                skip: self.buf.len() as u32,
+            },
+        );
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+fn run_job(
+    shared: &Shared,
+    job: Job,
+    pending: &mut Pending,
+    block: &mut [u8],
+    tx: &mpsc::Sender<Sealed>,
+) -> anyhow::Result<JobResult> {
+    let f = &shared.found[job.file];
+    let mut res = JobResult {
+        from: job.from,
+        ..JobResult::default()
+    };
+    let path = shared.root.join(&f.path);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            res.vanished = true;
+            return Ok(res);
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let base = shared.base_entries[job.file].as_ref();
+    let mut off = job.from;
+    while off < job.to {
+        let want = (job.to - off).min(BLOCK) as usize;
+        let n = fileset::read_at(&file, &mut block[..want], off)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n > 0 {
+            let data = &block[..n];
+            let h = fileset::block_hash(data);
+            let bi = (off / BLOCK) as usize;
+            let same = base.is_some_and(|(entry, hashes)| {
+                hashes.get(bi) == Some(&h) && entry.size.min(off + BLOCK) - off == n as u64
+            });
+            match base {
+                Some((entry, _)) if same => {
+                    let mut ext = Vec::new();
+                    fileset::slice_extents(&entry.extents, off, off + n as u64, &mut ext);
+                    for mut e in ext {
+                        e.blob |= BASE_BLOB;
+                        fileset::push_extent(&mut res.extents, e);
+                    }
+                }
+                _ => pending.add(shared, tx, data, off, &mut res.extents)?,
+            }
+            res.hashes.push(h);
+            res.read += n as u64;
+            off += n as u64;
+        }
+        if n < want {
+            res.short = true;
+            break;
+        }
+    }
+    Ok(res)
+}
+
+fn worker(shared: &Shared, tx: mpsc::Sender<Sealed>) -> anyhow::Result<()> {
+    let mut pending = Pending {
+        writer: BlobWriter::new(shared.level)?,
+        buf: Vec::with_capacity(CHUNK),
+        id: None,
+    };
+    let mut block = vec![0u8; BLOCK as usize];
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let next = shared.jobs.lock().expect("job queue").next();
+        let Some((slot, job)) = next else { break };
+        let res = run_job(shared, job, &mut pending, &mut block, &tx);
+        match res {
+            Ok(r) => shared.results.lock().expect("results")[slot] = Some(r),
+            Err(e) => {
+                shared.stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    }
+    pending.flush(shared, &tx)
+}
+
+/// Where the writers put things.
+#[derive(Default)]
+struct Placed {
+    blobs: HashMap<u32, Blob>,
+    bundles: Vec<(u32, String, u64)>,
+    /// Every bundle key an upload was started for (to clean up after a failure).
+    started: Vec<String>,
+}
+
+struct OpenBundle {
+    no: u32,
+    key: String,
+    upload: Box<dyn Upload>,
+    part: Vec<u8>,
+    size: u64,
+}
+
+async fn writer(
+    store: Arc<dyn Store>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Sealed>>>,
+    placed: Arc<Mutex<Placed>>,
+    next_bundle: Arc<AtomicU32>,
+    key_of: Arc<dyn Fn(u32) -> String + Send + Sync>,
+    part_size: usize,
+) -> anyhow::Result<()> {
+    let mut open: Option<OpenBundle> = None;
+    let result: anyhow::Result<()> = async {
+        loop {
+            let next = rx.lock().await.recv().await;
+            let Some(blob) = next else { break };
+            if open.is_none() {
+                let no = next_bundle.fetch_add(1, Ordering::Relaxed);
+                let key = key_of(no);
+                placed.lock().expect("placed").started.push(key.clone());
+                let upload = store
+                    .start_upload(&key)
+                    .await
+                    .with_context(|| format!("uploading {key}"))?;
+                open = Some(OpenBundle {
+                    no,
+                    key,
+                    upload,
+                    part: Vec::with_capacity(part_size),
+                    size: 0,
+                });
+            }
+            let b = open.as_mut().expect("open bundle");
+            placed.lock().expect("placed").blobs.insert(
+                blob.id,
+                Blob {
+                    bundle: b.no,
+                    offset: b.size,
+                    stored: blob.bytes.len() as u32,
+                    plain: blob.plain,
+                },
+            );
+            b.size += blob.bytes.len() as u64;
+            b.part.extend_from_slice(&blob.bytes);
+            if b.part.len() >= part_size {
+                let part = std::mem::replace(&mut b.part, Vec::with_capacity(part_size));
+                b.upload
+                    .put_part(Bytes::from(part))
+                    .await
+                    .with_context(|| format!("uploading {}", b.key))?;
+            }
+            if b.size >= BUNDLE_TARGET {
+                let b = open.take().expect("open bundle");
+                close(b, &placed).await?;
+            }
+        }
+        if let Some(b) = open.take() {
+            close(b, &placed).await?;
+        }
+        Ok(())
+    }
+    .await;
+    if result.is_err()
+        && let Some(b) = open
+    {
+        b.upload.abort().await;
+    }
+    result
+}
+
+async fn close(mut b: OpenBundle, placed: &Mutex<Placed>) -> anyhow::Result<()> {
+    if !b.part.is_empty() {
+        let part = std::mem::take(&mut b.part);
+        b.upload
+            .put_part(Bytes::from(part))
+            .await
+            .with_context(|| format!("uploading {}", b.key))?;
+    }
+    b.upload
+        .complete()
+        .await
+        .with_context(|| format!("uploading {}", b.key))?;
+    placed
+        .lock()
+        .expect("placed")
+        .bundles
+        .push((b.no, b.key, b.size));
+    Ok(())
+}
+
+/// Per found file: the base's entry and block hashes (for a file to read), or the base's
+/// entry taken as it is (for an unchanged file); and the jobs.
+type Planned<'a> = (
+    Vec<Option<(&'a FileEntry, Vec<u64>)>>,
+    Vec<Option<FileEntry>>,
+    Vec<Job>,
+);
+
+/// Plans the jobs: files unchanged since the base (same size and mtime, and that mtime well
+/// before the base started reading) are taken from the base's index without being read.
+fn plan<'a>(found: &'a [Found], base: Option<&'a Base>) -> anyhow::Result<Planned<'a>> {
+    let by_path: HashMap<&str, &FileEntry> = base
+        .map(|b| b.index.files.iter().map(|f| (f.path.as_str(), f)).collect())
+        .unwrap_or_default();
+    // A file modified within a second of the base's start could share its mtime with a later
+    // change on a file system with coarse timestamps: such files are read again.
+    let trusted_before =
+        base.map(|b| b.manifest.start_time.timestamp_nanos_opt().unwrap_or(0) - 1_000_000_000);
+    let mut entries = Vec::with_capacity(found.len());
+    let mut reused = Vec::with_capacity(found.len());
+    let mut jobs = Vec::new();
+    for (i, f) in found.iter().enumerate() {
+        let prev = by_path.get(f.path.as_str()).copied();
+        if let (Some(p), Some(before)) = (prev, trusted_before)
+            && p.size == f.size
+            && p.mtime_ns == f.mtime_ns
+            && f.mtime_ns < before
+        {
+            entries.push(None);
+            reused.push(Some(p.clone()));
+            continue;
+        }
+        entries.push(match prev {
+            Some(p) => Some((p, p.block_hashes()?)),
+            None => None,
+        });
+        reused.push(None);
+        let mut from = 0;
+        loop {
+            let to = (from + JOB_BYTES).min(f.size);
+            jobs.push(Job { file: i, from, to });
+            from = to;
+            if from >= f.size {
+                break;
+            }
+        }
+    }
+    Ok((entries, reused, jobs))
+}
+
+/// Options of one file-level backup.
+pub struct Request<'a> {
+    pub store: Arc<dyn Store>,
+    pub conn: &'a ConnInfo,
+    pub dir: &'a Path,
+    pub sysid: u64,
+    pub id: &'a str,
+    pub base: Option<Base>,
+    pub parallel: usize,
+    pub opts: PipeOptions,
+    pub started: DateTime<Utc>,
+}
+
+/// Takes the backup: `pg_backup_start`, the files, `pg_backup_stop`, the index.
+pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
+    let client = req.conn.connect().await?;
+    let label = format!("dbagent {}", req.id);
+    client
+        .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
+        .await
+        .context("starting the backup (pg_backup_start)")?;
+    tracing::info!(id = req.id, dir = %req.dir.display(), parallel = req.parallel, incremental = req.base.is_some(), "file-level backup started");
+
+    let root = req.dir.to_path_buf();
+    let (dirs, found) = tokio::task::spawn_blocking(move || fileset::walk(&root))
+        .await
+        .context("walking the data directory")??;
+
+    let recipients = crate::pipeline::recipients(req.store.as_ref()).await?;
+    let placed = Arc::new(Mutex::new(Placed::default()));
+    let copied = copy_files(&req, &found, recipients, placed.clone()).await;
+    let copied = match copied {
+        Ok(c) => c,
+        Err(e) => {
+            cleanup(req.store.as_ref(), &placed).await;
+            return Err(e);
+        }
+    };
+
+    let stop = client
+        .query_one(
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
+            &[],
+        )
+        .await
+        .context("ending the backup (pg_backup_stop)");
+    let stop = match stop {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup(req.store.as_ref(), &placed).await;
+            return Err(e);
+        }
+    };
+    let stop_lsn: Lsn = stop
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e| anyhow::anyhow!("pg_backup_stop returned a bad LSN: {e}"))?;
+    let label: String = stop.get(1);
+    let map: Option<String> = stop.get(2);
+    let facts = crate::pg::tarscan::TarFacts {
+        backup_label: Some(label.clone()),
+        manifest_tail: Vec::new(),
+    };
+    let Some((start_lsn, timeline)) = facts.start() else {
+        cleanup(req.store.as_ref(), &placed).await;
+        anyhow::bail!("pg_backup_stop returned a backup_label without a start position");
+    };
+
+    let (index, summary) = assemble(&req, dirs, &found, copied, &placed, label, map)?;
+    let json = serde_json::to_vec(&index).context("encoding the file index")?;
+    let key = crate::repo::backup_index_key(req.sysid, req.id);
+    let written = crate::pipeline::upload(
+        req.store.as_ref(),
+        &key,
+        std::io::Cursor::new(json),
+        req.opts,
+    )
+    .await;
+    let written = match written {
+        Ok(w) => w,
+        Err(e) => {
+            cleanup(req.store.as_ref(), &placed).await;
+            return Err(e);
+        }
+    };
+    Ok(Taken {
+        data: ObjectRef::written(&key, &written),
+        index_summary: summary,
+        start_lsn,
+        timeline,
+        stop_lsn,
+    })
+}
+
+/// Deletes the bundles a failed backup wrote (best effort: `prune` removes what is left).
+async fn cleanup(store: &dyn Store, placed: &Mutex<Placed>) {
+    let keys = placed.lock().expect("placed").started.clone();
+    for key in keys {
+        let _ = store.delete(&key).await;
+    }
+}
+
+struct Copied {
+    entries: Vec<Option<FileEntry>>,
+    results: Vec<(usize, JobResult)>,
+}
+
+async fn copy_files(
+    req: &Request<'_>,
+    found: &[Found],
+    recipients: Option<Arc<Recipients>>,
+    placed: Arc<Mutex<Placed>>,
+) -> anyhow::Result<Copied> {
+    let (base_entries, reused, jobs) = plan(found, req.base.as_ref())?;
+    let writers = req.opts.upload.concurrency.clamp(1, 4);
+    let (tx, rx) = mpsc::channel::<Sealed>(2 * writers);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let next_bundle = Arc::new(AtomicU32::new(0));
+    let (sysid, id) = (req.sysid, req.id.to_string());
+    let key_of: Arc<dyn Fn(u32) -> String + Send + Sync> =
+        Arc::new(move |no| crate::repo::backup_bundle_key(sysid, &id, no));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..writers {
+        tasks.spawn(writer(
+            req.store.clone(),
+            rx.clone(),
+            placed.clone(),
+            next_bundle.clone(),
+            key_of.clone(),
+            req.opts.upload.part_size.max(5 << 20),
+        ));
+    }
+    let job_count = jobs.len();
+    let job_files: Vec<usize> = jobs.iter().map(|j| j.file).collect();
+    let shared = Shared {
+        root: req.dir,
+        found,
+        base_entries,
+        jobs: Mutex::new(jobs.into_iter().enumerate().collect::<Vec<_>>().into_iter()),
+        results: Mutex::new((0..job_count).map(|_| None).collect()),
+        next_blob: AtomicU32::new(0),
+        stop: AtomicBool::new(false),
+        level: req.opts.compression.level,
+        recipients,
+    };
+    let parallel = req.parallel.max(1);
+    // The workers borrow `shared`; block_in_place lets them run on this thread's scope while
+    // the writers run on the runtime.
+    let read = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..parallel)
+                .map(|_| {
+                    let tx = tx.clone();
+                    let shared = &shared;
+                    scope.spawn(move || worker(shared, tx))
+                })
+                .collect();
+            drop(tx);
+            let mut first: anyhow::Result<()> = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a backup worker panicked")));
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        })
+    });
+    let mut written: anyhow::Result<()> = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap_or_else(|e| Err(anyhow::anyhow!("a bundle writer failed: {e}")));
+        if written.is_ok() {
+            written = r;
+        }
+    }
+    // A writer's error explains a worker's "the bundle writers stopped".
+    written?;
+    read?;
+    let results = shared
+        .results
+        .into_inner()
+        .expect("results")
+        .into_iter()
+        .zip(job_files)
+        .map(|(r, file)| r.map(|r| (file, r)))
+        .collect::<Option<Vec<_>>>()
+        .context("a backup job did not finish")?;
+    Ok(Copied {
+        entries: reused,
+        results,
+    })
+}
+
+fn assemble(
+    req: &Request<'_>,
+    dirs: Vec<fileset::DirEntry>,
+    found: &[Found],
+    copied: Copied,
+    placed: &Mutex<Placed>,
+    label: String,
+    map: Option<String>,
+) -> anyhow::Result<(FileIndex, Summary)> {
+    let placed = std::mem::take(&mut *placed.lock().expect("placed"));
+    let mut bundles: Vec<(u32, String, u64)> = placed.bundles;
+    bundles.sort();
+    let mut index_bundles: Vec<BundleLoc> = Vec::new();
+    let mut bundle_no: HashMap<u32, u32> = HashMap::new();
+    for (no, key, size) in &bundles {
+        bundle_no.insert(*no, index_bundles.len() as u32);
+        index_bundles.push(BundleLoc {
+            backup: req.id.to_string(),
+            key: key.clone(),
+            stored_bytes: *size,
+        });
+    }
+    let own_bundles = index_bundles.clone();
+    let mut new_blobs: Vec<(u32, Blob)> = placed.blobs.into_iter().collect();
+    new_blobs.sort_by_key(|(id, _)| *id);
+    let mut blobs = Vec::with_capacity(new_blobs.len());
+    let mut blob_no: HashMap<u32, u32> = HashMap::new();
+    let mut new_plain = 0u64;
+    for (id, mut b) in new_blobs {
+        b.bundle = bundle_no[&b.bundle];
+        new_plain += b.plain as u64;
+        blob_no.insert(id, blobs.len() as u32);
+        blobs.push(b);
+    }
+    // The base's blobs (and bundles) that this backup still points at.
+    let mut base_blob_no: HashMap<u32, u32> = HashMap::new();
+    let mut base_bundle_no: HashMap<u32, u32> = HashMap::new();
+    let mut map_base = |blob: u32| -> anyhow::Result<u32> {
+        if let Some(n) = base_blob_no.get(&blob) {
+            return Ok(*n);
+        }
+        let base = &req
+            .base
+            .as_ref()
+            .context("an extent of a base without one")?
+            .index;
+        let mut b = *base
+            .blobs
+            .get(blob as usize)
+            .context("a base blob out of range")?;
+        let bundle = match base_bundle_no.get(&b.bundle) {
+            Some(n) => *n,
+            None => {
+                let n = index_bundles.len() as u32;
+                index_bundles.push(base.bundles[b.bundle as usize].clone());
+                base_bundle_no.insert(b.bundle, n);
+                n
+            }
+        };
+        b.bundle = bundle;
+        let n = blobs.len() as u32;
+        blobs.push(b);
+        base_blob_no.insert(blob, n);
+        Ok(n)
+    };
+
+    let mut per_file: Vec<Vec<JobResult>> = (0..found.len()).map(|_| Vec::new()).collect();
+    for (file, r) in copied.results {
+        per_file[file].push(r);
+    }
+    let mut files = Vec::with_capacity(found.len());
+    let mut plain_bytes = 0u64;
+    let mut files_read = 0u64;
+    for ((f, reused), mut parts) in found.iter().zip(copied.entries).zip(per_file) {
+        if let Some(mut entry) = reused {
+            for e in &mut entry.extents {
+                e.blob = map_base(e.blob)?;
+            }
+            plain_bytes += entry.size;
+            files.push(entry);
+            continue;
+        }
+        files_read += 1;
+        parts.sort_by_key(|p| p.from);
+        if parts.iter().any(|p| p.vanished) {
+            continue;
+        }
+        let mut hashes = Vec::new();
+        let mut extents = Vec::new();
+        let mut size = 0u64;
+        for p in parts {
+            if p.from != size {
+                break; // an earlier part ended short: the file shrank while it was read
+            }
+            hashes.extend(p.hashes);
+            for mut e in p.extents {
+                e.blob = if e.blob & BASE_BLOB != 0 {
+                    map_base(e.blob & !BASE_BLOB)?
+                } else {
+                    blob_no[&e.blob]
+                };
+                fileset::push_extent(&mut extents, e);
+            }
+            size += p.read;
+            if p.short {
+                break;
+            }
+        }
+        plain_bytes += size;
+        files.push(FileEntry {
+            path: f.path.clone(),
+            size,
+            mode: f.mode,
+            mtime_ns: f.mtime_ns,
+            checksum: fileset::file_checksum(size, &hashes),
+            blocks: fileset::encode_blocks(&hashes),
+            extents,
+        });
+    }
+    let index = FileIndex {
+        format: fileset::INDEX_FORMAT,
+        block_size: BLOCK,
+        bundles: index_bundles,
+        blobs,
+        dirs,
+        files,
+        backup_label: label,
+        tablespace_map: map.filter(|m| !m.is_empty()),
+    };
+    index.check()?;
+    let mut depends_on = index.backups();
+    depends_on.retain(|b| b != req.id);
+    let summary = Summary {
+        files: index.files.len() as u64,
+        plain_bytes,
+        new_plain_bytes: new_plain,
+        files_read,
+        bundles: own_bundles,
+        depends_on,
+    };
+    Ok((index, summary))
+}

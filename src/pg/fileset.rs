@@ -1,0 +1,647 @@
+//! The file-level backup layout: a data directory stored as files cut into blobs.
+//!
+//! A *blob* is up to `CHUNK` plain bytes (one piece of a big file, or several small files
+//! back to back) compressed into one zstd frame with its content checksum, then encrypted
+//! whole with age in an encrypted repository. Blobs are appended to *bundles*, objects of a
+//! few hundred MiB written by multipart upload, so a restore reads any run of blobs with one
+//! ranged GET and a backup of a thousand small files is not a thousand objects.
+//!
+//! The *index* (one data object per backup, `files.json.zst`, written through `pipeline` so it
+//! has a trailer and is sealed like any data) lists every file with its size, mode, mtime,
+//! checksum and *block map* (the xxh3-64 of every `BLOCK` bytes), and where each byte range
+//! lives: extents pointing at blobs, in this backup's bundles or an earlier backup's. An
+//! incremental backup reads only files whose size or mtime changed, stores only the blocks
+//! whose hash differs from the previous backup's block map, and points at the previous
+//! backup's blobs for the rest (as pgBackRest's block incremental does). A restore needs only
+//! the index of the backup it restores: every byte's location is in it.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{Identities, Recipients};
+use crate::error::Failure;
+use crate::input_err;
+
+/// Bytes per block-map entry. 128 KiB: a 1 GiB relation segment has 8,192 entries (64 KiB of
+/// map), and an update of a contiguous range stores little more than the pages it touched.
+pub const BLOCK: u64 = 128 << 10;
+/// Plain bytes per blob at most (a multiple of `BLOCK`).
+pub const CHUNK: usize = 1 << 20;
+/// Version of the index format.
+pub const INDEX_FORMAT: u32 = 1;
+
+/// Where a byte range of a file lives: `len` bytes at file offset `at` are the plain bytes
+/// `skip..skip+len` of blob `blob`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u64, u64, u32, u32)", into = "(u64, u64, u32, u32)")]
+pub struct Extent {
+    pub at: u64,
+    pub len: u64,
+    pub blob: u32,
+    pub skip: u32,
+}
+
+impl From<(u64, u64, u32, u32)> for Extent {
+    fn from((at, len, blob, skip): (u64, u64, u32, u32)) -> Self {
+        Extent {
+            at,
+            len,
+            blob,
+            skip,
+        }
+    }
+}
+
+impl From<Extent> for (u64, u64, u32, u32) {
+    fn from(e: Extent) -> Self {
+        (e.at, e.len, e.blob, e.skip)
+    }
+}
+
+/// One stored blob: `stored` bytes at `offset` in bundle `bundle`, `plain` bytes once opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u32, u64, u32, u32)", into = "(u32, u64, u32, u32)")]
+pub struct Blob {
+    pub bundle: u32,
+    pub offset: u64,
+    pub stored: u32,
+    pub plain: u32,
+}
+
+impl From<(u32, u64, u32, u32)> for Blob {
+    fn from((bundle, offset, stored, plain): (u32, u64, u32, u32)) -> Self {
+        Blob {
+            bundle,
+            offset,
+            stored,
+            plain,
+        }
+    }
+}
+
+impl From<Blob> for (u32, u64, u32, u32) {
+    fn from(b: Blob) -> Self {
+        (b.bundle, b.offset, b.stored, b.plain)
+    }
+}
+
+/// A bundle object, and the backup that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleLoc {
+    pub backup: String,
+    pub key: String,
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub path: String,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the data directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    /// Modification time when the backup read it, in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// xxh3-128 of the size and the block map: equal checksums, equal content.
+    pub checksum: String,
+    /// The block map: xxh3-64 of every `BLOCK` bytes, little endian, base64.
+    pub blocks: String,
+    /// Sorted, contiguous, covering `0..size`.
+    pub extents: Vec<Extent>,
+}
+
+impl FileEntry {
+    pub fn block_hashes(&self) -> anyhow::Result<Vec<u64>> {
+        decode_blocks(&self.blocks).with_context(|| format!("the block map of {}", self.path))
+    }
+}
+
+/// Everything a restore needs, in one data object per backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIndex {
+    pub format: u32,
+    pub block_size: u64,
+    pub bundles: Vec<BundleLoc>,
+    pub blobs: Vec<Blob>,
+    pub dirs: Vec<DirEntry>,
+    pub files: Vec<FileEntry>,
+    /// What `pg_backup_stop` returned, written into the restored directory last.
+    pub backup_label: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tablespace_map: Option<String>,
+}
+
+impl FileIndex {
+    /// Checks that every extent points inside a blob and every blob inside a bundle, and that
+    /// each file's extents cover it: a damaged or hostile index fails here, before a byte is
+    /// written.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let bad = |what: String| {
+            anyhow::Error::new(Failure::Corrupt(format!(
+                "the backup's file index is corrupt: {what}"
+            )))
+        };
+        for (i, b) in self.blobs.iter().enumerate() {
+            if b.bundle as usize >= self.bundles.len() || b.plain as usize > CHUNK {
+                return Err(bad(format!("blob {i} points outside the bundles")));
+            }
+        }
+        for f in &self.files {
+            if !safe_path(&f.path) {
+                return Err(bad(format!("unsafe path {:?}", f.path)));
+            }
+            let mut next = 0u64;
+            for e in &f.extents {
+                let blob = self
+                    .blobs
+                    .get(e.blob as usize)
+                    .ok_or_else(|| bad(format!("{} points at a missing blob", f.path)))?;
+                if e.at != next || e.skip as u64 + e.len > blob.plain as u64 {
+                    return Err(bad(format!("the extents of {} do not line up", f.path)));
+                }
+                next += e.len;
+            }
+            if next != f.size {
+                return Err(bad(format!("the extents of {} do not cover it", f.path)));
+            }
+        }
+        for d in &self.dirs {
+            if !safe_path(&d.path) {
+                return Err(bad(format!("unsafe path {:?}", d.path)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The backups whose bundles this index reads, its own included.
+    pub fn backups(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.bundles.iter().map(|b| b.backup.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
+/// A relative path that stays inside the directory.
+fn safe_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+pub fn encode_blocks(hashes: &[u64]) -> String {
+    let mut raw = Vec::with_capacity(hashes.len() * 8);
+    for h in hashes {
+        raw.extend_from_slice(&h.to_le_bytes());
+    }
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
+}
+
+pub fn decode_blocks(text: &str) -> anyhow::Result<Vec<u64>> {
+    let raw = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(text)
+        .context("not base64")?;
+    if raw.len() % 8 != 0 {
+        anyhow::bail!("a block map of {} bytes", raw.len());
+    }
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+pub fn block_hash(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
+/// The file checksum: xxh3-128 over the size and the block map.
+pub fn file_checksum(size: u64, hashes: &[u64]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&size.to_le_bytes());
+    for b in hashes {
+        h.update(&b.to_le_bytes());
+    }
+    format!("{:032x}", h.digest128())
+}
+
+/// The number of blocks of a file of `size` bytes.
+pub fn block_count(size: u64) -> usize {
+    size.div_ceil(BLOCK) as usize
+}
+
+/// Compresses (zstd frame with content checksum) and, for an encrypted repository, encrypts one
+/// blob. One per worker thread: it keeps its zstd context.
+pub struct BlobWriter {
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl BlobWriter {
+    pub fn new(level: i32) -> anyhow::Result<BlobWriter> {
+        let mut zstd = zstd::bulk::Compressor::new(level).context("starting zstd")?;
+        zstd.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+            .context("starting zstd")?;
+        Ok(BlobWriter { zstd })
+    }
+
+    pub fn seal(
+        &mut self,
+        plain: &[u8],
+        recipients: Option<&Recipients>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let compressed = self.zstd.compress(plain).context("compressing")?;
+        match recipients {
+            None => Ok(compressed),
+            Some(r) => crate::crypto::seal::seal_bytes(r, &compressed),
+        }
+    }
+}
+
+/// Opens one blob (`name` says where it is, for messages): decrypts, decompresses, and checks
+/// the zstd content checksum and the plain length the index recorded.
+pub struct BlobReader {
+    zstd: zstd::bulk::Decompressor<'static>,
+}
+
+impl BlobReader {
+    pub fn new() -> anyhow::Result<BlobReader> {
+        Ok(BlobReader {
+            zstd: zstd::bulk::Decompressor::new().context("starting zstd")?,
+        })
+    }
+
+    pub fn open(
+        &mut self,
+        stored: &[u8],
+        plain_len: usize,
+        identities: Option<&Identities>,
+        name: &str,
+    ) -> anyhow::Result<Vec<u8>> {
+        let corrupt =
+            |why: String| anyhow::Error::new(Failure::Corrupt(format!("{name} is corrupt: {why}")));
+        let opened;
+        let compressed = if stored.starts_with(b"age-encryption.org/v1\n") {
+            let Some(ids) = identities else {
+                return Err(input_err!(
+                    "{name} is encrypted: readers need {}, the secret keys; nothing was written",
+                    crate::crypto::keys::IDENTITY_SETTING
+                ));
+            };
+            opened = crate::crypto::seal::open_bytes(ids, stored, name)?;
+            &opened[..]
+        } else {
+            stored
+        };
+        let mut out = Vec::with_capacity(plain_len);
+        let n = self
+            .zstd
+            .decompress_to_buffer(compressed, &mut out)
+            .map_err(|e| corrupt(e.to_string()))?;
+        if n != plain_len {
+            return Err(corrupt(format!(
+                "{n} plain bytes, the index says {plain_len}"
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// A file or directory of the data directory, as the walk found it.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+}
+
+/// What a base backup leaves out (PostgreSQL's own list, `basebackup.c`): the contents of
+/// these directories (the directories themselves are kept, empty)…
+const EMPTY_DIRS: &[&str] = &[
+    "pg_wal",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
+
+/// …and these files, wherever the name is given as a path, and temporary files anywhere.
+const SKIP_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "tablespace_map",
+    "backup_manifest",
+    "backup_label.old",
+    "current_logfiles",
+    "standby.signal",
+    "recovery.signal",
+    "pg_control.dbagent-unverified",
+    crate::restore::untar::MARKER,
+];
+
+fn skipped(rel: &str, name: &str) -> bool {
+    SKIP_FILES.contains(&rel)
+        || name.starts_with("pgsql_tmp")
+        || name == "pg_internal.init"
+        || name.ends_with(".dbagent-unverified")
+}
+
+/// Walks a data directory: directories (sorted) and files (sorted), as PostgreSQL's base
+/// backup would include them. A file that vanishes during the walk (a dropped table) is left
+/// out: the WAL replayed from the backup's start drops it anyway. Tablespaces other than the
+/// default are refused.
+pub fn walk(root: &Path) -> anyhow::Result<(Vec<DirEntry>, Vec<Found>)> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    let mut stack = vec![(PathBuf::new(), root.to_path_buf())];
+    while let Some((rel, abs)) = stack.pop() {
+        let entries = match std::fs::read_dir(&abs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.as_os_str().is_empty() => {
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", abs.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", abs.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let rel_path = rel.join(&name);
+            let rel_str = rel_path.to_string_lossy().into_owned();
+            let meta = match std::fs::symlink_metadata(entry.path()) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading {}", entry.path().display()));
+                }
+            };
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                if rel.as_os_str() == "pg_tblspc" {
+                    return Err(input_err!(
+                        "{} holds a tablespace ({}): file-level backups cover the default tablespace only; unset pg.data_dir to back up over the network",
+                        root.display(),
+                        rel_str
+                    ));
+                }
+                if rel.as_os_str().is_empty() && name == "pg_wal" {
+                    // pg_wal elsewhere (initdb -X): restored as a plain, empty directory.
+                    dirs.push(DirEntry {
+                        path: rel_str,
+                        mode: 0o700,
+                    });
+                    continue;
+                }
+                return Err(input_err!(
+                    "{} is a symbolic link: file-level backups do not follow links inside the data directory; unset pg.data_dir to back up over the network",
+                    entry.path().display()
+                ));
+            }
+            if ft.is_dir() {
+                dirs.push(DirEntry {
+                    path: rel_str.clone(),
+                    mode: meta.permissions().mode() & 0o7777,
+                });
+                if !(rel.as_os_str().is_empty() && EMPTY_DIRS.contains(&name.as_str())) {
+                    stack.push((rel_path, entry.path()));
+                }
+                continue;
+            }
+            if !ft.is_file() || skipped(&rel_str, &name) {
+                continue;
+            }
+            files.push(Found {
+                path: rel_str,
+                size: meta.len(),
+                mode: meta.permissions().mode() & 0o7777,
+                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            });
+        }
+    }
+    dirs.sort_by(|a, b| a.path.cmp(&b.path));
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((dirs, files))
+}
+
+/// Reads up to `buf.len()` bytes at `offset`; fewer only at the end of the file.
+pub fn read_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// The block map of a file on disk (for a delta restore): `None` when it cannot be read.
+pub fn hash_file(path: &Path) -> Option<(u64, Vec<u64>)> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut hashes = Vec::new();
+    let mut size = 0u64;
+    loop {
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        if got == 0 {
+            break;
+        }
+        hashes.push(block_hash(&buf[..got]));
+        size += got as u64;
+        if got < buf.len() {
+            break;
+        }
+    }
+    Some((size, hashes))
+}
+
+/// The extents of `extents` (sorted, contiguous) that cover `from..to`, cut to that range.
+pub fn slice_extents(extents: &[Extent], from: u64, to: u64, out: &mut Vec<Extent>) {
+    let start = extents.partition_point(|e| e.at + e.len <= from);
+    for e in &extents[start..] {
+        if e.at >= to {
+            break;
+        }
+        let a = e.at.max(from);
+        let b = (e.at + e.len).min(to);
+        push_extent(
+            out,
+            Extent {
+                at: a,
+                len: b - a,
+                blob: e.blob,
+                skip: e.skip + (a - e.at) as u32,
+            },
+        );
+    }
+}
+
+/// Appends `e`, merged into the last extent when it continues it in the same blob.
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = out.last_mut()
+        && last.blob == e.blob
+        && last.at + last.len == e.at
+        && last.skip as u64 + last.len == e.skip as u64
+    {
+        last.len += e.len;
+        return;
+    }
+    out.push(e);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slicing_extents_cuts_and_merges() {
+        let ext = vec![
+            Extent {
+                at: 0,
+                len: 100,
+                blob: 0,
+                skip: 0,
+            },
+            Extent {
+                at: 100,
+                len: 50,
+                blob: 1,
+                skip: 10,
+            },
+            Extent {
+                at: 150,
+                len: 50,
+                blob: 1,
+                skip: 60,
+            },
+        ];
+        let mut out = Vec::new();
+        slice_extents(&ext, 90, 160, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Extent {
+                    at: 90,
+                    len: 10,
+                    blob: 0,
+                    skip: 90
+                },
+                Extent {
+                    at: 100,
+                    len: 60,
+                    blob: 1,
+                    skip: 10
+                },
+            ]
+        );
+        // Slicing block by block gives back the same extents.
+        let mut out = Vec::new();
+        for a in (0..200).step_by(7) {
+            slice_extents(&ext, a, (a + 7).min(200), &mut out);
+        }
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[1],
+            Extent {
+                at: 100,
+                len: 100,
+                blob: 1,
+                skip: 10
+            }
+        );
+    }
+
+    #[test]
+    fn block_maps_round_trip_and_checksums_see_every_block() {
+        let hashes = vec![1u64, u64::MAX, 42];
+        assert_eq!(decode_blocks(&encode_blocks(&hashes)).unwrap(), hashes);
+        assert_ne!(
+            file_checksum(3, &hashes),
+            file_checksum(3, &[1, u64::MAX, 43])
+        );
+        assert_ne!(file_checksum(3, &hashes), file_checksum(4, &hashes));
+    }
+
+    #[test]
+    fn a_blob_round_trips_and_a_flipped_byte_is_corruption() {
+        let plain: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let stored = BlobWriter::new(3).unwrap().seal(&plain, None).unwrap();
+        let mut r = BlobReader::new().unwrap();
+        assert_eq!(r.open(&stored, plain.len(), None, "blob").unwrap(), plain);
+        let mut bad = stored.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 0x40;
+        let err = r
+            .open(&bad, plain.len(), None, "blob 7 of backup X")
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("blob 7 of backup X is corrupt"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn an_index_whose_extents_leave_a_hole_is_refused() {
+        let mut idx = FileIndex {
+            format: INDEX_FORMAT,
+            block_size: BLOCK,
+            bundles: vec![BundleLoc {
+                backup: "b".into(),
+                key: "k".into(),
+                stored_bytes: 10,
+            }],
+            blobs: vec![Blob {
+                bundle: 0,
+                offset: 0,
+                stored: 10,
+                plain: 100,
+            }],
+            dirs: vec![],
+            files: vec![FileEntry {
+                path: "base/1/2".into(),
+                size: 100,
+                mode: 0o600,
+                mtime_ns: 0,
+                checksum: String::new(),
+                blocks: String::new(),
+                extents: vec![Extent {
+                    at: 0,
+                    len: 100,
+                    blob: 0,
+                    skip: 0,
+                }],
+            }],
+            backup_label: String::new(),
+            tablespace_map: None,
+        };
+        idx.check().unwrap();
+        idx.files[0].extents[0].len = 90;
+        assert!(idx.check().is_err());
+        idx.files[0].extents[0].len = 100;
+        idx.files[0].path = "../etc/passwd".into();
+        assert!(idx.check().is_err());
+    }
+}

@@ -1,0 +1,599 @@
+//! Restoring a file-level backup (`pg::fileset`): in parallel, every block checked.
+//!
+//! The index says where every byte lives. The blobs to read are grouped into ranges of a
+//! bundle (one ranged GET each, at most `RANGE` bytes); `backup.parallel` downloads run at
+//! once and as many worker threads open the blobs (decrypt, decompress, zstd checksum) and
+//! write their pieces in place with `pwrite`, checking each block's xxh3 against the block map
+//! before it is written: a restore fails on the first bad byte, naming the backup that stored
+//! it. Memory: at most `IN_FLIGHT` bytes of ranges downloaded and not yet written, plus one
+//! blob per worker. Files are fsynced once each at the end, then the directories; pg_control
+//! is held back (as the tar restore does) until everything else is in place.
+//!
+//! `--delta` restores into a data directory of the same cluster: files not in the backup are
+//! removed, and of the others only blocks whose hash differs are written.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::untar::{CONTROL_FILE, CONTROL_UNVERIFIED, MARKER, MARKER_TEXT};
+use crate::crypto::Identities;
+use crate::error::Failure;
+use crate::input_err;
+use crate::pg::fileset::{self, BLOCK, BlobReader, Extent, FileIndex};
+use crate::repo::manifest::BaseBackup;
+use crate::storage::Store;
+
+/// A ranged read covers at most this many bytes.
+const RANGE: u64 = 4 << 20;
+/// Blobs whose gap is smaller than this are read with the range between them.
+const GAP: u64 = 256 << 10;
+/// Downloaded bytes not yet written, at most.
+const IN_FLIGHT: usize = 24 << 20;
+
+/// What a restore wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unpacked {
+    pub files: u64,
+    pub bytes_written: u64,
+    pub bytes_kept: u64,
+}
+
+/// A piece of a blob that goes into a file.
+#[derive(Debug, Clone, Copy)]
+struct Use {
+    file: u32,
+    at: u64,
+    skip: u32,
+    len: u64,
+}
+
+/// One ranged read of a bundle and the blobs in it.
+struct Range {
+    bundle: usize,
+    start: u64,
+    end: u64,
+    blobs: Vec<(u32, Vec<Use>)>,
+}
+
+struct Target {
+    /// Where it is written (pg_control under its held-back name).
+    path: PathBuf,
+    /// As the index names it, for messages.
+    name: String,
+    hashes: Vec<u64>,
+}
+
+struct Shared<'a> {
+    index: &'a FileIndex,
+    targets: Vec<Target>,
+    identities: Option<Arc<Identities>>,
+    written: AtomicU64,
+    failed: AtomicBool,
+    /// false: read and check every block, write nothing (`verify --full`).
+    write: bool,
+}
+
+fn corrupt(msg: String) -> anyhow::Error {
+    anyhow::Error::new(Failure::Corrupt(msg))
+}
+
+/// Checks `dir` for a delta restore: a data directory of cluster `sysid`, no server running.
+pub fn check_delta_dir(dir: &Path, sysid: u64) -> anyhow::Result<()> {
+    if !dir.exists() || dir.read_dir().is_ok_and(|mut d| d.next().is_none()) {
+        return Ok(());
+    }
+    let pid = dir.join("postmaster.pid");
+    if let Ok(text) = std::fs::read_to_string(&pid)
+        && let Some(n) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok())
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        && unsafe { libc::kill(n, 0) } == 0
+    {
+        return Err(input_err!(
+            "{} is in use by a running server (postmaster.pid names process {n}): stop it before a delta restore",
+            dir.display()
+        ));
+    }
+    let found = if dir.join(CONTROL_FILE).exists() {
+        crate::pg::control::system_identifier(dir).ok()
+    } else if dir.join(MARKER).exists() {
+        None // an earlier restore into it stopped midway: carry on
+    } else {
+        return Err(input_err!(
+            "{} is not a PostgreSQL data directory (no {CONTROL_FILE}): --delta restores into a data directory of the same cluster; use an empty directory without --delta",
+            dir.display()
+        ));
+    };
+    if let Some(found) = found
+        && found != sysid
+    {
+        return Err(input_err!(
+            "{} holds cluster {found}, not {sysid}: --delta restores only into a data directory of the same cluster; use an empty directory without --delta",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Restores the file-level backup `b` into `dir`: empty, or (with `delta`) a data directory
+/// of the same cluster.
+pub async fn unpack(
+    store: &dyn Store,
+    b: &BaseBackup,
+    dir: &Path,
+    delta: bool,
+    parallel: usize,
+) -> anyhow::Result<Unpacked> {
+    let index = crate::pg::filebackup::load_index(store, b).await?;
+    let identities = crate::pipeline::identities(store).await?;
+    let parallel = parallel.max(1);
+    let dir_owned = dir.to_path_buf();
+    let index = Arc::new(index);
+    let idx = index.clone();
+    let (needs, mut stats) =
+        tokio::task::spawn_blocking(move || prepare(&idx, &dir_owned, delta, parallel))
+            .await
+            .context("preparing the data directory")??;
+    let ranges = plan_ranges(&index, &needs);
+    let targets = index
+        .files
+        .iter()
+        .map(|f| {
+            Ok(Target {
+                path: if f.path == CONTROL_FILE {
+                    dir.join(CONTROL_UNVERIFIED)
+                } else {
+                    dir.join(&f.path)
+                },
+                name: f.path.clone(),
+                hashes: f.block_hashes()?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let shared = Shared {
+        index: &index,
+        targets,
+        identities,
+        written: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+        write: true,
+    };
+    fetch_and_write(store, &shared, ranges, parallel, b).await?;
+    stats.bytes_written = shared.written.load(Ordering::Relaxed);
+
+    // Durable: each written file once, then the directories, then the label and pg_control.
+    let touched: Vec<PathBuf> = needs
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.is_some())
+        .map(|(i, _)| shared.targets[i].path.clone())
+        .collect();
+    let dirs: Vec<PathBuf> = std::iter::once(dir.to_path_buf())
+        .chain(index.dirs.iter().map(|d| dir.join(&d.path)))
+        .collect();
+    let label = index.backup_label.clone();
+    let map = index.tablespace_map.clone();
+    let root = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        sync_all(&touched, parallel)?;
+        for d in &dirs {
+            if let Ok(f) = std::fs::File::open(d) {
+                f.sync_all()
+                    .with_context(|| format!("syncing {}", d.display()))?;
+            }
+        }
+        write_synced(&root.join("backup_label"), label.as_bytes())?;
+        if let Some(map) = map {
+            write_synced(&root.join("tablespace_map"), map.as_bytes())?;
+        }
+        Ok(())
+    })
+    .await
+    .context("syncing the restored files")??;
+    super::untar::release(dir)?;
+    stats.files = index.files.len() as u64;
+    Ok(stats)
+}
+
+/// Reads every block a file-level backup restores (its own and its chain's) and checks it
+/// against the block map, writing nothing; returns the bytes checked.
+pub async fn check(store: &dyn Store, b: &BaseBackup, parallel: usize) -> anyhow::Result<u64> {
+    let index = crate::pg::filebackup::load_index(store, b).await?;
+    let needs: Vec<Option<Vec<Extent>>> = index
+        .files
+        .iter()
+        .map(|f| Some(f.extents.clone()))
+        .collect();
+    let ranges = plan_ranges(&index, &needs);
+    let targets = index
+        .files
+        .iter()
+        .map(|f| {
+            Ok(Target {
+                path: PathBuf::new(),
+                name: f.path.clone(),
+                hashes: f.block_hashes()?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let shared = Shared {
+        index: &index,
+        targets,
+        identities: crate::pipeline::identities(store).await?,
+        written: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+        write: false,
+    };
+    fetch_and_write(store, &shared, ranges, parallel.max(1), b).await?;
+    Ok(shared.written.load(Ordering::Relaxed))
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let f = std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all_at(data, 0)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn sync_all(paths: &[PathBuf], parallel: usize) -> anyhow::Result<()> {
+    let next = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(p) = paths.get(i) else { return Ok(()) };
+                        std::fs::File::open(p)
+                            .and_then(|f| f.sync_all())
+                            .with_context(|| format!("syncing {}", p.display()))?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a sync worker panicked")))
+            })
+            .collect::<anyhow::Result<Vec<()>>>()
+            .map(drop)
+    })
+}
+
+/// Makes the directory ready: the marker, the directories, every file at its size. Returns,
+/// per file of the index, the extents still to write (`None`: nothing to write), and what a
+/// delta kept.
+fn prepare(
+    index: &FileIndex,
+    dir: &Path,
+    delta: bool,
+    parallel: usize,
+) -> anyhow::Result<(Vec<Option<Vec<Extent>>>, Unpacked)> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting permissions on {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), MARKER_TEXT)
+        .with_context(|| format!("writing {MARKER} into {}", dir.display()))?;
+    if delta {
+        // Unstartable until the restore is complete.
+        let _ = std::fs::remove_file(dir.join(CONTROL_FILE));
+        remove_strays(index, dir)?;
+    }
+    for d in &index.dirs {
+        let p = dir.join(&d.path);
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(d.mode & 0o7777))
+            .with_context(|| format!("setting permissions on {}", p.display()))?;
+    }
+    let kept = AtomicU64::new(0);
+    let next = AtomicU64::new(0);
+    let needs: Mutex<Vec<Option<Vec<Extent>>>> = Mutex::new(vec![None; index.files.len()]);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(f) = index.files.get(i) else {
+                            return Ok(());
+                        };
+                        let path = if f.path == CONTROL_FILE {
+                            dir.join(CONTROL_UNVERIFIED)
+                        } else {
+                            dir.join(&f.path)
+                        };
+                        let need = if delta && f.path != CONTROL_FILE {
+                            let want = f.block_hashes()?;
+                            match fileset::hash_file(&path) {
+                                Some((_, have)) => {
+                                    let mut need = Vec::new();
+                                    for (bi, h) in want.iter().enumerate() {
+                                        let from = bi as u64 * BLOCK;
+                                        let to = (from + BLOCK).min(f.size);
+                                        if have.get(bi) == Some(h)
+                                            && (to - from == BLOCK || have.len() == bi + 1)
+                                        {
+                                            kept.fetch_add(to - from, Ordering::Relaxed);
+                                            continue;
+                                        }
+                                        fileset::slice_extents(&f.extents, from, to, &mut need);
+                                    }
+                                    need
+                                }
+                                None => f.extents.clone(),
+                            }
+                        } else {
+                            f.extents.clone()
+                        };
+                        let file = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(!delta)
+                            .open(&path)
+                            .with_context(|| format!("creating {}", path.display()))?;
+                        file.set_len(f.size)
+                            .with_context(|| format!("sizing {}", path.display()))?;
+                        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+                            .with_context(|| {
+                                format!("setting permissions on {}", path.display())
+                            })?;
+                        if !need.is_empty() || !delta {
+                            needs.lock().expect("needs")[i] = Some(need);
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a restore worker panicked")))
+            })
+            .collect::<anyhow::Result<Vec<()>>>()
+    })?;
+    Ok((
+        needs.into_inner().expect("needs"),
+        Unpacked {
+            bytes_kept: kept.into_inner(),
+            ..Unpacked::default()
+        },
+    ))
+}
+
+/// Removes what a delta target holds and the backup does not (files of dropped relations, WAL,
+/// a stale postmaster.pid).
+fn remove_strays(index: &FileIndex, dir: &Path) -> anyhow::Result<()> {
+    let files: HashSet<&str> = index.files.iter().map(|f| f.path.as_str()).collect();
+    let dirs: HashSet<&str> = index.dirs.iter().map(|d| d.path.as_str()).collect();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = dir.join(&rel);
+        for entry in
+            std::fs::read_dir(&abs).with_context(|| format!("reading {}", abs.display()))?
+        {
+            let entry = entry.with_context(|| format!("reading {}", abs.display()))?;
+            let rel_path = rel.join(entry.file_name());
+            let rel_str = rel_path.to_string_lossy().into_owned();
+            let ft = entry.file_type()?;
+            if ft.is_dir() && !ft.is_symlink() {
+                if dirs.contains(rel_str.as_str()) {
+                    stack.push(rel_path);
+                } else {
+                    std::fs::remove_dir_all(entry.path())
+                        .with_context(|| format!("removing {}", entry.path().display()))?;
+                }
+            } else if !files.contains(rel_str.as_str()) && rel_str != MARKER {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Groups the blobs to read into ranged reads.
+fn plan_ranges(index: &FileIndex, needs: &[Option<Vec<Extent>>]) -> Vec<Range> {
+    let mut uses: BTreeMap<u32, Vec<Use>> = BTreeMap::new();
+    for (file, need) in needs.iter().enumerate() {
+        for e in need.iter().flatten() {
+            uses.entry(e.blob).or_default().push(Use {
+                file: file as u32,
+                at: e.at,
+                skip: e.skip,
+                len: e.len,
+            });
+        }
+    }
+    let mut by_bundle: HashMap<u32, Vec<(u32, Vec<Use>)>> = HashMap::new();
+    for (blob, u) in uses {
+        by_bundle
+            .entry(index.blobs[blob as usize].bundle)
+            .or_default()
+            .push((blob, u));
+    }
+    let mut ranges = Vec::new();
+    let mut bundles: Vec<_> = by_bundle.into_iter().collect();
+    bundles.sort_by_key(|(b, _)| *b);
+    for (bundle, mut blobs) in bundles {
+        blobs.sort_by_key(|(b, _)| index.blobs[*b as usize].offset);
+        let mut current: Option<Range> = None;
+        for (blob, u) in blobs {
+            let b = index.blobs[blob as usize];
+            let (start, end) = (b.offset, b.offset + b.stored as u64);
+            if let Some(r) = current.as_mut()
+                && start >= r.end
+                && start - r.end <= GAP
+                && end - r.start <= RANGE
+            {
+                r.end = end;
+                r.blobs.push((blob, u));
+                continue;
+            }
+            if let Some(r) = current.take() {
+                ranges.push(r);
+            }
+            current = Some(Range {
+                bundle: bundle as usize,
+                start,
+                end,
+                blobs: vec![(blob, u)],
+            });
+        }
+        ranges.extend(current);
+    }
+    ranges
+}
+
+async fn fetch_and_write(
+    store: &dyn Store,
+    shared: &Shared<'_>,
+    ranges: Vec<Range>,
+    parallel: usize,
+    b: &BaseBackup,
+) -> anyhow::Result<()> {
+    let budget = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT >> 10));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Range, Bytes, tokio::sync::OwnedSemaphorePermit)>(
+        parallel,
+    );
+    let rx = Mutex::new(rx);
+    let index = shared.index;
+    let downloads = async move {
+        let mut fetches = futures::stream::iter(ranges)
+            .map(|r| {
+                let budget = budget.clone();
+                async move {
+                    let kib = (((r.end - r.start) >> 10) as u32 + 1).min((IN_FLIGHT >> 10) as u32);
+                    let permit = budget.acquire_many_owned(kib).await.expect("semaphore open");
+                    let key = &index.bundles[r.bundle].key;
+                    let bytes = store
+                        .get_range(key, r.start..r.end)
+                        .await
+                        .with_context(|| format!("reading {key}"))?;
+                    if bytes.len() as u64 != r.end - r.start {
+                        return Err(corrupt(format!(
+                            "{key} is shorter than the backup's index says: it is damaged or was truncated"
+                        )));
+                    }
+                    anyhow::Ok((r, bytes, permit))
+                }
+            })
+            .buffer_unordered(parallel);
+        while let Some(next) = fetches.next().await {
+            if shared.failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let item = next?;
+            // Blocks while every worker is busy: that is the back-pressure.
+            tx.send(item)
+                .map_err(|_| anyhow::anyhow!("the restore workers stopped"))?;
+        }
+        anyhow::Ok(())
+    };
+    let result = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..parallel)
+                .map(|_| {
+                    let rx = &rx;
+                    scope.spawn(move || -> anyhow::Result<()> {
+                        let mut reader = BlobReader::new()?;
+                        loop {
+                            let next = rx.lock().expect("rx").recv();
+                            let Ok((range, bytes, _permit)) = next else {
+                                return Ok(());
+                            };
+                            if let Err(e) = write_range(shared, &mut reader, &range, &bytes, b) {
+                                shared.failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let handle = tokio::runtime::Handle::current();
+            let fetched = handle.block_on(downloads);
+            let mut first: anyhow::Result<()> = Ok(());
+            for w in workers {
+                let r = w
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a restore worker panicked")));
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            // A worker's error (a corrupt blob) explains why the downloads stopped.
+            first.and(fetched)
+        })
+    });
+    result.with_context(|| format!("restoring base backup {}", b.id))
+}
+
+fn write_range(
+    shared: &Shared,
+    reader: &mut BlobReader,
+    range: &Range,
+    bytes: &[u8],
+    restoring: &BaseBackup,
+) -> anyhow::Result<()> {
+    let bundle = &shared.index.bundles[range.bundle];
+    for (blob_no, uses) in &range.blobs {
+        let blob = shared.index.blobs[*blob_no as usize];
+        let from = (blob.offset - range.start) as usize;
+        let stored = &bytes[from..from + blob.stored as usize];
+        let name = format!(
+            "blob {blob_no} (bytes {}..{} of {}) of backup {}",
+            blob.offset,
+            blob.offset + blob.stored as u64,
+            bundle.key,
+            bundle.backup
+        );
+        let plain = reader.open(
+            stored,
+            blob.plain as usize,
+            shared.identities.as_deref(),
+            &name,
+        )?;
+        for u in uses {
+            let target = &shared.targets[u.file as usize];
+            let data = &plain[u.skip as usize..u.skip as usize + u.len as usize];
+            // Blocks never straddle blobs: each piece is whole blocks (the file's last may be short).
+            for (k, block) in data.chunks(BLOCK as usize).enumerate() {
+                let bi = (u.at / BLOCK) as usize + k;
+                if target.hashes.get(bi) != Some(&fileset::block_hash(block)) {
+                    return Err(corrupt(format!(
+                        "block {bi} of {} from backup {} ({}) does not match its checksum: the backup is damaged; restore an earlier backup{}",
+                        target.name,
+                        bundle.backup,
+                        bundle.key,
+                        if bundle.backup != restoring.id {
+                            format!(" (backup {} builds on it)", restoring.id)
+                        } else {
+                            String::new()
+                        }
+                    )));
+                }
+            }
+            if !shared.write {
+                shared.written.fetch_add(u.len, Ordering::Relaxed);
+                continue;
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&target.path)
+                .with_context(|| format!("writing {}", target.path.display()))?;
+            f.write_all_at(data, u.at)
+                .with_context(|| format!("writing {}", target.path.display()))?;
+            shared.written.fetch_add(u.len, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
