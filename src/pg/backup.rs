@@ -401,6 +401,7 @@ pub async fn base_backup(
     }
 
     let seg_size = facts.server.wal_segment_size;
+    let mut watch = None;
     let (data, start_lsn, tli, stop_lsn, files) = match local {
         Some(dir) => {
             let client = conn.connect().await?;
@@ -438,6 +439,15 @@ pub async fn base_backup(
                 None => None,
             };
             let based_on = base.as_ref().map(|b| b.manifest.id.clone());
+            // An archive that never catches up: fail with the reason while waiting for WAL.
+            let watcher = conn.connect().await?;
+            let before = archive_progress(&watcher).await?;
+            // Watching from now: by the time the files are stored it knows how long the
+            // archiver has been stuck.
+            watch = Some(AbortOnDrop(tokio::spawn(archive_stuck(
+                watcher,
+                ArchiveWatch::new(before.lsn, seg_size, cfg.wal.archive_wait),
+            ))));
             let taken = crate::pg::filebackup::take(crate::pg::filebackup::Request {
                 store: store.clone(),
                 conn: &conn,
@@ -484,7 +494,29 @@ pub async fn base_backup(
 
     let first = Segment::of_lsn(tli, start_lsn, seg_size);
     let last = Segment::of_lsn(tli, stop_lsn, seg_size);
-    if let Err(e) = wait_for_wal(cfg, store.as_ref(), sysid, first, last, seg_size).await {
+    let waited = match watch.as_mut() {
+        Some(AbortOnDrop(stuck)) => {
+            tokio::select! {
+                // Two seconds more than the watcher, which polls every second: when the
+                // archiver is stuck, its message (naming the failure) comes first.
+                r = wait_for_wal(cfg, store.as_ref(), sysid, first, last, seg_size, Duration::from_secs(2)) => r,
+                e = stuck => Err(e.unwrap_or_else(|e| anyhow::anyhow!("the archive watcher failed: {e}"))),
+            }
+        }
+        None => {
+            wait_for_wal(
+                cfg,
+                store.as_ref(),
+                sysid,
+                first,
+                last,
+                seg_size,
+                Duration::ZERO,
+            )
+            .await
+        }
+    };
+    if let Err(e) = waited {
         delete_objects(store.as_ref(), &data, files.as_ref()).await;
         return Err(e);
     }
@@ -533,6 +565,15 @@ pub async fn base_backup(
         stop_wal: manifest.stop_wal,
         consistent_at: manifest.stop_time,
     })
+}
+
+/// A task that stops when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Deletes what a backup that will not get its manifest wrote (best effort: `prune` removes
@@ -607,8 +648,9 @@ async fn wait_for_wal(
     first: Segment,
     last: Segment,
     seg_size: u64,
+    grace: Duration,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + cfg.wal.archive_wait;
+    let deadline = Instant::now() + cfg.wal.archive_wait + grace;
     for segno in first.segno..=last.segno {
         let name = Segment {
             tli: first.tli,

@@ -17,6 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -78,6 +79,7 @@ struct Shared<'a> {
     failed: AtomicBool,
     /// false: read and check every block, write nothing (`verify --full`).
     write: bool,
+    retry_for: Duration,
 }
 
 fn corrupt(msg: String) -> anyhow::Error {
@@ -129,6 +131,7 @@ pub async fn unpack(
     dir: &Path,
     delta: bool,
     parallel: usize,
+    retry_for: Duration,
 ) -> anyhow::Result<Unpacked> {
     let index = crate::pg::filebackup::load_index(store, b).await?;
     let identities = crate::pipeline::identities(store).await?;
@@ -163,6 +166,7 @@ pub async fn unpack(
         written: AtomicU64::new(0),
         failed: AtomicBool::new(false),
         write: true,
+        retry_for,
     };
     fetch_and_write(store, &shared, ranges, parallel, b).await?;
     stats.bytes_written = shared.written.load(Ordering::Relaxed);
@@ -229,6 +233,7 @@ pub async fn check(store: &dyn Store, b: &BaseBackup, parallel: usize) -> anyhow
         written: AtomicU64::new(0),
         failed: AtomicBool::new(false),
         write: false,
+        retry_for: Duration::from_secs(60),
     };
     fetch_and_write(store, &shared, ranges, parallel.max(1), b).await?;
     Ok(shared.written.load(Ordering::Relaxed))
@@ -454,6 +459,47 @@ fn plan_ranges(index: &FileIndex, needs: &[Option<Vec<Extent>>]) -> Vec<Range> {
     ranges
 }
 
+/// One ranged read, tried again on transient errors and stalls for `retry_for`: one hiccup of
+/// the store must not fail a restore of hours.
+async fn get_range(
+    store: &dyn Store,
+    key: &str,
+    range: std::ops::Range<u64>,
+    retry_for: Duration,
+) -> anyhow::Result<Bytes> {
+    let deadline = Instant::now() + retry_for;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::time::timeout(
+            retry_for.max(Duration::from_secs(10)),
+            store.get_range(key, range.clone()),
+        )
+        .await;
+        let err = match attempt {
+            Ok(Ok(bytes)) if bytes.len() as u64 == range.end - range.start => return Ok(bytes),
+            Ok(Ok(_)) => {
+                return Err(corrupt(format!(
+                    "{key} is shorter than the backup's index says: it is damaged or was truncated"
+                )));
+            }
+            Ok(Err(e)) if !crate::storage::is_transient(&e) => {
+                return Err(e.context(format!("reading {key}")));
+            }
+            Ok(Err(e)) => e,
+            Err(_) => anyhow::anyhow!("no answer from the store"),
+        };
+        if Instant::now() + pause > deadline {
+            return Err(err.context(format!(
+                "reading {key} (retried for {})",
+                humantime::format_duration(retry_for)
+            )));
+        }
+        tracing::warn!(key, error = %format!("{err:#}"), "reading a bundle failed; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 async fn fetch_and_write(
     store: &dyn Store,
     shared: &Shared<'_>,
@@ -461,6 +507,7 @@ async fn fetch_and_write(
     parallel: usize,
     b: &BaseBackup,
 ) -> anyhow::Result<()> {
+    let retry_for = shared.retry_for;
     let budget = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT >> 10));
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Range, Bytes, tokio::sync::OwnedSemaphorePermit)>(
         parallel,
@@ -473,17 +520,12 @@ async fn fetch_and_write(
                 let budget = budget.clone();
                 async move {
                     let kib = (((r.end - r.start) >> 10) as u32 + 1).min((IN_FLIGHT >> 10) as u32);
-                    let permit = budget.acquire_many_owned(kib).await.expect("semaphore open");
-                    let key = &index.bundles[r.bundle].key;
-                    let bytes = store
-                        .get_range(key, r.start..r.end)
+                    let permit = budget
+                        .acquire_many_owned(kib)
                         .await
-                        .with_context(|| format!("reading {key}"))?;
-                    if bytes.len() as u64 != r.end - r.start {
-                        return Err(corrupt(format!(
-                            "{key} is shorter than the backup's index says: it is damaged or was truncated"
-                        )));
-                    }
+                        .expect("semaphore open");
+                    let key = &index.bundles[r.bundle].key;
+                    let bytes = get_range(store, key, r.start..r.end, retry_for).await?;
                     anyhow::Ok((r, bytes, permit))
                 }
             })

@@ -206,16 +206,23 @@ pub async fn materialize(
     let unpacked = match &plan.backup.files {
         Some(_) => {
             let parallel = cfg.backup.workers();
-            files::unpack(store, &plan.backup, dir, delta, parallel)
-                .await
-                .map(|u| {
-                    tracing::info!(
-                        files = u.files,
-                        written = u.bytes_written,
-                        kept = u.bytes_kept,
-                        "base backup restored"
-                    );
-                })
+            files::unpack(
+                store,
+                &plan.backup,
+                dir,
+                delta,
+                parallel,
+                cfg.s3.retry_timeout,
+            )
+            .await
+            .map(|u| {
+                tracing::info!(
+                    files = u.files,
+                    written = u.bytes_written,
+                    kept = u.bytes_kept,
+                    "base backup restored"
+                );
+            })
         }
         None => unpack_backup(store, plan, dir).await,
     };

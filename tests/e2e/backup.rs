@@ -7,7 +7,8 @@ use dbagent_testcontainers::{PostgresBuilder, command_as_pg_user, http_request};
 
 use crate::support::*;
 
-fn kill_mid_upload(repo: Repo, in_progress: impl Fn(&Repo) -> bool) {
+/// `method`: `files` (read from the data directory) or `stream` (over the network).
+fn kill_mid_upload(repo: Repo, method: &str, in_progress: impl Fn(&Repo) -> bool) {
     let pg = archiving_primary(&repo);
     // About 300 MB of poorly compressible rows, so the backup takes a while.
     pg.psql(
@@ -18,7 +19,9 @@ fn kill_mid_upload(repo: Repo, in_progress: impl Fn(&Repo) -> bool) {
     let mut cmd = command_as_pg_user(BIN);
     cmd.arg("backup")
         .env("DBAGENT_UPLOAD_PART_SIZE", "5MiB")
-        .env("DBAGENT_COMPRESSION_THREADS", "1");
+        .env("DBAGENT_COMPRESSION_THREADS", "1")
+        .env("DBAGENT_BACKUP_PARALLEL", "1")
+        .env("DBAGENT_BACKUP_METHOD", method);
     for (k, v) in repo.env().into_iter().chain(pg.env()) {
         cmd.env(k, v);
     }
@@ -80,7 +83,7 @@ fn kill_tree(pid: u32) {
 
 #[test]
 fn killed_backup_is_not_listed_file_repository() {
-    kill_mid_upload(Repo::file(), |repo| {
+    kill_mid_upload(Repo::file(), "files", |repo| {
         // A hidden temp file under backups/ bigger than one part: the upload is under way.
         repo.snapshot().iter().any(|(p, size)| {
             p.to_string_lossy().contains("/backups/")
@@ -93,7 +96,7 @@ fn killed_backup_is_not_listed_file_repository() {
 #[test]
 fn killed_backup_is_not_listed_s3() {
     // Kill once the server reports a multipart upload of the backup data in progress.
-    kill_mid_upload(Repo::s3("kill"), |repo| {
+    kill_mid_upload(Repo::s3("kill"), "stream", |repo| {
         let Repo::S3(server, _) = repo else {
             unreachable!()
         };

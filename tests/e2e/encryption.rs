@@ -199,7 +199,9 @@ fn pg_encrypted_backup_wal_and_restore_latest() {
 
     // Nothing stored says MARKER, compressed or not; the manifests keep no table names.
     let objects = s3_objects(&repo);
-    assert!(objects.iter().any(|(k, _)| k.ends_with("/base.tar.zst")));
+    // A file-level backup (the test's PGDATA is readable): bundles of blobs and the index.
+    assert!(objects.iter().any(|(k, _)| k.ends_with(".bundle")));
+    assert!(objects.iter().any(|(k, _)| k.ends_with("/files.json.zst")));
     assert_eq!(showing(&objects, "MARKER-"), Vec::<String>::new());
     assert_eq!(showing(&objects, "public.secrets"), Vec::<String>::new());
 
