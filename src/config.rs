@@ -221,6 +221,9 @@ pub struct ServeConfig {
     pub catalog_refresh: Duration,
     /// How long a scheduled job has, after SIGTERM, before SIGKILL when `serve` stops.
     pub job_grace: Duration,
+    /// Run the scheduled jobs only while this node is the primary (`serve.schedule_on =
+    /// "primary"`), so one pod of a StatefulSet whose pods share a configuration runs them.
+    pub schedule_on_primary: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -418,6 +421,7 @@ impl Config {
                 binlog_max_age: v.get("serve.binlog_max_age")?,
                 catalog_refresh: v.get("serve.catalog_refresh")?,
                 job_grace: v.get("serve.job_grace")?,
+                schedule_on_primary: v.get::<String>("serve.schedule_on")? == "primary",
             },
             schedule,
             drill: DrillConfig {

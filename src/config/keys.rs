@@ -198,6 +198,7 @@ pub const KEYS: &[Key] = &[
     duration("serve.binlog_max_age", "5m").also(&["DBAGENT_BINLOG_MAX_AGE"]),
     duration("serve.catalog_refresh", "5m").also(&["DBAGENT_CATALOG_REFRESH"]),
     duration("serve.job_grace", "20s"),
+    Key::new("serve.schedule_on", Kind::Choice(&["any", "primary"])).or("any"),
     cron("schedule.backup"),
     cron("schedule.dump"),
     cron("schedule.prune"),
@@ -715,7 +716,7 @@ mod tests {
              node_name, refresh, heartbeat, heartbeat_interval, heartbeat_database, max_lag, \
              max_lag_seconds, wal_lookahead, wal_lookahead_parallel, wal_stream, \
              wal_stream_slot, wal_stream_interval, binlog_interval, \
-             binlog_max_age, catalog_refresh, job_grace)"
+             binlog_max_age, catalog_refresh, job_grace, schedule_on)"
         );
         assert_eq!(
             msg(load_toml("servr = 1\n")),

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::health::{LagLimits, Policy, Prober};
+use crate::health::{LagLimits, Policy, Prober, Role};
 use crate::input_err;
 use crate::mysql::conn::MysqlConn;
 use crate::pg::conn::ConnInfo;
@@ -564,6 +564,19 @@ fn job_args(cfg: &Config, job: &str) -> Vec<String> {
     args
 }
 
+/// Why a job due under `serve.schedule_on = "primary"` does not run on a node in `role`
+/// (`None`: it runs). Every pod of a StatefulSet shares one configuration; the primary is the
+/// one pod that runs the jobs, whichever pod that is after a failover.
+fn not_here(role: Role) -> Option<&'static str> {
+    match role {
+        Role::Primary => None,
+        Role::Replica => Some("this node is a replica and serve.schedule_on = primary"),
+        Role::Unknown => Some(
+            "the database's role is unknown (it does not answer) and serve.schedule_on = primary",
+        ),
+    }
+}
+
 /// Runs one job on its schedule. Runs are sequential, so a job never overlaps itself: a run
 /// that outlasts its interval delays the next, and the missed times are skipped.
 async fn run_job(
@@ -591,6 +604,13 @@ async fn run_job(
             tokio::select! {
                 _ = token.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(left.min(Duration::from_secs(30))) => {}
+            }
+        }
+        if cfg.serve.schedule_on_primary {
+            let role = shared.snapshot().0.map(|s| s.role).unwrap_or_default();
+            if let Some(why) = not_here(role) {
+                tracing::info!(job = name, "scheduled job skipped: {why}");
+                continue;
             }
         }
         let started = chrono::Utc::now();
@@ -633,5 +653,17 @@ async fn run_job(
         } else {
             tracing::error!(job = name, %status, seconds = elapsed.as_secs_f64(), "scheduled job failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primary_only_jobs_run_on_the_primary() {
+        assert_eq!(not_here(Role::Primary), None);
+        assert!(not_here(Role::Replica).unwrap().contains("replica"));
+        assert!(not_here(Role::Unknown).unwrap().contains("unknown"));
     }
 }

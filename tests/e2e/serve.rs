@@ -587,6 +587,77 @@ fn scheduled_backup_runs_inside_serve() {
     assert!(serve.json("/")["last_backup_time"].is_string());
 }
 
+/// deploy/'s schedule: every pod's sidecar has the same configuration (`schedule.backup`,
+/// `serve.schedule_on = primary`, `backup.full_every`, PGDATA), the primary's runs the backup
+/// from its data directory (a full one, then an incremental), the standby's skips it.
+#[test]
+fn scheduled_backup_runs_on_the_primary_only_full_then_incremental() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    let (_standby_dir, standby) = standby_of(&pg);
+    let bin_dir = pg_bin("pg_ctl")
+        .unwrap()
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let env = |db: &Postgres| {
+        // PGDATA stays: it is pg.data_dir, so the backup reads the files.
+        let mut env = db.env();
+        env.extend(repo.env());
+        for (k, v) in [
+            ("DBAGENT_SCHEDULE_BACKUP", "* * * * *"),
+            ("DBAGENT_SERVE_SCHEDULE_ON", "primary"),
+            ("DBAGENT_BACKUP_FULL_EVERY", "6d12h"),
+            ("DBAGENT_PG_BIN_DIR", bin_dir.as_str()),
+        ] {
+            env.push((k.into(), v.into()));
+        }
+        env
+    };
+    let p = Serve::start(&env(&pg));
+    let s = Serve::start(&env(&standby));
+    s.wait_for(
+        "the standby to know its role",
+        Duration::from_secs(10),
+        |s| s.metric_where("dbagent_role", "role", "replica") == Some(1.0),
+    );
+    // Minute-granular: two runs within about two minutes.
+    p.wait_for(
+        "two scheduled backups on the primary",
+        Duration::from_secs(190),
+        |p| {
+            p.metric_where("dbagent_job_runs_total", "result", "success")
+                .unwrap_or(0.0)
+                >= 2.0
+        },
+    );
+    assert_eq!(
+        p.metric_where("dbagent_job_runs_total", "result", "failure"),
+        Some(0.0)
+    );
+    // The standby's schedule came due at the same minutes and never started a job (one would
+    // fail there within a second: a standby without archive_mode = always cannot be backed up).
+    assert_eq!(
+        s.metric_where("dbagent_job_last_run_timestamp_seconds", "job", "backup"),
+        None
+    );
+    assert_eq!(
+        s.metric_where("dbagent_job_runs_total", "result", "failure")
+            .unwrap_or(0.0),
+        0.0
+    );
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(&dbagent(&repo, None, &["list", "--json"]))).unwrap();
+    let backups = listing["postgres"][0]["backups"].as_array().unwrap();
+    let kinds: Vec<&str> = backups
+        .iter()
+        .map(|b| b["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["full", "incremental"], "{listing}");
+    assert_eq!(backups[1]["chain"], serde_json::json!([backups[0]["id"]]));
+}
+
 /// On a quiet server the active binlog would never close, so nothing would reach the archive:
 /// serve rotates it once it is older than serve.binlog_max_age.
 #[test]
