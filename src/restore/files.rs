@@ -69,6 +69,8 @@ struct Target {
     /// As the index names it, for messages.
     name: String,
     hashes: Vec<u64>,
+    /// Kept open from `prepare` (else opened for each write).
+    file: Option<std::fs::File>,
 }
 
 struct Shared<'a> {
@@ -139,7 +141,8 @@ pub async fn unpack(
     let dir_owned = dir.to_path_buf();
     let index = Arc::new(index);
     let idx = index.clone();
-    let (needs, mut stats) =
+    let prepared = Instant::now();
+    let (needs, mut handles, mut stats) =
         tokio::task::spawn_blocking(move || prepare(&idx, &dir_owned, delta, parallel))
             .await
             .context("preparing the data directory")??;
@@ -147,7 +150,8 @@ pub async fn unpack(
     let targets = index
         .files
         .iter()
-        .map(|f| {
+        .zip(handles.iter_mut())
+        .map(|(f, h)| {
             Ok(Target {
                 path: if f.path == CONTROL_FILE {
                     dir.join(CONTROL_UNVERIFIED)
@@ -156,6 +160,7 @@ pub async fn unpack(
                 },
                 name: f.path.clone(),
                 hashes: f.block_hashes()?,
+                file: h.take(),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -168,16 +173,20 @@ pub async fn unpack(
         write: true,
         retry_for,
     };
+    let fetching = Instant::now();
     fetch_and_write(store, &shared, ranges, parallel, b).await?;
     stats.bytes_written = shared.written.load(Ordering::Relaxed);
+    let syncing = Instant::now();
 
     // Durable: each written file once, then the directories, then the label and pg_control.
-    let touched: Vec<PathBuf> = needs
+    let mut targets = shared.targets;
+    let touched: Vec<(PathBuf, Option<std::fs::File>)> = needs
         .iter()
         .enumerate()
         .filter(|(_, n)| n.is_some())
-        .map(|(i, _)| shared.targets[i].path.clone())
+        .map(|(i, _)| (targets[i].path.clone(), targets[i].file.take()))
         .collect();
+    drop(targets);
     let dirs: Vec<PathBuf> = std::iter::once(dir.to_path_buf())
         .chain(index.dirs.iter().map(|d| dir.join(&d.path)))
         .collect();
@@ -201,6 +210,12 @@ pub async fn unpack(
     .await
     .context("syncing the restored files")??;
     super::untar::release(dir)?;
+    tracing::debug!(
+        prepare = ?fetching.duration_since(prepared),
+        write = ?syncing.duration_since(fetching),
+        sync = ?syncing.elapsed(),
+        "file-level restore timings"
+    );
     stats.files = index.files.len() as u64;
     Ok(stats)
 }
@@ -223,6 +238,7 @@ pub async fn check(store: &dyn Store, b: &BaseBackup, parallel: usize) -> anyhow
                 path: PathBuf::new(),
                 name: f.path.clone(),
                 hashes: f.block_hashes()?,
+                file: None,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -246,7 +262,7 @@ fn write_synced(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn sync_all(paths: &[PathBuf], parallel: usize) -> anyhow::Result<()> {
+fn sync_all(paths: &[(PathBuf, Option<std::fs::File>)], parallel: usize) -> anyhow::Result<()> {
     let next = AtomicU64::new(0);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..parallel)
@@ -254,10 +270,14 @@ fn sync_all(paths: &[PathBuf], parallel: usize) -> anyhow::Result<()> {
                 scope.spawn(|| -> anyhow::Result<()> {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some(p) = paths.get(i) else { return Ok(()) };
-                        std::fs::File::open(p)
-                            .and_then(|f| f.sync_all())
-                            .with_context(|| format!("syncing {}", p.display()))?;
+                        let Some((p, open)) = paths.get(i) else {
+                            return Ok(());
+                        };
+                        match open {
+                            Some(f) => f.sync_all(),
+                            None => std::fs::File::open(p).and_then(|f| f.sync_all()),
+                        }
+                        .with_context(|| format!("syncing {}", p.display()))?;
                     }
                 })
             })
@@ -276,12 +296,45 @@ fn sync_all(paths: &[PathBuf], parallel: usize) -> anyhow::Result<()> {
 /// Makes the directory ready: the marker, the directories, every file at its size. Returns,
 /// per file of the index, the extents still to write (`None`: nothing to write), and what a
 /// delta kept.
+/// What `prepare` found to do: per file of the index, the extents still to write (`None`:
+/// nothing) and the file, kept open while the process may hold that many descriptors.
+type Prepared = (
+    Vec<Option<Vec<Extent>>>,
+    Vec<Option<std::fs::File>>,
+    Unpacked,
+);
+
+/// Raises the soft limit on open files to the hard one; returns how many a restore may keep
+/// open (the rest are opened when written).
+fn open_file_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    (lim.rlim_cur as usize).saturating_sub(256).min(1 << 16)
+}
+
 fn prepare(
     index: &FileIndex,
     dir: &Path,
     delta: bool,
     parallel: usize,
-) -> anyhow::Result<(Vec<Option<Vec<Extent>>>, Unpacked)> {
+) -> anyhow::Result<Prepared> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -299,9 +352,14 @@ fn prepare(
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(d.mode & 0o7777))
             .with_context(|| format!("setting permissions on {}", p.display()))?;
     }
+    use std::os::unix::fs::OpenOptionsExt;
     let kept = AtomicU64::new(0);
     let next = AtomicU64::new(0);
     let needs: Mutex<Vec<Option<Vec<Extent>>>> = Mutex::new(vec![None; index.files.len()]);
+    let handles: Mutex<Vec<Option<std::fs::File>>> =
+        Mutex::new((0..index.files.len()).map(|_| None).collect());
+    let budget = open_file_budget() as u64;
+    let kept_open = AtomicU64::new(0);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..parallel)
             .map(|_| {
@@ -339,20 +397,31 @@ fn prepare(
                         } else {
                             f.extents.clone()
                         };
+                        let existed = delta && path.exists();
                         let file = std::fs::OpenOptions::new()
                             .write(true)
                             .create(true)
                             .truncate(!delta)
+                            .mode(f.mode & 0o7777)
                             .open(&path)
                             .with_context(|| format!("creating {}", path.display()))?;
-                        file.set_len(f.size)
-                            .with_context(|| format!("sizing {}", path.display()))?;
-                        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
-                            .with_context(|| {
-                                format!("setting permissions on {}", path.display())
-                            })?;
+                        if f.size > 0 || existed {
+                            file.set_len(f.size)
+                                .with_context(|| format!("sizing {}", path.display()))?;
+                        }
+                        if existed {
+                            file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+                                .with_context(|| {
+                                    format!("setting permissions on {}", path.display())
+                                })?;
+                        }
                         if !need.is_empty() || !delta {
+                            let keep = !need.is_empty()
+                                && kept_open.fetch_add(1, Ordering::Relaxed) < budget;
                             needs.lock().expect("needs")[i] = Some(need);
+                            if keep {
+                                handles.lock().expect("handles")[i] = Some(file);
+                            }
                         }
                     }
                 })
@@ -368,6 +437,7 @@ fn prepare(
     })?;
     Ok((
         needs.into_inner().expect("needs"),
+        handles.into_inner().expect("handles"),
         Unpacked {
             bytes_kept: kept.into_inner(),
             ..Unpacked::default()
@@ -628,12 +698,30 @@ fn write_range(
                 shared.written.fetch_add(u.len, Ordering::Relaxed);
                 continue;
             }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&target.path)
-                .with_context(|| format!("writing {}", target.path.display()))?;
+            let opened;
+            let f = match &target.file {
+                Some(f) => f,
+                None => {
+                    opened = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&target.path)
+                        .with_context(|| format!("writing {}", target.path.display()))?;
+                    &opened
+                }
+            };
             f.write_all_at(data, u.at)
                 .with_context(|| format!("writing {}", target.path.display()))?;
+            // Start writing back now, so the fsync at the end finds little left to do and the
+            // disk works while the next blobs are decompressed. Best effort: fsync decides.
+            // SAFETY: sync_file_range on an open descriptor, a range within the file.
+            unsafe {
+                libc::sync_file_range(
+                    std::os::fd::AsRawFd::as_raw_fd(f),
+                    u.at as libc::off64_t,
+                    u.len as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
             shared.written.fetch_add(u.len, Ordering::Relaxed);
         }
     }
