@@ -58,7 +58,7 @@ fn kill_mid_upload(repo: Repo, method: &str, in_progress: impl Fn(&Repo) -> bool
     );
 }
 
-/// SIGKILL a process and all its descendants (runuser → dbagent → pg_basebackup).
+/// SIGKILL a process and all its descendants (runuser → dbagent).
 fn kill_tree(pid: u32) {
     let mut pids = vec![pid];
     let mut i = 0;

@@ -60,8 +60,8 @@ fn tls_only_server_with_verify_full_and_every_password_source() {
         &format!("127.0.0.1:{}:*:postgres:{PASSWORD}\n", pg.port()),
     );
 
-    // A base backup over TLS, the password from PGPASSWORD_FILE (pg_basebackup gets it and
-    // the TLS settings through its environment).
+    // A base backup over TLS (dbagent's own replication connection), the password from
+    // PGPASSWORD_FILE.
     let out = dbagent_cmd(&repo, Some(&pg), &["backup"])
         .env("PGPASSWORD_FILE", &pw_file)
         .output()
