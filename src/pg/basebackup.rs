@@ -456,7 +456,7 @@ async fn receive(
         .collect();
     if !others.is_empty() {
         return Err(crate::input_err!(
-            "the server has tablespaces other than pg_default ({}): dbagent backup stores the main data directory as one tar, as `pg_basebackup -D -` does, and cannot hold them; move their tables to pg_default (ALTER TABLE … SET TABLESPACE pg_default) or drop the tablespaces",
+            "the server has tablespaces besides pg_default and pg_global (at {}): dbagent backup stores the data directory as one tar and cannot back them up; move their tables to pg_default (ALTER TABLE … SET TABLESPACE pg_default) and drop them",
             others.join(", ")
         ));
     }

@@ -650,7 +650,10 @@ fn sigkill_and_crashes_mid_stream_leave_nothing_half_visible() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     let line = err.lines().find(|l| l.starts_with("dbagent: error: "));
-    assert!(line.is_some_and(|l| l.contains("base backup from")), "{err}");
+    assert!(
+        line.is_some_and(|l| l.contains("base backup from")),
+        "{err}"
+    );
     assert_eq!(listed("backups"), 0);
     // The server recovers by itself; then a backup and a dump succeed.
     let deadline = Instant::now() + Duration::from_secs(60);
