@@ -34,8 +34,11 @@ use crate::repo::wal::Lsn;
 use crate::storage::Store;
 
 const BLOCK: usize = 512;
-/// Server messages (at most a few tens of KiB each) waiting for the compressor.
-const QUEUED_MESSAGES: usize = 64;
+/// The archive goes to the compressor's thread in batches of about this many bytes (the
+/// server's messages are about 32 KiB, and a wake-up per message cost more than the copy)...
+const BATCH: usize = 256 << 10;
+/// ...and at most this many batches wait for it.
+const QUEUED_BATCHES: usize = 8;
 /// Owner and group ids of the members `pg_basebackup` adds itself ("what PostgreSQL has
 /// historically used").
 const INJECTED_UID: u64 = 0o4000;
@@ -268,13 +271,14 @@ fn tar_number(field: &mut [u8], mut val: u64) {
 /// What the compressor's thread reads: the assembled tar, then either its explicit end or,
 /// when the receiving side went away without one, an error (never a truncated success).
 enum Piece {
-    Data(Bytes),
+    Data(Vec<Bytes>),
     End,
 }
 
 struct StreamReader {
     rx: mpsc::Receiver<Piece>,
-    current: Bytes,
+    /// What is left of the batch being read, last piece first.
+    current: Vec<Bytes>,
     ended: bool,
 }
 
@@ -282,10 +286,13 @@ impl Read for StreamReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut n = 0;
         while n < buf.len() && !self.ended {
-            if !self.current.is_empty() {
-                let k = self.current.len().min(buf.len() - n);
-                buf[n..n + k].copy_from_slice(&self.current[..k]);
-                self.current.advance(k);
+            if let Some(piece) = self.current.last_mut() {
+                let k = piece.len().min(buf.len() - n);
+                buf[n..n + k].copy_from_slice(&piece[..k]);
+                piece.advance(k);
+                if piece.is_empty() {
+                    self.current.pop();
+                }
                 n += k;
                 continue;
             }
@@ -300,7 +307,10 @@ impl Read for StreamReader {
                 }
             };
             match next {
-                Some(Piece::Data(b)) => self.current = b,
+                Some(Piece::Data(mut batch)) => {
+                    batch.reverse();
+                    self.current = batch;
+                }
                 Some(Piece::End) => self.ended = true,
                 None if n > 0 => break,
                 None => {
@@ -337,11 +347,11 @@ pub async fn to_store(
     // A writer the repository refuses (encryption keys) is refused before the server works.
     pipeline::recipients(store).await?;
     let mut repl = ReplConn::connect(conn).await?;
-    let (tx, rx) = mpsc::channel(QUEUED_MESSAGES);
+    let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
     let (reader, scanner) = Tap::new(
         StreamReader {
             rx,
-            current: Bytes::new(),
+            current: Vec::new(),
             ended: false,
         },
         TarScanner::default(),
@@ -469,8 +479,8 @@ async fn receive(
         match tag {
             b'd' => {
                 assembler.take(parse_message(body)?, &mut out)?;
-                for piece in out.drain(..) {
-                    send(Piece::Data(piece)).await?;
+                if out.iter().map(Bytes::len).sum::<usize>() >= BATCH {
+                    send(Piece::Data(std::mem::take(&mut out))).await?;
                 }
             }
             b'c' => break,
@@ -492,9 +502,7 @@ async fn receive(
     let end = end.context("the server sent no end position")?;
     let (end, _) = position(Some(&vec![end]), "end")?;
     assembler.finish(&mut out)?;
-    for piece in out.drain(..) {
-        send(Piece::Data(piece)).await?;
-    }
+    send(Piece::Data(out)).await?;
     send(Piece::End).await?;
     Ok(Positions {
         start,
@@ -722,14 +730,14 @@ mod tests {
     #[test]
     fn the_reader_never_mistakes_a_cut_for_the_end() {
         let (tx, rx) = mpsc::channel(4);
-        tx.try_send(Piece::Data(Bytes::from_static(b"abc")))
+        tx.try_send(Piece::Data(vec![Bytes::from_static(b"abc")]))
             .unwrap();
-        tx.try_send(Piece::Data(Bytes::from_static(b"def")))
+        tx.try_send(Piece::Data(vec![Bytes::from_static(b"def")]))
             .unwrap();
         drop(tx);
         let mut r = StreamReader {
             rx,
-            current: Bytes::new(),
+            current: Vec::new(),
             ended: false,
         };
         let mut buf = [0u8; 4];
@@ -737,16 +745,18 @@ mod tests {
         assert_eq!(r.read(&mut buf).unwrap(), 2);
         assert!(r.read(&mut buf).is_err());
         let (tx, rx) = mpsc::channel(4);
-        tx.try_send(Piece::Data(Bytes::from_static(b"abc")))
+        let batch = ["ab", "", "c", "def"].map(|s| Bytes::from_static(s.as_bytes()));
+        tx.try_send(Piece::Data(batch.to_vec())).unwrap();
+        tx.try_send(Piece::Data(vec![Bytes::from_static(b"g")]))
             .unwrap();
         tx.try_send(Piece::End).unwrap();
         let mut r = StreamReader {
             rx,
-            current: Bytes::new(),
+            current: Vec::new(),
             ended: false,
         };
         let mut out = Vec::new();
         r.read_to_end(&mut out).unwrap();
-        assert_eq!(out, b"abc");
+        assert_eq!(out, b"abcdefg");
     }
 }

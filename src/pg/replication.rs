@@ -92,6 +92,10 @@ pub struct ReplConn {
     streaming: bool,
 }
 
+/// Socket reads go into buffers of this size: a base backup arrives in messages of about
+/// 32 KiB, and one read takes several of them.
+const READ_CHUNK: usize = 256 << 10;
+
 /// A connection attempt gives up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -126,7 +130,7 @@ impl ReplConn {
         };
         let mut conn = ReplConn {
             io,
-            rbuf: BytesMut::with_capacity(64 << 10),
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::new(),
             streaming: false,
         };
@@ -292,6 +296,11 @@ impl ReplConn {
                     });
                 }
                 self.rbuf.reserve(len + 1 - self.rbuf.len());
+            }
+            // Messages split off earlier keep the old buffer alive for their readers: read into
+            // a fresh one rather than in slivers at the end of it.
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 8 {
+                self.rbuf.reserve(READ_CHUNK);
             }
             let n = self
                 .io
