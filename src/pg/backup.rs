@@ -1,9 +1,9 @@
 //! `dbagent backup`: a PostgreSQL base backup over the network, streamed into the store.
 //!
-//! The server's `BASE_BACKUP` stream is read as one tar (`pg::basebackup`, the tar
-//! `pg_basebackup -D - -Ft -X none` wrote) and compressed and uploaded while it is read. The WAL needed for consistency
-//! comes from the archive, so the backup is recorded (manifest last) only once every segment
-//! from its start to its stop LSN is in the store.
+//! The server's `BASE_BACKUP` stream is read as one tar (`pg::basebackup`: the tar that
+//! `pg_basebackup -D - -Ft -X none` wrote), compressed and uploaded while it is read. The WAL
+//! needed for consistency comes from the archive, so the backup is recorded (manifest last)
+//! only once every segment from its start to its stop LSN is in the store.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
