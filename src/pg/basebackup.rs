@@ -37,8 +37,9 @@ const BLOCK: usize = 512;
 /// The archive goes to the compressor's thread in batches of about this many bytes (the
 /// server's messages are about 32 KiB, and a wake-up per message cost more than the copy)...
 const BATCH: usize = 256 << 10;
-/// ...and at most this many batches wait for it.
-const QUEUED_BATCHES: usize = 8;
+/// ...and at most this many batches wait for it: 1 MiB, what the pipe from `pg_basebackup`
+/// held.
+const QUEUED_BATCHES: usize = 4;
 /// Owner and group ids of the members `pg_basebackup` adds itself ("what PostgreSQL has
 /// historically used").
 const INJECTED_UID: u64 = 0o4000;
