@@ -133,7 +133,13 @@ fn backup_refuses_a_server_with_other_tablespaces() {
         &format!("CREATE TABLESPACE elsewhere LOCATION '{location}'"),
     )
     .unwrap();
-    let out = dbagent(&repo, Some(&pg), &["backup"]);
+    let stream = || {
+        dbagent_cmd(&repo, Some(&pg), &["backup"])
+            .env("DBAGENT_BACKUP_METHOD", "stream")
+            .output()
+            .unwrap()
+    };
+    let out = stream();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{err}");
     let line = err.lines().find(|l| l.starts_with("dbagent: error: "));
@@ -149,7 +155,7 @@ fn backup_refuses_a_server_with_other_tablespaces() {
     assert!(backups.is_empty(), "{backups:?}");
     // Without it, the same server backs up.
     pg.psql("postgres", "DROP TABLESPACE elsewhere").unwrap();
-    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    ok(&stream());
 }
 
 #[test]
