@@ -1,6 +1,6 @@
-//! Child processes: the one place that starts programs (`pg_basebackup`, `pg_dump`,
-//! `pg_restore`, `pg_ctl`, `mariadb-dump`, `mariadb`, `mariadb-binlog`, scheduled jobs,
-//! `wal-fetch`'s detached prefetch).
+//! Child processes: the one place that starts programs (`pg_dump`, `pg_restore`, `pg_ctl`,
+//! `mariadb-dump`, `mariadb`, `mariadb-binlog`, scheduled jobs, `wal-fetch`'s detached
+//! prefetch). Base backups start none: `pg::basebackup` reads the server's stream itself.
 //!
 //! A `Program` says what to run: a path, arguments and environment, never a shell, never a
 //! secret in the arguments (passwords travel in the environment or in a private option file).

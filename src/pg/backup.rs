@@ -1,9 +1,9 @@
 //! `dbagent backup`: a PostgreSQL base backup over the network, streamed into the store.
 //!
-//! `pg_basebackup -D - -Ft -X none` produces the server's BASE_BACKUP stream as one tar on
-//! stdout; it is compressed and uploaded while it is read. The WAL needed for consistency
-//! comes from the archive, so the backup is recorded (manifest last) only once every segment
-//! from its start to its stop LSN is in the store.
+//! The server's `BASE_BACKUP` stream is read as one tar (`pg::basebackup`: the tar that
+//! `pg_basebackup -D - -Ft -X none` wrote), compressed and uploaded while it is read. The WAL
+//! needed for consistency comes from the archive, so the backup is recorded (manifest last)
+//! only once every segment from its start to its stop LSN is in the store.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,9 +16,7 @@ use crate::config::Config;
 use crate::input_err;
 use crate::pg::conn::{ConnInfo, ServerFacts};
 use crate::pg::sql;
-use crate::pg::tarscan::TarScanner;
 use crate::pipeline::PipeOptions;
-use crate::proc::{Program, Stdout};
 use crate::repo::manifest::{BaseBackup, DatabaseInfo, FilesInfo, ObjectRef, TableRows};
 use crate::repo::wal::Lsn;
 use crate::repo::wal::Segment;
@@ -135,7 +133,7 @@ async fn archive_progress(client: &tokio_postgres::Client) -> anyhow::Result<Arc
 
 /// Resolves with the reason once the archive stops keeping up with the backup (see
 /// `ArchiveWatch`). A reading that fails is skipped: a server gone away fails the backup
-/// through pg_basebackup.
+/// through its replication connection.
 async fn archive_stuck(client: tokio_postgres::Client, mut watch: ArchiveWatch) -> anyhow::Error {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -594,22 +592,6 @@ async fn stream_backup(
     id: &str,
     data_key: &str,
 ) -> anyhow::Result<(ObjectRef, Lsn, u32, Lsn)> {
-    let program = Program::new(crate::pg::bins::program(&cfg.pg, "pg_basebackup")?)
-        .args([
-            "-D",
-            "-",
-            "-F",
-            "tar",
-            "-X",
-            "none",
-            "-c",
-            "fast",
-            "-v",
-            "--no-password",
-        ])
-        .arg("-l")
-        .arg(format!("dbagent {id}"))
-        .envs(conn.child_env());
     // An archive that never catches up: fail with the reason instead of hanging.
     let watcher = conn.connect().await?;
     let before = archive_progress(&watcher).await?;
@@ -619,16 +601,15 @@ async fn stream_backup(
         cfg.wal.archive_wait,
     );
     tracing::info!(%id, server = %conn.describe(), "base backup started");
-    let (data, scanner) = program
-        .run()
-        .stop_when(archive_stuck(watcher, watch))
-        .to_store(
-            store,
-            data_key,
-            PipeOptions::from_config(cfg),
-            Stdout::watched(TarScanner::default()),
-        )
-        .await?;
+    let (data, scanner, _) = crate::pg::basebackup::to_store(
+        conn,
+        &format!("dbagent {id}"),
+        store,
+        data_key,
+        PipeOptions::from_config(cfg),
+        archive_stuck(watcher, watch),
+    )
+    .await?;
     let tar = scanner.facts();
     let (Some((start_lsn, tli)), Some(stop_lsn)) = (tar.start(), tar.stop()) else {
         let _ = store.delete(data_key).await;

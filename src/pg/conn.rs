@@ -56,7 +56,7 @@ impl ConnInfo {
         }
     }
 
-    /// Environment for child programs (pg_basebackup, pg_dump): the password travels in
+    /// Environment for child programs (pg_dump, pg_restore): the password travels in
     /// PGPASSWORD, never on the command line; the TLS settings travel as libpq's variables.
     pub fn child_env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![

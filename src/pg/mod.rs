@@ -2,6 +2,7 @@
 //! logical dumps.
 
 pub mod backup;
+pub mod basebackup;
 pub mod bins;
 pub mod conn;
 pub mod control;

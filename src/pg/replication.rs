@@ -5,7 +5,8 @@
 //!
 //! Commands used: `IDENTIFY_SYSTEM`, `SHOW`, `READ_REPLICATION_SLOT`,
 //! `CREATE_REPLICATION_SLOT … PHYSICAL RESERVE_WAL`, `TIMELINE_HISTORY`,
-//! `START_REPLICATION SLOT … PHYSICAL lsn TIMELINE tli`. Slots are never dropped here.
+//! `START_REPLICATION SLOT … PHYSICAL lsn TIMELINE tli`, and `BASE_BACKUP` (its messages are
+//! read in `pg::basebackup`). Slots are never dropped here.
 //!
 //! SCRAM over TLS is sent without channel binding (the `n` flag): the TLS stream of
 //! tokio-postgres-rustls does not expose the server certificate hash outside its crate.
@@ -78,9 +79,9 @@ pub enum Event {
 }
 
 /// One backend message: its tag and body.
-struct Frame {
-    tag: u8,
-    body: Bytes,
+pub(super) struct Frame {
+    pub(super) tag: u8,
+    pub(super) body: Bytes,
 }
 
 /// A replication connection (`replication=true`).
@@ -90,6 +91,10 @@ pub struct ReplConn {
     wbuf: BytesMut,
     streaming: bool,
 }
+
+/// Socket reads go into buffers of this size: a base backup arrives in messages of about
+/// 32 KiB, and one read takes several of them.
+const READ_CHUNK: usize = 256 << 10;
 
 /// A connection attempt gives up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,7 +130,7 @@ impl ReplConn {
         };
         let mut conn = ReplConn {
             io,
-            rbuf: BytesMut::with_capacity(64 << 10),
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::new(),
             streaming: false,
         };
@@ -244,7 +249,7 @@ impl ReplConn {
     }
 
     /// Messages that may come at any time: notices, parameter changes, errors.
-    fn common(&mut self, f: Frame) -> anyhow::Result<()> {
+    pub(super) fn common(&mut self, f: Frame) -> anyhow::Result<()> {
         match f.tag {
             b'E' => Err(parse_error(&f.body).into()),
             b'N' => {
@@ -267,8 +272,14 @@ impl ReplConn {
         Ok(())
     }
 
+    /// Sends a simple query; its answer is read with `read_frame`.
+    pub(super) async fn send_query(&mut self, sql: &str) -> anyhow::Result<()> {
+        frontend::query(sql, &mut self.wbuf)?;
+        self.send().await
+    }
+
     /// Reads one backend message. Cancel-safe: bytes read stay in the buffer.
-    async fn read_frame(&mut self) -> anyhow::Result<Frame> {
+    pub(super) async fn read_frame(&mut self) -> anyhow::Result<Frame> {
         loop {
             if self.rbuf.len() >= 5 {
                 let len = u32::from_be_bytes(self.rbuf[1..5].try_into().expect("4 bytes")) as usize;
@@ -285,6 +296,11 @@ impl ReplConn {
                     });
                 }
                 self.rbuf.reserve(len + 1 - self.rbuf.len());
+            }
+            // Messages split off earlier keep the old buffer alive for their readers: read into
+            // a fresh one rather than in slivers at the end of it.
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 8 {
+                self.rbuf.reserve(READ_CHUNK);
             }
             let n = self
                 .io
@@ -532,7 +548,7 @@ fn cstrings(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
-fn parse_error(body: &[u8]) -> ServerError {
+pub(super) fn parse_error(body: &[u8]) -> ServerError {
     let mut e = ServerError {
         severity: String::new(),
         code: String::new(),
@@ -553,7 +569,7 @@ fn parse_error(body: &[u8]) -> ServerError {
     e
 }
 
-fn data_row(body: &[u8]) -> anyhow::Result<Vec<Option<String>>> {
+pub(super) fn data_row(body: &[u8]) -> anyhow::Result<Vec<Option<String>>> {
     let mut b = body;
     anyhow::ensure!(b.len() >= 2, "short DataRow");
     let n = b.get_u16() as usize;

@@ -173,7 +173,7 @@ fn cstr(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-fn parse_size(field: &[u8]) -> u64 {
+pub(super) fn parse_size(field: &[u8]) -> u64 {
     if field[0] & 0x80 != 0 {
         // GNU base-256 for sizes over 8 GiB.
         field[1..]

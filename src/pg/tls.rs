@@ -10,7 +10,7 @@
 //! | `verify-full` | always | against the root certificates | yes |
 //!
 //! `allow` is served like `prefer` (tokio-postgres tries TLS first). Connections over a unix
-//! socket never use TLS, as in libpq. Child programs (`pg_basebackup`, `pg_dump`, …) are libpq
+//! socket never use TLS, as in libpq. Child programs (`pg_dump`, `pg_restore`, …) are libpq
 //! programs: they get the same settings through their environment.
 
 use std::path::{Path, PathBuf};

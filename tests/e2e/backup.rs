@@ -1,9 +1,10 @@
 //! Base backups: a killed backup leaves nothing that looks like a backup; a server that does
-//! not archive is refused before anything is read.
+//! not archive is refused before anything is read; one with other tablespaces is refused
+//! before anything is stored.
 
 use std::time::{Duration, Instant};
 
-use dbagent_testcontainers::{PostgresBuilder, command_as_pg_user, http_request};
+use dbagent_testcontainers::{PostgresBuilder, command_as_pg_user, http_request, pg_owned_tempdir};
 
 use crate::support::*;
 
@@ -58,7 +59,7 @@ fn kill_mid_upload(repo: Repo, method: &str, in_progress: impl Fn(&Repo) -> bool
     );
 }
 
-/// SIGKILL a process and all its descendants (runuser → dbagent → pg_basebackup).
+/// SIGKILL a process and all its descendants (runuser → dbagent).
 fn kill_tree(pid: u32) {
     let mut pids = vec![pid];
     let mut i = 0;
@@ -117,6 +118,44 @@ fn backup_refuses_a_server_without_archiving() {
     let out = dbagent(&repo, Some(&pg), &["backup"]);
     refused(&out, "archive_mode");
     assert!(repo.snapshot().is_empty());
+}
+
+/// The backup is one tar of the data directory, as `pg_basebackup -D -` writes it, and that
+/// cannot hold another tablespace: the refusal names it, and no backup object is left.
+#[test]
+fn backup_refuses_a_server_with_other_tablespaces() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    let ts = pg_owned_tempdir().unwrap();
+    let location = ts.path().display().to_string();
+    pg.psql(
+        "postgres",
+        &format!("CREATE TABLESPACE elsewhere LOCATION '{location}'"),
+    )
+    .unwrap();
+    let stream = || {
+        dbagent_cmd(&repo, Some(&pg), &["backup"])
+            .env("DBAGENT_BACKUP_METHOD", "stream")
+            .output()
+            .unwrap()
+    };
+    let out = stream();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err.lines().find(|l| l.starts_with("dbagent: error: "));
+    assert!(
+        line.is_some_and(|l| l.contains("tablespace") && l.contains(&location)),
+        "{err}"
+    );
+    let backups: Vec<_> = repo
+        .snapshot()
+        .into_keys()
+        .filter(|k| k.to_string_lossy().contains("/backups/"))
+        .collect();
+    assert!(backups.is_empty(), "{backups:?}");
+    // Without it, the same server backs up.
+    pg.psql("postgres", "DROP TABLESPACE elsewhere").unwrap();
+    ok(&stream());
 }
 
 #[test]

@@ -60,14 +60,22 @@ fn tls_only_server_with_verify_full_and_every_password_source() {
         &format!("127.0.0.1:{}:*:postgres:{PASSWORD}\n", pg.port()),
     );
 
-    // A base backup over TLS, the password from PGPASSWORD_FILE (pg_basebackup gets it and
-    // the TLS settings through its environment).
+    // A base backup over TLS, the password from PGPASSWORD_FILE.
     let out = dbagent_cmd(&repo, Some(&pg), &["backup"])
         .env("PGPASSWORD_FILE", &pw_file)
         .output()
         .unwrap();
     let summary = ok(&out);
     assert!(summary.contains("backup "), "{summary}");
+    // One over the network (dbagent's own replication connection), the password from a
+    // libpq password file: the drill below restores it. Backup ids are per second.
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = dbagent_cmd(&repo, Some(&pg), &["backup"])
+        .env("DBAGENT_BACKUP_METHOD", "stream")
+        .env("PGPASSFILE", &passfile)
+        .output()
+        .unwrap();
+    ok(&out);
 
     // Logical dumps, the password from a libpq password file.
     let out = dbagent_cmd(&repo, Some(&pg), &["backup", "--kind", "dump"])

@@ -24,7 +24,8 @@ struct Marker {
     after: String,
 }
 
-fn pitr_round_trip(repo: Repo) {
+/// `method`: how the base backup reads the cluster (`files` or `stream`, `backup.method`).
+fn pitr_round_trip(repo: Repo, method: &str) {
     let mut pg = archiving_primary(&repo);
     // No autovacuum: the test's own INSERT is then the last archived commit.
     pg.psql("postgres", "ALTER SYSTEM SET autovacuum = off")
@@ -36,7 +37,10 @@ fn pitr_round_trip(repo: Repo) {
          CREATE TABLE filler AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 50000) g;",
     )
     .unwrap();
-    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    ok(&dbagent_cmd(&repo, Some(&pg), &["backup"])
+        .env("DBAGENT_BACKUP_METHOD", method)
+        .output()
+        .unwrap());
 
     // Markers once a second; a WAL switch every third marker.
     let mut markers = Vec::new();
@@ -179,12 +183,14 @@ fn midpoint(a: &str, b: &str) -> String {
     mid.to_rfc3339()
 }
 
+/// The base backup over the network (the server's BASE_BACKUP stream).
 #[test]
 fn pitr_on_s3() {
-    pitr_round_trip(Repo::s3("cluster-a"));
+    pitr_round_trip(Repo::s3("cluster-a"), "stream");
 }
 
+/// The base backup from the data directory.
 #[test]
 fn pitr_on_file_repository() {
-    pitr_round_trip(Repo::file());
+    pitr_round_trip(Repo::file(), "files");
 }

@@ -233,7 +233,7 @@ impl Drop for Restored {
     }
 }
 
-/// SIGKILL a process and its descendants (runuser → dbagent → pg_basebackup …).
+/// SIGKILL a process and its descendants (runuser → dbagent → pg_dump …).
 pub fn kill_tree(pid: u32) {
     let mut pids = vec![pid];
     let mut i = 0;
