@@ -108,6 +108,8 @@ pub type ByteStream = BoxStream<'static, anyhow::Result<Bytes>>;
 /// least `config::MIN_PART_SIZE` bytes. Nothing is visible under the key until `complete`.
 #[async_trait]
 pub trait Upload: Send {
+    /// Sends a part, or starts sending it, and returns once the next one could be sent
+    /// too: a caller never holds a part waiting for room (memory, see `pipeline`).
     async fn put_part(&mut self, data: Bytes) -> anyhow::Result<()>;
     async fn complete(self: Box<Self>) -> anyhow::Result<()>;
     async fn abort(self: Box<Self>);

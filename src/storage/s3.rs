@@ -556,9 +556,6 @@ impl S3Upload {
 #[async_trait]
 impl Upload for S3Upload {
     async fn put_part(&mut self, data: Bytes) -> anyhow::Result<()> {
-        while self.in_flight.len() >= self.concurrency {
-            self.land_one().await?;
-        }
         let idx = self.next_part;
         self.next_part += 1;
         self.size += data.len() as u64;
@@ -577,6 +574,11 @@ impl Upload for S3Upload {
                 .await?;
             Ok((idx, part))
         }));
+        // Room for the next part before returning, rather than when it comes: the caller
+        // would hold it meanwhile, one part more in memory.
+        while self.in_flight.len() >= self.concurrency {
+            self.land_one().await?;
+        }
         Ok(())
     }
 
