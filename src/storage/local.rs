@@ -16,7 +16,11 @@ use chrono::{DateTime, Utc};
 use super::{AlreadyExists, ByteStream, Leftover, NotFound, ObjectInfo, Store, Upload};
 
 const TMP_MARK: &str = ".dbagent-tmp-";
-const READ_CHUNK: usize = 1 << 20;
+/// What one read of an object hands on. A download holds up to about ten of them in its
+/// channels (here, and in `pipeline::download`): 1 MiB chunks held 9 MiB of a restore's
+/// peak, 256 KiB ones about 2 MiB, and the restore took as long (1.05 GB, peak RSS 40 -> 32
+/// MiB).
+const READ_CHUNK: usize = 256 << 10;
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {
