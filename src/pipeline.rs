@@ -393,9 +393,10 @@ impl<'scope> HashThread<'scope> {
 /// 49.3 vs 49.8 MB), while 512 KiB (zstd's minimum) costs 15% more CPU.
 const ZSTD_JOB_SIZE: u32 = 1 << 20;
 
-/// Most zstd workers one stream uses. Each costs about 2 MiB at level 3 (its job's input and
-/// output, its tables); one stream from `pg_basebackup` or a dump program is not produced
-/// faster than four workers compress it, so more would only add memory on a big node.
+/// Most zstd workers one stream uses. Each costs 2–3 MiB at level 3 (its job's input and
+/// output, its 1.3 MiB of tables; 4 workers peaked 6 MiB above 2); one stream from
+/// `pg_basebackup` or a dump program rarely comes faster than four workers compress it (two
+/// compress pgbench data at about 1 GB/s here), so more would mostly add memory on a big node.
 pub const MAX_ZSTD_WORKERS: u32 = 4;
 
 /// The zstd workers of one stream for `compression.threads` (0: one per core), at most
