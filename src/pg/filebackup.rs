@@ -3,10 +3,10 @@
 //! When dbagent shares the data directory with the server (the sidecar, or a CronJob that
 //! mounts it), it calls `pg_backup_start` on one connection, reads the files itself with
 //! `backup.parallel` worker threads that hash, compress (and encrypt) blobs, and appends the
-//! blobs to bundles uploaded by a few async writers; then `pg_backup_stop` gives the
+//! blobs to a bundle uploaded by one async writer; then `pg_backup_stop` gives the
 //! backup_label. The layout is in `fileset`. Memory: each worker holds one blob of plain bytes,
-//! its compressed copy and a zstd context (about 3 MiB at level 3); each writer one upload part
-//! (`upload.part_size`); the channel between them a few blobs.
+//! its compressed copy and a zstd context (about 3.3 MiB at level 3); the writer the parts of its
+//! upload (`upload.concurrency` + 1 parts of `upload.part_size`); the channel a few blobs.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -539,7 +539,9 @@ async fn copy_files(
     placed: Arc<Mutex<Placed>>,
 ) -> anyhow::Result<Copied> {
     let (base_entries, reused, jobs) = plan(found, req.base.as_ref())?;
-    let writers = req.opts.upload.concurrency.clamp(1, 4);
+    // One writer: its upload already keeps `upload.concurrency` parts in flight; more writers
+    // would multiply that memory (each part is `upload.part_size`) for no gain on 2-8 cores.
+    let writers = 1;
     let (tx, rx) = mpsc::channel::<Sealed>(2 * writers);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let next_bundle = Arc::new(AtomicU32::new(0));

@@ -132,7 +132,7 @@ struct Source {
 
 /// A primary archiving into a file repository, with `serve` writing the heartbeat, a
 /// `discourse` database with CJK rows, pg_trgm and a database-level text search setting, and
-/// one base backup followed by more WAL.
+/// a full base backup, an incremental one on it (drills follow the chain), and more WAL.
 fn source(extension: Option<&TestExtension>) -> Source {
     let repo = Repo::file();
     let pg = archiving_primary(&repo);
@@ -186,7 +186,15 @@ fn source(extension: Option<&TestExtension>) -> Source {
     serve.wait_for("heartbeats", Duration::from_secs(10), |s| {
         s.metric("dbagent_heartbeat_writes_total").unwrap_or(0.0) >= 2.0
     });
-    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    ok(&dbagent(&repo, Some(&pg), &["backup", "--full"]));
+    pg.psql(
+        "discourse",
+        "UPDATE posts SET body = body || ' 改' WHERE id <= 50",
+    )
+    .unwrap();
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    let inc = ok(&dbagent(&repo, Some(&pg), &["backup", "--incremental"]));
+    assert!(inc.starts_with("incremental backup"), "{inc}");
     pg.psql(
         "discourse",
         "INSERT INTO posts SELECT g, 'after the backup 後' FROM generate_series(5001, 5100) g",
@@ -462,6 +470,36 @@ fn drill_fails_loudly() {
     // The restored database lacks an extension the source had.
     ext.remove_files();
     failing_drill(&src, &receiver, &[], &ext.name);
+
+    // A damaged byte in the incremental backup's bundle: the drill fails naming that backup.
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(&dbagent(&src.repo, None, &["list", "--json"]))).unwrap();
+    let newest = listing["postgres"][0]["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["kind"] == "incremental")
+        .expect("the incremental backup")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let data = src
+        .repo
+        .root()
+        .unwrap()
+        .join(format!("pg/{}/backups/{newest}/data", src.sysid));
+    let bundle = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "bundle"))
+        .unwrap();
+    let original = std::fs::read(&bundle).unwrap();
+    let mut bad = original.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x5A;
+    std::fs::write(&bundle, &bad).unwrap();
+    failing_drill(&src, &receiver, &[], &newest);
+    std::fs::write(&bundle, &original).unwrap();
 
     // An archived segment's bytes are corrupted: the restore stops, with the reason.
     let wal = src

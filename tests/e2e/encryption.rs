@@ -175,6 +175,25 @@ fn pg_encrypted_backup_wal_and_restore_latest() {
         &["backup", "--kind", "dump"],
     ));
     marker_rows(&pg, "MARKER-after-", 500);
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    // An incremental reads the previous backup's block map: a writer with only the public
+    // keys is refused with one line, one that also holds the secret key stores it encrypted.
+    refused(
+        &run(
+            &repo,
+            Some(&pg),
+            &[(R, &key.recipients)],
+            &["backup", "--incremental"],
+        ),
+        "encryption.identity_file",
+    );
+    let inc = ok(&run(
+        &repo,
+        Some(&pg),
+        &[(R, &key.recipients), (I, &key.identity)],
+        &["backup", "--incremental"],
+    ));
+    assert!(inc.starts_with("incremental backup"), "{inc}");
     switch_and_wait_archived(&pg);
     // wal-push without the public keys is refused (exit 1): PostgreSQL keeps the segment and
     // retries, nothing is stored in the clear.
@@ -208,7 +227,7 @@ fn pg_encrypted_backup_wal_and_restore_latest() {
     // Listing and the quick verify need no key; --full needs one and says which.
     let listing = ok(&run(&repo, None, &[], &["list", "--json"]));
     let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
-    assert_eq!(json["postgres"][0]["backups"].as_array().unwrap().len(), 1);
+    assert_eq!(json["postgres"][0]["backups"].as_array().unwrap().len(), 2);
     ok(&run(&repo, None, &[], &["verify"]));
     let full = run(&repo, None, &[], &["verify", "--full"]);
     assert_eq!(full.status.code(), Some(2));
