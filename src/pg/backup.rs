@@ -455,7 +455,6 @@ pub async fn base_backup(
                 base,
                 parallel: cfg.backup.workers(),
                 opts: PipeOptions::from_config(cfg),
-                started: start_time,
             })
             .await?;
             let s = taken.index_summary;

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
 use crate::crypto::Recipients;
@@ -435,7 +434,6 @@ pub struct Request<'a> {
     pub base: Option<Base>,
     pub parallel: usize,
     pub opts: PipeOptions,
-    pub started: DateTime<Utc>,
 }
 
 /// Takes the backup: `pg_backup_start`, the files, `pg_backup_stop`, the index.
