@@ -630,7 +630,8 @@ async fn wait_for_wal(
     seg_size: u64,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + cfg.wal.archive_wait + grace;
+    let began = Instant::now();
+    let deadline = began + cfg.wal.archive_wait + grace;
     for segno in first.segno..=last.segno {
         let name = Segment {
             tli: first.tli,
@@ -648,7 +649,14 @@ async fn wait_for_wal(
                     humantime::format_duration(cfg.wal.archive_wait)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // The last segment is usually archived within a few tens of milliseconds of
+            // pg_backup_stop's switch: look often at first, then every 250 ms.
+            let pause = if began.elapsed() < Duration::from_secs(2) {
+                25
+            } else {
+                250
+            };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
     Ok(())
