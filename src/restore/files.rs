@@ -263,39 +263,53 @@ fn write_synced(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 fn sync_all(paths: &[(PathBuf, Option<std::fs::File>)], parallel: usize) -> anyhow::Result<()> {
-    let next = AtomicU64::new(0);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..parallel)
-            .map(|_| {
-                scope.spawn(|| -> anyhow::Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some((p, open)) = paths.get(i) else {
-                            return Ok(());
-                        };
-                        match open {
-                            Some(f) => f.sync_all(),
-                            None => std::fs::File::open(p).and_then(|f| f.sync_all()),
-                        }
-                        .with_context(|| format!("syncing {}", p.display()))?;
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a sync worker panicked")))
-            })
-            .collect::<anyhow::Result<Vec<()>>>()
-            .map(drop)
+    for_each_parallel(paths, parallel, |_, (p, open)| {
+        match open {
+            Some(f) => f.sync_all(),
+            None => std::fs::File::open(p).and_then(|f| f.sync_all()),
+        }
+        .with_context(|| format!("syncing {}", p.display()))
     })
 }
 
-/// Makes the directory ready: the marker, the directories, every file at its size. Returns,
-/// per file of the index, the extents still to write (`None`: nothing to write), and what a
-/// delta kept.
+/// Runs `work` on every item, on `parallel` threads taking the next item as they finish; the
+/// first error is returned (the other threads finish the item they hold, then stop).
+fn for_each_parallel<T: Sync>(
+    items: &[T],
+    parallel: usize,
+    work: impl Fn(usize, &T) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..parallel.max(1))
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(item) = items.get(i) else { break };
+                        if let Err(e) = work(i, item) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut first = Ok(());
+        for w in workers {
+            let r = w
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a restore thread panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
 /// What `prepare` found to do: per file of the index, the extents still to write (`None`:
 /// nothing) and the file, kept open while the process may hold that many descriptors.
 type Prepared = (
@@ -329,6 +343,9 @@ fn open_file_budget() -> usize {
     (lim.rlim_cur as usize).saturating_sub(256).min(1 << 16)
 }
 
+/// Makes the directory ready: the marker, the directories, every file at its size. Returns,
+/// per file of the index, the extents still to write (`None`: nothing to write), the files
+/// kept open, and what a delta kept.
 fn prepare(
     index: &FileIndex,
     dir: &Path,
@@ -354,86 +371,62 @@ fn prepare(
     }
     use std::os::unix::fs::OpenOptionsExt;
     let kept = AtomicU64::new(0);
-    let next = AtomicU64::new(0);
     let needs: Mutex<Vec<Option<Vec<Extent>>>> = Mutex::new(vec![None; index.files.len()]);
     let handles: Mutex<Vec<Option<std::fs::File>>> =
         Mutex::new((0..index.files.len()).map(|_| None).collect());
     let budget = open_file_budget() as u64;
     let kept_open = AtomicU64::new(0);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..parallel)
-            .map(|_| {
-                scope.spawn(|| -> anyhow::Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                        let Some(f) = index.files.get(i) else {
-                            return Ok(());
-                        };
-                        let path = if f.path == CONTROL_FILE {
-                            dir.join(CONTROL_UNVERIFIED)
-                        } else {
-                            dir.join(&f.path)
-                        };
-                        let need = if delta && f.path != CONTROL_FILE {
-                            let want = f.block_hashes()?;
-                            match fileset::hash_file(&path) {
-                                Some((_, have)) => {
-                                    let mut need = Vec::new();
-                                    for (bi, h) in want.iter().enumerate() {
-                                        let from = bi as u64 * BLOCK;
-                                        let to = (from + BLOCK).min(f.size);
-                                        if have.get(bi) == Some(h)
-                                            && (to - from == BLOCK || have.len() == bi + 1)
-                                        {
-                                            kept.fetch_add(to - from, Ordering::Relaxed);
-                                            continue;
-                                        }
-                                        fileset::slice_extents(&f.extents, from, to, &mut need);
-                                    }
-                                    need
-                                }
-                                None => f.extents.clone(),
-                            }
-                        } else {
-                            f.extents.clone()
-                        };
-                        let existed = delta && path.exists();
-                        let file = std::fs::OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            .truncate(!delta)
-                            .mode(f.mode & 0o7777)
-                            .open(&path)
-                            .with_context(|| format!("creating {}", path.display()))?;
-                        if f.size > 0 || existed {
-                            file.set_len(f.size)
-                                .with_context(|| format!("sizing {}", path.display()))?;
+    for_each_parallel(&index.files, parallel, |i, f| {
+        let path = if f.path == CONTROL_FILE {
+            dir.join(CONTROL_UNVERIFIED)
+        } else {
+            dir.join(&f.path)
+        };
+        let need = if delta && f.path != CONTROL_FILE {
+            let want = f.block_hashes()?;
+            match fileset::hash_file(&path) {
+                Some((_, have)) => {
+                    let mut need = Vec::new();
+                    for (bi, h) in want.iter().enumerate() {
+                        let from = bi as u64 * BLOCK;
+                        let to = (from + BLOCK).min(f.size);
+                        if have.get(bi) == Some(h) && (to - from == BLOCK || have.len() == bi + 1) {
+                            kept.fetch_add(to - from, Ordering::Relaxed);
+                            continue;
                         }
-                        if existed {
-                            file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
-                                .with_context(|| {
-                                    format!("setting permissions on {}", path.display())
-                                })?;
-                        }
-                        if !need.is_empty() || !delta {
-                            let keep = !need.is_empty()
-                                && kept_open.fetch_add(1, Ordering::Relaxed) < budget;
-                            needs.lock().expect("needs")[i] = Some(need);
-                            if keep {
-                                handles.lock().expect("handles")[i] = Some(file);
-                            }
-                        }
+                        fileset::slice_extents(&f.extents, from, to, &mut need);
                     }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a restore worker panicked")))
-            })
-            .collect::<anyhow::Result<Vec<()>>>()
+                    need
+                }
+                None => f.extents.clone(),
+            }
+        } else {
+            f.extents.clone()
+        };
+        let existed = delta && path.exists();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(!delta)
+            .mode(f.mode & 0o7777)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        if f.size > 0 || existed {
+            file.set_len(f.size)
+                .with_context(|| format!("sizing {}", path.display()))?;
+        }
+        if existed {
+            file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+                .with_context(|| format!("setting permissions on {}", path.display()))?;
+        }
+        if !need.is_empty() || !delta {
+            let keep = !need.is_empty() && kept_open.fetch_add(1, Ordering::Relaxed) < budget;
+            needs.lock().expect("needs")[i] = Some(need);
+            if keep {
+                handles.lock().expect("handles")[i] = Some(file);
+            }
+        }
+        Ok(())
     })?;
     Ok((
         needs.into_inner().expect("needs"),
