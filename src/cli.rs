@@ -73,8 +73,9 @@ pub enum Command {
     /// Download WAL ahead of replay (started by wal-fetch).
     #[command(hide = true)]
     WalPrefetch { dir: PathBuf, names: Vec<String> },
-    /// Take a backup: a PostgreSQL base backup over the network (default), PostgreSQL
-    /// logical dumps (--kind dump), or a MySQL/MariaDB logical dump (--engine mysql).
+    /// Take a backup: a PostgreSQL base backup (default; read from pg.data_dir in parallel
+    /// when it is set, full or incremental, else over the network), PostgreSQL logical dumps
+    /// (--kind dump), or a MySQL/MariaDB logical dump (--engine mysql).
     Backup {
         #[arg(long, value_enum, default_value = "postgres")]
         engine: Engine,
@@ -331,6 +332,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             incremental,
             json,
         } => match (engine, kind) {
+            (Engine::Mysql, _) | (_, Kind::Dump) if full || incremental => Err(input_err!(
+                "--full and --incremental are for PostgreSQL base backups; a logical dump is always whole"
+            )),
             (Engine::Mysql, _) => emit(
                 &crate::mysql::backup_dump(&cfg, writer().await?).await?,
                 json,

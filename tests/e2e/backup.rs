@@ -117,6 +117,15 @@ fn backup_refuses_a_server_without_archiving() {
     let pg = PostgresBuilder::new().start().unwrap();
     let out = dbagent(&repo, Some(&pg), &["backup"]);
     refused(&out, "archive_mode");
+    let out = dbagent(
+        &repo,
+        Some(&pg),
+        &["backup", "--kind", "dump", "--incremental"],
+    );
+    refused(
+        &out,
+        "--full and --incremental are for PostgreSQL base backups",
+    );
     assert!(repo.snapshot().is_empty());
 }
 

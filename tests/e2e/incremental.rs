@@ -91,6 +91,20 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
     assert_eq!(full["kind"], "full", "{full}");
     let full_stored = full["stored_bytes"].as_u64().unwrap();
 
+    // Refused with one line, nothing written: an incremental over the network, and a data
+    // directory that is not the server's.
+    let before = repo.snapshot();
+    let mut cmd = dbagent_cmd(&repo, Some(&pg), &["backup", "--incremental"]);
+    cmd.env("DBAGENT_BACKUP_METHOD", "stream");
+    refused(
+        &cmd.output().unwrap(),
+        "incremental backups read the data directory",
+    );
+    let mut cmd = dbagent_cmd(&repo, Some(&pg), &["backup"]);
+    cmd.env("DBAGENT_PG_DATA_DIR", "/tmp");
+    refused(&cmd.output().unwrap(), "pg.data_dir = /tmp");
+    assert_eq!(repo.snapshot(), before);
+
     // Three incrementals, each after updating a contiguous 1% of the rows.
     let mut chain = vec![full["id"].as_str().unwrap().to_string()];
     for i in 0..3 {
