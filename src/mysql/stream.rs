@@ -941,8 +941,13 @@ async fn session(
             continue;
         }
         file.push(&raw)?;
-        if file.has_ready() && file.closed.ends_file {
-            // The file ended: store its end now, the next file starts.
+        // The file ended: store its end now, the next file starts. Or more than
+        // MAX_OPEN_TRANSACTION_BYTES are held: store them now, whatever the timer says, so a
+        // bulk load is stored in pieces of that size (the timer could fire only after its
+        // commit, and one part would hold all of it).
+        if file.has_ready()
+            && (file.closed.ends_file || file.pending.len() as u64 > MAX_OPEN_TRANSACTION_BYTES)
+        {
             last_store = Instant::now();
             store_ready(store.as_ref(), &uuid, &mut file, opts, status).await?;
         }
