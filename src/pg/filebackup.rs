@@ -750,8 +750,16 @@ fn assemble(
         tablespace_map: map.filter(|m| !m.is_empty()),
     };
     index.check()?;
-    let mut depends_on = index.backups();
-    depends_on.retain(|b| b != req.id);
+    // The chain, oldest first: the base's own chain, then the base. (Ids sort by time only to
+    // the second, so they cannot order it.)
+    let depends_on = match &req.base {
+        Some(b) => {
+            let mut chain = b.manifest.depends_on().to_vec();
+            chain.push(b.manifest.id.clone());
+            chain
+        }
+        None => Vec::new(),
+    };
     let summary = Summary {
         files: index.files.len() as u64,
         plain_bytes,
