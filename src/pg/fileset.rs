@@ -181,14 +181,6 @@ impl FileIndex {
         }
         Ok(())
     }
-
-    /// The backups whose bundles this index reads, its own included.
-    pub fn backups(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.bundles.iter().map(|b| b.backup.clone()).collect();
-        ids.sort();
-        ids.dedup();
-        ids
-    }
 }
 
 /// A relative path that stays inside the directory.
