@@ -277,6 +277,19 @@ impl BlobReader {
         identities: Option<&Identities>,
         name: &str,
     ) -> anyhow::Result<Vec<u8>> {
+        let mut out = vec![0u8; plain_len];
+        self.open_into(stored, &mut out, identities, name)?;
+        Ok(out)
+    }
+
+    /// Opens a blob into `out`, which is as long as the blob's plain bytes.
+    pub fn open_into(
+        &mut self,
+        stored: &[u8],
+        out: &mut [u8],
+        identities: Option<&Identities>,
+        name: &str,
+    ) -> anyhow::Result<()> {
         let corrupt =
             |why: String| anyhow::Error::new(Failure::Corrupt(format!("{name} is corrupt: {why}")));
         let opened;
@@ -292,17 +305,17 @@ impl BlobReader {
         } else {
             stored
         };
-        let mut out = Vec::with_capacity(plain_len);
         let n = self
             .zstd
-            .decompress_to_buffer(compressed, &mut out)
+            .decompress_to_buffer(compressed, out)
             .map_err(|e| corrupt(e.to_string()))?;
-        if n != plain_len {
+        if n != out.len() {
             return Err(corrupt(format!(
-                "{n} plain bytes, the index says {plain_len}"
+                "{n} plain bytes, the index says {}",
+                out.len()
             )));
         }
-        Ok(out)
+        Ok(())
     }
 }
 

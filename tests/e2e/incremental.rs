@@ -93,7 +93,14 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
 
     // Refused with one line, nothing written: an incremental over the network, and a data
     // directory that is not the server's.
-    let before = repo.snapshot();
+    // The server's archiver may still be pushing the full backup's history file: WAL is not
+    // what a refusal could write, so it is left out of the comparison.
+    let backups = || {
+        let mut snap = repo.snapshot();
+        snap.retain(|path, _| !path.to_string_lossy().contains("/wal/"));
+        snap
+    };
+    let before = backups();
     let mut cmd = dbagent_cmd(&repo, Some(&pg), &["backup", "--incremental"]);
     cmd.env("DBAGENT_BACKUP_METHOD", "stream");
     refused(
@@ -103,7 +110,7 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
     let mut cmd = dbagent_cmd(&repo, Some(&pg), &["backup"]);
     cmd.env("DBAGENT_PG_DATA_DIR", "/tmp");
     refused(&cmd.output().unwrap(), "pg.data_dir = /tmp");
-    assert_eq!(repo.snapshot(), before);
+    assert_eq!(backups(), before);
 
     // Three incrementals, each after updating a contiguous 1% of the rows.
     let mut chain = vec![full["id"].as_str().unwrap().to_string()];
