@@ -178,51 +178,56 @@ async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
             archiver.get::<_, i64>(0)
         ));
     }
-    let mut databases = Vec::new();
-    for db in client
+    let rows = client
         .query(sql::DATABASE_SIZES, &[])
         .await
-        .context("listing databases")?
-    {
-        let name: String = db.get(0);
-        let (tables, extensions) = match conn.with_db(&name).connect().await {
-            Ok(c) => {
-                let tables = c
-                    .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
-                    .await
-                    .with_context(|| format!("row estimates in {name}"))?
-                    .into_iter()
-                    .map(|r| TableRows {
-                        table: r.get(0),
-                        rows_estimate: r.get(1),
-                    })
-                    .collect();
-                let extensions = c
-                    .query(
-                        "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
-                        &[],
-                    )
-                    .await
-                    .with_context(|| format!("extensions in {name}"))?
-                    .into_iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                (tables, extensions)
-            }
-            Err(e) => {
-                tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
-                (vec![], vec![])
-            }
-        };
-        let settings = database_settings(&client, &name).await?;
-        databases.push(DatabaseInfo {
-            name,
-            size_bytes: db.get(1),
-            tables,
-            settings,
-            extensions,
-        });
-    }
+        .context("listing databases")?;
+    // One connection per database, all at once: each costs a round of connecting and
+    // authenticating, and a nightly backup's fixed cost is mostly such waits.
+    let databases = futures::future::try_join_all(rows.into_iter().map(|db| {
+        let client = &client;
+        async move {
+            let name: String = db.get(0);
+            let (tables, extensions) = match conn.with_db(&name).connect().await {
+                Ok(c) => {
+                    let tables = c
+                        .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
+                        .await
+                        .with_context(|| format!("row estimates in {name}"))?
+                        .into_iter()
+                        .map(|r| TableRows {
+                            table: r.get(0),
+                            rows_estimate: r.get(1),
+                        })
+                        .collect();
+                    let extensions = c
+                        .query(
+                            "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
+                            &[],
+                        )
+                        .await
+                        .with_context(|| format!("extensions in {name}"))?
+                        .into_iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    (tables, extensions)
+                }
+                Err(e) => {
+                    tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
+                    (vec![], vec![])
+                }
+            };
+            let settings = database_settings(client, &name).await?;
+            anyhow::Ok(DatabaseInfo {
+                name,
+                size_bytes: db.get(1),
+                tables,
+                settings,
+                extensions,
+            })
+        }
+    }))
+    .await?;
     Ok(Source { server, databases })
 }
 
@@ -328,24 +333,46 @@ async fn choose_base(
         return Ok(None);
     }
     let cat = crate::repo::catalog::PgCatalog::load(store, sysid).await?;
+    Ok(pick_base(
+        &cat,
+        timeline,
+        version_num,
+        wanted,
+        cfg.backup.full_every,
+        Utc::now(),
+    ))
+}
+
+/// The backup an incremental builds on: the newest file-level backup of this timeline and
+/// major version whose own chain is whole (one that builds on a deleted backup cannot be
+/// restored, and neither could anything built on it); `None` for a full backup.
+fn pick_base(
+    cat: &crate::repo::catalog::PgCatalog,
+    timeline: u32,
+    version_num: i32,
+    wanted: Wanted,
+    full_every: Option<Duration>,
+    now: chrono::DateTime<Utc>,
+) -> Option<BaseBackup> {
     let usable = |b: &&BaseBackup| {
         b.files.is_some()
             && b.timeline == timeline
             && b.server_version_num / 10000 == version_num / 10000
+            && cat.chain_complete(b)
     };
-    let newest = cat
+    let Some(newest) = cat
         .backups
         .iter()
         .filter(usable)
-        .max_by_key(|b| b.stop_time);
-    let Some(newest) = newest else {
+        .max_by_key(|b| b.stop_time)
+    else {
         tracing::warn!(
             "no file-level backup of this cluster on timeline {timeline} to build on: taking a full backup"
         );
-        return Ok(None);
+        return None;
     };
     if wanted == Wanted::Auto {
-        let every = cfg.backup.full_every.expect("checked above");
+        let every = full_every?;
         let last_full = cat
             .backups
             .iter()
@@ -353,21 +380,16 @@ async fn choose_base(
             .filter(|b| b.kind() == "full")
             .map(|b| b.start_time)
             .max();
-        let due = last_full.is_none_or(|t| {
-            Utc::now()
-                .signed_duration_since(t)
-                .to_std()
-                .unwrap_or_default()
-                >= every
-        });
+        let due = last_full
+            .is_none_or(|t| now.signed_duration_since(t).to_std().unwrap_or_default() >= every);
         if due {
             tracing::info!(
                 "the newest full backup is older than backup.full_every: taking a full backup"
             );
-            return Ok(None);
+            return None;
         }
     }
-    Ok(Some(newest.clone()))
+    Some(newest.clone())
 }
 
 pub async fn base_backup(
@@ -650,11 +672,12 @@ async fn wait_for_wal(
                 );
             }
             // The last segment is usually archived within a few tens of milliseconds of
-            // pg_backup_stop's switch: look often at first, then every 250 ms.
-            let pause = if began.elapsed() < Duration::from_secs(2) {
-                25
-            } else {
-                250
+            // pg_backup_stop's switch: look very often at first (a look is a HEAD, or a stat
+            // in a file:// repository), then every 25 ms, then every 250 ms.
+            let pause = match began.elapsed() {
+                d if d < Duration::from_millis(250) => 5,
+                d if d < Duration::from_secs(2) => 25,
+                _ => 250,
             };
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
@@ -664,6 +687,71 @@ async fn wait_for_wal(
 
 #[cfg(test)]
 mod tests {
+    use crate::repo::catalog::tests::{backup, catalog, incremental, t};
+
+    #[test]
+    fn an_incremental_builds_on_the_newest_backup_whose_chain_is_whole() {
+        let mut full = backup("full", 2, 2, "00:01:00");
+        full.format_version = 2;
+        full.files = incremental("x", 2, "00:01:00", &[]).files;
+        full.files.as_mut().unwrap().kind = "full".into();
+        let i1 = incremental("i1", 4, "00:02:00", &["full"]);
+        let i2 = incremental("i2", 6, "00:03:00", &["full", "i1"]);
+        let picked = |backups: Vec<BaseBackup>, wanted, every| {
+            pick_base(
+                &catalog(backups, &[]),
+                1,
+                150002,
+                wanted,
+                every,
+                t("00:10:00"),
+            )
+            .map(|b| b.id)
+        };
+        let all = vec![full.clone(), i1.clone(), i2.clone()];
+        assert_eq!(
+            picked(all.clone(), Wanted::Incremental, None).as_deref(),
+            Some("i2")
+        );
+        // i1 deleted by hand: i2 is orphaned, and building on it would be orphaned too.
+        assert_eq!(
+            picked(vec![full.clone(), i2.clone()], Wanted::Incremental, None).as_deref(),
+            Some("full")
+        );
+        // Without the full, nothing is whole: a full backup.
+        assert_eq!(picked(vec![i1, i2], Wanted::Incremental, None), None);
+        // Another timeline or major version does not count.
+        assert_eq!(
+            pick_base(
+                &catalog(all.clone(), &[]),
+                2,
+                150002,
+                Wanted::Incremental,
+                None,
+                t("00:10:00")
+            ),
+            None
+        );
+        assert_eq!(
+            pick_base(
+                &catalog(all.clone(), &[]),
+                1,
+                160000,
+                Wanted::Incremental,
+                None,
+                t("00:10:00")
+            ),
+            None
+        );
+        // Auto: incremental until the full is older than full_every.
+        let every = |m: u64| Some(Duration::from_secs(m * 60));
+        assert_eq!(
+            picked(all.clone(), Wanted::Auto, every(60)).as_deref(),
+            Some("i2")
+        );
+        assert_eq!(picked(all, Wanted::Auto, every(5)), None);
+    }
+
     use super::*;
 
     const SEG: u64 = 16 << 20;
