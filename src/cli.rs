@@ -208,6 +208,11 @@ pub struct RestoreArgs {
     /// repeated drill. Needs a file-level backup.
     #[arg(long)]
     delta: bool,
+    /// The restored server is a standby (PostgreSQL): standby.signal, it replays the archive
+    /// and streams from the primary in its primary_conninfo, and never promotes by itself.
+    /// With --delta and --no-start: the re-seed of a replica. Takes --latest.
+    #[arg(long)]
+    standby: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -428,10 +433,15 @@ fn drill_target(at: Option<String>, random: bool) -> anyhow::Result<crate::drill
 /// `dbagent restore`: which of the three restores the flags ask for.
 async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
     if (args.engine == Engine::Mysql || args.dump.is_some())
-        && (args.timeline.is_some() || args.as_primary || args.delta)
+        && (args.timeline.is_some() || args.as_primary || args.delta || args.standby)
     {
         return Err(input_err!(
-            "--timeline, --as-primary and --delta are for PostgreSQL restores from a base backup (--target-dir)"
+            "--timeline, --as-primary, --delta and --standby are for PostgreSQL restores from a base backup (--target-dir)"
+        ));
+    }
+    if args.standby && (args.at.is_some() || args.timeline.is_some() || args.as_primary) {
+        return Err(input_err!(
+            "--standby follows the archive to its end and then its primary, on the primary's timeline: give it --latest, without --at, --timeline or --as-primary"
         ));
     }
     let target = match (args.at, args.latest) {
@@ -487,6 +497,7 @@ async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
                 timeline: args.timeline,
                 as_primary: args.as_primary,
                 delta: args.delta,
+                standby: args.standby,
             };
             emit(&crate::restore::restore_pg(cfg, store, &opts).await?, json)
         }

@@ -38,6 +38,8 @@ pub struct PgRestoreOptions {
     pub as_primary: bool,
     /// Into an existing data directory of the same cluster, writing only what differs.
     pub delta: bool,
+    /// A standby: `standby.signal`, no target, never promoted (`--standby`).
+    pub standby: bool,
 }
 
 /// Which cluster in the repository: the configured one, or the only one there.
@@ -88,8 +90,20 @@ pub struct RestoreReport {
     pub target_dir: PathBuf,
     /// Prepared but not started (`--no-start`).
     pub no_start: bool,
+    /// Restored as a standby (`--standby`).
+    #[serde(rename = "as_standby")]
+    pub standby_mode: bool,
     /// Where the started server landed.
     pub promoted: Option<Promoted>,
+    /// The started standby (`--standby`).
+    pub standby: Option<StandbyRunning>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StandbyRunning {
+    pub port: u16,
+    /// The WAL position replayed when it first accepted connections.
+    pub replayed_lsn: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,7 +125,20 @@ impl std::fmt::Display for RestoreReport {
         if self.no_start {
             write!(
                 f,
-                "\nnot started (--no-start): start it with `pg_ctl -D {dir} start`; it replays WAL with `dbagent wal-fetch` and promotes at the target"
+                "\nnot started (--no-start): start it with `pg_ctl -D {dir} start`; it replays WAL with `dbagent wal-fetch` and {}",
+                if self.standby_mode {
+                    "stays a standby"
+                } else {
+                    "promotes at the target"
+                }
+            )?;
+        }
+        if let Some(s) = &self.standby {
+            write!(
+                f,
+                "\nrestored: the server is running as a standby on port {} (data {dir}), consistent and replaying (at {} when it first answered); it follows the archive and the primary in its primary_conninfo",
+                s.port,
+                s.replayed_lsn.as_deref().unwrap_or("an unknown position")
             )?;
         }
         if let Some(p) = &self.promoted {
@@ -148,13 +175,16 @@ pub async fn restore_pg(
         ));
     }
     plan.as_primary = opts.as_primary;
+    plan.standby = opts.standby;
     let mut report = RestoreReport {
         plan: plan.render(),
         dry_run: opts.dry_run,
         backup: plan.backup.id.clone(),
         target_dir: opts.target_dir.clone(),
         no_start: opts.no_start,
+        standby_mode: opts.standby,
         promoted: None,
+        standby: None,
     };
     if opts.dry_run {
         return Ok(report);
@@ -162,12 +192,18 @@ pub async fn restore_pg(
     check_keys(store.as_ref(), &plan).await?;
     eprintln!("{}", report.plan);
 
+    // A replica re-seeded in place keeps pointing at its primary.
+    let keep = if opts.standby && opts.delta {
+        recovery::standby_lines(&opts.target_dir)?
+    } else {
+        Vec::new()
+    };
     materialize(
         cfg,
         store.as_ref(),
         &plan,
         &opts.target_dir,
-        &[],
+        &keep,
         opts.delta,
     )
     .await?;
@@ -175,6 +211,13 @@ pub async fn restore_pg(
         return Ok(report);
     }
     let landed = start_and_wait(cfg, store.as_ref(), &plan, &opts.target_dir, opts.port).await?;
+    if plan.standby {
+        report.standby = Some(StandbyRunning {
+            port: landed.port,
+            replayed_lsn: landed.replayed_lsn.map(|l| Lsn(l).to_string()),
+        });
+        return Ok(report);
+    }
     report.promoted = Some(Promoted {
         port: landed.port,
         timeline: landed.timeline,
@@ -430,10 +473,16 @@ fn write_recovery_settings(
     extra: &[String],
 ) -> anyhow::Result<()> {
     let block = recovery::block(plan, &restore_command(cfg)?, extra);
-    recovery::write(dir, &block)
+    let signal = if plan.standby {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    };
+    recovery::write(dir, &block, signal)
 }
 
-/// Starts the restored server and waits until it has promoted. Returns where it landed.
+/// Starts the restored server and waits until it has promoted (a standby: until it is
+/// consistent and answers in recovery). Returns where it landed.
 pub async fn start_and_wait(
     cfg: &Config,
     store: &dyn Store,
@@ -524,6 +573,21 @@ pub async fn start_and_wait(
         };
         let in_recovery: bool = row.get(0);
         replayed = row.get::<_, Option<i64>>(3).map(|v| v as u64).or(replayed);
+        if plan.standby {
+            if !in_recovery {
+                return Err(anyhow::anyhow!(
+                    "the restored server (data {}, port {}) promoted although it was restored as a standby: something removed its standby.signal; see its log {}",
+                    dir.display(),
+                    pm.port,
+                    log.display()
+                ));
+            }
+            return Ok(Landed {
+                timeline: row.get(2),
+                replayed_lsn: replayed,
+                ..probe
+            });
+        }
         if !in_recovery {
             // Segments fetched ahead but never replayed are of no further use.
             let _ = std::fs::remove_dir_all(dir.join("pg_wal").join(crate::pg::wal::PREFETCH_DIR));

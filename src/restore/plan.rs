@@ -28,6 +28,9 @@ pub struct PgPlan {
     /// The restored server replaces production and archives into the repository; otherwise
     /// it archives nothing.
     pub as_primary: bool,
+    /// The restored server is a standby (`--standby`): `standby.signal`, it follows the
+    /// archive (and its primary) and never promotes by itself.
+    pub standby: bool,
     pub first_wal: String,
     pub last_wal: String,
     pub segments: u64,
@@ -38,6 +41,10 @@ pub struct PgPlan {
 impl PgPlan {
     /// The value of `recovery_target_timeline`: the chosen timeline, never `'latest'`.
     pub fn recovery_target_timeline(&self) -> String {
+        if self.standby {
+            // A standby follows its primary onto whatever timeline that is on.
+            return "latest".into();
+        }
         if self.timeline == 1 || self.timeline_has_history {
             self.timeline.to_string()
         } else {
@@ -53,7 +60,9 @@ impl PgPlan {
             out.push_str(&format!("\n{choice}"));
         }
         out.push('\n');
-        out.push_str(if self.as_primary {
+        out.push_str(if self.standby {
+            "the restored server is a standby (--standby): standby.signal; it replays the archive with dbagent wal-fetch and streams from the primary named by its primary_conninfo, never promotes by itself, and keeps the backup's archive settings for the day it is promoted"
+        } else if self.as_primary {
             "the restored server is the new primary (--as-primary): it archives its new timeline into this repository as production did; stop the old primary for good first"
         } else {
             "the restored server is a copy: archive_mode = off, so it writes nothing into this repository and production's history stays as it is (--as-primary for a server that replaces production)"
@@ -163,6 +172,7 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         timeline_choice,
         timeline_has_history: cat.histories.contains_key(&timeline),
         as_primary: false,
+        standby: false,
         first_wal: backup.start_wal.clone(),
         last_wal: last.name(cat.seg_size),
         segments: last.segno - first_seg + 1,

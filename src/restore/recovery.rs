@@ -102,6 +102,19 @@ pub(crate) fn quote(s: &str) -> String {
 /// The one recovery block (pure), then `extra` lines.
 pub fn block(plan: &PgPlan, restore_command: &str, extra: &[String]) -> Vec<String> {
     let mut lines = Vec::new();
+    if plan.standby {
+        lines.push(format!(
+            "{RECOVERY_NOTE} (dbagent {}), of a standby: it follows the archive and its primary",
+            env!("CARGO_PKG_VERSION")
+        ));
+        lines.push(format!("restore_command = {}", quote(restore_command)));
+        lines.push("recovery_target_timeline = 'latest'".into());
+        for name in TARGETS {
+            lines.push(format!("{name} = ''"));
+        }
+        lines.extend(extra.iter().cloned());
+        return lines;
+    }
     if !plan.as_primary {
         lines.push(format!(
             "{COPY_NOTE}, not the primary (restored without --as-primary): it archives nothing into the repository"
@@ -139,9 +152,24 @@ pub fn block(plan: &PgPlan, restore_command: &str, extra: &[String]) -> Vec<Stri
     lines
 }
 
+/// The lines of `dir`'s postgresql.auto.conf that point a standby at its primary
+/// (`primary_conninfo`, `primary_slot_name`): a delta re-seed of a replica puts them back
+/// after the backup's copy of the file (the primary's) has replaced its own.
+pub fn standby_lines(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let text = read(dir)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            setting_name(l)
+                .is_some_and(|n| matches!(n.as_str(), "primary_conninfo" | "primary_slot_name"))
+        })
+        .map(str::to_string)
+        .collect())
+}
+
 /// Removes earlier recovery settings and signal files from a restored data directory, then
-/// writes `block` and `recovery.signal`.
-pub fn write(dir: &Path, block: &[String]) -> anyhow::Result<()> {
+/// writes `block` and `signal` (`recovery.signal`, or `standby.signal` for a standby).
+pub fn write(dir: &Path, block: &[String], signal: &str) -> anyhow::Result<()> {
     for name in SIGNAL_FILES {
         match std::fs::remove_file(dir.join(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -154,9 +182,9 @@ pub fn write(dir: &Path, block: &[String]) -> anyhow::Result<()> {
     let mut text = strip(&old, Strip::All);
     text.push_str(&(block.join("\n") + "\n"));
     replace(dir, &text)?;
-    std::fs::File::create(dir.join("recovery.signal"))
+    std::fs::File::create(dir.join(signal))
         .and_then(|f| f.sync_all())
-        .context("writing recovery.signal")?;
+        .with_context(|| format!("writing {signal}"))?;
     sync_dir(dir)
 }
 
@@ -326,7 +354,7 @@ work_mem = '8MB'
         std::fs::write(dir.path().join(AUTO_CONF), CARRIED).unwrap();
         std::fs::write(dir.path().join("standby.signal"), "").unwrap();
         let b = block(&plan(Target::Latest, true), "x", &[]);
-        write(dir.path(), &b).unwrap();
+        write(dir.path(), &b, "recovery.signal").unwrap();
         assert!(!dir.path().join("standby.signal").exists());
         assert!(dir.path().join("recovery.signal").exists());
         let text = std::fs::read_to_string(dir.path().join(AUTO_CONF)).unwrap();
@@ -335,5 +363,39 @@ work_mem = '8MB'
         let text = std::fs::read_to_string(dir.path().join(AUTO_CONF)).unwrap();
         assert!(!text.contains("restore_command") && !text.contains("recovery_target"));
         assert!(!remove_after_promotion(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn a_standby_follows_the_latest_timeline_keeps_archiving_and_its_primary() {
+        let mut p = plan(Target::Latest, false);
+        p.standby = true;
+        let b = block(
+            &p,
+            "dbagent wal-fetch %f %p",
+            &["primary_slot_name = 'r1'".into()],
+        );
+        assert!(
+            b.contains(&"recovery_target_timeline = 'latest'".to_string()),
+            "{b:?}"
+        );
+        assert!(!b.iter().any(|l| l.contains("archive_mode")), "{b:?}");
+        assert!(!b.iter().any(|l| l.contains("promote")), "{b:?}");
+        assert_eq!(b.last().unwrap(), "primary_slot_name = 'r1'");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(AUTO_CONF),
+            "work_mem = '8MB'\nprimary_conninfo = 'host=p user=r'\n  primary_slot_name='r1'\nprimary_conninfo_x = 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            standby_lines(dir.path()).unwrap(),
+            vec![
+                "primary_conninfo = 'host=p user=r'",
+                "  primary_slot_name='r1'"
+            ]
+        );
+        write(dir.path(), &b, "standby.signal").unwrap();
+        assert!(dir.path().join("standby.signal").exists());
+        assert!(!dir.path().join("recovery.signal").exists());
     }
 }

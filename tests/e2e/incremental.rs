@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dbagent_testcontainers::{free_port, pg_owned_tempdir};
+use dbagent_testcontainers::{command_as_pg_user, free_port, pg_bin, pg_owned_tempdir};
 
 use crate::support::*;
 
@@ -244,4 +244,116 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
         "{stderr}"
     );
     assert!(!dir2.join("global/pg_control").exists());
+}
+
+/// Polls `check` every 250 ms for up to `limit`.
+fn wait_for(limit: std::time::Duration, what: &str, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn a_standby_restore_follows_the_archive_and_a_delta_reseed_keeps_pointing_at_its_primary() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t (i int); INSERT INTO t VALUES (1)",
+    )
+    .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("standby");
+
+    // A standby takes no target: refused with one line, nothing written.
+    let out = dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--at",
+            "2026-01-01 00:00:00",
+            "--standby",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    refused(&out, "--standby follows the archive to its end");
+    assert!(!dir.exists());
+
+    // Restored as a standby: standby.signal, running in recovery, fed from the archive.
+    let (out, standby) = restore(&repo, &dir, &["--standby"]);
+    let text = ok(&out);
+    assert!(text.contains("running as a standby"), "{text}");
+    assert!(dir.join("standby.signal").exists());
+    assert!(!dir.join("recovery.signal").exists());
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+    pg.psql("postgres", "INSERT INTO t VALUES (2)").unwrap();
+    switch_and_wait_archived(&pg);
+    wait_for(
+        std::time::Duration::from_secs(60),
+        "the standby replays the archived row",
+        || standby.psql("SELECT count(*) FROM t") == "2",
+    );
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
+    let port = standby.port;
+    drop(standby); // stopped
+
+    // The replica points at its primary in its own postgresql.auto.conf (as pg_basebackup -R
+    // writes it), has drifted (a stray file), and is re-seeded in place from a newer backup.
+    let auto = dir.join("postgresql.auto.conf");
+    let conninfo = format!(
+        "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name=reseeded'",
+        pg.port()
+    );
+    let mut text = std::fs::read_to_string(&auto).unwrap();
+    text.push_str(&format!("{conninfo}\n"));
+    std::fs::write(&auto, text).unwrap();
+    std::fs::write(dir.join("base").join("stray"), "not in any backup").unwrap();
+    pg.psql("postgres", "INSERT INTO t VALUES (3)").unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    let (out, _not_started) = restore(&repo, &dir, &["--delta", "--standby", "--no-start"]);
+    let text = ok(&out);
+    assert!(text.contains("stays a standby"), "{text}");
+    assert!(!dir.join("base").join("stray").exists());
+    assert!(dir.join("standby.signal").exists());
+    assert!(!dir.join("recovery.signal").exists());
+    let auto_text = std::fs::read_to_string(&auto).unwrap();
+    assert!(auto_text.contains(&conninfo), "{auto_text}");
+    assert!(auto_text.contains("restore_command"), "{auto_text}");
+    assert!(!auto_text.contains("archive_mode = off"), "{auto_text}");
+
+    // Started, it streams from the primary: a row that is in no archived segment arrives.
+    let started = command_as_pg_user(pg_bin("pg_ctl").unwrap())
+        .arg("-D")
+        .arg(&dir)
+        .arg("-l")
+        .arg(dir.join("dbagent-restore.log"))
+        .args(["-o", &format!("-p {port}"), "-w", "start"])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    let standby = Restored {
+        dir: dir.clone(),
+        port,
+    };
+    wait_for(
+        std::time::Duration::from_secs(60),
+        "the re-seeded standby reaches the new backup's row",
+        || standby.psql("SELECT count(*) FROM t") == "3",
+    );
+    pg.psql("postgres", "INSERT INTO t VALUES (4)").unwrap();
+    wait_for(
+        std::time::Duration::from_secs(30),
+        "the re-seeded standby streams a row that was never archived",
+        || standby.psql("SELECT count(*) FROM t") == "4",
+    );
+    assert_eq!(
+        standby.psql("SELECT status FROM pg_stat_wal_receiver"),
+        "streaming"
+    );
+    assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
 }
