@@ -332,7 +332,7 @@ async fn choose_base(
     if wanted == Wanted::Full || (wanted == Wanted::Auto && cfg.backup.full_every.is_none()) {
         return Ok(None);
     }
-    let cat = crate::repo::catalog::PgCatalog::load(store, sysid).await?;
+    let cat = crate::repo::catalog::PgCatalog::load_backups(store, sysid).await?;
     Ok(pick_base(
         &cat,
         timeline,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::manifest::BaseBackup;
 use super::wal::{
@@ -170,26 +170,54 @@ pub async fn clusters(store: &dyn Store) -> anyhow::Result<Vec<u64>> {
 }
 
 impl PgCatalog {
+    /// Every backup manifest of the cluster, oldest first (by stop time), read eight at a
+    /// time: a repository keeps dozens, and on S3 each read is a round trip.
+    async fn read_backups(store: &dyn Store, sysid: u64) -> anyhow::Result<Vec<BaseBackup>> {
+        let keys: Vec<String> = store
+            .list(&super::backups_prefix(sysid))
+            .await?
+            .into_iter()
+            .map(|obj| obj.key)
+            .filter(|key| key.ends_with("/backup.json"))
+            .collect();
+        let mut backups: Vec<BaseBackup> = futures::stream::iter(keys)
+            .map(|key| async move {
+                let m: BaseBackup =
+                    super::read_manifest(store, &key, &format!("backup manifest {key}")).await?;
+                if m.format_version > super::FILES_FORMAT_VERSION {
+                    anyhow::bail!(
+                        "backup {} has repository format {} but this dbagent reads up to {}: upgrade dbagent",
+                        m.id,
+                        m.format_version,
+                        super::FILES_FORMAT_VERSION
+                    );
+                }
+                Ok(m)
+            })
+            .buffer_unordered(8)
+            .try_collect()
+            .await?;
+        backups.sort_by(|a, b| a.stop_time.cmp(&b.stop_time).then_with(|| a.id.cmp(&b.id)));
+        Ok(backups)
+    }
+
+    /// The backups alone (no WAL, no timelines): enough to choose what an incremental builds
+    /// on, without listing the whole archive.
+    pub async fn load_backups(store: &dyn Store, sysid: u64) -> anyhow::Result<PgCatalog> {
+        let backups = Self::read_backups(store, sysid).await?;
+        Ok(PgCatalog {
+            system_identifier: sysid,
+            seg_size: backups
+                .last()
+                .map(|b| b.wal_segment_size)
+                .unwrap_or(DEFAULT_SEGMENT_SIZE),
+            backups,
+            ..Default::default()
+        })
+    }
+
     pub async fn load(store: &dyn Store, sysid: u64) -> anyhow::Result<PgCatalog> {
-        let mut backups = Vec::new();
-        for obj in store.list(&super::backups_prefix(sysid)).await? {
-            if !obj.key.ends_with("/backup.json") {
-                continue;
-            }
-            let m: BaseBackup =
-                super::read_manifest(store, &obj.key, &format!("backup manifest {}", obj.key))
-                    .await?;
-            if m.format_version > super::FILES_FORMAT_VERSION {
-                anyhow::bail!(
-                    "backup {} has repository format {} but this dbagent reads up to {}: upgrade dbagent",
-                    m.id,
-                    m.format_version,
-                    super::FILES_FORMAT_VERSION
-                );
-            }
-            backups.push(m);
-        }
-        backups.sort_by_key(|b| b.stop_time);
+        let backups = Self::read_backups(store, sysid).await?;
         let seg_size = backups
             .last()
             .map(|b| b.wal_segment_size)
