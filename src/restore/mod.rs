@@ -528,7 +528,12 @@ pub async fn start_and_wait(
         }
         if tokio::time::Instant::now() > deadline {
             return Err(anyhow::anyhow!(
-                "the restored server did not promote within {} (restore.promote_timeout); recovery {}; it is still running (data {}): see its log {} and stop it with `pg_ctl -D {} stop` if it is stuck",
+                "the restored server did not {} within {} (restore.promote_timeout); recovery {}; it is still running (data {}): see its log {} and stop it with `pg_ctl -D {} stop` if it is stuck",
+                if plan.standby {
+                    "answer as a consistent standby (is hot_standby off?)"
+                } else {
+                    "promote"
+                },
                 humantime::format_duration(cfg.restore.promote_timeout),
                 replayed.map_or("had not reached a consistent state".into(), |l| format!(
                     "had replayed up to {}",
