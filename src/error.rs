@@ -83,6 +83,24 @@ pub fn report_with(err: &anyhow::Error, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Joins scoped threads, all of them, and returns the first error among them in the order
+/// given (a panic counts as one, named by `what`).
+pub fn join_first<'s>(
+    handles: impl IntoIterator<Item = std::thread::ScopedJoinHandle<'s, anyhow::Result<()>>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut first = Ok(());
+    for h in handles {
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("{what} panicked")));
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

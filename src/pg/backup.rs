@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -154,6 +155,9 @@ struct Source {
     databases: Vec<DatabaseInfo>,
 }
 
+/// Databases whose facts are read at the same time, each over a connection of its own.
+const DATABASES_AT_ONCE: usize = 4;
+
 async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
     let client = conn.connect().await?;
     let server = ServerFacts::read(&client).await?;
@@ -182,9 +186,10 @@ async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
         .query(sql::DATABASE_SIZES, &[])
         .await
         .context("listing databases")?;
-    // One connection per database, all at once: each costs a round of connecting and
-    // authenticating, and a nightly backup's fixed cost is mostly such waits.
-    let databases = futures::future::try_join_all(rows.into_iter().map(|db| {
+    // A connection per database, a few at a time: each costs a round of connecting and
+    // authenticating, and a nightly backup's fixed cost is mostly such waits; not all at once,
+    // which on a cluster of many databases would take more than max_connections leaves.
+    let databases: Vec<DatabaseInfo> = futures::stream::iter(rows.into_iter().map(|db| {
         let client = &client;
         async move {
             let name: String = db.get(0);
@@ -227,6 +232,8 @@ async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
             })
         }
     }))
+    .buffered(DATABASES_AT_ONCE)
+    .try_collect()
     .await?;
     Ok(Source { server, databases })
 }

@@ -583,16 +583,7 @@ async fn copy_files(
                 })
                 .collect();
             drop(tx);
-            let mut first: anyhow::Result<()> = Ok(());
-            for h in handles {
-                let r = h
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a backup worker panicked")));
-                if first.is_ok() {
-                    first = r;
-                }
-            }
-            first
+            crate::error::join_first(handles, "a backup worker")
         })
     });
     let mut written: anyhow::Result<()> = Ok(());

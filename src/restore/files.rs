@@ -364,16 +364,7 @@ fn for_each_parallel<T: Sync>(
                 })
             })
             .collect();
-        let mut first = Ok(());
-        for w in workers {
-            let r = w
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("a restore thread panicked")));
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        first
+        crate::error::join_first(workers, "a restore thread")
     })
 }
 
@@ -745,17 +736,10 @@ async fn fetch_and_write(
             });
             let handle = tokio::runtime::Handle::current();
             let fetched = handle.block_on(downloads);
-            let mut first: anyhow::Result<()> = creator
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("a restore thread panicked")));
-            for w in workers {
-                let r = w
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a restore worker panicked")));
-                if first.is_ok() {
-                    first = r;
-                }
-            }
+            let first = crate::error::join_first(
+                std::iter::once(creator).chain(workers),
+                "a restore thread",
+            );
             // A worker's error (a corrupt blob) explains why the downloads stopped.
             first.and(fetched)
         })
