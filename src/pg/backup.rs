@@ -259,6 +259,12 @@ pub struct BackupReport {
     /// The backup an incremental builds on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub based_on: Option<String>,
+    /// How an incremental found its changes: "wal" or "compare" (see `FilesInfo`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes_from: Option<String>,
+    /// Bytes of data files a file-level backup read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_bytes: Option<u64>,
     pub system_identifier: String,
     pub seconds: f64,
     pub plain_bytes: u64,
@@ -280,7 +286,17 @@ impl std::fmt::Display for BackupReport {
             self.seconds,
             self.based_on
                 .as_ref()
-                .map(|b| format!(" (on {b})"))
+                .map(|b| match (&self.changes_from, self.read_bytes) {
+                    (Some(from), Some(read)) => format!(
+                        " (on {b}; {} of changed files read, {})",
+                        human(read),
+                        match from.as_str() {
+                            "wal" => "the blocks the WAL names",
+                            _ => "every block compared",
+                        }
+                    ),
+                    _ => format!(" (on {b})"),
+                })
                 .unwrap_or_default(),
             human(self.plain_bytes),
             human(self.stored_bytes),
@@ -482,6 +498,7 @@ pub async fn base_backup(
                 sysid,
                 id: &id,
                 base,
+                wal_segment_size: seg_size,
                 parallel: cfg.backup.workers(),
                 opts: PipeOptions::from_config(cfg),
             })
@@ -499,9 +516,11 @@ pub async fn base_backup(
                 files: s.files,
                 plain_bytes: s.plain_bytes,
                 new_plain_bytes: s.new_plain_bytes,
+                read_bytes: Some(s.read_bytes),
+                changes_from: s.changes_from.map(str::to_string),
                 bundles: s.bundles,
             };
-            tracing::info!(%id, files = s.files, files_read = s.files_read, "files read");
+            tracing::info!(%id, files = s.files, files_read = s.files_read, read_bytes = s.read_bytes, changes_from = s.changes_from, "files read");
             (
                 taken.data,
                 taken.start_lsn,
@@ -582,6 +601,8 @@ pub async fn base_backup(
         id,
         kind: manifest.kind().to_string(),
         based_on: manifest.files.as_ref().and_then(|f| f.based_on.clone()),
+        changes_from: manifest.files.as_ref().and_then(|f| f.changes_from.clone()),
+        read_bytes: manifest.files.as_ref().and_then(|f| f.read_bytes),
         system_identifier: sysid.to_string(),
         seconds: started.elapsed().as_secs_f64(),
         plain_bytes: manifest.plain_bytes(),

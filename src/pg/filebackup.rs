@@ -23,6 +23,7 @@ use crate::pg::conn::ConnInfo;
 use crate::pg::fileset::{
     self, BLOCK, Blob, BlobWriter, BundleLoc, CHUNK, Extent, FileEntry, FileIndex, Found,
 };
+use crate::pg::walrefs::{self, Changes, Collected};
 use crate::pipeline::PipeOptions;
 use crate::repo::manifest::{BaseBackup, ObjectRef};
 use crate::repo::wal::Lsn;
@@ -59,6 +60,12 @@ pub struct Summary {
     pub new_plain_bytes: u64,
     /// Files read (the others were unchanged since the base, by size and mtime).
     pub files_read: u64,
+    /// Bytes read from those files (an incremental that knows the changed blocks from the WAL
+    /// reads only those).
+    pub read_bytes: u64,
+    /// How an incremental found its changes: "wal" (the block references of the WAL since its
+    /// base started) or "compare" (every block of each changed file read and compared).
+    pub changes_from: Option<&'static str>,
     pub bundles: Vec<BundleLoc>,
     pub depends_on: Vec<String>,
 }
@@ -114,6 +121,8 @@ struct Job {
 struct JobResult {
     from: u64,
     read: u64,
+    /// Bytes actually read from the file (the rest was taken from the base unread).
+    read_io: u64,
     short: bool,
     vanished: bool,
     hashes: Vec<u64>,
@@ -127,11 +136,35 @@ struct Sealed {
     plain: u32,
 }
 
+/// What the base holds of a file to read.
+struct Prior<'a> {
+    entry: &'a FileEntry,
+    hashes: Vec<u64>,
+    /// From the WAL: which blocks may have changed since the base started. The others are
+    /// taken from the base without being read.
+    changed: Option<Vec<bool>>,
+}
+
+impl Prior<'_> {
+    /// The base's hash of the block at `off`, when the WAL says the block is unchanged and the
+    /// base holds it whole.
+    fn unchanged(&self, off: u64, end: u64) -> Option<u64> {
+        let changed = self.changed.as_ref()?;
+        let bi = (off / BLOCK) as usize;
+        let whole =
+            off.is_multiple_of(BLOCK) && off + BLOCK <= end && off + BLOCK <= self.entry.size;
+        if !whole || changed.get(bi).copied().unwrap_or(true) {
+            return None;
+        }
+        self.hashes.get(bi).copied()
+    }
+}
+
 struct Shared<'a> {
     root: &'a Path,
     found: &'a [Found],
-    /// The base's entry and block hashes for each found file, when it has one.
-    base_entries: Vec<Option<(&'a FileEntry, Vec<u64>)>>,
+    /// What the base holds of each found file, when it has it.
+    base_entries: Vec<Option<Prior<'a>>>,
     jobs: Mutex<std::vec::IntoIter<(usize, Job)>>,
     results: Mutex<Vec<Option<JobResult>>>,
     next_blob: AtomicU32,
@@ -212,20 +245,35 @@ fn run_job(
     let base = shared.base_entries[job.file].as_ref();
     let mut off = job.from;
     while off < job.to {
+        if let Some(prior) = base
+            && let Some(h) = prior.unchanged(off, job.to)
+        {
+            let mut ext = Vec::new();
+            fileset::slice_extents(&prior.entry.extents, off, off + BLOCK, &mut ext);
+            for mut e in ext {
+                e.blob |= BASE_BLOB;
+                fileset::push_extent(&mut res.extents, e);
+            }
+            res.hashes.push(h);
+            res.read += BLOCK;
+            off += BLOCK;
+            continue;
+        }
         let want = (job.to - off).min(BLOCK) as usize;
         let n = fileset::read_at(&file, &mut block[..want], off)
             .with_context(|| format!("reading {}", path.display()))?;
+        res.read_io += n as u64;
         if n > 0 {
             let data = &block[..n];
             let h = fileset::block_hash(data);
             let bi = (off / BLOCK) as usize;
-            let same = base.is_some_and(|(entry, hashes)| {
-                hashes.get(bi) == Some(&h) && entry.size.min(off + BLOCK) - off == n as u64
+            let same = base.is_some_and(|p| {
+                p.hashes.get(bi) == Some(&h) && p.entry.size.min(off + BLOCK) - off == n as u64
             });
             match base {
-                Some((entry, _)) if same => {
+                Some(p) if same => {
                     let mut ext = Vec::new();
-                    fileset::slice_extents(&entry.extents, off, off + n as u64, &mut ext);
+                    fileset::slice_extents(&p.entry.extents, off, off + n as u64, &mut ext);
                     for mut e in ext {
                         e.blob |= BASE_BLOB;
                         fileset::push_extent(&mut res.extents, e);
@@ -374,17 +422,18 @@ async fn close(mut b: OpenBundle, placed: &Mutex<Placed>) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Per found file: the base's entry and block hashes (for a file to read), or the base's
-/// entry taken as it is (for an unchanged file); and the jobs.
-type Planned<'a> = (
-    Vec<Option<(&'a FileEntry, Vec<u64>)>>,
-    Vec<Option<FileEntry>>,
-    Vec<Job>,
-);
+/// Per found file: what the base holds of it (for a file to read), or the base's entry taken
+/// as it is (for an unchanged file); and the jobs.
+type Planned<'a> = (Vec<Option<Prior<'a>>>, Vec<Option<FileEntry>>, Vec<Job>);
 
 /// Plans the jobs: files unchanged since the base (same size and mtime, and that mtime well
-/// before the base started reading) are taken from the base's index without being read.
-fn plan<'a>(found: &'a [Found], base: Option<&'a Base>) -> anyhow::Result<Planned<'a>> {
+/// before the base started reading) are taken from the base's index without being read; of
+/// the others, `changes` (from the WAL) says which blocks to read.
+fn plan<'a>(
+    found: &'a [Found],
+    base: Option<&'a Base>,
+    changes: Option<&Changes>,
+) -> anyhow::Result<Planned<'a>> {
     let by_path: HashMap<&str, &FileEntry> = base
         .map(|b| b.index.files.iter().map(|f| (f.path.as_str(), f)).collect())
         .unwrap_or_default();
@@ -407,7 +456,11 @@ fn plan<'a>(found: &'a [Found], base: Option<&'a Base>) -> anyhow::Result<Planne
             continue;
         }
         entries.push(match prev {
-            Some(p) => Some((p, p.block_hashes()?)),
+            Some(p) => Some(Prior {
+                entry: p,
+                hashes: p.block_hashes()?,
+                changed: changes.and_then(|c| c.file_blocks(&f.path, fileset::block_count(f.size))),
+            }),
             None => None,
         });
         reused.push(None);
@@ -432,6 +485,8 @@ pub struct Request<'a> {
     pub sysid: u64,
     pub id: &'a str,
     pub base: Option<Base>,
+    /// The server's WAL segment size, to read the WAL since the base.
+    pub wal_segment_size: u64,
     pub parallel: usize,
     pub opts: PipeOptions,
 }
@@ -440,11 +495,18 @@ pub struct Request<'a> {
 pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
     let client = req.conn.connect().await?;
     let label = format!("dbagent {}", req.id);
-    client
+    let started: Lsn = client
         .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
         .await
-        .context("starting the backup (pg_backup_start)")?;
+        .context("starting the backup (pg_backup_start)")?
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e| anyhow::anyhow!("pg_backup_start returned a bad LSN: {e}"))?;
     tracing::info!(id = req.id, dir = %req.dir.display(), parallel = req.parallel, incremental = req.base.is_some(), "file-level backup started");
+    let changes = match &req.base {
+        Some(base) => changes_since(&req, &client, base, started).await,
+        None => None,
+    };
 
     let root = req.dir.to_path_buf();
     let (dirs, found) = tokio::task::spawn_blocking(move || fileset::walk(&root))
@@ -453,7 +515,7 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
 
     let recipients = crate::pipeline::recipients(req.store.as_ref()).await?;
     let placed = Arc::new(Mutex::new(Placed::default()));
-    let copied = copy_files(&req, &found, recipients, placed.clone()).await;
+    let copied = copy_files(&req, &found, changes.as_ref(), recipients, placed.clone()).await;
     let copied = match copied {
         Ok(c) => c,
         Err(e) => {
@@ -491,7 +553,11 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         anyhow::bail!("pg_backup_stop returned a backup_label without a start position");
     };
 
-    let (index, summary) = assemble(&req, dirs, &found, copied, &placed, label, map)?;
+    let (index, mut summary) = assemble(&req, dirs, &found, copied, &placed, label, map)?;
+    summary.changes_from = req.base.as_ref().map(|_| match changes {
+        Some(_) => "wal",
+        None => "compare",
+    });
     let json = serde_json::to_vec(&index).context("encoding the file index")?;
     let key = crate::repo::backup_index_key(req.sysid, req.id);
     let written = crate::pipeline::upload(
@@ -517,6 +583,66 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
     })
 }
 
+/// The blocks changed since `base` started, from the WAL up to `started` (this backup's
+/// start); `None` (and a warning saying why) when the WAL cannot tell, and every block of a
+/// changed file is then read and compared.
+async fn changes_since(
+    req: &Request<'_>,
+    client: &tokio_postgres::Client,
+    base: &Base,
+    started: Lsn,
+) -> Option<Changes> {
+    let t = std::time::Instant::now();
+    let result: anyhow::Result<Collected> = async {
+        // Blocks map to files only with the default relation block and segment sizes.
+        let row = client
+            .query_one(
+                "SELECT current_setting('block_size')::int8, (SELECT setting::int8 FROM pg_settings WHERE name = 'segment_size')",
+                &[],
+            )
+            .await
+            .context("reading the server's block and segment sizes")?;
+        let (block, segment): (i64, i64) = (row.get(0), row.get(1));
+        if block as u64 != walrefs::REL_BLOCK || segment as u64 != walrefs::REL_SEGMENT_BLOCKS {
+            anyhow::bail!(
+                "the server's block size ({block}) or segment size ({segment} blocks) is not the default"
+            );
+        }
+        walrefs::collect(
+            req.store.as_ref(),
+            req.dir,
+            req.sysid,
+            base.manifest.timeline,
+            req.wal_segment_size,
+            base.manifest.start_lsn,
+            started,
+        )
+        .await
+    }
+    .await;
+    match result {
+        Ok(c) => {
+            tracing::info!(
+                base = %base.manifest.id,
+                records = c.changes.records,
+                local_segments = c.local_segments,
+                archived_segments = c.fetched_segments,
+                ms = t.elapsed().as_millis() as u64,
+                "changed blocks read from the WAL since the base"
+            );
+            Some(c.changes)
+        }
+        Err(e) => {
+            tracing::warn!(
+                base = %base.manifest.id,
+                error = %format!("{e:#}"),
+                "cannot read the changed blocks from the WAL since the base; reading every block of the changed files instead"
+            );
+            None
+        }
+    }
+}
+
 /// Deletes the bundles a failed backup wrote (best effort: `prune` removes what is left).
 async fn cleanup(store: &dyn Store, placed: &Mutex<Placed>) {
     let keys = placed.lock().expect("placed").started.clone();
@@ -533,10 +659,11 @@ struct Copied {
 async fn copy_files(
     req: &Request<'_>,
     found: &[Found],
+    changes: Option<&Changes>,
     recipients: Option<Arc<Recipients>>,
     placed: Arc<Mutex<Placed>>,
 ) -> anyhow::Result<Copied> {
-    let (base_entries, reused, jobs) = plan(found, req.base.as_ref())?;
+    let (base_entries, reused, jobs) = plan(found, req.base.as_ref(), changes)?;
     // One writer: its upload already keeps `upload.concurrency` parts in flight; more writers
     // would multiply that memory (each part is `upload.part_size`) for no gain on 2-8 cores.
     let writers = 1;
@@ -684,6 +811,7 @@ fn assemble(
     let mut files = Vec::with_capacity(found.len());
     let mut plain_bytes = 0u64;
     let mut files_read = 0u64;
+    let mut read_bytes = 0u64;
     for ((f, reused), mut parts) in found.iter().zip(copied.entries).zip(per_file) {
         if let Some(mut entry) = reused {
             for e in &mut entry.extents {
@@ -701,11 +829,13 @@ fn assemble(
         let mut hashes = Vec::new();
         let mut extents = Vec::new();
         let mut size = 0u64;
+        let mut file_read = 0u64;
         for p in parts {
             if p.from != size {
                 break; // an earlier part ended short: the file shrank while it was read
             }
             hashes.extend(p.hashes);
+            file_read += p.read_io;
             for mut e in p.extents {
                 e.blob = if e.blob & BASE_BLOB != 0 {
                     map_base(e.blob & !BASE_BLOB)?
@@ -720,6 +850,8 @@ fn assemble(
             }
         }
         plain_bytes += size;
+        read_bytes += file_read;
+        tracing::debug!(path = %f.path, size, read = file_read, "file read");
         files.push(FileEntry {
             path: f.path.clone(),
             size,
@@ -756,6 +888,8 @@ fn assemble(
         plain_bytes,
         new_plain_bytes: new_plain,
         files_read,
+        read_bytes,
+        changes_from: None,
         bundles: own_bundles,
         depends_on,
     };

@@ -15,6 +15,7 @@ pub mod tarscan;
 pub mod tls;
 pub mod wal;
 pub mod walcheck;
+pub mod walrefs;
 pub mod walscan;
 pub mod walsidecar;
 pub mod walstream;

@@ -734,6 +734,8 @@ pub(crate) mod tests {
             files: 1,
             plain_bytes: 1,
             new_plain_bytes: 1,
+            read_bytes: None,
+            changes_from: None,
             bundles: vec![],
         });
         b

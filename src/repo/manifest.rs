@@ -135,6 +135,14 @@ pub struct FilesInfo {
     pub plain_bytes: u64,
     /// Plain bytes this backup stored itself.
     pub new_plain_bytes: u64,
+    /// Bytes of data files it read (an incremental reads only changed files, and of those
+    /// only the blocks the WAL names when it can).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes: Option<u64>,
+    /// How an incremental found its changes: "wal" (the block references of the WAL since
+    /// its base started) or "compare" (every block of each changed file read and compared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes_from: Option<String>,
     /// This backup's own bundle objects.
     pub bundles: Vec<crate::pg::fileset::BundleLoc>,
 }

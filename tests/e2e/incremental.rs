@@ -90,6 +90,11 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
     let full = backup_json(&repo, &pg, &["--full"]);
     assert_eq!(full["kind"], "full", "{full}");
     let full_stored = full["stored_bytes"].as_u64().unwrap();
+    let table_bytes: u64 = pg
+        .psql("postgres", "SELECT pg_relation_size('accounts')")
+        .unwrap()
+        .parse()
+        .unwrap();
 
     // Refused with one line, nothing written: an incremental over the network, and a data
     // directory that is not the server's.
@@ -125,9 +130,22 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
         )
         .unwrap();
         pg.psql("postgres", "CHECKPOINT").unwrap();
-        let inc = backup_json(&repo, &pg, &["--incremental"]);
+        let out = dbagent(&repo, Some(&pg), &["backup", "--json", "--incremental"]);
+        let inc: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
         assert_eq!(inc["kind"], "incremental", "{inc}");
         assert_eq!(inc["based_on"], chain.last().unwrap().as_str(), "{inc}");
+        // The WAL since the base names the changed blocks: the table is not read whole.
+        assert_eq!(
+            inc["changes_from"],
+            "wal",
+            "{inc}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let read = inc["read_bytes"].as_u64().unwrap();
+        assert!(
+            read * 4 < table_bytes,
+            "incremental {i} read {read} bytes of a {table_bytes}-byte table"
+        );
         let stored = inc["stored_bytes"].as_u64().unwrap();
         assert!(
             stored * 5 < full_stored,
@@ -244,6 +262,164 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
         "{stderr}"
     );
     assert!(!dir2.join("global/pg_control").exists());
+}
+
+/// What a restore must reproduce: the tables whose blocks the WAL does not name one by one.
+fn contents(psql: impl Fn(&str, &str) -> String) -> Vec<String> {
+    vec![
+        psql(
+            "postgres",
+            "SELECT md5(string_agg(aid::text || ':' || abalance::text || filler, ',' ORDER BY aid)) || ' ' || count(*) FROM accounts",
+        ),
+        psql(
+            "postgres",
+            "SELECT md5(string_agg(id::text || v, ',' ORDER BY id)) || ' ' || count(*) FROM other",
+        ),
+        psql(
+            "reused",
+            "SELECT md5(string_agg(id::text, ',' ORDER BY id)) || ' ' || count(*) FROM t",
+        ),
+        psql(
+            "reused",
+            "SELECT md5(string_agg(relname, ',' ORDER BY relname)) || ' ' || count(*) FROM pg_class",
+        ),
+    ]
+}
+
+#[test]
+fn an_incremental_reads_the_blocks_the_wal_names_and_compares_blocks_across_an_archive_gap() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE TABLE accounts (aid int PRIMARY KEY, abalance int, filler char(84));
+             INSERT INTO accounts SELECT g, 0, md5(g::text) FROM generate_series(1, {ROWS}) g;
+             CREATE TABLE other AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 50000) g;"
+        ),
+    )
+    .unwrap();
+    // Two databases with different catalogs, large enough to span several backup blocks.
+    for (db, prefix, rows) in [("tmpl", "b", 20000), ("reused", "a", 5000)] {
+        pg.psql("postgres", &format!("CREATE DATABASE {db}"))
+            .unwrap();
+        pg.psql(
+            db,
+            &format!(
+                "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, {rows}) g;
+                 DO $$ BEGIN FOR i IN 1..300 LOOP EXECUTE format('CREATE TABLE {prefix}%s (x int)', i); END LOOP; END $$;"
+            ),
+        )
+        .unwrap();
+    }
+    let reused_oid = pg
+        .psql(
+            "postgres",
+            "SELECT oid FROM pg_database WHERE datname = 'reused'",
+        )
+        .unwrap();
+    pg.psql("postgres", "VACUUM ANALYZE accounts").unwrap();
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    let full = backup_json(&repo, &pg, &["--full"]);
+    let table_bytes: u64 = pg
+        .psql("postgres", "SELECT pg_relation_size('accounts')")
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // Changes whose blocks have no reference of their own in the WAL: the table's tail
+    // deleted and vacuumed away (the file truncated) and refilled; a table truncated (a new
+    // file) and refilled; a database dropped and created again, under the same OID, by copying
+    // another's files (its catalogs' paths are the old ones'). And a 1% update. (VACUUM truncates
+    // only when at least a 16th of the table is free at its end.)
+    pg.psql(
+        "postgres",
+        &format!("DELETE FROM accounts WHERE aid > {}", ROWS - ROWS / 10),
+    )
+    .unwrap();
+    pg.psql(
+        "postgres",
+        "VACUUM (INDEX_CLEANUP on, TRUNCATE on) accounts",
+    )
+    .unwrap();
+    let shrunk: u64 = pg
+        .psql("postgres", "SELECT pg_relation_size('accounts')")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(shrunk < table_bytes, "VACUUM did not truncate the table");
+    pg.psql(
+        "postgres",
+        &format!(
+            "INSERT INTO accounts SELECT g, 7, md5(g::text) FROM generate_series({}, {}) g;
+             TRUNCATE other;
+             INSERT INTO other SELECT g, 'x' || g FROM generate_series(1, 1000) g;
+             UPDATE accounts SET abalance = 1 WHERE aid BETWEEN 1000 AND {};",
+            ROWS - ROWS / 10 + 1,
+            ROWS - ROWS / 20,
+            1000 + ROWS / 100
+        ),
+    )
+    .unwrap();
+    pg.psql("postgres", "DROP DATABASE reused").unwrap();
+    pg.psql(
+        "postgres",
+        &format!("CREATE DATABASE reused OID = {reused_oid} TEMPLATE tmpl STRATEGY FILE_COPY"),
+    )
+    .unwrap();
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    let out = dbagent(&repo, Some(&pg), &["backup", "--json", "--incremental"]);
+    let inc: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(inc["based_on"], full["id"], "{inc}");
+    assert_eq!(
+        inc["changes_from"],
+        "wal",
+        "{inc}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = contents(|db, sql| pg.psql(db, sql).unwrap());
+    switch_and_wait_archived(&pg);
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let (out, restored) = restore(&repo, &scratch.path().join("wal-method"), &[]);
+    ok(&out);
+    assert_eq!(contents(|db, sql| restored.psql_db(db, sql)), want);
+    drop(restored);
+
+    // A gap where the WAL since the base was (gone from pg_wal and from the archive): the
+    // next incremental reads and compares every block of the changed files, and says so.
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    switch_and_wait_archived(&pg);
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    let gap = inc["start_wal"].as_str().unwrap();
+    assert!(
+        !pg.data_dir().join("pg_wal").join(gap).exists(),
+        "{gap} is still in pg_wal after two checkpoints"
+    );
+    let archived = repo.root().unwrap().join(format!(
+        "pg/{}/wal/{gap}.zst",
+        inc["system_identifier"].as_str().unwrap()
+    ));
+    std::fs::remove_file(&archived).unwrap();
+    pg.psql(
+        "postgres",
+        "UPDATE accounts SET abalance = 2 WHERE aid BETWEEN 5000 AND 5999",
+    )
+    .unwrap();
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    let out = dbagent(&repo, Some(&pg), &["backup", "--incremental", "--json"]);
+    let next: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(next["changes_from"], "compare", "{next}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read the changed blocks from the WAL") && stderr.contains(gap),
+        "{stderr}"
+    );
+    let want = contents(|db, sql| pg.psql(db, sql).unwrap());
+    switch_and_wait_archived(&pg);
+    let (out, restored) = restore(&repo, &scratch.path().join("compared"), &[]);
+    ok(&out);
+    assert_eq!(contents(|db, sql| restored.psql_db(db, sql)), want);
 }
 
 /// Polls `check` every 250 ms for up to `limit`.

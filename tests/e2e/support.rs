@@ -185,6 +185,10 @@ pub struct Restored {
 
 impl Restored {
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_db("postgres", sql)
+    }
+
+    pub fn psql_db(&self, db: &str, sql: &str) -> String {
         let out = Command::new(pg_bin("psql").unwrap())
             .args([
                 "-X",
@@ -198,7 +202,7 @@ impl Restored {
                 "-U",
                 "postgres",
                 "-d",
-                "postgres",
+                db,
             ])
             .arg("-p")
             .arg(self.port.to_string())
