@@ -424,6 +424,10 @@ pub async fn base_backup(
     let conn = ConnInfo::from_config(&cfg.pg);
     let facts = source(&conn).await?;
     let sysid = facts.server.system_identifier;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "server facts read"
+    );
     // Fail on a wrong bucket or credentials before reading the database.
     store.list(&repo::backups_prefix(sysid)).await?;
     let local = local_data_dir(cfg, sysid)?;
@@ -463,6 +467,7 @@ pub async fn base_backup(
                 wanted,
             )
             .await?;
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "base chosen");
             let base = match base {
                 Some(manifest) => {
                     let index = crate::pg::filebackup::load_index(store.as_ref(), &manifest)
@@ -481,6 +486,7 @@ pub async fn base_backup(
                 }
                 None => None,
             };
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "base index read");
             let based_on = base.as_ref().map(|b| b.manifest.id.clone());
             // An archive that never catches up: fail with the reason while waiting for WAL.
             let watcher = conn.connect().await?;
@@ -537,6 +543,7 @@ pub async fn base_backup(
         }
     };
 
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "data stored");
     let first = Segment::of_lsn(tli, start_lsn, seg_size);
     let last = Segment::of_lsn(tli, stop_lsn, seg_size);
     let waited = match watch.as_mut() {
@@ -565,6 +572,7 @@ pub async fn base_backup(
         delete_objects(store.as_ref(), &data, files.as_ref()).await;
         return Err(e);
     }
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "WAL archived");
 
     let manifest = BaseBackup {
         format_version: if files.is_some() {

@@ -509,9 +509,15 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
     };
 
     let root = req.dir.to_path_buf();
+    let t = std::time::Instant::now();
     let (dirs, found) = tokio::task::spawn_blocking(move || fileset::walk(&root))
         .await
         .context("walking the data directory")??;
+    tracing::debug!(
+        ms = t.elapsed().as_millis() as u64,
+        files = found.len(),
+        "data directory walked"
+    );
 
     let recipients = crate::pipeline::recipients(req.store.as_ref()).await?;
     let placed = Arc::new(Mutex::new(Placed::default()));
@@ -524,6 +530,7 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         }
     };
 
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "files stored");
     let stop = client
         .query_one(
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
@@ -553,6 +560,7 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         anyhow::bail!("pg_backup_stop returned a backup_label without a start position");
     };
 
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "backup stopped");
     let (index, mut summary) = assemble(&req, dirs, &found, copied, &placed, label, map)?;
     summary.changes_from = req.base.as_ref().map(|_| match changes {
         Some(_) => "wal",

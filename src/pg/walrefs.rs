@@ -266,8 +266,19 @@ fn rel_at(b: &[u8], p: usize) -> anyhow::Result<Rel> {
     Ok((u32_at(b, p)?, u32_at(b, p + 4)?, u32_at(b, p + 8)?))
 }
 
+fn check_crc(rec: &[u8], at: Lsn) -> anyhow::Result<()> {
+    let crc = u32::from_le_bytes(rec[20..24].try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&rec[RECORD_HEADER..]), &rec[..20]);
+    if crc != computed {
+        bail!("the WAL record at {at} fails its CRC");
+    }
+    Ok(())
+}
+
 /// Reads WAL pages in order, from the start of the segment holding `from`, and notes the
-/// changes of every record that starts before `to`.
+/// changes of every record that starts before `to`. A scan may cover one segment of a longer
+/// range: it keeps the record that runs into it from before (`head`) and the one that runs on
+/// past its end (the unfinished record) for `collect` to join.
 #[derive(Debug, Clone)]
 pub struct RefScan {
     sysid: u64,
@@ -282,6 +293,12 @@ pub struct RefScan {
     prev: Option<u64>,
     /// False until the first record boundary (the scan may open inside a record).
     synced: bool,
+    /// The tail of a record that began before the scan (the bytes after the page headers), and
+    /// the length it announced.
+    head: Vec<u8>,
+    head_total: Option<usize>,
+    /// `xl_prev` of the first whole record: where the record before the scan began.
+    first_prev: Option<u64>,
     /// After a switch record, the rest of its segment is padding.
     padding_until: u64,
     done: bool,
@@ -300,6 +317,9 @@ impl RefScan {
             rec_start: 0,
             prev: None,
             synced: false,
+            head: Vec::new(),
+            head_total: None,
+            first_prev: None,
             padding_until: 0,
             done: false,
             changes: Changes::default(),
@@ -318,6 +338,13 @@ impl RefScan {
 
     pub fn feed(&mut self, mut data: &[u8]) -> anyhow::Result<()> {
         while !data.is_empty() && !self.done {
+            if self.page.is_empty() && data.len() >= XLOG_PAGE {
+                // A whole page in the input: read it where it is.
+                self.page_read(&data[..XLOG_PAGE])?;
+                self.page_lsn += XLOG_PAGE as u64;
+                data = &data[XLOG_PAGE..];
+                continue;
+            }
             let n = (XLOG_PAGE - self.page.len()).min(data.len());
             self.page.extend_from_slice(&data[..n]);
             data = &data[n..];
@@ -386,10 +413,24 @@ impl RefScan {
             if self.rec.len() < total {
                 return Ok(());
             }
-            self.record_done()?;
+            let rec = std::mem::take(&mut self.rec);
+            let done = self.record_done(&rec);
+            self.rec = rec;
+            self.rec.clear();
+            done?;
             p = p.next_multiple_of(8);
         } else if !self.synced && cont {
-            // The tail of a record that began before the scan.
+            // The tail of a record that began before the scan: kept for `collect` to join to
+            // that record's start.
+            let total = *self.head_total.get_or_insert(rem_len);
+            if rem_len != total - self.head.len() {
+                bail!(
+                    "the continued record on WAL page {at} announces {rem_len} bytes where {} were left",
+                    total - self.head.len()
+                );
+            }
+            let n = rem_len.min(XLOG_PAGE - p);
+            self.head.extend_from_slice(&page[p..p + n]);
             if p + rem_len >= XLOG_PAGE {
                 return Ok(());
             }
@@ -415,14 +456,13 @@ impl RefScan {
                 bail!("the WAL record at {} claims {total} bytes", Lsn(start));
             }
             self.rec_start = start;
-            let n = total.min(XLOG_PAGE - p);
-            self.rec.extend_from_slice(&page[p..p + n]);
-            p += n;
-            if self.rec.len() < total {
+            if total > XLOG_PAGE - p {
+                // Continued on the next page.
+                self.rec.extend_from_slice(&page[p..]);
                 break;
             }
-            self.record_done()?;
-            p = p.next_multiple_of(8);
+            self.record_done(&page[p..p + total])?;
+            p = (p + total).next_multiple_of(8);
         }
         Ok(())
     }
@@ -431,12 +471,16 @@ impl RefScan {
         u32::from_le_bytes(self.rec[0..4].try_into().expect("4 bytes")) as usize
     }
 
-    fn record_done(&mut self) -> anyhow::Result<()> {
+    /// Checks and notes one whole record, `rec`, which starts at `self.rec_start`.
+    fn record_done(&mut self, rec: &[u8]) -> anyhow::Result<()> {
         let at = Lsn(self.rec_start);
-        if self.rec.len() < RECORD_HEADER {
+        if rec.len() < RECORD_HEADER {
             bail!("the WAL record at {at} is shorter than its header");
         }
-        let prev = u64_at(&self.rec, 8);
+        let prev = u64_at(rec, 8);
+        if self.prev.is_none() && self.first_prev.is_none() {
+            self.first_prev = Some(prev);
+        }
         if let Some(p) = self.prev
             && p != prev
         {
@@ -446,23 +490,225 @@ impl RefScan {
                 Lsn(p)
             );
         }
-        let crc = u32::from_le_bytes(self.rec[20..24].try_into().expect("4 bytes"));
-        let computed =
-            crc32c::crc32c_append(crc32c::crc32c(&self.rec[RECORD_HEADER..]), &self.rec[..20]);
-        if crc != computed {
-            bail!("the WAL record at {at} fails its CRC");
-        }
+        check_crc(rec, at)?;
         self.changes
-            .note(&self.rec)
+            .note(rec)
             .with_context(|| format!("reading the WAL record at {at}"))?;
-        let (info, rmid) = (self.rec[16] & 0xF0, self.rec[17]);
+        let (info, rmid) = (rec[16] & 0xF0, rec[17]);
         if rmid == RM_XLOG_ID && info == XLOG_SWITCH {
             self.padding_until = (self.rec_start / self.seg_size + 1) * self.seg_size;
         }
         self.prev = Some(self.rec_start);
-        self.rec.clear();
         Ok(())
     }
+}
+
+/// What `collect` found, and where it read the WAL.
+pub struct Collected {
+    pub changes: Changes,
+    pub local_segments: u32,
+    pub fetched_segments: u32,
+}
+
+/// Segments read at once: each is read (decompressed and verified, when it comes from the
+/// archive) and parsed on its own, and records that cross from one into the next are joined
+/// in order afterwards.
+const SEGMENTS_AT_ONCE: usize = 2;
+
+/// Reads the WAL from `from` to `to` on timeline `tli`: each segment from the data directory's
+/// `pg_wal` while it is there (its first page names it), otherwise from the repository's
+/// archive.
+pub async fn collect(
+    store: &dyn Store,
+    data_dir: &Path,
+    sysid: u64,
+    tli: u32,
+    seg_size: u64,
+    from: Lsn,
+    to: Lsn,
+) -> anyhow::Result<Collected> {
+    use futures::{StreamExt, TryStreamExt};
+    if to.0 < from.0 {
+        bail!("the range {from}..{to} runs backwards");
+    }
+    let first = Segment::of_lsn(tli, from, seg_size);
+    let last = Segment::of_lsn(tli, to, seg_size);
+    let scans = futures::stream::iter((first.segno..=last.segno).map(|segno| {
+        scan_segment(
+            store,
+            data_dir,
+            sysid,
+            seg_size,
+            Segment { tli, segno },
+            from.0.max(segno * seg_size),
+            to.0,
+        )
+    }))
+    .buffered(SEGMENTS_AT_ONCE);
+    futures::pin_mut!(scans);
+    let mut joined = Joined::default();
+    let (mut local_segments, mut fetched_segments) = (0, 0);
+    while let Some((scan, local)) = scans.try_next().await? {
+        match local {
+            true => local_segments += 1,
+            false => fetched_segments += 1,
+        }
+        joined.add(scan)?;
+        if joined.done {
+            break;
+        }
+    }
+    if !joined.done {
+        bail!("the WAL ends before {to}");
+    }
+    Ok(Collected {
+        changes: joined.changes,
+        local_segments,
+        fetched_segments,
+    })
+}
+
+/// The scans of consecutive segments, joined.
+#[derive(Default)]
+struct Joined {
+    changes: Changes,
+    started: bool,
+    /// The record the last segment left unfinished: its start and bytes.
+    open: Option<(u64, Vec<u8>)>,
+    /// Where the last whole record began.
+    last: Option<u64>,
+    done: bool,
+}
+
+impl Joined {
+    fn add(&mut self, scan: RefScan) -> anyhow::Result<()> {
+        let mut last = self.last;
+        match (self.open.take(), scan.head_total) {
+            (Some((start, mut rec)), Some(total)) => {
+                let at = Lsn(start);
+                rec.extend_from_slice(&scan.head);
+                if scan.head.len() != total || rec.len() != u32_at(&rec, 0)? as usize {
+                    bail!("the WAL record at {at} is not whole where its segment ends");
+                }
+                if u64_at(&rec, 8) != last.unwrap_or(u64_at(&rec, 8)) {
+                    bail!("the WAL record at {at} does not follow the one before it");
+                }
+                check_crc(&rec, at)?;
+                self.changes
+                    .note(&rec)
+                    .with_context(|| format!("reading the WAL record at {at}"))?;
+                last = Some(start);
+            }
+            (None, Some(_)) if self.started => {
+                bail!("a WAL segment opens inside a record that no segment began")
+            }
+            (Some((start, _)), None) => {
+                bail!(
+                    "the WAL record at {} runs past its segment, and the next one does not continue it",
+                    Lsn(start)
+                )
+            }
+            _ => {}
+        }
+        if let (Some(first_prev), Some(last)) = (scan.first_prev, last)
+            && first_prev != last
+        {
+            bail!(
+                "the WAL of segment {} does not follow on from the one before it",
+                Lsn(scan.page_lsn)
+            );
+        }
+        self.started = true;
+        self.last = scan.prev.or(last);
+        self.done = scan.done;
+        if !scan.rec.is_empty() {
+            if scan.rec.len() < 4 {
+                bail!(
+                    "a WAL record at {} is cut short by its segment's end",
+                    Lsn(scan.rec_start)
+                );
+            }
+            self.open = Some((scan.rec_start, scan.rec));
+        }
+        let changes = scan.changes;
+        self.changes.records += changes.records;
+        for (rel, chunks) in changes.chunks {
+            self.changes.chunks.entry(rel).or_default().extend(chunks);
+        }
+        for (rel, limit) in changes.limits {
+            let l = self.changes.limits.entry(rel).or_insert(limit);
+            *l = (*l).min(limit);
+        }
+        self.changes.whole_dbs.extend(changes.whole_dbs);
+        Ok(())
+    }
+}
+
+/// Scans one segment; true when it was read from `pg_wal`.
+async fn scan_segment(
+    store: &dyn Store,
+    data_dir: &Path,
+    sysid: u64,
+    seg_size: u64,
+    seg: Segment,
+    from: u64,
+    to: u64,
+) -> anyhow::Result<(RefScan, bool)> {
+    let name = seg.name(seg_size);
+    let path = data_dir.join("pg_wal").join(&name);
+    let start = seg.start_lsn(seg_size).0;
+    let mut scan = RefScan::new(sysid, seg_size, from, to);
+    let local = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<RefScan>> {
+            let Some(file) = local_segment(&path, start, sysid) else {
+                return Ok(None);
+            };
+            feed_file(&mut scan, file).with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some(scan))
+        })
+        .await
+        .context("reading a local WAL segment panicked")??
+    };
+    if let Some(scan) = local {
+        return Ok((scan, true));
+    }
+    let key = crate::repo::wal_key(sysid, &name);
+    let scan = RefScan::new(sysid, seg_size, from, to);
+    let (scan, _) = crate::pipeline::download(store, &key, scan)
+        .await
+        .with_context(|| format!("reading WAL segment {name} from the archive"))?;
+    Ok((scan, false))
+}
+
+/// The local copy of the segment starting at `start`, when `path` holds it: a recycled file
+/// carries a later segment's name over an earlier segment's pages.
+fn local_segment(path: &Path, start: u64, sysid: u64) -> Option<std::fs::File> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut head = [0u8; LONG_PAGE_HEADER];
+    file.read_exact(&mut head).ok()?;
+    let ours = u16::from_le_bytes([head[0], head[1]]) == XLOG_PAGE_MAGIC
+        && u64_at(&head, 8) == start
+        && u64_at(&head, 24) == sysid;
+    if !ours {
+        tracing::debug!(path = %path.display(), "not this segment's WAL; reading the archived copy");
+        return None;
+    }
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start(0)).ok()?;
+    Some(file)
+}
+
+fn feed_file(scan: &mut RefScan, mut file: std::fs::File) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while !scan.done() {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        scan.feed(&buf[..n])?;
+    }
+    Ok(())
 }
 
 /// A segment downloaded only to be scanned.
@@ -475,78 +721,6 @@ impl std::io::Write for RefScan {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-/// What `collect` found, and where it read the WAL.
-pub struct Collected {
-    pub changes: Changes,
-    pub local_segments: u32,
-    pub fetched_segments: u32,
-}
-
-/// Reads the WAL from `from` to `to` on timeline `tli`: each segment from the data directory's
-/// `pg_wal` while it is there, otherwise from the repository's archive.
-pub async fn collect(
-    store: &dyn Store,
-    data_dir: &Path,
-    sysid: u64,
-    tli: u32,
-    seg_size: u64,
-    from: Lsn,
-    to: Lsn,
-) -> anyhow::Result<Collected> {
-    if to.0 < from.0 {
-        bail!("the range {from}..{to} runs backwards");
-    }
-    let mut scan = RefScan::new(sysid, seg_size, from.0, to.0);
-    let (mut local_segments, mut fetched_segments) = (0, 0);
-    while !scan.done() {
-        let seg = Segment::of_lsn(tli, Lsn(scan.position()), seg_size);
-        let name = seg.name(seg_size);
-        let seg_end = seg.start_lsn(seg_size).0 + seg_size;
-        let before = scan.clone();
-        let path = data_dir.join("pg_wal").join(&name);
-        let local = tokio::task::block_in_place(|| feed_file(&mut scan, &path));
-        match local {
-            Ok(()) if scan.done() || scan.position() == seg_end => {
-                local_segments += 1;
-                continue;
-            }
-            Ok(()) => {
-                tracing::debug!(%name, "the local WAL file is short; reading the archived copy")
-            }
-            Err(e) => {
-                tracing::debug!(%name, error = %format!("{e:#}"), "reading the archived copy")
-            }
-        }
-        let key = crate::repo::wal_key(sysid, &name);
-        let (fed, _) = crate::pipeline::download(store, &key, before)
-            .await
-            .with_context(|| format!("reading WAL segment {name} from the archive"))?;
-        scan = fed;
-        if !scan.done() && scan.position() != seg_end {
-            bail!("the archived WAL segment {name} is short");
-        }
-        fetched_segments += 1;
-    }
-    Ok(Collected {
-        changes: scan.changes,
-        local_segments,
-        fetched_segments,
-    })
-}
-
-fn feed_file(scan: &mut RefScan, path: &Path) -> anyhow::Result<()> {
-    let mut file = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    while !scan.done() {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        scan.feed(&buf[..n])?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -646,8 +820,9 @@ mod tests {
 
         fn scan(&self, from: u64, to: u64) -> anyhow::Result<RefScan> {
             let mut scan = RefScan::new(SYSID, SEG, from, to);
-            // Fed in odd-sized pieces, as a download arrives.
-            for piece in self.bytes.chunks(5000) {
+            // Fed in odd-sized pieces, as a download arrives: whole pages are read in place,
+            // the others gathered first.
+            for piece in self.bytes.chunks(3 * XLOG_PAGE + 100) {
                 scan.feed(piece)?;
             }
             Ok(scan)
@@ -800,6 +975,56 @@ mod tests {
         let tail = second.scan(START + SEG, at).unwrap();
         assert!(tail.done());
         assert!(tail.changes.records > 0 && tail.changes.records < n as u64);
+    }
+
+    /// Scans each segment of `w` on its own, as `collect` does.
+    fn per_segment(w: &Wal, to: u64) -> Vec<RefScan> {
+        w.bytes
+            .chunks(SEG as usize)
+            .enumerate()
+            .map(|(i, seg)| {
+                let start = w.base + i as u64 * SEG;
+                let mut scan = RefScan::new(SYSID, SEG, start, to);
+                scan.feed(seg).unwrap();
+                scan
+            })
+            .collect()
+    }
+
+    #[test]
+    fn segments_scanned_apart_join_into_the_whole_range() {
+        let mut w = Wal::new(START, 3, None);
+        let mut at = START;
+        let mut n = 0u32;
+        // Long records, so some cross each segment boundary.
+        while at < START + 2 * SEG + 3 * XLOG_PAGE as u64 {
+            let main = if n.is_multiple_of(5) { 20_000 } else { 4 };
+            at = w.record(
+                at,
+                10,
+                0,
+                &body((DEFAULT_TABLESPACE, 5, 16384 + n % 4), &[(0, n)], main),
+            );
+            n += 1;
+        }
+        let whole = w.scan(START, at).unwrap().changes;
+        assert_eq!(whole.records, n as u64);
+        let mut joined = Joined::default();
+        for scan in per_segment(&w, at) {
+            joined.add(scan).unwrap();
+        }
+        assert!(joined.done);
+        assert_eq!(joined.changes.records, n as u64);
+        assert_eq!(joined.changes.chunks, whole.chunks);
+
+        // A segment missing from the middle, or the segments out of order: an error.
+        let scans = per_segment(&w, at);
+        let mut gap = Joined::default();
+        gap.add(scans[0].clone()).unwrap();
+        assert!(gap.add(scans[2].clone()).is_err());
+        let mut swapped = Joined::default();
+        swapped.add(scans[1].clone()).unwrap();
+        assert!(swapped.add(scans[0].clone()).is_err());
     }
 
     #[test]
