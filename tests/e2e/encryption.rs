@@ -194,6 +194,7 @@ fn pg_encrypted_backup_wal_and_restore_latest() {
         &["backup", "--incremental"],
     ));
     assert!(inc.starts_with("incremental backup"), "{inc}");
+    assert!(inc.contains("the blocks the WAL names"), "{inc}");
     switch_and_wait_archived(&pg);
     // wal-push without the public keys is refused (exit 1): PostgreSQL keeps the segment and
     // retries, nothing is stored in the clear.
