@@ -101,6 +101,10 @@ pub struct BackupConfig {
     /// `backup` without `--full`/`--incremental` takes an incremental unless the newest full
     /// backup is older than this (unset: always a full).
     pub full_every: Option<Duration>,
+    /// How an incremental finds the changed blocks of a changed file: `wal` (the block
+    /// references of the WAL since its base, falling back to `compare` when it cannot tell) or
+    /// `compare` (read and compare every block).
+    pub changed_blocks: String,
 }
 
 impl BackupConfig {
@@ -366,6 +370,7 @@ impl Config {
                 method: v.get("backup.method")?,
                 parallel: v.get("backup.parallel")?,
                 full_every: v.opt("backup.full_every")?,
+                changed_blocks: v.get("backup.changed_blocks")?,
             },
             pg: PgConfig {
                 data_dir: v.opt("pg.data_dir")?,

@@ -143,6 +143,7 @@ pub const KEYS: &[Key] = &[
     Key::new("backup.method", Kind::Choice(&["auto", "files", "stream"])).or("auto"),
     int("backup.parallel", 0, 256).or("0"),
     Key::new("backup.full_every", Kind::Duration),
+    Key::new("backup.changed_blocks", Kind::Choice(&["wal", "compare"])).or("wal"),
     text("pg.data_dir").also(&["PGDATA"]),
     text("pg.bin_dir"),
     text("pg.host").also(&["PGHOST"]),

@@ -505,6 +505,7 @@ pub async fn base_backup(
                 id: &id,
                 base,
                 wal_segment_size: seg_size,
+                changes_from_wal: cfg.backup.changed_blocks != "compare",
                 parallel: cfg.backup.workers(),
                 opts: PipeOptions::from_config(cfg),
             })

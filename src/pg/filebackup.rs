@@ -485,6 +485,8 @@ pub struct Request<'a> {
     pub base: Option<Base>,
     /// The server's WAL segment size, to read the WAL since the base.
     pub wal_segment_size: u64,
+    /// Whether an incremental reads the WAL since its base to find the changed blocks.
+    pub changes_from_wal: bool,
     pub parallel: usize,
     pub opts: PipeOptions,
 }
@@ -502,7 +504,13 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         .map_err(|e| anyhow::anyhow!("pg_backup_start returned a bad LSN: {e}"))?;
     tracing::info!(id = req.id, dir = %req.dir.display(), parallel = req.parallel, incremental = req.base.is_some(), "file-level backup started");
     let changes = match &req.base {
-        Some(base) => changes_since(&req, &client, base, started).await,
+        Some(base) if req.changes_from_wal => changes_since(&req, &client, base, started).await,
+        Some(_) => {
+            tracing::info!(
+                "backup.changed_blocks = compare: reading every block of the changed files"
+            );
+            None
+        }
         None => None,
     };
 
