@@ -304,7 +304,7 @@ fn contents(psql: impl Fn(&str, &str) -> String) -> Vec<String> {
 }
 
 #[test]
-fn an_incremental_reads_the_blocks_the_wal_names_and_compares_blocks_across_an_archive_gap() {
+fn an_incremental_reads_the_blocks_the_wal_names_under_a_writer_and_compares_blocks_across_an_archive_gap() {
     let repo = Repo::file();
     let pg = archiving_primary(&repo);
     pg.psql(
@@ -385,7 +385,31 @@ fn an_incremental_reads_the_blocks_the_wal_names_and_compares_blocks_across_an_a
     )
     .unwrap();
     pg.psql("postgres", "CHECKPOINT").unwrap();
-    let out = dbagent(&repo, Some(&pg), &["backup", "--json", "--incremental"]);
+    // A writer keeps updating rows all over the table while the incremental runs: blocks it
+    // changes after the backup's start are not in the WAL the backup reads, so they come from
+    // the base, and the restore's replay must put them right.
+    let writing = std::sync::atomic::AtomicBool::new(true);
+    let (out, updates) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut n = 0u32;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                pg.psql(
+                    "postgres",
+                    &format!(
+                        "UPDATE accounts SET abalance = abalance + 1 WHERE aid % 499 = {}",
+                        n % 499
+                    ),
+                )
+                .unwrap();
+                n += 1;
+            }
+            n
+        });
+        let out = dbagent(&repo, Some(&pg), &["backup", "--json", "--incremental"]);
+        writing.store(false, std::sync::atomic::Ordering::Relaxed);
+        (out, writer.join().unwrap())
+    });
+    assert!(updates > 0, "the writer never ran during the backup");
     let inc: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert_eq!(inc["based_on"], full["id"], "{inc}");
     assert_eq!(
