@@ -284,6 +284,8 @@ pub struct RefScan {
     sysid: u64,
     seg_size: u64,
     to: u64,
+    /// LSN of the first page read.
+    start: u64,
     /// LSN of the page being filled.
     page_lsn: u64,
     page: Vec<u8>,
@@ -311,6 +313,7 @@ impl RefScan {
             sysid,
             seg_size,
             to,
+            start: from - from % seg_size,
             page_lsn: from - from % seg_size,
             page: Vec::with_capacity(XLOG_PAGE),
             rec: Vec::new(),
@@ -616,8 +619,8 @@ impl Joined {
             && first_prev != last
         {
             bail!(
-                "the WAL of segment {} does not follow on from the one before it",
-                Lsn(scan.page_lsn)
+                "the WAL from {} does not follow on from the segment before it",
+                Lsn(scan.start)
             );
         }
         self.started = true;
