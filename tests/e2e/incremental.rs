@@ -304,7 +304,7 @@ fn contents(psql: impl Fn(&str, &str) -> String) -> Vec<String> {
 }
 
 #[test]
-fn an_incremental_reads_the_blocks_the_wal_names_under_a_writer_and_compares_blocks_across_an_archive_gap() {
+fn wal_named_blocks_under_a_writer_and_an_archive_gap_restore_exactly() {
     let repo = Repo::file();
     let pg = archiving_primary(&repo);
     pg.psql(
