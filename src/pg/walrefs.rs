@@ -334,11 +334,6 @@ impl RefScan {
         self.done
     }
 
-    /// The LSN of the next byte the scan expects.
-    pub fn position(&self) -> u64 {
-        self.page_lsn + self.page.len() as u64
-    }
-
     pub fn feed(&mut self, mut data: &[u8]) -> anyhow::Result<()> {
         while !data.is_empty() && !self.done {
             if self.page.is_empty() && data.len() >= XLOG_PAGE {

@@ -73,26 +73,27 @@ fn restore(repo: &Repo, dir: &Path, extra: &[&str]) -> (std::process::Output, Re
     )
 }
 
-#[test]
-fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_differs() {
-    let repo = Repo::file();
-    let pg = archiving_primary(&repo);
+/// An archiving primary with `accounts` loaded ({ROWS} rows) and vacuumed. No autovacuum on
+/// the table: only a test's own changes touch its pages (a vacuum's hint bits and visibility
+/// map changes are WAL-logged too, and an incremental would rightly read them).
+fn primary_with_accounts(repo: &Repo) -> dbagent_testcontainers::Postgres {
+    let pg = archiving_primary(repo);
     pg.psql(
         "postgres",
         &format!(
-            "CREATE TABLE accounts (aid int PRIMARY KEY, abalance int, filler char(84));
+            "CREATE TABLE accounts (aid int PRIMARY KEY, abalance int, filler char(84)) WITH (autovacuum_enabled = off);
              INSERT INTO accounts SELECT g, 0, md5(g::text) FROM generate_series(1, {ROWS}) g;"
         ),
     )
     .unwrap();
-    // No autovacuum on the table: only the test's updates change its pages (a vacuum's hint
-    // bits and visibility map changes are WAL-logged too, and would be read, rightly).
-    pg.psql(
-        "postgres",
-        "ALTER TABLE accounts SET (autovacuum_enabled = off)",
-    )
-    .unwrap();
     pg.psql("postgres", "VACUUM ANALYZE accounts").unwrap();
+    pg
+}
+
+#[test]
+fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_differs() {
+    let repo = Repo::file();
+    let pg = primary_with_accounts(&repo);
     pg.psql("postgres", "CHECKPOINT").unwrap();
     let full = backup_json(&repo, &pg, &["--full"]);
     assert_eq!(full["kind"], "full", "{full}");
@@ -306,14 +307,10 @@ fn contents(psql: impl Fn(&str, &str) -> String) -> Vec<String> {
 #[test]
 fn wal_named_blocks_under_a_writer_and_an_archive_gap_restore_exactly() {
     let repo = Repo::file();
-    let pg = archiving_primary(&repo);
+    let pg = primary_with_accounts(&repo);
     pg.psql(
         "postgres",
-        &format!(
-            "CREATE TABLE accounts (aid int PRIMARY KEY, abalance int, filler char(84));
-             INSERT INTO accounts SELECT g, 0, md5(g::text) FROM generate_series(1, {ROWS}) g;
-             CREATE TABLE other AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 50000) g;"
-        ),
+        "CREATE TABLE other AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 50000) g",
     )
     .unwrap();
     // Two databases with different catalogs, large enough to span several backup blocks.
@@ -335,7 +332,6 @@ fn wal_named_blocks_under_a_writer_and_an_archive_gap_restore_exactly() {
             "SELECT oid FROM pg_database WHERE datname = 'reused'",
         )
         .unwrap();
-    pg.psql("postgres", "VACUUM ANALYZE accounts").unwrap();
     pg.psql("postgres", "CHECKPOINT").unwrap();
     let full = backup_json(&repo, &pg, &["--full"]);
     let table_bytes: u64 = pg
