@@ -94,6 +94,7 @@ pub(crate) fn chmod(path: &Path, mode: u32) -> Result<()> {
 
 /// Creates a temp dir (mode 0700) with the given prefix, owned by `user` when we are root.
 pub(crate) fn tempdir_for(prefix: &str, user: Option<&str>) -> Result<TempDir> {
+    remember_panics();
     let dir = tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()
@@ -146,6 +147,26 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
+thread_local! {
+    /// What the current thread's test panicked with, for `finish_tempdir` to say again.
+    static PANICKED_WITH: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that keeps each thread's panic message: the server logs
+/// printed while a failed test unwinds can push the message out of a CI log's tail, so
+/// `finish_tempdir` prints it again after them.
+fn remember_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let said = info.to_string();
+            PANICKED_WITH.with(|p| *p.borrow_mut() = Some(said));
+            previous(info);
+        }));
+    });
+}
+
 /// Drop-time reporting shared by all servers: when the current thread is panicking (a test
 /// failed), print the tail of each log to stderr and keep the temp dir, printing its path.
 /// Otherwise the temp dir is removed.
@@ -168,6 +189,11 @@ pub(crate) fn finish_tempdir(what: &str, dir: Option<TempDir>, logs: &[PathBuf])
         let kept = dir.keep();
         eprintln!("===== {what}: keeping temp dir {} =====", kept.display());
     }
+    PANICKED_WITH.with(|p| {
+        if let Some(said) = p.borrow().as_deref() {
+            eprintln!("===== the test failed: {said} =====");
+        }
+    });
 }
 
 /// Whether a process exists and is not a zombie (PID 1 here may not reap orphans).

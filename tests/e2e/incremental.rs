@@ -145,14 +145,11 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
         cmd.env("DBAGENT_BACKUP_CHANGED_BLOCKS", method);
         let out = cmd.output().unwrap();
         let inc: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
-        assert_eq!(inc["kind"], "incremental", "{inc}");
-        assert_eq!(inc["based_on"], chain.last().unwrap().as_str(), "{inc}");
-        assert_eq!(
-            inc["changes_from"],
-            method,
-            "{inc}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // What the backup logged, in every message below: a failure says why.
+        let said = format!("{inc}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(inc["kind"], "incremental", "{said}");
+        assert_eq!(inc["based_on"], chain.last().unwrap().as_str(), "{said}");
+        assert_eq!(inc["changes_from"], method, "{said}");
         // Comparing every block reads the whole table (its mtime changed) and its index; the
         // WAL names a few of its blocks.
         let read = inc["read_bytes"].as_u64().unwrap();
@@ -162,12 +159,12 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
         };
         assert!(
             expected,
-            "incremental {i} ({method}) read {read} bytes of a {table_bytes}-byte table"
+            "incremental {i} ({method}) read {read} bytes of a {table_bytes}-byte table\n{said}"
         );
         let stored = inc["stored_bytes"].as_u64().unwrap();
         assert!(
             stored * 5 < full_stored,
-            "incremental {i} stored {stored} bytes, the full one {full_stored}"
+            "incremental {i} stored {stored} bytes, the full one {full_stored}\n{said}"
         );
         chain.push(inc["id"].as_str().unwrap().to_string());
     }
