@@ -671,7 +671,30 @@ pub async fn download<W: Write + Send + 'static>(
     key: &str,
     out: W,
 ) -> anyhow::Result<(W, Fetched)> {
-    download_watched(store, key, out, None).await
+    download_checking(store, key, out, None, Check::Whole).await
+}
+
+/// What a download checks of the plain content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Its size and SHA-256 against the trailer: anything that goes to a data directory.
+    Whole,
+    /// Its size only: for a reader whose input carries checks of its own that it applies to
+    /// everything it uses (the WAL reader of an incremental backup checks every record's
+    /// CRC-32C and the chain of records, as PostgreSQL does in recovery). The SHA-256 would
+    /// cost more CPU than decompressing. An encrypted object's seal is checked either way.
+    Size,
+}
+
+/// `download`, checking only what `check` says.
+pub async fn download_checked<W: Write + Send + 'static>(
+    store: &dyn Store,
+    key: &str,
+    out: W,
+    check: Check,
+) -> anyhow::Result<W> {
+    let (out, _) = download_checking(store, key, out, None, check).await?;
+    Ok(out)
 }
 
 /// `download`, given up when the store sends nothing for `stall` (the answer, or the next
@@ -682,6 +705,16 @@ pub async fn download_watched<W: Write + Send + 'static>(
     key: &str,
     out: W,
     stall: Option<std::time::Duration>,
+) -> anyhow::Result<(W, Fetched)> {
+    download_checking(store, key, out, stall, Check::Whole).await
+}
+
+async fn download_checking<W: Write + Send + 'static>(
+    store: &dyn Store,
+    key: &str,
+    out: W,
+    stall: Option<std::time::Duration>,
+    check: Check,
 ) -> anyhow::Result<(W, Fetched)> {
     let stalled = |what: &str| {
         let limit = stall.unwrap_or_default().as_secs_f64();
@@ -703,7 +736,13 @@ pub async fn download_watched<W: Write + Send + 'static>(
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
     let name = key.to_string();
     let consumer = tokio::task::spawn_blocking(move || {
-        decompress_from(ChannelReader::new(rx), out, &name, identities.as_deref())
+        decompress_from(
+            ChannelReader::new(rx),
+            out,
+            &name,
+            identities.as_deref(),
+            check,
+        )
     });
     let mut sent: anyhow::Result<()> = Ok(());
     loop {
@@ -805,6 +844,7 @@ fn decompress_from<W: Write>(
     out: W,
     key: &str,
     identities: Option<&Identities>,
+    check: Check,
 ) -> anyhow::Result<(W, Fetched)> {
     // The first bytes say which: a zstd frame or an age header.
     let mut head = Vec::with_capacity(AGE_MAGIC.len());
@@ -819,7 +859,7 @@ fn decompress_from<W: Write>(
     let encrypted = head == AGE_MAGIC;
     let input = std::io::Cursor::new(head).chain(reader);
     if !encrypted {
-        let (out, trailer, _) = decompress_plain(input, out, key)?;
+        let (out, trailer, _) = decompress_plain(input, out, key, check)?;
         return Ok((
             out,
             Fetched {
@@ -834,7 +874,7 @@ fn decompress_from<W: Write>(
         ));
     };
     let opened = crate::crypto::seal::open(identities, input, key)?;
-    let (out, trailer, opened) = decompress_plain(opened, out, key)?;
+    let (out, trailer, opened) = decompress_plain(opened, out, key, check)?;
     let seal = opened.finish()?;
     if seal.plain_size != trailer.plain_size {
         return Err(corrupt(format!(
@@ -857,6 +897,7 @@ fn decompress_plain<R: Read, W: Write>(
     reader: R,
     mut out: W,
     key: &str,
+    check: Check,
 ) -> anyhow::Result<(W, Trailer, R)> {
     let reader = TailKeeper {
         inner: reader,
@@ -865,11 +906,16 @@ fn decompress_plain<R: Read, W: Write>(
     let mut dec = zstd::stream::read::Decoder::new(reader).context("starting zstd")?;
     // SHA-256 runs on a thread of its own, as in compress_into, so it never holds up zstd
     // (and decryption) on the way to the target.
-    let (size, actual) = std::thread::scope(|scope| -> anyhow::Result<(u64, [u8; 32])> {
-        let hasher = HashThread::spawn(scope);
+    let (size, actual) = std::thread::scope(|scope| -> anyhow::Result<(u64, Option<[u8; 32]>)> {
+        let hasher = (check == Check::Whole).then(|| HashThread::spawn(scope));
+        let mut spare = Vec::new();
         let mut size = 0u64;
         loop {
-            let mut block = hasher.block();
+            let mut block = match &hasher {
+                Some(h) => h.block(),
+                None if spare.is_empty() => vec![0u8; READ_BLOCK],
+                None => std::mem::take(&mut spare),
+            };
             let n = match dec.read(&mut block) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -889,9 +935,12 @@ fn decompress_plain<R: Read, W: Write>(
             size += n as u64;
             out.write_all(&block[..n])
                 .with_context(|| format!("writing {key}"))?;
-            hasher.hash(block, n)?;
+            match &hasher {
+                Some(h) => h.hash(block, n)?,
+                None => spare = block,
+            }
         }
-        Ok((size, hasher.finish()?))
+        Ok((size, hasher.map(HashThread::finish).transpose()?))
     })?;
     out.flush()?;
     let mut reader = dec.finish().into_inner();
@@ -902,13 +951,13 @@ fn decompress_plain<R: Read, W: Write>(
             "{key} is corrupt or truncated: its checksum trailer is missing"
         )));
     };
-    if trailer.plain_size != size || trailer.sha256 != actual {
+    if trailer.plain_size != size || actual.is_some_and(|a| a != trailer.sha256) {
         return Err(corrupt(format!(
             "{key} is corrupt: checksum mismatch (recorded {} bytes sha256 {}, got {} bytes sha256 {})",
             trailer.plain_size,
             trailer.sha256_hex(),
             size,
-            hex::encode(actual)
+            actual.map_or_else(|| "unchecked".to_string(), hex::encode)
         )));
     }
     Ok((out, trailer, reader.inner))
@@ -1100,9 +1149,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path().into());
         let plain = data(100_000);
-        upload(&store, "obj", std::io::Cursor::new(plain), opts(5 << 20))
-            .await
-            .unwrap();
+        upload(
+            &store,
+            "obj",
+            std::io::Cursor::new(plain.clone()),
+            opts(5 << 20),
+        )
+        .await
+        .unwrap();
         let path = dir.path().join("obj");
         let mut raw = std::fs::read(&path).unwrap();
         // Flip a checksum byte in the trailer: the content decompresses, the check fails.
@@ -1114,13 +1168,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
+        // A reader that checks what it reads by itself skips the SHA-256, not the size.
+        let out = download_checked(&store, "obj", Vec::new(), Check::Size)
+            .await
+            .unwrap();
+        assert_eq!(out, plain);
+        let mut resized = raw.clone();
+        let at = resized.len() - TRAILER_LEN + 16; // the plain size
+        resized[at] ^= 0x01;
+        std::fs::write(&path, &resized).unwrap();
+        for check in [Check::Whole, Check::Size] {
+            let err = download_checked(&store, "obj", Vec::new(), check)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("checksum mismatch"), "{check:?}: {err}");
+        }
         // Truncate: the trailer is gone.
         std::fs::write(&path, &raw[..raw.len() - 30]).unwrap();
-        let err = download(&store, "obj", Vec::new())
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("corrupt"), "{err}");
+        for check in [Check::Whole, Check::Size] {
+            let err = download_checked(&store, "obj", Vec::new(), check)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("corrupt"), "{check:?}: {err}");
+        }
     }
 
     struct FailingReader(usize);

@@ -515,6 +515,16 @@ pub fn plan(
                 delete_wal.push(o.key.clone());
             }
         }
+        // The segments' block reference summaries go with them.
+        let refs_prefix = crate::repo::walrefs_prefix(sysid);
+        for o in objects.iter().filter(|o| o.key.starts_with(&refs_prefix)) {
+            let segment = o.key[refs_prefix.len()..]
+                .strip_suffix(".zst")
+                .and_then(|name| Segment::parse(name, cat.seg_size));
+            if segment.is_some_and(|s| s.segno < floor) {
+                delete_wal.push(o.key.clone());
+            }
+        }
     }
     // Pieces of a segment stored whole hold nothing the segment lacks.
     delete_wal.extend(cat.superseded_pieces.iter().map(|o| o.key.clone()));
@@ -739,7 +749,16 @@ mod tests {
             ],
             &[1, 2, 3, 4, 5, 6, 7],
         );
-        let p = plan(&cat, &objects(&cat, &[]), t("23:00:00"), &policy(2));
+        // Block reference summaries of segments 2 and 4 (see walrefs::Summary).
+        let summaries = [
+            "pg/1/walrefs/000000010000000000000002.zst",
+            "pg/1/walrefs/000000010000000000000004.zst",
+        ];
+        let extra: Vec<(&str, &str)> = summaries.iter().map(|k| (*k, "00:00:00")).collect();
+        let mut p = plan(&cat, &objects(&cat, &extra), t("23:00:00"), &policy(2));
+        assert!(p.delete_wal.contains(&summaries[0].to_string()), "{p:?}");
+        assert!(!p.delete_wal.contains(&summaries[1].to_string()), "{p:?}");
+        p.delete_wal.retain(|k| !k.contains("/walrefs/"));
         let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(kept, vec!["aaa-middle", "mmm-newest"]);
         assert_eq!(p.delete_backups.len(), 1);

@@ -640,6 +640,7 @@ async fn changes_since(
                 base = %base.manifest.id,
                 records = c.changes.records,
                 local_segments = c.local_segments,
+                summarized_segments = c.summarized_segments,
                 archived_segments = c.fetched_segments,
                 ms = t.elapsed().as_millis() as u64,
                 "changed blocks read from the WAL since the base"

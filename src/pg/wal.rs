@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::error::Failure;
 use crate::input_err;
 use crate::pg::walcheck::WalCheck;
+use crate::pg::walrefs::{self, SummaryWatch};
 use crate::pg::walscan::WalScan;
 use crate::pipeline::{self, PipeOptions, Tap, WriteMode};
 use crate::repo::wal::{Segment, WalFile};
@@ -119,7 +120,11 @@ struct Pending {
     abandon: Arc<AtomicBool>,
     /// Set when nothing is wanted any more (an error): reading stops.
     cancel: Arc<AtomicBool>,
+    /// The block references of the segment, read as it is archived (see `walrefs::Summary`).
+    refs: Option<Refs>,
 }
+
+type Refs = Arc<std::sync::Mutex<Option<SummaryWatch>>>;
 
 type Compressing = tokio::task::JoinHandle<anyhow::Result<(Option<Vec<u8>>, pipeline::Trailer)>>;
 
@@ -146,10 +151,12 @@ impl Pending {
             compressed: None,
             abandon: Arc::new(AtomicBool::new(false)),
             cancel: Arc::new(AtomicBool::new(false)),
+            refs: None,
         };
         let small = std::fs::metadata(path).is_ok_and(|m| m.len() <= OVERLAP_MAX);
         if small {
-            let (reader, note) = pending.open()?;
+            let (reader, note, refs) = pending.open()?;
+            pending.refs = Some(refs);
             let reader = Cancellable {
                 inner: reader,
                 cancel: pending.cancel.clone(),
@@ -166,16 +173,26 @@ impl Pending {
     /// The file, watched by the WAL scanner (a segment's trailer notes the time of its last
     /// transaction, where a restore from the archive can reach: see walscan) and by the page
     /// checks, whose verdict comes with the note: a segment that fails them is not stored.
-    /// History files have nothing to note and no pages to check.
+    /// History files have nothing to note and no pages to check. A whole segment's block
+    /// references are read on the way too.
     fn open(
         &self,
     ) -> anyhow::Result<(
         impl std::io::Read + Send + 'static,
         impl FnOnce() -> anyhow::Result<u64> + Send + 'static,
+        Refs,
     )> {
         let file = std::fs::File::open(&self.path)
             .map_err(|e| input_err!("cannot open {}: {e}", self.path.display()))?;
-        let (reader, scan) = Tap::new(file, WalScan::new());
+        let summary = match (self.check_sysid, WalFile::classify(&self.name)) {
+            (Some(sysid), Some(WalFile::Segment(_))) => file
+                .metadata()
+                .ok()
+                .and_then(|m| SummaryWatch::new(sysid, m.len(), &self.name)),
+            _ => None,
+        };
+        let (reader, refs) = Tap::new(file, summary);
+        let (reader, scan) = Tap::new(reader, WalScan::new());
         let (reader, check) = Tap::new(
             reader,
             self.check_sysid
@@ -188,10 +205,23 @@ impl Pending {
             let scan = scan.lock().unwrap_or_else(|e| e.into_inner());
             Ok(scan.last_xact_micros.map_or(0, |t| t as u64))
         };
-        Ok((reader, note))
+        Ok((reader, note, refs))
     }
 
+    /// Stores the file, then (a segment, read whole) its block references.
     async fn finish(mut self, store: &dyn Store) -> anyhow::Result<Pushed> {
+        let pushed = self.store(store).await?;
+        let summary = self.refs.as_ref().and_then(|refs| {
+            let refs = refs.lock().unwrap_or_else(|e| e.into_inner());
+            refs.as_ref().and_then(|r| r.summary(&self.name))
+        });
+        if let (Some(summary), Some(sysid)) = (summary, self.check_sysid) {
+            walrefs::store_summary(store, self.opts, sysid, &summary).await;
+        }
+        Ok(pushed)
+    }
+
+    async fn store(&mut self, store: &dyn Store) -> anyhow::Result<Pushed> {
         if let Some(existing) = store.head(&self.key).await? {
             // The hash of the file is all that is needed now.
             self.abandon.store(true, Ordering::Relaxed);
@@ -230,7 +260,8 @@ impl Pending {
                 (stored, trailer.plain_size)
             }
             None => {
-                let (reader, note) = self.open()?;
+                let (reader, note, refs) = self.open()?;
+                self.refs = Some(refs);
                 let opts = self.opts;
                 let written = pipeline::upload_noted(
                     store,

@@ -23,6 +23,10 @@
 //! mismatch, lengths that do not add up, a missing segment or the end of the written WAL
 //! before the target: each is an error, and the backup then compares blocks as it did before
 //! (saying so in its log and manifest), so a gap in the archive costs time, never data.
+//! Because every byte it uses is covered by these checks (the CRC-32C of each record and the
+//! chain of records, as PostgreSQL's own recovery trusts them), archived segments are
+//! decompressed without the SHA-256 of the whole object, which cost more CPU than
+//! decompressing them (`pipeline::Check::Size`; a restore's `wal-fetch` still checks it).
 //!
 //! Layout (PostgreSQL 15: access/xlog_internal.h, access/xlogrecord.h): pages of 8 KiB, each
 //! opening with a 24-byte header (40 on a segment's first page); records laid end to end on
@@ -503,10 +507,233 @@ impl RefScan {
     }
 }
 
+/// Longest record parts a summary keeps (a record running in from the segment before, one
+/// running on into the next): past this, no summary is written and the segment is read.
+const SUMMARY_MAX_PARTIAL: usize = 1 << 20;
+
+/// A segment's block references, stored beside it when it is archived (`wal-push`, the
+/// streaming sidecar), so an incremental backup reads a few KiB instead of decompressing and
+/// parsing 16 MiB. It is the state a `RefScan` of the whole segment ends in: records that
+/// cross into the neighbouring segments are joined, and the chain of records checked across
+/// segments, exactly as when the segment itself is read. A segment has one content (stores are
+/// create-only, and a different push under its name fails), so neither has one summary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    version: u32,
+    segment: String,
+    system_identifier: u64,
+    segment_size: u64,
+    /// Length and bytes (hex) of the record that runs in from the segment before.
+    head_total: Option<usize>,
+    head: String,
+    first_prev: Option<u64>,
+    /// Where the last whole record began.
+    last: Option<u64>,
+    /// Start and bytes (hex) of the record that runs on into the next segment.
+    open_start: u64,
+    open: String,
+    records: u64,
+    /// (tablespace, database, relfilenode, backup blocks), sorted.
+    chunks: Vec<(u32, u32, u32, Vec<u64>)>,
+    limits: Vec<(u32, u32, u32, u64)>,
+    whole_dbs: Vec<u32>,
+}
+
+const SUMMARY_VERSION: u32 = 1;
+
+impl Summary {
+    /// A scan of a whole segment, `name`; `None` when the scan did not read all of it, or
+    /// the records it cuts are too long to keep.
+    pub fn of(scan: &RefScan, name: &str) -> Option<Summary> {
+        if scan.done
+            || scan.page_lsn != scan.start + scan.seg_size
+            || !scan.page.is_empty()
+            || scan.head.len() > SUMMARY_MAX_PARTIAL
+            || scan.rec.len() > SUMMARY_MAX_PARTIAL
+        {
+            return None;
+        }
+        let c = &scan.changes;
+        let mut chunks: Vec<_> = c
+            .chunks
+            .iter()
+            .map(|(r, set)| {
+                let mut blocks: Vec<u64> = set.iter().copied().collect();
+                blocks.sort_unstable();
+                (r.0, r.1, r.2, blocks)
+            })
+            .collect();
+        chunks.sort_unstable();
+        let mut limits: Vec<_> = c.limits.iter().map(|(r, l)| (r.0, r.1, r.2, *l)).collect();
+        limits.sort_unstable();
+        let mut whole_dbs: Vec<u32> = c.whole_dbs.iter().copied().collect();
+        whole_dbs.sort_unstable();
+        Some(Summary {
+            version: SUMMARY_VERSION,
+            segment: name.to_string(),
+            system_identifier: scan.sysid,
+            segment_size: scan.seg_size,
+            head_total: scan.head_total,
+            head: hex::encode(&scan.head),
+            first_prev: scan.first_prev,
+            last: scan.prev,
+            open_start: scan.rec_start,
+            open: hex::encode(&scan.rec),
+            records: c.records,
+            chunks,
+            limits,
+            whole_dbs,
+        })
+    }
+
+    /// The scan this summary was made from, once it is checked to be segment `seg` of
+    /// cluster `sysid`.
+    fn into_scan(self, sysid: u64, seg_size: u64, seg: Segment) -> anyhow::Result<RefScan> {
+        let name = seg.name(seg_size);
+        if self.version != SUMMARY_VERSION
+            || self.segment != name
+            || self.system_identifier != sysid
+            || self.segment_size != seg_size
+        {
+            bail!(
+                "it is version {} of segment {} of cluster {} ({}-byte segments)",
+                self.version,
+                self.segment,
+                self.system_identifier,
+                self.segment_size
+            );
+        }
+        let head = hex::decode(&self.head).context("its head is not hex")?;
+        let rec = hex::decode(&self.open).context("its open record is not hex")?;
+        if self.head_total.is_some_and(|t| head.len() > t)
+            || (self.head_total.is_none() && !head.is_empty())
+        {
+            bail!("its head is longer than the record it belongs to");
+        }
+        let start = seg.start_lsn(seg_size).0;
+        let mut scan = RefScan::new(sysid, seg_size, start, start + seg_size);
+        scan.page_lsn = start + seg_size;
+        scan.head = head;
+        scan.head_total = self.head_total;
+        scan.first_prev = self.first_prev;
+        scan.prev = self.last;
+        scan.rec_start = self.open_start;
+        scan.rec = rec;
+        let changes = &mut scan.changes;
+        changes.records = self.records;
+        for (spc, db, rel, blocks) in self.chunks {
+            changes
+                .chunks
+                .entry((spc, db, rel))
+                .or_default()
+                .extend(blocks);
+        }
+        for (spc, db, rel, limit) in self.limits {
+            changes.limit(
+                (spc, db, rel),
+                limit.try_into().context("a limit past 2^32")?,
+            );
+        }
+        changes.whole_dbs.extend(self.whole_dbs);
+        Ok(scan)
+    }
+}
+
+/// A `RefScan` of a whole segment as `wal-push` reads it: an error ends the scan (the
+/// segment is still archived, without a summary).
+pub struct SummaryWatch {
+    scan: RefScan,
+    failed: bool,
+}
+
+impl SummaryWatch {
+    /// For segment `name` of cluster `sysid` (the file's size is the segment size).
+    pub fn new(sysid: u64, seg_size: u64, name: &str) -> Option<SummaryWatch> {
+        let seg = Segment::parse(name, seg_size)?;
+        let start = seg.start_lsn(seg_size).0;
+        Some(SummaryWatch {
+            scan: RefScan::new(sysid, seg_size, start, start + seg_size),
+            failed: false,
+        })
+    }
+
+    /// The summary of the segment `name`, if all of it was read without error.
+    pub fn summary(&self, name: &str) -> Option<Summary> {
+        if self.failed {
+            return None;
+        }
+        Summary::of(&self.scan, name)
+    }
+}
+
+impl crate::pipeline::Watch for SummaryWatch {
+    fn watch(&mut self, buf: &[u8]) {
+        if !self.failed && self.scan.feed(buf).is_err() {
+            self.failed = true;
+        }
+    }
+}
+
+/// The summary of segment `name`, whole in `bytes` (the streaming sidecar's).
+pub fn summarize(sysid: u64, seg_size: u64, name: &str, bytes: &[u8]) -> Option<Summary> {
+    let mut watch = SummaryWatch::new(sysid, seg_size, name)?;
+    crate::pipeline::Watch::watch(&mut watch, bytes);
+    watch.summary(name)
+}
+
+/// Stores `summary` for the archived segment it describes. Create-only: an existing summary
+/// describes the same content. Best effort: without one, an incremental reads the segment.
+pub async fn store_summary(
+    store: &dyn Store,
+    opts: crate::pipeline::PipeOptions,
+    sysid: u64,
+    summary: &Summary,
+) {
+    let key = crate::repo::walrefs_key(sysid, &summary.segment);
+    let json = match serde_json::to_vec(summary) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!(segment = %summary.segment, error = %e, "cannot encode the segment's block references");
+            return;
+        }
+    };
+    let written = crate::pipeline::upload_noted(
+        store,
+        &key,
+        std::io::Cursor::new(json),
+        opts,
+        || Ok(0),
+        crate::pipeline::WriteMode::CreateOnly,
+    )
+    .await;
+    match written {
+        Ok(_) => {
+            tracing::debug!(segment = %summary.segment, "stored the segment's block references")
+        }
+        Err(e) if crate::storage::is_already_exists(&e) => {}
+        Err(e) => tracing::warn!(
+            segment = %summary.segment,
+            error = %format!("{e:#}"),
+            "cannot store the segment's block references (an incremental backup will read the segment instead)"
+        ),
+    }
+}
+
+/// Where `collect` read a segment's block references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Local,
+    Summary,
+    Archive,
+}
+
 /// What `collect` found, and where it read the WAL.
+#[derive(Debug)]
 pub struct Collected {
     pub changes: Changes,
     pub local_segments: u32,
+    /// Archived segments whose stored block references were read instead of the segment.
+    pub summarized_segments: u32,
     pub fetched_segments: u32,
 }
 
@@ -516,8 +743,9 @@ pub struct Collected {
 const SEGMENTS_AT_ONCE: usize = 2;
 
 /// Reads the WAL from `from` to `to` on timeline `tli`: each segment from the data directory's
-/// `pg_wal` while it is there (its first page names it), otherwise from the repository's
-/// archive.
+/// `pg_wal` while it is there (its first page names it), otherwise its stored summary (every
+/// segment but the one holding `to`, which the summary of a whole segment would overshoot
+/// only harmlessly, but which is usually still being written), otherwise the archived segment.
 pub async fn collect(
     store: &dyn Store,
     data_dir: &Path,
@@ -540,18 +768,19 @@ pub async fn collect(
             sysid,
             seg_size,
             Segment { tli, segno },
-            from.0.max(segno * seg_size),
             to.0,
+            segno < last.segno,
         )
     }))
     .buffered(SEGMENTS_AT_ONCE);
     futures::pin_mut!(scans);
     let mut joined = Joined::default();
-    let (mut local_segments, mut fetched_segments) = (0, 0);
-    while let Some((scan, local)) = scans.try_next().await? {
-        match local {
-            true => local_segments += 1,
-            false => fetched_segments += 1,
+    let (mut local_segments, mut summarized_segments, mut fetched_segments) = (0, 0, 0);
+    while let Some((scan, source)) = scans.try_next().await? {
+        match source {
+            Source::Local => local_segments += 1,
+            Source::Summary => summarized_segments += 1,
+            Source::Archive => fetched_segments += 1,
         }
         joined.add(scan)?;
         if joined.done {
@@ -564,6 +793,7 @@ pub async fn collect(
     Ok(Collected {
         changes: joined.changes,
         local_segments,
+        summarized_segments,
         fetched_segments,
     })
 }
@@ -644,20 +874,21 @@ impl Joined {
     }
 }
 
-/// Scans one segment; true when it was read from `pg_wal`.
+/// Scans one segment, all of it up to `to` (or reads its summary, when `summarized` allows
+/// it): records before the range's start are noted too, which only reads a few more blocks.
 async fn scan_segment(
     store: &dyn Store,
     data_dir: &Path,
     sysid: u64,
     seg_size: u64,
     seg: Segment,
-    from: u64,
     to: u64,
-) -> anyhow::Result<(RefScan, bool)> {
+    summarized: bool,
+) -> anyhow::Result<(RefScan, Source)> {
     let name = seg.name(seg_size);
     let path = data_dir.join("pg_wal").join(&name);
     let start = seg.start_lsn(seg_size).0;
-    let mut scan = RefScan::new(sysid, seg_size, from, to);
+    let mut scan = RefScan::new(sysid, seg_size, start, to);
     let local = {
         let path = path.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<Option<RefScan>> {
@@ -671,14 +902,42 @@ async fn scan_segment(
         .context("reading a local WAL segment panicked")??
     };
     if let Some(scan) = local {
-        return Ok((scan, true));
+        return Ok((scan, Source::Local));
+    }
+    if summarized && let Some(scan) = read_summary(store, sysid, seg_size, seg).await {
+        return Ok((scan, Source::Summary));
     }
     let key = crate::repo::wal_key(sysid, &name);
-    let scan = RefScan::new(sysid, seg_size, from, to);
-    let (scan, _) = crate::pipeline::download(store, &key, scan)
+    let scan = RefScan::new(sysid, seg_size, start, to);
+    let scan = crate::pipeline::download_checked(store, &key, scan, crate::pipeline::Check::Size)
         .await
         .with_context(|| format!("reading WAL segment {name} from the archive"))?;
-    Ok((scan, false))
+    Ok((scan, Source::Archive))
+}
+
+/// The stored summary of segment `seg`, if there is a usable one (the segment is read
+/// otherwise, so anything wrong with a summary costs only time).
+async fn read_summary(
+    store: &dyn Store,
+    sysid: u64,
+    seg_size: u64,
+    seg: Segment,
+) -> Option<RefScan> {
+    let name = seg.name(seg_size);
+    let key = crate::repo::walrefs_key(sysid, &name);
+    let read = async {
+        let (json, _) = crate::pipeline::download(store, &key, Vec::new()).await?;
+        let summary: Summary = serde_json::from_slice(&json).context("it is not a summary")?;
+        summary.into_scan(sysid, seg_size, seg)
+    };
+    match read.await {
+        Ok(scan) => Some(scan),
+        Err(e) if crate::storage::is_not_found(&e) => None,
+        Err(e) => {
+            tracing::warn!(segment = %name, error = %format!("{e:#}"), "cannot use the stored block references of this segment; reading the segment");
+            None
+        }
+    }
 }
 
 /// The local copy of the segment starting at `start`, when `path` holds it: a recycled file
@@ -1056,6 +1315,158 @@ mod tests {
             .feed(&w.bytes[..XLOG_PAGE])
             .unwrap_err();
         assert!(format!("{err:#}").contains("cluster"), "{err:#}");
+    }
+
+    /// Stores `bytes` (whole segments from `START`) in `store` as archived segments.
+    async fn archive(store: &crate::storage::LocalStore, bytes: &[u8]) {
+        let opts = crate::pipeline::PipeOptions {
+            compression: crate::config::Compression {
+                level: 1,
+                wal_level: 1,
+                threads: 1,
+            },
+            upload: crate::config::UploadConfig {
+                part_size: crate::config::MIN_PART_SIZE,
+                concurrency: 1,
+            },
+        };
+        for (i, seg) in bytes.chunks(SEG as usize).enumerate() {
+            let name = Segment {
+                tli: 1,
+                segno: START / SEG + i as u64,
+            }
+            .name(SEG);
+            let key = crate::repo::wal_key(SYSID, &name);
+            crate::pipeline::upload(store, &key, std::io::Cursor::new(seg.to_vec()), opts)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn archived_segments_are_read_and_a_damaged_record_in_one_is_refused() {
+        let mut w = Wal::new(START, 2, None);
+        let a = w.record(START, 10, 0, &heap_body(16384, &[(0, 1)]));
+        w.record(a, RM_XLOG_ID, XLOG_SWITCH, &[]);
+        let b = w.record(START + SEG, 10, 0, &heap_body(16384, &[(0, 20)]));
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        let collect = |store| {
+            let data = data.clone();
+            async move { collect(store, &data, SYSID, 1, SEG, Lsn(START), Lsn(b)).await }
+        };
+
+        std::fs::create_dir_all(dir.path().join("good")).unwrap();
+        std::fs::create_dir_all(dir.path().join("damaged")).unwrap();
+        let good = crate::storage::LocalStore::new(dir.path().join("good"));
+        archive(&good, &w.bytes).await;
+        let got = collect(&good).await.unwrap();
+        assert_eq!((got.local_segments, got.fetched_segments), (0, 2));
+        assert_eq!(got.changes.records, 3);
+        assert!(got.changes.file_blocks("base/5/16384", 2).unwrap()[1]);
+
+        // A byte of the second segment's record changed before it was archived: the object
+        // is whole (its trailer matches), the record's CRC-32C is not.
+        let damaged = crate::storage::LocalStore::new(dir.path().join("damaged"));
+        let mut bytes = w.bytes.clone();
+        bytes[(SEG + 100) as usize] ^= 1;
+        archive(&damaged, &bytes).await;
+        let err = format!("{:#}", collect(&damaged).await.unwrap_err());
+        assert!(
+            err.contains("CRC") && err.contains("000000010000000000000004"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stored_summaries_stand_in_for_whole_segments_and_a_bad_one_for_nothing() {
+        // Three segments; long records cross both boundaries; the range ends in the third.
+        let mut w = Wal::new(START, 3, None);
+        let mut at = START;
+        let mut n = 0u32;
+        while at < START + 2 * SEG + 3 * XLOG_PAGE as u64 {
+            let main = if n.is_multiple_of(5) { 20_000 } else { 4 };
+            let rel = (DEFAULT_TABLESPACE, 5, 16384 + n % 4);
+            at = w.record(at, 10, 0, &body(rel, &[(0, n)], main));
+            n += 1;
+        }
+        let whole = w.scan(START, at).unwrap().changes;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        let store = crate::storage::LocalStore::new(repo.clone());
+        archive(&store, &w.bytes).await;
+        let opts = crate::pipeline::PipeOptions {
+            compression: crate::config::Compression {
+                level: 1,
+                wal_level: 1,
+                threads: 1,
+            },
+            upload: crate::config::UploadConfig {
+                part_size: crate::config::MIN_PART_SIZE,
+                concurrency: 1,
+            },
+        };
+        let names: Vec<String> = (0..3)
+            .map(|i| {
+                Segment {
+                    tli: 1,
+                    segno: START / SEG + i,
+                }
+                .name(SEG)
+            })
+            .collect();
+        // The third is not whole (the WAL ends in it): no summary.
+        let third = &w.bytes[2 * SEG as usize..];
+        assert_eq!(summarize(SYSID, SEG, &names[2], third), None);
+        for (name, seg) in names.iter().zip(w.bytes.chunks(SEG as usize)).take(2) {
+            let summary = summarize(SYSID, SEG, name, seg).expect("a whole segment");
+            // A second store of the same summary (two pushes racing) is no error.
+            store_summary(&store, opts, SYSID, &summary).await;
+            store_summary(&store, opts, SYSID, &summary).await;
+        }
+        let collect = || collect(&store, &data, SYSID, 1, SEG, Lsn(START), Lsn(at));
+
+        // The first two segments come from their summaries, the last from the archive.
+        let got = collect().await.unwrap();
+        let sources = (
+            got.local_segments,
+            got.summarized_segments,
+            got.fetched_segments,
+        );
+        assert_eq!(sources, (0, 2, 1));
+        assert_eq!(got.changes.records, whole.records);
+        assert_eq!(got.changes.chunks, whole.chunks);
+
+        // A summary that is not that segment's, or not a summary: the segment is read.
+        let path = |i: usize| repo.join(crate::repo::walrefs_key(SYSID, &names[i]));
+        std::fs::copy(path(0), path(1)).unwrap();
+        std::fs::write(path(0), b"not a summary").unwrap();
+        let got = collect().await.unwrap();
+        let sources = (
+            got.local_segments,
+            got.summarized_segments,
+            got.fetched_segments,
+        );
+        assert_eq!(sources, (0, 0, 3));
+        assert_eq!(got.changes.chunks, whole.chunks);
+
+        // A summary claiming another chain of records: the join refuses it.
+        let mut other = summarize(
+            SYSID,
+            SEG,
+            &names[1],
+            &w.bytes[SEG as usize..2 * SEG as usize],
+        )
+        .unwrap();
+        other.first_prev = other.first_prev.map(|p| p + 8);
+        std::fs::remove_file(path(1)).unwrap();
+        store_summary(&store, opts, SYSID, &other).await;
+        let err = format!("{:#}", collect().await.unwrap_err());
+        assert!(err.contains("does not follow"), "{err}");
     }
 
     #[test]

@@ -416,10 +416,28 @@ impl Streamer {
         let note = c.scan.last_xact_micros.map_or(0, |t| t as u64);
         let key = crate::repo::wal_key(sysid, &name);
         let data = Bytes::from(c.buf);
-        self.put(&key, data, note)
+        self.put(&key, data.clone(), note)
             .await
             .with_context(|| format!("storing streamed segment {name}"))?;
         self.pending_since = None;
+        // Its block references, for incremental backups; in the background, and best effort.
+        let (store, opts, seg_size, seg_name) = (
+            self.store.clone(),
+            self.settings.pipe,
+            self.seg_size,
+            name.clone(),
+        );
+        tokio::spawn(async move {
+            let summary = tokio::task::spawn_blocking(move || {
+                crate::pg::walrefs::summarize(sysid, seg_size, &seg_name, &data)
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(summary) = summary {
+                crate::pg::walrefs::store_summary(store.as_ref(), opts, sysid, &summary).await;
+            }
+        });
         // wal-push of this segment (archive_command) may now return without reading it.
         self.shared.segments.add(sysid, &name);
         tracing::debug!(segment = %name, "stored a streamed segment");

@@ -88,6 +88,15 @@ pub fn wal_key(sysid: u64, file_name: &str) -> String {
     format!("pg/{sysid}/wal/{file_name}.zst")
 }
 
+/// Prefix of the WAL segments' block reference summaries (see `pg::walrefs::Summary`).
+pub fn walrefs_prefix(sysid: u64) -> String {
+    format!("pg/{sysid}/walrefs/")
+}
+
+pub fn walrefs_key(sysid: u64, segment: &str) -> String {
+    format!("pg/{sysid}/walrefs/{segment}.zst")
+}
+
 pub fn backups_prefix(sysid: u64) -> String {
     format!("pg/{sysid}/backups/")
 }

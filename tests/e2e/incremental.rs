@@ -420,24 +420,58 @@ fn wal_named_blocks_under_a_writer_and_an_archive_gap_restore_exactly() {
     assert_eq!(contents(|db, sql| restored.psql_db(db, sql)), want);
     drop(restored);
 
-    // A gap where the WAL since the base was (gone from pg_wal and from the archive): the
-    // next incremental reads and compares every block of the changed files, and says so.
-    pg.psql("postgres", "CHECKPOINT").unwrap();
-    switch_and_wait_archived(&pg);
-    pg.psql("postgres", "CHECKPOINT").unwrap();
-    let gap = inc["start_wal"].as_str().unwrap();
-    assert!(
-        !pg.data_dir().join("pg_wal").join(gap).exists(),
-        "{gap} is still in pg_wal after two checkpoints"
-    );
-    let archived = repo.root().unwrap().join(format!(
-        "pg/{}/wal/{gap}.zst",
-        inc["system_identifier"].as_str().unwrap()
-    ));
-    std::fs::remove_file(&archived).unwrap();
+    // The segment where the last backup started, out of pg_wal and its archived copy gone,
+    // but its block references (stored by wal-push beside it) still there: the next
+    // incremental reads those, and restores exactly.
+    let sysid = inc["system_identifier"].as_str().unwrap().to_string();
+    let root = repo.root().unwrap().to_path_buf();
+    let start_segment_archived_only = |backup: &serde_json::Value| -> String {
+        pg.psql("postgres", "CHECKPOINT").unwrap();
+        switch_and_wait_archived(&pg);
+        pg.psql("postgres", "CHECKPOINT").unwrap();
+        let seg = backup["start_wal"].as_str().unwrap().to_string();
+        assert!(
+            !pg.data_dir().join("pg_wal").join(&seg).exists(),
+            "{seg} is still in pg_wal after two checkpoints"
+        );
+        seg
+    };
+    let seg = start_segment_archived_only(&inc);
+    std::fs::remove_file(root.join(format!("pg/{sysid}/wal/{seg}.zst"))).unwrap();
+    assert!(root.join(format!("pg/{sysid}/walrefs/{seg}.zst")).exists());
     pg.psql(
         "postgres",
         "UPDATE accounts SET abalance = 2 WHERE aid BETWEEN 5000 AND 5999",
+    )
+    .unwrap();
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    let out = dbagent(&repo, Some(&pg), &["backup", "--incremental", "--json"]);
+    let summarized: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(summarized["changes_from"], "wal", "{summarized}\n{stderr}");
+    let summaries: u32 = stderr
+        .split("summarized_segments=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no summarized_segments in the log: {stderr}"));
+    assert!(summaries >= 1, "the summary was not read: {stderr}");
+    let want = contents(|db, sql| pg.psql(db, sql).unwrap());
+    switch_and_wait_archived(&pg);
+    let (out, restored) = restore(&repo, &scratch.path().join("summarized"), &[]);
+    ok(&out);
+    assert_eq!(contents(|db, sql| restored.psql_db(db, sql)), want);
+    drop(restored);
+
+    // A gap where the WAL since the base was (gone from pg_wal, from the archive, and its
+    // block references too): the next incremental reads and compares every block of the
+    // changed files, and says so.
+    let gap = start_segment_archived_only(&summarized);
+    std::fs::remove_file(root.join(format!("pg/{sysid}/wal/{gap}.zst"))).unwrap();
+    std::fs::remove_file(root.join(format!("pg/{sysid}/walrefs/{gap}.zst"))).unwrap();
+    pg.psql(
+        "postgres",
+        "UPDATE accounts SET abalance = 3 WHERE aid BETWEEN 7000 AND 7999",
     )
     .unwrap();
     pg.psql("postgres", "CHECKPOINT").unwrap();
@@ -446,7 +480,7 @@ fn wal_named_blocks_under_a_writer_and_an_archive_gap_restore_exactly() {
     assert_eq!(next["changes_from"], "compare", "{next}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("cannot read the changed blocks from the WAL") && stderr.contains(gap),
+        stderr.contains("cannot read the changed blocks from the WAL") && stderr.contains(&gap),
         "{stderr}"
     );
     let want = contents(|db, sql| pg.psql(db, sql).unwrap());
