@@ -143,20 +143,28 @@ struct Prior<'a> {
     /// From the WAL: which blocks may have changed since the base started. The others are
     /// taken from the base without being read.
     changed: Option<Vec<bool>>,
+    /// The file's size now (what this backup copies).
+    size: u64,
 }
 
 impl Prior<'_> {
-    /// The base's hash of the block at `off`, when the WAL says the block is unchanged and the
-    /// base holds it whole.
-    fn unchanged(&self, off: u64, end: u64) -> Option<u64> {
+    /// The base's hash and length of the block at `off`, when the WAL says the block is
+    /// unchanged and the base holds the same bytes: a whole block, or the last, shorter block
+    /// of a file whose size has not changed (most catalog files are smaller than a block).
+    fn unchanged(&self, off: u64, end: u64) -> Option<(u64, u64)> {
         let changed = self.changed.as_ref()?;
         let bi = (off / BLOCK) as usize;
-        let whole =
-            off.is_multiple_of(BLOCK) && off + BLOCK <= end && off + BLOCK <= self.entry.size;
-        if !whole || changed.get(bi).copied().unwrap_or(true) {
+        let len = if off + BLOCK <= end && off + BLOCK <= self.entry.size {
+            BLOCK
+        } else if end == self.size && self.size == self.entry.size && off < end {
+            end - off
+        } else {
+            return None;
+        };
+        if !off.is_multiple_of(BLOCK) || changed.get(bi).copied().unwrap_or(true) {
             return None;
         }
-        self.hashes.get(bi).copied()
+        self.hashes.get(bi).map(|h| (*h, len))
     }
 
     /// Points bytes `from..to` at the base's blobs.
@@ -256,12 +264,12 @@ fn run_job(
     let mut off = job.from;
     while off < job.to {
         if let Some(prior) = base
-            && let Some(h) = prior.unchanged(off, job.to)
+            && let Some((h, len)) = prior.unchanged(off, job.to)
         {
-            prior.reuse(off, off + BLOCK, &mut res.extents);
+            prior.reuse(off, off + len, &mut res.extents);
             res.hashes.push(h);
-            res.read += BLOCK;
-            off += BLOCK;
+            res.read += len;
+            off += len;
             continue;
         }
         let want = (job.to - off).min(BLOCK) as usize;
@@ -458,6 +466,7 @@ fn plan<'a>(
                 entry: p,
                 hashes: p.block_hashes()?,
                 changed: changes.and_then(|c| c.file_blocks(&f.path, fileset::block_count(f.size))),
+                size: f.size,
             }),
             None => None,
         });
@@ -909,4 +918,56 @@ fn assemble(
         depends_on,
     };
     Ok((index, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prior(entry: &FileEntry, size: u64, changed: Vec<bool>) -> Prior<'_> {
+        Prior {
+            entry,
+            hashes: (0..fileset::block_count(entry.size) as u64).collect(),
+            changed: Some(changed),
+            size,
+        }
+    }
+
+    #[test]
+    fn unnamed_blocks_come_from_the_base_and_so_does_a_short_last_one_of_an_unchanged_size() {
+        let entry = |size| FileEntry {
+            path: "base/5/1259".into(),
+            size,
+            mode: 0o600,
+            mtime_ns: 0,
+            checksum: String::new(),
+            blocks: String::new(),
+            extents: Vec::new(),
+        };
+        // Two whole blocks and a short third; the WAL names the second.
+        let size = 2 * BLOCK + 8192;
+        let e = entry(size);
+        let p = prior(&e, size, vec![false, true, false]);
+        assert_eq!(p.unchanged(0, size), Some((0, BLOCK)));
+        assert_eq!(p.unchanged(BLOCK, size), None);
+        assert_eq!(p.unchanged(2 * BLOCK, size), Some((2, 8192)));
+        // Not at a block's start, or a job ending inside the block: read.
+        assert_eq!(p.unchanged(8192, size), None);
+        assert_eq!(p.unchanged(2 * BLOCK, 2 * BLOCK + 4096), None);
+        // A file smaller than a block (most catalogs), its size unchanged: not read.
+        let small = entry(3 * 8192);
+        let p = prior(&small, 3 * 8192, vec![false]);
+        assert_eq!(p.unchanged(0, 3 * 8192), Some((0, 3 * 8192)));
+        // Grown or shrunk since the base: the short block is read, whatever the WAL says.
+        let p = prior(&small, 4 * 8192, vec![false]);
+        assert_eq!(p.unchanged(0, 4 * 8192), None);
+        let p = prior(&e, 2 * BLOCK + 4096, vec![false, false, false]);
+        assert_eq!(p.unchanged(2 * BLOCK, 2 * BLOCK + 4096), None);
+        // No WAL (the compare method): everything is read.
+        let p = Prior {
+            changed: None,
+            ..prior(&e, size, vec![])
+        };
+        assert_eq!(p.unchanged(0, size), None);
+    }
 }
