@@ -1087,6 +1087,24 @@ impl<R: Read, W: Watch> Read for Tap<R, W> {
 }
 
 #[cfg(test)]
+impl PipeOptions {
+    /// Small and fast: for unit tests of what is stored, not of how fast.
+    pub fn for_tests() -> PipeOptions {
+        PipeOptions {
+            compression: Compression {
+                level: 1,
+                wal_level: 1,
+                threads: 1,
+            },
+            upload: UploadConfig {
+                part_size: crate::config::MIN_PART_SIZE,
+                concurrency: 1,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::LocalStore;

@@ -1362,17 +1362,7 @@ mod tests {
     async fn the_repository_end_is_after_the_newest_part_or_in_the_next_file_once_one_ended() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::storage::LocalStore::new(dir.path().to_path_buf());
-        let opts = PipeOptions {
-            compression: crate::config::Compression {
-                level: 1,
-                wal_level: 1,
-                threads: 1,
-            },
-            upload: crate::config::UploadConfig {
-                part_size: crate::config::MIN_PART_SIZE,
-                concurrency: 1,
-            },
-        };
+        let opts = PipeOptions::for_tests();
         assert_eq!(repository_end(&store, "u").await.unwrap(), None);
         let part = |name: &str, from: u64, to: u64, ends_file: bool| Part {
             name: name.into(),

@@ -737,10 +737,12 @@ pub struct Collected {
     pub fetched_segments: u32,
 }
 
-/// Segments read at once: each is read (decompressed and verified, when it comes from the
-/// archive) and parsed on its own, and records that cross from one into the next are joined
-/// in order afterwards.
+/// Segments read at once: each is read (decompressed, when it comes from the archive) and
+/// parsed on its own, and records that cross from one into the next are joined in order
+/// afterwards. Reading a segment is CPU-bound, reading a summary is one small GET (tens of
+/// milliseconds on B2), so more summaries than segments are asked for at once.
 const SEGMENTS_AT_ONCE: usize = 2;
+const LOOKUPS_AT_ONCE: usize = 8;
 
 /// Reads the WAL from `from` to `to` on timeline `tli`: each segment from the data directory's
 /// `pg_wal` while it is there (its first page names it), otherwise its stored summary (every
@@ -761,18 +763,18 @@ pub async fn collect(
     }
     let first = Segment::of_lsn(tli, from, seg_size);
     let last = Segment::of_lsn(tli, to, seg_size);
-    let scans = futures::stream::iter((first.segno..=last.segno).map(|segno| {
-        scan_segment(
-            store,
-            data_dir,
-            sysid,
-            seg_size,
-            Segment { tli, segno },
-            to.0,
-            segno < last.segno,
-        )
-    }))
-    .buffered(SEGMENTS_AT_ONCE);
+    let reader = SegmentReader {
+        store,
+        data_dir,
+        sysid,
+        seg_size,
+        reading: tokio::sync::Semaphore::new(SEGMENTS_AT_ONCE),
+    };
+    let scans = futures::stream::iter(
+        (first.segno..=last.segno)
+            .map(|segno| reader.scan(Segment { tli, segno }, to.0, segno < last.segno)),
+    )
+    .buffered(LOOKUPS_AT_ONCE);
     futures::pin_mut!(scans);
     let mut joined = Joined::default();
     let (mut local_segments, mut summarized_segments, mut fetched_segments) = (0, 0, 0);
@@ -874,45 +876,68 @@ impl Joined {
     }
 }
 
-/// Scans one segment, all of it up to `to` (or reads its summary, when `summarized` allows
-/// it): records before the range's start are noted too, which only reads a few more blocks.
-async fn scan_segment(
-    store: &dyn Store,
-    data_dir: &Path,
+struct SegmentReader<'a> {
+    store: &'a dyn Store,
+    data_dir: &'a Path,
     sysid: u64,
     seg_size: u64,
-    seg: Segment,
-    to: u64,
-    summarized: bool,
-) -> anyhow::Result<(RefScan, Source)> {
-    let name = seg.name(seg_size);
-    let path = data_dir.join("pg_wal").join(&name);
-    let start = seg.start_lsn(seg_size).0;
-    let mut scan = RefScan::new(sysid, seg_size, start, to);
-    let local = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<RefScan>> {
-            let Some(file) = local_segment(&path, start, sysid) else {
-                return Ok(None);
-            };
-            feed_file(&mut scan, file).with_context(|| format!("reading {}", path.display()))?;
-            Ok(Some(scan))
-        })
-        .await
-        .context("reading a local WAL segment panicked")??
-    };
-    if let Some(scan) = local {
-        return Ok((scan, Source::Local));
+    /// Held while a segment (not a summary) is read.
+    reading: tokio::sync::Semaphore,
+}
+
+impl SegmentReader<'_> {
+    /// Scans one segment, all of it up to `to` (or reads its summary, when `summarized`
+    /// allows it): records before the range's start are noted too, which only reads a few
+    /// more blocks.
+    async fn scan(
+        &self,
+        seg: Segment,
+        to: u64,
+        summarized: bool,
+    ) -> anyhow::Result<(RefScan, Source)> {
+        let (sysid, seg_size) = (self.sysid, self.seg_size);
+        let name = seg.name(seg_size);
+        let path = self.data_dir.join("pg_wal").join(&name);
+        let start = seg.start_lsn(seg_size).0;
+        let reading = self
+            .reading
+            .acquire()
+            .await
+            .context("the WAL reader stopped")?;
+        let mut scan = RefScan::new(sysid, seg_size, start, to);
+        let local = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Option<RefScan>> {
+                let Some(file) = local_segment(&path, start, sysid) else {
+                    return Ok(None);
+                };
+                feed_file(&mut scan, file)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Ok(Some(scan))
+            })
+            .await
+            .context("reading a local WAL segment panicked")??
+        };
+        if let Some(scan) = local {
+            return Ok((scan, Source::Local));
+        }
+        drop(reading);
+        if summarized && let Some(scan) = read_summary(self.store, sysid, seg_size, seg).await {
+            return Ok((scan, Source::Summary));
+        }
+        let _reading = self
+            .reading
+            .acquire()
+            .await
+            .context("the WAL reader stopped")?;
+        let key = crate::repo::wal_key(sysid, &name);
+        let scan = RefScan::new(sysid, seg_size, start, to);
+        let scan =
+            crate::pipeline::download_checked(self.store, &key, scan, crate::pipeline::Check::Size)
+                .await
+                .with_context(|| format!("reading WAL segment {name} from the archive"))?;
+        Ok((scan, Source::Archive))
     }
-    if summarized && let Some(scan) = read_summary(store, sysid, seg_size, seg).await {
-        return Ok((scan, Source::Summary));
-    }
-    let key = crate::repo::wal_key(sysid, &name);
-    let scan = RefScan::new(sysid, seg_size, start, to);
-    let scan = crate::pipeline::download_checked(store, &key, scan, crate::pipeline::Check::Size)
-        .await
-        .with_context(|| format!("reading WAL segment {name} from the archive"))?;
-    Ok((scan, Source::Archive))
 }
 
 /// The stored summary of segment `seg`, if there is a usable one (the segment is read
@@ -1319,17 +1344,7 @@ mod tests {
 
     /// Stores `bytes` (whole segments from `START`) in `store` as archived segments.
     async fn archive(store: &crate::storage::LocalStore, bytes: &[u8]) {
-        let opts = crate::pipeline::PipeOptions {
-            compression: crate::config::Compression {
-                level: 1,
-                wal_level: 1,
-                threads: 1,
-            },
-            upload: crate::config::UploadConfig {
-                part_size: crate::config::MIN_PART_SIZE,
-                concurrency: 1,
-            },
-        };
+        let opts = crate::pipeline::PipeOptions::for_tests();
         for (i, seg) in bytes.chunks(SEG as usize).enumerate() {
             let name = Segment {
                 tli: 1,
@@ -1399,17 +1414,7 @@ mod tests {
         std::fs::create_dir_all(&repo).unwrap();
         let store = crate::storage::LocalStore::new(repo.clone());
         archive(&store, &w.bytes).await;
-        let opts = crate::pipeline::PipeOptions {
-            compression: crate::config::Compression {
-                level: 1,
-                wal_level: 1,
-                threads: 1,
-            },
-            upload: crate::config::UploadConfig {
-                part_size: crate::config::MIN_PART_SIZE,
-                concurrency: 1,
-            },
-        };
+        let opts = crate::pipeline::PipeOptions::for_tests();
         let names: Vec<String> = (0..3)
             .map(|i| {
                 Segment {
@@ -1431,13 +1436,9 @@ mod tests {
         let collect = || collect(&store, &data, SYSID, 1, SEG, Lsn(START), Lsn(at));
 
         // The first two segments come from their summaries, the last from the archive.
+        let sources = |c: &Collected| (c.local_segments, c.summarized_segments, c.fetched_segments);
         let got = collect().await.unwrap();
-        let sources = (
-            got.local_segments,
-            got.summarized_segments,
-            got.fetched_segments,
-        );
-        assert_eq!(sources, (0, 2, 1));
+        assert_eq!(sources(&got), (0, 2, 1));
         assert_eq!(got.changes.records, whole.records);
         assert_eq!(got.changes.chunks, whole.chunks);
 
@@ -1446,12 +1447,7 @@ mod tests {
         std::fs::copy(path(0), path(1)).unwrap();
         std::fs::write(path(0), b"not a summary").unwrap();
         let got = collect().await.unwrap();
-        let sources = (
-            got.local_segments,
-            got.summarized_segments,
-            got.fetched_segments,
-        );
-        assert_eq!(sources, (0, 0, 3));
+        assert_eq!(sources(&got), (0, 0, 3));
         assert_eq!(got.changes.chunks, whole.chunks);
 
         // A summary claiming another chain of records: the join refuses it.
