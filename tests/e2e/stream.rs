@@ -922,6 +922,29 @@ fn archive_command_beside_the_stream_returns_at_once_for_streamed_segments() {
         .metric_where("dbagent_wal_segment_answers_total", "answer", "stored")
         .unwrap();
     assert!(stored_answers >= fast.len() as f64, "{stored_answers}");
+    // wal-push read none of those, so the stream stored their block references itself, for
+    // incremental backups (see walrefs): the S3 server saw them written.
+    let Repo::S3(server, _) = &repo else {
+        unreachable!("an S3 repository")
+    };
+    for seg in &fast {
+        let summary = format!("/walrefs/{seg}.zst");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let moto = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+            if moto
+                .lines()
+                .any(|l| l.contains("\"PUT ") && l.contains(&summary) && l.contains("\" 200"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no PUT of {summary} in the S3 server's log"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 
     // The archive chain is complete, every segment with the server's bytes.
     let from = u64::from_str_radix(&first[8..], 16).unwrap();
