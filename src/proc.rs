@@ -603,21 +603,12 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Compression, UploadConfig};
     use crate::storage::LocalStore;
 
     fn pipe() -> PipeOptions {
-        PipeOptions {
-            compression: Compression {
-                level: 1,
-                wal_level: 1,
-                threads: 1,
-            },
-            upload: UploadConfig {
-                part_size: 5 << 20,
-                concurrency: 2,
-            },
-        }
+        let mut opts = PipeOptions::for_tests();
+        opts.upload.concurrency = 2;
+        opts
     }
 
     fn sh(script: &str) -> Program {
