@@ -135,7 +135,10 @@ async fn archive_progress(client: &tokio_postgres::Client) -> anyhow::Result<Arc
 /// Resolves with the reason once the archive stops keeping up with the backup (see
 /// `ArchiveWatch`). A reading that fails is skipped: a server gone away fails the backup
 /// through its replication connection.
-async fn archive_stuck(client: tokio_postgres::Client, mut watch: ArchiveWatch) -> anyhow::Error {
+async fn archive_stuck(
+    client: Arc<tokio_postgres::Client>,
+    mut watch: ArchiveWatch,
+) -> anyhow::Error {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         match archive_progress(&client).await {
@@ -149,15 +152,19 @@ async fn archive_stuck(client: tokio_postgres::Client, mut watch: ArchiveWatch) 
     }
 }
 
-/// The server a backup reads, and its databases.
+/// The server a backup reads, on the connection that takes the backup.
 struct Source {
     server: ServerFacts,
-    databases: Vec<DatabaseInfo>,
+    /// Shared with the archive watcher and the database facts, whose queries queue behind
+    /// the backup's own (`pg_backup_start` and `pg_backup_stop` must run on one session).
+    client: Arc<tokio_postgres::Client>,
 }
 
 /// Databases whose facts are read at the same time, each over a connection of its own.
 const DATABASES_AT_ONCE: usize = 4;
 
+/// Connects and checks that the server archives its WAL: a backup without its WAL could
+/// never be restored.
 async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
     let client = conn.connect().await?;
     let server = ServerFacts::read(&client).await?;
@@ -182,60 +189,75 @@ async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
             archiver.get::<_, i64>(0)
         ));
     }
-    let rows = client
-        .query(sql::DATABASE_SIZES, &[])
+    Ok(Source {
+        server,
+        client: Arc::new(client),
+    })
+}
+
+/// The databases the manifest describes (sizes, settings, row estimates and extensions for the
+/// drill), read while the backup runs: none of it decides what is copied, and a connection
+/// per database is a round of connecting and authenticating that a nightly incremental need
+/// not wait for.
+fn database_facts(
+    conn: &ConnInfo,
+    client: &Arc<tokio_postgres::Client>,
+) -> AbortOnDrop<anyhow::Result<Vec<DatabaseInfo>>> {
+    let (conn, client) = (conn.clone(), client.clone());
+    AbortOnDrop(tokio::spawn(async move {
+        let rows = client
+            .query(sql::DATABASE_SIZES, &[])
+            .await
+            .context("listing databases")?;
+        // A few at a time, not all at once, which on a cluster of many databases would take
+        // more than max_connections leaves.
+        futures::stream::iter(rows.into_iter().map(|db| {
+            let (conn, client) = (&conn, &client);
+            async move {
+                let name: String = db.get(0);
+                let (tables, extensions) = match conn.with_db(&name).connect().await {
+                    Ok(c) => {
+                        let tables = c
+                            .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
+                            .await
+                            .with_context(|| format!("row estimates in {name}"))?
+                            .into_iter()
+                            .map(|r| TableRows {
+                                table: r.get(0),
+                                rows_estimate: r.get(1),
+                            })
+                            .collect();
+                        let extensions = c
+                            .query(
+                                "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
+                                &[],
+                            )
+                            .await
+                            .with_context(|| format!("extensions in {name}"))?
+                            .into_iter()
+                            .map(|r| r.get(0))
+                            .collect();
+                        (tables, extensions)
+                    }
+                    Err(e) => {
+                        tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
+                        (vec![], vec![])
+                    }
+                };
+                let settings = database_settings(client, &name).await?;
+                anyhow::Ok(DatabaseInfo {
+                    name,
+                    size_bytes: db.get(1),
+                    tables,
+                    settings,
+                    extensions,
+                })
+            }
+        }))
+        .buffered(DATABASES_AT_ONCE)
+        .try_collect()
         .await
-        .context("listing databases")?;
-    // A connection per database, a few at a time: each costs a round of connecting and
-    // authenticating, and a nightly backup's fixed cost is mostly such waits; not all at once,
-    // which on a cluster of many databases would take more than max_connections leaves.
-    let databases: Vec<DatabaseInfo> = futures::stream::iter(rows.into_iter().map(|db| {
-        let client = &client;
-        async move {
-            let name: String = db.get(0);
-            let (tables, extensions) = match conn.with_db(&name).connect().await {
-                Ok(c) => {
-                    let tables = c
-                        .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
-                        .await
-                        .with_context(|| format!("row estimates in {name}"))?
-                        .into_iter()
-                        .map(|r| TableRows {
-                            table: r.get(0),
-                            rows_estimate: r.get(1),
-                        })
-                        .collect();
-                    let extensions = c
-                        .query(
-                            "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
-                            &[],
-                        )
-                        .await
-                        .with_context(|| format!("extensions in {name}"))?
-                        .into_iter()
-                        .map(|r| r.get(0))
-                        .collect();
-                    (tables, extensions)
-                }
-                Err(e) => {
-                    tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
-                    (vec![], vec![])
-                }
-            };
-            let settings = database_settings(client, &name).await?;
-            anyhow::Ok(DatabaseInfo {
-                name,
-                size_bytes: db.get(1),
-                tables,
-                settings,
-                extensions,
-            })
-        }
     }))
-    .buffered(DATABASES_AT_ONCE)
-    .try_collect()
-    .await?;
-    Ok(Source { server, databases })
 }
 
 /// A database's own settings (`ALTER DATABASE … SET`, for every role), as `name=value`.
@@ -428,6 +450,7 @@ pub async fn base_backup(
         ms = started.elapsed().as_millis() as u64,
         "server facts read"
     );
+    let databases = database_facts(&conn, &facts.client);
     // Fail on a wrong bucket or credentials before reading the database.
     store.list(&repo::backups_prefix(sysid)).await?;
     let local = local_data_dir(cfg, sysid)?;
@@ -451,58 +474,61 @@ pub async fn base_backup(
     let mut watch = None;
     let (data, start_lsn, tli, stop_lsn, files) = match local {
         Some(dir) => {
-            let client = conn.connect().await?;
-            let timeline: u32 = client
+            let timeline: u32 = facts
+                .client
                 .query_one("SELECT timeline_id::int4 FROM pg_control_checkpoint()", &[])
                 .await
                 .context("reading the server's timeline")?
                 .get::<_, i32>(0) as u32;
-            drop(client);
-            let base = choose_base(
-                cfg,
-                store.as_ref(),
-                sysid,
-                timeline,
-                facts.server.version_num,
-                wanted,
-            )
-            .await?;
-            tracing::debug!(ms = started.elapsed().as_millis() as u64, "base chosen");
-            let base = match base {
-                Some(manifest) => {
-                    let index = crate::pg::filebackup::load_index(store.as_ref(), &manifest)
-                        .await
-                        .map_err(|e| {
-                            if crate::error::exit_code(&e) == crate::error::EXIT_INPUT {
-                                input_err!(
-                                    "an incremental backup reads the block map of backup {}: {e:#}",
-                                    manifest.id
-                                )
-                            } else {
-                                e
-                            }
-                        })?;
-                    Some(crate::pg::filebackup::Base { manifest, index })
-                }
-                None => None,
-            };
-            tracing::debug!(ms = started.elapsed().as_millis() as u64, "base index read");
-            let based_on = base.as_ref().map(|b| b.manifest.id.clone());
             // An archive that never catches up: fail with the reason while waiting for WAL.
-            let watcher = conn.connect().await?;
-            let before = archive_progress(&watcher).await?;
+            let before = archive_progress(&facts.client).await?;
             // Watching from now: by the time the files are stored it knows how long the
             // archiver has been stuck.
             watch = Some(AbortOnDrop(tokio::spawn(archive_stuck(
-                watcher,
+                facts.client.clone(),
                 ArchiveWatch::new(before.lsn, seg_size, cfg.wal.archive_wait),
             ))));
+            // The base and its block map are read while the server's checkpoint runs.
+            let loading = async {
+                let base = choose_base(
+                    cfg,
+                    store.as_ref(),
+                    sysid,
+                    timeline,
+                    facts.server.version_num,
+                    wanted,
+                )
+                .await?;
+                let Some(manifest) = base else {
+                    return Ok(None);
+                };
+                let index = crate::pg::filebackup::load_index(store.as_ref(), &manifest)
+                    .await
+                    .map_err(|e| {
+                        if crate::error::exit_code(&e) == crate::error::EXIT_INPUT {
+                            input_err!(
+                                "an incremental backup reads the block map of backup {}: {e:#}",
+                                manifest.id
+                            )
+                        } else {
+                            e
+                        }
+                    })?;
+                tracing::debug!(ms = started.elapsed().as_millis() as u64, "base index read");
+                anyhow::Ok(Some(crate::pg::filebackup::Base { manifest, index }))
+            };
+            let (begun, base) =
+                tokio::join!(crate::pg::filebackup::start(&facts.client, &id), loading);
+            // A failed start ends with the session; the base's failure says more.
+            let (base, begun) = (base?, begun?);
+            let based_on = base.as_ref().map(|b| b.manifest.id.clone());
             let taken = crate::pg::filebackup::take(crate::pg::filebackup::Request {
                 store: store.clone(),
-                conn: &conn,
+                client: &facts.client,
                 dir: &dir,
                 sysid,
                 id: &id,
+                started: begun,
                 base,
                 wal_segment_size: seg_size,
                 changes_from_wal: cfg.backup.changed_blocks != "compare",
@@ -569,10 +595,17 @@ pub async fn base_backup(
             .await
         }
     };
-    if let Err(e) = waited {
-        delete_objects(store.as_ref(), &data, files.as_ref()).await;
-        return Err(e);
-    }
+    let databases = match waited {
+        Ok(()) => databases.join().await,
+        Err(e) => Err(e),
+    };
+    let databases = match databases {
+        Ok(d) => d,
+        Err(e) => {
+            delete_objects(store.as_ref(), &data, files.as_ref()).await;
+            return Err(e);
+        }
+    };
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "WAL archived");
 
     let manifest = BaseBackup {
@@ -594,7 +627,7 @@ pub async fn base_backup(
         server_version_num: facts.server.version_num,
         wal_segment_size: seg_size,
         data,
-        databases: facts.databases,
+        databases,
         dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
         files,
     };
@@ -626,6 +659,14 @@ pub async fn base_backup(
 /// A task that stops when its handle is dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
+impl<T> AbortOnDrop<anyhow::Result<T>> {
+    async fn join(mut self) -> anyhow::Result<T> {
+        (&mut self.0)
+            .await
+            .map_err(|e| anyhow::anyhow!("a background task failed: {e}"))?
+    }
+}
+
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
@@ -651,8 +692,7 @@ async fn stream_backup(
     data_key: &str,
 ) -> anyhow::Result<(ObjectRef, Lsn, u32, Lsn)> {
     // An archive that never catches up: fail with the reason instead of hanging.
-    let watcher = conn.connect().await?;
-    let before = archive_progress(&watcher).await?;
+    let before = archive_progress(&facts.client).await?;
     let watch = ArchiveWatch::new(
         before.lsn,
         facts.server.wal_segment_size,
@@ -665,7 +705,7 @@ async fn stream_backup(
         store,
         data_key,
         PipeOptions::from_config(cfg),
-        archive_stuck(watcher, watch),
+        archive_stuck(facts.client.clone(), watch),
     )
     .await?;
     let tar = scanner.facts();

@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 
 use crate::crypto::Recipients;
 use crate::input_err;
-use crate::pg::conn::ConnInfo;
 use crate::pg::fileset::{
     self, BLOCK, Blob, BlobWriter, BundleLoc, CHUNK, Extent, FileEntry, FileIndex, Found,
 };
@@ -487,10 +486,13 @@ fn plan<'a>(
 /// Options of one file-level backup.
 pub struct Request<'a> {
     pub store: Arc<dyn Store>,
-    pub conn: &'a ConnInfo,
+    /// The session that takes the backup (`pg_backup_start` to `pg_backup_stop`).
+    pub client: &'a tokio_postgres::Client,
     pub dir: &'a Path,
     pub sysid: u64,
     pub id: &'a str,
+    /// Where `start` began the backup.
+    pub started: Lsn,
     pub base: Option<Base>,
     /// The server's WAL segment size, to read the WAL since the base.
     pub wal_segment_size: u64,
@@ -500,41 +502,54 @@ pub struct Request<'a> {
     pub opts: PipeOptions,
 }
 
-/// Takes the backup: `pg_backup_start`, the files, `pg_backup_stop`, the index.
-pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
-    let client = req.conn.connect().await?;
-    let label = format!("dbagent {}", req.id);
-    let started: Lsn = client
+/// Starts the backup on `client`'s session (`pg_backup_start`, with an immediate checkpoint):
+/// where the WAL replay of a restore begins. The backup ends with `take`, on the same session.
+pub async fn start(client: &tokio_postgres::Client, id: &str) -> anyhow::Result<Lsn> {
+    let label = format!("dbagent {id}");
+    client
         .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
         .await
         .context("starting the backup (pg_backup_start)")?
         .get::<_, String>(0)
         .parse()
-        .map_err(|e| anyhow::anyhow!("pg_backup_start returned a bad LSN: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("pg_backup_start returned a bad LSN: {e}"))
+}
+
+/// Takes the backup `start` began: the files, `pg_backup_stop`, the index.
+pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
+    let client = req.client;
+    let started = req.started;
     tracing::info!(id = req.id, dir = %req.dir.display(), parallel = req.parallel, incremental = req.base.is_some(), "file-level backup started");
-    let changes = match &req.base {
-        Some(base) if req.changes_from_wal => changes_since(&req, &client, base, started).await,
-        Some(_) => {
-            tracing::info!(
-                "backup.changed_blocks = compare: reading every block of the changed files"
-            );
-            None
+    let changes = async {
+        match &req.base {
+            Some(base) if req.changes_from_wal => changes_since(&req, client, base, started).await,
+            Some(_) => {
+                tracing::info!(
+                    "backup.changed_blocks = compare: reading every block of the changed files"
+                );
+                None
+            }
+            None => None,
         }
-        None => None,
     };
-
     let root = req.dir.to_path_buf();
+    let walk = async {
+        let t = std::time::Instant::now();
+        let walked = tokio::task::spawn_blocking(move || fileset::walk(&root))
+            .await
+            .context("walking the data directory")?;
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "data directory walked");
+        walked
+    };
+    // The WAL since the base is read while the data directory is walked.
     let t = std::time::Instant::now();
-    let (dirs, found) = tokio::task::spawn_blocking(move || fileset::walk(&root))
-        .await
-        .context("walking the data directory")??;
-    tracing::debug!(
-        ms = t.elapsed().as_millis() as u64,
-        files = found.len(),
-        "data directory walked"
+    let (changes, walked, recipients) = tokio::join!(
+        changes,
+        walk,
+        crate::pipeline::recipients(req.store.as_ref())
     );
+    let ((dirs, found), recipients) = (walked?, recipients?);
 
-    let recipients = crate::pipeline::recipients(req.store.as_ref()).await?;
     let placed = Arc::new(Mutex::new(Placed::default()));
     let copied = copy_files(&req, &found, changes.as_ref(), recipients, placed.clone()).await;
     let copied = match copied {
