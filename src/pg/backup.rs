@@ -205,8 +205,10 @@ fn database_facts(
 ) -> AbortOnDrop<anyhow::Result<Vec<DatabaseInfo>>> {
     let (conn, client) = (conn.clone(), client.clone());
     AbortOnDrop(tokio::spawn(async move {
+        // Only the names on the backup's session: each size is a walk over the database's
+        // files, read on the database's own connection.
         let rows = client
-            .query(sql::DATABASE_SIZES, &[])
+            .query(sql::DATABASES, &[])
             .await
             .context("listing databases")?;
         // A few at a time, not all at once, which on a cluster of many databases would take
@@ -215,8 +217,14 @@ fn database_facts(
             let (conn, client) = (&conn, &client);
             async move {
                 let name: String = db.get(0);
-                let (tables, extensions) = match conn.with_db(&name).connect().await {
+                let size = "SELECT pg_database_size(current_database())";
+                let (size_bytes, tables, extensions) = match conn.with_db(&name).connect().await {
                     Ok(c) => {
+                        let size_bytes: i64 = c
+                            .query_one(size, &[])
+                            .await
+                            .with_context(|| format!("the size of {name}"))?
+                            .get(0);
                         let tables = c
                             .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
                             .await
@@ -237,17 +245,22 @@ fn database_facts(
                             .into_iter()
                             .map(|r| r.get(0))
                             .collect();
-                        (tables, extensions)
+                        (size_bytes, tables, extensions)
                     }
                     Err(e) => {
                         tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
-                        (vec![], vec![])
+                        let size_bytes: i64 = client
+                            .query_one("SELECT pg_database_size($1)", &[&name])
+                            .await
+                            .with_context(|| format!("the size of {name}"))?
+                            .get(0);
+                        (size_bytes, vec![], vec![])
                     }
                 };
                 let settings = database_settings(client, &name).await?;
                 anyhow::Ok(DatabaseInfo {
                     name,
-                    size_bytes: db.get(1),
+                    size_bytes,
                     tables,
                     settings,
                     extensions,

@@ -129,6 +129,107 @@ fn backup_refuses_a_server_without_archiving() {
     assert!(repo.snapshot().is_empty());
 }
 
+/// A base backup's manifest describes every database for the drill (its size, its tables' row
+/// estimates, its extensions and settings), read while the backup runs, each database on a
+/// connection of its own: by either method, and one database the backup's role cannot
+/// connect to still gets its size and settings.
+#[test]
+fn a_base_backup_describes_every_database() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE DATABASE shop").unwrap();
+    pg.psql("postgres", "CREATE DATABASE locked").unwrap();
+    pg.psql(
+        "shop",
+        "CREATE EXTENSION pg_trgm; CREATE TABLE items AS SELECT g FROM generate_series(1, 5000) g; ANALYZE items",
+    )
+    .unwrap();
+    pg.psql("postgres", "ALTER DATABASE shop SET work_mem = '8MB'")
+        .unwrap();
+    // The backup's role may connect to the cluster but not to `locked`.
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("local locked all reject\nhost locked all all reject\n{rules}"),
+    )
+    .unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    let sizes = pg
+        .psql(
+            "postgres",
+            "SELECT string_agg(datname || '=' || pg_database_size(oid), ',' ORDER BY datname) FROM pg_database WHERE datallowconn AND NOT datistemplate",
+        )
+        .unwrap();
+    for method in ["files", "stream"] {
+        let out = dbagent_cmd(&repo, Some(&pg), &["backup", "--full", "--json"])
+            .env("DBAGENT_BACKUP_METHOD", method)
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+        let path = repo.root().unwrap().join(format!(
+            "pg/{}/backups/{}/backup.json",
+            report["system_identifier"].as_str().unwrap(),
+            report["id"].as_str().unwrap()
+        ));
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let dbs = manifest["databases"].as_array().unwrap();
+        let got: Vec<String> = dbs
+            .iter()
+            .map(|d| format!("{}={}", d["name"].as_str().unwrap(), d["size_bytes"]))
+            .collect();
+        // Sizes move by a page or so between the two reads; the names and magnitudes do not.
+        let names = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|s| s.split('=').next().unwrap().to_string())
+                .collect()
+        };
+        let expected: Vec<String> = sizes.trim().split(',').map(str::to_string).collect();
+        assert_eq!(
+            names(&got),
+            names(&expected),
+            "{method}: {got:?} vs {expected:?}"
+        );
+        for (g, e) in got.iter().zip(&expected) {
+            let size = |s: &str| s.split('=').nth(1).unwrap().parse::<i64>().unwrap();
+            assert!(
+                (size(g) - size(e)).abs() < 1 << 20,
+                "{method}: size {g} vs the server's {e}"
+            );
+        }
+        let shop = dbs.iter().find(|d| d["name"] == "shop").unwrap();
+        assert!(
+            shop["tables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["table"] == "public.items" && t["rows_estimate"] == 5000),
+            "{method}: {shop}"
+        );
+        assert!(
+            shop["extensions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e.as_str().unwrap().starts_with("pg_trgm ")),
+            "{method}: {shop}"
+        );
+        assert_eq!(
+            shop["settings"],
+            serde_json::json!(["work_mem=8MB"]),
+            "{method}"
+        );
+        let locked = dbs.iter().find(|d| d["name"] == "locked").unwrap();
+        assert!(
+            locked["tables"].as_array().unwrap().is_empty(),
+            "{method}: {locked}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no row estimates"), "{method}: {err}");
+    }
+}
+
 /// The backup is one tar of the data directory, as `pg_basebackup -D -` writes it, and that
 /// cannot hold another tablespace: the refusal names it, and no backup object is left.
 #[test]
