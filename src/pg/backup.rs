@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -207,70 +207,82 @@ fn database_facts(
     AbortOnDrop(tokio::spawn(async move {
         // Only the names on the backup's session: each size is a walk over the database's
         // files, read on the database's own connection.
-        let rows = client
-            .query(sql::DATABASES, &[])
-            .await
-            .context("listing databases")?;
+        let rows = match client.query(sql::DATABASES, &[]).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot list the databases: the manifest describes none of them, and the drill checks only that the restore starts");
+                return Ok(Vec::new());
+            }
+        };
         // A few at a time, not all at once, which on a cluster of many databases would take
         // more than max_connections leaves.
-        futures::stream::iter(rows.into_iter().map(|db| {
+        let databases = futures::stream::iter(rows.into_iter().map(|db| {
             let (conn, client) = (&conn, &client);
-            async move {
-                let name: String = db.get(0);
-                let size = "SELECT pg_database_size(current_database())";
-                let (size_bytes, tables, extensions) = match conn.with_db(&name).connect().await {
-                    Ok(c) => {
-                        let size_bytes: i64 = c
-                            .query_one(size, &[])
-                            .await
-                            .with_context(|| format!("the size of {name}"))?
-                            .get(0);
-                        let tables = c
-                            .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
-                            .await
-                            .with_context(|| format!("row estimates in {name}"))?
-                            .into_iter()
-                            .map(|r| TableRows {
-                                table: r.get(0),
-                                rows_estimate: r.get(1),
-                            })
-                            .collect();
-                        let extensions = c
-                            .query(
-                                "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
-                                &[],
-                            )
-                            .await
-                            .with_context(|| format!("extensions in {name}"))?
-                            .into_iter()
-                            .map(|r| r.get(0))
-                            .collect();
-                        (size_bytes, tables, extensions)
-                    }
-                    Err(e) => {
-                        tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
-                        let size_bytes: i64 = client
-                            .query_one("SELECT pg_database_size($1)", &[&name])
-                            .await
-                            .with_context(|| format!("the size of {name}"))?
-                            .get(0);
-                        (size_bytes, vec![], vec![])
-                    }
-                };
-                let settings = database_settings(client, &name).await?;
-                anyhow::Ok(DatabaseInfo {
-                    name,
-                    size_bytes,
-                    tables,
-                    settings,
-                    extensions,
-                })
-            }
+            async move { describe(conn, client, db.get(0)).await }
         }))
         .buffered(DATABASES_AT_ONCE)
-        .try_collect()
-        .await
+        .collect()
+        .await;
+        Ok(databases)
     }))
+}
+
+/// One database for the manifest. Best effort, as the backup does not depend on it: what
+/// cannot be read is left empty, with a warning.
+async fn describe(conn: &ConnInfo, client: &tokio_postgres::Client, name: String) -> DatabaseInfo {
+    let mut info = DatabaseInfo {
+        name,
+        size_bytes: 0,
+        tables: Vec::new(),
+        settings: Vec::new(),
+        extensions: Vec::new(),
+    };
+    let name = info.name.clone();
+    let read = async {
+        match conn.with_db(&name).connect().await {
+            Ok(c) => {
+                info.size_bytes = c
+                    .query_one("SELECT pg_database_size(current_database())", &[])
+                    .await
+                    .context("its size")?
+                    .get(0);
+                info.tables = c
+                    .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
+                    .await
+                    .context("its row estimates")?
+                    .into_iter()
+                    .map(|r| TableRows {
+                        table: r.get(0),
+                        rows_estimate: r.get(1),
+                    })
+                    .collect();
+                info.extensions = c
+                    .query(
+                        "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
+                        &[],
+                    )
+                    .await
+                    .context("its extensions")?
+                    .into_iter()
+                    .map(|r| r.get(0))
+                    .collect();
+            }
+            Err(e) => {
+                tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
+                info.size_bytes = client
+                    .query_one("SELECT pg_database_size($1)", &[&name])
+                    .await
+                    .context("its size")?
+                    .get(0);
+            }
+        }
+        info.settings = database_settings(client, &name).await?;
+        anyhow::Ok(())
+    };
+    if let Err(e) = read.await {
+        tracing::warn!(database = %name, error = %format!("{e:#}"), "the manifest describes this database only in part: the drill checks less of it");
+    }
+    info
 }
 
 /// A database's own settings (`ALTER DATABASE … SET`, for every role), as `name=value`.
@@ -375,6 +387,43 @@ fn local_data_dir(cfg: &Config, sysid: u64) -> anyhow::Result<Option<std::path::
             Ok(Some(dir))
         }
     }
+}
+
+/// The timeline of the server's last checkpoint.
+async fn checkpoint_timeline(client: &tokio_postgres::Client) -> anyhow::Result<u32> {
+    Ok(client
+        .query_one("SELECT timeline_id::int4 FROM pg_control_checkpoint()", &[])
+        .await
+        .context("reading the server's timeline")?
+        .get::<_, i32>(0) as u32)
+}
+
+/// The base an incremental on `timeline` builds on (see `choose_base`), with its block map.
+async fn load_base(
+    cfg: &Config,
+    store: &dyn Store,
+    sysid: u64,
+    timeline: u32,
+    version_num: i32,
+    wanted: Wanted,
+) -> anyhow::Result<Option<crate::pg::filebackup::Base>> {
+    let Some(manifest) = choose_base(cfg, store, sysid, timeline, version_num, wanted).await?
+    else {
+        return Ok(None);
+    };
+    let index = crate::pg::filebackup::load_index(store, &manifest)
+        .await
+        .map_err(|e| {
+            if crate::error::exit_code(&e) == crate::error::EXIT_INPUT {
+                input_err!(
+                    "an incremental backup reads the block map of backup {}: {e:#}",
+                    manifest.id
+                )
+            } else {
+                e
+            }
+        })?;
+    Ok(Some(crate::pg::filebackup::Base { manifest, index }))
 }
 
 /// The backup an incremental compares against: the newest file-level backup of this cluster
@@ -487,12 +536,7 @@ pub async fn base_backup(
     let mut watch = None;
     let (data, start_lsn, tli, stop_lsn, files) = match local {
         Some(dir) => {
-            let timeline: u32 = facts
-                .client
-                .query_one("SELECT timeline_id::int4 FROM pg_control_checkpoint()", &[])
-                .await
-                .context("reading the server's timeline")?
-                .get::<_, i32>(0) as u32;
+            let timeline = checkpoint_timeline(&facts.client).await?;
             // An archive that never catches up: fail with the reason while waiting for WAL.
             let before = archive_progress(&facts.client).await?;
             // Watching from now: by the time the files are stored it knows how long the
@@ -502,38 +546,28 @@ pub async fn base_backup(
                 ArchiveWatch::new(before.lsn, seg_size, cfg.wal.archive_wait),
             ))));
             // The base and its block map are read while the server's checkpoint runs.
-            let loading = async {
-                let base = choose_base(
-                    cfg,
-                    store.as_ref(),
-                    sysid,
-                    timeline,
-                    facts.server.version_num,
-                    wanted,
-                )
-                .await?;
-                let Some(manifest) = base else {
-                    return Ok(None);
-                };
-                let index = crate::pg::filebackup::load_index(store.as_ref(), &manifest)
-                    .await
-                    .map_err(|e| {
-                        if crate::error::exit_code(&e) == crate::error::EXIT_INPUT {
-                            input_err!(
-                                "an incremental backup reads the block map of backup {}: {e:#}",
-                                manifest.id
-                            )
-                        } else {
-                            e
-                        }
-                    })?;
-                tracing::debug!(ms = started.elapsed().as_millis() as u64, "base index read");
-                anyhow::Ok(Some(crate::pg::filebackup::Base { manifest, index }))
-            };
-            let (begun, base) =
-                tokio::join!(crate::pg::filebackup::start(&facts.client, &id), loading);
+            let version = facts.server.version_num;
+            let load = |timeline| load_base(cfg, store.as_ref(), sysid, timeline, version, wanted);
+            let (begun, base) = tokio::join!(
+                crate::pg::filebackup::start(&facts.client, &id),
+                load(timeline)
+            );
             // A failed start ends with the session; the base's failure says more.
-            let (base, begun) = (base?, begun?);
+            let (mut base, begun) = (base?, begun?);
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "backup started");
+            // The timeline read before was the last checkpoint's: just after a promotion, the
+            // old one until the first checkpoint on the new one ends. pg_backup_start's own
+            // checkpoint has ended now, so this is the timeline the backup starts on; a base
+            // chosen on the old one would take its changes from the old timeline's WAL.
+            let begun_on = checkpoint_timeline(&facts.client).await?;
+            if begun_on != timeline {
+                tracing::info!(
+                    was = timeline,
+                    now = begun_on,
+                    "the server changed timelines (a promotion): choosing the base again"
+                );
+                base = load(begun_on).await?;
+            }
             let based_on = base.as_ref().map(|b| b.manifest.id.clone());
             let taken = crate::pg::filebackup::take(crate::pg::filebackup::Request {
                 store: store.clone(),

@@ -451,10 +451,14 @@ fn plan<'a>(
     let mut jobs = Vec::new();
     for (i, f) in found.iter().enumerate() {
         let prev = by_path.get(f.path.as_str()).copied();
+        // Timestamps are only trusted for what the WAL does not contradict: a copy made with
+        // `rsync -a`, a clock stepped back or a coarse file system can leave a changed file
+        // with its old mtime, never its blocks out of the WAL.
         if let (Some(p), Some(before)) = (prev, trusted_before)
             && p.size == f.size
             && p.mtime_ns == f.mtime_ns
             && f.mtime_ns < before
+            && !changes.is_some_and(|c| c.names(&f.path))
         {
             entries.push(None);
             reused.push(Some(p.clone()));
@@ -589,6 +593,20 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         cleanup(req.store.as_ref(), &placed).await;
         anyhow::bail!("pg_backup_stop returned a backup_label without a start position");
     };
+    // The base was chosen on the timeline of the checkpoint pg_backup_start waited for, which
+    // is the label's: anything else and its unchanged blocks are not this history's.
+    if let Some(base) = req
+        .base
+        .as_ref()
+        .filter(|b| b.manifest.timeline != timeline)
+    {
+        cleanup(req.store.as_ref(), &placed).await;
+        anyhow::bail!(
+            "the backup started on timeline {timeline}, but its base {} is on timeline {}: take the backup again",
+            base.manifest.id,
+            base.manifest.timeline
+        );
+    }
 
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "backup stopped");
     let (index, mut summary) = assemble(&req, dirs, &found, copied, &placed, label, map)?;
@@ -658,6 +676,14 @@ async fn changes_since(
         .await
     }
     .await;
+    let result = result.and_then(|c| {
+        if c.changes.shut_down {
+            anyhow::bail!(
+                "the server was shut down since the base, and a tool run while it was down (pg_checksums --enable, say) changes files without WAL"
+            );
+        }
+        Ok(c)
+    });
     match result {
         Ok(c) => {
             tracing::info!(

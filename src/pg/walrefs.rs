@@ -65,6 +65,7 @@ const BKPIMAGE_COMPRESSED: u8 = 0x04 | 0x08 | 0x10;
 const RM_XLOG_ID: u8 = 0;
 const RM_SMGR_ID: u8 = 2;
 const RM_DBASE_ID: u8 = 4;
+const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
 const XLOG_SWITCH: u8 = 0x40;
 const XLOG_SMGR_CREATE: u8 = 0x10;
 const XLOG_SMGR_TRUNCATE: u8 = 0x20;
@@ -95,6 +96,10 @@ pub struct Changes {
     limits: HashMap<Rel, u64>,
     /// Databases created or dropped in the range.
     whole_dbs: HashSet<u32>,
+    /// Whether the server was shut down in the range (a shutdown checkpoint): offline tools
+    /// (`pg_checksums --enable` rewrites every page) change files without any WAL, so the
+    /// WAL no longer says what changed.
+    pub shut_down: bool,
     /// Records read.
     pub records: u64,
 }
@@ -119,6 +124,28 @@ impl Changes {
                 })
                 .collect(),
         )
+    }
+
+    /// Whether the WAL names anything of this file: a block of its 1 GB segment, a creation
+    /// or truncation of its relation at or below the segment's end, or the creation or removal
+    /// of its database. Such a file is read whatever its size and timestamps say.
+    pub fn names(&self, path: &str) -> bool {
+        let db = path
+            .strip_prefix("base/")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|db| db.parse::<u32>().ok());
+        if db.is_some_and(|db| self.whole_dbs.contains(&db)) {
+            return true;
+        }
+        let Some((rel, segno)) = main_fork(path) else {
+            return false;
+        };
+        let first = segno * (REL_SEGMENT_BLOCKS / PER_CHUNK);
+        let end = first + REL_SEGMENT_BLOCKS / PER_CHUNK;
+        self.chunks
+            .get(&rel)
+            .is_some_and(|s| s.iter().any(|c| (first..end).contains(c)))
+            || self.limits.get(&rel).is_some_and(|l| l / PER_CHUNK < end)
     }
 
     fn block(&mut self, rel: Rel, block: u32) {
@@ -213,6 +240,7 @@ impl Changes {
                 // Every dbase record (create by file copy or by WAL, drop) opens with db_id.
                 self.whole_dbs.insert(u32_at(main, 0)?);
             }
+            (RM_XLOG_ID, XLOG_CHECKPOINT_SHUTDOWN) => self.shut_down = true,
             _ => {}
         }
         self.records += 1;
@@ -537,9 +565,12 @@ pub struct Summary {
     chunks: Vec<(u32, u32, u32, Vec<u64>)>,
     limits: Vec<(u32, u32, u32, u64)>,
     whole_dbs: Vec<u32>,
+    /// A shutdown checkpoint in the segment (see `Changes::shut_down`).
+    shut_down: bool,
 }
 
-const SUMMARY_VERSION: u32 = 1;
+/// 2: `shut_down` (a version 1 summary cannot say, so it is not used).
+const SUMMARY_VERSION: u32 = 2;
 
 impl Summary {
     /// A scan of a whole segment, `name`; `None` when the scan did not read all of it, or
@@ -583,6 +614,7 @@ impl Summary {
             chunks,
             limits,
             whole_dbs,
+            shut_down: c.shut_down,
         })
     }
 
@@ -635,6 +667,7 @@ impl Summary {
             );
         }
         changes.whole_dbs.extend(self.whole_dbs);
+        changes.shut_down = self.shut_down;
         Ok(scan)
     }
 }
@@ -872,6 +905,7 @@ impl Joined {
             *l = (*l).min(limit);
         }
         self.changes.whole_dbs.extend(changes.whole_dbs);
+        self.changes.shut_down |= changes.shut_down;
         Ok(())
     }
 }
@@ -1201,6 +1235,20 @@ mod tests {
         ] {
             assert_eq!(c.file_blocks(path, 1), None, "{path}");
         }
+        // What the WAL names is read whatever the file's timestamps say; only its own 1 GiB
+        // segment counts, and forks the WAL does not cover are left to the timestamps.
+        for path in ["base/5/16384", "base/5/16385.1", "global/1262"] {
+            assert!(c.names(path), "{path}");
+        }
+        for path in [
+            "base/5/16385",
+            "base/5/16385.2",
+            "base/5/16384_fsm",
+            "base/5/16386",
+            "pg_xact/0000",
+        ] {
+            assert!(!c.names(path), "{path}");
+        }
     }
 
     #[test]
@@ -1229,6 +1277,17 @@ mod tests {
         assert!(c.file_blocks("base/5/16401.1", 1).unwrap()[0]);
         assert_eq!(c.file_blocks("base/6/16384", 1), None);
         assert_eq!(c.file_blocks("base/5/16384", 1).unwrap(), vec![false]);
+        // Created, truncated (in any segment from the limit on), or in a new database: named.
+        for path in [
+            "base/5/16400",
+            "base/5/16401",
+            "base/5/16401.3",
+            "base/6/16384",
+            "base/6/PG_VERSION",
+        ] {
+            assert!(c.names(path), "{path}");
+        }
+        assert!(!c.names("base/5/16384"));
     }
 
     #[test]
@@ -1392,6 +1451,38 @@ mod tests {
             err.contains("CRC") && err.contains("000000010000000000000004"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_shutdown_checkpoint_is_noticed_when_read_and_when_summarized() {
+        let rel = (DEFAULT_TABLESPACE, 5, 16384);
+        let mut w = Wal::new(START, 2, None);
+        let mut at = w.record(START, 10, 0, &body(rel, &[(0, 1)], 4));
+        // A checkpoint record (its body is a CheckPoint; only its type matters here).
+        let checkpoint =
+            |w: &mut Wal, at, info| w.record(at, RM_XLOG_ID, info, &main_body(&[0u8; 80]));
+        at = checkpoint(&mut w, at, 0x10); // XLOG_CHECKPOINT_ONLINE: the server stayed up
+        let online = w.scan(START, at).unwrap().changes;
+        assert!(!online.shut_down);
+        at = checkpoint(&mut w, at, XLOG_CHECKPOINT_SHUTDOWN);
+        let mut n = 0;
+        while at < START + SEG + 3 * XLOG_PAGE as u64 {
+            at = w.record(at, 10, 0, &body(rel, &[(0, n)], 20_000));
+            n += 1;
+        }
+        assert!(w.scan(START, at).unwrap().changes.shut_down);
+        let seg = Segment {
+            tli: 1,
+            segno: START / SEG,
+        };
+        let whole = &w.bytes[..SEG as usize];
+        let summary = summarize(SYSID, SEG, &seg.name(SEG), whole).expect("a whole segment");
+        let back = summary.into_scan(SYSID, SEG, seg).unwrap();
+        assert!(back.changes.shut_down);
+        // A summary written before it was recorded cannot say: it is not used.
+        let mut old = summarize(SYSID, SEG, &seg.name(SEG), whole).unwrap();
+        old.version = 1;
+        assert!(old.into_scan(SYSID, SEG, seg).is_err());
     }
 
     #[tokio::test]

@@ -611,3 +611,109 @@ fn a_standby_restore_follows_the_archive_and_a_delta_reseed_keeps_pointing_at_it
     );
     assert_eq!(standby.psql("SELECT pg_is_in_recovery()"), "t");
 }
+
+/// Just after a promotion the server's last checkpoint is still on the old timeline (the
+/// promoted server's first checkpoint is spread out), while its WAL is on the new one. An
+/// incremental taken then must not build on a backup of the old timeline, whose WAL (here the
+/// old primary's, still archiving into the same repository) is not this server's history: it
+/// is taken whole, on the new timeline, and restores exactly.
+#[test]
+fn an_incremental_just_after_a_promotion_builds_on_nothing_of_the_old_timeline() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t (i int, pad text)")
+        .unwrap();
+    let base = backup_json(&repo, &pg, &["--full"]);
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("standby");
+    let (out, standby) = restore(&repo, &dir, &["--standby"]);
+    ok(&out);
+    // No restartpoint on the standby, and a promoted server's first checkpoint spread over
+    // most of an hour: the buffers the standby dirties while replaying keep it busy.
+    standby.psql("ALTER SYSTEM SET checkpoint_timeout = '1h'");
+    standby.psql("SELECT pg_reload_conf()");
+    pg.psql(
+        "postgres",
+        "INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series(1, 100000) g",
+    )
+    .unwrap();
+    switch_and_wait_archived(&pg);
+    wait_for(
+        std::time::Duration::from_secs(120),
+        "the standby replays the rows",
+        || standby.psql("SELECT count(*) FROM t") == "100000",
+    );
+    assert_eq!(standby.psql("SELECT pg_promote()"), "t");
+    assert_eq!(
+        standby.psql("SELECT timeline_id FROM pg_control_checkpoint()"),
+        "1",
+        "the promoted server's first checkpoint ended already: this test needs it running"
+    );
+    standby.psql("INSERT INTO t VALUES (-1, 'after the promotion')");
+    // The old primary goes on writing and archiving on timeline 1.
+    pg.psql("postgres", "INSERT INTO t VALUES (-2, 'old primary')")
+        .unwrap();
+    switch_and_wait_archived(&pg);
+
+    let out = dbagent_cmd(&repo, None, &["backup", "--incremental", "--json"])
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", standby.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+        .env("PGDATA", &dir)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(report["kind"], "full", "{report}");
+    assert_eq!(report["timeline"], 2, "{report}");
+    assert_ne!(report["id"], base["id"]);
+    let expected = standby.psql("SELECT count(*), sum(i) FROM t");
+    drop(standby);
+
+    let restored_dir = scratch.path().join("restored");
+    // Both branches go on being archived: the restore is told which one.
+    let (out, restored) = restore(&repo, &restored_dir, &["--timeline", "2"]);
+    ok(&out);
+    assert_eq!(restored.psql("SELECT count(*), sum(i) FROM t"), expected);
+    assert_eq!(
+        restored.psql("SELECT count(*) FROM t WHERE i = -2"),
+        "0",
+        "the old primary's row is not this history's"
+    );
+}
+
+/// `pg_checksums --enable`, run while the server is down, rewrites every page without WAL: an
+/// incremental after it cannot take its unchanged blocks from the base (their pages have no
+/// checksum, the restored control file says they must). The shutdown checkpoint in the WAL
+/// since the base makes it compare blocks instead, and the restore reads every row.
+#[test]
+fn an_incremental_after_pg_checksums_enable_compares_blocks_and_restores_readable_pages() {
+    let repo = Repo::file();
+    let mut pg = primary_with_accounts(&repo);
+    assert_eq!(pg.psql("postgres", "SHOW data_checksums").unwrap(), "off");
+    backup_json(&repo, &pg, &["--full"]);
+    pg.stop().unwrap();
+    let enabled = command_as_pg_user(pg_bin("pg_checksums").unwrap())
+        .args(["--enable", "-D"])
+        .arg(pg.data_dir())
+        .output()
+        .unwrap();
+    assert!(enabled.status.success(), "{enabled:?}");
+    pg.restart().unwrap();
+    pg.psql("postgres", "UPDATE accounts SET abalance = 7 WHERE aid = 1")
+        .unwrap();
+    let expected = checksum(|q| pg.psql("postgres", q).unwrap());
+
+    let out = dbagent(&repo, Some(&pg), &["backup", "--incremental", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(report["kind"], "incremental", "{report}");
+    assert_eq!(report["changes_from"], "compare", "{report}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("was shut down since the base"), "{err}");
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let (out, restored) = restore(&repo, &scratch.path().join("restored"), &[]);
+    ok(&out);
+    assert_eq!(restored.psql("SHOW data_checksums"), "on");
+    assert_eq!(checksum(|q| restored.psql(q)), expected);
+}
