@@ -567,6 +567,8 @@ pub struct Summary {
     whole_dbs: Vec<u32>,
     /// A shutdown checkpoint in the segment (see `Changes::shut_down`).
     shut_down: bool,
+    /// The bytes of a backup block `chunks` counts in (`BLOCK`).
+    block_bytes: u64,
 }
 
 /// 2: `shut_down` (a version 1 summary cannot say, so it is not used).
@@ -615,6 +617,7 @@ impl Summary {
             limits,
             whole_dbs,
             shut_down: c.shut_down,
+            block_bytes: BLOCK,
         })
     }
 
@@ -623,16 +626,18 @@ impl Summary {
     fn into_scan(self, sysid: u64, seg_size: u64, seg: Segment) -> anyhow::Result<RefScan> {
         let name = seg.name(seg_size);
         if self.version != SUMMARY_VERSION
+            || self.block_bytes != BLOCK
             || self.segment != name
             || self.system_identifier != sysid
             || self.segment_size != seg_size
         {
             bail!(
-                "it is version {} of segment {} of cluster {} ({}-byte segments)",
+                "it is version {} of segment {} of cluster {} ({}-byte segments, {}-byte blocks)",
                 self.version,
                 self.segment,
                 self.system_identifier,
-                self.segment_size
+                self.segment_size,
+                self.block_bytes
             );
         }
         let head = hex::decode(&self.head).context("its head is not hex")?;
@@ -1483,6 +1488,10 @@ mod tests {
         let mut old = summarize(SYSID, SEG, &seg.name(SEG), whole).unwrap();
         old.version = 1;
         assert!(old.into_scan(SYSID, SEG, seg).is_err());
+        // Nor is one counting blocks of another size.
+        let mut other = summarize(SYSID, SEG, &seg.name(SEG), whole).unwrap();
+        other.block_bytes = 2 * BLOCK;
+        assert!(other.into_scan(SYSID, SEG, seg).is_err());
     }
 
     #[tokio::test]
