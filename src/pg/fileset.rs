@@ -437,7 +437,41 @@ pub fn walk(root: &Path) -> anyhow::Result<(Vec<DirEntry>, Vec<Found>)> {
     }
     dirs.sort_by(|a, b| a.path.cmp(&b.path));
     files.sort_by(|a, b| a.path.cmp(&b.path));
+    drop_unlogged(&mut files);
     Ok((dirs, files))
+}
+
+/// Leaves out every fork of an unlogged relation but its init fork, as PostgreSQL's own base
+/// backup does: recovery removes those forks and makes the main fork anew from the init fork
+/// (an unlogged table is empty after any restore), so their bytes would only be stored.
+fn drop_unlogged(files: &mut Vec<Found>) {
+    // `base/<db>/<relfilenode>[_<fork>][.<segment>]`
+    fn split(path: &str) -> Option<(&str, &str, &str)> {
+        let (dir, name) = path.rsplit_once('/')?;
+        if !dir.starts_with("base/") {
+            return None;
+        }
+        let rel_end = name
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(name.len());
+        let (rel, rest) = name.split_at(rel_end);
+        (!rel.is_empty()).then_some((dir, rel, rest))
+    }
+    let inits: std::collections::HashSet<(String, String)> = files
+        .iter()
+        .filter_map(|f| split(&f.path))
+        .filter(|(_, _, rest)| *rest == "_init")
+        .map(|(dir, rel, _)| (dir.to_string(), rel.to_string()))
+        .collect();
+    if inits.is_empty() {
+        return;
+    }
+    files.retain(|f| match split(&f.path) {
+        Some((dir, rel, rest)) => {
+            rest.starts_with("_init") || !inits.contains(&(dir.to_string(), rel.to_string()))
+        }
+        None => true,
+    });
 }
 
 /// Reads up to `buf.len()` bytes at `offset`; fewer only at the end of the file.
@@ -576,6 +610,45 @@ mod tests {
                 blob: 1,
                 skip: 10
             }
+        );
+    }
+
+    #[test]
+    fn unlogged_relations_keep_only_their_init_forks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("base/5");
+        std::fs::create_dir_all(&db).unwrap();
+        std::fs::create_dir_all(dir.path().join("global")).unwrap();
+        // 16400 is unlogged (it has an init fork), in database 5 only; 16401 is logged.
+        for name in [
+            "16400",
+            "16400.1",
+            "16400_fsm",
+            "16400_vm",
+            "16400_init",
+            "16401",
+            "16401_fsm",
+            "164000",
+            "PG_VERSION",
+        ] {
+            std::fs::write(db.join(name), b"x").unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("base/6")).unwrap();
+        std::fs::write(dir.path().join("base/6/16400"), b"x").unwrap();
+        std::fs::write(dir.path().join("global/16400"), b"x").unwrap();
+        let (_, files) = walk(dir.path()).unwrap();
+        let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "base/5/164000",
+                "base/5/16400_init",
+                "base/5/16401",
+                "base/5/16401_fsm",
+                "base/5/PG_VERSION",
+                "base/6/16400",
+                "global/16400",
+            ]
         );
     }
 

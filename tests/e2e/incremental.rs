@@ -717,3 +717,45 @@ fn an_incremental_after_pg_checksums_enable_compares_blocks_and_restores_readabl
     assert_eq!(restored.psql("SHOW data_checksums"), "on");
     assert_eq!(checksum(|q| restored.psql(q)), expected);
 }
+
+/// An unlogged table's rows are in no backup (PostgreSQL empties the table at the end of any
+/// recovery, from its init fork): its main fork is not stored, as PostgreSQL's own base
+/// backup leaves it out, and the restored table is there, empty and writable.
+#[test]
+fn an_unlogged_table_is_restored_empty_and_its_rows_are_not_stored() {
+    let repo = Repo::file();
+    let pg = primary_with_accounts(&repo);
+    let before = backup_json(&repo, &pg, &["--full"]);
+    pg.psql(
+        "postgres",
+        "CREATE UNLOGGED TABLE cache (k int PRIMARY KEY, v text);
+         INSERT INTO cache SELECT g, md5(g::text) || md5((g * 3)::text) FROM generate_series(1, 200000) g;
+         CHECKPOINT",
+    )
+    .unwrap();
+    let size: u64 = pg
+        .psql("postgres", "SELECT pg_relation_size('cache')")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(size > 10 << 20, "{size}");
+    let full = backup_json(&repo, &pg, &["--full"]);
+    let grew = full["plain_bytes"].as_u64().unwrap() - before["plain_bytes"].as_u64().unwrap();
+    // The new table's primary key index is unlogged too: neither is stored.
+    assert!(
+        grew < 2 << 20,
+        "the backup grew by {grew} bytes with a {size}-byte unlogged table"
+    );
+    let expected = checksum(|q| pg.psql("postgres", q).unwrap());
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let (out, restored) = restore(&repo, &scratch.path().join("restored"), &[]);
+    ok(&out);
+    assert_eq!(checksum(|q| restored.psql(q)), expected);
+    assert_eq!(restored.psql("SELECT count(*) FROM cache"), "0");
+    restored.psql("INSERT INTO cache VALUES (1, 'written after the restore')");
+    assert_eq!(
+        restored.psql("SELECT v FROM cache WHERE k = 1"),
+        "written after the restore"
+    );
+}
