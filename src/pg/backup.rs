@@ -398,7 +398,9 @@ async fn checkpoint_timeline(client: &tokio_postgres::Client) -> anyhow::Result<
         .get::<_, i32>(0) as u32)
 }
 
-/// The base an incremental on `timeline` builds on (see `choose_base`), with its block map.
+/// The base an incremental on `timeline` builds on, with its block map: the newest file-level
+/// backup of this cluster on `timeline` with the same major version (see `pick_base`); `None`
+/// means take a full one.
 async fn load_base(
     cfg: &Config,
     store: &dyn Store,
@@ -407,8 +409,19 @@ async fn load_base(
     version_num: i32,
     wanted: Wanted,
 ) -> anyhow::Result<Option<crate::pg::filebackup::Base>> {
-    let Some(manifest) = choose_base(cfg, store, sysid, timeline, version_num, wanted).await?
-    else {
+    if wanted == Wanted::Full || (wanted == Wanted::Auto && cfg.backup.full_every.is_none()) {
+        return Ok(None);
+    }
+    let cat = crate::repo::catalog::PgCatalog::load_backups(store, sysid).await?;
+    let picked = pick_base(
+        &cat,
+        timeline,
+        version_num,
+        wanted,
+        cfg.backup.full_every,
+        Utc::now(),
+    );
+    let Some(manifest) = picked else {
         return Ok(None);
     };
     let index = crate::pg::filebackup::load_index(store, &manifest)
@@ -424,30 +437,6 @@ async fn load_base(
             }
         })?;
     Ok(Some(crate::pg::filebackup::Base { manifest, index }))
-}
-
-/// The backup an incremental compares against: the newest file-level backup of this cluster
-/// on `timeline` with the same major version; `None` means take a full one.
-async fn choose_base(
-    cfg: &Config,
-    store: &dyn Store,
-    sysid: u64,
-    timeline: u32,
-    version_num: i32,
-    wanted: Wanted,
-) -> anyhow::Result<Option<BaseBackup>> {
-    if wanted == Wanted::Full || (wanted == Wanted::Auto && cfg.backup.full_every.is_none()) {
-        return Ok(None);
-    }
-    let cat = crate::repo::catalog::PgCatalog::load_backups(store, sysid).await?;
-    Ok(pick_base(
-        &cat,
-        timeline,
-        version_num,
-        wanted,
-        cfg.backup.full_every,
-        Utc::now(),
-    ))
 }
 
 /// The backup an incremental builds on: the newest file-level backup of this timeline and
