@@ -392,14 +392,21 @@ async fn compare_existing(
     name: &str,
 ) -> anyhow::Result<(pipeline::Stored, pipeline::Trailer)> {
     let stored = pipeline::read_trailer(store, key, size).await?;
-    let local = pipeline::file_identity(path)?;
+    let local = pipeline::file_identities(path, stored.digests(), None)?;
     let recipients = pipeline::recipients(store).await?;
-    match stored.holds(&local, recipients.as_deref()) {
+    let matched = stored.holds(&local, recipients.as_deref());
+    // The binlog pipeline writes SHA-256 (`PipeOptions::from_config`).
+    let local = local
+        .iter()
+        .copied()
+        .find(|l| l.digest == pipeline::Digest::Sha256)
+        .unwrap_or(local[0]);
+    match matched {
         Some(true) => Ok((stored, local)),
         Some(false) => anyhow::bail!(
-            "refusing to overwrite binlog {name}: the archive already holds a different {name} ({} bytes; this one is sha256 {}, {} bytes). Two servers may share a server id and hostname, or the server's binlogs were reset (RESET MASTER): give it a new server_id or a new repository prefix",
+            "refusing to overwrite binlog {name}: the archive already holds a different {name} ({} bytes; this one is {}, {} bytes). Two servers may share a server id and hostname, or the server's binlogs were reset (RESET MASTER): give it a new server_id or a new repository prefix",
             stored.plain_size(),
-            &local.sha256_hex()[..16],
+            local.digest_short(),
             local.plain_size
         ),
         None => anyhow::bail!(

@@ -985,7 +985,7 @@ async fn stored_parts(
             let stored = pipeline::read_trailer(store, &p.data.key, p.data.stored_bytes).await?;
             let recipients = recipients.clone();
             PartCheck(Box::new(move |t| {
-                stored.holds(t, recipients.as_deref()) == Some(true)
+                stored.holds(std::slice::from_ref(t), recipients.as_deref()) == Some(true)
             }))
         };
         checks.push((p.from, p.to, check));
@@ -1004,7 +1004,7 @@ impl std::fmt::Debug for PartCheck {
 
 /// The check of a plain part: the SHA-256 of its bytes.
 fn plain_check(sha256_hex: String) -> PartCheck {
-    PartCheck(Box::new(move |t| t.sha256_hex() == sha256_hex))
+    PartCheck(Box::new(move |t| t.digest_hex() == sha256_hex))
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -1080,7 +1080,7 @@ pub async fn store_part(
             let mine = crate::pipeline::Trailer::of(&part.bytes);
             let recipients = pipeline::recipients(store).await?;
             anyhow::ensure!(
-                stored.holds(&mine, recipients.as_deref()) == Some(true),
+                stored.holds(std::slice::from_ref(&mine), recipients.as_deref()) == Some(true),
                 "refusing to overwrite streamed {what}: the repository holds different bytes under {data_key}, or bytes encrypted for another key set"
             );
             if store.head(&meta_key).await?.is_some() {
@@ -1304,7 +1304,7 @@ mod tests {
 
         // Read again with the stored parts' checksums: the same bytes pass, then new ones.
         let stored_bytes = &w.file[..stored as usize];
-        let sha = crate::pipeline::Trailer::of(stored_bytes).sha256_hex();
+        let sha = crate::pipeline::Trailer::of(stored_bytes).digest_hex();
         let mut b = FileAssembler::new("binlog.000001", Flavor::Mariadb, stored);
         b.expect_stored(vec![(0, stored, plain_check(sha.clone()))]);
         for e in [&fde, &g1, &x1] {

@@ -161,10 +161,10 @@ impl Pending {
                 inner: reader,
                 cancel: pending.cancel.clone(),
             };
-            let compression = pending.opts.compression;
+            let (compression, digest) = (pending.opts.compression, pending.opts.digest);
             let abandon = pending.abandon.clone();
             pending.compressed = Some(tokio::task::spawn_blocking(move || {
-                pipeline::compress_to_memory(reader, compression, note, &abandon)
+                pipeline::compress_to_memory(reader, compression, digest, note, &abandon)
             }));
         }
         Ok(pending)
@@ -228,14 +228,15 @@ impl Pending {
             let compressed = self.compressed.take();
             let local = async {
                 match compressed {
-                    Some(task) => Ok(task.await.context("compression task panicked")??.1),
-                    None => self.file_identity().await,
+                    Some(task) => Ok(Some(task.await.context("compression task panicked")??.1)),
+                    None => Ok(None),
                 }
             };
             let stored = pipeline::read_trailer(store, &self.key, existing.size);
             let (stored, local, recipients) =
                 tokio::try_join!(stored, local, pipeline::recipients(store))?;
-            return compare_existing(stored, local, recipients.as_deref(), &self.name);
+            let local = self.identities(stored.digests(), local).await?;
+            return compare_existing(stored, &local, recipients.as_deref(), &self.name);
         }
         let name = self.name.clone();
         let (stored, plain) = match self.compressed.take() {
@@ -282,9 +283,14 @@ impl Pending {
         Ok(Pushed::Uploaded)
     }
 
-    async fn file_identity(&self) -> anyhow::Result<pipeline::Trailer> {
+    /// The file's identities by `digests` (a stored object's), `known` among them if it is.
+    async fn identities(
+        &self,
+        digests: &'static [pipeline::Digest],
+        known: Option<pipeline::Trailer>,
+    ) -> anyhow::Result<Vec<pipeline::Trailer>> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || pipeline::file_identity(&path))
+        tokio::task::spawn_blocking(move || pipeline::file_identities(&path, digests, known))
             .await
             .context("hashing task panicked")?
     }
@@ -301,17 +307,14 @@ impl Pending {
         if !storage::is_already_exists(&err) {
             return Err(err.context(format!("archiving {}", self.name)));
         }
-        let local = match local {
-            Some(t) => t,
-            None => self.file_identity().await?,
-        };
         // S3 answers 409 while a racing conditional write is still in flight: give it time
         // to land before comparing.
         for _ in 0..20 {
             if let Some(existing) = store.head(&self.key).await? {
                 let stored = pipeline::read_trailer(store, &self.key, existing.size).await?;
                 let recipients = pipeline::recipients(store).await?;
-                return compare_existing(stored, local, recipients.as_deref(), &self.name);
+                let local = self.identities(stored.digests(), local).await?;
+                return compare_existing(stored, &local, recipients.as_deref(), &self.name);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -345,20 +348,20 @@ impl<R: std::io::Read> std::io::Read for Cancellable<R> {
 
 fn compare_existing(
     stored: pipeline::Stored,
-    local: pipeline::Trailer,
+    local: &[pipeline::Trailer],
     recipients: Option<&crate::crypto::Recipients>,
     name: &str,
 ) -> anyhow::Result<Pushed> {
-    match stored.holds(&local, recipients) {
+    match stored.holds(local, recipients) {
         Some(true) => {
             tracing::debug!(%name, "already archived with the same content");
             Ok(Pushed::AlreadyArchived)
         }
         Some(false) => anyhow::bail!(
-            "refusing to overwrite {name}: the archive already holds a different {name} ({} bytes; this one is sha256 {}, {} bytes). Two clusters may be archiving into one repository prefix, or a restored cluster reused a timeline: check the repository URL",
+            "refusing to overwrite {name}: the archive already holds a different {name} ({} bytes; this one is {}, {} bytes). Two clusters may be archiving into one repository prefix, or a restored cluster reused a timeline: check the repository URL",
             stored.plain_size(),
-            &local.sha256_hex()[..16],
-            local.plain_size
+            local.first().map(|l| l.digest_short()).unwrap_or_default(),
+            local.first().map_or(0, |l| l.plain_size)
         ),
         None => anyhow::bail!(
             "{name} is already archived, encrypted for another key set than this writer's (archived before a key rotation?): cannot tell whether it holds the same WAL; check it with a reader's key (dbagent verify --full)"

@@ -498,12 +498,13 @@ impl Streamer {
     }
 
     async fn put_inner(&self, key: &str, data: Bytes, note: u64) -> anyhow::Result<()> {
-        let compression = self.settings.pipe.compression;
+        let (compression, digest) = (self.settings.pipe.compression, self.settings.pipe.digest);
         let plain = data.clone();
         let (compressed, trailer) = tokio::task::spawn_blocking(move || {
             pipeline::compress_to_memory(
                 std::io::Cursor::new(plain),
                 compression,
+                digest,
                 || Ok(note),
                 &AtomicBool::new(false),
             )
@@ -529,13 +530,21 @@ impl Streamer {
                 if let Some(obj) = self.store.head(key).await? {
                     let stored = pipeline::read_trailer(self.store.as_ref(), key, obj.size).await?;
                     let recipients = pipeline::recipients(self.store.as_ref()).await?;
-                    if stored.holds(&trailer, recipients.as_deref()) == Some(true) {
+                    let local: Vec<_> = stored
+                        .digests()
+                        .iter()
+                        .map(|&d| match d == trailer.digest {
+                            true => trailer,
+                            false => pipeline::Trailer::of_digest(d, &data),
+                        })
+                        .collect();
+                    if stored.holds(&local, recipients.as_deref()) == Some(true) {
                         return Ok(());
                     }
                     anyhow::bail!(
-                        "refusing to overwrite {key}: the repository holds different WAL under that name ({} bytes; streamed: sha256 {}, {} bytes), or WAL encrypted for another key set",
+                        "refusing to overwrite {key}: the repository holds different WAL under that name ({} bytes; streamed: {}, {} bytes), or WAL encrypted for another key set",
                         stored.plain_size(),
-                        &trailer.sha256_hex()[..16],
+                        trailer.digest_short(),
                         trailer.plain_size
                     );
                 }

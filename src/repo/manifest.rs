@@ -12,8 +12,10 @@ pub struct ObjectRef {
     pub key: String,
     pub stored_bytes: u64,
     pub plain_bytes: u64,
-    /// SHA-256 of the plain bytes; of an encrypted object (`key_set` set), of the stored age
-    /// stream, so the manifest says nothing about the content.
+    /// SHA-256 of the plain bytes (or `xxh3:` and xxh3-128, for objects written with
+    /// `pipeline::Digest::Xxh3`, which no manifest references today); of an encrypted object
+    /// (`key_set` set), SHA-256 of the stored age stream, so the manifest says nothing about
+    /// the content.
     pub sha256: String,
     /// The key set an encrypted object was written for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -29,7 +31,7 @@ impl ObjectRef {
             plain_bytes: w.trailer.plain_size,
             sha256: match &w.seal {
                 Some(seal) => seal.cipher_sha256_hex(),
-                None => w.trailer.sha256_hex(),
+                None => w.trailer.digest_hex(),
             },
             key_set: w.seal.map(|s| s.key_set.to_string()),
         }
@@ -43,7 +45,7 @@ impl ObjectRef {
     /// Whether the object's last bytes (read without a key) agree with this manifest.
     pub fn agrees(&self, stored: &Stored) -> bool {
         let same = match (stored, &self.key_set) {
-            (Stored::Plain(t, _), None) => t.sha256_hex() == self.sha256,
+            (Stored::Plain(t, _), None) => t.digest_hex() == self.sha256,
             (Stored::Sealed(s), Some(set)) => {
                 s.cipher_sha256_hex() == self.sha256 && s.key_set.to_string() == *set
             }
@@ -56,7 +58,7 @@ impl ObjectRef {
     /// against the checksum this manifest recorded. `what` names the object in the message.
     pub fn verify(&self, read: &Fetched, what: &str) -> anyhow::Result<()> {
         let matches = match (&read.seal, &self.key_set) {
-            (None, None) => read.trailer.sha256_hex() == self.sha256,
+            (None, None) => read.trailer.digest_hex() == self.sha256,
             (Some(seal), Some(_)) => seal.cipher_sha256_hex() == self.sha256,
             _ => false,
         };

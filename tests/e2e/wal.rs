@@ -120,6 +120,82 @@ fn wal_contract(repo: Repo) {
     );
 }
 
+/// WAL archived before `wal-push` identified segments by xxh3-128 carries SHA-256: pushing
+/// the same segment again still succeeds, a different one is still refused, and the old
+/// object fetches as it was.
+#[test]
+fn a_segment_archived_with_sha256_compares_and_fetches_as_before() {
+    let repo = Repo::file();
+    let Repo::File(dir) = &repo else {
+        unreachable!()
+    };
+    let data = tempfile::tempdir().unwrap();
+    let wal = data.path().join("pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    let name = "000000010000000000000007";
+    let content = segment_bytes(name, 7);
+    std::fs::write(wal.join(name), &content).unwrap();
+
+    let store = dbagent::storage::LocalStore::new(dir.path().into());
+    let key = dbagent::repo::wal_key(SYSID.parse().unwrap(), name);
+    let opts = dbagent::pipeline::PipeOptions {
+        compression: dbagent::config::Compression {
+            level: 3,
+            wal_level: 1,
+            threads: 1,
+        },
+        upload: dbagent::config::UploadConfig {
+            part_size: dbagent::config::MIN_PART_SIZE,
+            concurrency: 1,
+        },
+        digest: dbagent::pipeline::Digest::Sha256,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let written = rt
+        .block_on(dbagent::pipeline::upload(
+            &store,
+            &key,
+            std::io::Cursor::new(content.clone()),
+            opts,
+        ))
+        .unwrap();
+    assert_eq!(written.trailer.digest, dbagent::pipeline::Digest::Sha256);
+    let old = std::fs::read(dir.path().join(&key)).unwrap();
+
+    let stderr = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let pushed = run(&repo, data.path(), &["wal-push", &format!("pg_wal/{name}")]);
+    ok(&pushed);
+    assert!(
+        stderr(&pushed).contains("already archived") || pushed.stderr.is_empty(),
+        "{}",
+        stderr(&pushed)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join(&key)).unwrap(),
+        old,
+        "the old object was replaced"
+    );
+
+    std::fs::write(wal.join(name), segment_bytes(name, 8)).unwrap();
+    let out = run(&repo, data.path(), &["wal-push", &format!("pg_wal/{name}")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refusing to overwrite"),
+        "{}",
+        stderr(&out)
+    );
+
+    ok(&run(
+        &repo,
+        data.path(),
+        &["wal-fetch", name, "pg_wal/RECOVERYXLOG"],
+    ));
+    assert!(
+        std::fs::read(wal.join("RECOVERYXLOG")).unwrap() == content,
+        "fetched bytes differ"
+    );
+}
+
 #[test]
 fn wal_contract_on_file_repository() {
     wal_contract(Repo::file());
