@@ -523,6 +523,8 @@ pub async fn base_backup(
 
     let seg_size = facts.server.wal_segment_size;
     let mut watch = None;
+    // Whether the WAL the backup needs is archived, when the path that took it already waited.
+    let mut waited = None;
     let (data, start_lsn, tli, stop_lsn, files) = match local {
         Some(dir) => {
             let timeline = checkpoint_timeline(&facts.client).await?;
@@ -572,6 +574,28 @@ pub async fn base_backup(
                 opts: PipeOptions::from_config(cfg),
             })
             .await?;
+            // The index is stored while the archiver stores the last segment.
+            let first = Segment::of_lsn(taken.timeline, taken.start_lsn, seg_size);
+            let last = Segment::of_lsn(taken.timeline, taken.stop_lsn, seg_size);
+            let wal = wait_archived(
+                cfg,
+                store.as_ref(),
+                sysid,
+                first,
+                last,
+                seg_size,
+                &mut watch,
+            );
+            tokio::pin!(wal);
+            let mut index = taken.index;
+            let stored = |r: Result<anyhow::Result<ObjectRef>, tokio::task::JoinError>| {
+                r.map_err(|e| anyhow::anyhow!("storing the file index failed: {e}"))?
+            };
+            let (data, wal_waited) = tokio::select! {
+                r = &mut index => (stored(r)?, wal.await),
+                w = &mut wal => (stored(index.await)?, w),
+            };
+            waited = Some(wal_waited);
             let s = taken.index_summary;
             let info = FilesInfo {
                 kind: if based_on.is_some() {
@@ -591,7 +615,7 @@ pub async fn base_backup(
             };
             tracing::info!(%id, files = s.files, files_read = s.files_read, read_bytes = s.read_bytes, changes_from = s.changes_from, "files read");
             (
-                taken.data,
+                data,
                 taken.start_lsn,
                 taken.timeline,
                 taken.stop_lsn,
@@ -609,24 +633,17 @@ pub async fn base_backup(
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "data stored");
     let first = Segment::of_lsn(tli, start_lsn, seg_size);
     let last = Segment::of_lsn(tli, stop_lsn, seg_size);
-    let waited = match watch.as_mut() {
-        Some(AbortOnDrop(stuck)) => {
-            tokio::select! {
-                // Two seconds more than the watcher, which polls every second: when the
-                // archiver is stuck, its message (naming the failure) comes first.
-                r = wait_for_wal(cfg, store.as_ref(), sysid, first, last, seg_size, Duration::from_secs(2)) => r,
-                e = stuck => Err(e.unwrap_or_else(|e| anyhow::anyhow!("the archive watcher failed: {e}"))),
-            }
-        }
+    let waited = match waited {
+        Some(w) => w,
         None => {
-            wait_for_wal(
+            wait_archived(
                 cfg,
                 store.as_ref(),
                 sysid,
                 first,
                 last,
                 seg_size,
-                Duration::ZERO,
+                &mut watch,
             )
             .await
         }
@@ -755,6 +772,29 @@ async fn stream_backup(
     Ok((data, start_lsn, tli, stop_lsn))
 }
 
+/// `wait_for_wal`, failing first with the archive watcher's reason when it has one.
+async fn wait_archived(
+    cfg: &Config,
+    store: &dyn Store,
+    sysid: u64,
+    first: Segment,
+    last: Segment,
+    seg_size: u64,
+    watch: &mut Option<AbortOnDrop<anyhow::Error>>,
+) -> anyhow::Result<()> {
+    match watch.as_mut() {
+        Some(AbortOnDrop(stuck)) => {
+            tokio::select! {
+                // Two seconds more than the watcher, which polls every second: when the
+                // archiver is stuck, its message (naming the failure) comes first.
+                r = wait_for_wal(cfg, store, sysid, first, last, seg_size, Duration::from_secs(2)) => r,
+                e = stuck => Err(e.unwrap_or_else(|e| anyhow::anyhow!("the archive watcher failed: {e}"))),
+            }
+        }
+        None => wait_for_wal(cfg, store, sysid, first, last, seg_size, Duration::ZERO).await,
+    }
+}
+
 /// Waits until every segment from `first` to `last` is in the store.
 async fn wait_for_wal(
     cfg: &Config,
@@ -786,8 +826,9 @@ async fn wait_for_wal(
             }
             // The last segment is usually archived within a few tens of milliseconds of
             // pg_backup_stop's switch: look very often at first (a look is a HEAD, or a stat
-            // in a file:// repository), then every 25 ms, then every 250 ms.
+            // in a file:// repository), then every 5 ms, 25 ms, and then every 250 ms.
             let pause = match began.elapsed() {
+                d if d < Duration::from_millis(100) => 2,
                 d if d < Duration::from_millis(250) => 5,
                 d if d < Duration::from_secs(2) => 25,
                 _ => 250,

@@ -43,8 +43,9 @@ pub struct Base {
 
 /// What the file-level backup read and stored.
 pub struct Taken {
-    /// The index object.
-    pub data: ObjectRef,
+    /// The index object, being stored while the caller waits for the archiver (it deletes the
+    /// backup's bundles when it fails).
+    pub index: tokio::task::JoinHandle<anyhow::Result<ObjectRef>>,
     pub index_summary: Summary,
     pub start_lsn: Lsn,
     pub timeline: u32,
@@ -614,24 +615,28 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         Some(_) => "wal",
         None => "compare",
     });
-    let json = serde_json::to_vec(&index).context("encoding the file index")?;
-    let key = crate::repo::backup_index_key(req.sysid, req.id);
-    let written = crate::pipeline::upload(
-        req.store.as_ref(),
-        &key,
-        std::io::Cursor::new(json),
-        req.opts,
-    )
-    .await;
-    let written = match written {
-        Ok(w) => w,
+    let json = match serde_json::to_vec(&index) {
+        Ok(j) => j,
         Err(e) => {
             cleanup(req.store.as_ref(), &placed).await;
-            return Err(e);
+            return Err(anyhow::Error::new(e).context("encoding the file index"));
         }
     };
+    let key = crate::repo::backup_index_key(req.sysid, req.id);
+    let (store, opts) = (req.store.clone(), req.opts);
+    let index = tokio::spawn(async move {
+        let written =
+            crate::pipeline::upload(store.as_ref(), &key, std::io::Cursor::new(json), opts).await;
+        match written {
+            Ok(w) => Ok(ObjectRef::written(&key, &w)),
+            Err(e) => {
+                cleanup(store.as_ref(), &placed).await;
+                Err(e)
+            }
+        }
+    });
     Ok(Taken {
-        data: ObjectRef::written(&key, &written),
+        index,
         index_summary: summary,
         start_lsn,
         timeline,
