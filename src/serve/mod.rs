@@ -577,6 +577,27 @@ fn not_here(role: Role) -> Option<&'static str> {
     }
 }
 
+/// How long a job due under `serve.schedule_on = "primary"` waits for a database that does
+/// not answer before it skips the run (never past the job's next scheduled time): a restart
+/// or a failover at the scheduled minute delays the night's backup instead of skipping it.
+const ROLE_WAIT: Duration = Duration::from_secs(600);
+
+/// The node's role as soon as the database answers, or `Role::Unknown` once `limit` has
+/// passed (or `token` is cancelled) without an answer.
+async fn known_role(shared: &Shared, limit: Duration, token: &CancellationToken) -> Role {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let role = shared.snapshot().0.map(|s| s.role).unwrap_or_default();
+        if role != Role::Unknown || tokio::time::Instant::now() >= deadline {
+            return role;
+        }
+        tokio::select! {
+            _ = token.cancelled() => return role,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
 /// Runs one job on its schedule. Runs are sequential, so a job never overlaps itself: a run
 /// that outlasts its interval delays the next, and the missed times are skipped.
 async fn run_job(
@@ -607,10 +628,33 @@ async fn run_job(
             }
         }
         if cfg.serve.schedule_on_primary {
-            let role = shared.snapshot().0.map(|s| s.role).unwrap_or_default();
-            if let Some(why) = not_here(role) {
-                tracing::info!(job = name, "scheduled job skipped: {why}");
-                continue;
+            let mut role = shared.snapshot().0.map(|s| s.role).unwrap_or_default();
+            if role == Role::Unknown {
+                let until_next = cron
+                    .next_after(chrono::Utc::now())
+                    .and_then(|n| (n - chrono::Utc::now()).to_std().ok())
+                    .unwrap_or(ROLE_WAIT);
+                let limit = ROLE_WAIT.min(until_next);
+                tracing::warn!(
+                    job = name,
+                    wait_seconds = limit.as_secs(),
+                    "the database does not answer at the scheduled time: waiting for it before running this job on the primary"
+                );
+                role = known_role(&shared, limit, &token).await;
+                if token.is_cancelled() {
+                    return Ok(());
+                }
+            }
+            match not_here(role) {
+                Some(why) if role == Role::Unknown => {
+                    tracing::error!(job = name, "scheduled job skipped: {why}");
+                    continue;
+                }
+                Some(why) => {
+                    tracing::info!(job = name, "scheduled job skipped: {why}");
+                    continue;
+                }
+                None => {}
             }
         }
         let started = chrono::Utc::now();
@@ -659,6 +703,43 @@ async fn run_job(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job that comes due while the database does not answer waits for it: it runs once the
+    /// node answers as the primary, and is skipped when the wait ends without an answer.
+    #[tokio::test]
+    async fn a_job_due_while_the_database_is_down_waits_for_its_role() {
+        let shared = Shared::new(
+            Policy {
+                stale_after: Duration::from_secs(3),
+                loop_dead_after: Duration::from_secs(10),
+                readiness: LagLimits::default(),
+            },
+            Engine::Postgres,
+        );
+        let token = CancellationToken::new();
+        let started = std::time::Instant::now();
+        let role = known_role(&shared, Duration::from_millis(1200), &token).await;
+        assert_eq!(role, Role::Unknown);
+        assert!(started.elapsed() >= Duration::from_millis(1200));
+
+        let answering = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            answering.set_snapshot(crate::health::Snapshot {
+                up: true,
+                role: Role::Primary,
+                ..Default::default()
+            });
+        });
+        let started = std::time::Instant::now();
+        let role = known_role(&shared, Duration::from_secs(60), &token).await;
+        assert_eq!(role, Role::Primary);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 
     #[test]
     fn primary_only_jobs_run_on_the_primary() {
