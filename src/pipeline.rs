@@ -1198,6 +1198,26 @@ impl Stored {
         }
     }
 
+    /// `holds`, with the local identities computed by `identity` one digest at a time in the
+    /// order of `digests`, until one matches or the answer cannot change: an encrypted object
+    /// costs a second hash of the local bytes only when the first does not match. Gives the
+    /// answer and the identity that decided it (the first computed when none matched).
+    pub fn holds_by(
+        &self,
+        recipients: Option<&Recipients>,
+        mut identity: impl FnMut(Digest) -> anyhow::Result<Trailer>,
+    ) -> anyhow::Result<(Option<bool>, Trailer)> {
+        let mut local: Vec<Trailer> = Vec::new();
+        for &digest in self.digests() {
+            local.push(identity(digest)?);
+            let held = self.holds(&local, recipients);
+            if held != Some(false) {
+                return Ok((held, *local.last().expect("one pushed above")));
+            }
+        }
+        Ok((Some(false), local[0]))
+    }
+
     /// Whether the stored object holds the same plain bytes as the local ones (a file about
     /// to be pushed under the same name), whose identities by the digests of `digests` are
     /// `local` (others are ignored). `None` when it cannot be told: the object was encrypted
@@ -1252,19 +1272,16 @@ pub fn file_identity(path: &std::path::Path, digest: Digest) -> anyhow::Result<T
     })
 }
 
-/// `file_identity` by each of `digests`, reusing `known` where it is one of them.
-pub fn file_identities(
+/// `file_identity` by `digest`, or `known` when it is that digest's.
+pub fn file_identity_or(
     path: &std::path::Path,
-    digests: &[Digest],
+    digest: Digest,
     known: Option<Trailer>,
-) -> anyhow::Result<Vec<Trailer>> {
-    digests
-        .iter()
-        .map(|&d| match known.filter(|k| k.digest == d) {
-            Some(k) => Ok(k),
-            None => file_identity(path, d),
-        })
-        .collect()
+) -> anyhow::Result<Trailer> {
+    match known.filter(|k| k.digest == digest) {
+        Some(k) => Ok(k),
+        None => file_identity(path, digest),
+    }
 }
 
 /// Something that watches bytes go by.
@@ -1537,8 +1554,10 @@ mod tests {
 
             let stored = read_trailer(&store, &key, raw.len() as u64).await.unwrap();
             assert_eq!(stored.digests(), &[digest]);
-            let local = file_identities(file.path(), stored.digests(), None).unwrap();
-            assert_eq!(stored.holds(&local, None), Some(true));
+            let (held, local) = stored
+                .holds_by(None, |d| file_identity(file.path(), d))
+                .unwrap();
+            assert_eq!((held, local.digest), (Some(true), digest));
             // The other digest of the same bytes is no proof.
             let other = Digest::ALL.into_iter().find(|&d| d != digest).unwrap();
             let other = file_identity(file.path(), other).unwrap();
@@ -1781,6 +1800,15 @@ mod tests {
         let r = crate::crypto::Recipients::load(&e.recipients).unwrap();
         assert_eq!(stored.holds(&[sha], Some(&r)), Some(false));
         assert_eq!(stored.holds(&[sha, trailer], Some(&r)), Some(true));
+        // Compared one digest at a time: the xxh3 match settles it without SHA-256.
+        let mut asked = Vec::new();
+        let (held, _) = stored
+            .holds_by(Some(&r), |d| {
+                asked.push(d);
+                Ok(Trailer::of_digest(d, &marked(5000)))
+            })
+            .unwrap();
+        assert_eq!((held, asked), (Some(true), vec![Digest::Xxh3]));
     }
 
     #[tokio::test]

@@ -392,15 +392,11 @@ async fn compare_existing(
     name: &str,
 ) -> anyhow::Result<(pipeline::Stored, pipeline::Trailer)> {
     let stored = pipeline::read_trailer(store, key, size).await?;
-    let local = pipeline::file_identities(path, stored.digests(), None)?;
     let recipients = pipeline::recipients(store).await?;
-    let matched = stored.holds(&local, recipients.as_deref());
-    // The binlog pipeline writes SHA-256 (`PipeOptions::from_config`).
-    let local = local
-        .iter()
-        .copied()
-        .find(|l| l.digest == pipeline::Digest::Sha256)
-        .unwrap_or(local[0]);
+    // The binlog pipeline writes SHA-256 (`PipeOptions::from_config`): a match is by that
+    // digest, and the identity given back with it is the file's SHA-256.
+    let (matched, local) =
+        stored.holds_by(recipients.as_deref(), |d| pipeline::file_identity(path, d))?;
     match matched {
         Some(true) => Ok((stored, local)),
         Some(false) => anyhow::bail!(

@@ -235,8 +235,7 @@ impl Pending {
             let stored = pipeline::read_trailer(store, &self.key, existing.size);
             let (stored, local, recipients) =
                 tokio::try_join!(stored, local, pipeline::recipients(store))?;
-            let local = self.identities(stored.digests(), local).await?;
-            return compare_existing(stored, &local, recipients.as_deref(), &self.name);
+            return self.compare_existing(stored, local, recipients).await;
         }
         let name = self.name.clone();
         let (stored, plain) = match self.compressed.take() {
@@ -283,16 +282,23 @@ impl Pending {
         Ok(Pushed::Uploaded)
     }
 
-    /// The file's identities by `digests` (a stored object's), `known` among them if it is.
-    async fn identities(
+    /// Whether `stored` holds this file, hashing it by the stored object's digest (`known`
+    /// when that is the one already computed).
+    async fn compare_existing(
         &self,
-        digests: &'static [pipeline::Digest],
+        stored: pipeline::Stored,
         known: Option<pipeline::Trailer>,
-    ) -> anyhow::Result<Vec<pipeline::Trailer>> {
+        recipients: Option<Arc<crate::crypto::Recipients>>,
+    ) -> anyhow::Result<Pushed> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || pipeline::file_identities(&path, digests, known))
-            .await
-            .context("hashing task panicked")?
+        let (held, local) = tokio::task::spawn_blocking(move || {
+            stored.holds_by(recipients.as_deref(), |d| {
+                pipeline::file_identity_or(&path, d, known)
+            })
+        })
+        .await
+        .context("hashing task panicked")??;
+        compare_result(held, stored, local, &self.name)
     }
 
     /// A create-only write failed. When another push stored the name first (`serve`'s
@@ -313,8 +319,7 @@ impl Pending {
             if let Some(existing) = store.head(&self.key).await? {
                 let stored = pipeline::read_trailer(store, &self.key, existing.size).await?;
                 let recipients = pipeline::recipients(store).await?;
-                let local = self.identities(stored.digests(), local).await?;
-                return compare_existing(stored, &local, recipients.as_deref(), &self.name);
+                return self.compare_existing(stored, local, recipients).await;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -346,13 +351,13 @@ impl<R: std::io::Read> std::io::Read for Cancellable<R> {
     }
 }
 
-fn compare_existing(
+fn compare_result(
+    held: Option<bool>,
     stored: pipeline::Stored,
-    local: &[pipeline::Trailer],
-    recipients: Option<&crate::crypto::Recipients>,
+    local: pipeline::Trailer,
     name: &str,
 ) -> anyhow::Result<Pushed> {
-    match stored.holds(local, recipients) {
+    match held {
         Some(true) => {
             tracing::debug!(%name, "already archived with the same content");
             Ok(Pushed::AlreadyArchived)
@@ -360,8 +365,8 @@ fn compare_existing(
         Some(false) => anyhow::bail!(
             "refusing to overwrite {name}: the archive already holds a different {name} ({} bytes; this one is {}, {} bytes). Two clusters may be archiving into one repository prefix, or a restored cluster reused a timeline: check the repository URL",
             stored.plain_size(),
-            local.first().map(|l| l.digest_short()).unwrap_or_default(),
-            local.first().map_or(0, |l| l.plain_size)
+            local.digest_short(),
+            local.plain_size
         ),
         None => anyhow::bail!(
             "{name} is already archived, encrypted for another key set than this writer's (archived before a key rotation?): cannot tell whether it holds the same WAL; check it with a reader's key (dbagent verify --full)"

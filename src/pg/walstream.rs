@@ -530,15 +530,13 @@ impl Streamer {
                 if let Some(obj) = self.store.head(key).await? {
                     let stored = pipeline::read_trailer(self.store.as_ref(), key, obj.size).await?;
                     let recipients = pipeline::recipients(self.store.as_ref()).await?;
-                    let local: Vec<_> = stored
-                        .digests()
-                        .iter()
-                        .map(|&d| match d == trailer.digest {
+                    let (held, _) = stored.holds_by(recipients.as_deref(), |d| {
+                        Ok(match d == trailer.digest {
                             true => trailer,
                             false => pipeline::Trailer::of_digest(d, &data),
                         })
-                        .collect();
-                    if stored.holds(&local, recipients.as_deref()) == Some(true) {
+                    })?;
+                    if held == Some(true) {
                         return Ok(());
                     }
                     anyhow::bail!(
