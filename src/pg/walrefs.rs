@@ -366,6 +366,12 @@ impl RefScan {
         self.done
     }
 
+    /// Whether the rest of the segment is a switch record's padding: there is nothing more to
+    /// read in it. (A switched segment is mostly padding; every backup switches twice.)
+    fn padded_out(&self) -> bool {
+        self.padding_until == self.start + self.seg_size
+    }
+
     pub fn feed(&mut self, mut data: &[u8]) -> anyhow::Result<()> {
         while !data.is_empty() && !self.done {
             if self.page.is_empty() && data.len() >= XLOG_PAGE {
@@ -735,15 +741,33 @@ pub async fn store_summary(
             return;
         }
     };
-    let written = crate::pipeline::upload_noted(
-        store,
-        &key,
+    // A few KiB: compressed in memory on one thread, then one PUT. (The streaming upload's
+    // zstd workers, hashing thread and pipe cost wal-push more than the summary itself.)
+    let compression = crate::config::Compression {
+        threads: 1,
+        ..opts.compression
+    };
+    let compressed = crate::pipeline::compress_to_memory(
         std::io::Cursor::new(json),
-        opts,
+        compression,
+        opts.digest,
         || Ok(0),
-        crate::pipeline::WriteMode::CreateOnly,
-    )
-    .await;
+        &std::sync::atomic::AtomicBool::new(false),
+    );
+    let written = match compressed {
+        Ok((Some(data), _)) => {
+            crate::pipeline::put_compressed(
+                store,
+                &key,
+                data.into(),
+                opts.upload,
+                crate::pipeline::WriteMode::CreateOnly,
+            )
+            .await
+        }
+        Ok((None, _)) => Err(anyhow::anyhow!("the compressed summary went missing")),
+        Err(e) => Err(e),
+    };
     match written {
         Ok(_) => {
             tracing::debug!(segment = %summary.segment, "stored the segment's block references")
@@ -1024,7 +1048,7 @@ fn local_segment(path: &Path, start: u64, sysid: u64) -> Option<std::fs::File> {
 
 fn feed_file(scan: &mut RefScan, mut file: std::fs::File) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
-    while !scan.done() {
+    while !scan.done() && !scan.padded_out() {
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;
@@ -1576,5 +1600,15 @@ mod tests {
         let scan = w.scan(START, b).unwrap();
         assert_eq!(scan.changes.records, 3);
         assert!(scan.changes.file_blocks("base/5/16384", 2).unwrap()[1]);
+
+        // A local segment is read no further than its switch record: the rest is padding.
+        let mut scan = RefScan::new(SYSID, SEG, START, b);
+        let switch_page = (a - START) as usize / XLOG_PAGE * XLOG_PAGE;
+        scan.feed(&w.bytes[..switch_page]).unwrap();
+        assert!(!scan.padded_out());
+        scan.feed(&w.bytes[switch_page..switch_page + XLOG_PAGE])
+            .unwrap();
+        assert!(scan.padded_out());
+        assert!(!scan.done());
     }
 }
