@@ -232,11 +232,20 @@ impl Store for LocalStore {
         let (tx, rx) = tokio::sync::mpsc::channel::<anyhow::Result<Bytes>>(2);
         tokio::task::spawn_blocking(move || {
             let mut file = file;
+            // Buffers no bigger than what is left to read (and one byte, to see the end):
+            // most objects read whole (manifests, indexes, summaries) are a few KiB, and a
+            // zeroed 256 KiB chunk for each cost more than reading them.
+            let mut left = file.metadata().map_or(READ_CHUNK as u64, |m| m.len());
             loop {
-                let mut buf = vec![0u8; READ_CHUNK];
+                let want = usize::try_from(left)
+                    .map_or(READ_CHUNK, |l| l.saturating_add(1).min(READ_CHUNK));
+                let mut buf = vec![0u8; want];
                 match file.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
+                        // A file longer than it was (objects are renamed into place
+                        // whole, so never): whole chunks again.
+                        left = left.checked_sub(n as u64).unwrap_or(READ_CHUNK as u64);
                         buf.truncate(n);
                         if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                             break;
