@@ -167,7 +167,12 @@ const DATABASES_AT_ONCE: usize = 4;
 /// never be restored.
 async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
     let client = conn.connect().await?;
-    let server = ServerFacts::read(&client).await?;
+    // Both questions in one round trip (tokio-postgres pipelines queries sent together).
+    let (server, archiver) = tokio::join!(
+        ServerFacts::read(&client),
+        client.query_one(sql::ARCHIVER, &[])
+    );
+    let server = server?;
     let archive_mode = &server.archive_mode;
     if archive_mode == "off" || (server.in_recovery && archive_mode != "always") {
         return Err(input_err!(
@@ -175,10 +180,7 @@ async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
             conn.describe()
         ));
     }
-    let archiver = client
-        .query_one(sql::ARCHIVER, &[])
-        .await
-        .context("reading pg_stat_archiver")?;
+    let archiver = archiver.context("reading pg_stat_archiver")?;
     let failing: Option<bool> = archiver.get(2);
     if failing == Some(true) {
         let wal: Option<String> = archiver.get(1);
@@ -502,22 +504,25 @@ pub async fn base_backup(
         "server facts read"
     );
     let databases = database_facts(&conn, &facts.client);
-    // Fail on a wrong bucket or credentials before reading the database.
-    store.list(&repo::backups_prefix(sysid)).await?;
+    // Fail on a wrong bucket or credentials before reading the database. The listing and the
+    // check that the new backup's name is free go to the store together: one round trip
+    // instead of two to an object store far away.
+    let start_time = Utc::now();
+    let id = crate::repo::new_id(start_time);
+    let (prefix, manifest_key) = (
+        repo::backups_prefix(sysid),
+        repo::backup_manifest_key(sysid, &id),
+    );
+    let (listed, named) = tokio::join!(store.list(&prefix), store.head(&manifest_key));
+    listed?;
+    let named = named?;
     let local = local_data_dir(cfg, sysid)?;
     if local.is_none() && wanted == Wanted::Incremental {
         return Err(input_err!(
             "incremental backups read the data directory: set pg.data_dir to the server's data directory (mounted where dbagent runs), or take a full backup without --incremental"
         ));
     }
-
-    let start_time = Utc::now();
-    let id = crate::repo::new_id(start_time);
-    if store
-        .head(&repo::backup_manifest_key(sysid, &id))
-        .await?
-        .is_some()
-    {
+    if named.is_some() {
         anyhow::bail!("a backup named {id} already exists; try again in a second");
     }
 
@@ -527,9 +532,12 @@ pub async fn base_backup(
     let mut waited = None;
     let (data, start_lsn, tli, stop_lsn, files) = match local {
         Some(dir) => {
-            let timeline = checkpoint_timeline(&facts.client).await?;
             // An archive that never catches up: fail with the reason while waiting for WAL.
-            let before = archive_progress(&facts.client).await?;
+            let (timeline, before) = tokio::join!(
+                checkpoint_timeline(&facts.client),
+                archive_progress(&facts.client)
+            );
+            let (timeline, before) = (timeline?, before?);
             // Watching from now: by the time the files are stored it knows how long the
             // archiver has been stuck.
             watch = Some(AbortOnDrop(tokio::spawn(archive_stuck(
