@@ -49,6 +49,7 @@
 //! database settings, extensions, table names, owners, locales) moves into a `private` field
 //! holding an age-encrypted JSON document (`seal_bytes`).
 
+pub mod blob;
 pub mod keyring;
 pub mod keys;
 pub mod record;

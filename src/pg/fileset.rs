@@ -234,6 +234,7 @@ pub fn block_count(size: u64) -> usize {
 /// blob. One per worker thread: it keeps its zstd context.
 pub struct BlobWriter {
     zstd: zstd::bulk::Compressor<'static>,
+    sealer: crate::crypto::blob::BlobSealer,
 }
 
 impl BlobWriter {
@@ -241,7 +242,10 @@ impl BlobWriter {
         let mut zstd = zstd::bulk::Compressor::new(level).context("starting zstd")?;
         zstd.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
             .context("starting zstd")?;
-        Ok(BlobWriter { zstd })
+        Ok(BlobWriter {
+            zstd,
+            sealer: Default::default(),
+        })
     }
 
     pub fn seal(
@@ -252,7 +256,7 @@ impl BlobWriter {
         let compressed = self.zstd.compress(plain).context("compressing")?;
         match recipients {
             None => Ok(compressed),
-            Some(r) => crate::crypto::seal::seal_bytes(r, &compressed),
+            Some(r) => self.sealer.seal(r, &compressed),
         }
     }
 }
@@ -261,12 +265,14 @@ impl BlobWriter {
 /// the zstd content checksum and the plain length the index recorded.
 pub struct BlobReader {
     zstd: zstd::bulk::Decompressor<'static>,
+    opener: crate::crypto::blob::BlobOpener,
 }
 
 impl BlobReader {
     pub fn new() -> anyhow::Result<BlobReader> {
         Ok(BlobReader {
             zstd: zstd::bulk::Decompressor::new().context("starting zstd")?,
+            opener: Default::default(),
         })
     }
 
@@ -293,14 +299,19 @@ impl BlobReader {
         let corrupt =
             |why: String| anyhow::Error::new(Failure::Corrupt(format!("{name} is corrupt: {why}")));
         let opened;
-        let compressed = if stored.starts_with(b"age-encryption.org/v1\n") {
+        let age = stored.starts_with(b"age-encryption.org/v1\n");
+        let compressed = if age || stored.starts_with(crate::crypto::blob::MAGIC) {
             let Some(ids) = identities else {
                 return Err(input_err!(
                     "{name} is encrypted: readers need {}, the secret keys; nothing was written",
                     crate::crypto::keys::IDENTITY_SETTING
                 ));
             };
-            opened = crate::crypto::seal::open_bytes(ids, stored, name)?;
+            // Blobs sealed as a whole age stream each (before one data key per writer).
+            opened = match age {
+                true => crate::crypto::seal::open_bytes(ids, stored, name)?,
+                false => self.opener.open(ids, stored, name)?,
+            };
             &opened[..]
         } else {
             stored
@@ -679,6 +690,29 @@ mod tests {
             format!("{err:#}").contains("blob 7 of backup X is corrupt"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn sealed_blobs_open_in_both_formats() {
+        use age::secrecy::ExposeSecret;
+        let (secret, public) = crate::crypto::keys::generate();
+        let ids = Identities::parse(secret.expose_secret(), Path::new("/id")).unwrap();
+        let rs = Recipients::parse(&public, Path::new("/r")).unwrap();
+        let plain: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut w = BlobWriter::new(3).unwrap();
+        let stored = w.seal(&plain, Some(&rs)).unwrap();
+        assert!(stored.starts_with(crate::crypto::blob::MAGIC));
+        let mut r = BlobReader::new().unwrap();
+        assert_eq!(
+            r.open(&stored, plain.len(), Some(&ids), "b").unwrap(),
+            plain
+        );
+        let err = r.open(&stored, plain.len(), None, "b").unwrap_err();
+        assert!(format!("{err:#}").contains("is encrypted"), "{err:#}");
+        // A blob an earlier version sealed as a whole age stream.
+        let compressed = zstd::bulk::compress(&plain, 3).unwrap();
+        let old = crate::crypto::seal::seal_bytes(&rs, &compressed).unwrap();
+        assert_eq!(r.open(&old, plain.len(), Some(&ids), "o").unwrap(), plain);
     }
 
     #[test]
