@@ -565,19 +565,11 @@ fn compress_into<W: Write>(
         let mut size = 0u64;
         loop {
             let mut block = hasher.block();
-            let n = match reader.read(&mut block) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
-            };
+            let n = compress_next(&mut reader, &mut block, &mut enc, abandon)?;
+            if n == 0 {
+                break;
+            }
             size += n as u64;
-            if abandon.load(Ordering::Relaxed) {
-                enc = None;
-            }
-            if let Some(enc) = enc.as_mut() {
-                enc.write_all(&block[..n]).context("compressing")?;
-            }
             hasher.hash(block, n)?;
         }
         let sum = hasher.finish()?;
@@ -604,22 +596,38 @@ fn compress_inline<W: Write>(
     let mut block = vec![0u8; INLINE_BLOCK];
     let mut size = 0u64;
     loop {
-        let n = match reader.read(&mut block) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
-        };
+        let n = compress_next(&mut reader, &mut block, &mut enc, abandon)?;
+        if n == 0 {
+            break;
+        }
         size += n as u64;
-        if abandon.load(Ordering::Relaxed) {
-            enc = None;
-        }
-        if let Some(enc) = enc.as_mut() {
-            enc.write_all(&block[..n]).context("compressing")?;
-        }
         hasher.update(&block[..n]);
     }
     finish_compressed(enc, size, digest, hasher.finish(), note)
+}
+
+/// Reads the next bytes of `reader` into `block` and compresses them (unless `abandon` is
+/// set, which drops the output for good); how many, 0 at the end.
+fn compress_next<W: Write>(
+    reader: &mut impl Read,
+    block: &mut [u8],
+    enc: &mut Option<zstd::stream::Encoder<'static, W>>,
+    abandon: &AtomicBool,
+) -> anyhow::Result<usize> {
+    let n = loop {
+        match reader.read(block) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
+        }
+    };
+    if abandon.load(Ordering::Relaxed) {
+        *enc = None;
+    }
+    if let Some(enc) = enc.as_mut() {
+        enc.write_all(&block[..n]).context("compressing")?;
+    }
+    Ok(n)
 }
 
 /// Ends a `compress_into`: zstd's last block, then the trailer.
