@@ -142,20 +142,8 @@ impl BlobOpener {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
-    use age::secrecy::ExposeSecret;
-
     use super::*;
-    use crate::crypto::keys::generate;
-
-    fn pair() -> (Identities, Recipients) {
-        let (secret, public) = generate();
-        (
-            Identities::parse(secret.expose_secret(), Path::new("/id")).unwrap(),
-            Recipients::parse(&public, Path::new("/r")).unwrap(),
-        )
-    }
+    use crate::crypto::keys::test_pair as pair;
 
     #[test]
     fn blobs_share_one_wrapped_key_and_open_only_with_it_unaltered() {

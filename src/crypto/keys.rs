@@ -256,6 +256,17 @@ impl Identities {
     }
 }
 
+/// A new key pair, read as readers and writers read theirs (for tests).
+#[cfg(test)]
+pub fn test_pair() -> (Identities, Recipients) {
+    use age::secrecy::ExposeSecret;
+    let (secret, public) = generate();
+    (
+        Identities::parse(secret.expose_secret(), Path::new("/id")).unwrap(),
+        Recipients::parse(&public, Path::new("/r")).unwrap(),
+    )
+}
+
 /// A new key pair in `age-keygen`'s format. The first line is the identity file's text, the
 /// second the public key (the recipients file's line).
 pub fn generate() -> (age::secrecy::SecretString, String) {

@@ -341,21 +341,9 @@ pub fn describe(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
-    use age::secrecy::ExposeSecret;
-
     use super::*;
-    use crate::crypto::keys::generate;
+    use crate::crypto::keys::test_pair as keys;
     use crate::storage::LocalStore;
-
-    fn keys() -> (Identities, Recipients) {
-        let (secret, public) = generate();
-        (
-            Identities::parse(secret.expose_secret(), Path::new("/id")).unwrap(),
-            Recipients::parse(&public, Path::new("/r")).unwrap(),
-        )
-    }
 
     #[tokio::test]
     async fn enable_rotate_and_fail_closed() {

@@ -694,10 +694,7 @@ mod tests {
 
     #[test]
     fn sealed_blobs_open_in_both_formats() {
-        use age::secrecy::ExposeSecret;
-        let (secret, public) = crate::crypto::keys::generate();
-        let ids = Identities::parse(secret.expose_secret(), Path::new("/id")).unwrap();
-        let rs = Recipients::parse(&public, Path::new("/r")).unwrap();
+        let (ids, rs) = crate::crypto::keys::test_pair();
         let plain: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let mut w = BlobWriter::new(3).unwrap();
         let stored = w.seal(&plain, Some(&rs)).unwrap();

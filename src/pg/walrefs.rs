@@ -755,7 +755,8 @@ pub async fn store_summary(
         &std::sync::atomic::AtomicBool::new(false),
     );
     let written = match compressed {
-        Ok((Some(data), _)) => {
+        Ok((data, _)) => {
+            let data = data.expect("compression that is never abandoned has its output");
             crate::pipeline::put_compressed(
                 store,
                 &key,
@@ -765,7 +766,6 @@ pub async fn store_summary(
             )
             .await
         }
-        Ok((None, _)) => Err(anyhow::anyhow!("the compressed summary went missing")),
         Err(e) => Err(e),
     };
     match written {
