@@ -577,6 +577,7 @@ pub async fn base_backup(
                 started: begun,
                 base,
                 wal_segment_size: seg_size,
+                relation_sizes: (facts.server.block_size, facts.server.rel_segment_blocks),
                 changes_from_wal: cfg.backup.changed_blocks != "compare",
                 parallel: cfg.backup.workers(),
                 opts: PipeOptions::from_config(cfg),

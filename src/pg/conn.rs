@@ -266,6 +266,10 @@ pub struct ServerFacts {
     pub wal_segment_size: u64,
     pub archive_mode: String,
     pub in_recovery: bool,
+    /// The relation block size (`block_size`) and blocks per relation segment file
+    /// (`segment_size`): an incremental maps WAL block references to file offsets with them.
+    pub block_size: u64,
+    pub rel_segment_blocks: u64,
 }
 
 impl ServerFacts {
@@ -284,6 +288,8 @@ impl ServerFacts {
             wal_segment_size: row.get::<_, i64>(3) as u64,
             archive_mode: row.get(4),
             in_recovery: row.get(5),
+            block_size: row.get::<_, i64>(6) as u64,
+            rel_segment_blocks: row.get::<_, i64>(7) as u64,
         })
     }
 }

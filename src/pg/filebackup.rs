@@ -501,6 +501,8 @@ pub struct Request<'a> {
     pub base: Option<Base>,
     /// The server's WAL segment size, to read the WAL since the base.
     pub wal_segment_size: u64,
+    /// The server's relation block size and blocks per relation segment file.
+    pub relation_sizes: (u64, u64),
     /// Whether an incremental reads the WAL since its base to find the changed blocks.
     pub changes_from_wal: bool,
     pub parallel: usize,
@@ -527,7 +529,7 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
     tracing::info!(id = req.id, dir = %req.dir.display(), parallel = req.parallel, incremental = req.base.is_some(), "file-level backup started");
     let changes = async {
         match &req.base {
-            Some(base) if req.changes_from_wal => changes_since(&req, client, base, started).await,
+            Some(base) if req.changes_from_wal => changes_since(&req, base, started).await,
             Some(_) => {
                 tracing::info!(
                     "backup.changed_blocks = compare: reading every block of the changed files"
@@ -647,24 +649,12 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
 /// The blocks changed since `base` started, from the WAL up to `started` (this backup's
 /// start); `None` (and a warning saying why) when the WAL cannot tell, and every block of a
 /// changed file is then read and compared.
-async fn changes_since(
-    req: &Request<'_>,
-    client: &tokio_postgres::Client,
-    base: &Base,
-    started: Lsn,
-) -> Option<Changes> {
+async fn changes_since(req: &Request<'_>, base: &Base, started: Lsn) -> Option<Changes> {
     let t = std::time::Instant::now();
     let result: anyhow::Result<Collected> = async {
         // Blocks map to files only with the default relation block and segment sizes.
-        let row = client
-            .query_one(
-                "SELECT current_setting('block_size')::int8, (SELECT setting::int8 FROM pg_settings WHERE name = 'segment_size')",
-                &[],
-            )
-            .await
-            .context("reading the server's block and segment sizes")?;
-        let (block, segment): (i64, i64) = (row.get(0), row.get(1));
-        if block as u64 != walrefs::REL_BLOCK || segment as u64 != walrefs::REL_SEGMENT_BLOCKS {
+        let (block, segment) = req.relation_sizes;
+        if block != walrefs::REL_BLOCK || segment != walrefs::REL_SEGMENT_BLOCKS {
             anyhow::bail!(
                 "the server's block size ({block}) or segment size ({segment} blocks) is not the default"
             );
