@@ -23,7 +23,7 @@ use crate::repo::wal::Lsn;
 use crate::repo::wal::Segment;
 use crate::repo::{self, FORMAT_VERSION};
 use crate::restore::human;
-use crate::storage::Store;
+use crate::storage::{ObjectInfo, Store};
 
 /// Tables per database whose row estimates the manifest records (bounds its size).
 const MAX_TABLES_PER_DB: i64 = 5000;
@@ -407,6 +407,7 @@ async fn load_base(
     cfg: &Config,
     store: &dyn Store,
     sysid: u64,
+    listed: &[ObjectInfo],
     timeline: u32,
     version_num: i32,
     wanted: Wanted,
@@ -414,7 +415,10 @@ async fn load_base(
     if wanted == Wanted::Full || (wanted == Wanted::Auto && cfg.backup.full_every.is_none()) {
         return Ok(None);
     }
-    let cat = crate::repo::catalog::PgCatalog::load_backups(store, sysid).await?;
+    // The newest backups only: the newest usable one, and for full_every the newest full.
+    let needs_full = wanted == Wanted::Auto;
+    let enough = |cat: &_| base_found(cat, timeline, version_num, needs_full);
+    let cat = crate::repo::catalog::PgCatalog::load_newest(store, sysid, listed, enough).await?;
     let picked = pick_base(
         &cat,
         timeline,
@@ -441,6 +445,38 @@ async fn load_base(
     Ok(Some(crate::pg::filebackup::Base { manifest, index }))
 }
 
+/// Whether the backups read so far (newest first) settle `pick_base`: a usable one, and with
+/// `needs_full` (backup.full_every) a usable full too.
+fn base_found(
+    cat: &crate::repo::catalog::PgCatalog,
+    timeline: u32,
+    version_num: i32,
+    needs_full: bool,
+) -> bool {
+    let mut usable = cat
+        .backups
+        .iter()
+        .filter(|b| usable_base(cat, b, timeline, version_num));
+    if needs_full {
+        usable.any(|b| b.kind() == "full")
+    } else {
+        usable.next().is_some()
+    }
+}
+
+/// Whether an incremental on `timeline` of a server of `version_num` can build on `b`.
+fn usable_base(
+    cat: &crate::repo::catalog::PgCatalog,
+    b: &BaseBackup,
+    timeline: u32,
+    version_num: i32,
+) -> bool {
+    b.files.is_some()
+        && b.timeline == timeline
+        && b.server_version_num / 10000 == version_num / 10000
+        && cat.chain_complete(b)
+}
+
 /// The backup an incremental builds on: the newest file-level backup of this timeline and
 /// major version whose own chain is whole (one that builds on a deleted backup cannot be
 /// restored, and neither could anything built on it); `None` for a full backup.
@@ -452,12 +488,7 @@ fn pick_base(
     full_every: Option<Duration>,
     now: chrono::DateTime<Utc>,
 ) -> Option<BaseBackup> {
-    let usable = |b: &&BaseBackup| {
-        b.files.is_some()
-            && b.timeline == timeline
-            && b.server_version_num / 10000 == version_num / 10000
-            && cat.chain_complete(b)
-    };
+    let usable = |b: &&BaseBackup| usable_base(cat, b, timeline, version_num);
     let Some(newest) = cat
         .backups
         .iter()
@@ -514,8 +545,7 @@ pub async fn base_backup(
         repo::backup_manifest_key(sysid, &id),
     );
     let (listed, named) = tokio::join!(store.list(&prefix), store.head(&manifest_key));
-    listed?;
-    let named = named?;
+    let (listed, named) = (listed?, named?);
     let local = local_data_dir(cfg, sysid)?;
     if local.is_none() && wanted == Wanted::Incremental {
         return Err(input_err!(
@@ -546,7 +576,18 @@ pub async fn base_backup(
             ))));
             // The base and its block map are read while the server's checkpoint runs.
             let version = facts.server.version_num;
-            let load = |timeline| load_base(cfg, store.as_ref(), sysid, timeline, version, wanted);
+            let load = |timeline| {
+                let listed = &listed;
+                load_base(
+                    cfg,
+                    store.as_ref(),
+                    sysid,
+                    listed,
+                    timeline,
+                    version,
+                    wanted,
+                )
+            };
             let (begun, base) = tokio::join!(
                 crate::pg::filebackup::start(&facts.client, &id),
                 load(timeline)
@@ -918,6 +959,86 @@ mod tests {
     use super::*;
 
     const SEG: u64 = 16 << 20;
+
+    /// A full backup and eleven incrementals, each on all before it, in a local repository;
+    /// `skip` is not written (deleted by hand), and below them all lies an unreadable
+    /// manifest. Returns the store and its listing.
+    async fn chain_repo(
+        dir: &std::path::Path,
+        skip: Option<&str>,
+    ) -> (crate::storage::LocalStore, Vec<ObjectInfo>) {
+        let store = crate::storage::LocalStore::new(dir.to_path_buf());
+        let id = |n: usize| format!("20261123T00{n:02}00Z-0000");
+        let mut ids = Vec::new();
+        for n in 1..=12 {
+            let mut b = if n == 1 {
+                let mut full = incremental(&id(n), 2, "00:01:00", &[]);
+                full.files.as_mut().unwrap().kind = "full".into();
+                full.files.as_mut().unwrap().based_on = None;
+                full
+            } else {
+                let deps: Vec<&str> = ids.iter().map(String::as_str).collect();
+                incremental(&id(n), 2 + n as u64, &format!("00:{n:02}:30"), &deps)
+            };
+            b.system_identifier = 1;
+            b.server_version_num = 150002;
+            ids.push(b.id.clone());
+            if skip == Some(b.id.as_str()) {
+                continue;
+            }
+            let key = repo::backup_manifest_key(1, &b.id);
+            repo::write_manifest(&store, &key, &b, "test")
+                .await
+                .unwrap();
+        }
+        let bad = repo::backup_manifest_key(1, "20261122T000000Z-0000");
+        store
+            .put(&bad, b"not a manifest".to_vec().into())
+            .await
+            .unwrap();
+        let listing = store.list(&repo::backups_prefix(1)).await.unwrap();
+        (store, listing)
+    }
+
+    #[tokio::test]
+    async fn the_base_is_chosen_from_the_newest_manifests_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, listing) = chain_repo(dir.path(), None).await;
+        let choose = |needs_full: bool, wanted, every| {
+            let (store, listing) = (&store, &listing);
+            async move {
+                let enough = |cat: &_| base_found(cat, 1, 150002, needs_full);
+                let cat =
+                    crate::repo::catalog::PgCatalog::load_newest(store, 1, listing, enough).await?;
+                let picked = pick_base(&cat, 1, 150002, wanted, every, t("01:00:00"));
+                anyhow::Ok((picked.map(|b| b.id), cat.backups.len()))
+            }
+        };
+        // The newest incremental, from one batch of manifests: the unreadable one at the
+        // bottom is never read.
+        let (picked, read) = choose(false, Wanted::Incremental, None).await.unwrap();
+        assert_eq!(picked.as_deref(), Some("20261123T001200Z-0000"));
+        assert_eq!(read, 8);
+        // backup.full_every reads back to the newest full, which here means every manifest,
+        // the unreadable one included: its error says which.
+        let every = Some(Duration::from_secs(3600));
+        let e = choose(true, Wanted::Auto, every).await.unwrap_err();
+        assert!(format!("{e:#}").contains("20261122T000000Z-0000"), "{e:#}");
+
+        // One incremental deleted by hand: those built on it are orphans, known from the
+        // listing alone; the newest whole chain ends just before it.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, listing) = chain_repo(dir.path(), Some("20261123T000500Z-0000")).await;
+        let enough = |cat: &_| base_found(cat, 1, 150002, false);
+        let cat = crate::repo::catalog::PgCatalog::load_newest(&store, 1, &listing, enough)
+            .await
+            .unwrap();
+        let picked = pick_base(&cat, 1, 150002, Wanted::Incremental, None, t("01:00:00"));
+        assert_eq!(
+            picked.map(|b| b.id).as_deref(),
+            Some("20261123T000400Z-0000")
+        );
+    }
 
     fn reading(last_archived: &str, segno_written: u64) -> ArchiveProgress {
         ArchiveProgress {

@@ -34,6 +34,9 @@ pub struct PgCatalog {
     pub streamed: BTreeMap<Segment, Streamed>,
     /// Pieces of segments that are complete here: superseded, `prune` removes them.
     pub superseded_pieces: Vec<ObjectInfo>,
+    /// Every backup the repository names, when `backups` holds only the newest of them
+    /// (`load_newest`).
+    pub listed: Option<std::collections::BTreeSet<String>>,
 }
 
 /// The streamed part of a segment.
@@ -43,6 +46,45 @@ pub struct Streamed {
     pub end: u64,
     /// Every piece stored for the segment (the run and any left over from a cut stream).
     pub pieces: Vec<ObjectInfo>,
+}
+
+/// How many backup manifests are read at once.
+const MANIFESTS_AT_ONCE: usize = 8;
+
+/// The backup manifests of a listing of the backups prefix: (backup id, key).
+fn manifest_keys(listing: &[ObjectInfo]) -> Vec<(String, String)> {
+    listing
+        .iter()
+        .filter_map(|obj| {
+            let dir = obj.key.strip_suffix("/backup.json")?;
+            let id = dir.rsplit('/').next()?;
+            Some((id.to_string(), obj.key.clone()))
+        })
+        .collect()
+}
+
+/// Reads backup manifests, several at once, refusing a format newer than this dbagent reads.
+async fn read_manifests(
+    store: &dyn Store,
+    keys: impl Iterator<Item = String>,
+) -> anyhow::Result<Vec<BaseBackup>> {
+    futures::stream::iter(keys)
+        .map(|key| async move {
+            let m: BaseBackup =
+                super::read_manifest(store, &key, &format!("backup manifest {key}")).await?;
+            if m.format_version > super::FILES_FORMAT_VERSION {
+                anyhow::bail!(
+                    "backup {} has repository format {} but this dbagent reads up to {}: upgrade dbagent",
+                    m.id,
+                    m.format_version,
+                    super::FILES_FORMAT_VERSION
+                );
+            }
+            Ok(m)
+        })
+        .buffer_unordered(MANIFESTS_AT_ONCE)
+        .try_collect()
+        .await
 }
 
 /// How many segments at the end of a chain have their trailers read for a transaction time.
@@ -173,47 +215,47 @@ impl PgCatalog {
     /// Every backup manifest of the cluster, oldest first (by stop time), read eight at a
     /// time: a repository keeps dozens, and on S3 each read is a round trip.
     async fn read_backups(store: &dyn Store, sysid: u64) -> anyhow::Result<Vec<BaseBackup>> {
-        let keys: Vec<String> = store
-            .list(&super::backups_prefix(sysid))
-            .await?
-            .into_iter()
-            .map(|obj| obj.key)
-            .filter(|key| key.ends_with("/backup.json"))
-            .collect();
-        let mut backups: Vec<BaseBackup> = futures::stream::iter(keys)
-            .map(|key| async move {
-                let m: BaseBackup =
-                    super::read_manifest(store, &key, &format!("backup manifest {key}")).await?;
-                if m.format_version > super::FILES_FORMAT_VERSION {
-                    anyhow::bail!(
-                        "backup {} has repository format {} but this dbagent reads up to {}: upgrade dbagent",
-                        m.id,
-                        m.format_version,
-                        super::FILES_FORMAT_VERSION
-                    );
-                }
-                Ok(m)
-            })
-            .buffer_unordered(8)
-            .try_collect()
-            .await?;
+        let listing = store.list(&super::backups_prefix(sysid)).await?;
+        let keys = manifest_keys(&listing).into_iter().map(|(_, key)| key);
+        let mut backups = read_manifests(store, keys).await?;
         backups.sort_by(|a, b| a.stop_time.cmp(&b.stop_time).then_with(|| a.id.cmp(&b.id)));
         Ok(backups)
     }
 
-    /// The backups alone (no WAL, no timelines): enough to choose what an incremental builds
-    /// on, without listing the whole archive.
-    pub async fn load_backups(store: &dyn Store, sysid: u64) -> anyhow::Result<PgCatalog> {
-        let backups = Self::read_backups(store, sysid).await?;
-        Ok(PgCatalog {
+    /// The newest backups of `listing` (the backups prefix, listed), read newest name first
+    /// (a name starts with the backup's start time) a batch at a time, until `enough` holds
+    /// for those read or none are left. Choosing an incremental's base needs the newest
+    /// usable backup, and the newest full for `backup.full_every`, not every manifest of a
+    /// repository that keeps months of nightly backups: each is a GET. `chain_complete`
+    /// answers from the listing, which names every backup.
+    pub async fn load_newest(
+        store: &dyn Store,
+        sysid: u64,
+        listing: &[ObjectInfo],
+        enough: impl Fn(&PgCatalog) -> bool,
+    ) -> anyhow::Result<PgCatalog> {
+        let mut named = manifest_keys(listing);
+        named.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut cat = PgCatalog {
             system_identifier: sysid,
-            seg_size: backups
-                .last()
-                .map(|b| b.wal_segment_size)
-                .unwrap_or(DEFAULT_SEGMENT_SIZE),
-            backups,
+            listed: Some(named.iter().map(|(id, _)| id.clone()).collect()),
             ..Default::default()
-        })
+        };
+        for batch in named.chunks(MANIFESTS_AT_ONCE) {
+            let read = read_manifests(store, batch.iter().map(|(_, key)| key.clone())).await?;
+            cat.backups.extend(read);
+            cat.backups
+                .sort_by(|a, b| a.stop_time.cmp(&b.stop_time).then_with(|| a.id.cmp(&b.id)));
+            if enough(&cat) {
+                break;
+            }
+        }
+        cat.seg_size = cat
+            .backups
+            .last()
+            .map(|b| b.wal_segment_size)
+            .unwrap_or(DEFAULT_SEGMENT_SIZE);
+        Ok(cat)
     }
 
     pub async fn load(store: &dyn Store, sysid: u64) -> anyhow::Result<PgCatalog> {
@@ -298,6 +340,7 @@ impl PgCatalog {
             last_xact: BTreeMap::new(),
             streamed,
             superseded_pieces,
+            listed: None,
         };
         cat.read_tails(store).await;
         Ok(cat)
@@ -617,9 +660,10 @@ impl PgCatalog {
 
     /// Every backup an incremental `b` builds on is in the repository.
     pub fn chain_complete(&self, b: &BaseBackup) -> bool {
-        b.depends_on()
-            .iter()
-            .all(|dep| self.backups.iter().any(|o| &o.id == dep))
+        b.depends_on().iter().all(|dep| match &self.listed {
+            Some(ids) => ids.contains(dep),
+            None => self.backups.iter().any(|o| &o.id == dep),
+        })
     }
 
     /// The spans of time a restore can reach, merged across backups: along the branch that
