@@ -549,17 +549,17 @@ fn compress_into<W: Write>(
         out.write_all(&XXH3_HEADER)
             .context("writing the object header")?;
     }
-    let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
     let threads = zstd_workers(opts.threads);
+    if threads == 1 && digest == Digest::Xxh3 {
+        return compress_inline(reader, out, opts.level, digest, note, abandon);
+    }
+    let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
     if threads > 1 {
         enc.multithread(threads).context("starting zstd workers")?;
         enc.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))
             .context("setting the zstd job size")?;
     }
     let mut enc = Some(enc);
-    if threads == 1 && digest == Digest::Xxh3 {
-        return compress_inline(reader, enc, digest, note, abandon);
-    }
     std::thread::scope(|scope| {
         let hasher = HashThread::spawn(scope, digest);
         let mut size = 0u64;
@@ -585,9 +585,17 @@ const INLINE_BLOCK: usize = 128 << 10;
 /// to compute in line (xxh3: 14 GB/s here). A switched WAL segment is mostly zeros; its push
 /// spent more on the hashing thread, the hand-overs and fresh 1 MiB blocks (page faults) than
 /// on compressing.
+///
+/// A block of zeros is not given to zstd, whose match search costs as much on zeros as on
+/// data: it ends the frame in progress and is stored as a frame of its own, compressed once
+/// per length (a few bytes: one RLE block). The object is then several frames, which every
+/// zstd decoder reads as their concatenation (`zstd -d` and older dbagent versions too).
+/// The switched segment that `wal-push` stores after each backup is 16 MiB of which a few
+/// KiB are records.
 fn compress_inline<W: Write>(
     mut reader: impl Read,
-    mut enc: Option<zstd::stream::Encoder<'static, W>>,
+    out: W,
+    level: i32,
     digest: Digest,
     note: impl FnOnce() -> anyhow::Result<u64>,
     abandon: &AtomicBool,
@@ -595,15 +603,101 @@ fn compress_inline<W: Write>(
     let mut hasher = Hasher::new(digest);
     let mut block = vec![0u8; INLINE_BLOCK];
     let mut size = 0u64;
+    let mut framing = Framing::Between(out);
+    let mut zeros: Option<(usize, Vec<u8>)> = None;
     loop {
-        let n = compress_next(&mut reader, &mut block, &mut enc, abandon)?;
+        let n = read_some(&mut reader, &mut block)?;
         if n == 0 {
             break;
         }
         size += n as u64;
-        hasher.update(&block[..n]);
+        let chunk = &block[..n];
+        hasher.update(chunk);
+        if abandon.load(Ordering::Relaxed) {
+            framing = Framing::Abandoned;
+        }
+        framing = match framing {
+            Framing::Abandoned => Framing::Abandoned,
+            framing if all_zeros(chunk) => {
+                let mut out = framing.end_frame()?;
+                let frame = match &zeros {
+                    Some((len, frame)) if *len == n => frame,
+                    _ => {
+                        let frame = zstd::bulk::compress(chunk, level).context("compressing")?;
+                        &zeros.insert((n, frame)).1
+                    }
+                };
+                out.write_all(frame).context("compressing")?;
+                Framing::Between(out)
+            }
+            framing => {
+                let mut enc = framing.in_frame(level)?;
+                enc.write_all(chunk).context("compressing")?;
+                Framing::Frame(enc)
+            }
+        };
     }
+    let enc = match framing {
+        Framing::Abandoned => None,
+        // Nothing but zeros, or nothing: the empty input still gets its (empty) frame.
+        Framing::Between(out) if size == 0 => Some(Framing::Between(out).in_frame(level)?),
+        Framing::Between(out) => {
+            let note = note()?;
+            return write_trailer(out, size, digest, hasher.finish(), note);
+        }
+        Framing::Frame(enc) => Some(enc),
+    };
     finish_compressed(enc, size, digest, hasher.finish(), note)
+}
+
+/// Where `compress_inline`'s output stands.
+enum Framing<W: Write> {
+    /// Inside a zstd frame.
+    Frame(zstd::stream::Encoder<'static, W>),
+    /// Between frames.
+    Between(W),
+    /// No output any more (`abandon`).
+    Abandoned,
+}
+
+impl<W: Write> Framing<W> {
+    /// The output, the frame in progress ended.
+    fn end_frame(self) -> anyhow::Result<W> {
+        match self {
+            Framing::Frame(enc) => enc.finish().context("finishing zstd"),
+            Framing::Between(out) => Ok(out),
+            Framing::Abandoned => unreachable!("no output once abandoned"),
+        }
+    }
+
+    /// The frame in progress, or a new one.
+    fn in_frame(self, level: i32) -> anyhow::Result<zstd::stream::Encoder<'static, W>> {
+        match self {
+            Framing::Frame(enc) => Ok(enc),
+            Framing::Between(out) => {
+                zstd::stream::Encoder::new(out, level).context("starting zstd")
+            }
+            Framing::Abandoned => unreachable!("no output once abandoned"),
+        }
+    }
+}
+
+/// Whether `b` is all zeros: page by page, each folded without a branch so that the
+/// compiler makes it a few vector instructions per cache line.
+fn all_zeros(b: &[u8]) -> bool {
+    b.chunks(4096)
+        .all(|page| page.iter().fold(0u8, |acc, x| acc | x) == 0)
+}
+
+/// Reads the next bytes of `reader` into `block`: how many, 0 at the end.
+fn read_some(reader: &mut impl Read, block: &mut [u8]) -> anyhow::Result<usize> {
+    loop {
+        match reader.read(block) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
+        }
+    }
 }
 
 /// Reads the next bytes of `reader` into `block` and compresses them (unless `abandon` is
@@ -614,13 +708,7 @@ fn compress_next<W: Write>(
     enc: &mut Option<zstd::stream::Encoder<'static, W>>,
     abandon: &AtomicBool,
 ) -> anyhow::Result<usize> {
-    let n = loop {
-        match reader.read(block) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(anyhow::Error::new(e).context("reading the source")),
-        }
-    };
+    let n = read_some(reader, block)?;
     if abandon.load(Ordering::Relaxed) {
         *enc = None;
     }
@@ -645,13 +733,29 @@ fn finish_compressed<W: Write>(
     };
     match enc {
         Some(enc) => {
-            let mut out = enc.finish().context("finishing zstd")?;
+            let out = enc.finish().context("finishing zstd")?;
             let note = note()?;
-            out.write_all(&trailer.encode(note))?;
-            Ok((Some(out), trailer, note))
+            write_trailer(out, plain_size, digest, sum, note)
         }
         None => Ok((None, trailer, 0)),
     }
+}
+
+/// Appends the trailer to an object whose last frame is finished.
+fn write_trailer<W: Write>(
+    mut out: W,
+    plain_size: u64,
+    digest: Digest,
+    sum: [u8; 32],
+    note: u64,
+) -> anyhow::Result<(Option<W>, Trailer, u64)> {
+    let trailer = Trailer {
+        plain_size,
+        digest,
+        sum,
+    };
+    out.write_all(&trailer.encode(note))?;
+    Ok((Some(out), trailer, note))
 }
 
 /// Gives the pipe from a dump program 1 MiB of buffer instead of 64 KiB, so the program and
@@ -1677,6 +1781,50 @@ mod tests {
                 let (out, f) = download(&store, &key, Vec::new()).await.unwrap();
                 assert_eq!((out == plain, f.trailer), (true, trailer), "{key}");
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn blocks_of_zeros_are_frames_of_their_own_and_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().into());
+        let block = INLINE_BLOCK;
+        // Data; zeros; a block of zeros but one byte near its end; data again; zeros to an
+        // odd length (a short last read: a frame of another length).
+        let mut mixed = data(1 << 20);
+        mixed.resize(mixed.len() + 4 * block, 0);
+        let one = mixed.len() + block - 17;
+        mixed.resize(mixed.len() + block, 0);
+        mixed[one] = 1;
+        mixed.extend(data(2 * block));
+        mixed.resize((3 << 20) + 777, 0);
+        let zeros = vec![0u8; 2 << 20];
+        for (name, plain) in [("mixed", mixed), ("zeros", zeros), ("empty", Vec::new())] {
+            let compression = Compression {
+                threads: 1,
+                ..opts(5 << 20).compression
+            };
+            let never = AtomicBool::new(false);
+            let cursor = std::io::Cursor::new(plain.clone());
+            let (object, trailer) =
+                compress_to_memory(cursor, compression, Digest::Xxh3, || Ok(7), &never).unwrap();
+            let object = object.unwrap();
+            if name == "zeros" {
+                // Sixteen frames of one RLE block each, and the header and trailer.
+                assert!(object.len() < 512, "{} bytes", object.len());
+            }
+            assert_eq!(zstd::decode_all(&object[..]).unwrap(), plain, "{name}");
+            put_compressed(
+                &store,
+                name,
+                object.into(),
+                opts(5 << 20).upload,
+                WriteMode::CreateOnly,
+            )
+            .await
+            .unwrap();
+            let (out, f) = download(&store, name, Vec::new()).await.unwrap();
+            assert_eq!((out == plain, f.trailer), (true, trailer), "{name}");
         }
     }
 
