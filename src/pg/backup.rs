@@ -574,6 +574,9 @@ pub async fn base_backup(
                 facts.client.clone(),
                 ArchiveWatch::new(before.lsn, seg_size, cfg.wal.archive_wait),
             ))));
+            // Where WAL was written before pg_backup_start: a segment closed after it was
+            // closed during this backup.
+            let began_at = Lsn(before.lsn);
             // The base and its block map are read while the server's checkpoint runs.
             let version = facts.server.version_num;
             let load = |timeline| {
@@ -627,12 +630,16 @@ pub async fn base_backup(
             // The index is stored while the archiver stores the last segment.
             let first = Segment::of_lsn(taken.timeline, taken.start_lsn, seg_size);
             let last = Segment::of_lsn(taken.timeline, taken.stop_lsn, seg_size);
-            let wal = wait_archived(
+            let wal = secure_wal(
                 cfg,
                 store.as_ref(),
                 sysid,
+                &dir,
+                facts.server.in_recovery,
+                began_at,
                 first,
                 last,
+                taken.stop_lsn,
                 seg_size,
                 &mut watch,
             );
@@ -820,6 +827,134 @@ async fn stream_backup(
     };
 
     Ok((data, start_lsn, tli, stop_lsn))
+}
+
+/// Makes sure of the WAL a file-level backup needs, from its start (`first`) to its stop
+/// (`stop`, in segment `last`).
+///
+/// The segments before the stop segment are archive_command's to store, and the backup
+/// waits for them (they are usually stored by now). The stop segment was closed by
+/// pg_backup_stop a moment ago: instead of waiting for archive_command to store it (a fresh
+/// `wal-push` of 16 MiB, then a look at the store), the backup stores the segment's start up
+/// to the end of the page holding the stop point itself, read from pg_wal, as a piece of the
+/// segment (the form `serve.wal_stream` stores WAL in). A restore reads it zero-padded when
+/// the archive lacks the whole segment; the whole segment, once archived, supersedes it and
+/// `prune` removes it.
+///
+/// The backup still proves that archive_command stores into this repository now: the segment
+/// before its start, which pg_backup_start's switch closed, must be there too. Where no
+/// segment was closed since the backup began (`began_at`: WAL was at a segment's start), that
+/// segment is not known to be archived on this timeline (no archive status for it in pg_wal,
+/// not in the store), on a standby (pg_backup_stop switches no segment there), or when the
+/// piece cannot be stored, it waits for archive_command to store the stop segment, as before.
+#[allow(clippy::too_many_arguments)]
+async fn secure_wal(
+    cfg: &Config,
+    store: &dyn Store,
+    sysid: u64,
+    dir: &std::path::Path,
+    in_recovery: bool,
+    began_at: Lsn,
+    first: Segment,
+    last: Segment,
+    stop: Lsn,
+    seg_size: u64,
+    watch: &mut Option<AbortOnDrop<anyhow::Error>>,
+) -> anyhow::Result<()> {
+    let proof = Segment {
+        tli: first.tli,
+        segno: first.segno.saturating_sub(1),
+    };
+    // The proof must be a segment closed during this backup (by pg_backup_start's switch, or
+    // by WAL written meanwhile): one archived before it began says nothing of archive_command
+    // now. pg_backup_start switches nothing when WAL is already at a segment's start.
+    let provable = !in_recovery
+        && proof.segno > 0
+        && began_at < first.start_lsn(seg_size)
+        && archived_or_due(store, sysid, dir, &proof.name(seg_size)).await;
+    if !provable {
+        return wait_archived(cfg, store, sysid, first, last, seg_size, watch).await;
+    }
+    let before_last = Segment {
+        tli: last.tli,
+        segno: last.segno - 1,
+    };
+    let (piece, earlier) = tokio::join!(
+        store_stop_piece(cfg, store, sysid, dir, last, stop, seg_size),
+        wait_archived(cfg, store, sysid, proof, before_last, seg_size, watch)
+    );
+    earlier?;
+    match piece {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!(segment = %last.name(seg_size), error = %format!("{e:#}"), "cannot store the WAL up to the backup's stop point itself: waiting for archive_command to store the segment");
+            wait_archived(cfg, store, sysid, last, last, seg_size, watch).await
+        }
+    }
+}
+
+/// Whether segment `name` is archived here or PostgreSQL has it to archive (its archive
+/// status in pg_wal): whether waiting for it can end.
+async fn archived_or_due(store: &dyn Store, sysid: u64, dir: &std::path::Path, name: &str) -> bool {
+    let status = dir.join("pg_wal").join("archive_status");
+    if status.join(format!("{name}.ready")).exists() || status.join(format!("{name}.done")).exists()
+    {
+        return true;
+    }
+    matches!(store.head(&repo::wal_key(sysid, name)).await, Ok(Some(_)))
+}
+
+/// Stores bytes `[0, end of the page holding stop)` of segment `last`, read from pg_wal and
+/// checked to be that segment of this cluster, as a piece of the segment.
+async fn store_stop_piece(
+    cfg: &Config,
+    store: &dyn Store,
+    sysid: u64,
+    dir: &std::path::Path,
+    last: Segment,
+    stop: Lsn,
+    seg_size: u64,
+) -> anyhow::Result<()> {
+    /// PostgreSQL's WAL page size (XLOG_BLCKSZ). Any other only moves where the piece ends.
+    const WAL_PAGE: u64 = 8192;
+    let name = last.name(seg_size);
+    let path = dir.join("pg_wal").join(&name);
+    let stop_at = stop.0 - last.start_lsn(seg_size).0;
+    let end = ((stop_at / WAL_PAGE + 1) * WAL_PAGE).min(seg_size);
+    let checked = name.clone();
+    let (data, note) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<u8>, u64)> {
+        use std::os::unix::fs::FileExt;
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut data = vec![0u8; end as usize];
+        file.read_exact_at(&mut data, 0)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut check = crate::pg::walcheck::WalCheck::new(&checked, sysid);
+        check.feed(&data);
+        check.prefix_verdict().with_context(|| {
+            format!(
+                "{} is not segment {checked} of this cluster",
+                path.display()
+            )
+        })?;
+        let mut scan = crate::pg::walscan::WalScan::new();
+        scan.feed(&data);
+        Ok((data, scan.last_xact_micros.map_or(0, |t| t as u64)))
+    })
+    .await
+    .context("reading the stop segment panicked")??;
+    let piece = crate::repo::wal::Piece {
+        segment: name,
+        start: 0,
+        end,
+    };
+    let key = repo::wal_key(sysid, &piece.name());
+    let pipe = PipeOptions::for_wal(cfg);
+    let data = bytes::Bytes::from(data);
+    let compressed = crate::pg::walstream::compress_wal(pipe, data.clone(), note).await?;
+    crate::pg::walstream::store_wal(store, pipe, &key, &compressed, &data).await?;
+    tracing::debug!(piece = %piece.name(), "stored the WAL up to the stop point");
+    Ok(())
 }
 
 /// `wait_for_wal`, failing first with the archive watcher's reason when it has one.

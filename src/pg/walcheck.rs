@@ -196,6 +196,18 @@ impl WalCheck {
         self.problem = Some(why);
     }
 
+    /// The pages fed so far (the start of the file, a page at least) are this segment's.
+    pub fn prefix_verdict(&self) -> anyhow::Result<()> {
+        match &self.problem {
+            Some(why) => Err(anyhow::anyhow!("{why}")),
+            None if self.page_size == 0 => Err(anyhow::anyhow!(
+                "it is only {} bytes long: not a PostgreSQL WAL segment",
+                self.offset
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Once the whole file has been fed: Ok, or why it must not be archived.
     pub fn verdict(&self) -> anyhow::Result<()> {
         let problem = match &self.problem {

@@ -498,55 +498,15 @@ impl Streamer {
     }
 
     async fn put_inner(&self, key: &str, data: Bytes, note: u64) -> anyhow::Result<()> {
-        let (compression, digest) = (self.settings.pipe.compression, self.settings.pipe.digest);
-        let plain = data.clone();
-        let (compressed, trailer) = tokio::task::spawn_blocking(move || {
-            pipeline::compress_to_memory(
-                std::io::Cursor::new(plain),
-                compression,
-                digest,
-                || Ok(note),
-                &AtomicBool::new(false),
-            )
-        })
-        .await
-        .context("compression task panicked")??;
-        let compressed = Bytes::from(compressed.context("compression was abandoned")?);
+        let pipe = self.settings.pipe;
+        let compressed = compress_wal(pipe, data.clone(), note).await?;
         let mut pause = Duration::from_millis(200);
         loop {
-            let res = pipeline::put_compressed(
-                self.store.as_ref(),
-                key,
-                compressed.clone(),
-                self.settings.pipe.upload,
-                WriteMode::CreateOnly,
-            )
-            .await;
-            let err = match res {
+            let err = match store_wal(self.store.as_ref(), pipe, key, &compressed, &data).await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            if storage::is_already_exists(&err) {
-                if let Some(obj) = self.store.head(key).await? {
-                    let stored = pipeline::read_trailer(self.store.as_ref(), key, obj.size).await?;
-                    let recipients = pipeline::recipients(self.store.as_ref()).await?;
-                    let (held, _) = stored.holds_by(recipients.as_deref(), |d| {
-                        Ok(match d == trailer.digest {
-                            true => trailer,
-                            false => pipeline::Trailer::of_digest(d, &data),
-                        })
-                    })?;
-                    if held == Some(true) {
-                        return Ok(());
-                    }
-                    anyhow::bail!(
-                        "refusing to overwrite {key}: the repository holds different WAL under that name ({} bytes; streamed: {}, {} bytes), or WAL encrypted for another key set",
-                        stored.plain_size(),
-                        trailer.digest_short(),
-                        trailer.plain_size
-                    );
-                }
-            } else if !storage::is_transient(&err) {
+            if !storage::is_transient(&err) && !storage::is_already_exists(&err) {
                 return Err(err);
             }
             tracing::warn!(%key, error = %format!("{err:#}"), "storing streamed WAL failed; retrying");
@@ -600,6 +560,75 @@ fn wal_removed(e: &anyhow::Error) -> bool {
 /// Whether `s` is newer than `than` (higher segment; on a tie, the later timeline).
 fn newer(s: Segment, than: Option<Segment>) -> bool {
     than.is_none_or(|t| (s.segno, s.tli) > (t.segno, t.tli))
+}
+
+/// WAL bytes compressed for `store_wal`, with `note` (the last transaction's time) in the
+/// trailer.
+pub async fn compress_wal(
+    pipe: PipeOptions,
+    data: Bytes,
+    note: u64,
+) -> anyhow::Result<(Bytes, pipeline::Trailer)> {
+    let (compressed, trailer) = tokio::task::spawn_blocking(move || {
+        pipeline::compress_to_memory(
+            std::io::Cursor::new(data),
+            pipe.compression,
+            pipe.digest,
+            || Ok(note),
+            &AtomicBool::new(false),
+        )
+    })
+    .await
+    .context("compression task panicked")??;
+    let compressed = Bytes::from(compressed.context("compression was abandoned")?);
+    Ok((compressed, trailer))
+}
+
+/// One create-only write of WAL (`data`, as `compress_wal` compressed it). The name already
+/// holding the same bytes is success (a retry whose answer was lost, or another writer
+/// storing the same WAL first); different bytes under it are an error.
+pub async fn store_wal(
+    store: &dyn Store,
+    pipe: PipeOptions,
+    key: &str,
+    (compressed, trailer): &(Bytes, pipeline::Trailer),
+    data: &Bytes,
+) -> anyhow::Result<()> {
+    let err = match pipeline::put_compressed(
+        store,
+        key,
+        compressed.clone(),
+        pipe.upload,
+        WriteMode::CreateOnly,
+    )
+    .await
+    {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    if !storage::is_already_exists(&err) {
+        return Err(err);
+    }
+    let Some(obj) = store.head(key).await? else {
+        return Err(err);
+    };
+    let stored = pipeline::read_trailer(store, key, obj.size).await?;
+    let recipients = pipeline::recipients(store).await?;
+    let (held, _) = stored.holds_by(recipients.as_deref(), |d| {
+        Ok(match d == trailer.digest {
+            true => *trailer,
+            false => pipeline::Trailer::of_digest(d, data),
+        })
+    })?;
+    if held == Some(true) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to overwrite {key}: the repository holds different WAL under that name ({} bytes; this one: {}, {} bytes), or WAL encrypted for another key set",
+        stored.plain_size(),
+        trailer.digest_short(),
+        trailer.plain_size
+    )
 }
 
 /// Assembles the streamed pieces of `segment` into a full-size segment (zero-padded after

@@ -436,3 +436,63 @@ fn verify_proves_integrity_and_finds_damage() {
         "{report}"
     );
 }
+
+/// A file-level backup stores the WAL from the start of the segment it stops in up to its
+/// stop point itself, so it restores to that point even when the archive never gets that
+/// segment. Here archive_command stored it and it is then deleted by hand, as a lost or
+/// never-finished upload would leave the archive.
+#[test]
+fn a_backup_restores_without_the_archived_stop_segment() {
+    let repo = Repo::file();
+    let mut pg = archiving_primary(&repo);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE kept AS SELECT g AS id, '備份 백업 バックアップ ' || g AS note FROM generate_series(1, 1000) g",
+    )
+    .unwrap();
+    let out = ok(&dbagent_cmd(&repo, Some(&pg), &["backup", "--json"])
+        .env("DBAGENT_BACKUP_METHOD", "files")
+        .output()
+        .unwrap());
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (sysid, stop) = (
+        report["system_identifier"].as_str().unwrap().to_string(),
+        report["stop_wal"].as_str().unwrap().to_string(),
+    );
+    wait_archived(&pg, &stop);
+    pg.stop().unwrap();
+
+    let wal = repo.root().unwrap().join(format!("pg/{sysid}/wal"));
+    let whole = wal.join(format!("{stop}.zst"));
+    std::fs::remove_file(&whole)
+        .unwrap_or_else(|e| panic!("archive_command stored {}: {e}", whole.display()));
+    let pieces: Vec<String> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&stop) && n.ends_with(".part.zst"))
+        .collect();
+    assert_eq!(pieces.len(), 1, "the backup's piece of {stop}: {pieces:?}");
+
+    ok(&dbagent(&repo, None, &["verify"]));
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("restored");
+    let port = dbagent_testcontainers::free_port();
+    let out = dbagent(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    let restored = Restored { dir, port };
+    ok(&out);
+    assert_eq!(
+        restored.psql("SELECT count(*), min(note) FROM kept"),
+        "1000|備份 백업 バックアップ 1"
+    );
+}
