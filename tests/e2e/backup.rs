@@ -339,21 +339,7 @@ fn prune_keeps_what_restores_need() {
 
     // What is left still restores everything.
     let scratch = dbagent_testcontainers::pg_owned_tempdir().unwrap();
-    let dir = scratch.path().join("restored");
-    let port = dbagent_testcontainers::free_port();
-    let out = dbagent(
-        &repo,
-        None,
-        &[
-            "restore",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-        ],
-    );
-    let restored = Restored { dir, port };
+    let (out, restored) = restore(&repo, &scratch.path().join("restored"), &["--latest"]);
     ok(&out);
     assert_eq!(
         restored.psql("SELECT string_agg(i::text, ',' ORDER BY i) FROM t"),
@@ -474,22 +460,8 @@ fn a_backup_restores_without_the_archived_stop_segment() {
     assert_eq!(pieces.len(), 1, "the backup's piece of {stop}: {pieces:?}");
 
     ok(&dbagent(&repo, None, &["verify"]));
-    let scratch = pg_owned_tempdir().unwrap();
-    let dir = scratch.path().join("restored");
-    let port = dbagent_testcontainers::free_port();
-    let out = dbagent(
-        &repo,
-        None,
-        &[
-            "restore",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-        ],
-    );
-    let restored = Restored { dir, port };
+    let scratch = dbagent_testcontainers::pg_owned_tempdir().unwrap();
+    let (out, restored) = restore(&repo, &scratch.path().join("restored"), &["--latest"]);
     ok(&out);
     assert_eq!(
         restored.psql("SELECT count(*), min(note) FROM kept"),

@@ -6,27 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dbagent_testcontainers::{Postgres, free_port, pg_owned_tempdir};
+use dbagent_testcontainers::{Postgres, pg_owned_tempdir};
 
 use crate::serve::{Serve, pg_env};
 use crate::support::*;
-
-/// `dbagent restore <args> --target-dir <dir> --port <free>`: the output and the server.
-fn restore(repo: &Repo, dir: &Path, args: &[&str]) -> (std::process::Output, Restored) {
-    let port = free_port();
-    let mut all = vec!["restore"];
-    all.extend_from_slice(args);
-    let port_s = port.to_string();
-    all.extend(["--target-dir", dir.to_str().unwrap(), "--port", &port_s]);
-    let out = dbagent(repo, None, &all);
-    (
-        out,
-        Restored {
-            dir: dir.to_path_buf(),
-            port,
-        },
-    )
-}
 
 /// The rows of `t` as `id:who`, in order.
 fn rows(psql: impl Fn(&str) -> String) -> String {
