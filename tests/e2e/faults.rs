@@ -1151,6 +1151,70 @@ fn lsn(text: &str) -> u64 {
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
 }
 
+/// The backup cannot store its piece of the segment it stops in (every PUT of a `.part`
+/// object is refused): it says so, waits for archive_command to store the whole segment as
+/// before, and is a good backup.
+#[test]
+fn a_backup_that_cannot_store_its_stop_piece_waits_for_the_archiver() {
+    let s3 = FaultyS3::start("stop-piece");
+    let mut env = s3.env();
+    env.push(("DBAGENT_BACKUP_METHOD".into(), "files".into()));
+    let pg = primary(&env);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE kept AS SELECT g AS id FROM generate_series(1, 1000) g",
+    )
+    .unwrap();
+    let refused = s3
+        .proxy
+        .inject(Rule::new(Fault::Status(403)).method("PUT").target(".part"));
+    // archive_command's store of the stop segment (segment 2 of a new cluster: the backup's
+    // switch closes segment 1) is held back a while: a backup that did not wait for it would
+    // return before it is there.
+    let held = s3.proxy.inject(
+        Rule::new(Fault::Stall(Duration::from_millis(1500)))
+            .method("PUT")
+            .target("/wal/000000010000000000000002.zst")
+            .times(1),
+    );
+    let out = pg_run(&env, Some(&pg), &["backup", "--json"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "backup: {err}");
+    assert!(
+        s3.proxy.fired(refused) >= 1,
+        "no piece was attempted: {err}"
+    );
+    assert_eq!(s3.proxy.fired(held), 1, "{err}");
+    assert!(
+        err.contains("cannot store the WAL up to the backup's stop point itself"),
+        "{err}"
+    );
+    // The whole stop segment was archived before the backup returned.
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let key = format!(
+        "stop-piece/pg/{}/wal/{}",
+        report["system_identifier"].as_str().unwrap(),
+        report["stop_wal"].as_str().unwrap()
+    );
+    let (_, listed) = http_request(
+        s3.server.port(),
+        "GET",
+        &format!("/{}?list-type=2&prefix={key}", s3.server.bucket()),
+    )
+    .unwrap();
+    assert!(
+        listed.contains(&format!("<Key>{key}.zst</Key>")),
+        "{listed}"
+    );
+    assert!(!listed.contains(".part.zst"), "{listed}");
+
+    let dir = pg_owned_tempdir().unwrap();
+    let (restored, out) = restore_latest(&s3.direct(), &dir.path().join("restored"));
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    assert_eq!(restored.psql("SELECT count(*) FROM kept"), "1000");
+}
+
 /// A non-English locale the machine has (scripts/setup generates de_DE.UTF-8).
 fn german_locale() -> String {
     let out = Command::new("locale").arg("-a").output().unwrap();
