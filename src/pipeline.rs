@@ -573,7 +573,7 @@ fn compress_into<W: Write>(
             hasher.hash(block, n)?;
         }
         let sum = hasher.finish()?;
-        finish_compressed(enc.take(), size, digest, sum, note)
+        finish_compressed(finish_frame(enc.take())?, size, digest, sum, note)
     })
 }
 
@@ -637,17 +637,13 @@ fn compress_inline<W: Write>(
             }
         };
     }
-    let enc = match framing {
+    let out = match framing {
         Framing::Abandoned => None,
-        // Nothing but zeros, or nothing: the empty input still gets its (empty) frame.
-        Framing::Between(out) if size == 0 => Some(Framing::Between(out).in_frame(level)?),
-        Framing::Between(out) => {
-            let note = note()?;
-            return write_trailer(out, size, digest, hasher.finish(), note);
-        }
-        Framing::Frame(enc) => Some(enc),
+        Framing::Between(out) if size > 0 => Some(out),
+        // The empty input still gets its (empty) frame.
+        framing => finish_frame(Some(framing.in_frame(level)?))?,
     };
-    finish_compressed(enc, size, digest, hasher.finish(), note)
+    finish_compressed(out, size, digest, hasher.finish(), note)
 }
 
 /// Where `compress_inline`'s output stands.
@@ -718,9 +714,10 @@ fn compress_next<W: Write>(
     Ok(n)
 }
 
-/// Ends a `compress_into`: zstd's last block, then the trailer.
+/// Ends a `compress_into`: the trailer after the last frame (`out`, every frame finished;
+/// `None` once abandoned: no object, only the trailer).
 fn finish_compressed<W: Write>(
-    enc: Option<zstd::stream::Encoder<'static, W>>,
+    out: Option<W>,
     plain_size: u64,
     digest: Digest,
     sum: [u8; 32],
@@ -731,31 +728,22 @@ fn finish_compressed<W: Write>(
         digest,
         sum,
     };
-    match enc {
-        Some(enc) => {
-            let out = enc.finish().context("finishing zstd")?;
+    match out {
+        Some(mut out) => {
             let note = note()?;
-            write_trailer(out, plain_size, digest, sum, note)
+            out.write_all(&trailer.encode(note))?;
+            Ok((Some(out), trailer, note))
         }
         None => Ok((None, trailer, 0)),
     }
 }
 
-/// Appends the trailer to an object whose last frame is finished.
-fn write_trailer<W: Write>(
-    mut out: W,
-    plain_size: u64,
-    digest: Digest,
-    sum: [u8; 32],
-    note: u64,
-) -> anyhow::Result<(Option<W>, Trailer, u64)> {
-    let trailer = Trailer {
-        plain_size,
-        digest,
-        sum,
-    };
-    out.write_all(&trailer.encode(note))?;
-    Ok((Some(out), trailer, note))
+/// zstd's last block, when there is an encoder.
+fn finish_frame<W: Write>(
+    enc: Option<zstd::stream::Encoder<'static, W>>,
+) -> anyhow::Result<Option<W>> {
+    enc.map(|enc| enc.finish().context("finishing zstd"))
+        .transpose()
 }
 
 /// Gives the pipe from a dump program 1 MiB of buffer instead of 64 KiB, so the program and

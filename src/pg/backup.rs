@@ -580,12 +580,11 @@ pub async fn base_backup(
             // The base and its block map are read while the server's checkpoint runs.
             let version = facts.server.version_num;
             let load = |timeline| {
-                let listed = &listed;
                 load_base(
                     cfg,
                     store.as_ref(),
                     sysid,
-                    listed,
+                    &listed,
                     timeline,
                     version,
                     wanted,
@@ -627,7 +626,7 @@ pub async fn base_backup(
                 opts: PipeOptions::from_config(cfg),
             })
             .await?;
-            // The index is stored while the archiver stores the last segment.
+            // The index is stored while the WAL up to the stop point is made sure of.
             let first = Segment::of_lsn(taken.timeline, taken.start_lsn, seg_size);
             let last = Segment::of_lsn(taken.timeline, taken.stop_lsn, seg_size);
             let wal = secure_wal(

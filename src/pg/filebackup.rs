@@ -43,8 +43,8 @@ pub struct Base {
 
 /// What the file-level backup read and stored.
 pub struct Taken {
-    /// The index object, being stored while the caller waits for the archiver (it deletes the
-    /// backup's bundles when it fails).
+    /// The index object, being stored while the caller makes sure of the WAL up to the stop
+    /// point (it deletes the backup's bundles when it fails).
     pub index: tokio::task::JoinHandle<anyhow::Result<ObjectRef>>,
     pub index_summary: Summary,
     pub start_lsn: Lsn,
