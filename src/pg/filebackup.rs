@@ -30,8 +30,12 @@ use crate::storage::{Store, Upload};
 
 /// A bundle is closed once it holds this many stored bytes.
 const BUNDLE_TARGET: u64 = 256 << 20;
-/// Files are read in jobs of at most this many bytes, so one big file keeps every worker busy.
+/// Files are read in jobs of at most this many bytes of file, so one big file keeps every
+/// worker busy...
 const JOB_BYTES: u64 = 64 << 20;
+/// ...and at most this many bytes to read (every byte, or the blocks the WAL names as
+/// changed), so that the workers end together: the last job to end is at most this long.
+const JOB_READ: u64 = 4 << 20;
 /// Marks an extent's blob as one of the base backup's while the index is being built.
 const BASE_BLOB: u32 = 1 << 31;
 
@@ -475,9 +479,12 @@ fn plan<'a>(
             None => None,
         });
         reused.push(None);
+        let changed = entries
+            .last()
+            .and_then(|p: &Option<Prior>| p.as_ref()?.changed.as_deref());
         let mut from = 0;
         loop {
-            let to = (from + JOB_BYTES).min(f.size);
+            let to = job_end(from, f.size, changed);
             jobs.push(Job { file: i, from, to });
             from = to;
             if from >= f.size {
@@ -486,6 +493,28 @@ fn plan<'a>(
         }
     }
     Ok((entries, reused, jobs))
+}
+
+/// Where the job that starts at `from` (a multiple of `BLOCK`) of a file of `size` bytes
+/// ends: after `JOB_READ` bytes to read (only the `changed` blocks, when the WAL named them)
+/// or `JOB_BYTES` of file.
+fn job_end(from: u64, size: u64, changed: Option<&[bool]>) -> u64 {
+    let last = (from + JOB_BYTES).min(size);
+    let Some(changed) = changed else {
+        return (from + JOB_READ).min(last);
+    };
+    let mut read = 0;
+    let mut off = from;
+    while off < last {
+        if changed.get((off / BLOCK) as usize).copied().unwrap_or(true) {
+            read += BLOCK;
+            if read >= JOB_READ {
+                return (off + BLOCK).min(last);
+            }
+        }
+        off += BLOCK;
+    }
+    last
 }
 
 /// Options of one file-level backup.
@@ -545,7 +574,7 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         let walked = tokio::task::spawn_blocking(move || fileset::walk(&root))
             .await
             .context("walking the data directory")?;
-        tracing::debug!(ms = t.elapsed().as_millis() as u64, "data directory walked");
+        tracing::debug!(us = t.elapsed().as_micros() as u64, "data directory walked");
         walked
     };
     // The WAL since the base is read while the data directory is walked.
@@ -1005,5 +1034,76 @@ mod tests {
             ..prior(&e, size, vec![])
         };
         assert_eq!(p.unchanged(0, size), None);
+    }
+
+    /// The jobs `job_end` cuts a file of `size` bytes into.
+    fn jobs(size: u64, changed: Option<&[bool]>) -> Vec<(u64, u64)> {
+        let mut jobs = Vec::new();
+        let mut from = 0;
+        loop {
+            let to = job_end(from, size, changed);
+            jobs.push((from, to));
+            from = to;
+            if from >= size {
+                return jobs;
+            }
+        }
+    }
+
+    /// Bytes of `from..to` that a job reads: the changed blocks, or all of them.
+    fn to_read(from: u64, to: u64, changed: Option<&[bool]>) -> u64 {
+        (from / BLOCK..to.div_ceil(BLOCK))
+            .filter(|b| changed.is_none_or(|c| c.get(*b as usize).copied().unwrap_or(true)))
+            .map(|b| (b * BLOCK + BLOCK).min(to) - (b * BLOCK).max(from))
+            .sum()
+    }
+
+    #[test]
+    fn jobs_end_after_a_few_mib_to_read_so_the_workers_end_together() {
+        // A 1 GiB relation file read whole (a full backup, or a file the WAL says nothing of).
+        let size = 1 << 30;
+        let whole = jobs(size, None);
+        assert_eq!(whole.len() as u64, size / JOB_READ);
+        // An incremental after a contiguous 1% update: 10 MiB changed in the middle and 10 MiB
+        // appended at the end. Jobs over unchanged blocks only span up to JOB_BYTES of file;
+        // the changed ones are split into JOB_READ, not left in one 64 MiB job.
+        let blocks = (size / BLOCK) as usize;
+        let mut changed = vec![false; blocks];
+        let per = (10 << 20) / BLOCK as usize;
+        changed[blocks / 2..blocks / 2 + per].fill(true);
+        changed[blocks - per..].fill(true);
+        let cut = jobs(size, Some(&changed));
+        for (from, to) in &cut {
+            assert!(
+                from.is_multiple_of(BLOCK),
+                "job starts inside a block: {from}"
+            );
+            assert!(to - from <= JOB_BYTES, "job {from}..{to} too long");
+            assert!(
+                to_read(*from, *to, Some(&changed)) <= JOB_READ,
+                "job {from}..{to} reads too much"
+            );
+        }
+        let reading: Vec<u64> = cut
+            .iter()
+            .map(|(f, t)| to_read(*f, *t, Some(&changed)))
+            .filter(|r| *r > 0)
+            .collect();
+        assert_eq!(reading.iter().sum::<u64>(), 20 << 20);
+        assert!(
+            reading.len() >= 5,
+            "20 MiB to read in {} jobs",
+            reading.len()
+        );
+        // The jobs cover the file once, in order, up to a short last one.
+        assert_eq!(cut.first().map(|j| j.0), Some(0));
+        assert_eq!(cut.last().map(|j| j.1), Some(size));
+        assert!(cut.windows(2).all(|w| w[0].1 == w[1].0));
+        let short = 3 * BLOCK + 100;
+        assert_eq!(
+            jobs(short, Some(&[true, true, true, true])),
+            vec![(0, short)]
+        );
+        assert_eq!(jobs(0, None), vec![(0, 0)]);
     }
 }
