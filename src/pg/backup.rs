@@ -948,7 +948,11 @@ async fn store_stop_piece(
         end,
     };
     let key = repo::wal_key(sysid, &piece.name());
-    let pipe = PipeOptions::for_wal(cfg);
+    let mut pipe = PipeOptions::for_wal(cfg);
+    // Most pieces are a few pages: zstd's worker threads would cost more than they save.
+    if end <= 1 << 20 {
+        pipe.compression.threads = 1;
+    }
     let data = bytes::Bytes::from(data);
     let compressed = crate::pg::walstream::compress_wal(pipe, data.clone(), note).await?;
     crate::pg::walstream::store_wal(store, pipe, &key, &compressed, &data).await?;

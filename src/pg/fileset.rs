@@ -396,7 +396,9 @@ pub fn walk(root: &Path) -> anyhow::Result<(Vec<DirEntry>, Vec<Found>)> {
             let name = entry.file_name().to_string_lossy().into_owned();
             let rel_path = rel.join(&name);
             let rel_str = rel_path.to_string_lossy().into_owned();
-            let meta = match std::fs::symlink_metadata(entry.path()) {
+            // Relative to the directory just read (fstatat): no lookup of the whole path.
+            // Like symlink_metadata, it does not follow a link.
+            let meta = match entry.metadata() {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
