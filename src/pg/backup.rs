@@ -121,7 +121,7 @@ impl ArchiveWatch {
 /// Reads the archiver's progress on `client`.
 async fn archive_progress(client: &tokio_postgres::Client) -> anyhow::Result<ArchiveProgress> {
     let row = client
-        .query_one(sql::ARCHIVE_PROGRESS, &[])
+        .query_typed_one(sql::ARCHIVE_PROGRESS, &[])
         .await
         .context("reading pg_stat_archiver")?;
     Ok(ArchiveProgress {
@@ -170,7 +170,7 @@ async fn source(conn: &ConnInfo) -> anyhow::Result<Source> {
     // Both questions in one round trip (tokio-postgres pipelines queries sent together).
     let (server, archiver) = tokio::join!(
         ServerFacts::read(&client),
-        client.query_one(sql::ARCHIVER, &[])
+        client.query_typed_one(sql::ARCHIVER, &[])
     );
     let server = server?;
     let archive_mode = &server.archive_mode;
@@ -209,7 +209,7 @@ fn database_facts(
     AbortOnDrop(tokio::spawn(async move {
         // Only the names on the backup's session: each size is a walk over the database's
         // files, read on the database's own connection.
-        let rows = match client.query(sql::DATABASES, &[]).await {
+        let rows = match client.query_typed(sql::DATABASES, &[]).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot list the databases: the manifest describes none of them, and the drill checks only that the restore starts");
@@ -394,7 +394,7 @@ fn local_data_dir(cfg: &Config, sysid: u64) -> anyhow::Result<Option<std::path::
 /// The timeline of the server's last checkpoint.
 async fn checkpoint_timeline(client: &tokio_postgres::Client) -> anyhow::Result<u32> {
     Ok(client
-        .query_one("SELECT timeline_id::int4 FROM pg_control_checkpoint()", &[])
+        .query_typed_one("SELECT timeline_id::int4 FROM pg_control_checkpoint()", &[])
         .await
         .context("reading the server's timeline")?
         .get::<_, i32>(0) as u32)

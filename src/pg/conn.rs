@@ -275,7 +275,7 @@ pub struct ServerFacts {
 impl ServerFacts {
     pub async fn read(client: &Client) -> anyhow::Result<ServerFacts> {
         let row = client
-            .query_one(crate::pg::sql::SERVER_FACTS, &[])
+            .query_typed_one(crate::pg::sql::SERVER_FACTS, &[])
             .await
             .context("reading server settings")?;
         Ok(ServerFacts {

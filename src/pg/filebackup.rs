@@ -543,7 +543,10 @@ pub struct Request<'a> {
 pub async fn start(client: &tokio_postgres::Client, id: &str) -> anyhow::Result<Lsn> {
     let label = format!("dbagent {id}");
     client
-        .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
+        .query_typed_one(
+            "SELECT pg_backup_start($1, true)::text",
+            &[(&label, tokio_postgres::types::Type::TEXT)],
+        )
         .await
         .context("starting the backup (pg_backup_start)")?
         .get::<_, String>(0)
@@ -598,7 +601,7 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
 
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "files stored");
     let stop = client
-        .query_one(
+        .query_typed_one(
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
             &[],
         )
