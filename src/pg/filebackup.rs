@@ -590,60 +590,66 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
     let ((dirs, found), recipients) = (walked?, recipients?);
 
     let placed = Arc::new(Mutex::new(Placed::default()));
-    let copied = copy_files(&req, &found, changes.as_ref(), recipients, placed.clone()).await;
-    let copied = match copied {
-        Ok(c) => c,
-        Err(e) => {
+    // The backup stops as soon as every byte is read, while the last bundle is made durable.
+    let stopping = async {
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "files read");
+        let stop = client
+            .query_typed_one(
+                "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
+                &[],
+            )
+            .await
+            .context("ending the backup (pg_backup_stop)")?;
+        let stop_lsn: Lsn = stop
+            .get::<_, String>(0)
+            .parse()
+            .map_err(|e| anyhow::anyhow!("pg_backup_stop returned a bad LSN: {e}"))?;
+        let label: String = stop.get(1);
+        let map: Option<String> = stop.get(2);
+        let facts = crate::pg::tarscan::TarFacts {
+            backup_label: Some(label.clone()),
+            manifest_tail: Vec::new(),
+        };
+        let Some((start_lsn, timeline)) = facts.start() else {
+            anyhow::bail!("pg_backup_stop returned a backup_label without a start position");
+        };
+        // The base was chosen on the timeline of the checkpoint pg_backup_start waited for,
+        // which is the label's: anything else and its unchanged blocks are not this history's.
+        if let Some(base) = req
+            .base
+            .as_ref()
+            .filter(|b| b.manifest.timeline != timeline)
+        {
+            anyhow::bail!(
+                "the backup started on timeline {timeline}, but its base {} is on timeline {}: take the backup again",
+                base.manifest.id,
+                base.manifest.timeline
+            );
+        }
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "backup stopped");
+        Ok((stop_lsn, label, map, start_lsn, timeline))
+    };
+    let copied = copy_files(
+        &req,
+        &found,
+        changes.as_ref(),
+        recipients,
+        placed.clone(),
+        stopping,
+    )
+    .await;
+    let (copied, (stop_lsn, label, map, start_lsn, timeline)) = match copied {
+        Ok((copied, Some(Ok(stopped)))) => (copied, stopped),
+        Ok((_, Some(Err(e)))) | Err(e) => {
             cleanup(req.store.as_ref(), &placed).await;
             return Err(e);
         }
+        Ok((_, None)) => {
+            cleanup(req.store.as_ref(), &placed).await;
+            anyhow::bail!("the backup's files were read but it was not stopped");
+        }
     };
-
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "files stored");
-    let stop = client
-        .query_typed_one(
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
-            &[],
-        )
-        .await
-        .context("ending the backup (pg_backup_stop)");
-    let stop = match stop {
-        Ok(s) => s,
-        Err(e) => {
-            cleanup(req.store.as_ref(), &placed).await;
-            return Err(e);
-        }
-    };
-    let stop_lsn: Lsn = stop
-        .get::<_, String>(0)
-        .parse()
-        .map_err(|e| anyhow::anyhow!("pg_backup_stop returned a bad LSN: {e}"))?;
-    let label: String = stop.get(1);
-    let map: Option<String> = stop.get(2);
-    let facts = crate::pg::tarscan::TarFacts {
-        backup_label: Some(label.clone()),
-        manifest_tail: Vec::new(),
-    };
-    let Some((start_lsn, timeline)) = facts.start() else {
-        cleanup(req.store.as_ref(), &placed).await;
-        anyhow::bail!("pg_backup_stop returned a backup_label without a start position");
-    };
-    // The base was chosen on the timeline of the checkpoint pg_backup_start waited for, which
-    // is the label's: anything else and its unchanged blocks are not this history's.
-    if let Some(base) = req
-        .base
-        .as_ref()
-        .filter(|b| b.manifest.timeline != timeline)
-    {
-        cleanup(req.store.as_ref(), &placed).await;
-        anyhow::bail!(
-            "the backup started on timeline {timeline}, but its base {} is on timeline {}: take the backup again",
-            base.manifest.id,
-            base.manifest.timeline
-        );
-    }
-
-    tracing::debug!(ms = t.elapsed().as_millis() as u64, "backup stopped");
     let (index, mut summary) = assemble(&req, dirs, &found, copied, &placed, label, map)?;
     summary.changes_from = req.base.as_ref().map(|_| match changes {
         Some(_) => "wal",
@@ -748,13 +754,17 @@ struct Copied {
     results: Vec<(usize, JobResult)>,
 }
 
-async fn copy_files(
+/// Reads, compresses and stores the files. `after_reads` runs once every byte is read and
+/// compressed, while the writer makes the last bundle durable (`None`: the reading failed,
+/// and it did not run).
+async fn copy_files<T>(
     req: &Request<'_>,
     found: &[Found],
     changes: Option<&Changes>,
     recipients: Option<Arc<Recipients>>,
     placed: Arc<Mutex<Placed>>,
-) -> anyhow::Result<Copied> {
+    after_reads: impl std::future::Future<Output = T>,
+) -> anyhow::Result<(Copied, Option<T>)> {
     let (base_entries, reused, jobs) = plan(found, req.base.as_ref(), changes)?;
     // One writer: its upload already keeps `upload.concurrency` parts in flight; more writers
     // would multiply that memory (each part is `upload.part_size`) for no gain on 2-8 cores.
@@ -805,13 +815,23 @@ async fn copy_files(
             crate::error::join_first(handles, "a backup worker")
         })
     });
-    let mut written: anyhow::Result<()> = Ok(());
-    while let Some(r) = tasks.join_next().await {
-        let r = r.unwrap_or_else(|e| Err(anyhow::anyhow!("a bundle writer failed: {e}")));
-        if written.is_ok() {
-            written = r;
+    let writing = async {
+        let mut written: anyhow::Result<()> = Ok(());
+        while let Some(r) = tasks.join_next().await {
+            let r = r.unwrap_or_else(|e| Err(anyhow::anyhow!("a bundle writer failed: {e}")));
+            if written.is_ok() {
+                written = r;
+            }
         }
-    }
+        written
+    };
+    let (written, after) = match &read {
+        Ok(()) => {
+            let (written, after) = tokio::join!(writing, after_reads);
+            (written, Some(after))
+        }
+        Err(_) => (writing.await, None),
+    };
     // A writer's error explains a worker's "the bundle writers stopped".
     written?;
     read?;
@@ -824,10 +844,13 @@ async fn copy_files(
         .map(|(r, file)| r.map(|r| (file, r)))
         .collect::<Option<Vec<_>>>()
         .context("a backup job did not finish")?;
-    Ok(Copied {
-        entries: reused,
-        results,
-    })
+    Ok((
+        Copied {
+            entries: reused,
+            results,
+        },
+        after,
+    ))
 }
 
 fn assemble(
