@@ -380,6 +380,9 @@ pub struct PipeOptions {
     pub upload: UploadConfig,
     /// How the objects written identify their plain bytes.
     pub digest: Digest,
+    /// The input is small (a few MiB at most): compress and hash it on one thread, whatever
+    /// `compression.threads` says, instead of starting zstd's workers and a hashing thread.
+    pub small: bool,
 }
 
 impl PipeOptions {
@@ -389,6 +392,7 @@ impl PipeOptions {
             compression: cfg.compression,
             upload: cfg.upload,
             digest: Digest::Sha256,
+            small: false,
         }
     }
 
@@ -403,6 +407,7 @@ impl PipeOptions {
             },
             upload: cfg.upload,
             digest: Digest::Xxh3,
+            small: false,
         }
     }
 }
@@ -544,13 +549,14 @@ fn compress_into<W: Write>(
     mut out: W,
     note: impl FnOnce() -> anyhow::Result<u64>,
     abandon: &AtomicBool,
+    small: bool,
 ) -> anyhow::Result<(Option<W>, Trailer, u64)> {
     if digest == Digest::Xxh3 {
         out.write_all(&XXH3_HEADER)
             .context("writing the object header")?;
     }
     let threads = zstd_workers(opts.threads);
-    if threads == 1 && digest == Digest::Xxh3 {
+    if small || (threads == 1 && digest == Digest::Xxh3) {
         return compress_inline(reader, out, opts.level, digest, note, abandon);
     }
     let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
@@ -764,7 +770,7 @@ pub fn compress_to_memory(
     note: impl FnOnce() -> anyhow::Result<u64>,
     abandon: &AtomicBool,
 ) -> anyhow::Result<(Option<Vec<u8>>, Trailer)> {
-    compress_into(reader, opts, digest, Vec::new(), note, abandon)
+    compress_into(reader, opts, digest, Vec::new(), note, abandon, false)
         .map(|(out, trailer, _)| (out, trailer))
 }
 
@@ -866,7 +872,7 @@ where
         base: opts.upload.part_size,
         tx,
     };
-    let (compression, digest) = (opts.compression, opts.digest);
+    let (compression, digest, small) = (opts.compression, opts.digest, opts.small);
     let producer = tokio::task::spawn_blocking(move || {
         let sink = Sink::new(recipients.as_deref(), writer)?;
         let (sink, trailer, note) = compress_into(
@@ -876,6 +882,7 @@ where
             sink,
             note,
             &AtomicBool::new(false),
+            small,
         )?;
         let (mut rest, seal) = sink.expect("never abandoned").finish(&trailer, note)?;
         if !rest.buf.is_empty() {
@@ -1495,6 +1502,7 @@ impl PipeOptions {
                 concurrency: 1,
             },
             digest: Digest::Sha256,
+            small: false,
         }
     }
 }
@@ -1518,6 +1526,7 @@ mod tests {
                 concurrency: 2,
             },
             digest: Digest::Sha256,
+            small: false,
         }
     }
 
@@ -1532,17 +1541,23 @@ mod tests {
     async fn round_trip_small_and_multipart() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path().into());
-        for (len, part) in [(0usize, 5 << 20), (1000, 5 << 20), (12 << 20, 1 << 16)] {
+        let cases = [(0usize, 5 << 20), (1000, 5 << 20), (12 << 20, 1 << 16)];
+        // `small`: compressed and hashed on the calling thread, the same object.
+        for ((len, part), small) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let plain = data(len);
-            let w = upload(
-                &store,
-                "obj",
-                std::io::Cursor::new(plain.clone()),
-                opts(part),
-            )
-            .await
-            .unwrap();
+            let mut o = opts(part);
+            o.compression.threads = 2;
+            o.small = small;
+            let w = upload(&store, "obj", std::io::Cursor::new(plain.clone()), o)
+                .await
+                .unwrap();
             assert_eq!(w.trailer.plain_size, len as u64);
+            use sha2::Digest as _;
+            assert_eq!(
+                w.trailer.digest_hex(),
+                hex::encode(sha2::Sha256::digest(&plain)),
+                "small: {small}"
+            );
             let (out, t) = download(&store, "obj", Vec::new()).await.unwrap();
             assert_eq!(out, plain);
             assert_eq!(t.trailer, w.trailer);

@@ -149,6 +149,7 @@ fn a_segment_archived_with_sha256_compares_and_fetches_as_before() {
             concurrency: 1,
         },
         digest: dbagent::pipeline::Digest::Sha256,
+        small: false,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let written = rt
