@@ -1261,6 +1261,10 @@ fn a_backup_with_german_messages_succeeds_and_a_stuck_archive_fails_it_fast() {
     };
     let (out, _) = backup("5m", "files");
     ok(&out);
+    // The backup returns without waiting for the archiver to store its history file
+    // (`….backup`, from pg_backup_stop); with `/bin/false` in place first, that file's failure
+    // would refuse the next backup for an archiver already failing, not stuck.
+    switch_and_wait_archived(&pg);
 
     let archive_command = |cmd: &str| {
         pg.psql(
