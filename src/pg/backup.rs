@@ -155,7 +155,7 @@ async fn archive_stuck(
 /// The server a backup reads, on the connection that takes the backup.
 struct Source {
     server: ServerFacts,
-    /// Shared with the archive watcher and the database facts, whose queries queue behind
+    /// Shared with the archive watcher and the database list, whose queries queue behind
     /// the backup's own (`pg_backup_start` and `pg_backup_stop` must run on one session).
     client: Arc<tokio_postgres::Client>,
 }
@@ -231,7 +231,13 @@ fn database_facts(
 
 /// One database for the manifest. Best effort, as the backup does not depend on it: what
 /// cannot be read is left empty, with a warning.
+///
+/// Everything is read on the database's own connection, the four queries sent together (one
+/// round trip, as tokio-postgres pipelines them): a fresh backend's catalog reads and each
+/// round trip take CPU from the backup on a small machine, and the settings, read from a
+/// shared catalog, would otherwise queue on the backup's session behind `pg_backup_start`.
 async fn describe(conn: &ConnInfo, client: &tokio_postgres::Client, name: String) -> DatabaseInfo {
+    use tokio_postgres::types::Type;
     let mut info = DatabaseInfo {
         name,
         size_bytes: 0,
@@ -243,14 +249,21 @@ async fn describe(conn: &ConnInfo, client: &tokio_postgres::Client, name: String
     let read = async {
         match conn.with_db(&name).connect().await {
             Ok(c) => {
-                info.size_bytes = c
-                    .query_one("SELECT pg_database_size(current_database())", &[])
-                    .await
-                    .context("its size")?
-                    .get(0);
-                info.tables = c
-                    .query(sql::ROW_ESTIMATES, &[&MAX_TABLES_PER_DB])
-                    .await
+                let (most, db) = (
+                    [(&MAX_TABLES_PER_DB as _, Type::INT8)],
+                    [(&name as _, Type::TEXT)],
+                );
+                let (size, tables, extensions, settings) = tokio::join!(
+                    c.query_typed_one("SELECT pg_database_size(current_database())", &[]),
+                    c.query_typed(sql::ROW_ESTIMATES, &most),
+                    c.query_typed(
+                        "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
+                        &[]
+                    ),
+                    c.query_typed(sql::DATABASE_SETTINGS, &db),
+                );
+                info.size_bytes = size.context("its size")?.get(0);
+                info.tables = tables
                     .context("its row estimates")?
                     .into_iter()
                     .map(|r| TableRows {
@@ -258,33 +271,33 @@ async fn describe(conn: &ConnInfo, client: &tokio_postgres::Client, name: String
                         rows_estimate: r.get(1),
                     })
                     .collect();
-                info.extensions = c
-                    .query(
-                        "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
-                        &[],
-                    )
-                    .await
-                    .context("its extensions")?
-                    .into_iter()
-                    .map(|r| r.get(0))
-                    .collect();
+                info.extensions = column(extensions).context("its extensions")?;
+                info.settings = column(settings)
+                    .with_context(|| format!("reading the settings of database {name}"))?;
             }
             Err(e) => {
                 tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
                 info.size_bytes = client
-                    .query_one("SELECT pg_database_size($1)", &[&name])
+                    .query_typed_one("SELECT pg_database_size($1)", &[(&name, Type::TEXT)])
                     .await
                     .context("its size")?
                     .get(0);
+                info.settings = database_settings(client, &name).await?;
             }
         }
-        info.settings = database_settings(client, &name).await?;
         anyhow::Ok(())
     };
     if let Err(e) = read.await {
         tracing::warn!(database = %name, error = %format!("{e:#}"), "the manifest describes this database only in part: the drill checks less of it");
     }
     info
+}
+
+/// The first column of every row, as text.
+fn column(
+    rows: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+) -> anyhow::Result<Vec<String>> {
+    Ok(rows?.into_iter().map(|r| r.get(0)).collect())
 }
 
 /// A database's own settings (`ALTER DATABASE … SET`, for every role), as `name=value`.
