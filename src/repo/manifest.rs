@@ -78,7 +78,7 @@ pub struct TableRows {
     pub rows_estimate: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DatabaseInfo {
     pub name: String,
     pub size_bytes: i64,

@@ -130,9 +130,9 @@ fn backup_refuses_a_server_without_archiving() {
 }
 
 /// A base backup's manifest describes every database for the drill (its size, its tables' row
-/// estimates, its extensions and settings), read while the backup runs, each database on a
-/// connection of its own: by either method, and one database the backup's role cannot
-/// connect to still gets its size and settings.
+/// estimates, its extensions and settings), read while the backup runs, its own session's
+/// database on that session and each other on a connection of its own: by either method, and
+/// one database the backup's role cannot connect to still gets its size and settings.
 #[test]
 fn a_base_backup_describes_every_database() {
     let repo = Repo::file();
@@ -145,6 +145,9 @@ fn a_base_backup_describes_every_database() {
     )
     .unwrap();
     pg.psql("postgres", "ALTER DATABASE shop SET work_mem = '8MB'")
+        .unwrap();
+    // The backup's own session is on `postgres`: that one is described on the session.
+    pg.psql("postgres", "ALTER DATABASE postgres SET work_mem = '6MB'")
         .unwrap();
     // The backup's role may connect to the cluster but not to `locked`.
     let hba = pg.data_dir().join("pg_hba.conf");
@@ -219,6 +222,20 @@ fn a_base_backup_describes_every_database() {
             shop["settings"],
             serde_json::json!(["work_mem=8MB"]),
             "{method}"
+        );
+        let own = dbs.iter().find(|d| d["name"] == "postgres").unwrap();
+        assert_eq!(
+            own["settings"],
+            serde_json::json!(["work_mem=6MB"]),
+            "{method}"
+        );
+        assert!(
+            own["extensions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e.as_str().unwrap().starts_with("plpgsql ")),
+            "{method}: {own}"
         );
         let locked = dbs.iter().find(|d| d["name"] == "locked").unwrap();
         assert!(
