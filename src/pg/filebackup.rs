@@ -638,6 +638,18 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         tracing::debug!(ms = t.elapsed().as_millis() as u64, "backup stopped");
         Ok((stop_lsn, label, map, start_lsn, timeline))
     };
+    // The index is assembled and encoded as soon as the last bundle is stored, while the
+    // server ends the backup: only the label, which `pg_backup_stop` returns, is added after.
+    let encode = |copied: Copied| -> anyhow::Result<(Vec<u8>, Summary)> {
+        let (index, summary) = assemble(&req, dirs, &found, copied, &placed, String::new(), None)?;
+        let json = serde_json::to_vec(&index).context("encoding the file index")?;
+        tracing::debug!(
+            ms = t.elapsed().as_millis() as u64,
+            bytes = json.len(),
+            "file index encoded"
+        );
+        Ok((json, summary))
+    };
     let copied = copy_files(
         &req,
         &found,
@@ -645,30 +657,26 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         recipients,
         placed.clone(),
         stopping,
+        encode,
     )
     .await;
-    let (copied, (stop_lsn, label, map, start_lsn, timeline)) = match copied {
-        Ok((copied, Some(Ok(stopped)))) => (copied, stopped),
-        Ok((_, Some(Err(e)))) | Err(e) => {
+    let ((rest, mut summary), (stop_lsn, label, map, start_lsn, timeline)) = match copied {
+        Ok((encoded, Ok(stopped))) => (encoded, stopped),
+        Ok((_, Err(e))) | Err(e) => {
             cleanup(req.store.as_ref(), &placed).await;
             return Err(e);
         }
-        Ok((_, None)) => {
-            cleanup(req.store.as_ref(), &placed).await;
-            anyhow::bail!("the backup's files were read but it was not stopped");
-        }
     };
     tracing::debug!(ms = t.elapsed().as_millis() as u64, "files stored");
-    let (index, mut summary) = assemble(&req, dirs, &found, copied, &placed, label, map)?;
     summary.changes_from = req.base.as_ref().map(|_| match changes {
         Some(_) => "wal",
         None => "compare",
     });
-    let json = match serde_json::to_vec(&index) {
+    let json = match fileset::with_label(rest, &label, map.as_deref()) {
         Ok(j) => j,
         Err(e) => {
             cleanup(req.store.as_ref(), &placed).await;
-            return Err(anyhow::Error::new(e).context("encoding the file index"));
+            return Err(e.context("encoding the file index"));
         }
     };
     let key = crate::repo::backup_index_key(req.sysid, req.id);
@@ -768,16 +776,17 @@ struct Copied {
 }
 
 /// Reads, compresses and stores the files. `after_reads` runs once every byte is read and
-/// compressed, while the writer makes the last bundle durable (`None`: the reading failed,
-/// and it did not run).
-async fn copy_files<T>(
+/// compressed, while the writer makes the last bundle durable (not when the reading failed);
+/// `after_written` once every bundle is stored, beside `after_reads`.
+async fn copy_files<T, R>(
     req: &Request<'_>,
     found: &[Found],
     changes: Option<&Changes>,
     recipients: Option<Arc<Recipients>>,
     placed: Arc<Mutex<Placed>>,
     after_reads: impl std::future::Future<Output = T>,
-) -> anyhow::Result<(Copied, Option<T>)> {
+    after_written: impl FnOnce(Copied) -> anyhow::Result<R>,
+) -> anyhow::Result<(R, T)> {
     let (base_entries, reused, jobs) = plan(found, req.base.as_ref(), changes)?;
     // One writer: its upload already keeps `upload.concurrency` parts in flight; more writers
     // would multiply that memory (each part is `upload.part_size`) for no gain on 2-8 cores.
@@ -838,32 +847,36 @@ async fn copy_files<T>(
         }
         written
     };
-    let (written, after) = match &read {
-        Ok(()) => {
-            let (written, after) = tokio::join!(writing, after_reads);
-            (written, Some(after))
-        }
-        Err(_) => (writing.await, None),
-    };
-    // A writer's error explains a worker's "the bundle writers stopped".
-    written?;
-    read?;
-    let results = shared
-        .results
-        .into_inner()
-        .expect("results")
-        .into_iter()
-        .zip(job_files)
-        .map(|(r, file)| r.map(|r| (file, r)))
-        .collect::<Option<Vec<_>>>()
-        .context("a backup job did not finish")?;
-    Ok((
-        Copied {
+    let copied = || -> anyhow::Result<Copied> {
+        let results = shared
+            .results
+            .lock()
+            .expect("results")
+            .drain(..)
+            .zip(job_files)
+            .map(|(r, file)| r.map(|r| (file, r)))
+            .collect::<Option<Vec<_>>>()
+            .context("a backup job did not finish")?;
+        Ok(Copied {
             entries: reused,
             results,
-        },
-        after,
-    ))
+        })
+    };
+    match read {
+        Ok(()) => {
+            let written = async {
+                // A writer's error explains a worker's "the bundle writers stopped".
+                writing.await?;
+                after_written(copied()?)
+            };
+            let (written, after) = tokio::join!(written, after_reads);
+            Ok((written?, after))
+        }
+        Err(e) => {
+            writing.await?;
+            Err(e)
+        }
+    }
 }
 
 fn assemble(
@@ -875,8 +888,14 @@ fn assemble(
     label: String,
     map: Option<String>,
 ) -> anyhow::Result<(FileIndex, Summary)> {
-    let placed = std::mem::take(&mut *placed.lock().expect("placed"));
-    let mut bundles: Vec<(u32, String, u64)> = placed.bundles;
+    // What was placed, but not the keys to delete should the backup still fail (its stop).
+    let (mut bundles, placed_blobs) = {
+        let mut placed = placed.lock().expect("placed");
+        (
+            std::mem::take(&mut placed.bundles),
+            std::mem::take(&mut placed.blobs),
+        )
+    };
     bundles.sort();
     let mut index_bundles: Vec<BundleLoc> = Vec::new();
     let mut bundle_no: HashMap<u32, u32> = HashMap::new();
@@ -889,7 +908,7 @@ fn assemble(
         });
     }
     let own_bundles = index_bundles.clone();
-    let mut new_blobs: Vec<(u32, Blob)> = placed.blobs.into_iter().collect();
+    let mut new_blobs: Vec<(u32, Blob)> = placed_blobs.into_iter().collect();
     new_blobs.sort_by_key(|(id, _)| *id);
     let mut blobs = Vec::with_capacity(new_blobs.len());
     let mut blob_no: HashMap<u32, u32> = HashMap::new();

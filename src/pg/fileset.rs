@@ -140,6 +140,26 @@ pub struct FileIndex {
     pub tablespace_map: Option<String>,
 }
 
+/// The index's JSON with its label: `rest` is the JSON of the index encoded with an empty
+/// label and no tablespace map (before `pg_backup_stop` returned them), the two are added to
+/// it. The result is what encoding the whole index gives.
+pub fn with_label(mut rest: Vec<u8>, label: &str, map: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    const EMPTY: &[u8] = br#","backup_label":""}"#;
+    anyhow::ensure!(
+        rest.ends_with(EMPTY),
+        "the file index was not encoded with an empty label"
+    );
+    // Keep `,"backup_label":`, drop the empty string and the closing brace.
+    rest.truncate(rest.len() - 3);
+    serde_json::to_writer(&mut rest, label)?;
+    if let Some(map) = map.filter(|m| !m.is_empty()) {
+        rest.extend_from_slice(br#","tablespace_map":"#);
+        serde_json::to_writer(&mut rest, map)?;
+    }
+    rest.push(b'}');
+    Ok(rest)
+}
+
 impl FileIndex {
     /// Checks that every extent points inside a blob and every blob inside a bundle, and that
     /// each file's extents cover it: a damaged or hostile index fails here, before a byte is
@@ -712,6 +732,47 @@ mod tests {
         let compressed = zstd::bulk::compress(&plain, 3).unwrap();
         let old = crate::crypto::seal::seal_bytes(&rs, &compressed).unwrap();
         assert_eq!(r.open(&old, plain.len(), Some(&ids), "o").unwrap(), plain);
+    }
+
+    /// The index is encoded before `pg_backup_stop` returns its label: adding the label (and
+    /// a tablespace map) after gives the same bytes as encoding the whole index, which a
+    /// restore reads back to the same label.
+    #[test]
+    fn a_label_added_to_an_encoded_index_is_the_whole_index() {
+        let mut idx = FileIndex {
+            format: INDEX_FORMAT,
+            block_size: BLOCK,
+            bundles: vec![],
+            blobs: vec![],
+            dirs: vec![],
+            files: vec![FileEntry {
+                path: "global/pg_control".into(),
+                size: 0,
+                mode: 0o600,
+                mtime_ns: 1,
+                checksum: "c".into(),
+                blocks: String::new(),
+                extents: vec![],
+            }],
+            backup_label: String::new(),
+            tablespace_map: None,
+        };
+        let rest = serde_json::to_vec(&idx).unwrap();
+        let label =
+            "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nLABEL: \"x\" \\ é\n";
+        for map in [None, Some(""), Some("16385 /srv/ts\n")] {
+            let spliced = with_label(rest.clone(), label, map).unwrap();
+            idx.backup_label = label.into();
+            idx.tablespace_map = map.filter(|m| !m.is_empty()).map(str::to_string);
+            assert_eq!(
+                String::from_utf8(spliced.clone()).unwrap(),
+                String::from_utf8(serde_json::to_vec(&idx).unwrap()).unwrap()
+            );
+            let back: FileIndex = serde_json::from_slice(&spliced).unwrap();
+            assert_eq!(back, idx);
+        }
+        // An index encoded with its label already is refused, not given a second one.
+        assert!(with_label(serde_json::to_vec(&idx).unwrap(), label, None).is_err());
     }
 
     #[test]
