@@ -555,8 +555,12 @@ fn compress_into<W: Write>(
         out.write_all(&XXH3_HEADER)
             .context("writing the object header")?;
     }
+    // `small` first: counting the cores reads cgroup files, for nothing on the inline path.
+    if small {
+        return compress_inline(reader, out, opts.level, digest, note, abandon);
+    }
     let threads = zstd_workers(opts.threads);
-    if small || (threads == 1 && digest == Digest::Xxh3) {
+    if threads == 1 && digest == Digest::Xxh3 {
         return compress_inline(reader, out, opts.level, digest, note, abandon);
     }
     let mut enc = zstd::stream::Encoder::new(out, opts.level).context("starting zstd")?;
