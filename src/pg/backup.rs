@@ -284,10 +284,7 @@ async fn describe(conn: &ConnInfo, client: &tokio_postgres::Client, name: String
 /// statements (no round trip to prepare each).
 async fn read_facts(c: &tokio_postgres::Client, name: &str) -> anyhow::Result<DatabaseInfo> {
     use tokio_postgres::types::Type;
-    let (most, db) = (
-        [(&MAX_TABLES_PER_DB as _, Type::INT8)],
-        [(&name as _, Type::TEXT)],
-    );
+    let most = [(&MAX_TABLES_PER_DB as _, Type::INT8)];
     let (size, tables, extensions, settings) = tokio::join!(
         c.query_typed_one("SELECT pg_database_size(current_database())", &[]),
         c.query_typed(sql::ROW_ESTIMATES, &most),
@@ -295,7 +292,7 @@ async fn read_facts(c: &tokio_postgres::Client, name: &str) -> anyhow::Result<Da
             "SELECT extname || ' ' || extversion FROM pg_extension ORDER BY 1",
             &[]
         ),
-        c.query_typed(sql::DATABASE_SETTINGS, &db),
+        database_settings(c, name),
     );
     Ok(DatabaseInfo {
         name: name.to_string(),
@@ -308,26 +305,26 @@ async fn read_facts(c: &tokio_postgres::Client, name: &str) -> anyhow::Result<Da
                 rows_estimate: r.get(1),
             })
             .collect(),
-        extensions: column(extensions).context("its extensions")?,
-        settings: column(settings)
-            .with_context(|| format!("reading the settings of database {name}"))?,
+        extensions: extensions
+            .context("its extensions")?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect(),
+        settings: settings?,
     })
 }
 
-/// The first column of every row, as text.
-fn column(
-    rows: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
-) -> anyhow::Result<Vec<String>> {
-    Ok(rows?.into_iter().map(|r| r.get(0)).collect())
-}
-
-/// A database's own settings (`ALTER DATABASE … SET`, for every role), as `name=value`.
+/// A database's own settings (`ALTER DATABASE … SET`, for every role), as `name=value`:
+/// one round trip (an unnamed statement), so that it pipelines with others sent beside it.
 pub async fn database_settings(
     client: &tokio_postgres::Client,
     db: &str,
 ) -> anyhow::Result<Vec<String>> {
     let rows = client
-        .query(sql::DATABASE_SETTINGS, &[&db])
+        .query_typed(
+            sql::DATABASE_SETTINGS,
+            &[(&db, tokio_postgres::types::Type::TEXT)],
+        )
         .await
         .with_context(|| format!("reading the settings of database {db}"))?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())

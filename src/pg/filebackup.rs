@@ -547,6 +547,13 @@ pub struct Request<'a> {
     pub opts: PipeOptions,
 }
 
+impl Request<'_> {
+    /// The backup's workers: `parallel`, at most `MAX_WORKERS`.
+    fn workers(&self) -> usize {
+        self.parallel.clamp(1, MAX_WORKERS)
+    }
+}
+
 /// Starts the backup on `client`'s session (`pg_backup_start`, with an immediate checkpoint):
 /// where the WAL replay of a restore begins. The backup ends with `take`, on the same session.
 pub async fn start(client: &tokio_postgres::Client, id: &str) -> anyhow::Result<Lsn> {
@@ -567,7 +574,7 @@ pub async fn start(client: &tokio_postgres::Client, id: &str) -> anyhow::Result<
 pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
     let client = req.client;
     let started = req.started;
-    tracing::info!(id = req.id, dir = %req.dir.display(), workers = req.parallel.clamp(1, MAX_WORKERS), incremental = req.base.is_some(), "file-level backup started");
+    tracing::info!(id = req.id, dir = %req.dir.display(), workers = req.workers(), incremental = req.base.is_some(), "file-level backup started");
     let changes = async {
         match &req.base {
             Some(base) if req.changes_from_wal => changes_since(&req, base, started).await,
@@ -821,7 +828,7 @@ async fn copy_files<T, R>(
         level: req.opts.compression.level,
         recipients,
     };
-    let parallel = req.parallel.clamp(1, MAX_WORKERS);
+    let parallel = req.workers();
     // The workers borrow `shared`; block_in_place lets them run on this thread's scope while
     // the writers run on the runtime.
     let read = tokio::task::block_in_place(|| {
