@@ -394,84 +394,168 @@ fn skipped(rel: &str, name: &str) -> bool {
         || name.ends_with(".dbagent-unverified")
 }
 
+/// Threads that walk a data directory. The walk sits between pg_backup_start and the first
+/// file read, and grows with the number of files, not their size: a cluster of many
+/// relations (64,000 files) walked in 100 ms on two threads against 146 ms on one. At pgbench
+/// scale 70 (1,274 files, 4 ms) the difference is within the noise.
+const WALK_THREADS: usize = 2;
+
 /// Walks a data directory: directories (sorted) and files (sorted), as PostgreSQL's base
 /// backup would include them. A file that vanishes during the walk (a dropped table) is left
 /// out: the WAL replayed from the backup's start drops it anyway. Tablespaces other than the
 /// default are refused.
 pub fn walk(root: &Path) -> anyhow::Result<(Vec<DirEntry>, Vec<Found>)> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let mut dirs = Vec::new();
-    let mut files = Vec::new();
-    let mut stack = vec![(PathBuf::new(), root.to_path_buf())];
-    while let Some((rel, abs)) = stack.pop() {
-        let entries = match std::fs::read_dir(&abs) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.as_os_str().is_empty() => {
-                continue;
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", abs.display())),
-        };
-        for entry in entries {
-            let entry = entry.with_context(|| format!("reading {}", abs.display()))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let rel_path = rel.join(&name);
-            let rel_str = rel_path.to_string_lossy().into_owned();
-            // Relative to the directory just read (fstatat): no lookup of the whole path.
-            // Like symlink_metadata, it does not follow a link.
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading {}", entry.path().display()));
+    walk_with(root, WALK_THREADS)
+}
+
+/// Directories still to read, shared by the walking threads.
+struct WalkQueue {
+    /// (path relative to the root, absolute path)
+    dirs: Vec<(PathBuf, PathBuf)>,
+    /// Directories being read: the walk ends when none is left to read and none is being
+    /// read (a directory being read may add more).
+    reading: usize,
+    failed: bool,
+}
+
+fn walk_with(root: &Path, threads: usize) -> anyhow::Result<(Vec<DirEntry>, Vec<Found>)> {
+    use std::sync::{Condvar, Mutex};
+    let queue = Mutex::new(WalkQueue {
+        dirs: vec![(PathBuf::new(), root.to_path_buf())],
+        reading: 0,
+        failed: false,
+    });
+    let more = Condvar::new();
+    let walker = || -> anyhow::Result<(Vec<DirEntry>, Vec<Found>)> {
+        let (mut dirs, mut files, mut found) = (Vec::new(), Vec::new(), Vec::new());
+        loop {
+            let next = {
+                let mut q = queue.lock().expect("walk queue");
+                loop {
+                    if q.failed {
+                        break None;
+                    }
+                    if let Some(d) = q.dirs.pop() {
+                        q.reading += 1;
+                        break Some(d);
+                    }
+                    if q.reading == 0 {
+                        break None;
+                    }
+                    q = more.wait(q).expect("walk queue");
                 }
             };
-            let ft = meta.file_type();
-            if ft.is_symlink() {
-                if rel.as_os_str() == "pg_tblspc" {
-                    return Err(input_err!(
-                        "{} holds a tablespace ({}): file-level backups cover the default tablespace only; unset pg.data_dir to back up over the network",
-                        root.display(),
-                        rel_str
-                    ));
-                }
-                if rel.as_os_str().is_empty() && name == "pg_wal" {
-                    // pg_wal elsewhere (initdb -X): restored as a plain, empty directory.
-                    dirs.push(DirEntry {
-                        path: rel_str,
-                        mode: 0o700,
-                    });
-                    continue;
-                }
-                return Err(input_err!(
-                    "{} is a symbolic link: file-level backups do not follow links inside the data directory; unset pg.data_dir to back up over the network",
-                    entry.path().display()
-                ));
+            let Some((rel, abs)) = next else {
+                more.notify_all();
+                return Ok((dirs, files));
+            };
+            let read = read_dir_entries(root, &rel, &abs, &mut dirs, &mut files, &mut found);
+            {
+                let mut q = queue.lock().expect("walk queue");
+                q.reading -= 1;
+                q.failed |= read.is_err();
+                q.dirs.append(&mut found);
             }
-            if ft.is_dir() {
-                dirs.push(DirEntry {
-                    path: rel_str.clone(),
-                    mode: meta.permissions().mode() & 0o7777,
-                });
-                if !(rel.as_os_str().is_empty() && EMPTY_DIRS.contains(&name.as_str())) {
-                    stack.push((rel_path, entry.path()));
-                }
-                continue;
-            }
-            if !ft.is_file() || skipped(&rel_str, &name) {
-                continue;
-            }
-            files.push(Found {
-                path: rel_str,
-                size: meta.len(),
-                mode: meta.permissions().mode() & 0o7777,
-                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            });
+            more.notify_all();
+            read?;
         }
+    };
+    let walked: Vec<_> = std::thread::scope(|s| {
+        let others: Vec<_> = (1..threads.max(1)).map(|_| s.spawn(walker)).collect();
+        let mut walked = vec![walker()];
+        walked.extend(others.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a walking thread panicked")))
+        }));
+        walked
+    });
+    let (mut dirs, mut files) = (Vec::new(), Vec::new());
+    for w in walked {
+        let (d, f) = w?;
+        dirs.extend(d);
+        files.extend(f);
     }
     dirs.sort_by(|a, b| a.path.cmp(&b.path));
     files.sort_by(|a, b| a.path.cmp(&b.path));
     drop_unlogged(&mut files);
     Ok((dirs, files))
+}
+
+/// Reads one directory of the walk (`rel` under `root`, at `abs`): its directories and files
+/// into `dirs` and `files`, the directories to read next into `found`.
+fn read_dir_entries(
+    root: &Path,
+    rel: &Path,
+    abs: &Path,
+    dirs: &mut Vec<DirEntry>,
+    files: &mut Vec<Found>,
+    found: &mut Vec<(PathBuf, PathBuf)>,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let entries = match std::fs::read_dir(abs) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.as_os_str().is_empty() => {
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", abs.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", abs.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rel_path = rel.join(&name);
+        let rel_str = rel_path.to_string_lossy().into_owned();
+        // Relative to the directory just read (fstatat): no lookup of the whole path.
+        // Like symlink_metadata, it does not follow a link.
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", entry.path().display()));
+            }
+        };
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            if rel.as_os_str() == "pg_tblspc" {
+                return Err(input_err!(
+                    "{} holds a tablespace ({}): file-level backups cover the default tablespace only; unset pg.data_dir to back up over the network",
+                    root.display(),
+                    rel_str
+                ));
+            }
+            if rel.as_os_str().is_empty() && name == "pg_wal" {
+                // pg_wal elsewhere (initdb -X): restored as a plain, empty directory.
+                dirs.push(DirEntry {
+                    path: rel_str,
+                    mode: 0o700,
+                });
+                continue;
+            }
+            return Err(input_err!(
+                "{} is a symbolic link: file-level backups do not follow links inside the data directory; unset pg.data_dir to back up over the network",
+                entry.path().display()
+            ));
+        }
+        if ft.is_dir() {
+            dirs.push(DirEntry {
+                path: rel_str,
+                mode: meta.permissions().mode() & 0o7777,
+            });
+            if !(rel.as_os_str().is_empty() && EMPTY_DIRS.contains(&name.as_str())) {
+                found.push((rel_path, entry.path()));
+            }
+            continue;
+        }
+        if !ft.is_file() || skipped(&rel_str, &name) {
+            continue;
+        }
+        files.push(Found {
+            path: rel_str,
+            size: meta.len(),
+            mode: meta.permissions().mode() & 0o7777,
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        });
+    }
+    Ok(())
 }
 
 /// Leaves out every fork of an unlogged relation but its init fork, as PostgreSQL's own base
@@ -644,6 +728,77 @@ mod tests {
                 skip: 10
             }
         );
+    }
+
+    /// A data directory of a few databases, with what a base backup leaves out.
+    fn data_dir_tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for db in 1..=9 {
+            let d = root.join(format!("base/{db}"));
+            std::fs::create_dir_all(&d).unwrap();
+            for rel in 0..40 {
+                std::fs::write(d.join(format!("{}", 16384 + rel)), vec![7u8; rel * 10]).unwrap();
+            }
+            std::fs::create_dir_all(d.join("pgsql_tmp")).unwrap();
+            std::fs::write(d.join("pgsql_tmp/pgsql_tmp1.0"), b"tmp").unwrap();
+        }
+        for d in [
+            "global",
+            "pg_wal/archive_status",
+            "pg_logical/snapshots",
+            "pg_tblspc",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("global/pg_control"), [1u8; 8192]).unwrap();
+        std::fs::write(root.join("pg_wal/000000010000000000000001"), b"wal").unwrap();
+        std::fs::write(root.join("pg_logical/snapshots/0-1.snap"), b"s").unwrap();
+        std::fs::write(root.join("postmaster.pid"), b"1").unwrap();
+        std::fs::write(root.join("PG_VERSION"), b"15\n").unwrap();
+        dir
+    }
+
+    #[test]
+    fn walks_on_any_number_of_threads_find_the_same_tree() {
+        let dir = data_dir_tree();
+        let key = |(dirs, files): (Vec<DirEntry>, Vec<Found>)| {
+            let dirs: Vec<(String, u32)> = dirs.into_iter().map(|d| (d.path, d.mode)).collect();
+            let files: Vec<(String, u64, u32, i64)> = files
+                .into_iter()
+                .map(|f| (f.path, f.size, f.mode, f.mtime_ns))
+                .collect();
+            (dirs, files)
+        };
+        let (dirs, files) = key(walk_with(dir.path(), 1).unwrap());
+        assert_eq!(files.len(), 9 * 40 + 3, "{files:?}");
+        assert!(files.iter().any(|f| f.0 == "base/9/16423" && f.1 == 390));
+        assert!(files.iter().any(|f| f.0 == "pg_logical/snapshots/0-1.snap"));
+        assert!(!files.iter().any(|f| f.0.starts_with("pg_wal/")
+            || f.0.contains("pgsql_tmp")
+            || f.0 == "postmaster.pid"));
+        assert!(dirs.iter().any(|d| d.0 == "pg_wal"));
+        assert!(!dirs.iter().any(|d| d.0 == "pg_wal/archive_status"));
+        for threads in [2, 3, 8] {
+            assert_eq!(
+                key(walk_with(dir.path(), threads).unwrap()),
+                (dirs.clone(), files.clone()),
+                "{threads} threads"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_deep_in_the_tree_fails_every_walk() {
+        let dir = data_dir_tree();
+        std::os::unix::fs::symlink("/tmp", dir.path().join("base/7/99999")).unwrap();
+        for threads in [1, 2, 8] {
+            let err = walk_with(dir.path(), threads).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("base/7/99999 is a symbolic link"),
+                "{threads} threads: {err:#}"
+            );
+        }
     }
 
     #[test]
