@@ -545,6 +545,8 @@ pub struct Request<'a> {
     pub changes_from_wal: bool,
     pub parallel: usize,
     pub opts: PipeOptions,
+    /// Told when every byte is read and `pg_backup_stop` is asked for.
+    pub stopping: Arc<tokio::sync::Notify>,
 }
 
 impl Request<'_> {
@@ -609,6 +611,7 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
     // The backup stops as soon as every byte is read, while the last bundle is made durable.
     let stopping = async {
         tracing::debug!(ms = t.elapsed().as_millis() as u64, "files read");
+        req.stopping.notify_one();
         let stop = client
             .query_typed_one(
                 "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
