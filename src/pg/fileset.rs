@@ -449,7 +449,12 @@ fn walk_with(root: &Path, threads: usize) -> anyhow::Result<(Vec<DirEntry>, Vec<
                 more.notify_all();
                 return Ok((dirs, files));
             };
-            let read = read_dir_entries(root, &rel, &abs, &mut dirs, &mut files, &mut found);
+            // A panic would leave `reading` counting this directory, and the other threads
+            // waiting for it forever: it fails the walk like any error.
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                read_dir_entries(root, &rel, &abs, &mut dirs, &mut files, &mut found)
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("reading {} panicked", abs.display())));
             {
                 let mut q = queue.lock().expect("walk queue");
                 q.reading -= 1;
