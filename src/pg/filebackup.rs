@@ -648,9 +648,14 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         tracing::debug!(ms = t.elapsed().as_millis() as u64, "backup stopped");
         Ok((stop_lsn, label, map, start_lsn, timeline))
     };
-    // The index is assembled and encoded as soon as the last bundle is stored, while the
-    // server ends the backup: only the label, which `pg_backup_stop` returns, is added after.
-    let encode = |copied: Copied| -> anyhow::Result<(Vec<u8>, Summary)> {
+    // The index is assembled, encoded and compressed as soon as the last bundle is stored,
+    // while the server ends the backup (its WAL switch reaches the disk with the CPU idle):
+    // only the end of it, the label that `pg_backup_stop` returns, is compressed after, and
+    // the object is written once that is in. An incremental after a 1% update at pgbench
+    // scale 70, alternated with the index compressed after the stop: 3.0 ± 1.4 ms less of
+    // 92 (30 each, a 2-core VM).
+    let key = crate::repo::backup_index_key(req.sysid, req.id);
+    let encode = |copied: Copied| -> anyhow::Result<_> {
         let (index, summary) = assemble(&req, dirs, &found, copied, &placed, String::new(), None)?;
         let json = serde_json::to_vec(&index).context("encoding the file index")?;
         tracing::debug!(
@@ -658,7 +663,24 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
             bytes = json.len(),
             "file index encoded"
         );
-        Ok((json, summary))
+        let (tail, reader) = LabelledIndex::new(fileset::before_label(json)?);
+        let (store, placed, key, mut opts) =
+            (req.store.clone(), placed.clone(), key.clone(), req.opts);
+        // About 0.1 MiB per GB of database (330 KiB at scale 70): zstd's workers and a hashing
+        // thread would start for it just when the archiver starts two processes beside the
+        // backup. At 1 TB, 100 MiB on one thread is a fraction of a second of a long backup.
+        opts.small = true;
+        let index = tokio::spawn(async move {
+            let written = crate::pipeline::upload(store.as_ref(), &key, reader, opts).await;
+            match written {
+                Ok(w) => Ok(ObjectRef::written(&key, &w)),
+                Err(e) => {
+                    cleanup(store.as_ref(), &placed).await;
+                    Err(e)
+                }
+            }
+        });
+        Ok((tail, index, summary))
     };
     let copied = copy_files(
         &req,
@@ -670,7 +692,8 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         encode,
     )
     .await;
-    let ((rest, mut summary), (stop_lsn, label, map, start_lsn, timeline)) = match copied {
+    // A failure drops the index's tail: its upload fails, and stores nothing.
+    let ((tail, index, mut summary), (stop_lsn, label, map, start_lsn, timeline)) = match copied {
         Ok((encoded, Ok(stopped))) => (encoded, stopped),
         Ok((_, Err(e))) | Err(e) => {
             cleanup(req.store.as_ref(), &placed).await;
@@ -682,30 +705,17 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
         Some(_) => "wal",
         None => "compare",
     });
-    let json = match fileset::with_label(rest, &label, map.as_deref()) {
-        Ok(j) => j,
+    match fileset::label_tail(&label, map.as_deref()) {
+        // An upload that failed already says why when it is awaited.
+        Ok(t) => {
+            let _ = tail.send(t);
+        }
         Err(e) => {
+            drop(tail);
             cleanup(req.store.as_ref(), &placed).await;
             return Err(e.context("encoding the file index"));
         }
-    };
-    let key = crate::repo::backup_index_key(req.sysid, req.id);
-    let (store, mut opts) = (req.store.clone(), req.opts);
-    // About 0.1 MiB per GB of database (330 KiB at scale 70): zstd's workers and a hashing
-    // thread would start for it just when the archiver starts two processes beside the
-    // backup. At 1 TB, 100 MiB on one thread is a fraction of a second of a long backup.
-    opts.small = true;
-    let index = tokio::spawn(async move {
-        let written =
-            crate::pipeline::upload(store.as_ref(), &key, std::io::Cursor::new(json), opts).await;
-        match written {
-            Ok(w) => Ok(ObjectRef::written(&key, &w)),
-            Err(e) => {
-                cleanup(store.as_ref(), &placed).await;
-                Err(e)
-            }
-        }
-    });
+    }
     Ok(Taken {
         index,
         index_summary: summary,
@@ -769,6 +779,43 @@ async fn changes_since(req: &Request<'_>, base: &Base, started: Lsn) -> Option<C
             );
             None
         }
+    }
+}
+
+/// The bytes of the file index for its upload: those encoded while the server ends the
+/// backup, then, once `pg_backup_stop` has returned it, the label. When the backup fails
+/// first, the sender is dropped and the read fails, so that nothing is stored.
+struct LabelledIndex {
+    head: std::io::Cursor<Vec<u8>>,
+    tail: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
+    rest: std::io::Cursor<Vec<u8>>,
+}
+
+impl LabelledIndex {
+    fn new(head: Vec<u8>) -> (std::sync::mpsc::SyncSender<Vec<u8>>, LabelledIndex) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let reader = LabelledIndex {
+            head: std::io::Cursor::new(head),
+            tail: Some(rx),
+            rest: std::io::Cursor::new(Vec::new()),
+        };
+        (tx, reader)
+    }
+}
+
+impl std::io::Read for LabelledIndex {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.head.read(buf)?;
+        if n > 0 || buf.is_empty() {
+            return Ok(n);
+        }
+        if let Some(rx) = self.tail.take() {
+            let tail = rx.recv().map_err(|_| {
+                std::io::Error::other("the backup failed before pg_backup_stop returned its label")
+            })?;
+            self.rest = std::io::Cursor::new(tail);
+        }
+        self.rest.read(buf)
     }
 }
 
@@ -1056,6 +1103,61 @@ fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The index is compressed and written while the server ends the backup: it is stored,
+    /// whole, only once the label is in; a backup that fails before (the label's sender
+    /// dropped) stores no index, not even one without its label.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_index_is_stored_with_its_label_or_not_at_all() {
+        use crate::storage::LocalStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().into());
+        // Several inline blocks, so that most of it is compressed before the label is sent.
+        let head: Vec<u8> = (0..400_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let opts = || {
+            let mut o = PipeOptions::for_tests();
+            o.small = true;
+            o
+        };
+
+        let (tail, reader) = LabelledIndex::new(head.clone());
+        let upload = crate::pipeline::upload(&store, "labelled", reader, opts());
+        let send = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(
+                store.head("labelled").await.unwrap().is_none(),
+                "stored before its label"
+            );
+            tail.send(b"\"label\"}".to_vec()).unwrap();
+        };
+        let (written, ()) = tokio::join!(upload, send);
+        written.unwrap();
+        let (plain, _) = crate::pipeline::download(&store, "labelled", Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(plain.len(), head.len() + 8);
+        assert!(plain.starts_with(&head) && plain.ends_with(b"\"label\"}"));
+
+        let (tail, reader) = LabelledIndex::new(head);
+        let upload = crate::pipeline::upload(&store, "failed", reader, opts());
+        let fail = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            drop(tail);
+        };
+        let (written, ()) = tokio::join!(upload, fail);
+        let e = written.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("before pg_backup_stop returned its label"),
+            "{e:#}"
+        );
+        assert!(store.head("failed").await.unwrap().is_none());
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().count() == 1,
+            "a temporary file was left behind"
+        );
+    }
 
     fn prior(entry: &FileEntry, size: u64, changed: Vec<bool>) -> Prior<'_> {
         Prior {

@@ -143,7 +143,15 @@ pub struct FileIndex {
 /// The index's JSON with its label: `rest` is the JSON of the index encoded with an empty
 /// label and no tablespace map (before `pg_backup_stop` returned them), the two are added to
 /// it. The result is what encoding the whole index gives.
-pub fn with_label(mut rest: Vec<u8>, label: &str, map: Option<&str>) -> anyhow::Result<Vec<u8>> {
+pub fn with_label(rest: Vec<u8>, label: &str, map: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let mut json = before_label(rest)?;
+    json.extend_from_slice(&label_tail(label, map)?);
+    Ok(json)
+}
+
+/// The JSON of an index encoded with an empty label, up to where its label goes: what
+/// `label_tail` completes.
+pub fn before_label(mut rest: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     const EMPTY: &[u8] = br#","backup_label":""}"#;
     anyhow::ensure!(
         rest.ends_with(EMPTY),
@@ -151,13 +159,18 @@ pub fn with_label(mut rest: Vec<u8>, label: &str, map: Option<&str>) -> anyhow::
     );
     // Keep `,"backup_label":`, drop the empty string and the closing brace.
     rest.truncate(rest.len() - 3);
-    serde_json::to_writer(&mut rest, label)?;
-    if let Some(map) = map.filter(|m| !m.is_empty()) {
-        rest.extend_from_slice(br#","tablespace_map":"#);
-        serde_json::to_writer(&mut rest, map)?;
-    }
-    rest.push(b'}');
     Ok(rest)
+}
+
+/// The end of an index's JSON after `before_label`: its label and tablespace map.
+pub fn label_tail(label: &str, map: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let mut tail = serde_json::to_vec(label)?;
+    if let Some(map) = map.filter(|m| !m.is_empty()) {
+        tail.extend_from_slice(br#","tablespace_map":"#);
+        serde_json::to_writer(&mut tail, map)?;
+    }
+    tail.push(b'}');
+    Ok(tail)
 }
 
 impl FileIndex {
