@@ -609,22 +609,6 @@ pub async fn base_backup(
     let mut waited = None;
     let (data, start_lsn, tli, stop_lsn, files) = match local {
         Some(dir) => {
-            // An archive that never catches up: fail with the reason while waiting for WAL.
-            let (timeline, before) = tokio::join!(
-                checkpoint_timeline(&facts.client),
-                archive_progress(&facts.client)
-            );
-            let (timeline, before) = (timeline?, before?);
-            // Watching from now: by the time the files are stored it knows how long the
-            // archiver has been stuck.
-            watch = Some(AbortOnDrop(tokio::spawn(archive_stuck(
-                facts.client.clone(),
-                ArchiveWatch::new(before.lsn, seg_size, cfg.wal.archive_wait),
-            ))));
-            // Where WAL was written before pg_backup_start: a segment closed after it was
-            // closed during this backup.
-            let began_at = Lsn(before.lsn);
-            // The base and its block map are read while the server's checkpoint runs.
             let version = facts.server.version_num;
             let load = |timeline| {
                 load_base(
@@ -637,12 +621,34 @@ pub async fn base_backup(
                     wanted,
                 )
             };
-            let (begun, base) = tokio::join!(
-                crate::pg::filebackup::start(&facts.client, &id),
-                load(timeline)
+            // The timeline and the archiver's progress are asked for in the same round trip as
+            // pg_backup_start, just before it (tokio-postgres sends queries in the order they
+            // are first polled, and the session runs them in that order); the base and its
+            // block map are then read while the server's checkpoint runs.
+            let before_start = async {
+                let (timeline, before) = tokio::join!(
+                    checkpoint_timeline(&facts.client),
+                    archive_progress(&facts.client)
+                );
+                let (timeline, before) = (timeline?, before?);
+                anyhow::Ok((timeline, before, load(timeline).await?))
+            };
+            let (read, begun) = tokio::join!(
+                before_start,
+                crate::pg::filebackup::start(&facts.client, &id)
             );
             // A failed start ends with the session; the base's failure says more.
-            let (mut base, begun) = (base?, begun?);
+            let ((timeline, before, mut base), begun) = (read?, begun?);
+            // An archive that never catches up: fail with the reason while waiting for WAL.
+            // Watching from the reading before pg_backup_start: by the time the files are
+            // stored it knows how long the archiver has been stuck.
+            watch = Some(AbortOnDrop(tokio::spawn(archive_stuck(
+                facts.client.clone(),
+                ArchiveWatch::new(before.lsn, seg_size, cfg.wal.archive_wait),
+            ))));
+            // Where WAL was written before pg_backup_start: a segment closed after it was
+            // closed during this backup.
+            let began_at = Lsn(before.lsn);
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "backup started");
             // The timeline read before was the last checkpoint's: just after a promotion, the
             // old one until the first checkpoint on the new one ends. pg_backup_start's own
