@@ -204,10 +204,12 @@ struct Shared<'a> {
     recipients: Option<Arc<Recipients>>,
 }
 
-/// A worker's blob in the making.
+/// A worker's blob in the making: file bytes are read straight into its buffer (`CHUNK`
+/// long, of which the first `len` bytes are the blob), never copied into it.
 struct Pending {
     writer: BlobWriter,
     buf: Vec<u8>,
+    len: usize,
     id: Option<u32>,
 }
 
@@ -216,25 +218,35 @@ impl Pending {
         let Some(id) = self.id.take() else {
             return Ok(());
         };
-        let bytes = self.writer.seal(&self.buf, shared.recipients.as_deref())?;
-        let plain = self.buf.len() as u32;
-        self.buf.clear();
+        let bytes = self
+            .writer
+            .seal(&self.buf[..self.len], shared.recipients.as_deref())?;
+        let plain = self.len as u32;
+        self.len = 0;
         tx.blocking_send(Sealed { id, bytes, plain })
             .map_err(|_| anyhow::anyhow!("the bundle writers stopped"))
     }
 
-    /// Adds `data` (file bytes at `at`) to the blob, flushing first when it would not fit.
-    fn add(
+    /// Room for `want` bytes after the blob's, flushing it first when they would not fit.
+    fn room(
         &mut self,
         shared: &Shared,
         tx: &mpsc::Sender<Sealed>,
-        data: &[u8],
-        at: u64,
-        extents: &mut Vec<Extent>,
-    ) -> anyhow::Result<()> {
-        if self.buf.len() + data.len() > CHUNK {
+        want: usize,
+    ) -> anyhow::Result<&mut [u8]> {
+        if self.len + want > CHUNK {
             self.flush(shared, tx)?;
         }
+        Ok(&mut self.buf[self.len..self.len + want])
+    }
+
+    /// The first `n` bytes read into `room`.
+    fn room_read(&self, n: usize) -> &[u8] {
+        &self.buf[self.len..self.len + n]
+    }
+
+    /// Keeps the first `n` bytes read into `room` (file bytes at `at`) in the blob.
+    fn keep(&mut self, shared: &Shared, n: usize, at: u64, extents: &mut Vec<Extent>) {
         let id = *self
             .id
             .get_or_insert_with(|| shared.next_blob.fetch_add(1, Ordering::Relaxed));
@@ -242,13 +254,12 @@ impl Pending {
             extents,
             Extent {
                 at,
-                len: data.len() as u64,
+                len: n as u64,
                 blob: id,
-                skip: self.buf.len() as u32,
+                skip: self.len as u32,
             },
         );
-        self.buf.extend_from_slice(data);
-        Ok(())
+        self.len += n;
     }
 }
 
@@ -256,7 +267,6 @@ fn run_job(
     shared: &Shared,
     job: Job,
     pending: &mut Pending,
-    block: &mut [u8],
     tx: &mpsc::Sender<Sealed>,
 ) -> anyhow::Result<JobResult> {
     let f = &shared.found[job.file];
@@ -286,19 +296,18 @@ fn run_job(
             continue;
         }
         let want = (job.to - off).min(BLOCK) as usize;
-        let n = fileset::read_at(&file, &mut block[..want], off)
+        let n = fileset::read_at(&file, pending.room(shared, tx, want)?, off)
             .with_context(|| format!("reading {}", path.display()))?;
         res.read_io += n as u64;
         if n > 0 {
-            let data = &block[..n];
-            let h = fileset::block_hash(data);
+            let h = fileset::block_hash(pending.room_read(n));
             let bi = (off / BLOCK) as usize;
             let same = base.is_some_and(|p| {
                 p.hashes.get(bi) == Some(&h) && p.entry.size.min(off + BLOCK) - off == n as u64
             });
             match base {
                 Some(p) if same => p.reuse(off, off + n as u64, &mut res.extents),
-                _ => pending.add(shared, tx, data, off, &mut res.extents)?,
+                _ => pending.keep(shared, n, off, &mut res.extents),
             }
             res.hashes.push(h);
             res.read += n as u64;
@@ -313,19 +322,20 @@ fn run_job(
 }
 
 fn worker(shared: &Shared, tx: mpsc::Sender<Sealed>) -> anyhow::Result<()> {
+    // Zeroed pages from the system, touched only as blobs fill them.
     let mut pending = Pending {
         writer: BlobWriter::new(shared.level)?,
-        buf: Vec::with_capacity(CHUNK),
+        buf: vec![0u8; CHUNK],
+        len: 0,
         id: None,
     };
-    let mut block = vec![0u8; BLOCK as usize];
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
         let next = shared.jobs.lock().expect("job queue").next();
         let Some((slot, job)) = next else { break };
-        let res = run_job(shared, job, &mut pending, &mut block, &tx);
+        let res = run_job(shared, job, &mut pending, &tx);
         match res {
             Ok(r) => shared.results.lock().expect("results")[slot] = Some(r),
             Err(e) => {
