@@ -207,13 +207,18 @@ const OTHERS_AFTER: Duration = Duration::from_millis(250);
 fn database_facts(
     conn: &ConnInfo,
     client: &Arc<tokio_postgres::Client>,
+    own_when: Arc<tokio::sync::Notify>,
     others_when: Arc<tokio::sync::Notify>,
 ) -> AbortOnDrop<anyhow::Result<Vec<DatabaseInfo>>> {
     let (conn, client) = (conn.clone(), client.clone());
     AbortOnDrop(tokio::spawn(async move {
-        // The session's own database is described on the session, its queries sent with the
-        // list's before the backup's own: a backend started for it would take a few
-        // milliseconds of CPU from the backup on a small machine.
+        // The session's own database is described on the session: a backend started for it
+        // would take a few milliseconds of CPU from the backup on a small machine. Its queries
+        // are sent when `own_when` is told: a file-level backup tells it once its own
+        // queries up to `pg_backup_start` are sent, so that the session runs these after the
+        // start instead of before it (an incremental after a 1% update at pgbench scale 70,
+        // alternated: 2.4 ± 1.1 ms less of 93 in 40 rounds, 1.8 ± 1.6 in 30).
+        own_when.notified().await;
         let (rows, mut own) = tokio::join!(
             client.query_typed(sql::DATABASES, &[]),
             read_facts(&client, &conn.dbname)
@@ -580,8 +585,11 @@ pub async fn base_backup(
         ms = started.elapsed().as_millis() as u64,
         "server facts read"
     );
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let databases = database_facts(&conn, &facts.client, stopping.clone());
+    let (started_sent, stopping) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let databases = database_facts(&conn, &facts.client, started_sent.clone(), stopping.clone());
     // Fail on a wrong bucket or credentials before reading the database. The listing and the
     // check that the new backup's name is free go to the store together: one round trip
     // instead of two to an object store far away.
@@ -622,9 +630,10 @@ pub async fn base_backup(
                 )
             };
             // The timeline and the archiver's progress are asked for in the same round trip as
-            // pg_backup_start, just before it (tokio-postgres sends queries in the order they
-            // are first polled, and the session runs them in that order); the base and its
-            // block map are then read while the server's checkpoint runs.
+            // pg_backup_start, just before it, and the timeline again just after it
+            // (tokio-postgres sends queries in the order they are first polled, and the session
+            // runs them in that order); the base and its block map are read while the server's
+            // checkpoint runs.
             let before_start = async {
                 let (timeline, before) = tokio::join!(
                     checkpoint_timeline(&facts.client),
@@ -633,10 +642,19 @@ pub async fn base_backup(
                 let (timeline, before) = (timeline?, before?);
                 anyhow::Ok((timeline, before, load(timeline).await?))
             };
-            let (read, begun) = tokio::join!(
+            let starting = futures::future::join3(
                 before_start,
-                crate::pg::filebackup::start(&facts.client, &id)
+                crate::pg::filebackup::start(&facts.client, &id),
+                checkpoint_timeline(&facts.client),
             );
+            let mut starting = std::pin::pin!(starting);
+            // The first poll sends the queries; the databases' queue behind them.
+            let first = futures::poll!(&mut starting);
+            started_sent.notify_one();
+            let (read, begun, begun_on) = match first {
+                std::task::Poll::Ready(done) => done,
+                std::task::Poll::Pending => starting.await,
+            };
             // A failed start ends with the session; the base's failure says more.
             let ((timeline, before, mut base), begun) = (read?, begun?);
             // An archive that never catches up: fail with the reason while waiting for WAL.
@@ -651,10 +669,10 @@ pub async fn base_backup(
             let began_at = Lsn(before.lsn);
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "backup started");
             // The timeline read before was the last checkpoint's: just after a promotion, the
-            // old one until the first checkpoint on the new one ends. pg_backup_start's own
-            // checkpoint has ended now, so this is the timeline the backup starts on; a base
-            // chosen on the old one would take its changes from the old timeline's WAL.
-            let begun_on = checkpoint_timeline(&facts.client).await?;
+            // old one until the first checkpoint on the new one ends. The one read after
+            // pg_backup_start is that of its own checkpoint, the timeline the backup starts on;
+            // a base chosen on the old one would take its changes from the old timeline's WAL.
+            let begun_on = begun_on?;
             if begun_on != timeline {
                 tracing::info!(
                     was = timeline,
@@ -733,6 +751,7 @@ pub async fn base_backup(
             )
         }
         None => {
+            started_sent.notify_one();
             stopping.notify_one();
             let data_key = repo::backup_data_key(sysid, &id);
             let (data, start_lsn, tli, stop_lsn) =
