@@ -116,11 +116,15 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
 
     // Refused with one line, nothing written: an incremental over the network, and a data
     // directory that is not the server's.
-    // The server's archiver may still be pushing the full backup's history file: WAL is not
-    // what a refusal could write, so it is left out of the comparison.
+    // The server's archiver may still be pushing the full backup's history file, or the
+    // summary of a segment it pushed (`walrefs/`, stored after the segment): neither is what
+    // a refusal could write, so both are left out of the comparison.
     let backups = || {
         let mut snap = repo.snapshot();
-        snap.retain(|path, _| !path.to_string_lossy().contains("/wal/"));
+        snap.retain(|path, _| {
+            let path = path.to_string_lossy();
+            !path.contains("/wal/") && !path.contains("/walrefs/")
+        });
         snap
     };
     let before = backups();
