@@ -213,9 +213,22 @@ mod tests {
         dir: tempfile::TempDir,
     }
 
+    /// Writing a fake `pg_config` while another test forks to run its own would leave the
+    /// new script open for writing in that child until it execs, and running the script then
+    /// fails with "Text file busy": scripts are written under the write lock, run under a
+    /// read lock.
+    static FORKS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+    /// `ensure` with this fake installation's `pg_config`.
+    fn ensure_fake(fake: &FakeInstall) -> anyhow::Result<CjkParser> {
+        let _running = FORKS.read().unwrap_or_else(|e| e.into_inner());
+        ensure(&fake.pg_config())
+    }
+
     impl FakeInstall {
         fn new() -> FakeInstall {
             use std::os::unix::fs::PermissionsExt;
+            let _writing = FORKS.write().unwrap_or_else(|e| e.into_inner());
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path();
             fs::create_dir_all(root.join("share/extension")).unwrap();
@@ -267,7 +280,7 @@ mod tests {
         .unwrap();
         fs::write(fake.library(), b"the site's library").unwrap();
         let before = fake.files();
-        assert_eq!(ensure(&fake.pg_config()).unwrap(), CjkParser::Installed);
+        assert_eq!(ensure_fake(&fake).unwrap(), CjkParser::Installed);
         assert_eq!(fake.files(), before);
     }
 
@@ -275,7 +288,7 @@ mod tests {
     fn a_library_without_its_control_file_is_refused_not_replaced() {
         let fake = FakeInstall::new();
         fs::write(fake.library(), b"someone's library").unwrap();
-        let err = format!("{:#}", ensure(&fake.pg_config()).unwrap_err());
+        let err = format!("{:#}", ensure_fake(&fake).unwrap_err());
         assert!(err.contains("will not replace"), "{err}");
         assert_eq!(fs::read(fake.library()).unwrap(), b"someone's library");
     }
@@ -296,11 +309,11 @@ mod tests {
         fs::write(fake.library(), b"built earlier").unwrap();
         let before = fake.files();
         // A build would fail here (the fake pg_config has no --includedir-server).
-        assert_eq!(ensure(&fake.pg_config()).unwrap(), CjkParser::StandIn);
+        assert_eq!(ensure_fake(&fake).unwrap(), CjkParser::StandIn);
         assert_eq!(fake.files(), before);
         // From other sources: rebuilt (which this fake cannot do, so it says it tried).
         fs::write(fake.control(), format!("{MARK}0000000000000000\n")).unwrap();
-        let err = format!("{:#}", ensure(&fake.pg_config()).unwrap_err());
+        let err = format!("{:#}", ensure_fake(&fake).unwrap_err());
         assert!(err.contains("includedir-server"), "{err}");
     }
 
