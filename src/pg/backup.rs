@@ -203,7 +203,8 @@ const OTHERS_AFTER: Duration = Duration::from_millis(250);
 /// The databases the manifest describes (sizes, settings, row estimates and extensions for the
 /// drill), read while the backup runs: none of it decides what is copied, and a connection
 /// per database is a round of connecting and authenticating that a nightly incremental need
-/// not wait for. `others_when` is told when the server is asked to end the backup.
+/// not wait for. `own_when` is told once the backup's queries up to `pg_backup_start` are
+/// sent, `others_when` when the server is asked to end the backup.
 fn database_facts(
     conn: &ConnInfo,
     client: &Arc<tokio_postgres::Client>,

@@ -673,7 +673,7 @@ pub async fn take(req: Request<'_>) -> anyhow::Result<Taken> {
             bytes = json.len(),
             "file index encoded"
         );
-        let (tail, reader) = LabelledIndex::new(fileset::before_label(json)?);
+        let (tail, reader) = labelled_index(fileset::before_label(json)?);
         let (store, placed, key, mut opts) =
             (req.store.clone(), placed.clone(), key.clone(), req.opts);
         // About 0.1 MiB per GB of database (330 KiB at scale 70): zstd's workers and a hashing
@@ -792,40 +792,38 @@ async fn changes_since(req: &Request<'_>, base: &Base, started: Lsn) -> Option<C
     }
 }
 
-/// The bytes of the file index for its upload: those encoded while the server ends the
-/// backup, then, once `pg_backup_stop` has returned it, the label. When the backup fails
-/// first, the sender is dropped and the read fails, so that nothing is stored.
-struct LabelledIndex {
-    head: std::io::Cursor<Vec<u8>>,
-    tail: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
-    rest: std::io::Cursor<Vec<u8>>,
+/// The end of the file index for its upload, read after the bytes encoded while the server
+/// ends the backup (`Cursor::chain`): the label, once `pg_backup_stop` has returned it. When
+/// the backup fails first, the sender is dropped and the read fails, so that nothing is
+/// stored.
+struct LabelTail {
+    rx: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
+    tail: std::io::Cursor<Vec<u8>>,
 }
 
-impl LabelledIndex {
-    fn new(head: Vec<u8>) -> (std::sync::mpsc::SyncSender<Vec<u8>>, LabelledIndex) {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let reader = LabelledIndex {
-            head: std::io::Cursor::new(head),
-            tail: Some(rx),
-            rest: std::io::Cursor::new(Vec::new()),
-        };
-        (tx, reader)
-    }
+/// The file index as its upload reads it: the bytes encoded early, then the label.
+type LabelledIndex = std::io::Chain<std::io::Cursor<Vec<u8>>, LabelTail>;
+
+/// The file index's reader (`head`, then the label sent on the returned sender).
+fn labelled_index(head: Vec<u8>) -> (std::sync::mpsc::SyncSender<Vec<u8>>, LabelledIndex) {
+    use std::io::Read;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let tail = LabelTail {
+        rx: Some(rx),
+        tail: std::io::Cursor::new(Vec::new()),
+    };
+    (tx, std::io::Cursor::new(head).chain(tail))
 }
 
-impl std::io::Read for LabelledIndex {
+impl std::io::Read for LabelTail {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.head.read(buf)?;
-        if n > 0 || buf.is_empty() {
-            return Ok(n);
-        }
-        if let Some(rx) = self.tail.take() {
+        if let Some(rx) = self.rx.take() {
             let tail = rx.recv().map_err(|_| {
                 std::io::Error::other("the backup failed before pg_backup_stop returned its label")
             })?;
-            self.rest = std::io::Cursor::new(tail);
+            self.tail = std::io::Cursor::new(tail);
         }
-        self.rest.read(buf)
+        self.tail.read(buf)
     }
 }
 
@@ -1132,7 +1130,7 @@ mod tests {
             o
         };
 
-        let (tail, reader) = LabelledIndex::new(head.clone());
+        let (tail, reader) = labelled_index(head.clone());
         let upload = crate::pipeline::upload(&store, "labelled", reader, opts());
         let send = async {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -1150,7 +1148,7 @@ mod tests {
         assert_eq!(plain.len(), head.len() + 8);
         assert!(plain.starts_with(&head) && plain.ends_with(b"\"label\"}"));
 
-        let (tail, reader) = LabelledIndex::new(head);
+        let (tail, reader) = labelled_index(head);
         let upload = crate::pipeline::upload(&store, "failed", reader, opts());
         let fail = async {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

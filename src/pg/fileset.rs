@@ -140,17 +140,9 @@ pub struct FileIndex {
     pub tablespace_map: Option<String>,
 }
 
-/// The index's JSON with its label: `rest` is the JSON of the index encoded with an empty
-/// label and no tablespace map (before `pg_backup_stop` returned them), the two are added to
-/// it. The result is what encoding the whole index gives.
-pub fn with_label(rest: Vec<u8>, label: &str, map: Option<&str>) -> anyhow::Result<Vec<u8>> {
-    let mut json = before_label(rest)?;
-    json.extend_from_slice(&label_tail(label, map)?);
-    Ok(json)
-}
-
-/// The JSON of an index encoded with an empty label, up to where its label goes: what
-/// `label_tail` completes.
+/// The JSON of an index encoded with an empty label and no tablespace map (before
+/// `pg_backup_stop` returned them), up to where its label goes: with `label_tail` after it,
+/// the same bytes as encoding the whole index.
 pub fn before_label(mut rest: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     const EMPTY: &[u8] = br#","backup_label":""}"#;
     anyhow::ensure!(
@@ -934,7 +926,8 @@ mod tests {
         let label =
             "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nLABEL: \"x\" \\ é\n";
         for map in [None, Some(""), Some("16385 /srv/ts\n")] {
-            let spliced = with_label(rest.clone(), label, map).unwrap();
+            let mut spliced = before_label(rest.clone()).unwrap();
+            spliced.extend_from_slice(&label_tail(label, map).unwrap());
             idx.backup_label = label.into();
             idx.tablespace_map = map.filter(|m| !m.is_empty()).map(str::to_string);
             assert_eq!(
@@ -945,7 +938,7 @@ mod tests {
             assert_eq!(back, idx);
         }
         // An index encoded with its label already is refused, not given a second one.
-        assert!(with_label(serde_json::to_vec(&idx).unwrap(), label, None).is_err());
+        assert!(before_label(serde_json::to_vec(&idx).unwrap()).is_err());
     }
 
     #[test]
