@@ -517,7 +517,7 @@ impl<'scope> HashThread<'scope> {
 /// peak RSS. With 1 MiB jobs the ring is 5 MiB; on a pgbench base backup the CPU time and
 /// the stored size are the same (measured with `zstd -3 -T2 -B1MiB`: 0.82 s user vs 0.85 s,
 /// 49.3 vs 49.8 MB), while 512 KiB (zstd's minimum) costs 15% more CPU.
-const ZSTD_JOB_SIZE: u32 = 1 << 20;
+pub const ZSTD_JOB_SIZE: u32 = 1 << 20;
 
 /// Most zstd workers one stream uses. Each costs 2–3 MiB at level 3 (its job's input and
 /// output, its 1.3 MiB of tables; 4 workers peaked 6 MiB above 2); one stream from

@@ -173,8 +173,8 @@ impl Pending {
             cancel: Arc::new(AtomicBool::new(false)),
             refs: None,
         };
-        let small = std::fs::metadata(path).is_ok_and(|m| m.len() <= OVERLAP_MAX);
-        if small {
+        let len = std::fs::metadata(path).map(|m| m.len()).ok();
+        if len.is_some_and(|len| len <= OVERLAP_MAX) {
             let (reader, note, refs, switched) = pending.open()?;
             pending.refs = Some(refs);
             let reader = Cancellable {
@@ -182,7 +182,11 @@ impl Pending {
                 cancel: pending.cancel.clone(),
             };
             let (mut compression, digest) = (pending.opts.compression, pending.opts.digest);
-            if switched {
+            // A file no bigger than one zstd job (a history file, the backup history file
+            // every backup leaves: a few hundred bytes) gains nothing from zstd's workers and
+            // a hashing thread either: starting them cost a quarter of such a push's CPU time
+            // (`perf stat`, two rounds of 11: medians 5.4 and 4.9 ms against 4.3 and 3.3).
+            if switched || len.is_some_and(|len| len <= pipeline::ZSTD_JOB_SIZE as u64) {
                 compression.threads = 1;
             }
             let abandon = pending.abandon.clone();
