@@ -228,8 +228,16 @@ pub fn run() -> ExitCode {
         }
     };
     init_logging(&cli.command);
+    // PostgreSQL starts `wal-push` and `wal-fetch` once per WAL file, and their work is on
+    // blocking threads (reading, compressing) or waiting for the store: a second worker
+    // thread is only one more thread to start. A push of a switched segment, medians of 11
+    // (`perf stat`): 10.0 against 9.5 ms of CPU; of a backup history file 3.9 against 3.4.
+    let per_segment = matches!(
+        cli.command,
+        Command::WalPush { .. } | Command::WalFetch { .. }
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(if per_segment { 1 } else { 2 })
         .enable_all()
         .build()
     {
