@@ -1024,10 +1024,8 @@ async fn store_stop_piece(
     };
     let key = repo::wal_key(sysid, &piece.name());
     let mut pipe = PipeOptions::for_wal(cfg);
-    // Most pieces are a few pages: zstd's worker threads would cost more than they save.
-    if end <= 1 << 20 {
-        pipe.compression.threads = 1;
-    }
+    // Most pieces are a few pages.
+    pipe.compression = crate::pipeline::compression_for(pipe.compression, end);
     let data = bytes::Bytes::from(data);
     let compressed = crate::pg::walstream::compress_wal(pipe, data.clone(), note).await?;
     crate::pg::walstream::store_wal(store, pipe, &key, &compressed, &data).await?;

@@ -174,21 +174,18 @@ impl Pending {
             refs: None,
         };
         let len = std::fs::metadata(path).map(|m| m.len()).ok();
-        if len.is_some_and(|len| len <= OVERLAP_MAX) {
+        if let Some(len) = len.filter(|len| *len <= OVERLAP_MAX) {
             let (reader, note, refs, switched) = pending.open()?;
             pending.refs = Some(refs);
             let reader = Cancellable {
                 inner: reader,
                 cancel: pending.cancel.clone(),
             };
-            let (mut compression, digest) = (pending.opts.compression, pending.opts.digest);
-            // A file no bigger than one zstd job (a history file, the backup history file
-            // every backup leaves: a few hundred bytes) gains nothing from zstd's workers and
-            // a hashing thread either: starting them cost a quarter of such a push's CPU time
-            // (`perf stat`, two rounds of 11: medians 5.4 and 4.9 ms against 4.3 and 3.3).
-            if switched || len.is_some_and(|len| len <= pipeline::ZSTD_JOB_SIZE as u64) {
+            let mut compression = pipeline::compression_for(pending.opts.compression, len);
+            if switched {
                 compression.threads = 1;
             }
+            let digest = pending.opts.digest;
             let abandon = pending.abandon.clone();
             pending.compressed = Some(tokio::task::spawn_blocking(move || {
                 pipeline::compress_to_memory(reader, compression, digest, note, &abandon)
