@@ -280,8 +280,8 @@ fn extra(shared: &Shared) -> serde_json::Map<String, serde_json::Value> {
             }),
         );
     }
-    if let Some(stream) = shared.binlog_stream.get() {
-        m.insert("binlog_stream".into(), json!(stream.facts()));
+    if let Some(facts) = shared.binlog_stream_facts() {
+        m.insert("binlog_stream".into(), json!(facts));
     }
     m.insert(
         "dbagent".into(),

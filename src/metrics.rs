@@ -394,8 +394,7 @@ pub fn render(shared: &Shared) -> String {
             load(&c.binlog_failures),
         );
     }
-    if let Some(stream) = shared.binlog_stream.get() {
-        let f = stream.facts();
+    if let Some(f) = shared.binlog_stream_facts() {
         o.gauge(
             "dbagent_binlog_stream_up",
             "Whether the binlog stream is connected to the server.",
@@ -403,7 +402,7 @@ pub fn render(shared: &Shared) -> String {
         );
         o.gauge(
             "dbagent_binlog_stream_gap",
-            "1 when binlogs were purged before the stream stored them: no restore crosses the gap until a new dump.",
+            "1 when a binlog is missing past the newest dump (purged before the stream stored it): no restore crosses the gap until a new dump.",
             Some(bool01(f.gap.is_some())),
         );
         o.gauge(
@@ -519,6 +518,7 @@ mod tests {
                 last_success: Some(t),
             }),
             timeline_forks: Some(0),
+            ..Default::default()
         };
         shared.job_update("backup", |j| {
             *j = JobStats {

@@ -526,6 +526,9 @@ pub struct StreamFacts {
     pub bytes_stored: u64,
     /// A stretch of binlog the server purged before it was stored: no restore crosses it.
     pub gap: Option<String>,
+    /// The first binlog of that stretch (a dump taken past it supersedes the gap).
+    #[serde(skip)]
+    pub gap_file: Option<String>,
     pub error: Option<String>,
 }
 
@@ -586,9 +589,12 @@ impl StreamStatus {
         });
     }
 
-    fn gap(&self, what: String) {
+    fn gap(&self, file: &str, what: String) {
         tracing::error!(gap = %what, "binlog stream GAP: binlogs were purged before they were stored; no point-in-time restore can cross it until a new dump is taken (dbagent backup --engine mysql)");
-        self.update(|s| s.gap = Some(what));
+        self.update(|s| {
+            s.gap = Some(what);
+            s.gap_file = Some(file.to_string());
+        });
     }
 
     fn failed(&self, error: &anyhow::Error) {
@@ -816,9 +822,13 @@ async fn session(
     let flavor = server.facts.flavor;
     let logs = server.binary_logs().await?;
     let repo_end = repository_end(store.as_ref(), &uuid).await?;
+    let resume_file = repo_end
+        .as_ref()
+        .map(|r| r.file.clone())
+        .unwrap_or_default();
     let (start, gap) = plan_start(repo_end, &logs)?;
     if let Some(gap) = gap {
-        status.gap(gap);
+        status.gap(&resume_file, gap);
     }
     let server_id = cfg
         .mysql
@@ -900,7 +910,7 @@ async fn session(
             Ok(Some(Err(mysql_async::Error::Server(e))))
                 if e.code == ER_MASTER_FATAL_ERROR_READING_BINLOG =>
             {
-                status.gap(format!("{} ({})", start.file, e.message));
+                status.gap(&start.file, format!("{} ({})", start.file, e.message));
                 anyhow::bail!(
                     "the server cannot send binlog {}: {}",
                     start.file,

@@ -446,6 +446,8 @@ async fn read_repo_facts(
         error: None,
         drill,
         timeline_forks: None,
+        binlog_gap: None,
+        newest_dump_binlog: None,
     };
     match cfg.serve.engine {
         Engine::Postgres => {
@@ -484,7 +486,12 @@ async fn read_repo_facts(
                         .last()
                         .map(|d| (d.consistent_time, d.data.plain_bytes));
                     let drill = latest_drill(store, &format!("mysql/{server}/drills/")).await;
-                    Ok(facts(last, cat.dumps.len(), cat.windows(), drill))
+                    let newest = cat.dumps.last();
+                    Ok(state::RepoFacts {
+                        binlog_gap: newest.and_then(|d| cat.chain(&d.binlog.file).gap),
+                        newest_dump_binlog: newest.map(|d| d.binlog.file.clone()),
+                        ..facts(last, cat.dumps.len(), cat.windows(), drill)
+                    })
                 }
                 .await,
             )

@@ -39,6 +39,10 @@ pub struct RepoFacts {
     /// PostgreSQL: how many times the archived timeline history forked (branches beyond
     /// the first).
     pub timeline_forks: Option<usize>,
+    /// MySQL: the first binlog missing from the archive past the newest dump's position (no
+    /// restore reaches beyond it), and that dump's binlog file.
+    pub binlog_gap: Option<String>,
+    pub newest_dump_binlog: Option<String>,
 }
 
 /// The newest restore drill's outcome (from its report in the repository).
@@ -126,6 +130,15 @@ impl Shared {
             binlog_stream: std::sync::OnceLock::new(),
             segments: StoredSegments::default(),
         })
+    }
+
+    /// The binlog stream's facts (`None` unless it runs), with the gap the stream and the
+    /// repository say together: what the stream found purged, until a dump starts past it,
+    /// or what the repository shows missing past the newest dump (which outlives a restart).
+    pub fn binlog_stream_facts(&self) -> Option<crate::mysql::stream::StreamFacts> {
+        let mut f = self.binlog_stream.get()?.facts();
+        f.gap = binlog_gap(&f, &self.repo.read().unwrap());
+        Some(f)
     }
 
     /// The latest snapshot and its age.
@@ -243,6 +256,29 @@ impl StoredSegments {
     }
 }
 
+/// The binlog gap no restore from the newest dump crosses: the stream's own report unless
+/// a dump taken past it supersedes it, else the repository's.
+fn binlog_gap(stream: &crate::mysql::stream::StreamFacts, repo: &RepoFacts) -> Option<String> {
+    use crate::repo::mysql::BinlogName;
+    let superseded = |file: &str| {
+        let dump = repo
+            .newest_dump_binlog
+            .as_deref()
+            .and_then(BinlogName::parse);
+        match (dump, BinlogName::parse(file)) {
+            (Some(d), Some(g)) => d.base == g.base && d.seq > g.seq,
+            _ => false,
+        }
+    };
+    match (&stream.gap, &stream.gap_file) {
+        (Some(gap), Some(file)) if !superseded(file) => Some(gap.clone()),
+        _ => repo
+            .binlog_gap
+            .as_ref()
+            .map(|file| format!("{file} is missing from the archive")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +313,45 @@ mod tests {
             !s.contains(7, "000000010000000000000001"),
             "the oldest is forgotten"
         );
+    }
+
+    #[test]
+    fn a_binlog_gap_lasts_until_a_dump_starts_past_it() {
+        let stream = crate::mysql::stream::StreamFacts {
+            gap: Some("b.000003 from position 300".into()),
+            gap_file: Some("b.000003".into()),
+            ..Default::default()
+        };
+        let mut repo = RepoFacts {
+            newest_dump_binlog: Some("b.000002".into()),
+            ..Default::default()
+        };
+        // The stream's report, before the repository shows the gap and after.
+        assert_eq!(
+            binlog_gap(&stream, &repo).unwrap(),
+            "b.000003 from position 300"
+        );
+        repo.binlog_gap = Some("b.000003".into());
+        assert_eq!(
+            binlog_gap(&stream, &repo).unwrap(),
+            "b.000003 from position 300"
+        );
+        // A restarted sidecar no longer knows; the repository still does.
+        let restarted = crate::mysql::stream::StreamFacts::default();
+        assert_eq!(
+            binlog_gap(&restarted, &repo).unwrap(),
+            "b.000003 is missing from the archive"
+        );
+        // A dump whose position is in the gap's file does not supersede it.
+        repo.newest_dump_binlog = Some("b.000003".into());
+        assert!(binlog_gap(&stream, &repo).is_some());
+        // A dump past it does (and the repository reads no gap from it).
+        repo.newest_dump_binlog = Some("b.000004".into());
+        repo.binlog_gap = None;
+        assert_eq!(binlog_gap(&stream, &repo), None);
+        assert_eq!(binlog_gap(&restarted, &repo), None);
+        // Another base name is another sequence: no order to compare, the report stays.
+        repo.newest_dump_binlog = Some("other.000009".into());
+        assert!(binlog_gap(&stream, &repo).is_some());
     }
 }

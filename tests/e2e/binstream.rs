@@ -497,7 +497,8 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
     let (newest, _) = master_status(&db);
     db.sql(None, &format!("PURGE BINARY LOGS TO '{newest}'"))
         .unwrap();
-    let serve = Serve::start(&env);
+    env.push(("DBAGENT_CATALOG_REFRESH".into(), "1s".into()));
+    let mut serve = Serve::start(&env);
     serve.wait_for("the gap to be reported", Duration::from_secs(20), |s| {
         s.metric("dbagent_binlog_stream_gap") == Some(1.0)
     });
@@ -523,6 +524,35 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
         ],
     );
     refused(&out, "is missing from the archive");
+
+    // A restarted sidecar finds nothing purged, but the gap is still in the archive: the
+    // alert must not resolve until a dump is taken past it.
+    assert_eq!(serve.terminate().code(), Some(0));
+    let serve = Serve::start(&env);
+    serve.wait_for(
+        "the stream to connect and the repository to be read",
+        Duration::from_secs(20),
+        |s| {
+            s.json("/status")["binlog_stream"]["connected"] == true
+                && s.metric("dbagent_repository_refresh_timestamp_seconds")
+                    .is_some()
+        },
+    );
+    assert_eq!(serve.metric("dbagent_binlog_stream_gap"), Some(1.0));
+    let status = serve.json("/status");
+    let gap = status["binlog_stream"]["gap"].as_str().unwrap_or_default();
+    assert!(gap.contains("missing from the archive"), "{status}");
+    // A dump past the gap: restores from it need nothing the server purged.
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    serve.wait_for("the gap to clear", Duration::from_secs(20), |s| {
+        s.metric("dbagent_binlog_stream_gap") == Some(0.0)
+    });
+    assert!(serve.json("/status")["binlog_stream"]["gap"].is_null());
 }
 
 /// In an encrypted repository the sidecar holds only the public key: its parts are sealed, a
