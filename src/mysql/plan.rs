@@ -281,7 +281,12 @@ mod tests {
         let p = plan_mysql(&c, Target::Time(t("00:02:30"))).unwrap();
         assert_eq!(p.binlogs, vec!["binlog.000002", "binlog.000003"]);
         c.streamed.extend([streamed(5, false)]);
-        assert!(err(&c, Target::Latest).contains("binlog.000004 is missing"));
+        let end = c.streamed[&("binlog".to_string(), 3)].end();
+        let e = err(&c, Target::Latest);
+        assert!(
+            e.contains(&format!("binlog.000003 from position {end} is missing")),
+            "{e}"
+        );
     }
 
     #[test]

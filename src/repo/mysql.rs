@@ -333,8 +333,11 @@ pub struct Chain {
     pub files: Vec<String>,
     /// No transaction committed after this is missing from `files`.
     pub end_time: Option<DateTime<Utc>>,
-    /// The first missing file, when later files of the same sequence exist.
+    /// What is missing first (a file, or the rest of a streamed one from a position), when
+    /// later files of the same sequence exist.
     pub gap: Option<String>,
+    /// The binlog that gap starts in.
+    pub gap_file: Option<String>,
     /// The last file of `files` is a streamed prefix, not a complete archived file.
     pub streamed: bool,
 }
@@ -425,6 +428,7 @@ impl MysqlCatalog {
                 files: vec![],
                 end_time: None,
                 gap: None,
+                gap_file: None,
                 streamed: false,
             };
         };
@@ -432,6 +436,8 @@ impl MysqlCatalog {
         let mut end_time = None;
         let mut next = start;
         let mut streamed = false;
+        // A streamed file the chain stops in before its end: where its stored bytes end.
+        let mut cut: Option<(String, u64)> = None;
         loop {
             let key = (next.base.clone(), next.seq);
             if let Some(m) = self.binlogs.get(&key) {
@@ -445,6 +451,7 @@ impl MysqlCatalog {
                 end_time = Some(s.end_time());
                 streamed = true;
                 if !s.ended() {
+                    cut = Some((s.name.clone(), s.end()));
                     next = next.next();
                     break;
                 }
@@ -463,10 +470,17 @@ impl MysqlCatalog {
                 .range((next.base.clone(), next.seq)..)
                 .next()
                 .is_some_and(|((base, _), _)| *base == next.base);
+        // Past a file cut short, its missing rest is the first thing missing.
+        let (gap, gap_file) = match (later_exists, cut) {
+            (false, _) => (None, None),
+            (true, Some((name, end))) => (Some(format!("{name} from position {end}")), Some(name)),
+            (true, None) => (Some(next.to_string()), Some(next.to_string())),
+        };
         Chain {
             files,
             end_time,
-            gap: later_exists.then(|| next.to_string()),
+            gap,
+            gap_file,
             streamed,
         }
     }
@@ -492,24 +506,37 @@ impl MysqlCatalog {
         )
     }
 
-    /// Files missing between the first and the last archived binlog of each sequence.
+    /// What is missing between the first and the last archived binlog of each sequence:
+    /// whole files, and the rest of a streamed file that a later file follows.
     pub fn gaps(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut prev: Option<BinlogName> = None;
-        let names: std::collections::BTreeSet<BinlogName> = self
-            .binlogs
+        // Each file, and where its stored bytes end when it is a streamed prefix that has not
+        // ended.
+        let mut names: BTreeMap<BinlogName, Option<u64>> = self
+            .streamed
             .values()
-            .map(|m| m.name.as_str())
-            .chain(self.streamed.values().map(|s| s.name.as_str()))
-            .filter_map(BinlogName::parse)
+            .filter_map(|s| Some((BinlogName::parse(&s.name)?, (!s.ended()).then(|| s.end()))))
             .collect();
-        for n in names {
+        // A complete archived copy supersedes a streamed prefix.
+        names.extend(
+            self.binlogs
+                .values()
+                .filter_map(|m| Some((BinlogName::parse(&m.name)?, None))),
+        );
+        let mut cut: Option<u64> = None;
+        for (n, end) in names {
             if let Some(p) = &prev {
-                if p.base == n.base && n.seq > p.seq + 1 {
-                    out.push(p.next().to_string());
+                if p.base == n.base {
+                    if let Some(at) = cut {
+                        out.push(format!("{p} from position {at}"));
+                    } else if n.seq > p.seq + 1 {
+                        out.push(p.next().to_string());
+                    }
                 }
             }
             prev = Some(n);
+            cut = end;
         }
         out
     }
@@ -737,15 +764,38 @@ pub(crate) mod tests {
         c.streamed.extend([streamed(4, false), streamed(6, false)]);
         let chain = c.chain("binlog.000002");
         assert_eq!(chain.files.len(), 3);
-        assert_eq!(chain.gap.as_deref(), Some("binlog.000005"));
-        assert_eq!(c.gaps(), vec!["binlog.000005".to_string()]);
+        // What is missing first is the rest of 4 (it has not ended), then 5.
+        let end4 = c.streamed[&("binlog".to_string(), 4)].end();
+        let missing = format!("binlog.000004 from position {end4}");
+        assert_eq!(chain.gap.as_deref(), Some(missing.as_str()));
+        assert_eq!(chain.gap_file.as_deref(), Some("binlog.000004"));
+        assert_eq!(c.gaps(), vec![missing]);
+        // Two whole files missing between complete ones: the first is named.
+        let c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2, 5]);
+        let chain = c.chain("binlog.000002");
+        assert_eq!(chain.gap.as_deref(), Some("binlog.000003"));
+        assert_eq!(chain.gap_file.as_deref(), Some("binlog.000003"));
+        assert_eq!(c.gaps(), vec!["binlog.000003".to_string()]);
         // A streamed file that has not ended, then a complete later one: also a gap.
         let mut c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2, 5]);
         c.streamed.extend([streamed(3, false)]);
+        let end = c.streamed[&("binlog".to_string(), 3)].end();
         assert_eq!(
-            c.chain("binlog.000002").gap.as_deref(),
-            Some("binlog.000004")
+            c.chain("binlog.000002").gap,
+            Some(format!("binlog.000003 from position {end}"))
         );
+        assert_eq!(c.gaps(), vec![format!("binlog.000003 from position {end}")]);
+        // Cut short, then the next file: only the rest of the first is missing (the sidecar
+        // was away while the server rotated and purged it).
+        let mut c = catalog(vec![dump("d1", "binlog.000002", "00:01:30")], &[2]);
+        c.streamed.extend([streamed(3, false), streamed(4, false)]);
+        let chain = c.chain("binlog.000002");
+        assert_eq!(chain.files, vec!["binlog.000002", "binlog.000003"]);
+        assert_eq!(
+            chain.gap,
+            Some(format!("binlog.000003 from position {end}"))
+        );
+        assert_eq!(c.gaps(), vec![format!("binlog.000003 from position {end}")]);
     }
 
     #[test]

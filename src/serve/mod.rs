@@ -487,8 +487,14 @@ async fn read_repo_facts(
                         .map(|d| (d.consistent_time, d.data.plain_bytes));
                     let drill = latest_drill(store, &format!("mysql/{server}/drills/")).await;
                     let newest = cat.dumps.last();
+                    let chain = newest.map(|d| cat.chain(&d.binlog.file));
+                    let binlog_gap = match chain.and_then(|c| c.gap.zip(c.gap_file)) {
+                        // Still on the server: the shipper stores it, nothing is lost yet.
+                        Some((_, file)) if server_keeps(cfg, &file).await => None,
+                        gap => gap.map(|(gap, _)| gap),
+                    };
                     Ok(state::RepoFacts {
-                        binlog_gap: newest.and_then(|d| cat.chain(&d.binlog.file).gap),
+                        binlog_gap,
                         newest_dump_binlog: newest.map(|d| d.binlog.file.clone()),
                         ..facts(last, cat.dumps.len(), cat.windows(), drill)
                     })
@@ -497,6 +503,26 @@ async fn read_repo_facts(
             )
         }
     }
+}
+
+/// Whether the MySQL server still keeps binlog `file` (a server it cannot ask keeps none).
+async fn server_keeps(cfg: &Config, file: &str) -> bool {
+    use mysql_async::prelude::Queryable;
+    let listed = async {
+        let server = MysqlConn::from_config(&cfg.mysql)?;
+        let mut conn = server.connect().await?;
+        let rows: Result<Vec<mysql_async::Row>, _> = conn.query("SHOW BINARY LOGS").await;
+        let _ = conn.disconnect().await;
+        let rows = rows.map_err(|e| server.query_error(e))?;
+        anyhow::Ok(
+            rows.iter()
+                .any(|r| r.get::<String, _>(0).as_deref() == Some(file)),
+        )
+    };
+    listed.await.unwrap_or_else(|e| {
+        tracing::debug!(error = %format!("{e:#}"), "cannot list the server's binlogs");
+        false
+    })
 }
 
 /// The newest drill report under `prefix`, and the newest one that passed.

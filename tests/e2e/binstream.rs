@@ -555,6 +555,72 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
     assert!(serve.json("/status")["binlog_stream"]["gap"].is_null());
 }
 
+/// A server that crashes writes no Stop event: the stream holds all of its binlog but cannot
+/// tell that it ended, until the shipper archives the closed file. Nothing is lost while the
+/// server keeps that file, so no gap may be reported, however often the repository is read.
+#[test]
+fn a_crashed_server_is_no_binlog_gap_while_it_keeps_the_file() {
+    let repo = Repo::file();
+    let mut db = MariaDbBuilder::new().start().unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE shop; CREATE TABLE shop.t (id INT PRIMARY KEY)",
+    )
+    .unwrap();
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    let mut env = vec![
+        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
+        ("DBAGENT_ENGINE".into(), "mysql".into()),
+        ("DBAGENT_WAL_STREAM".into(), "true".into()),
+        // The shipper runs once, at the start: the crashed file stays unarchived.
+        ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
+        ("DBAGENT_BINLOG_INTERVAL".into(), "1h".into()),
+        ("DBAGENT_SERVE_HEARTBEAT".into(), "false".into()),
+        ("DBAGENT_CATALOG_REFRESH".into(), "1s".into()),
+    ];
+    env.extend(repo.env());
+    let mut serve = Serve::start(&env);
+    db.sql(None, "INSERT INTO shop.t VALUES (1)").unwrap();
+    wait_streamed(&serve, &db);
+    let (crashed, _) = master_status(&db);
+    let url = db.url();
+    db.kill();
+    db.restart().unwrap();
+    if db.url() != url {
+        // Another port was free: the sidecar follows it, as a restarted pod's would.
+        env[0].1 = db.url();
+        drop(serve);
+        serve = Serve::start(&env);
+    }
+    db.sql(None, "INSERT INTO shop.t VALUES (2)").unwrap();
+    wait_streamed(&serve, &db);
+    let (current, _) = master_status(&db);
+    let stored = parts(&repo);
+    assert!(
+        current != crashed && stored.contains_key(&crashed) && stored.contains_key(&current),
+        "{crashed} then {current}: {stored:?}"
+    );
+    let read_at = serve
+        .metric("dbagent_repository_refresh_timestamp_seconds")
+        .unwrap_or(0.0);
+    serve.wait_for(
+        "the repository to be read twice more",
+        Duration::from_secs(20),
+        |s| {
+            s.metric("dbagent_repository_refresh_timestamp_seconds")
+                .is_some_and(|t| t >= read_at + 2.0)
+        },
+    );
+    assert_eq!(serve.metric("dbagent_binlog_stream_gap"), Some(0.0));
+    let status = serve.json("/status");
+    assert!(status["binlog_stream"]["gap"].is_null(), "{status}");
+}
+
 /// In an encrypted repository the sidecar holds only the public key: its parts are sealed, a
 /// restarted sidecar still tells its own parts from different bytes (by the seal's keyed id),
 /// and a restore with the secret key replays through the last streamed event.
