@@ -611,8 +611,9 @@ fn not_here(role: Role) -> Option<&'static str> {
 }
 
 /// How long a job due under `serve.schedule_on = "primary"` waits for a database that does
-/// not answer before it skips the run (never past the job's next scheduled time): a restart
-/// or a failover at the scheduled minute delays the night's backup instead of skipping it.
+/// not answer before it skips the run as failed (never past the job's next scheduled time): a
+/// restart or a failover at the scheduled minute delays the night's backup instead of
+/// skipping it.
 const ROLE_WAIT: Duration = Duration::from_secs(600);
 
 /// The node's role as soon as the database answers, or `Role::Unknown` once `limit` has
@@ -667,7 +668,9 @@ async fn run_job(
                     .next_after(chrono::Utc::now())
                     .and_then(|n| (n - chrono::Utc::now()).to_std().ok())
                     .unwrap_or(ROLE_WAIT);
-                let limit = ROLE_WAIT.min(until_next);
+                // It ends a second before the next run, so that run is tried in its turn
+                // instead of passing unnoticed while this one waits.
+                let limit = ROLE_WAIT.min(until_next.saturating_sub(Duration::from_secs(1)));
                 tracing::warn!(
                     job = name,
                     wait_seconds = limit.as_secs(),
@@ -680,7 +683,10 @@ async fn run_job(
             }
             match not_here(role) {
                 Some(why) if role == Role::Unknown => {
+                    // A run the database was down for is a failed run: the failure counter
+                    // is what the alert watches.
                     tracing::error!(job = name, "scheduled job skipped: {why}");
+                    shared.job_update(name, |j| j.failed += 1);
                     continue;
                 }
                 Some(why) => {
