@@ -131,6 +131,8 @@ pub struct PgConfig {
     pub sslrootcert: Option<PathBuf>,
     pub sslcert: Option<PathBuf>,
     pub sslkey: Option<PathBuf>,
+    /// libpq's channel_binding (`disable`, `prefer`, `require`); unset is `prefer`.
+    pub channel_binding: Option<String>,
     pub system_identifier: Option<u64>,
     /// Databases `backup --kind dump` dumps; empty means every non-template database.
     pub dump_databases: Vec<String>,
@@ -385,6 +387,7 @@ impl Config {
                 sslrootcert: v.opt("pg.sslrootcert")?,
                 sslcert: v.opt("pg.sslcert")?,
                 sslkey: v.opt("pg.sslkey")?,
+                channel_binding: v.opt("pg.channel_binding")?,
                 system_identifier: v.opt("pg.system_identifier")?,
                 dump_databases: v.opt("pg.dump_databases")?.unwrap_or_default(),
             },

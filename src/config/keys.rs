@@ -156,6 +156,11 @@ pub const KEYS: &[Key] = &[
     text("pg.sslrootcert").also(&["PGSSLROOTCERT"]),
     text("pg.sslcert").also(&["PGSSLCERT"]),
     text("pg.sslkey").also(&["PGSSLKEY"]),
+    Key::new(
+        "pg.channel_binding",
+        Kind::Choice(crate::pg::tls::ChannelBinding::NAMES),
+    )
+    .also(&["PGCHANNELBINDING"]),
     int("pg.system_identifier", 0, u64::MAX as i128),
     list("pg.dump_databases"),
     int("wal.prefetch", 0, NO_MAX).or("8"),

@@ -124,6 +124,7 @@ impl ConnInfo {
         if let Some(p) = &self.password {
             cfg.password(p.expose());
         }
+        cfg.channel_binding(self.tls.channel_binding.wire());
         let client = if self.is_socket() || self.tls.mode == super::tls::SslMode::Disable {
             cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
             let (client, connection) = cfg

@@ -8,9 +8,11 @@
 //! `START_REPLICATION SLOT … PHYSICAL lsn TIMELINE tli`, and `BASE_BACKUP` (its messages are
 //! read in `pg::basebackup`). Slots are never dropped here.
 //!
-//! SCRAM over TLS is sent without channel binding (the `n` flag): the TLS stream of
-//! tokio-postgres-rustls does not expose the server certificate hash outside its crate.
+//! SCRAM over TLS binds itself to the channel as libpq does (`pg.channel_binding`, libpq's
+//! `channel_binding`): `SCRAM-SHA-256-PLUS` with the server certificate's hash when the
+//! server offers it; TLS is rustls through `tokio-rustls` here, so the certificate is at hand.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -20,7 +22,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::conn::ConnInfo;
-use super::tls::SslMode;
+use super::tls::{ChannelBinding, SslMode};
 use crate::repo::wal::Lsn;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -114,6 +116,7 @@ impl ReplConn {
     }
 
     async fn connect_inner(info: &ConnInfo) -> anyhow::Result<ReplConn> {
+        let mut binding = None;
         let io: Box<dyn Io> = if info.host.starts_with('/') {
             let path = format!("{}/.s.PGSQL.{}", info.host, info.port);
             Box::new(
@@ -126,7 +129,9 @@ impl ReplConn {
                 .await
                 .with_context(|| format!("connecting to {}:{}", info.host, info.port))?;
             let _ = tcp.set_nodelay(true);
-            Self::maybe_tls(info, tcp).await?
+            let (io, end_point) = Self::maybe_tls(info, tcp).await?;
+            binding = end_point;
+            io
         };
         let mut conn = ReplConn {
             io,
@@ -134,17 +139,18 @@ impl ReplConn {
             wbuf: BytesMut::new(),
             streaming: false,
         };
-        conn.startup(info).await?;
+        conn.startup(info, binding).await?;
         Ok(conn)
     }
 
+    /// The stream, TLS when the settings and the server say so, and then the channel binding
+    /// data of its server certificate.
     async fn maybe_tls(
         info: &ConnInfo,
         mut tcp: tokio::net::TcpStream,
-    ) -> anyhow::Result<Box<dyn Io>> {
-        use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+    ) -> anyhow::Result<(Box<dyn Io>, Option<Vec<u8>>)> {
         if info.tls.mode == SslMode::Disable {
-            return Ok(Box::new(tcp));
+            return Ok((Box::new(tcp), None));
         }
         let mut buf = BytesMut::new();
         frontend::ssl_request(&mut buf);
@@ -153,25 +159,35 @@ impl ReplConn {
         tcp.read_exact(&mut answer).await?;
         if answer[0] != b'S' {
             if matches!(info.tls.mode, SslMode::Allow | SslMode::Prefer) {
-                return Ok(Box::new(tcp));
+                return Ok((Box::new(tcp), None));
             }
             bail!(
                 "the server does not offer TLS, and PGSSLMODE={} requires it",
                 info.tls.mode.name()
             );
         }
-        let mut make = info.tls.connector()?;
-        let connect =
-            <_ as MakeTlsConnect<tokio::net::TcpStream>>::make_tls_connect(&mut make, &info.host)
-                .context("preparing TLS")?;
-        let stream = connect
-            .connect(tcp)
+        let config = Arc::new(info.tls.client_config()?);
+        let name = rustls::pki_types::ServerName::try_from(info.host.clone())
+            .map_err(|e| anyhow::anyhow!("preparing TLS: host {:?}: {e}", info.host))?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
             .await
             .map_err(|e| anyhow::anyhow!("TLS handshake: {e}"))?;
-        Ok(Box::new(stream))
+        let end_point = super::tls::server_end_point(stream.get_ref().1.peer_certificates());
+        Ok((Box::new(stream), end_point))
     }
 
-    async fn startup(&mut self, info: &ConnInfo) -> anyhow::Result<()> {
+    /// Refuses authentication without channel binding when `pg.channel_binding` requires it.
+    fn without_binding(info: &ConnInfo, how: &str) -> anyhow::Result<()> {
+        if info.tls.channel_binding == ChannelBinding::Require {
+            return Err(crate::input_err!(
+                "the server authenticated {how}, without channel binding, and PGCHANNELBINDING (pg.channel_binding) is require: connect over TLS to a server whose pg_hba.conf method for this user is scram-sha-256, or set channel_binding to prefer"
+            ));
+        }
+        Ok(())
+    }
+
+    async fn startup(&mut self, info: &ConnInfo, binding: Option<Vec<u8>>) -> anyhow::Result<()> {
         let params = [
             ("user", info.user.as_str()),
             ("database", info.dbname.as_str()),
@@ -181,6 +197,8 @@ impl ReplConn {
         frontend::startup_message(params.iter().copied(), &mut self.wbuf)?;
         self.send().await?;
         let mut scram: Option<sasl::ScramSha256> = None;
+        let mut bound = false;
+        let binding = binding.filter(|_| info.tls.channel_binding != ChannelBinding::Disable);
         loop {
             let f = self.read_frame().await?;
             match f.tag {
@@ -188,13 +206,16 @@ impl ReplConn {
                     let mut body = f.body.clone();
                     let kind = body.get_i32();
                     match kind {
+                        0 if !bound => Self::without_binding(info, "without a password")?,
                         0 => {}
                         3 => {
+                            Self::without_binding(info, "with a plain password")?;
                             let pw = password(info)?;
                             frontend::password_message(pw.as_bytes(), &mut self.wbuf)?;
                             self.send().await?;
                         }
                         5 => {
+                            Self::without_binding(info, "with MD5")?;
                             let mut salt = [0u8; 4];
                             body.copy_to_slice(&mut salt);
                             let pw = password(info)?;
@@ -208,18 +229,33 @@ impl ReplConn {
                         }
                         10 => {
                             let mechanisms = cstrings(&body);
-                            if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                            let offers = |m: &str| mechanisms.iter().any(|o| o == m);
+                            // As libpq and tokio-postgres: PLUS when both sides can; else
+                            // plain SCRAM, saying whether this side could have bound (`y`,
+                            // which a server that does offer PLUS refuses: a downgrade).
+                            let (mechanism, cb) = match binding.clone() {
+                                Some(b) if offers(sasl::SCRAM_SHA_256_PLUS) => (
+                                    sasl::SCRAM_SHA_256_PLUS,
+                                    sasl::ChannelBinding::tls_server_end_point(b),
+                                ),
+                                Some(_) => {
+                                    (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested())
+                                }
+                                None => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                            };
+                            if !offers(sasl::SCRAM_SHA_256) && !offers(mechanism) {
                                 bail!(
                                     "the server offers no SASL mechanism dbagent speaks ({mechanisms:?})"
                                 );
                             }
+                            bound = mechanism == sasl::SCRAM_SHA_256_PLUS;
+                            if !bound {
+                                Self::without_binding(info, "with SCRAM-SHA-256")?;
+                            }
                             let pw = password(info)?;
-                            let s = sasl::ScramSha256::new(
-                                pw.as_bytes(),
-                                sasl::ChannelBinding::unsupported(),
-                            );
+                            let s = sasl::ScramSha256::new(pw.as_bytes(), cb);
                             frontend::sasl_initial_response(
-                                sasl::SCRAM_SHA_256,
+                                mechanism,
                                 s.message(),
                                 &mut self.wbuf,
                             )?;

@@ -72,6 +72,75 @@ impl SslMode {
     }
 }
 
+/// libpq's `channel_binding`: whether SCRAM authentication binds itself to the TLS channel
+/// (`SCRAM-SHA-256-PLUS`, tls-server-end-point), so that a man in the middle who terminates
+/// TLS cannot relay the exchange, even where the certificate is not checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChannelBinding {
+    Disable,
+    /// When the connection uses TLS and the server offers it (libpq's default).
+    #[default]
+    Prefer,
+    /// Refuse a connection that does not authenticate with it (no TLS, no SCRAM, or a server
+    /// that does not offer it).
+    Require,
+}
+
+impl ChannelBinding {
+    pub const NAMES: &'static [&'static str] = &["disable", "prefer", "require"];
+
+    pub fn parse(s: &str) -> Option<ChannelBinding> {
+        Some(match s {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ChannelBinding::Disable => "disable",
+            ChannelBinding::Prefer => "prefer",
+            ChannelBinding::Require => "require",
+        }
+    }
+
+    pub fn wire(self) -> tokio_postgres::config::ChannelBinding {
+        use tokio_postgres::config::ChannelBinding as Wire;
+        match self {
+            ChannelBinding::Disable => Wire::Disable,
+            ChannelBinding::Prefer => Wire::Prefer,
+            ChannelBinding::Require => Wire::Require,
+        }
+    }
+}
+
+/// The tls-server-end-point channel binding data of a TLS connection (RFC 5929): the server
+/// certificate's hash, by the hash of its signature algorithm (SHA-1 and MD5 taken as
+/// SHA-256). `None` for an algorithm without one (Ed25519), as libpq.
+pub fn server_end_point(certs: Option<&[CertificateDer<'_>]>) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_cert::der::Decode;
+    use x509_cert::der::oid::db::rfc5912 as oid;
+    let der = certs?.first()?;
+    let cert = x509_cert::Certificate::from_der(der.as_ref()).ok()?;
+    Some(match cert.signature_algorithm.oid {
+        oid::ID_SHA_1
+        | oid::ID_SHA_256
+        | oid::SHA_1_WITH_RSA_ENCRYPTION
+        | oid::SHA_256_WITH_RSA_ENCRYPTION
+        | oid::ECDSA_WITH_SHA_256 => sha2::Sha256::digest(der).to_vec(),
+        oid::ID_SHA_384 | oid::SHA_384_WITH_RSA_ENCRYPTION | oid::ECDSA_WITH_SHA_384 => {
+            sha2::Sha384::digest(der).to_vec()
+        }
+        oid::ID_SHA_512 | oid::SHA_512_WITH_RSA_ENCRYPTION | oid::ECDSA_WITH_SHA_512 => {
+            sha2::Sha512::digest(der).to_vec()
+        }
+        _ => return None,
+    })
+}
+
 /// The TLS settings of a connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsSettings {
@@ -82,6 +151,7 @@ pub struct TlsSettings {
     /// A client certificate and its key (PEM), for `cert` authentication.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub channel_binding: ChannelBinding,
 }
 
 /// How a certificate is checked.
@@ -103,6 +173,11 @@ impl TlsSettings {
             root_cert: cfg.sslrootcert.clone(),
             cert: cfg.sslcert.clone(),
             key: cfg.sslkey.clone(),
+            channel_binding: cfg
+                .channel_binding
+                .as_deref()
+                .and_then(ChannelBinding::parse)
+                .unwrap_or_default(),
         }
     }
 
@@ -136,7 +211,10 @@ impl TlsSettings {
     /// Environment for libpq child programs: only what was configured (libpq's defaults
     /// apply otherwise, as for dbagent).
     pub fn child_env(&self) -> Vec<(&'static str, String)> {
-        let mut env = vec![("PGSSLMODE", self.mode.name().to_string())];
+        let mut env = vec![
+            ("PGSSLMODE", self.mode.name().to_string()),
+            ("PGCHANNELBINDING", self.channel_binding.name().to_string()),
+        ];
         for (var, path) in [
             ("PGSSLROOTCERT", &self.root_cert),
             ("PGSSLCERT", &self.cert),
@@ -151,6 +229,11 @@ impl TlsSettings {
 
     /// The connector for tokio-postgres.
     pub fn connector(&self) -> anyhow::Result<MakeRustlsConnect> {
+        Ok(MakeRustlsConnect::new(self.client_config()?))
+    }
+
+    /// The rustls configuration both kinds of connection use.
+    pub fn client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -192,7 +275,7 @@ impl TlsSettings {
                 ));
             }
         };
-        Ok(MakeRustlsConnect::new(config))
+        Ok(config)
     }
 
     fn roots(&self) -> anyhow::Result<Arc<RootCertStore>> {
@@ -249,6 +332,11 @@ impl TlsSettings {
         }
         if detail.contains("Expired") || detail.contains("NotValidYet") {
             return Some("the server's certificate is expired or not yet valid".into());
+        }
+        if detail.contains("channel binding") {
+            return Some(
+                "PGCHANNELBINDING (pg.channel_binding) is require, and the server did not authenticate with SCRAM-SHA-256-PLUS over TLS: connect over TLS (sslmode require or stricter, not a unix socket) to a server whose pg_hba.conf method for this user is scram-sha-256, or set channel_binding to prefer".into(),
+            );
         }
         if detail.contains("no encryption") && self.mode == SslMode::Disable {
             return Some("the server requires TLS and PGSSLMODE is disable".into());
@@ -403,12 +491,21 @@ mod tests {
             t.child_env(),
             [
                 ("PGSSLMODE", "verify-full".to_string()),
+                ("PGCHANNELBINDING", "prefer".to_string()),
                 ("PGSSLROOTCERT", "/ca.pem".to_string())
             ]
         );
         for name in SslMode::NAMES {
             assert_eq!(SslMode::parse(name).unwrap().name(), *name);
         }
+        for name in ChannelBinding::NAMES {
+            assert_eq!(ChannelBinding::parse(name).unwrap().name(), *name);
+        }
+        assert_eq!(t.channel_binding, ChannelBinding::Prefer);
+        assert_eq!(
+            ChannelBinding::Require.wire(),
+            tokio_postgres::config::ChannelBinding::Require
+        );
     }
 
     #[test]

@@ -299,6 +299,9 @@ impl Landed {
         pg.port = Some(self.port);
         pg.database = Some(db.to_string());
         pg.user = pg.user.or_else(|| Some("postgres".into()));
+        // A socket has no TLS to bind to: `channel_binding = require`, meant for the
+        // production server, cannot apply to the one dbagent started here.
+        pg.channel_binding = None;
         ConnInfo::from_config(&pg)
     }
 }

@@ -68,18 +68,23 @@ fn tls_only_server_with_verify_full_and_every_password_source() {
     let summary = ok(&out);
     assert!(summary.contains("backup "), "{summary}");
     // One over the network (dbagent's own replication connection), the password from a
-    // libpq password file: the drill below restores it. Backup ids are per second.
+    // libpq password file, its SCRAM bound to the TLS channel (SCRAM-SHA-256-PLUS: with
+    // `require` nothing else is accepted): the drill below restores it. Backup ids are per
+    // second.
     std::thread::sleep(Duration::from_millis(1100));
     let out = dbagent_cmd(&repo, Some(&pg), &["backup"])
         .env("DBAGENT_BACKUP_METHOD", "stream")
         .env("PGPASSFILE", &passfile)
+        .env("PGCHANNELBINDING", "require")
         .output()
         .unwrap();
     ok(&out);
 
-    // Logical dumps, the password from a libpq password file.
+    // Logical dumps, the password from a libpq password file, channel binding required of
+    // dbagent's connections and of pg_dump's.
     let out = dbagent_cmd(&repo, Some(&pg), &["backup", "--kind", "dump"])
         .env("PGPASSFILE", &passfile)
+        .env("PGCHANNELBINDING", "require")
         .output()
         .unwrap();
     ok(&out);
@@ -90,6 +95,7 @@ fn tls_only_server_with_verify_full_and_every_password_source() {
     let scratch = pg_owned_tempdir().unwrap();
     let out = dbagent_cmd(&repo, Some(&pg), &["drill"])
         .env("PGPASSWORD", PASSWORD)
+        .env("PGCHANNELBINDING", "require")
         .env("DBAGENT_DRILL_SCRATCH_DIR", scratch.path())
         .output()
         .unwrap();
@@ -164,6 +170,19 @@ fn tls_refusals_are_one_clear_line() {
         .output()
         .unwrap();
     refused(&out, "PGSSLMODE");
+
+    // Channel binding required where no TLS can carry it: over the server's unix socket
+    // (trust there), for dbagent's connections and for its replication connection.
+    for method in ["auto", "stream"] {
+        let out = dbagent_cmd(&repo, Some(&pg), &["backup"])
+            .env("PGPASSWORD", PASSWORD)
+            .env("PGHOST", pg.socket_dir())
+            .env("PGCHANNELBINDING", "require")
+            .env("DBAGENT_BACKUP_METHOD", method)
+            .output()
+            .unwrap();
+        refused(&out, "PGCHANNELBINDING (pg.channel_binding) is require");
+    }
 
     // A wrong password, over a verified connection.
     let out = dbagent_cmd(&repo, Some(&pg), &["backup"])
