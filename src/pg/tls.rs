@@ -117,8 +117,9 @@ impl ChannelBinding {
 }
 
 /// The tls-server-end-point channel binding data of a TLS connection (RFC 5929): the server
-/// certificate's hash, by the hash of its signature algorithm (SHA-1 and MD5 taken as
-/// SHA-256). `None` for an algorithm without one (Ed25519), as libpq.
+/// certificate's hash, by the hash of its signature algorithm (SHA-1 taken as SHA-256).
+/// `None` for an algorithm this does not map (Ed25519, RSA-PSS, MD5), as tokio-postgres-rustls:
+/// SCRAM then goes unbound with the `n` flag, and `require` refuses it.
 pub fn server_end_point(certs: Option<&[CertificateDer<'_>]>) -> Option<Vec<u8>> {
     use sha2::Digest;
     use x509_cert::der::Decode;

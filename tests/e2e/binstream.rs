@@ -348,10 +348,14 @@ fn wait_streamed(serve: &Serve, db: &dbagent_testcontainers::MariaDb) {
     );
 }
 
-#[test]
-fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_gap() {
+/// A MariaDB with table `shop.t` and a dump of it in a file repository, and the environment
+/// of a sidecar streaming its binlogs there (the shipper every `binlog_interval`; the env's
+/// first entry is the server's URL).
+fn dumped_for_streaming(
+    binlog_interval: &str,
+) -> (Repo, dbagent_testcontainers::MariaDb, Vec<(String, String)>) {
     let repo = Repo::file();
-    let mut db = MariaDbBuilder::new().start().unwrap();
+    let db = MariaDbBuilder::new().start().unwrap();
     db.sql(
         None,
         "CREATE DATABASE shop; CREATE TABLE shop.t (id INT PRIMARY KEY, note VARCHAR(50))",
@@ -368,10 +372,16 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
         ("DBAGENT_ENGINE".into(), "mysql".into()),
         ("DBAGENT_WAL_STREAM".into(), "true".into()),
         ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
-        ("DBAGENT_BINLOG_INTERVAL".into(), "1s".into()),
+        ("DBAGENT_BINLOG_INTERVAL".into(), binlog_interval.into()),
         ("DBAGENT_SERVE_HEARTBEAT".into(), "false".into()),
     ];
     env.extend(repo.env());
+    (repo, db, env)
+}
+
+#[test]
+fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_gap() {
+    let (repo, mut db, mut env) = dumped_for_streaming("1s");
     let insert = |db: &dbagent_testcontainers::MariaDb, ids: std::ops::RangeInclusive<u32>| {
         for id in ids {
             db.sql(
@@ -560,32 +570,12 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
 /// server keeps that file, so no gap may be reported, however often the repository is read.
 #[test]
 fn a_crashed_server_is_no_binlog_gap_while_it_keeps_the_file() {
-    let repo = Repo::file();
-    let mut db = MariaDbBuilder::new().start().unwrap();
-    db.sql(
-        None,
-        "CREATE DATABASE shop; CREATE TABLE shop.t (id INT PRIMARY KEY)",
-    )
-    .unwrap();
-    ok(&agent(
-        &repo,
-        Some(&db.url()),
-        None,
-        &["backup", "--engine", "mysql"],
-    ));
-    let mut env = vec![
-        ("DBAGENT_MYSQL_URL".to_string(), db.url()),
-        ("DBAGENT_ENGINE".into(), "mysql".into()),
-        ("DBAGENT_WAL_STREAM".into(), "true".into()),
-        // The shipper runs once, at the start: the crashed file stays unarchived.
-        ("DBAGENT_BINLOG_MAX_AGE".into(), "1h".into()),
-        ("DBAGENT_BINLOG_INTERVAL".into(), "1h".into()),
-        ("DBAGENT_SERVE_HEARTBEAT".into(), "false".into()),
-        ("DBAGENT_CATALOG_REFRESH".into(), "1s".into()),
-    ];
-    env.extend(repo.env());
+    // The shipper runs once, at the start: the crashed file stays unarchived.
+    let (repo, mut db, mut env) = dumped_for_streaming("1h");
+    env.push(("DBAGENT_CATALOG_REFRESH".into(), "1s".into()));
     let mut serve = Serve::start(&env);
-    db.sql(None, "INSERT INTO shop.t VALUES (1)").unwrap();
+    db.sql(None, "INSERT INTO shop.t VALUES (1, 'before')")
+        .unwrap();
     wait_streamed(&serve, &db);
     let (crashed, _) = master_status(&db);
     let url = db.url();
@@ -597,7 +587,8 @@ fn a_crashed_server_is_no_binlog_gap_while_it_keeps_the_file() {
         drop(serve);
         serve = Serve::start(&env);
     }
-    db.sql(None, "INSERT INTO shop.t VALUES (2)").unwrap();
+    db.sql(None, "INSERT INTO shop.t VALUES (2, 'after')")
+        .unwrap();
     wait_streamed(&serve, &db);
     let (current, _) = master_status(&db);
     let stored = parts(&repo);
