@@ -75,24 +75,7 @@ impl Server {
     /// `SHOW BINARY LOGS`: every binlog file the server keeps, oldest first, with its size.
     /// The last one is the file being written.
     pub async fn binary_logs(&self) -> anyhow::Result<Vec<(String, u64)>> {
-        let rows: Vec<mysql_async::Row> = self.query("SHOW BINARY LOGS").await.map_err(|e| {
-            if crate::error::exit_code(&e) == 1 {
-                e
-            } else {
-                input_err!(
-                    "cannot list the binary logs on {} ({e}): the user needs the BINLOG MONITOR (MariaDB) or REPLICATION CLIENT (MySQL) privilege",
-                    self.conn.describe()
-                )
-            }
-        })?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let name: Option<String> = r.get(0);
-                let size: Option<u64> = r.get(1);
-                (name.unwrap_or_default(), size.unwrap_or(0))
-            })
-            .collect())
+        binary_logs(&self.conn).await
     }
 
     /// Databases other than the system ones.
@@ -215,6 +198,36 @@ pub fn derived_uuid(hostname: &str, server_id: u64) -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+/// `SHOW BINARY LOGS` on a connection of its own, without the server's facts (the sidecar's
+/// repository refresher asks it); see `Server::binary_logs`.
+pub async fn binary_logs(conn: &MysqlConn) -> anyhow::Result<Vec<(String, u64)>> {
+    let rows: anyhow::Result<Vec<mysql_async::Row>> = async {
+        let mut session = conn.connect().await?;
+        let rows = session.query("SHOW BINARY LOGS").await;
+        let _ = session.disconnect().await;
+        rows.map_err(|e| conn.query_error(e))
+    }
+    .await;
+    let rows = rows.map_err(|e| {
+        if crate::error::exit_code(&e) == 1 {
+            e
+        } else {
+            input_err!(
+                "cannot list the binary logs on {} ({e}): the user needs the BINLOG MONITOR (MariaDB) or REPLICATION CLIENT (MySQL) privilege",
+                conn.describe()
+            )
+        }
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let name: Option<String> = r.get(0);
+            let size: Option<u64> = r.get(1);
+            (name.unwrap_or_default(), size.unwrap_or(0))
+        })
+        .collect())
 }
 
 #[cfg(test)]

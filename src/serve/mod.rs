@@ -507,17 +507,9 @@ async fn read_repo_facts(
 
 /// Whether the MySQL server still keeps binlog `file` (a server it cannot ask keeps none).
 async fn server_keeps(cfg: &Config, file: &str) -> bool {
-    use mysql_async::prelude::Queryable;
     let listed = async {
-        let server = MysqlConn::from_config(&cfg.mysql)?;
-        let mut conn = server.connect().await?;
-        let rows: Result<Vec<mysql_async::Row>, _> = conn.query("SHOW BINARY LOGS").await;
-        let _ = conn.disconnect().await;
-        let rows = rows.map_err(|e| server.query_error(e))?;
-        anyhow::Ok(
-            rows.iter()
-                .any(|r| r.get::<String, _>(0).as_deref() == Some(file)),
-        )
+        let logs = crate::mysql::server::binary_logs(&MysqlConn::from_config(&cfg.mysql)?).await?;
+        anyhow::Ok(logs.iter().any(|(name, _)| name == file))
     };
     listed.await.unwrap_or_else(|e| {
         tracing::debug!(error = %format!("{e:#}"), "cannot list the server's binlogs");
