@@ -368,9 +368,22 @@ pub fn plan_mysql(
             )
         })
         .collect();
-    // Per base name, the earliest file a kept dump starts replaying from.
+    // A dump still running (it started after `running_since`) replays from a position later
+    // than that of the newest dump then: binlogs are kept from there too.
+    let running_since =
+        now - chrono::Duration::from_std(policy.incomplete_after).unwrap_or_default();
+    let newest_then = dumps
+        .iter()
+        .rfind(|d| d.consistent_time < running_since)
+        .map(|d| d.id.as_str());
+    let bounds = |d: &&crate::repo::mysql::MysqlDump| {
+        keep.contains_key(&d.id)
+            || d.consistent_time >= running_since
+            || newest_then == Some(d.id.as_str())
+    };
+    // Per base name, the earliest file a kept (or running) dump starts replaying from.
     let mut floors: BTreeMap<String, BinlogName> = BTreeMap::new();
-    for d in dumps.iter().filter(|d| keep.contains_key(&d.id)) {
+    for d in dumps.iter().filter(bounds) {
         if let Some(name) = BinlogName::parse(&d.binlog.file) {
             let floor = floors.entry(name.base.clone()).or_insert(name.clone());
             if name.seq < floor.seq {
@@ -426,6 +439,29 @@ async fn execute_mysql(store: &dyn Store, plan: &MysqlPrunePlan) -> anyhow::Resu
     Ok(n)
 }
 
+/// The backups a backup still running may build on or need WAL from. One that started after
+/// `running_since` (its leftovers are swept only after `retention.incomplete_after`) chose as
+/// its base the newest file-level backup of its timeline then, and the newest backup of any
+/// kind then started below it: every backup that was either since `running_since` is one of
+/// these. Ordered as `backups` (by stop time).
+fn bases_of_running(
+    backups: &[crate::repo::manifest::BaseBackup],
+    running_since: DateTime<Utc>,
+) -> Vec<&crate::repo::manifest::BaseBackup> {
+    let before = |b: &&crate::repo::manifest::BaseBackup| b.stop_time < running_since;
+    let mut newest: BTreeMap<(u32, bool), &crate::repo::manifest::BaseBackup> = BTreeMap::new();
+    for b in backups.iter().filter(before) {
+        newest.insert((b.timeline, false), b);
+        if b.files.is_some() {
+            newest.insert((b.timeline, true), b);
+        }
+    }
+    backups
+        .iter()
+        .filter(|b| !before(b) || newest.values().any(|n| n.id == b.id))
+        .collect()
+}
+
 /// Decides what to delete. `objects` is everything under `pg/<sysid>/`.
 pub fn plan(
     cat: &PgCatalog,
@@ -440,6 +476,12 @@ pub fn plan(
         now,
         policy,
     );
+    let running_since =
+        now - chrono::Duration::from_std(policy.incomplete_after).unwrap_or_default();
+    for b in bases_of_running(backups, running_since) {
+        keep.entry(b.id.clone())
+            .or_insert("a backup still running may build on it");
+    }
     // WAL is needed from the backups kept for their own sake; the ones an incremental builds
     // on are kept for their files only.
     let restore_points: BTreeSet<String> = keep.keys().cloned().collect();
@@ -475,20 +517,19 @@ pub fn plan(
         }
         delete_backups.push((b.id.clone(), keys));
     }
-    let incomplete_before =
-        now - chrono::Duration::from_std(policy.incomplete_after).unwrap_or_default();
     let mut delete_incomplete = Vec::new();
     for (id, objs) in &by_dir {
         if complete.contains(id.as_str()) {
             continue;
         }
         // Only when every object of the unfinished backup is old: it is not running any more.
-        if objs.iter().all(|o| o.last_modified < incomplete_before) {
+        if objs.iter().all(|o| o.last_modified < running_since) {
             delete_incomplete.extend(objs.iter().map(|o| o.key.clone()));
         }
     }
 
-    // WAL: nothing is deleted unless a kept backup bounds it.
+    // WAL: nothing is deleted unless a kept backup bounds it, and nothing archived since a
+    // backup still running may have started (on a timeline branched below the floor, say).
     let floor = backups
         .iter()
         .filter(|b| restore_points.contains(&b.id))
@@ -497,7 +538,12 @@ pub fn plan(
     let wal_prefix = crate::repo::wal_prefix(sysid);
     let mut delete_wal = Vec::new();
     if let Some(floor) = floor {
-        for o in objects.iter().filter(|o| o.key.starts_with(&wal_prefix)) {
+        let settled = |o: &&ObjectInfo| o.last_modified < running_since;
+        for o in objects
+            .iter()
+            .filter(|o| o.key.starts_with(&wal_prefix))
+            .filter(settled)
+        {
             let Some(name) = o.key[wal_prefix.len()..].strip_suffix(".zst") else {
                 continue;
             };
@@ -517,7 +563,11 @@ pub fn plan(
         }
         // The segments' block reference summaries go with them.
         let refs_prefix = crate::repo::walrefs_prefix(sysid);
-        for o in objects.iter().filter(|o| o.key.starts_with(&refs_prefix)) {
+        for o in objects
+            .iter()
+            .filter(|o| o.key.starts_with(&refs_prefix))
+            .filter(settled)
+        {
             let segment = o.key[refs_prefix.len()..]
                 .strip_suffix(".zst")
                 .and_then(|name| Segment::parse(name, cat.seg_size));
@@ -669,6 +719,13 @@ mod tests {
         assert_eq!(p.binlog_floor.as_deref(), Some("binlog.000002"));
         assert_eq!(p.delete_binlogs.len(), 2); // binlog.000001 and its description
 
+        // A dump still running started after the newest kept one before it: with one dump
+        // kept and a day's incomplete_after, binlogs stay from d2, the newest a day ago.
+        let p = plan_mysql(&c, t("00:04:00") + chrono::Duration::days(1), &policy(0, 1));
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, ["d3"]);
+        assert_eq!(p.binlog_floor.as_deref(), Some("binlog.000004"));
+
         // No dumps: nothing bounds the binlogs, nothing is deleted.
         let p = plan_mysql(&catalog(vec![], &[1, 2, 3]), t("00:10:00"), &policy(0, 1));
         assert!(p.is_empty());
@@ -736,6 +793,79 @@ mod tests {
         broken.backups.retain(|b| b.id != "full-1");
         assert!(!broken.reach(&broken.backups[2]).consistent);
         assert!(cat.reach(&cat.backups[3]).consistent);
+    }
+
+    #[test]
+    fn what_a_backup_still_running_may_build_on_is_kept_with_its_wal() {
+        let mut full_1 = incremental("full-1", 1, "00:10:00", &[]);
+        full_1.files.as_mut().unwrap().kind = "full".into();
+        let mut full_4 = incremental("full-4", 4, "00:40:00", &[]);
+        full_4.files.as_mut().unwrap().kind = "full".into();
+        let cat = catalog(
+            vec![
+                full_1,
+                incremental("incr-2", 2, "00:20:00", &["full-1"]),
+                full_4,
+                // Taken over the network: no incremental builds on it.
+                backup("stream-5", 5, 5, "01:10:00"),
+            ],
+            &[1, 2, 3, 4, 5, 6],
+        );
+        // A branch that starts below the floor, archived at 00:50 and 01:45.
+        let branch = [
+            ("pg/1/wal/000000020000000000000002.zst", "00:50:00"),
+            ("pg/1/wal/000000020000000000000003.zst", "01:45:00"),
+        ];
+        let objects = objects(&cat, &branch);
+        let kept = |p: &PrunePlan| -> Vec<String> {
+            p.keep
+                .iter()
+                .map(|(id, why)| format!("{id}: {why}"))
+                .collect()
+        };
+        let wal = |p: &PrunePlan| -> Vec<String> {
+            p.delete_wal.iter().map(|k| k[9..33].to_string()).collect()
+        };
+
+        // At 01:30 a backup running since 00:30 (retention.incomplete_after = 1h) may build on
+        // incr-2, the newest file-level backup then, and needs WAL from its start.
+        let p = plan(&cat, &objects, t("01:30:00"), &policy(1));
+        assert_eq!(
+            kept(&p),
+            [
+                "full-1: a kept incremental backup builds on it",
+                "incr-2: a backup still running may build on it",
+                "full-4: a backup still running may build on it",
+                "stream-5: among the newest"
+            ]
+        );
+        assert_eq!(wal(&p), ["000000010000000000000001"]);
+
+        // At 02:00 (since 01:00): full-4 is the newest file-level backup, stream-5 the newest.
+        // The branch's segment archived at 01:45 stays though it lies below the floor.
+        let p = plan(&cat, &objects, t("02:00:00"), &policy(1));
+        assert_eq!(
+            kept(&p),
+            [
+                "full-4: a backup still running may build on it",
+                "stream-5: among the newest"
+            ]
+        );
+        assert_eq!(
+            wal(&p),
+            [
+                "000000010000000000000001",
+                "000000010000000000000002",
+                "000000010000000000000003",
+                "000000020000000000000002"
+            ]
+        );
+
+        // Later the branch's segment goes too; full-4 stays while it is the newest file-level
+        // backup (the next incremental builds on it).
+        let p = plan(&cat, &objects, t("23:00:00"), &policy(1));
+        assert_eq!(kept(&p).len(), 2);
+        assert_eq!(wal(&p).len(), 5);
     }
 
     #[test]

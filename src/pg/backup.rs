@@ -779,6 +779,11 @@ pub async fn base_backup(
             .await
         }
     };
+    // As late as can be before the manifest: its chain is still there.
+    let waited = match (waited, &files) {
+        (Ok(()), Some(f)) => chain_gone(store.as_ref(), sysid, &f.depends_on).await,
+        (w, _) => w,
+    };
     let databases = match waited {
         Ok(()) => databases.join().await,
         Err(e) => Err(e),
@@ -859,6 +864,28 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// Deletes what a backup that will not get its manifest wrote (best effort: `prune` removes
 /// leftovers).
+/// Fails when a backup of an incremental's chain is gone: deleted while the incremental ran (a
+/// `prune` whose `retention.incomplete_after` is shorter than this backup took, or by hand).
+/// Its manifest would list a backup that cannot be restored.
+async fn chain_gone(store: &dyn Store, sysid: u64, chain: &[String]) -> anyhow::Result<()> {
+    let keys: Vec<String> = chain
+        .iter()
+        .map(|id| repo::backup_manifest_key(sysid, id))
+        .collect();
+    let heads = futures::future::join_all(keys.iter().map(|k| store.head(k))).await;
+    for (id, head) in chain.iter().zip(heads) {
+        if head
+            .with_context(|| format!("checking that backup {id} is still there"))?
+            .is_none()
+        {
+            anyhow::bail!(
+                "backup {id}, which this incremental builds on, was deleted while it ran (by a prune whose retention.incomplete_after is shorter than this backup took?): nothing of this backup is kept; take it again"
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn delete_objects(store: &dyn Store, data: &ObjectRef, files: Option<&FilesInfo>) {
     let _ = store.delete(&data.key).await;
     for b in files.map(|f| f.bundles.as_slice()).unwrap_or_default() {

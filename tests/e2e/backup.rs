@@ -295,9 +295,11 @@ fn prune_keeps_what_restores_need() {
     pg.psql("postgres", "INSERT INTO t VALUES (99)").unwrap();
     switch_and_wait_archived(&pg);
     pg.stop().unwrap();
+    // No backup is running: none is kept for one.
     let env = [
         ("DBAGENT_RETENTION_KEEP_DAYS", "0"),
         ("DBAGENT_RETENTION_KEEP_BACKUPS", "1"),
+        ("DBAGENT_RETENTION_INCOMPLETE_AFTER", "0s"),
     ];
     let run = |args: &[&str]| {
         let mut cmd = dbagent_cmd(&repo, None, args);

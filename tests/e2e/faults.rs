@@ -722,6 +722,139 @@ fn sigkill_and_crashes_mid_stream_leave_nothing_half_visible() {
     );
 }
 
+/// A prune while an incremental backup runs (one of its uploads held up by S3), after a newer
+/// full backup has finished, with retention set to keep one backup: the running backup's base
+/// and the WAL since its start are kept, so the incremental, once stored, restores.
+#[test]
+fn a_prune_during_a_running_incremental_keeps_its_base_and_its_wal() {
+    let s3 = FaultyS3::start("running");
+    let direct = s3.direct();
+    let pg = primary(&direct);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 10000) g",
+    )
+    .unwrap();
+    ok(&pg_run(&direct, Some(&pg), &["backup", "--full"]));
+    pg.psql(
+        "postgres",
+        "INSERT INTO t SELECT generate_series(10001, 20000)",
+    )
+    .unwrap();
+
+    // The incremental, through the proxy: its manifest waits 15 s at S3. (Not a bundle: moto
+    // dates every multipart upload 2010, so prune would take a running one for a killed one.)
+    s3.proxy.inject(
+        Rule::new(Fault::Stall(Duration::from_secs(15)))
+            .method("PUT")
+            .target("/backup.json")
+            .times(1),
+    );
+    let through_proxy = s3.proxy.s3_env(&s3.server, &s3.prefix);
+    let mut child = pg_spawn(
+        &through_proxy,
+        Some(&pg),
+        &["backup", "--incremental", "--json"],
+    );
+    s3.wait_injected("/backup.json", &mut child);
+    // The incremental has stopped (its manifest is the last thing it stores): a point after it.
+    let at = pg.psql("postgres", "SELECT now()::text").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Meanwhile, straight to S3: more rows, a full backup, and a prune keeping one backup.
+    pg.psql(
+        "postgres",
+        "INSERT INTO t SELECT generate_series(20001, 30000)",
+    )
+    .unwrap();
+    ok(&pg_run(&direct, Some(&pg), &["backup", "--full"]));
+    let mut keep_one = direct.clone();
+    keep_one.push(("DBAGENT_RETENTION_KEEP_BACKUPS".into(), "1".into()));
+    keep_one.push(("DBAGENT_RETENTION_KEEP_DAYS".into(), "0".into()));
+    let pruned = ok(&pg_run(&keep_one, None, &["prune"]));
+
+    let out = child.wait_with_output().unwrap();
+    let said = ok(&out);
+    let incremental: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert_eq!(incremental["kind"], "incremental", "{said}");
+    pg.psql(
+        "postgres",
+        "INSERT INTO t SELECT generate_series(30001, 30005)",
+    )
+    .unwrap();
+    switch_and_wait_archived(&pg);
+
+    // Everything listed is whole, and the point after the incremental restores from it.
+    let verified = pg_run(&direct, None, &["verify"]);
+    assert!(
+        verified.status.success(),
+        "prune said:\n{pruned}\nverify said:\n{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        stderr(&verified)
+    );
+    let scratch = pg_owned_tempdir().unwrap();
+    let restored = Restored {
+        dir: scratch.path().join("r"),
+        port: free_port(),
+    };
+    let out = pg_run(
+        &direct,
+        None,
+        &[
+            "restore",
+            "--at",
+            &at,
+            "--target-dir",
+            restored.dir.to_str().unwrap(),
+            "--port",
+            &restored.port.to_string(),
+        ],
+    );
+    let said = ok(&out);
+    assert!(
+        said.contains(&format!(
+            "base backup {}",
+            incremental["id"].as_str().unwrap()
+        )),
+        "not restored from the incremental: {said}"
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), "20000");
+    drop(restored);
+
+    // With retention.incomplete_after shorter than a backup takes, a prune can delete what an
+    // incremental builds on while it runs (here while it stores its file index): the
+    // incremental then fails, and nothing of it is listed.
+    s3.proxy.inject(
+        Rule::new(Fault::Stall(Duration::from_secs(10)))
+            .method("PUT")
+            .target("/files.json.zst")
+            .times(1),
+    );
+    let mut child = pg_spawn(&through_proxy, Some(&pg), &["backup", "--incremental"]);
+    s3.wait_injected("/files.json.zst", &mut child);
+    let newest = ok(&pg_run(&direct, Some(&pg), &["backup", "--full", "--json"]));
+    let newest: serde_json::Value = serde_json::from_str(&newest).unwrap();
+    keep_one.push(("DBAGENT_RETENTION_INCOMPLETE_AFTER".into(), "0s".into()));
+    ok(&pg_run(&keep_one, None, &["prune"]));
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("which this incremental builds on, was deleted while it ran"),
+        "{err}"
+    );
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(&pg_run(&direct, None, &["list", "--json"]))).unwrap();
+    let ids: Vec<&str> = listing["postgres"][0]["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [newest["id"].as_str().unwrap()], "{listing}");
+    ok(&pg_run(&direct, None, &["verify"]));
+}
+
 #[test]
 fn a_killed_backup_on_a_file_repository_leaves_a_temp_file_that_prune_removes() {
     let repo = Repo::file();

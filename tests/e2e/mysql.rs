@@ -1358,9 +1358,11 @@ fn prune_removes_old_dumps_and_only_the_binlogs_no_kept_dump_needs() {
     let kept_file = manifest_binlog(&repo, dumps[1]["id"].as_str().unwrap());
     let files_before = before["mysql"][0]["binlogs"]["files"].as_u64().unwrap();
 
+    // No dump is running: no binlog is kept for one.
     let policy = [
         ("DBAGENT_RETENTION_KEEP_DAYS", "0"),
         ("DBAGENT_RETENTION_KEEP_BACKUPS", "1"),
+        ("DBAGENT_RETENTION_INCOMPLETE_AFTER", "0s"),
     ];
     let snapshot = repo.snapshot();
     let plan = ok(&run(&["prune", "--dry-run"], &policy));
