@@ -177,14 +177,9 @@ pub fn check_delta_dir(dir: &Path, sysid: u64) -> anyhow::Result<()> {
     if !dir.exists() || dir.read_dir().is_ok_and(|mut d| d.next().is_none()) {
         return Ok(());
     }
-    let pid = dir.join("postmaster.pid");
-    if let Ok(text) = std::fs::read_to_string(&pid)
-        && let Some(n) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok())
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        && unsafe { libc::kill(n, 0) } == 0
-    {
+    if let Some(why) = server_running(dir) {
         return Err(input_err!(
-            "{} is in use by a running server (postmaster.pid names process {n}): stop it before a delta restore",
+            "{} is in use by a running server ({why}): stop it before a delta restore",
             dir.display()
         ));
     }
@@ -207,6 +202,54 @@ pub fn check_delta_dir(dir: &Path, sysid: u64) -> anyhow::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether a server runs on data directory `dir`, and how that shows, checked as PostgreSQL
+/// checks before it starts on one: the process postmaster.pid names is alive (and not this
+/// one or its parent), or the System V shared memory segment it names still has processes
+/// attached. The second holds where the first cannot see: beside the database in a pod, a
+/// sidecar has its own process IDs but shares the IPC namespace.
+fn server_running(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    if let Some(pid) = lines.first().and_then(|l| l.trim().parse::<i32>().ok())
+        && pid > 0
+        && pid != std::process::id() as i32
+        // SAFETY: getppid has no preconditions.
+        && pid != unsafe { libc::getppid() }
+    {
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if alive {
+            return Some(format!(
+                "postmaster.pid names process {pid}, which is running"
+            ));
+        }
+    }
+    // Line 7: the segment's key and id.
+    let shmid = lines
+        .get(6)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse::<i32>().ok())?;
+    // SAFETY: a zeroed shmid_ds is a valid value for IPC_STAT to overwrite.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT writes into `ds`, which outlives the call.
+    if unsafe { libc::shmctl(shmid, libc::IPC_STAT, &mut ds) } == 0 {
+        return (ds.shm_nattch > 0).then(|| {
+            format!(
+                "the shared memory segment postmaster.pid names has {} process(es) attached",
+                ds.shm_nattch
+            )
+        });
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EACCES) => Some(
+            "the shared memory segment postmaster.pid names exists and is not this user's to read"
+                .into(),
+        ),
+        _ => None,
+    }
 }
 
 /// Restores the file-level backup `b` into `dir`: empty, or (with `delta`) a data directory

@@ -196,3 +196,58 @@ fn bad_settings_get_one_line() {
     );
     refused(&out, "cannot read config file");
 }
+
+/// A delta restore into the data directory of a running server is refused, touching nothing:
+/// also from a PID namespace of its own, where the server's process cannot be seen, as from
+/// a sidecar beside the database in a pod (`kubectl exec` into it).
+#[test]
+fn a_delta_restore_into_a_running_server_is_refused_even_from_a_sidecar() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t AS SELECT 1 AS i")
+        .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    switch_and_wait_archived(&pg);
+    let dir = pg.data_dir().to_str().unwrap().to_string();
+    let args = [
+        "restore",
+        "--latest",
+        "--delta",
+        "--no-start",
+        "--target-dir",
+        &dir,
+    ];
+    let control = pg.data_dir().join("global/pg_control");
+    let before = std::fs::read(&control).unwrap();
+
+    let out = dbagent(&repo, None, &args);
+    refused(
+        &out,
+        "is in use by a running server (postmaster.pid names process",
+    );
+
+    let cmd = dbagent_cmd(&repo, None, &args);
+    let mut unshared = std::process::Command::new("unshare");
+    if !dbagent_testcontainers::is_root() {
+        unshared.args(["--user", "--map-root-user"]);
+    }
+    unshared
+        .args(["--pid", "--fork"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .current_dir("/tmp");
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => unshared.env(k, v),
+            None => unshared.env_remove(k),
+        };
+    }
+    let out = unshared.output().unwrap();
+    refused(
+        &out,
+        "is in use by a running server (the shared memory segment postmaster.pid names has",
+    );
+
+    assert_eq!(std::fs::read(&control).unwrap(), before);
+    assert_eq!(pg.psql("postgres", "SELECT count(*) FROM t").unwrap(), "1");
+}
