@@ -61,12 +61,16 @@ fn postgres_archive_command_gets_env() {
         .start()
         .unwrap();
     pg.psql("postgres", "select pg_switch_wal()").unwrap();
+    // The shell creates the file before it writes the line: wait for the line.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !marker.exists() {
+    let archived = loop {
+        let text = std::fs::read_to_string(&marker).unwrap_or_default();
+        if text.ends_with('\n') {
+            break text;
+        }
         assert!(Instant::now() < deadline, "archive_command never ran");
         std::thread::sleep(Duration::from_millis(100));
-    }
-    let archived = std::fs::read_to_string(&marker).unwrap();
+    };
     assert!(archived.starts_with("0000000100000000000000"), "{archived}");
 }
 
