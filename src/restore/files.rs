@@ -177,11 +177,20 @@ pub fn check_delta_dir(dir: &Path, sysid: u64) -> anyhow::Result<()> {
     if !dir.exists() || dir.read_dir().is_ok_and(|mut d| d.next().is_none()) {
         return Ok(());
     }
-    if let Some(why) = server_running(dir) {
-        return Err(input_err!(
-            "{} is in use by a running server ({why}): stop it before a delta restore",
-            dir.display()
-        ));
+    match server_running(dir) {
+        Some(Running::Seen(why)) => {
+            return Err(input_err!(
+                "{} is in use by a running server ({why}): stop it before a delta restore",
+                dir.display()
+            ));
+        }
+        Some(Running::Unseen) => {
+            return Err(input_err!(
+                "{} has a postmaster.pid: a server may be running on it where this process cannot see it (from another container or pod); stop it, or if it crashed, remove postmaster.pid, then try again",
+                dir.display()
+            ));
+        }
+        None => {}
     }
     let found = if dir.join(CONTROL_FILE).exists() {
         crate::pg::control::system_identifier(dir).ok()
@@ -204,12 +213,23 @@ pub fn check_delta_dir(dir: &Path, sysid: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether a server runs on data directory `dir`, and how that shows, checked as PostgreSQL
-/// checks before it starts on one: the process postmaster.pid names is alive (and not this
-/// one or its parent), or the System V shared memory segment it names still has processes
-/// attached. The second holds where the first cannot see: beside the database in a pod, a
-/// sidecar has its own process IDs but shares the IPC namespace.
-fn server_running(dir: &Path) -> Option<String> {
+/// What a postmaster.pid says about the server of a data directory.
+enum Running {
+    /// Running, and how that shows.
+    Seen(String),
+    /// Nothing shows it running here, but this process may not see it: the database's own
+    /// container has other process IDs (its postmaster is often PID 1 there) and, in another
+    /// pod, another IPC namespace. A server that stops cleanly removes the file.
+    Unseen,
+}
+
+/// Whether a server runs on data directory `dir` (`None`: no postmaster.pid), checked as
+/// PostgreSQL checks before it starts on one: the process postmaster.pid names is alive (and
+/// not this one or its parent), or the System V shared memory segment it names still has
+/// processes attached. The second holds where the first cannot see: beside the database in a
+/// pod, a sidecar has process IDs of its own but shares the IPC namespace. Where neither
+/// shows, the file is still taken as a server that may run (as pgBackRest does).
+fn server_running(dir: &Path) -> Option<Running> {
     let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
     let lines: Vec<&str> = text.lines().collect();
     if let Some(pid) = lines.first().and_then(|l| l.trim().parse::<i32>().ok())
@@ -222,34 +242,35 @@ fn server_running(dir: &Path) -> Option<String> {
         let alive = unsafe { libc::kill(pid, 0) } == 0
             || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
         if alive {
-            return Some(format!(
+            return Some(Running::Seen(format!(
                 "postmaster.pid names process {pid}, which is running"
-            ));
+            )));
         }
     }
     // Line 7: the segment's key and id.
-    let shmid = lines
+    let Some(shmid) = lines
         .get(6)
         .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<i32>().ok())?;
+        .and_then(|s| s.parse::<i32>().ok())
+    else {
+        return Some(Running::Unseen);
+    };
     // SAFETY: a zeroed shmid_ds is a valid value for IPC_STAT to overwrite.
     let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
     // SAFETY: IPC_STAT writes into `ds`, which outlives the call.
-    if unsafe { libc::shmctl(shmid, libc::IPC_STAT, &mut ds) } == 0 {
-        return (ds.shm_nattch > 0).then(|| {
-            format!(
-                "the shared memory segment postmaster.pid names has {} process(es) attached",
-                ds.shm_nattch
-            )
-        });
-    }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::EACCES) => Some(
+    let stat = unsafe { libc::shmctl(shmid, libc::IPC_STAT, &mut ds) };
+    let err = std::io::Error::last_os_error().raw_os_error();
+    Some(match stat {
+        0 if ds.shm_nattch > 0 => Running::Seen(format!(
+            "the shared memory segment postmaster.pid names has {} process(es) attached",
+            ds.shm_nattch
+        )),
+        _ if stat != 0 && err == Some(libc::EACCES) => Running::Seen(
             "the shared memory segment postmaster.pid names exists and is not this user's to read"
                 .into(),
         ),
-        _ => None,
-    }
+        _ => Running::Unseen,
+    })
 }
 
 /// Restores the file-level backup `b` into `dir`: empty, or (with `delta`) a data directory

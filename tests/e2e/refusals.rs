@@ -199,9 +199,10 @@ fn bad_settings_get_one_line() {
 
 /// A delta restore into the data directory of a running server is refused, touching nothing:
 /// also from a PID namespace of its own, where the server's process cannot be seen, as from
-/// a sidecar beside the database in a pod (`kubectl exec` into it).
+/// a sidecar beside the database in a pod (`kubectl exec` into it), and whenever a
+/// postmaster.pid is left.
 #[test]
-fn a_delta_restore_into_a_running_server_is_refused_even_from_a_sidecar() {
+fn a_delta_restore_is_refused_while_a_postmaster_pid_is_there_even_from_a_sidecar() {
     let repo = Repo::file();
     let pg = archiving_primary(&repo);
     pg.psql("postgres", "CREATE TABLE t AS SELECT 1 AS i")
@@ -248,6 +249,33 @@ fn a_delta_restore_into_a_running_server_is_refused_even_from_a_sidecar() {
         "is in use by a running server (the shared memory segment postmaster.pid names has",
     );
 
-    assert_eq!(std::fs::read(&control).unwrap(), before);
+    assert!(
+        std::fs::read(&control).unwrap() == before,
+        "pg_control changed"
+    );
     assert_eq!(pg.psql("postgres", "SELECT count(*) FROM t").unwrap(), "1");
+
+    // Stopped, but its postmaster.pid left behind (a crash, a pod killed at the end of its
+    // grace period): refused too, since from another pod nothing else would show; once
+    // the file is removed, the delta restore goes ahead.
+    let pid_file = pg.data_dir().join("postmaster.pid");
+    let left = std::fs::read_to_string(&pid_file).unwrap();
+    let mut pg = pg;
+    pg.stop().unwrap();
+    // Naming a process that is surely gone (its segment went with the clean stop).
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let (_, rest) = left.split_once('\n').unwrap();
+    std::fs::write(&pid_file, format!("{}\n{rest}", gone.id())).unwrap();
+    let before = std::fs::read(&control).unwrap();
+    refused(
+        &dbagent(&repo, None, &args),
+        "has a postmaster.pid: a server may be running on it where this process cannot see it",
+    );
+    assert!(
+        std::fs::read(&control).unwrap() == before,
+        "pg_control changed"
+    );
+    std::fs::remove_file(&pid_file).unwrap();
+    ok(&dbagent(&repo, None, &args));
 }
