@@ -68,7 +68,7 @@ pub fn plan(
     now: DateTime<Utc>,
     older_than: Duration,
 ) -> (Vec<Leftover>, usize) {
-    let before = now - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
+    let before = crate::prune::before(now, older_than);
     let (old, young): (Vec<_>, Vec<_>) = found.into_iter().partition(|l| l.started < before);
     (old, young.len())
 }

@@ -280,6 +280,15 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
     })
 }
 
+/// `now` less `d`; the earliest time there is when that is out of range (a setting of
+/// "forever"), so that a window too long to compute keeps everything rather than nothing.
+pub fn before(now: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// Which of a series of backups (or dumps), oldest first with the time each restores from,
 /// the policy keeps, and why: the `keep_backups` newest, those inside the last `keep_days`,
 /// and the newest before that window, which covers its start.
@@ -288,7 +297,10 @@ fn keep_by_time<'a>(
     now: DateTime<Utc>,
     policy: &RetentionConfig,
 ) -> BTreeMap<String, &'static str> {
-    let window_start = now - chrono::Duration::days(policy.keep_days as i64);
+    let window_start = before(
+        now,
+        std::time::Duration::from_secs(policy.keep_days as u64 * 86400),
+    );
     let mut keep: BTreeMap<String, &'static str> = BTreeMap::new();
     for (id, _) in items.clone().rev().take(policy.keep_backups) {
         keep.insert(id.to_string(), "among the newest");
@@ -370,8 +382,7 @@ pub fn plan_mysql(
         .collect();
     // A dump still running (it started after `running_since`) replays from a position later
     // than that of the newest dump then: binlogs are kept from there too.
-    let running_since =
-        now - chrono::Duration::from_std(policy.incomplete_after).unwrap_or_default();
+    let running_since = before(now, policy.incomplete_after);
     let newest_then = dumps
         .iter()
         .rfind(|d| d.consistent_time < running_since)
@@ -440,25 +451,33 @@ async fn execute_mysql(store: &dyn Store, plan: &MysqlPrunePlan) -> anyhow::Resu
 }
 
 /// The backups a backup still running may build on or need WAL from. One that started after
-/// `running_since` (its leftovers are swept only after `retention.incomplete_after`) chose as
-/// its base the newest file-level backup of its timeline then, and the newest backup of any
-/// kind then started below it: every backup that was either since `running_since` is one of
-/// these. Ordered as `backups` (by stop time).
-fn bases_of_running(
-    backups: &[crate::repo::manifest::BaseBackup],
+/// `running_since` (its leftovers are swept only after `retention.incomplete_after`) on one of
+/// the `live` timelines chose as its base the newest file-level backup of its timeline then,
+/// and the newest backup of any kind then started below it: every backup that was either
+/// since `running_since` is one of these. Ordered as `backups` (by stop time).
+fn bases_of_running<'a>(
+    backups: &'a [crate::repo::manifest::BaseBackup],
     running_since: DateTime<Utc>,
-) -> Vec<&crate::repo::manifest::BaseBackup> {
-    let before = |b: &&crate::repo::manifest::BaseBackup| b.stop_time < running_since;
-    let mut newest: BTreeMap<(u32, bool), &crate::repo::manifest::BaseBackup> = BTreeMap::new();
-    for b in backups.iter().filter(before) {
-        newest.insert((b.timeline, false), b);
-        if b.files.is_some() {
-            newest.insert((b.timeline, true), b);
-        }
-    }
+    live: &[u32],
+) -> Vec<&'a crate::repo::manifest::BaseBackup> {
+    let earlier = |b: &&crate::repo::manifest::BaseBackup| b.stop_time < running_since;
+    let newest = backups.iter().rfind(earlier);
+    let bases: Vec<_> = live
+        .iter()
+        .filter_map(|tli| {
+            backups
+                .iter()
+                .filter(earlier)
+                .rfind(|b| b.timeline == *tli && b.files.is_some())
+        })
+        .collect();
     backups
         .iter()
-        .filter(|b| !before(b) || newest.values().any(|n| n.id == b.id))
+        .filter(|b| {
+            !earlier(b)
+                || newest.is_some_and(|n| n.id == b.id)
+                || bases.iter().any(|n| n.id == b.id)
+        })
         .collect()
 }
 
@@ -476,9 +495,28 @@ pub fn plan(
         now,
         policy,
     );
-    let running_since =
-        now - chrono::Duration::from_std(policy.incomplete_after).unwrap_or_default();
-    for b in bases_of_running(backups, running_since) {
+    // The same rules over production's history alone: after a restore that branched below
+    // newer backups (a bad change undone), those newer ones lie on the abandoned branch and
+    // cannot restore production; the backup it was restored from can, and is kept for it.
+    let branches = cat.branches();
+    if let Some(tli) = branches.production {
+        let on_production = backups.iter().filter(|b| cat.backup_on(b, tli));
+        for (id, why) in keep_by_time(
+            on_production.map(|b| (b.id.as_str(), b.stop_time)),
+            now,
+            policy,
+        ) {
+            keep.entry(id).or_insert(why);
+        }
+    }
+    let running_since = before(now, policy.incomplete_after);
+    // A backup runs on production's timeline (or, when the history is forked with no
+    // production to tell, on any branch's).
+    let live: Vec<u32> = match branches.production {
+        Some(tli) => vec![tli],
+        None => branches.branches.iter().map(|b| b.timeline).collect(),
+    };
+    for b in bases_of_running(backups, running_since, &live) {
         keep.entry(b.id.clone())
             .or_insert("a backup still running may build on it");
     }
@@ -980,6 +1018,95 @@ mod tests {
         assert!(p.delete_backups.is_empty());
         // Floor is segment 5 (b2's start): nothing at or above it goes, on either timeline.
         assert!(p.delete_wal.is_empty(), "{:?}", p.delete_wal);
+    }
+
+    #[test]
+    fn a_restore_below_newer_backups_keeps_the_backup_production_restores_from() {
+        use crate::repo::catalog::tests::add_timeline;
+        // z, then a bad change at 00:10, then a1 and a2 on timeline 1; restored from z to a
+        // point in segment 2, promoted onto timeline 2 at 00:40, which archives since.
+        let mut cat = catalog(
+            vec![
+                backup("z", 1, 1, "00:05:00"),
+                backup("a1", 4, 4, "00:20:00"),
+                backup("a2", 6, 6, "00:30:00"),
+            ],
+            &[1, 2, 3, 4, 5, 6],
+        );
+        add_timeline(&mut cat, 2, 1, 2 * SEG + 0x500, "00:40:00");
+        let mut objects = objects(&cat, &[]);
+        for n in 2..=5 {
+            let seg = Segment { tli: 2, segno: n };
+            let object = ObjectInfo {
+                key: format!("pg/1/wal/{}.zst", seg.name(SEG)),
+                size: 1,
+                last_modified: t("00:45:00"),
+            };
+            cat.segments.insert(seg, object.clone());
+            objects.push(object);
+        }
+        assert_eq!(cat.branches().production, Some(2));
+        let p = plan(&cat, &objects, t("03:00:00"), &policy(2));
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, ["z", "a1", "a2"], "{p:?}");
+        assert!(
+            !p.delete_wal.iter().any(|k| k.contains("/wal/00000002")),
+            "{:?}",
+            p.delete_wal
+        );
+    }
+
+    #[test]
+    fn after_a_failover_the_old_timeline_s_last_backup_and_its_wal_go() {
+        use crate::repo::catalog::tests::add_timeline;
+        let mut f1 = incremental("f1", 2, "00:10:00", &[]);
+        f1.files.as_mut().unwrap().kind = "full".into();
+        let mut cat = catalog(vec![f1], &[1, 2, 3, 4]);
+        add_timeline(&mut cat, 2, 1, 4 * SEG + 0x100, "00:20:00");
+        for (id, seg, stop) in [("f2", 6, "00:30:00"), ("f3", 8, "00:40:00")] {
+            let mut b = backup(id, seg, seg, stop);
+            b.timeline = 2;
+            cat.backups.push(b);
+        }
+        for n in 4..=9 {
+            add_seg(&mut cat, 2, n);
+        }
+        let p = plan(&cat, &objects(&cat, &[]), t("23:00:00"), &policy(1));
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, ["f3"], "{p:?}");
+        let wal: Vec<&str> = p.delete_wal.iter().map(|k| &k[9..33]).collect();
+        for n in 4..=7 {
+            let name = Segment { tli: 2, segno: n }.name(SEG);
+            assert!(wal.contains(&name.as_str()), "{name} not deleted: {wal:?}");
+        }
+    }
+
+    #[test]
+    fn settings_of_forever_keep_everything() {
+        let cat = catalog(
+            vec![
+                backup("b1", 2, 2, "00:02:30"),
+                backup("b2", 4, 4, "00:04:30"),
+            ],
+            &[1, 2, 3, 4, 5],
+        );
+        let forever = RetentionConfig {
+            keep_days: u32::MAX,
+            keep_backups: 1,
+            incomplete_after: Duration::from_secs(1),
+        };
+        let p = plan(&cat, &objects(&cat, &[]), t("23:00:00"), &forever);
+        assert!(p.delete_backups.is_empty(), "{p:?}");
+        let forever = RetentionConfig {
+            keep_days: 0,
+            keep_backups: 1,
+            incomplete_after: Duration::MAX,
+        };
+        let p = plan(&cat, &objects(&cat, &[]), t("23:00:00"), &forever);
+        assert!(
+            p.delete_backups.is_empty() && p.delete_wal.is_empty(),
+            "{p:?}"
+        );
     }
 
     #[test]
