@@ -186,7 +186,9 @@ pub struct RestoreArgs {
     target_url: Option<String>,
     #[arg(long, value_enum, default_value = "postgres")]
     engine: Engine,
-    /// Prepare the data directory but do not start PostgreSQL.
+    /// Prepare the data directory but do not start PostgreSQL. MySQL: stop the restored
+    /// server cleanly and leave --target-dir as its data directory (what a MariaDB/MySQL
+    /// container mounts at /var/lib/mysql)
     #[arg(long)]
     no_start: bool,
     /// Print the plan and stop; writes nothing.
@@ -468,8 +470,11 @@ async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
         (Engine::Mysql, Some(_)) => Err(input_err!(
             "--dump restores a PostgreSQL logical dump: MySQL restores always load a dump and replay binlogs"
         )),
-        (Engine::Mysql, None) if args.no_start => Err(input_err!(
-            "--no-start is for PostgreSQL: a MySQL restore needs a running server to load the dump into"
+        (Engine::Mysql, None) if args.no_start && target_dir.is_none() => Err(input_err!(
+            "--no-start with --engine mysql leaves --target-dir as the restored server's data directory: give --target-dir"
+        )),
+        (Engine::Mysql, None) if args.no_start && args.port.is_some() => Err(input_err!(
+            "--port is where a restored server is left listening: with --no-start it is stopped, leave --port out"
         )),
         (Engine::Mysql, None) => {
             let opts = crate::mysql::MysqlRestoreOptions {
@@ -477,6 +482,7 @@ async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
                 target_dir,
                 dry_run: args.dry_run,
                 port: args.port,
+                no_start: args.no_start,
             };
             emit(&crate::mysql::restore(cfg, store, &opts).await?, json)
         }

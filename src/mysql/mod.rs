@@ -44,6 +44,8 @@ pub struct MysqlRestoreOptions {
     pub target_dir: Option<PathBuf>,
     pub dry_run: bool,
     pub port: Option<u16>,
+    /// Stop the restored server cleanly and leave `target_dir` as its data directory.
+    pub no_start: bool,
 }
 
 /// `dbagent restore --engine mysql`.

@@ -155,15 +155,16 @@ pub async fn restore(
             }
             Destination::Scratch(dir) => {
                 let cleared = ClearOnFailure::new(dir.clone());
-                let server = ScratchServer::start(
-                    &cfg.mysql,
-                    &dir,
-                    Listen::Tcp(opts.port),
-                    plan.dump.flavor,
-                )
-                .await?;
+                // With --no-start the server runs in a directory inside the target, whose
+                // data directory then becomes the target itself.
+                let (scratch, listen) = match opts.no_start {
+                    true => (dir.join(".dbagent-restore"), Listen::SocketOnly),
+                    false => (dir.clone(), Listen::Tcp(opts.port)),
+                };
+                let server =
+                    ScratchServer::start(&cfg.mysql, &scratch, listen, plan.dump.flavor).await?;
                 let programs = Programs::find(&cfg.mysql, plan.dump.flavor)?;
-                let work = WorkDir::inside(&dir)?;
+                let work = WorkDir::inside(&scratch)?;
                 let conn = server.conn();
                 async {
                     load_dump(store.as_ref(), &plan, &programs, &conn).await?;
@@ -177,7 +178,16 @@ pub async fn restore(
                     ))
                 })?;
                 drop(work);
-                report.server = Some(server.leave_running().await?);
+                if opts.no_start {
+                    let password = server.finish_as_datadir(&dir).await?;
+                    report.into = Some(format!(
+                        "{}, a stopped server's data directory (root's password is random, in {}, mode 0600)",
+                        dir.display(),
+                        password.display()
+                    ));
+                } else {
+                    report.server = Some(server.leave_running().await?);
+                }
                 cleared.disarm();
             }
         }

@@ -22,6 +22,8 @@ use crate::repo::mysql::Flavor;
 
 /// How long a freshly initialised scratch server may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a clean shutdown of a restored server may take (InnoDB flushes its buffer pool).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The programs that initialise and run a server.
 pub struct ServerPrograms {
@@ -131,7 +133,43 @@ impl ScratchServer {
     /// (written to `root-password` and to `my.cnf`'s client section, both mode 0600), and the
     /// server is not stopped when this is dropped.
     pub async fn leave_running(mut self) -> anyhow::Result<RunningServer> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
+        let password_file = self.dir.join("root-password");
+        self.lock_root(
+            &password_file,
+            |password| {
+                std::fs::set_permissions(&self.cnf, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("protecting {}", self.cnf.display()))?;
+                let mut cnf = std::fs::read_to_string(&self.cnf)?;
+                cnf.push_str(&format!("password={password}\n"));
+                std::fs::write(&self.cnf, cnf)
+                    .with_context(|| format!("writing {}", self.cnf.display()))
+            },
+            false,
+        )
+        .await?;
+        self.keep = true;
+        Ok(RunningServer {
+            flavor: self.flavor,
+            port: self.port,
+            socket: self.socket.clone(),
+            data_dir: self.dir.join("data"),
+            defaults_file: self.cnf.clone(),
+            password_file,
+        })
+    }
+
+    /// Gives every `root` account a random password, written first to `password_file` (mode
+    /// 0600, created) and handed to `also` (a password the user cannot find would lock them
+    /// out); then, with `shutdown`, shuts the server down on the same session (root's old
+    /// login is gone).
+    async fn lock_root(
+        &self,
+        password_file: &Path,
+        also: impl FnOnce(&str) -> anyhow::Result<()>,
+        shutdown: bool,
+    ) -> anyhow::Result<String> {
+        use std::os::unix::fs::OpenOptionsExt;
         let password = random_password()?;
         let conn = self.conn();
         let mut session = conn.connect().await?;
@@ -141,21 +179,14 @@ impl ScratchServer {
         )
         .await
         .map_err(|e| conn.query_error(e))?;
-        // The files first: a password the user cannot find would lock them out.
-        let password_file = self.dir.join("root-password");
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&password_file)
+            .open(password_file)
             .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{password}\n").as_bytes()))
             .with_context(|| format!("writing {}", password_file.display()))?;
-        std::fs::set_permissions(&self.cnf, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("protecting {}", self.cnf.display()))?;
-        let mut cnf = std::fs::read_to_string(&self.cnf)?;
-        cnf.push_str(&format!("password={password}\n"));
-        std::fs::write(&self.cnf, cnf)
-            .with_context(|| format!("writing {}", self.cnf.display()))?;
+        also(&password)?;
         for host in roots {
             let sql = format!(
                 "ALTER USER 'root'@{} IDENTIFIED BY '{password}'",
@@ -166,16 +197,68 @@ impl ScratchServer {
                 .map_err(|e| conn.query_error(e))
                 .with_context(|| format!("setting the password of root@{host}"))?;
         }
-        let _ = session.disconnect().await;
+        match shutdown {
+            // The server closes the connection as it goes: no answer is expected.
+            true => {
+                let _ = mysql_async::prelude::Queryable::query_drop(&mut session, "SHUTDOWN").await;
+            }
+            false => {
+                let _ = session.disconnect().await;
+            }
+        }
+        Ok(password)
+    }
+
+    /// Leaves the restored server's data directory as `dest` itself (the scratch server runs
+    /// in a directory inside it), for a container that mounts `dest` as its datadir: every
+    /// `root` account gets a random password (in `dest/dbagent-root-password`, mode 0600),
+    /// the server shuts down cleanly, its data directory's entries move up into `dest`, and
+    /// the rest of the scratch layout (option file, socket, logs, tmpdir) goes. Returns the
+    /// password file.
+    pub async fn finish_as_datadir(mut self, dest: &Path) -> anyhow::Result<PathBuf> {
+        let password_file = dest.join("dbagent-root-password");
+        self.lock_root(&password_file, |_| Ok(()), true).await?;
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        let status = loop {
+            let child = self
+                .child
+                .as_mut()
+                .context("the scratch server is not ours")?;
+            if let Some(status) = child.try_wait().context("waiting for the scratch server")? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "the restored server did not shut down within {}s (log: {})",
+                    SHUTDOWN_TIMEOUT.as_secs(),
+                    self.log().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if !status.success() {
+            anyhow::bail!(
+                "the restored server did not shut down cleanly ({status}; log: {})",
+                self.log().display()
+            );
+        }
         self.keep = true;
-        Ok(RunningServer {
-            flavor: self.flavor,
-            port: self.port,
-            socket: self.socket.clone(),
-            data_dir: self.dir.join("data"),
-            defaults_file: self.cnf.clone(),
-            password_file,
-        })
+        let data = self.dir.join("data");
+        for entry in
+            std::fs::read_dir(&data).with_context(|| format!("reading {}", data.display()))?
+        {
+            let entry = entry?;
+            let to = dest.join(entry.file_name());
+            std::fs::rename(entry.path(), &to).with_context(|| {
+                format!("moving {} to {}", entry.path().display(), to.display())
+            })?;
+        }
+        std::fs::remove_dir_all(&self.dir)
+            .with_context(|| format!("removing {}", self.dir.display()))?;
+        std::fs::File::open(dest)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dest.display()))?;
+        Ok(password_file)
     }
 
     fn log(&self) -> PathBuf {

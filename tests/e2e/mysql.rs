@@ -1135,6 +1135,127 @@ fn a_restored_server_is_locked_and_option_like_database_names_stay_names() {
     assert!(client(Some(password)).status.success());
 }
 
+/// `--no-start` leaves the target as a stopped server's data directory, what the restore Job
+/// hands to the StatefulSet: a plain `mariadbd --datadir=<it>` (the container's way) starts
+/// on it with the restored rows, the dump's accounts and a locked root.
+#[test]
+fn a_no_start_restore_leaves_a_data_directory_a_container_starts_on() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    backup_account(&db);
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); \
+         INSERT INTO app.t VALUES (1), (2), (3);",
+    );
+    ok(&agent(
+        &repo,
+        Some(&backup_url(&db)),
+        Some(PASSWORD),
+        &["backup", "--engine", "mysql"],
+    ));
+    sql(&db, "INSERT INTO app.t VALUES (4)");
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    ok(&agent(
+        &repo,
+        Some(&backup_url(&db)),
+        Some(PASSWORD),
+        &["binlog-push"],
+    ));
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("datadir");
+    let restore = |extra: &[&str]| {
+        let mut args = vec!["restore", "--engine", "mysql", "--latest", "--no-start"];
+        args.extend_from_slice(extra);
+        agent(&repo, None, None, &args)
+    };
+    refused(&restore(&[]), "give --target-dir");
+    refused(
+        &restore(&["--target-dir", dir.to_str().unwrap(), "--port", "3307"]),
+        "leave --port out",
+    );
+    let out = ok(&restore(&["--target-dir", dir.to_str().unwrap()]));
+    assert!(out.contains("a stopped server's data directory"), "{out}");
+
+    // The data directory itself: no scratch layout around it.
+    assert!(dir.join("mysql").is_dir() && dir.join("app").is_dir());
+    for gone in ["data", "my.cnf", ".dbagent-restore", "mysqld.sock", "tmp"] {
+        assert!(!dir.join(gone).exists(), "{gone} left in {}", dir.display());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let password_file = dir.join("dbagent-root-password");
+    let mode = std::fs::metadata(&password_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let password = std::fs::read_to_string(&password_file).unwrap();
+
+    // Started the way a container starts it: on the directory, nothing else of dbagent's.
+    let run = root.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let socket = run.join("mysqld.sock");
+    let mut server = Command::new(mariadb_bin("mariadbd").unwrap());
+    server
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", dir.display()))
+        .arg(format!("--socket={}", socket.display()))
+        .arg(format!("--pid-file={}", run.join("mysqld.pid").display()))
+        .arg(format!("--tmpdir={}", run.display()))
+        .arg("--skip-networking")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if dbagent_testcontainers::is_root() {
+        server.arg("--user=root");
+    }
+    let mut server = server.spawn().unwrap();
+    let client = |password: Option<&str>, text: &str| {
+        let mut cmd = Command::new(mariadb_bin("mariadb").unwrap());
+        cmd.arg("--no-defaults")
+            .arg(format!("--socket={}", socket.display()))
+            .args(["-u", "root", "-N", "-B"]);
+        if let Some(pw) = password {
+            cmd.arg(format!("--password={pw}"));
+        }
+        cmd.args(["-e", text]).output().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client(Some(password.trim()), "SELECT 1").status.success() {
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "mariadbd exited on the restored directory"
+        );
+        assert!(Instant::now() < deadline, "mariadbd did not come up");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let rows = client(
+        Some(password.trim()),
+        "SELECT GROUP_CONCAT(id ORDER BY id) FROM app.t",
+    );
+    assert_eq!(String::from_utf8_lossy(&rows.stdout).trim(), "1,2,3,4");
+    let accounts = client(
+        Some(password.trim()),
+        "SELECT COUNT(*) FROM mysql.user WHERE user = 'dbagent'",
+    );
+    assert_eq!(String::from_utf8_lossy(&accounts.stdout).trim(), "1");
+    assert!(
+        !client(None, "SELECT 1").status.success(),
+        "root logs in without a password"
+    );
+    let _ = Command::new(mariadb_bin("mariadb-admin").unwrap())
+        .arg("--no-defaults")
+        .arg(format!("--socket={}", socket.display()))
+        .args([
+            "-u",
+            "root",
+            &format!("--password={}", password.trim()),
+            "shutdown",
+        ])
+        .output();
+    let _ = server.wait();
+}
+
 /// The dump carries the source's accounts (so binlogged GRANTs replay), but restoring it must
 /// never change an account that already exists on the target: not its password, not root's.
 #[test]
