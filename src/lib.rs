@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod heartbeat;
 pub mod http;
+pub mod init;
 pub mod install;
 pub mod leftovers;
 pub mod list;

@@ -1,6 +1,7 @@
 //! The dbagent binary: everything lives in the library; this only runs the CLI.
 
 fn main() -> std::process::ExitCode {
+    dbagent::init::become_init_if_pid_1();
     // One malloc arena for every thread. glibc's default (up to 8 per core) lets each of the
     // runtime's blocking threads keep the buffers it freed: a 4.5 GB file-level restore peaked
     // at 80 MiB with it and at 49 MiB with one arena, as fast (bench/results/memory.md). The

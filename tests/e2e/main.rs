@@ -3,6 +3,7 @@
 
 mod backup;
 mod binstream;
+mod container;
 mod drill;
 mod encryption;
 mod faults;
