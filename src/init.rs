@@ -28,15 +28,31 @@ pub fn become_init_if_pid_1() {
     if std::process::id() != 1 || std::env::var_os("DBAGENT_NO_INIT").is_some() {
         return;
     }
+    // The forwarded signals wait, blocked, until the parent's handlers are in place: PID 1
+    // drops a signal it has no handler for.
+    // SAFETY: sigset_t values filled by sigemptyset/sigaddset; one thread, so sigprocmask
+    // is the process's mask.
+    let old = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in FORWARDED {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    };
     // SAFETY: no other thread exists yet (the caller's contract), so the child may go on.
     match unsafe { libc::fork() } {
-        0 => {}
         -1 => eprintln!(
             "dbagent: warning: running as PID 1 without reaping orphans: fork failed: {}",
             std::io::Error::last_os_error()
         ),
-        worker => reap(worker),
+        0 => {}
+        worker => reap(worker, &old),
     }
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
 }
 
 extern "C" fn forward(sig: libc::c_int) {
@@ -47,7 +63,7 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-fn reap(worker: libc::pid_t) -> ! {
+fn reap(worker: libc::pid_t, mask: &libc::sigset_t) -> ! {
     WORKER.store(worker, Ordering::Relaxed);
     for sig in FORWARDED {
         // SAFETY: a handler that only calls kill; SA_RESTART keeps waitpid going.
@@ -59,6 +75,8 @@ fn reap(worker: libc::pid_t) -> ! {
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
     }
+    // SAFETY: restores the mask saved before the fork; blocked signals are delivered now.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, mask, std::ptr::null_mut()) };
     loop {
         let mut status = 0;
         // SAFETY: waits for any child; `status` outlives the call.

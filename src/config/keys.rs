@@ -230,7 +230,12 @@ pub const KEYS: &[Key] = &[
 ];
 
 /// Variables read outside the configuration tree (before it exists, or by the logger).
-pub const ENVIRONMENT_ONLY: &[&str] = &["DBAGENT_CONFIG", "DBAGENT_LOG", "DBAGENT_LOG_FORMAT"];
+pub const ENVIRONMENT_ONLY: &[&str] = &[
+    "DBAGENT_CONFIG",
+    "DBAGENT_LOG",
+    "DBAGENT_LOG_FORMAT",
+    "DBAGENT_NO_INIT",
+];
 
 pub fn key(name: &str) -> &'static Key {
     KEYS.iter()

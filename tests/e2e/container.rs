@@ -8,7 +8,9 @@ use dbagent_testcontainers::{free_port, is_root, pg_owned_tempdir};
 
 use crate::support::*;
 
-/// Zombie processes whose parent is `parent` (host PIDs).
+/// Zombie dbagent processes (the `wal-prefetch` a `wal-fetch` leaves) whose parent is
+/// `parent` (host PIDs). Not the server's: when PID 1 exits, the kernel kills the server the
+/// restore left running, whose processes pass through that state as the namespace ends.
 fn zombies_of(parent: u32) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
@@ -17,11 +19,13 @@ fn zombies_of(parent: u32) -> usize {
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
         .filter(|stat| {
             // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
                 return false;
             };
-            let mut fields = rest.split_whitespace();
-            fields.next() == Some("Z") && fields.next() == Some(&parent.to_string())
+            let mut fields = stat[close + 1..].split_whitespace();
+            &stat[open + 1..close] == "dbagent"
+                && fields.next() == Some("Z")
+                && fields.next() == Some(&parent.to_string())
         })
         .count()
 }
