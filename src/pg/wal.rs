@@ -11,8 +11,8 @@
 //! `wal-fetch` is spawned once per segment by PostgreSQL. To keep replay from waiting on one
 //! download at a time, each call starts a detached `wal-prefetch` process that downloads the
 //! next segments into `pg_wal/.dbagent-prefetch/`; the next call finds its segment there
-//! (already verified) and moves it into place. Claims (`<name>.claim`, holding the pid) keep
-//! two processes from downloading the same segment.
+//! (already verified) and moves it into place. Claims (`<name>.claim`, holding the pid and
+//! its start time) keep two processes from downloading the same segment.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -568,15 +568,39 @@ async fn take_prefetched(
     }
 }
 
+/// Whether the process a claim names still runs. A claim holds the pid and the process's
+/// start time (clock ticks since boot): claims survive a container's restart in pg_wal, and
+/// the restarted container hands out the same small pids again, so a pid alone would keep a
+/// dead download's claim alive and make each `wal-fetch` of its segment wait out its whole
+/// retry window. A claim without a start time (written before claims had one, so before a
+/// restart) or naming a zombie is dead.
 fn claim_alive(claim: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(claim) else {
         return false;
     };
-    match text.trim().parse::<i32>() {
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        Ok(pid) => unsafe { libc::kill(pid, 0) == 0 },
-        Err(_) => false,
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let (Some(Some(pid)), Some(Some(start))) = (fields.next(), fields.next()) else {
+        return false;
+    };
+    process_start(pid as i32) == Some(start)
+}
+
+/// This process's claim: its pid and start time.
+fn claim_text() -> String {
+    let pid = std::process::id();
+    format!("{pid} {}", process_start(pid as i32).unwrap_or(0))
+}
+
+/// When process `pid`, running (not a zombie), started, in clock ticks since boot
+/// (/proc/<pid>/stat, field 22).
+fn process_start(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ": the state is field 3, the start time field 22.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
     }
+    fields.nth(18)?.parse().ok()
 }
 
 /// The segments after `name` that are worth fetching ahead.
@@ -646,7 +670,7 @@ pub async fn prefetch(
         Some(id) => id,
         None => crate::pg::control::system_identifier(data_dir)?,
     };
-    let pid = std::process::id().to_string();
+    let pid = claim_text();
     let mut tasks = tokio::task::JoinSet::new();
     for name in names {
         if WalFile::classify(name).is_none() {
@@ -711,6 +735,38 @@ pub fn ready_files(data_dir: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_lives_with_the_process_that_wrote_it_and_no_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let claim = dir.path().join("x.claim");
+        std::fs::write(&claim, claim_text()).unwrap();
+        assert!(claim_alive(&claim), "this process's own claim");
+        let me = std::process::id();
+        // The same pid, another start: a restarted container's process.
+        std::fs::write(&claim, format!("{me} 1")).unwrap();
+        assert!(!claim_alive(&claim));
+        // A pid alone: written before claims had start times.
+        std::fs::write(&claim, format!("{me}")).unwrap();
+        assert!(!claim_alive(&claim));
+        // A process that has exited and been reaped.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let start = process_start(gone.id() as i32);
+        gone.wait().unwrap();
+        std::fs::write(&claim, format!("{} {}", gone.id(), start.unwrap_or(0))).unwrap();
+        assert!(!claim_alive(&claim));
+        // A zombie: exited, not yet reaped, still answering kill(pid, 0).
+        let mut zombie = std::process::Command::new("true").spawn().unwrap();
+        let start = process_start(zombie.id() as i32).unwrap_or(0);
+        std::fs::write(&claim, format!("{} {start}", zombie.id())).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_start(zombie.id() as i32).is_some() {
+            assert!(std::time::Instant::now() < deadline, "true did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!claim_alive(&claim));
+        zombie.wait().unwrap();
+    }
 
     #[test]
     fn a_segment_whose_last_page_is_zeros_was_switched() {

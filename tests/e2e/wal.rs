@@ -9,7 +9,7 @@ use crate::support::*;
 
 const SYSID: &str = "7000000000000000001";
 
-fn run(repo: &Repo, cwd: &Path, args: &[&str]) -> Output {
+fn command(repo: &Repo, cwd: &Path, args: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(BIN);
     cmd.args(args)
         .current_dir(cwd)
@@ -19,7 +19,11 @@ fn run(repo: &Repo, cwd: &Path, args: &[&str]) -> Output {
     for (k, v) in repo.env() {
         cmd.env(k, v);
     }
-    cmd.output().unwrap()
+    cmd
+}
+
+fn run(repo: &Repo, cwd: &Path, args: &[&str]) -> Output {
+    command(repo, cwd, args).output().unwrap()
 }
 
 /// A segment of this test's cluster (valid page headers, filler content).
@@ -259,6 +263,46 @@ fn corrupted_segment_is_refused_and_not_written() {
             .all(|n| !n.to_string_lossy().contains("tmp")),
         "temp files left: {leftovers:?}"
     );
+}
+
+/// A claim left in pg_wal by a container that restarted names a pid the new container has
+/// handed out again: it is not taken for a download in progress (which `wal-fetch` would
+/// wait for until its retry window ran out).
+#[test]
+fn a_claim_naming_a_reused_pid_is_not_waited_for() {
+    let repo = Repo::file();
+    let data = tempfile::tempdir().unwrap();
+    let wal = data.path().join("pg_wal");
+    let name = "000000010000000000000002";
+    std::fs::create_dir_all(wal.join(".dbagent-prefetch")).unwrap();
+    std::fs::write(wal.join(name), segment_bytes(name, 2)).unwrap();
+    ok(&run(
+        &repo,
+        data.path(),
+        &["wal-push", &format!("pg_wal/{name}")],
+    ));
+    std::fs::remove_file(wal.join(name)).unwrap();
+    // A live process (this test), not the one that wrote the claim, as a restarted container
+    // hands out its pids again; the claim as dbagent wrote it before claims had start times.
+    std::fs::write(
+        wal.join(".dbagent-prefetch").join(format!("{name}.claim")),
+        std::process::id().to_string(),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut cmd = command(
+        &repo,
+        data.path(),
+        &["wal-fetch", name, "pg_wal/RECOVERYXLOG"],
+    );
+    cmd.env("DBAGENT_WAL_FETCH_RETRY_TIMEOUT", "60s");
+    ok(&cmd.output().unwrap());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "wal-fetch waited {:?} for a dead claim",
+        started.elapsed()
+    );
+    assert!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap() == segment_bytes(name, 2));
 }
 
 #[test]
