@@ -206,11 +206,15 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
     };
     token.cancel();
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("tasks did not stop within 10 s; stopping anyway");
+    // A scheduled job has serve.job_grace after its SIGTERM (a drill tears down its scratch
+    // server): wait for that, and a little more for the job's own exit.
+    let limit =
+        Duration::from_secs(10).max(cfg.serve.job_grace.saturating_add(Duration::from_secs(5)));
+    if tokio::time::timeout(limit, drain).await.is_err() {
+        tracing::warn!(
+            "tasks did not stop within {}; stopping anyway",
+            humantime::format_duration(limit)
+        );
     }
     outcome
 }
