@@ -779,14 +779,16 @@ pub async fn base_backup(
             .await
         }
     };
-    // As late as can be before the manifest: its chain is still there.
-    let waited = match (waited, &files) {
-        (Ok(()), Some(f)) => chain_gone(store.as_ref(), sysid, &f.depends_on).await,
-        (w, _) => w,
-    };
     let databases = match waited {
         Ok(()) => databases.join().await,
         Err(e) => Err(e),
+    };
+    // As late as can be before the manifest: its chain is still there.
+    let databases = match (databases, &files) {
+        (Ok(d), Some(f)) => chain_still_there(store.as_ref(), sysid, &f.depends_on)
+            .await
+            .map(|()| d),
+        (d, _) => d,
     };
     let databases = match databases {
         Ok(d) => d,
@@ -862,12 +864,11 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Deletes what a backup that will not get its manifest wrote (best effort: `prune` removes
-/// leftovers).
-/// Fails when a backup of an incremental's chain is gone: deleted while the incremental ran (a
-/// `prune` whose `retention.incomplete_after` is shorter than this backup took, or by hand).
-/// Its manifest would list a backup that cannot be restored.
-async fn chain_gone(store: &dyn Store, sysid: u64, chain: &[String]) -> anyhow::Result<()> {
+/// Checks that every backup of an incremental's chain is still there: one deleted while the
+/// incremental ran (by a `prune` whose `retention.incomplete_after` is shorter than this
+/// backup took, or by hand) fails it, since its manifest would list a backup that cannot be
+/// restored.
+async fn chain_still_there(store: &dyn Store, sysid: u64, chain: &[String]) -> anyhow::Result<()> {
     let keys: Vec<String> = chain
         .iter()
         .map(|id| repo::backup_manifest_key(sysid, id))
@@ -886,6 +887,8 @@ async fn chain_gone(store: &dyn Store, sysid: u64, chain: &[String]) -> anyhow::
     Ok(())
 }
 
+/// Deletes what a backup that will not get its manifest wrote (best effort: `prune` removes
+/// leftovers).
 async fn delete_objects(store: &dyn Store, data: &ObjectRef, files: Option<&FilesInfo>) {
     let _ = store.delete(&data.key).await;
     for b in files.map(|f| f.bundles.as_slice()).unwrap_or_default() {
