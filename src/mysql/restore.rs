@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context;
 use serde::Serialize;
 
 use super::MysqlRestoreOptions;
@@ -179,7 +180,12 @@ pub async fn restore(
                 })?;
                 drop(work);
                 if opts.no_start {
-                    let password = server.finish_as_datadir(&dir).await?;
+                    let password = server.finish_as_datadir(&dir).await.with_context(|| {
+                        format!(
+                            "leaving {} as the restored server's data directory failed, and the directory was cleared",
+                            dir.display()
+                        )
+                    })?;
                     report.into = Some(format!(
                         "{}, a stopped server's data directory (root's password is random, in {}, mode 0600)",
                         dir.display(),

@@ -198,9 +198,14 @@ impl ScratchServer {
                 .with_context(|| format!("setting the password of root@{host}"))?;
         }
         match shutdown {
-            // The server closes the connection as it goes: no answer is expected.
+            // The server closes the connection as it goes: an error of the connection is the
+            // expected answer, a refusal by the server is not.
             true => {
-                let _ = mysql_async::prelude::Queryable::query_drop(&mut session, "SHUTDOWN").await;
+                if let Err(mysql_async::Error::Server(e)) =
+                    mysql_async::prelude::Queryable::query_drop(&mut session, "SHUTDOWN").await
+                {
+                    anyhow::bail!("the restored server refused SHUTDOWN: {e}");
+                }
             }
             false => {
                 let _ = session.disconnect().await;
@@ -229,17 +234,17 @@ impl ScratchServer {
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
-                    "the restored server did not shut down within {}s (log: {})",
+                    "the restored server did not shut down within {}s: {}",
                     SHUTDOWN_TIMEOUT.as_secs(),
-                    self.log().display()
+                    self.last_error()
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         if !status.success() {
             anyhow::bail!(
-                "the restored server did not shut down cleanly ({status}; log: {})",
-                self.log().display()
+                "the restored server did not shut down cleanly ({status}): {}",
+                self.last_error()
             );
         }
         self.keep = true;
@@ -253,16 +258,30 @@ impl ScratchServer {
                 format!("moving {} to {}", entry.path().display(), to.display())
             })?;
         }
-        std::fs::remove_dir_all(&self.dir)
-            .with_context(|| format!("removing {}", self.dir.display()))?;
-        std::fs::File::open(dest)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing {}", dest.display()))?;
+        // The data directory is whole from here: what is left is the scratch layout's rest.
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove the scratch files; remove them by hand");
+        }
+        if let Err(e) = std::fs::File::open(dest).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dest.display(), error = %e, "could not sync the data directory");
+        }
         Ok(password_file)
     }
 
     fn log(&self) -> PathBuf {
         self.dir.join("error.log")
+    }
+
+    /// The last `[ERROR]` line of the server's log (a message outlives the log, which a
+    /// failed restore clears with its directory).
+    fn last_error(&self) -> String {
+        std::fs::read_to_string(self.log())
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .find(|l| l.contains("[ERROR]"))
+            .unwrap_or("no [ERROR] line in its log")
+            .to_string()
     }
 
     async fn init(
