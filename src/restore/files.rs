@@ -230,9 +230,8 @@ enum Running {
 /// pod, a sidecar has process IDs of its own but shares the IPC namespace. Where neither
 /// shows, the file is still taken as a server that may run (as pgBackRest does).
 fn server_running(dir: &Path) -> Option<Running> {
-    let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
-    let lines: Vec<&str> = text.lines().collect();
-    if let Some(pid) = lines.first().and_then(|l| l.trim().parse::<i32>().ok())
+    let pm = super::PostmasterPid::read(dir)?;
+    if let Some(pid) = pm.pid
         && pid > 0
         && pid != std::process::id() as i32
         // SAFETY: getppid has no preconditions.
@@ -247,12 +246,7 @@ fn server_running(dir: &Path) -> Option<Running> {
             )));
         }
     }
-    // Line 7: the segment's key and id.
-    let Some(shmid) = lines
-        .get(6)
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<i32>().ok())
-    else {
+    let Some(shmid) = pm.shmid else {
         return Some(Running::Unseen);
     };
     // SAFETY: a zeroed shmid_ds is a valid value for IPC_STAT to overwrite.

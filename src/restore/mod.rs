@@ -522,11 +522,13 @@ pub async fn start_and_wait(
     let mut replayed: Option<u64> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Some(pm) = read_postmaster_pid(dir) else {
+        let Some((pid, port, socket_dir)) =
+            PostmasterPid::read(dir).and_then(|pm| Some((pm.pid?, pm.port?, pm.socket_dir)))
+        else {
             return Err(recovery_failure(plan, &log));
         };
         // SAFETY: signal 0 only checks that the postmaster exists.
-        if unsafe { libc::kill(pm.pid, 0) } != 0 {
+        if unsafe { libc::kill(pid, 0) } != 0 {
             return Err(recovery_failure(plan, &log));
         }
         if tokio::time::Instant::now() > deadline {
@@ -548,8 +550,8 @@ pub async fn start_and_wait(
             ));
         }
         let probe = Landed {
-            port: pm.port,
-            socket_dir: pm.socket_dir.clone(),
+            port,
+            socket_dir: socket_dir.clone(),
             last_commit: None,
             timeline: String::new(),
             replayed_lsn: None,
@@ -564,7 +566,7 @@ pub async fn start_and_wait(
                 return Err(e.context(format!(
                     "the restored server is running (data {}, port {}) but dbagent cannot connect to it to see it promote",
                     dir.display(),
-                    pm.port
+                    port
                 )));
             }
         };
@@ -586,7 +588,7 @@ pub async fn start_and_wait(
                 return Err(anyhow::anyhow!(
                     "the restored server (data {}, port {}) promoted although it was restored as a standby: something removed its standby.signal; see its log {}",
                     dir.display(),
-                    pm.port,
+                    port,
                     log.display()
                 ));
             }
@@ -680,25 +682,34 @@ async fn archive_end(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<Lsn> {
     Ok(Lsn(scan.end_lsn.unwrap_or(last.start_lsn(seg_size).0)))
 }
 
-struct PostmasterPid {
-    pid: i32,
-    port: u16,
-    socket_dir: String,
+/// What a data directory's postmaster.pid says. PostgreSQL writes its lines as the server
+/// starts, so any may be missing yet.
+pub(crate) struct PostmasterPid {
+    pub pid: Option<i32>,
+    pub port: Option<u16>,
+    pub socket_dir: String,
+    /// The System V shared memory segment's id (line 7: key and id).
+    pub shmid: Option<i32>,
 }
 
-fn read_postmaster_pid(dir: &Path) -> Option<PostmasterPid> {
-    let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
-    let lines: Vec<&str> = text.lines().collect();
-    Some(PostmasterPid {
-        pid: lines.first()?.trim().parse().ok()?,
-        port: lines.get(3)?.trim().parse().ok()?,
-        socket_dir: lines
-            .get(4)
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .unwrap_or("/tmp")
-            .to_string(),
-    })
+impl PostmasterPid {
+    /// `None` when `dir` has no postmaster.pid.
+    pub(crate) fn read(dir: &Path) -> Option<PostmasterPid> {
+        let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+        let lines: Vec<&str> = text.lines().collect();
+        let field = |n: usize| lines.get(n).map(|l| l.trim());
+        Some(PostmasterPid {
+            pid: field(0).and_then(|l| l.parse().ok()),
+            port: field(3).and_then(|l| l.parse().ok()),
+            socket_dir: field(4)
+                .filter(|s| !s.is_empty())
+                .unwrap_or("/tmp")
+                .to_string(),
+            shmid: field(6)
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|s| s.parse().ok()),
+        })
+    }
 }
 
 /// Explains why the restored server stopped before promoting, from its log.

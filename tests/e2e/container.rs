@@ -1,7 +1,6 @@
 //! dbagent as a container's first process: PID 1 of a PID namespace of its own, as in a Job's
 //! pod, where every orphan of the namespace becomes its child.
 
-use std::process::Command;
 use std::time::Duration;
 
 use dbagent_testcontainers::{free_port, is_root, pg_owned_tempdir};
@@ -61,27 +60,21 @@ fn as_pid_1_a_restore_reaps_what_it_inherits() {
         &port_s,
     ];
     // setpriv changes user without a fork: dbagent itself is PID 1.
-    let env = dbagent_cmd(&repo, None, &args);
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--pid",
-        "--fork",
+    let setpriv = [
         "setpriv",
         "--reuid=postgres",
         "--regid=postgres",
         "--init-groups",
         BIN,
-    ])
-    .args(args)
-    .current_dir("/tmp")
+    ];
+    let mut child = in_own_pid_namespace(
+        &dbagent_cmd(&repo, None, &args),
+        setpriv.iter().chain(args.iter()),
+    )
     .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped());
-    for (k, v) in env.get_envs() {
-        if let Some(v) = v {
-            cmd.env(k, v);
-        }
-    }
-    let mut child = cmd.spawn().unwrap();
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     // unshare forks; its child is the namespace's PID 1.
     let mut first = None;
     let mut most = 0;

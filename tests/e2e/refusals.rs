@@ -228,22 +228,8 @@ fn a_delta_restore_is_refused_while_a_postmaster_pid_is_there_even_from_a_sideca
     );
 
     let cmd = dbagent_cmd(&repo, None, &args);
-    let mut unshared = std::process::Command::new("unshare");
-    if !dbagent_testcontainers::is_root() {
-        unshared.args(["--user", "--map-root-user"]);
-    }
-    unshared
-        .args(["--pid", "--fork"])
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
-        .current_dir("/tmp");
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => unshared.env(k, v),
-            None => unshared.env_remove(k),
-        };
-    }
-    let out = unshared.output().unwrap();
+    let argv = std::iter::once(cmd.get_program()).chain(cmd.get_args());
+    let out = in_own_pid_namespace(&cmd, argv).output().unwrap();
     refused(
         &out,
         "is in use by a running server (the shared memory segment postmaster.pid names has",

@@ -120,6 +120,26 @@ pub fn dbagent_cmd(repo: &Repo, pg: Option<&Postgres>, args: &[&str]) -> Command
     cmd
 }
 
+/// `argv` run in a PID namespace of its own (`unshare --pid --fork`), as in a container, with
+/// `env_from`'s environment: its first process is `argv[0]`'s, or what that execs into.
+pub fn in_own_pid_namespace(
+    env_from: &Command,
+    argv: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+) -> Command {
+    let mut cmd = Command::new("unshare");
+    if !dbagent_testcontainers::is_root() {
+        cmd.args(["--user", "--map-root-user"]);
+    }
+    cmd.args(["--pid", "--fork"]).args(argv).current_dir("/tmp");
+    for (k, v) in env_from.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd
+}
+
 pub fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
