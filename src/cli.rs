@@ -2,7 +2,7 @@
 //! domain code and prints its report (for people, or `--json`); nothing else. This is the only
 //! place that writes to stdout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -159,6 +159,10 @@ pub enum Command {
         /// The shared volume's mount point.
         dir: PathBuf,
     },
+    /// Remove a restore's recovery settings from ./postgresql.auto.conf (PostgreSQL
+    /// recovery_end_command, which runs in the data directory when recovery ends).
+    #[command(hide = true)]
+    RecoveryEnd,
 }
 
 #[derive(Debug, clap::Args)]
@@ -318,6 +322,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         let (dest, size) = crate::install::install(dir)?;
         return print(&format!("installed {} ({size} bytes)\n", dest.display()));
     }
+    if let Command::RecoveryEnd = &cli.command {
+        // Needs no configuration or repository: it edits the data directory it runs in.
+        return crate::restore::recovery::recovery_end(Path::new("."));
+    }
     let cfg = Config::load(&flags, &ProcessEnv)?;
     let store = || crate::storage::open(&cfg);
     // A writer the repository refuses (encryption keys) stops before it starts work; the
@@ -404,7 +412,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::List { json } => emit(&crate::list::build(store()?.as_ref()).await?, json),
         Command::Restore(args) => restore(&cfg, args).await,
-        Command::Install { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Install { .. } | Command::RecoveryEnd => {
+            unreachable!("handled before the configuration is loaded")
+        }
     }
 }
 

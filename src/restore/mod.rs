@@ -469,13 +469,24 @@ pub fn restore_command(cfg: &Config) -> anyhow::Result<String> {
     ))
 }
 
+/// `recovery_end_command`: this same dbagent removes the recovery block when recovery ends.
+fn recovery_end_command() -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("locating the dbagent binary")?;
+    Ok(restore_command_word(&exe.to_string_lossy()) + " recovery-end")
+}
+
 fn write_recovery_settings(
     cfg: &Config,
     plan: &PgPlan,
     dir: &Path,
     extra: &[String],
 ) -> anyhow::Result<()> {
-    let block = recovery::block(plan, &restore_command(cfg)?, extra);
+    let block = recovery::block(
+        plan,
+        &restore_command(cfg)?,
+        &recovery_end_command()?,
+        extra,
+    );
     let signal = if plan.standby {
         "standby.signal"
     } else {

@@ -6,9 +6,10 @@
 //! may hold `recovery.signal` or `standby.signal`. PostgreSQL applies the last occurrence of a
 //! setting, so appending a new block is not enough: a `--latest` restore would inherit an
 //! earlier `recovery_target_time` and stop there. So a restore removes every recovery setting
-//! and signal file first and writes exactly one block; once the server has promoted, the
-//! block is removed again (the server is a primary now, and its own backups must not carry
-//! it). What is left is only the note and `archive_mode = off` of a copy.
+//! and signal file first and writes exactly one block; when recovery ends, the block's own
+//! `recovery_end_command` removes it again (the server is a primary now: its own backups and
+//! the replicas cloned from it must not carry it). What is left is only the note and
+//! `archive_mode = off` of a copy.
 
 use std::io::Write;
 use std::path::Path;
@@ -99,8 +100,16 @@ pub(crate) fn quote(s: &str) -> String {
     out
 }
 
-/// The one recovery block (pure), then `extra` lines.
-pub fn block(plan: &PgPlan, restore_command: &str, extra: &[String]) -> Vec<String> {
+/// The one recovery block (pure), then `extra` lines. `recovery_end_command` removes the
+/// block when recovery ends (`dbagent recovery-end`), whether or not a dbagent is watching:
+/// after `--no-start` nothing else would, and a replica cloned from the new primary with
+/// `pg_basebackup -R` would copy the block, whose target timeline is not its history.
+pub fn block(
+    plan: &PgPlan,
+    restore_command: &str,
+    recovery_end_command: &str,
+    extra: &[String],
+) -> Vec<String> {
     let mut lines = Vec::new();
     if plan.standby {
         lines.push(format!(
@@ -126,6 +135,10 @@ pub fn block(plan: &PgPlan, restore_command: &str, extra: &[String]) -> Vec<Stri
         env!("CARGO_PKG_VERSION")
     ));
     lines.push(format!("restore_command = {}", quote(restore_command)));
+    lines.push(format!(
+        "recovery_end_command = {}",
+        quote(recovery_end_command)
+    ));
     lines.push(format!(
         "recovery_target_timeline = {}",
         quote(&plan.recovery_target_timeline())
@@ -198,6 +211,27 @@ pub fn remove_after_promotion(dir: &Path) -> anyhow::Result<bool> {
     }
     replace(dir, &new)?;
     Ok(true)
+}
+
+/// `dbagent recovery-end`, PostgreSQL's `recovery_end_command`: run by the server in its data
+/// directory `dir` when recovery ends, it removes the restore's recovery block (and the
+/// segments fetched ahead and never replayed). PostgreSQL only warns when it fails.
+pub fn recovery_end(dir: &Path) -> anyhow::Result<()> {
+    if !dir.join("PG_VERSION").is_file() {
+        anyhow::bail!(
+            "recovery-end runs in a PostgreSQL data directory, as the recovery_end_command a restore writes; {} holds no PG_VERSION",
+            std::fs::canonicalize(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir.join("pg_wal").join(crate::pg::wal::PREFETCH_DIR));
+    if remove_after_promotion(dir)? {
+        eprintln!(
+            "dbagent: recovery has ended: removed the restore's recovery settings from postgresql.auto.conf"
+        );
+    }
+    Ok(())
 }
 
 fn read(dir: &Path) -> anyhow::Result<String> {
@@ -290,12 +324,18 @@ work_mem = '8MB'
 
     #[test]
     fn a_latest_restore_names_its_timeline_and_clears_every_target() {
-        let b = block(&plan(Target::Latest, false), "dbagent wal-fetch %f %p", &[]);
+        let b = block(
+            &plan(Target::Latest, false),
+            "dbagent wal-fetch %f %p",
+            "dbagent recovery-end",
+            &[],
+        );
         assert_eq!(
             settings(&b.join("\n")),
             vec![
                 "archive_mode = off",
                 "restore_command = 'dbagent wal-fetch %f %p'",
+                "recovery_end_command = 'dbagent recovery-end'",
                 "recovery_target_timeline = '1'",
                 "recovery_target = ''",
                 "recovery_target_lsn = ''",
@@ -311,6 +351,7 @@ work_mem = '8MB'
         let b = block(
             &plan(Target::Time(t("00:04:00")), true),
             "it's",
+            "x",
             &["port = 5433".into()],
         );
         let s = settings(&b.join("\n"));
@@ -330,7 +371,7 @@ work_mem = '8MB'
 
     #[test]
     fn the_block_goes_after_promotion_and_a_copy_keeps_archiving_off() {
-        let b = block(&plan(Target::Time(t("00:04:00")), false), "x", &[]);
+        let b = block(&plan(Target::Time(t("00:04:00")), false), "x", "y", &[]);
         let written = strip(CARRIED, Strip::All) + &b.join("\n") + "\n";
         let after = strip(&written, Strip::Recovery);
         assert_eq!(
@@ -353,7 +394,7 @@ work_mem = '8MB'
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(AUTO_CONF), CARRIED).unwrap();
         std::fs::write(dir.path().join("standby.signal"), "").unwrap();
-        let b = block(&plan(Target::Latest, true), "x", &[]);
+        let b = block(&plan(Target::Latest, true), "x", "y", &[]);
         write(dir.path(), &b, "recovery.signal").unwrap();
         assert!(!dir.path().join("standby.signal").exists());
         assert!(dir.path().join("recovery.signal").exists());
@@ -372,6 +413,7 @@ work_mem = '8MB'
         let b = block(
             &p,
             "dbagent wal-fetch %f %p",
+            "dbagent recovery-end",
             &["primary_slot_name = 'r1'".into()],
         );
         assert!(

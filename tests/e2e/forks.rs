@@ -282,7 +282,7 @@ fn a_restored_servers_own_backups_restore() {
     pg.stop().unwrap();
 
     // Restored to before the bad change, and started by the operator (--no-start): its
-    // recovery block stays in postgresql.auto.conf, and its backups carry it.
+    // recovery block is in postgresql.auto.conf until recovery ends.
     let scratch = pg_owned_tempdir().unwrap();
     let data: PathBuf = scratch.path().join("restored");
     let (out, _) = restore(&first, &data, &["--at", &between(a, b), "--no-start"]);
@@ -334,4 +334,54 @@ fn a_restored_servers_own_backups_restore() {
         "1:production,3:written on the restored server"
     );
     assert_no_recovery_settings(&at.dir);
+}
+
+#[test]
+fn a_no_start_restore_as_primary_leaves_nothing_its_replicas_inherit() {
+    let repo = Repo::file();
+    let mut pg = production(&repo);
+    insert(&pg, 1, "production");
+    let a = now_on(&pg);
+    std::thread::sleep(Duration::from_millis(20));
+    let b = now_on(&pg);
+    insert(&pg, 2, "the bad change");
+    switch_and_wait_archived(&pg);
+    pg.stop().unwrap();
+
+    // The runbook's Job: restored as the new primary, started later by the StatefulSet.
+    let scratch = pg_owned_tempdir().unwrap();
+    let data: PathBuf = scratch.path().join("restored");
+    let (out, _) = restore(
+        &repo,
+        &data,
+        &["--at", &between(a, b), "--as-primary", "--no-start"],
+    );
+    ok(&out);
+    let env: Vec<(String, String)> = repo.env();
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let restored = Postgres::start_existing(&data, &env_ref).unwrap();
+    wait_promoted(&restored);
+    // Recovery is over: its settings are gone from the file a clone copies, with no dbagent
+    // watching.
+    assert_no_recovery_settings(&data);
+
+    // A replica cloned from it (pg_basebackup -R, as replica-bootstrap.sh does) starts and
+    // streams.
+    insert(&restored, 3, "on the new primary");
+    let (_dir, replica) = crate::serve::standby_of(&restored);
+    insert(&restored, 4, "streamed to the replica");
+    let want = "1:production,3:on the new primary,4:streamed to the replica";
+    for _ in 0..300 {
+        if rows(|q| replica.psql("postgres", q).unwrap_or_default()) == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rows(|q| replica.psql("postgres", q).unwrap()), want);
+    assert_eq!(
+        replica
+            .psql("postgres", "SELECT pg_is_in_recovery()")
+            .unwrap(),
+        "t"
+    );
 }
