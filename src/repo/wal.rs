@@ -162,26 +162,35 @@ impl Piece {
     }
 }
 
-/// The pieces that make one segment's contiguous run from offset 0, in order (the longest
-/// piece where two start at one offset), and the offset where the run ends.
+/// The pieces that make one segment's contiguous run from offset 0, in order, and the offset
+/// where the run ends: the furthest any chain of pieces reaches, with the fewest pieces. Two
+/// writers (the primary's sidecar and a standby's) store pieces with boundaries of their own,
+/// and following the longest piece at each offset could end where one of them stopped while
+/// the other's pieces went on.
 pub fn contiguous(pieces: &[Piece]) -> (Vec<Piece>, u64) {
     let mut sorted: Vec<&Piece> = pieces.iter().collect();
-    sorted.sort();
-    let mut run = Vec::new();
-    let mut at = 0;
-    loop {
-        let next = sorted
-            .iter()
-            .filter(|p| p.start == at)
-            .max_by_key(|p| p.end);
-        match next {
-            Some(p) => {
-                at = p.end;
-                run.push((*p).clone());
-            }
-            None => return (run, at),
+    sorted.sort_by_key(|p| (p.start, p.end));
+    // Each reachable offset: the fewest pieces that reach it, and the last of them. A piece
+    // ends after it starts, so every way to reach its start is known when it comes up.
+    let mut reach: std::collections::BTreeMap<u64, (usize, Option<usize>)> =
+        std::collections::BTreeMap::from([(0, (0, None))]);
+    for (i, p) in sorted.iter().enumerate() {
+        let Some(&(count, _)) = reach.get(&p.start) else {
+            continue;
+        };
+        let better = reach.get(&p.end).is_none_or(|&(c, _)| count + 1 < c);
+        if better {
+            reach.insert(p.end, (count + 1, Some(i)));
         }
     }
+    let (&end, &(_, mut last)) = reach.iter().next_back().expect("offset 0");
+    let mut run = Vec::new();
+    while let Some(i) = last {
+        run.push(sorted[i].clone());
+        last = reach[&sorted[i].start].1;
+    }
+    run.reverse();
+    (run, end)
 }
 
 pub fn history_name(tli: u32) -> String {
@@ -302,6 +311,28 @@ mod tests {
         assert_eq!(run, vec![p, q]);
         assert_eq!(end, 0x5000);
         assert_eq!(contiguous(&[]).1, 0);
+    }
+
+    #[test]
+    fn the_run_reaches_as_far_as_any_writers_pieces_do() {
+        // Two sidecars (the primary's and a standby's) store pieces of one segment with
+        // boundaries of their own; the standby's stopped at 200, the primary's went on to 500.
+        let piece = |start, end| Piece {
+            segment: "000000010000000000000003".into(),
+            start,
+            end,
+        };
+        let (run, end) = contiguous(&[
+            piece(0, 100),
+            piece(100, 500),
+            piece(0, 120),
+            piece(120, 200),
+        ]);
+        assert_eq!(end, 500);
+        assert_eq!(run, vec![piece(0, 100), piece(100, 500)]);
+        // Where two runs reach as far, the one of fewer pieces.
+        let (run, end) = contiguous(&[piece(0, 10), piece(10, 20), piece(0, 20), piece(20, 30)]);
+        assert_eq!((run, end), (vec![piece(0, 20), piece(20, 30)], 30));
     }
 
     #[test]
