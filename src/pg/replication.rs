@@ -39,9 +39,12 @@ pub struct ServerError {
 
 impl ServerError {
     /// The WAL asked for is gone from the server (`requested WAL segment … has already been
-    /// removed`): what was not stored before is lost to streaming.
+    /// removed`): what was not stored before is lost to streaming. Known by its SQLSTATE
+    /// (undefined_file, what opening a missing segment raises), since the words follow the
+    /// server's `lc_messages`; by the English words where the server raised it with another
+    /// code (it takes the code from whatever errno was).
     pub fn wal_removed(&self) -> bool {
-        self.message.contains("has already been removed")
+        self.code == "58P01" || self.message.contains("has already been removed")
     }
 }
 

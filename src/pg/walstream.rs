@@ -90,6 +90,8 @@ struct SlotSeen {
     /// It was missing and had to be made again.
     recreated: bool,
     server_tli: u32,
+    /// The server's WAL position when the session began (IDENTIFY_SYSTEM).
+    server_pos: Lsn,
 }
 
 /// Runs until `token` is cancelled, reconnecting with backoff after any failure.
@@ -182,6 +184,7 @@ impl Streamer {
             state: slot,
             recreated: fresh_slot,
             server_tli: id.timeline,
+            server_pos: id.xlogpos,
         });
         let start = self.cursor().received(self.seg_size);
         let tli = self.cursor().seg.tli;
@@ -264,9 +267,9 @@ impl Streamer {
         };
         let from = c.received(self.seg_size);
         let tli = c.seg.tli;
-        let Some(resume) = seen.state.restart_lsn else {
-            return;
-        };
+        // A slot made without reserving WAL (by hand) holds none until a stream starts on it:
+        // the server still has the segment it is writing.
+        let resume = seen.state.restart_lsn.unwrap_or(seen.server_pos);
         let resume_seg = Segment::of_lsn(
             seen.state.restart_tli.unwrap_or(seen.server_tli),
             resume,
@@ -277,6 +280,8 @@ impl Streamer {
             "WAL from {from} to {resume_at} on timeline {tli} was removed from the server before it was streamed{}; streaming resumes at {resume_at}. Unless archive_command stored those segments, point-in-time recovery cannot cross this gap: take a new base backup",
             if seen.recreated {
                 " (the replication slot was missing and has been created again)"
+            } else if seen.state.restart_lsn.is_none() {
+                " (the replication slot held no WAL: it was made without reserving any)"
             } else {
                 " (was the slot invalidated by max_slot_wal_keep_size?)"
             },

@@ -1349,7 +1349,7 @@ fn a_backup_that_cannot_store_its_stop_piece_waits_for_the_archiver() {
 }
 
 /// A non-English locale the machine has (scripts/setup generates de_DE.UTF-8).
-fn german_locale() -> String {
+pub(crate) fn german_locale() -> String {
     let out = Command::new("locale").arg("-a").output().unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -537,6 +537,76 @@ fn restarts_leave_no_gap_and_no_duplicate_and_a_dropped_slot_is_a_loud_gap() {
     write_and_wait(&pg, &serve3, 4);
 }
 
+/// A gap is a gap in any language, and whoever made the slot: on a server speaking German the
+/// "already removed" answer is recognised (not by its English words), and a slot created by
+/// hand without reserved WAL (no restart_lsn yet) is a gap the stream reports and streams on
+/// from, not a silent loop.
+#[test]
+fn a_gap_is_reported_and_crossed_in_german_and_with_a_slot_made_by_hand() {
+    let repo = Repo::file();
+    let pg = PostgresBuilder::new()
+        .setting("lc_messages", &crate::faults::german_locale())
+        .start()
+        .unwrap();
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    let write_and_wait = |serve: &Serve, id: i32| {
+        pg.psql("postgres", &format!("INSERT INTO t VALUES ({id})"))
+            .unwrap();
+        let lsn = parse_lsn(
+            &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+                .unwrap(),
+        );
+        serve.wait_for("the write to be stored", Duration::from_secs(30), |s| {
+            stored_lsn(s) >= lsn
+        });
+    };
+    let recycle = || {
+        for i in 0..3 {
+            pg.psql(
+                "postgres",
+                &format!("INSERT INTO t SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal(); CHECKPOINT; -- {i}"),
+            )
+            .unwrap();
+        }
+    };
+    let serve = streaming_serve(&repo, &pg, &[]);
+    write_and_wait(&serve, 1);
+    drop(serve);
+
+    // The slot is dropped while the sidecar is away; the server recycles the WAL and says so
+    // in German.
+    pg.psql("postgres", "SELECT pg_drop_replication_slot('dbagent')")
+        .unwrap();
+    recycle();
+    let serve = streaming_serve(&repo, &pg, &[]);
+    serve.wait_for("the gap to be reported", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_stream_gaps_total") == Some(1.0)
+    });
+    write_and_wait(&serve, 2);
+    drop(serve);
+
+    // Again, and an operator creates the slot by hand before the sidecar is back: it holds no
+    // WAL until a stream starts on it.
+    pg.psql("postgres", "SELECT pg_drop_replication_slot('dbagent')")
+        .unwrap();
+    recycle();
+    pg.psql(
+        "postgres",
+        "SELECT pg_create_physical_replication_slot('dbagent')",
+    )
+    .unwrap();
+    let serve = streaming_serve(&repo, &pg, &[]);
+    serve.wait_for("the gap to be reported", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_stream_gaps_total") == Some(1.0)
+    });
+    let status = serve.json("/status");
+    let gap = status["wal_stream"]["last_gap"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(gap.contains("was removed from the server"), "{status}");
+    write_and_wait(&serve, 3);
+}
+
 /// The streamed server is a standby that is then promoted: the stream follows it onto the new
 /// timeline, stores the history file, and the new timeline's segment starts with the old
 /// one's bytes, as in the server's pg_wal.
