@@ -268,21 +268,8 @@ pub async fn ship_closed(
                 .find(|o| o.key == data_key)
                 .map(|o| o.size)
                 .unwrap_or(0);
-            let (stored, trailer) =
-                compare_existing(store.as_ref(), &data_key, stored_size, &path, name).await?;
-            if !present.contains(meta_key.as_str()) {
-                // Uploaded by a pass that died before describing it.
-                let scan = scan_file(&path)?;
-                let written = pipeline::Written {
-                    trailer,
-                    stored_size,
-                    seal: match stored {
-                        pipeline::Stored::Sealed(seal) => Some(seal),
-                        pipeline::Stored::Plain(..) => None,
-                    },
-                };
-                describe(store.as_ref(), &uuid, name, &data_key, written, &scan).await?;
-            }
+            let described = present.contains(meta_key.as_str());
+            adopt(store.as_ref(), &uuid, name, &path, stored_size, described).await?;
             state.verified.insert(name.clone(), (*size, mtime));
             report.already_archived += 1;
             continue;
@@ -290,9 +277,34 @@ pub async fn ship_closed(
         let file = std::fs::File::open(&path)
             .map_err(|e| input_err!("cannot open binlog {}: {e}", path.display()))?;
         let (reader, scan) = Tap::new(file, BinlogScan::default());
-        let written = pipeline::upload(store.as_ref(), &data_key, reader, opts)
-            .await
-            .with_context(|| format!("shipping binlog {name}"))?;
+        // Create-only: another shipper (the sidecar's, a binlog-push) may have stored it since
+        // the listing, and in an encrypted repository its object is another ciphertext, which
+        // its description names by digest: replacing it would make a good binlog look corrupt.
+        let written = match pipeline::upload_noted(
+            store.as_ref(),
+            &data_key,
+            reader,
+            opts,
+            || Ok(0),
+            pipeline::WriteMode::CreateOnly,
+        )
+        .await
+        {
+            Ok(written) => written,
+            Err(e) if crate::storage::is_already_exists(&e) => {
+                let stored_size = store
+                    .head(&data_key)
+                    .await?
+                    .map(|o| o.size)
+                    .unwrap_or_default();
+                let described = store.head(&meta_key).await?.is_some();
+                adopt(store.as_ref(), &uuid, name, &path, stored_size, described).await?;
+                state.verified.insert(name.clone(), (*size, mtime));
+                report.already_archived += 1;
+                continue;
+            }
+            Err(e) => return Err(e.context(format!("shipping binlog {name}"))),
+        };
         let scan = scan.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if written.trailer.plain_size != *size {
             let _ = store.delete(&data_key).await;
@@ -373,13 +385,48 @@ async fn describe(
         closed_by: scan.closed_by().to_string(),
         uploaded_at: Utc::now(),
     };
-    crate::repo::write_manifest(
-        store,
-        &keys::binlog_meta_key(uuid, name),
-        &meta,
-        &format!("the description of binlog {name}"),
-    )
-    .await
+    let meta_key = keys::binlog_meta_key(uuid, name);
+    let what = format!("the description of binlog {name}");
+    let wrote = crate::repo::write_manifest(store, &meta_key, &meta, &what).await;
+    if wrote.is_err() {
+        // Another shipper described the same object meanwhile (the data is create-only, so
+        // there is one object; the descriptions differ in their times): that one stands.
+        let theirs: Option<BinlogMeta> = crate::repo::read_manifest(store, &meta_key, &what)
+            .await
+            .ok();
+        if theirs.is_some_and(|t| t.data == meta.data) {
+            return Ok(());
+        }
+    }
+    wrote
+}
+
+/// A binlog already stored (by an earlier pass, or another shipper since the listing): it must
+/// be the local file at `path`; described here if its writer died before describing it (or is
+/// describing it now: see `describe`).
+async fn adopt(
+    store: &dyn Store,
+    uuid: &str,
+    name: &str,
+    path: &Path,
+    stored_size: u64,
+    described: bool,
+) -> anyhow::Result<()> {
+    let data_key = keys::binlog_key(uuid, name);
+    let (stored, trailer) = compare_existing(store, &data_key, stored_size, path, name).await?;
+    if described {
+        return Ok(());
+    }
+    let scan = scan_file(path)?;
+    let written = pipeline::Written {
+        trailer,
+        stored_size,
+        seal: match stored {
+            pipeline::Stored::Sealed(seal) => Some(seal),
+            pipeline::Stored::Plain(..) => None,
+        },
+    };
+    describe(store, uuid, name, &data_key, written, &scan).await
 }
 
 /// Whether the binlog stored under `key` is the local file: what is stored and the file's

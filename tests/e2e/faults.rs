@@ -1510,3 +1510,73 @@ fn restore_waits_for_promotion_with_a_deadline_and_fails_at_once_on_auth() {
     );
     eprintln!("stalled recovery given up in {took:?}: {}", err.trim());
 }
+
+/// Two shippers of one server's binlogs (the sidecar's and a `binlog-push`) both list before
+/// either uploads: in an encrypted repository each seals its own ciphertext, and the one whose
+/// upload lands second must not replace the first one's object, which the description written
+/// beside it names by its digest.
+#[test]
+fn two_binlog_shippers_racing_leave_one_object_its_description_names() {
+    let s3 = FaultyS3::start("binlog-race");
+    let keydir = pg_owned_tempdir().unwrap();
+    let key = crate::encryption::keygen(keydir.path(), "k");
+    let db = dbagent_testcontainers::MariaDbBuilder::new()
+        .start()
+        .unwrap();
+    db.sql(
+        None,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY)",
+    )
+    .unwrap();
+    for i in 1..=2 {
+        db.sql(None, &format!("INSERT INTO app.t VALUES ({i})"))
+            .unwrap();
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    let first = db
+        .sql(None, "SHOW BINARY LOGS")
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string();
+    let agent = |env: &[(String, String)], args: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("DBAGENT_CONFIG")
+            .env("DBAGENT_LOG_FORMAT", "text")
+            .env("DBAGENT_MYSQL_URL", db.url())
+            .env("DBAGENT_ENCRYPTION_RECIPIENTS_FILE", &key.recipients)
+            .env("DBAGENT_ENCRYPTION_IDENTITY_FILE", &key.identity)
+            .current_dir("/tmp")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    ok(&agent(&s3.direct(), &["encryption", "set"])
+        .output()
+        .unwrap());
+
+    // The first shipper's upload of the first binlog waits at the proxy; the second ships
+    // everything meanwhile, description included.
+    s3.proxy.inject(
+        Rule::new(Fault::Stall(Duration::from_secs(3)))
+            .method("PUT")
+            .target(&format!("{first}.zst"))
+            .times(1),
+    );
+    let mut slow = agent(&s3.env(), &["binlog-push"]).spawn().unwrap();
+    s3.wait_injected(&format!("{first}.zst"), &mut slow);
+    ok(&agent(&s3.direct(), &["binlog-push"]).output().unwrap());
+    let slow = slow.wait_with_output().unwrap();
+    ok(&slow);
+
+    // Every stored binlog is the one its description names, and a restore crosses them.
+    ok(&agent(&s3.direct(), &["verify"]).output().unwrap());
+}
