@@ -378,6 +378,59 @@ fn wal_fetch_says_not_archived_only_when_s3_says_so() {
     eprintln!("faults injected: {}", s3.proxy.injected());
 }
 
+/// `wal-fetch` that waited its whole retry window on a prefetch still running (a slow link,
+/// eight segments sharing it) still retries its own download when the connection drops
+/// mid-body: the wait must not use up the window its own attempts get.
+#[test]
+fn wal_fetch_after_waiting_on_a_live_prefetch_still_rides_out_a_reset() {
+    let s3 = FaultyS3::start("slow-prefetch");
+    let env = s3.env();
+    let data = wal_dir();
+    let name = seg_name(5);
+    let bytes = wal_segment(&name, SYSID, Fill::Pattern(5));
+    std::fs::write(data.path().join("pg_wal").join(&name), &bytes).unwrap();
+    ok(&wal_run(
+        &env,
+        data.path(),
+        &["wal-push", &format!("pg_wal/{name}")],
+    ));
+    // A prefetch's claim on the segment, held by a live process (this test, with its start
+    // time, as wal-prefetch writes it) whose download never finishes.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let start = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .to_string();
+    let prefetch = data.path().join("pg_wal/.dbagent-prefetch");
+    std::fs::create_dir_all(&prefetch).unwrap();
+    std::fs::write(
+        prefetch.join(format!("{name}.claim")),
+        format!("{} {start}", std::process::id()),
+    )
+    .unwrap();
+    let busy = s3.proxy.inject(
+        Rule::new(Fault::ResetMidBody { after: 100_000 })
+            .method("GET")
+            .target(&name)
+            .whole_objects_only()
+            .times(1),
+    );
+    let started = Instant::now();
+    let out = wal_run(
+        &env,
+        data.path(),
+        &["wal-fetch", &name, "pg_wal/RECOVERYXLOG"],
+    );
+    ok(&out);
+    assert_eq!(s3.proxy.fired(busy), 1);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "it did not wait for the prefetch"
+    );
+    assert!(std::fs::read(data.path().join("pg_wal/RECOVERYXLOG")).unwrap() == bytes);
+}
+
 /// A primary archiving through the proxy.
 fn primary(env: &[(String, String)]) -> Postgres {
     let mut b = PostgresBuilder::new()
