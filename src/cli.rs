@@ -69,6 +69,10 @@ pub enum Command {
         name: String,
         /// Where to write it (%p).
         dest: PathBuf,
+        /// The timeline recovery follows (a restore writes it): a segment of an older
+        /// timeline on its path is restored only up to where that timeline left the path.
+        #[arg(long)]
+        timeline: Option<u32>,
     },
     /// Download WAL ahead of replay (started by wal-fetch).
     #[command(hide = true)]
@@ -346,9 +350,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Encryption { action } => encryption(&cfg, action).await,
         Command::WalPush { path } => crate::pg::wal::push_opening(&cfg, &path).await.map(drop),
-        Command::WalFetch { name, dest } => {
-            crate::pg::wal::fetch(&cfg, store()?, &name, &dest).await
-        }
+        Command::WalFetch {
+            name,
+            dest,
+            timeline,
+        } => crate::pg::wal::fetch(&cfg, store()?, &name, &dest, timeline).await,
         Command::WalPrefetch { dir, names } => {
             crate::pg::wal::prefetch(&cfg, store()?, &dir, &names).await
         }

@@ -29,7 +29,7 @@ use crate::pg::walcheck::WalCheck;
 use crate::pg::walrefs::{self, SummaryWatch};
 use crate::pg::walscan::WalScan;
 use crate::pipeline::{self, PipeOptions, Tap, WriteMode};
-use crate::repo::wal::{Segment, WalFile};
+use crate::repo::wal::{Lsn, Segment, WalFile};
 use crate::repo::{self};
 use crate::storage::{self, Store};
 
@@ -411,13 +411,19 @@ fn file_name(path: &Path) -> anyhow::Result<String> {
 /// Restores one WAL file to `dest`. A file that is not archived is `Failure::NotFound`;
 /// transient storage failures are retried until `wal.fetch_retry_timeout` has passed, and
 /// whatever error is left then is one PostgreSQL must not read as "not archived".
+///
+/// With `timeline` (a restore's `--timeline` in restore_command: the timeline recovery
+/// follows), a segment of an older timeline on its path is given only up to where that
+/// timeline ended on the path: PostgreSQL asks for it when the newer timeline's own copy of
+/// the segment is not archived (yet), and would replay whatever the older timeline wrote after
+/// the branch point, the history the newer timeline abandoned.
 pub async fn fetch(
     cfg: &Config,
     store: Arc<dyn Store>,
     name: &str,
     dest: &Path,
+    timeline: Option<u32>,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
     let Some(kind) = WalFile::classify(name) else {
         return Err(input_err!("{name:?} is not a WAL file name"));
     };
@@ -426,6 +432,102 @@ pub async fn fetch(
         Some(id) => id,
         None => crate::pg::control::system_identifier(&data_dir)?,
     };
+    let branch_end = match (&kind, timeline) {
+        (WalFile::Segment(_), Some(target)) => {
+            left_path_at(store.as_ref(), &data_dir, sysid, name, target).await?
+        }
+        _ => None,
+    };
+    fetch_file(cfg, store, name, dest, &kind, &data_dir, sysid).await?;
+    match branch_end {
+        Some(end) => cut_at_branch(dest, name, end, timeline.unwrap_or_default()),
+        None => Ok(()),
+    }
+}
+
+/// Where the timeline of segment `name` ended on timeline `target`'s path (its switchpoint in
+/// `target`'s history), when it is an older timeline on that path. `target`'s history file is
+/// read from pg_wal (PostgreSQL keeps the ones it restored) or the repository.
+async fn left_path_at(
+    store: &dyn Store,
+    data_dir: &Path,
+    sysid: u64,
+    name: &str,
+    target: u32,
+) -> anyhow::Result<Option<Lsn>> {
+    let Some(tli) = name.get(..8).and_then(|t| u32::from_str_radix(t, 16).ok()) else {
+        return Ok(None);
+    };
+    if tli == target || target == 1 {
+        return Ok(None);
+    }
+    let history_name = crate::repo::wal::history_name(target);
+    let text = match std::fs::read_to_string(data_dir.join("pg_wal").join(&history_name)) {
+        Ok(text) => text,
+        Err(_) => {
+            let key = repo::wal_key(sysid, &history_name);
+            match storage::get_all(store, &key).await {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                // No history for it: nothing says where the older timelines ended.
+                Err(e) if storage::is_not_found(&e) => return Ok(None),
+                Err(e) => return Err(e.context(format!("reading {history_name}"))),
+            }
+        }
+    };
+    let history = crate::repo::wal::parse_history(&text)
+        .map_err(|e| anyhow::anyhow!("{history_name} is not a timeline history file: {e}"))?;
+    Ok(history.iter().find(|e| e.tli == tli).map(|e| e.switchpoint))
+}
+
+/// Keeps only the part of segment `dest` (named `name`) before `end`, the point where its
+/// timeline left timeline `target`'s path: zeros after it, which PostgreSQL reads as the end
+/// of the WAL. A segment wholly past it is "not archived" for this recovery.
+fn cut_at_branch(dest: &Path, name: &str, end: Lsn, target: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = std::fs::metadata(dest)
+        .with_context(|| format!("reading {}", dest.display()))?
+        .len();
+    let seg = (len.is_power_of_two())
+        .then(|| Segment::parse(name, len))
+        .flatten()
+        .with_context(|| format!("{name}: a restored segment of {len} bytes"))?;
+    let start = seg.start_lsn(len).0;
+    if end.0 >= start + len {
+        return Ok(());
+    }
+    if end.0 <= start {
+        let _ = std::fs::remove_file(dest);
+        return Err(anyhow::Error::new(Failure::NotFound(format!(
+            "{name} lies past {end}, where its timeline left timeline {target}'s history: not part of this recovery"
+        ))));
+    }
+    let keep = end.0 - start;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dest)
+        .with_context(|| format!("opening {}", dest.display()))?;
+    f.write_all_at(&vec![0u8; (len - keep) as usize], keep)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", dest.display()))?;
+    tracing::warn!(
+        %name,
+        branch_point = %end,
+        "timeline {target}'s own copy of this segment is not archived: restored the older timeline's copy only up to where timeline {target} branched off"
+    );
+    Ok(())
+}
+
+/// `fetch` of the whole file.
+async fn fetch_file(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    name: &str,
+    dest: &Path,
+    kind: &WalFile,
+    data_dir: &Path,
+    sysid: u64,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
     let prefetch_dir = data_dir.join("pg_wal").join(PREFETCH_DIR);
     let is_segment = matches!(kind, WalFile::Segment(_));
     let deadline = started + cfg.wal.fetch_retry_timeout;

@@ -105,6 +105,10 @@ pub struct Reach {
     /// The chain reaches the backup's stop LSN, so the backup is consistent.
     pub consistent: bool,
     pub timeline: u32,
+    /// Where the chain's WAL ends when its last segment is an older timeline's copy of the
+    /// segment in which that timeline left the path (the newer timeline's own copy is not
+    /// archived yet): recovery reads it only up to the branch point (`wal-fetch --timeline`).
+    pub cut: Option<Lsn>,
 }
 
 /// A span of time a restore can reach.
@@ -440,7 +444,10 @@ impl PgCatalog {
     /// A timeline whose WAL stops where a child branched off ends in that child (a normal
     /// promotion). One that was archived past a child's branch point (a segment starting at
     /// or after it) is an end of its own: the history has forked. A child with no WAL of its
-    /// own, off a parent that went on, holds nothing the parent's side lacks and is no branch.
+    /// own, off a parent that went on, holds nothing the parent's side lacks and is no branch,
+    /// unless it was created after the parent stopped: then it is the newest history (a
+    /// restore as the new primary that has not archived a segment yet) and continues
+    /// production.
     pub fn branches(&self) -> Branches {
         let tls = self.timelines();
         let goes_past = |t: &Timeline, lsn: Lsn| {
@@ -453,8 +460,10 @@ impl PgCatalog {
                 c.parent == Some(t.timeline) && !goes_past(t, c.branch_lsn.unwrap_or_default())
             });
             let empty = t.last_segment.is_none()
-                && t.parent
-                    .is_some_and(|p| goes_past(&tls[&p], t.branch_lsn.unwrap_or_default()));
+                && t.parent.is_some_and(|p| {
+                    let from = t.branch_lsn.unwrap_or_default();
+                    goes_past(&tls[&p], from) && !self.created_after(t, p, from)
+                });
             if ends_in_child || empty {
                 continue;
             }
@@ -495,6 +504,18 @@ impl PgCatalog {
         }
     }
 
+    /// Whether timeline `t` was created (its history file archived) after every segment its
+    /// parent `parent` archived from `from` on: a restore as the new primary, before it
+    /// archived WAL of its own, after the parent had stopped.
+    fn created_after(&self, t: &Timeline, parent: u32, from: Lsn) -> bool {
+        t.created.is_some_and(|c| {
+            self.segments
+                .iter()
+                .filter(|(s, _)| s.tli == parent && s.start_lsn(self.seg_size) >= from)
+                .all(|(_, o)| o.last_modified < c)
+        })
+    }
+
     /// Whether branch `x` received WAL after it parted from branch `y`, that is after the
     /// later of the two timelines that begin where they part was created. A child's own WAL
     /// always is; a parent's WAL past the branch point may predate the child (a restore that
@@ -526,9 +547,16 @@ impl PgCatalog {
             }
             (None, None) => false,
         };
-        self.segments
-            .iter()
-            .any(|(s, o)| on_side(s) && o.last_modified > parted)
+        // A new timeline with no WAL yet (kept by `branches` only when it was created after
+        // its parent stopped) was itself the last thing written on its side.
+        let created_last = dx.is_some_and(|d| {
+            *d == x.timeline && x.last_segment.is_none() && tls[d].created == Some(parted)
+        });
+        created_last
+            || self
+                .segments
+                .iter()
+                .any(|(s, o)| on_side(s) && o.last_modified > parted)
     }
 
     /// Whether recovery from `b` can follow timeline `tli`: the backup's timeline is on its
@@ -609,6 +637,16 @@ impl PgCatalog {
                 }
                 Ok(seg) => {
                     chain.push(seg);
+                    if self.left_path_in(&path, seg).is_some() {
+                        // An older timeline's copy, read only up to the branch point: the
+                        // newer timeline's own copy is what is missing.
+                        let newer = path
+                            .iter()
+                            .map(|p| p.0)
+                            .find(|&t| t > seg.tli)
+                            .unwrap_or(tli);
+                        return (chain, Segment { tli: newer, segno });
+                    }
                     segno += 1;
                 }
                 Err(missing) => return (chain, missing),
@@ -655,7 +693,18 @@ impl PgCatalog {
             consistent: last.is_some_and(|s| s.segno >= b.stop_lsn.0 / self.seg_size)
                 && self.chain_complete(b),
             timeline: tli,
+            cut: last.and_then(|s| self.left_path_in(&path, s)),
         }
+    }
+
+    /// Where segment `seg`'s timeline left `path`, when that happened inside `seg` (after its
+    /// first byte): the part of the older timeline's copy that is on the path ends there.
+    fn left_path_in(&self, path: &[(u32, Lsn, Option<Lsn>)], seg: Segment) -> Option<Lsn> {
+        let start = seg.start_lsn(self.seg_size).0;
+        path.iter()
+            .find(|&&(t, _, _)| t == seg.tli)
+            .and_then(|&(_, _, end)| end)
+            .filter(|e| e.0 > start && e.0 < start + self.seg_size)
     }
 
     /// Every backup an incremental `b` builds on is in the repository.
@@ -1002,6 +1051,26 @@ pub(crate) mod tests {
         add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:05:30");
         assert_eq!(tips(&c), (vec![1], Some(1)));
         assert_eq!(c.reach(&c.backups[0]).timeline, 1);
+
+        // A restore as the new primary after the old one stopped, that has not archived a
+        // segment of its own yet: it is the newest history and continues production. Its
+        // chain reads timeline 1's copy of segment 4 only up to the branch point, and its own
+        // copy of segment 4 is what it lacks (not a gap: nothing later is on its path).
+        let mut c = catalog(vec![backup("b1", 2, 2, "00:02:30")], &[2, 3, 4, 5, 6, 7]);
+        add_timeline(&mut c, 2, 1, 4 * SEG + 0x500, "00:20:00");
+        assert_eq!(tips(&c), (vec![1, 2], Some(2)));
+        let r = c.reach(&c.backups[0]);
+        assert_eq!(
+            (r.timeline, r.last, r.cut, r.gap),
+            (
+                2,
+                Some(Segment { tli: 1, segno: 4 }),
+                Some(Lsn(4 * SEG + 0x500)),
+                None
+            )
+        );
+        // Timeline 1 read along its own history is whole.
+        assert_eq!(c.reach_on(&c.backups[0], 1).cut, None);
     }
 
     #[test]

@@ -441,8 +441,14 @@ fn restore_command_word(s: &str) -> String {
     word.replace('%', "%%")
 }
 
-/// `restore_command` for a dbagent binary, config file and repository (pure).
-fn restore_command_for(exe: &str, config_file: Option<&str>, repo: Option<&str>) -> String {
+/// `restore_command` for a dbagent binary, config file and repository (pure), and the
+/// timeline recovery follows (see `wal::fetch`).
+fn restore_command_for(
+    exe: &str,
+    config_file: Option<&str>,
+    repo: Option<&str>,
+    timeline: Option<u32>,
+) -> String {
     let mut cmd = restore_command_word(exe);
     if let Some(file) = config_file {
         cmd.push_str(" --config ");
@@ -452,12 +458,17 @@ fn restore_command_for(exe: &str, config_file: Option<&str>, repo: Option<&str>)
         cmd.push_str(" --repo ");
         cmd.push_str(&restore_command_word(repo));
     }
-    cmd.push_str(" wal-fetch %f %p");
+    cmd.push_str(" wal-fetch");
+    if let Some(tli) = timeline {
+        cmd.push_str(&format!(" --timeline {tli}"));
+    }
+    cmd.push_str(" %f %p");
     cmd
 }
 
-/// The restore_command that brings WAL back through this same dbagent and repository.
-pub fn restore_command(cfg: &Config) -> anyhow::Result<String> {
+/// The restore_command that brings WAL back through this same dbagent and repository, along
+/// `timeline`.
+pub fn restore_command(cfg: &Config, timeline: Option<u32>) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("locating the dbagent binary")?;
     Ok(restore_command_for(
         &exe.to_string_lossy(),
@@ -466,6 +477,7 @@ pub fn restore_command(cfg: &Config) -> anyhow::Result<String> {
             .map(|f| f.to_string_lossy())
             .as_deref(),
         cfg.repo.as_deref(),
+        timeline,
     ))
 }
 
@@ -483,7 +495,8 @@ fn write_recovery_settings(
 ) -> anyhow::Result<()> {
     let block = recovery::block(
         plan,
-        &restore_command(cfg)?,
+        // A standby follows whatever timeline its primary is on: no path to hold it to.
+        &restore_command(cfg, (!plan.standby).then_some(plan.timeline))?,
         &recovery_end_command()?,
         extra,
     );
@@ -690,7 +703,9 @@ async fn archive_end(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<Lsn> {
         }
         Err(e) => return Err(e.context(format!("reading {}", plan.last_wal))),
     };
-    Ok(Lsn(scan.end_lsn.unwrap_or(last.start_lsn(seg_size).0)))
+    let end = Lsn(scan.end_lsn.unwrap_or(last.start_lsn(seg_size).0));
+    // An older timeline's copy is read only up to where the timeline left the path.
+    Ok(plan.wal_end.map_or(end, |cut| end.min(cut)))
 }
 
 /// What a data directory's postmaster.pid says. PostgreSQL writes its lines as the server
@@ -845,7 +860,7 @@ mod tests {
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = format!("/etc/{nasty}.toml");
         let repo = format!("file:///srv/{nasty}");
-        let cmd = restore_command_for(&exe.to_string_lossy(), Some(&config), Some(&repo));
+        let cmd = restore_command_for(&exe.to_string_lossy(), Some(&config), Some(&repo), Some(2));
 
         // Through postgresql.auto.conf, then PostgreSQL's replacements, then /bin/sh -c.
         let line = recovery::quote(&cmd);
@@ -881,6 +896,8 @@ mod tests {
                 "--repo",
                 repo.as_str(),
                 "wal-fetch",
+                "--timeline",
+                "2",
                 "000000010000000000000002",
                 "pg_wal/RECOVERYXLOG"
             ]

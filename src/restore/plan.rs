@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use crate::input_err;
 use crate::repo::catalog::PgCatalog;
 use crate::repo::manifest::BaseBackup;
+use crate::repo::wal::Lsn;
 use crate::timespec::show;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,9 @@ pub struct PgPlan {
     pub standby: bool,
     pub first_wal: String,
     pub last_wal: String,
+    /// Where the WAL ends inside `last_wal` when that is an older timeline's copy read only up
+    /// to where the timeline left the path (`Reach::cut`).
+    pub wal_end: Option<Lsn>,
     pub segments: u64,
     /// The latest instant the archived WAL reaches from this backup.
     pub reachable_until: DateTime<Utc>,
@@ -175,6 +179,7 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         standby: false,
         first_wal: backup.start_wal.clone(),
         last_wal: last.name(cat.seg_size),
+        wal_end: reach.cut,
         segments: last.segno - first_seg + 1,
         reachable_until: until,
     })

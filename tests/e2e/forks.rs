@@ -385,3 +385,48 @@ fn a_no_start_restore_as_primary_leaves_nothing_its_replicas_inherit() {
         "t"
     );
 }
+
+/// Right after a restore as the new primary promoted, before it archived a segment of its new
+/// timeline: a `--latest` restore follows the new primary (its history file is the newest
+/// thing in the repository) and never replays what it undid, whether or not the old timeline
+/// archived more segments after the bad change.
+#[test]
+fn a_restore_right_after_an_as_primary_restore_follows_it_not_the_undone_change() {
+    for later_segment in [false, true] {
+        let repo = Repo::file();
+        let mut pg = production(&repo);
+        insert(&pg, 1, "production");
+        let a = now_on(&pg);
+        std::thread::sleep(Duration::from_millis(20));
+        let b = now_on(&pg);
+        insert(&pg, 2, "the bad change");
+        switch_and_wait_archived(&pg);
+        if later_segment {
+            insert(&pg, 3, "after the bad change");
+            switch_and_wait_archived(&pg);
+        }
+        pg.stop().unwrap();
+        // A second later, so the store's times tell the history file from the old WAL.
+        std::thread::sleep(Duration::from_millis(1100));
+
+        let scratch = pg_owned_tempdir().unwrap();
+        let (out, new_primary) = restore(
+            &repo,
+            &scratch.path().join("new-primary"),
+            &["--at", &between(a, b), "--as-primary"],
+        );
+        ok(&out);
+        assert_eq!(rows(|q| new_primary.psql(q)), "1:production");
+        // Stopped before it closed a segment of its new timeline.
+        drop(new_primary);
+
+        let (out, restored) = restore(&repo, &scratch.path().join("latest"), &["--latest"]);
+        let stdout = ok(&out);
+        assert_eq!(
+            rows(|q| restored.psql(q)),
+            "1:production",
+            "later segment: {later_segment}\n{stdout}"
+        );
+        assert!(stdout.contains("timeline 2"), "{stdout}");
+    }
+}
