@@ -436,8 +436,15 @@ impl ReplConn {
         Ok((name, content.into_bytes()))
     }
 
-    /// Starts streaming from `start` on timeline `tli`.
-    pub async fn start(&mut self, slot: &str, start: Lsn, tli: u32) -> anyhow::Result<()> {
+    /// Starts streaming from `start` on timeline `tli`. `Some` when `tli` is a timeline of the
+    /// server's past that ends exactly at `start`: nothing to stream there, and the server names
+    /// the next timeline and where it starts (as `Event::TimelineEnd` does mid-stream).
+    pub async fn start(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        tli: u32,
+    ) -> anyhow::Result<Option<Event>> {
         let sql = format!(
             "START_REPLICATION SLOT {} PHYSICAL {start} TIMELINE {tli}",
             quote_ident(slot)
@@ -449,8 +456,10 @@ impl ReplConn {
             match f.tag {
                 b'W' => {
                     self.streaming = true;
-                    return Ok(());
+                    return Ok(None);
                 }
+                // No CopyBoth: the one-row result set of a timeline that ended at `start`.
+                b'T' => return self.next_timeline().await.map(Some),
                 b'E' => {
                     let e = parse_error(&f.body);
                     // Wait for ReadyForQuery so the connection stays usable.
@@ -516,6 +525,11 @@ impl ReplConn {
         frontend::copy_done(&mut self.wbuf);
         self.send().await?;
         self.streaming = false;
+        self.next_timeline().await
+    }
+
+    /// The result set naming the next timeline and its start, up to ReadyForQuery.
+    async fn next_timeline(&mut self) -> anyhow::Result<Event> {
         let mut next = None;
         loop {
             let f = self.read_frame().await?;

@@ -186,10 +186,8 @@ impl Streamer {
             server_tli: id.timeline,
             server_pos: id.xlogpos,
         });
-        let start = self.cursor().received(self.seg_size);
-        let tli = self.cursor().seg.tli;
-        conn.start(&slot_name, start, tli).await?;
-        tracing::info!(slot = %slot_name, %start, timeline = tli, "streaming WAL");
+        self.onto_history(&mut conn, &id, &slot).await?;
+        let tli = self.start_streaming(&mut conn, &slot_name, sysid).await?;
         self.shared.stream_update(|f| {
             f.connected = true;
             f.error = None;
@@ -235,13 +233,9 @@ impl Streamer {
                         }
                     }
                     Event::TimelineEnd { next_tli, next_start } => {
-                        self.store_piece().await?;
-                        let (name, content) = conn.timeline_history(next_tli).await?;
-                        self.store_history(sysid, next_tli, &name, content).await?;
-                        self.switch_timeline(next_tli, next_start);
-                        tracing::info!(timeline = next_tli, start = %next_start, "following the server onto a new timeline");
-                        conn.start(&slot_name, next_start, next_tli).await?;
-                        self.shared.stream_update(|f| f.timeline = Some(next_tli));
+                        self.next_timeline(&mut conn, sysid, next_tli, next_start).await?;
+                        let tli = self.start_streaming(&mut conn, &slot_name, sysid).await?;
+                        self.shared.stream_update(|f| f.timeline = Some(tli));
                     }
                 },
                 _ = tokio::time::sleep_until(due.into()) => {
@@ -254,6 +248,104 @@ impl Streamer {
                 }
             }
         }
+    }
+
+    /// Starts the stream at the cursor, and follows timelines of the server's past that end
+    /// exactly there (the server then names the next one instead of streaming). Returns the
+    /// timeline streaming.
+    async fn start_streaming(
+        &mut self,
+        conn: &mut ReplConn,
+        slot: &str,
+        sysid: u64,
+    ) -> anyhow::Result<u32> {
+        loop {
+            let start = self.cursor().received(self.seg_size);
+            let tli = self.cursor().seg.tli;
+            match conn.start(slot, start, tli).await? {
+                None => {
+                    tracing::info!(%slot, %start, timeline = tli, "streaming WAL");
+                    return Ok(tli);
+                }
+                Some(Event::TimelineEnd {
+                    next_tli,
+                    next_start,
+                }) => {
+                    self.next_timeline(conn, sysid, next_tli, next_start)
+                        .await?
+                }
+                Some(other) => anyhow::bail!("unexpected answer to START_REPLICATION: {other:?}"),
+            }
+        }
+    }
+
+    /// The server's timeline `next_tli` begins at `next_start`: what was received is stored,
+    /// the history file too, and the cursor moves onto it.
+    async fn next_timeline(
+        &mut self,
+        conn: &mut ReplConn,
+        sysid: u64,
+        next_tli: u32,
+        next_start: Lsn,
+    ) -> anyhow::Result<()> {
+        self.store_piece().await?;
+        let (name, content) = conn.timeline_history(next_tli).await?;
+        self.store_history(sysid, next_tli, &name, content).await?;
+        self.switch_timeline(next_tli, next_start);
+        tracing::info!(timeline = next_tli, start = %next_start, "following the server onto a new timeline");
+        Ok(())
+    }
+
+    /// Puts the cursor on the server's history. Where the stream resumes comes from the
+    /// repository, whose newest WAL may be another history than the server's: after a restore
+    /// as the new primary (production's timeline went on past the branch point), or a
+    /// promotion this sidecar did not see (it stored up to or past the switch point). The
+    /// server would refuse that start for ever; the stream goes on from where the server's
+    /// history left the cursor's timeline, or, off that history altogether, from the slot.
+    async fn onto_history(
+        &mut self,
+        conn: &mut ReplConn,
+        id: &super::replication::Identity,
+        slot: &super::replication::SlotState,
+    ) -> anyhow::Result<()> {
+        let (tli, received, segno) = {
+            let c = self.cursor();
+            (c.seg.tli, c.received(self.seg_size), c.seg.segno)
+        };
+        if tli == id.timeline {
+            return Ok(());
+        }
+        let history = if id.timeline > 1 {
+            let (name, content) = conn.timeline_history(id.timeline).await?;
+            crate::repo::wal::parse_history(&String::from_utf8_lossy(&content))
+                .map_err(|e| anyhow::anyhow!("{name} from the server: {e}"))?
+        } else {
+            Vec::new()
+        };
+        let found = history.iter().position(|e| e.tli == tli);
+        let (end, next) = match found {
+            Some(i) if received <= history[i].switchpoint => return Ok(()),
+            Some(i) => (
+                history[i].switchpoint,
+                history.get(i + 1).map_or(id.timeline, |e| e.tli),
+            ),
+            None => (slot.restart_lsn.unwrap_or(id.xlogpos), id.timeline),
+        };
+        tracing::warn!(
+            timeline = tli,
+            %received,
+            server_timeline = id.timeline,
+            resume = %end,
+            resume_timeline = next,
+            "the repository's stream lies off this server's history (a restore as the new primary, or a promotion while the sidecar was away): streaming on from where the server's history goes"
+        );
+        if found.is_some() && Segment::of_lsn(tli, end, self.seg_size).segno == segno {
+            self.switch_timeline(next, end);
+        } else {
+            self.cursor = Some(Cursor::empty(Segment::of_lsn(next, end, self.seg_size)));
+        }
+        self.pending_since = None;
+        Ok(())
     }
 
     /// The server no longer has the WAL the stream needs: report the gap loudly and go on

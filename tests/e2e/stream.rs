@@ -671,6 +671,133 @@ fn a_promotion_is_followed_onto_the_new_timeline() {
     assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
 }
 
+/// The standby is promoted while its sidecar is away, after the sidecar had stored all it
+/// received: the stream resumes exactly at the switch point, where the server answers with the
+/// next timeline instead of streaming, and follows it.
+#[test]
+fn a_promotion_while_the_sidecar_is_away_is_followed_when_it_is_back() {
+    let repo = Repo::file();
+    let primary = PostgresBuilder::new().start().unwrap();
+    primary.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    let (_dir, standby) = crate::serve::standby_of(&primary);
+    let serve = streaming_serve(&repo, &standby, &[]);
+    primary
+        .psql("postgres", "INSERT INTO t VALUES (1)")
+        .unwrap();
+    let lsn = parse_lsn(
+        &primary
+            .psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    serve.wait_for(
+        "the standby's WAL to be stored",
+        Duration::from_secs(30),
+        |s| stored_lsn(s) >= lsn,
+    );
+    drop(serve);
+    drop(primary);
+    standby.psql("postgres", "SELECT pg_promote()").unwrap();
+    standby
+        .psql("postgres", "INSERT INTO t VALUES (2)")
+        .unwrap();
+    let lsn = parse_lsn(
+        &standby
+            .psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    let serve = streaming_serve(&repo, &standby, &[]);
+    serve.wait_for(
+        "the new timeline to be stored",
+        Duration::from_secs(30),
+        |s| s.json("/status")["wal_stream"]["timeline"] == 2 && stored_lsn(s) >= lsn,
+    );
+    assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
+}
+
+/// After a restore to an earlier time as the new primary, the repository's newest streamed WAL
+/// is production's old timeline, past the branch point: the restored server's sidecar streams
+/// its new timeline instead of asking for a start the server refuses for ever.
+#[test]
+fn the_sidecar_of_a_server_restored_as_primary_streams_its_new_timeline() {
+    let repo = Repo::file();
+    let mut pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t (id int, who text)")
+        .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    let serve = streaming_serve(&repo, &pg, &[]);
+    pg.psql("postgres", "INSERT INTO t VALUES (1, 'production')")
+        .unwrap();
+    let at: String = pg
+        .psql("postgres", "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // The bad change, and production goes on for two more segments, streamed.
+    for i in 0..2 {
+        pg.psql(
+            "postgres",
+            &format!("INSERT INTO t VALUES (2, 'the bad change'); SELECT pg_switch_wal(); -- {i}"),
+        )
+        .unwrap();
+    }
+    pg.psql("postgres", "INSERT INTO t VALUES (3, 'streamed only')")
+        .unwrap();
+    let lsn = parse_lsn(
+        &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    serve.wait_for(
+        "production's WAL to be stored",
+        Duration::from_secs(30),
+        |s| stored_lsn(s) >= lsn,
+    );
+    drop(serve);
+    // Stopped, not dropped: the restored server keeps its socket directory setting.
+    pg.stop().unwrap();
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let (out, restored) = restore(
+        &repo,
+        &scratch.path().join("new-primary"),
+        &["--at", &at, "--as-primary"],
+    );
+    ok(&out);
+    assert_eq!(
+        restored.psql("SELECT string_agg(who, ',') FROM t"),
+        "production"
+    );
+    let mut env: Vec<(String, String)> = vec![
+        ("PGHOST".into(), "127.0.0.1".into()),
+        ("PGPORT".into(), restored.port.to_string()),
+        ("PGUSER".into(), "postgres".into()),
+    ];
+    env.extend(repo.env());
+    for (k, v) in [
+        ("DBAGENT_WAL_STREAM", "true"),
+        ("DBAGENT_SERVE_HEARTBEAT", "false"),
+        ("DBAGENT_SERVE_WAL_LOOKAHEAD", "false"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let serve = Serve::start(&env);
+    restored.psql("INSERT INTO t VALUES (4, 'on the new primary')");
+    let lsn = parse_lsn(&restored.psql("SELECT pg_current_wal_flush_lsn()"));
+    serve.wait_for(
+        "the new timeline to be streamed",
+        Duration::from_secs(30),
+        |s| s.json("/status")["wal_stream"]["timeline"] == 2 && stored_lsn(s) >= lsn,
+    );
+    assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
+    // The new primary is lost before it closed a segment: what its sidecar streamed restores.
+    drop(serve);
+    drop(restored);
+    let (out, latest) = restore(&repo, &scratch.path().join("latest"), &["--latest"]);
+    ok(&out);
+    assert_eq!(
+        latest.psql("SELECT string_agg(who, ',' ORDER BY id) FROM t"),
+        "production,on the new primary"
+    );
+}
+
 /// The sidecar's CPU and memory while it streams a `pgbench` load flat out, and whether it
 /// keeps up (the slot's retained bytes stay bounded). The suite runs 5 s of load; the
 /// figures come from `DBAGENT_PGBENCH_SECONDS=30 cargo test --test e2e --
