@@ -24,6 +24,10 @@ pub struct PgCatalog {
     /// When each history file was archived, i.e. when its timeline began (the server that
     /// promoted onto it archives the file first).
     pub history_times: BTreeMap<u32, DateTime<Utc>>,
+    /// Timelines whose history file says the recovery that began them stopped at a target
+    /// (a time, a transaction, a name, an LSN): a restore to a chosen point, not a promotion at
+    /// the end of the WAL (PostgreSQL's reason "no recovery target specified").
+    pub targeted: std::collections::BTreeSet<u32>,
     /// The last transaction time noted in the trailers of the segments at the end of each
     /// backup's chain (`None`: the segment holds no transaction, or was archived without the
     /// note). Segments not read are absent.
@@ -326,13 +330,24 @@ impl PgCatalog {
         }
         let mut histories = BTreeMap::new();
         let mut history_times = BTreeMap::new();
+        let mut targeted = std::collections::BTreeSet::new();
         for (tli, obj) in history_keys {
             let key = &obj.key;
             let (text, _) = crate::pipeline::download(store, key, Vec::new()).await?;
-            let entries = parse_history(&String::from_utf8_lossy(&text))
-                .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+            let text = String::from_utf8_lossy(&text);
+            let entries = parse_history(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
             histories.insert(tli, entries);
             history_times.insert(tli, obj.last_modified);
+            // The last line's reason: how the recovery that began this timeline ended.
+            let reason = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+                .and_then(|l| l.splitn(3, '\t').nth(2))
+                .unwrap_or_default();
+            if !reason.is_empty() && !reason.starts_with("no recovery target specified") {
+                targeted.insert(tli);
+            }
         }
         let mut cat = PgCatalog {
             system_identifier: sysid,
@@ -341,6 +356,7 @@ impl PgCatalog {
             segments,
             histories,
             history_times,
+            targeted,
             last_xact: BTreeMap::new(),
             streamed,
             superseded_pieces,
@@ -504,16 +520,19 @@ impl PgCatalog {
         }
     }
 
-    /// Whether timeline `t` was created (its history file archived) after every segment its
-    /// parent `parent` archived from `from` on: a restore as the new primary, before it
-    /// archived WAL of its own, after the parent had stopped.
+    /// Whether timeline `t` began with a restore to a chosen point (its history names a
+    /// target) after every segment its parent `parent` archived from `from` on: a restore as
+    /// the new primary, before it archived WAL of its own, after the parent had stopped. (A
+    /// promotion at the end of the WAL, of a standby or of a `--latest` restore that stopped
+    /// short, is not: it holds nothing the parent's side lacks.)
     fn created_after(&self, t: &Timeline, parent: u32, from: Lsn) -> bool {
-        t.created.is_some_and(|c| {
-            self.segments
-                .iter()
-                .filter(|(s, _)| s.tli == parent && s.start_lsn(self.seg_size) >= from)
-                .all(|(_, o)| o.last_modified < c)
-        })
+        self.targeted.contains(&t.timeline)
+            && t.created.is_some_and(|c| {
+                self.segments
+                    .iter()
+                    .filter(|(s, _)| s.tli == parent && s.start_lsn(self.seg_size) >= from)
+                    .all(|(_, o)| o.last_modified < c)
+            })
     }
 
     /// Whether branch `x` received WAL after it parted from branch `y`, that is after the
@@ -965,6 +984,7 @@ pub(crate) mod tests {
         });
         c.histories.insert(tli, h);
         c.history_times.insert(tli, t(created));
+        c.targeted.insert(tli);
     }
 
     fn tips(c: &PgCatalog) -> (Vec<u32>, Option<u32>) {
@@ -1071,6 +1091,10 @@ pub(crate) mod tests {
         );
         // Timeline 1 read along its own history is whole.
         assert_eq!(c.reach_on(&c.backups[0], 1).cut, None);
+        // The same without a target (a promotion at the end of the WAL it could read: a
+        // lagging standby, or a --latest restore that stopped short) adds nothing.
+        c.targeted.remove(&2);
+        assert_eq!(tips(&c), (vec![1], Some(1)));
     }
 
     #[test]
