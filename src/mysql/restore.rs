@@ -186,8 +186,16 @@ pub async fn restore(
                             dir.display()
                         )
                     })?;
+                    // MariaDB's identity in the repository is its hostname and server_id, which
+                    // the volume swap keeps, while its binlogs start again at .000001.
+                    let identity = match plan.dump.flavor {
+                        crate::repo::mysql::Flavor::Mariadb => {
+                            "; give the server that starts on it a new server_id (or set mysql.server_uuid for it), or binlog shipping refuses its new binlogs under names the old history archived"
+                        }
+                        crate::repo::mysql::Flavor::Mysql => "",
+                    };
                     report.into = Some(format!(
-                        "{}, a stopped server's data directory (root's password is random, in {}, mode 0600)",
+                        "{}, a stopped server's data directory (root's password is random, in {}, mode 0600){identity}",
                         dir.display(),
                         password.display()
                     ));

@@ -1177,6 +1177,7 @@ fn a_no_start_restore_leaves_a_data_directory_a_container_starts_on() {
     );
     let out = ok(&restore(&["--target-dir", dir.to_str().unwrap()]));
     assert!(out.contains("a stopped server's data directory"), "{out}");
+    assert!(out.contains("a new server_id"), "{out}");
 
     // The data directory itself: no scratch layout around it.
     assert!(dir.join("mysql").is_dir() && dir.join("app").is_dir());
