@@ -225,6 +225,12 @@ impl MysqlConn {
         }
     }
 
+    /// The same account with a password.
+    pub fn with_password(mut self, password: &str) -> MysqlConn {
+        self.password = Some(crate::config::Secret::new(password));
+        self
+    }
+
     pub fn describe(&self) -> String {
         match &self.socket {
             Some(s) => format!("{}@{} (socket {})", self.user, self.host, s.display()),

@@ -107,6 +107,12 @@ pub struct ScratchServer {
     child: Option<std::process::Child>,
     flavor: Flavor,
     keep: bool,
+    /// Listen on 127.0.0.1 once handed over (`Listen::Tcp`): while it loads, its root has
+    /// no password and it listens on its socket only.
+    tcp: bool,
+    server_program: PathBuf,
+    /// Root's password once `lock_root` set it.
+    root_password: Option<String>,
 }
 
 impl ScratchServer {
@@ -126,7 +132,11 @@ impl ScratchServer {
 
     /// Its root account over the private socket.
     pub fn conn(&self) -> MysqlConn {
-        MysqlConn::local_root(&self.socket, self.port)
+        let conn = MysqlConn::local_root(&self.socket, self.port);
+        match &self.root_password {
+            Some(p) => conn.with_password(p),
+            None => conn,
+        }
     }
 
     /// Hands the running server over: every `root` account gets a random password first
@@ -135,19 +145,42 @@ impl ScratchServer {
     pub async fn leave_running(mut self) -> anyhow::Result<RunningServer> {
         use std::os::unix::fs::PermissionsExt;
         let password_file = self.dir.join("root-password");
-        self.lock_root(
-            &password_file,
-            |password| {
-                std::fs::set_permissions(&self.cnf, std::fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("protecting {}", self.cnf.display()))?;
-                let mut cnf = std::fs::read_to_string(&self.cnf)?;
-                cnf.push_str(&format!("password={password}\n"));
-                std::fs::write(&self.cnf, cnf)
-                    .with_context(|| format!("writing {}", self.cnf.display()))
+        // The option file with the listener it is handed over with (127.0.0.1 for a restore
+        // the user connects to), and root's new password for the client programs.
+        let tcp = self.tcp;
+        let cnf_text = server_cnf(
+            &self.dir,
+            if tcp {
+                Listen::Tcp(Some(self.port))
+            } else {
+                Listen::SocketOnly
             },
-            false,
-        )
-        .await?;
+            self.port,
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() } == 0,
+        );
+        let password = self
+            .lock_root(
+                &password_file,
+                |password| {
+                    std::fs::set_permissions(&self.cnf, std::fs::Permissions::from_mode(0o600))
+                        .with_context(|| format!("protecting {}", self.cnf.display()))?;
+                    std::fs::write(&self.cnf, format!("{cnf_text}password={password}\n"))
+                        .with_context(|| format!("writing {}", self.cnf.display()))
+                },
+                tcp,
+            )
+            .await?;
+        self.root_password = Some(password);
+        if tcp {
+            // Restarted to listen on 127.0.0.1: only now that root has a password.
+            self.wait_shut_down().await?;
+            let programs = ServerPrograms {
+                server: self.server_program.clone(),
+                install: None,
+            };
+            self.run(&programs).await?;
+        }
         self.keep = true;
         Ok(RunningServer {
             flavor: self.flavor,
@@ -223,6 +256,30 @@ impl ScratchServer {
     pub async fn finish_as_datadir(mut self, dest: &Path) -> anyhow::Result<PathBuf> {
         let password_file = dest.join("dbagent-root-password");
         self.lock_root(&password_file, |_| Ok(()), true).await?;
+        self.wait_shut_down().await?;
+        self.keep = true;
+        let data = self.dir.join("data");
+        for entry in
+            std::fs::read_dir(&data).with_context(|| format!("reading {}", data.display()))?
+        {
+            let entry = entry?;
+            let to = dest.join(entry.file_name());
+            std::fs::rename(entry.path(), &to).with_context(|| {
+                format!("moving {} to {}", entry.path().display(), to.display())
+            })?;
+        }
+        // The data directory is whole from here: what is left is the scratch layout's rest.
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove the scratch files; remove them by hand");
+        }
+        if let Err(e) = std::fs::File::open(dest).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dest.display(), error = %e, "could not sync the data directory");
+        }
+        Ok(password_file)
+    }
+
+    /// Waits until the server this process started has shut down cleanly (after SHUTDOWN).
+    async fn wait_shut_down(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
         let status = loop {
             let child = self
@@ -247,25 +304,9 @@ impl ScratchServer {
                 self.last_error()
             );
         }
-        self.keep = true;
-        let data = self.dir.join("data");
-        for entry in
-            std::fs::read_dir(&data).with_context(|| format!("reading {}", data.display()))?
-        {
-            let entry = entry?;
-            let to = dest.join(entry.file_name());
-            std::fs::rename(entry.path(), &to).with_context(|| {
-                format!("moving {} to {}", entry.path().display(), to.display())
-            })?;
-        }
-        // The data directory is whole from here: what is left is the scratch layout's rest.
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove the scratch files; remove them by hand");
-        }
-        if let Err(e) = std::fs::File::open(dest).and_then(|d| d.sync_all()) {
-            tracing::warn!(dir = %dest.display(), error = %e, "could not sync the data directory");
-        }
-        Ok(password_file)
+        self.child = None;
+        self.pid = None;
+        Ok(())
     }
 
     fn log(&self) -> PathBuf {
@@ -311,7 +352,8 @@ impl ScratchServer {
             .with_context(|| format!("creating {}", tmp.display()))?;
         // SAFETY: geteuid has no preconditions.
         let as_root = unsafe { libc::geteuid() } == 0;
-        let cnf = server_cnf(dir, listen, port, as_root);
+        // Socket-only while it loads, whatever it is handed over with (`leave_running`).
+        let cnf = server_cnf(dir, Listen::SocketOnly, port, as_root);
         let cnf_path = dir.join("my.cnf");
         std::fs::write(&cnf_path, cnf)
             .with_context(|| format!("writing {}", cnf_path.display()))?;
@@ -351,6 +393,9 @@ impl ScratchServer {
             child: None,
             flavor,
             keep: false,
+            tcp: matches!(listen, Listen::Tcp(_)),
+            server_program: programs.server.clone(),
+            root_password: None,
         })
     }
 

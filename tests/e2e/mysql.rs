@@ -1608,3 +1608,91 @@ fn sigterm_during_a_mysql_replay_stops_it_and_clears_the_target() {
     );
     eprintln!("replay stopped by SIGTERM in {took:?}");
 }
+
+/// A restore into a new server the user connects to (`--target-dir --port`) loads the dump
+/// and replays the binlogs while its root has no password: meanwhile it listens on its socket
+/// only, and on 127.0.0.1 only once root has a password. Logins without one are polled over
+/// TCP for the whole restore and never get in.
+#[test]
+fn a_restored_server_listens_on_tcp_only_once_root_has_a_password() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, txt TEXT); \
+         INSERT INTO app.t SELECT seq, REPEAT('x', 200) FROM app.seq_1_to_200000",
+    );
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
+
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("restored");
+    let port = free_port().to_string();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "restore",
+        "--engine",
+        "mysql",
+        "--latest",
+        "--target-dir",
+        dir.to_str().unwrap(),
+        "--port",
+        &port,
+    ])
+    .env_remove("DBAGENT_CONFIG")
+    .env_remove("DBAGENT_MYSQL_URL")
+    .current_dir("/tmp")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    for (k, v) in repo.env() {
+        cmd.env(k, v);
+    }
+    let mut restore = cmd.spawn().unwrap();
+    let _scratch = Scratch { dir: dir.clone() };
+    let login = |password: Option<&str>| {
+        let mut c = Command::new(mariadb_bin("mariadb").unwrap());
+        c.args([
+            "--no-defaults",
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &port,
+            "-u",
+            "root",
+        ]);
+        if let Some(p) = password {
+            c.arg(format!("--password={p}"));
+        }
+        c.args(["-N", "-B", "-e", "SELECT COUNT(*) FROM app.t"])
+            .output()
+            .unwrap()
+    };
+    let mut polls = 0;
+    while restore.try_wait().unwrap().is_none() {
+        let out = login(None);
+        assert!(
+            !out.status.success(),
+            "a login as root without a password got in during the restore"
+        );
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = restore.wait_with_output().unwrap();
+    ok(&out);
+    assert!(polls > 3, "the restore was over before it could be watched");
+    assert!(!login(None).status.success());
+    let password = std::fs::read_to_string(dir.join("root-password")).unwrap();
+    let out = login(Some(password.trim()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200000");
+}
