@@ -44,7 +44,14 @@ impl ServerError {
     /// server's `lc_messages`; by the English words where the server raised it with another
     /// code (it takes the code from whatever errno was).
     pub fn wal_removed(&self) -> bool {
-        self.code == "58P01" || self.message.contains("has already been removed")
+        // 58P01 is any missing file: it is the WAL when the message names a segment (24 hex
+        // digits; a history file's name has 8), in whatever language.
+        let names_segment = self
+            .message
+            .as_bytes()
+            .windows(24)
+            .any(|w| w.iter().all(u8::is_ascii_hexdigit));
+        (self.code == "58P01" && names_segment) || self.message.contains("has already been removed")
     }
 }
 

@@ -466,8 +466,9 @@ async fn left_path_at(
         Ok(text) => text,
         Err(_) => {
             let key = repo::wal_key(sysid, &history_name);
-            match storage::get_all(store, &key).await {
-                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            // Through the pipeline: stored compressed, and encrypted in an encrypted repository.
+            match pipeline::download(store, &key, Vec::new()).await {
+                Ok((bytes, _)) => String::from_utf8_lossy(&bytes).into_owned(),
                 // No history for it: nothing says where the older timelines ended.
                 Err(e) if storage::is_not_found(&e) => return Ok(None),
                 Err(e) => return Err(e.context(format!("reading {history_name}"))),

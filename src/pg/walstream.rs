@@ -186,7 +186,7 @@ impl Streamer {
             server_tli: id.timeline,
             server_pos: id.xlogpos,
         });
-        self.onto_history(&mut conn, &id, &slot).await?;
+        self.onto_history(&mut conn, sysid, &id, &slot).await?;
         let tli = self.start_streaming(&mut conn, &slot_name, sysid).await?;
         self.shared.stream_update(|f| {
             f.connected = true;
@@ -305,6 +305,7 @@ impl Streamer {
     async fn onto_history(
         &mut self,
         conn: &mut ReplConn,
+        sysid: u64,
         id: &super::replication::Identity,
         slot: &super::replication::SlotState,
     ) -> anyhow::Result<()> {
@@ -323,8 +324,22 @@ impl Streamer {
             Vec::new()
         };
         let found = history.iter().position(|e| e.tli == tli);
+        if found.is_some_and(|i| received <= history[i].switchpoint) {
+            return Ok(());
+        }
+        // What the repository already holds of the server's own timeline (its sidecar ran
+        // before): go on from there.
+        if let Some(c) = self.newest_stored(sysid, Some(id.timeline)).await? {
+            tracing::info!(
+                timeline = id.timeline,
+                segment = %c.seg.name(self.seg_size),
+                "the repository's newest WAL is another history than the server's: resuming after what it holds of the server's timeline"
+            );
+            self.cursor = Some(c);
+            self.pending_since = None;
+            return Ok(());
+        }
         let (end, next) = match found {
-            Some(i) if received <= history[i].switchpoint => return Ok(()),
             Some(i) => (
                 history[i].switchpoint,
                 history.get(i + 1).map_or(id.timeline, |e| e.tli),
@@ -414,6 +429,19 @@ impl Streamer {
     /// Where streaming resumes: after the newest stored WAL of this cluster (the end of its
     /// pieces, or after its newest complete segment), else where the slot begins.
     async fn locate(&self, sysid: u64, server_tli: u32, slot_start: Lsn) -> anyhow::Result<Cursor> {
+        if let Some(c) = self.newest_stored(sysid, None).await? {
+            return Ok(c);
+        }
+        Ok(Cursor::empty(Segment::of_lsn(
+            server_tli,
+            slot_start,
+            self.seg_size,
+        )))
+    }
+
+    /// The cursor after the newest stored WAL of this cluster (of timeline `only`, when
+    /// given): the end of its pieces, or after its newest complete segment.
+    async fn newest_stored(&self, sysid: u64, only: Option<u32>) -> anyhow::Result<Option<Cursor>> {
         let prefix = crate::repo::wal_prefix(sysid);
         let mut complete: Option<Segment> = None;
         let mut pieces: BTreeMap<Segment, Vec<Piece>> = BTreeMap::new();
@@ -426,13 +454,16 @@ impl Streamer {
                 continue;
             };
             if let Some(WalFile::Segment(n)) = WalFile::classify(name) {
-                if let Some(seg) = Segment::parse(&n, self.seg_size) {
-                    if newer(seg, complete) {
-                        complete = Some(seg);
-                    }
+                if let Some(seg) = Segment::parse(&n, self.seg_size)
+                    && only.is_none_or(|t| seg.tli == t)
+                    && newer(seg, complete)
+                {
+                    complete = Some(seg);
                 }
             } else if let Some(p) = Piece::parse(name) {
-                if let Some(seg) = Segment::parse(&p.segment, self.seg_size) {
+                if let Some(seg) = Segment::parse(&p.segment, self.seg_size)
+                    && only.is_none_or(|t| seg.tli == t)
+                {
                     pieces.entry(seg).or_default().push(p);
                 }
             }
@@ -455,7 +486,7 @@ impl Streamer {
                     && !crate::storage::is_not_found(e)
                 {
                     tracing::warn!(segment = %seg.name(self.seg_size), "the stored pieces are encrypted and this process holds no key for them: streaming the segment again from its start");
-                    return Ok(Cursor::empty(seg));
+                    return Ok(Some(Cursor::empty(seg)));
                 }
                 let (bytes, _) =
                     read.with_context(|| format!("reading the streamed piece {}", p.name()))?;
@@ -470,19 +501,14 @@ impl Streamer {
             }
             cursor.stored = end as usize;
             tracing::info!(segment = %seg.name(self.seg_size), offset = end, "resuming the stream after the stored pieces");
-            return Ok(cursor);
+            return Ok(Some(cursor));
         }
-        if let Some(c) = complete {
-            return Ok(Cursor::empty(Segment {
+        Ok(complete.map(|c| {
+            Cursor::empty(Segment {
                 tli: c.tli,
                 segno: c.segno + 1,
-            }));
-        }
-        Ok(Cursor::empty(Segment::of_lsn(
-            server_tli,
-            slot_start,
-            self.seg_size,
-        )))
+            })
+        }))
     }
 
     /// Takes in streamed bytes; stores each segment that fills. True when something new is

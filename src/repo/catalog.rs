@@ -568,9 +568,11 @@ impl PgCatalog {
         };
         // A new timeline with no WAL yet (kept by `branches` only when it was created after
         // its parent stopped) was itself the last thing written on its side.
-        let created_last = dx.is_some_and(|d| {
-            *d == x.timeline && x.last_segment.is_none() && tls[d].created == Some(parted)
-        });
+        let created_last = dx.is_some()
+            && x.lineage[common..]
+                .iter()
+                .all(|t| tls[t].last_segment.is_none())
+            && tls[&x.timeline].created >= Some(parted);
         created_last
             || self
                 .segments
@@ -696,7 +698,15 @@ impl PgCatalog {
         let path = self.path(tli);
         let (chain, missing) = self.chain_on(b, tli);
         let last = chain.last().copied();
-        let end_time = self.chain_end_time(&chain);
+        let cut = last.and_then(|s| self.left_path_in(&path, s));
+        // A cut segment's transactions after the branch point are another history's: the
+        // window ends with the segment before it (earlier than it could, never later).
+        let end_time = match cut {
+            Some(_) => self
+                .chain_end_time(&chain[..chain.len() - 1])
+                .or(Some(b.stop_time)),
+            None => self.chain_end_time(&chain),
+        };
         // Only segments recovery would read count: an older timeline's WAL past the point
         // where the path left it is another history, not "later WAL".
         let later_exists = self.segments.keys().any(|s| {
@@ -712,7 +722,7 @@ impl PgCatalog {
             consistent: last.is_some_and(|s| s.segno >= b.stop_lsn.0 / self.seg_size)
                 && self.chain_complete(b),
             timeline: tli,
-            cut: last.and_then(|s| self.left_path_in(&path, s)),
+            cut,
         }
     }
 
@@ -1091,6 +1101,21 @@ pub(crate) mod tests {
         );
         // Timeline 1 read along its own history is whole.
         assert_eq!(c.reach_on(&c.backups[0], 1).cut, None);
+        // Its window ends before the cut segment: timeline 1's commits in it after the
+        // branch point are the undone history.
+        assert!(r.end_time.unwrap() < c.segments[&Segment { tli: 1, segno: 4 }].last_modified);
+        // A --latest restore of it as the new primary again (no target of its own) before
+        // either archived WAL: the newest history still continues production.
+        let mut again = c.clone();
+        let mut h = again.histories[&2].clone();
+        h.push(HistoryEntry {
+            tli: 2,
+            switchpoint: Lsn(4 * SEG + 0x500),
+        });
+        again.histories.insert(3, h);
+        again.history_times.insert(3, t("00:25:00"));
+        assert_eq!(tips(&again), (vec![1, 3], Some(3)));
+
         // The same without a target (a promotion at the end of the WAL it could read: a
         // lagging standby, or a --latest restore that stopped short) adds nothing.
         c.targeted.remove(&2);

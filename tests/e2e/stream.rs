@@ -548,6 +548,11 @@ fn a_gap_is_reported_and_crossed_in_german_and_with_a_slot_made_by_hand() {
         .setting("lc_messages", &crate::faults::german_locale())
         .start()
         .unwrap();
+    assert!(
+        pg.psql("postgres", "SELECT 1/0")
+            .is_err_and(|e| format!("{e:#}").contains("Division durch Null")),
+        "the server does not speak German"
+    );
     pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
     let write_and_wait = |serve: &Serve, id: i32| {
         pg.psql("postgres", &format!("INSERT INTO t VALUES ({id})"))
@@ -787,6 +792,18 @@ fn the_sidecar_of_a_server_restored_as_primary_streams_its_new_timeline() {
         |s| s.json("/status")["wal_stream"]["timeline"] == 2 && stored_lsn(s) >= lsn,
     );
     assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
+    // Its sidecar restarts: it goes on after what it stored of the new timeline (the old
+    // timeline's WAL is still the repository's newest).
+    drop(serve);
+    let serve = Serve::start(&env);
+    restored.psql("INSERT INTO t VALUES (5, 'after the sidecar restarted')");
+    let lsn = parse_lsn(&restored.psql("SELECT pg_current_wal_flush_lsn()"));
+    serve.wait_for(
+        "the new timeline to be streamed on",
+        Duration::from_secs(30),
+        |s| s.json("/status")["wal_stream"]["timeline"] == 2 && stored_lsn(s) >= lsn,
+    );
+    assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
     // The new primary is lost before it closed a segment: what its sidecar streamed restores.
     drop(serve);
     drop(restored);
@@ -794,7 +811,7 @@ fn the_sidecar_of_a_server_restored_as_primary_streams_its_new_timeline() {
     ok(&out);
     assert_eq!(
         latest.psql("SELECT string_agg(who, ',' ORDER BY id) FROM t"),
-        "production,on the new primary"
+        "production,on the new primary,after the sidecar restarted"
     );
 }
 
