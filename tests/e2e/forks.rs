@@ -58,6 +58,19 @@ fn production(repo: &Repo) -> Postgres {
     pg
 }
 
+/// `production` with row 1, then a moment (between the two, for `--at`), then row 2, "the
+/// bad change", archived: what a restore to before the bad change undoes.
+fn production_with_a_bad_change(repo: &Repo) -> (Postgres, String) {
+    let pg = production(repo);
+    insert(&pg, 1, "production");
+    let a = now_on(&pg);
+    std::thread::sleep(Duration::from_millis(20));
+    let b = now_on(&pg);
+    insert(&pg, 2, "the bad change");
+    switch_and_wait_archived(&pg);
+    (pg, between(a, b))
+}
+
 fn insert(pg: &Postgres, id: u32, who: &str) {
     pg.psql("postgres", &format!("INSERT INTO t VALUES ({id}, '{who}')"))
         .unwrap();
@@ -272,20 +285,18 @@ fn wait_promoted(pg: &Postgres) {
 #[test]
 fn a_restored_servers_own_backups_restore() {
     let first = Repo::file();
-    let mut pg = production(&first);
-    insert(&pg, 1, "production");
-    let a = now_on(&pg);
-    std::thread::sleep(Duration::from_millis(20));
-    let b = now_on(&pg);
-    insert(&pg, 2, "the bad change");
-    switch_and_wait_archived(&pg);
+    let (mut pg, before_the_bad_change) = production_with_a_bad_change(&first);
     pg.stop().unwrap();
 
     // Restored to before the bad change, and started by the operator (--no-start): its
     // recovery block is in postgresql.auto.conf until recovery ends.
     let scratch = pg_owned_tempdir().unwrap();
     let data: PathBuf = scratch.path().join("restored");
-    let (out, _) = restore(&first, &data, &["--at", &between(a, b), "--no-start"]);
+    let (out, _) = restore(
+        &first,
+        &data,
+        &["--at", &before_the_bad_change, "--no-start"],
+    );
     ok(&out);
     assert_eq!(auto_conf(&data).matches("restore_command").count(), 1);
     assert!(data.join("recovery.signal").exists());
@@ -339,13 +350,7 @@ fn a_restored_servers_own_backups_restore() {
 #[test]
 fn a_no_start_restore_as_primary_leaves_nothing_its_replicas_inherit() {
     let repo = Repo::file();
-    let mut pg = production(&repo);
-    insert(&pg, 1, "production");
-    let a = now_on(&pg);
-    std::thread::sleep(Duration::from_millis(20));
-    let b = now_on(&pg);
-    insert(&pg, 2, "the bad change");
-    switch_and_wait_archived(&pg);
+    let (mut pg, before_the_bad_change) = production_with_a_bad_change(&repo);
     pg.stop().unwrap();
 
     // The runbook's Job: restored as the new primary, started later by the StatefulSet.
@@ -354,7 +359,7 @@ fn a_no_start_restore_as_primary_leaves_nothing_its_replicas_inherit() {
     let (out, _) = restore(
         &repo,
         &data,
-        &["--at", &between(a, b), "--as-primary", "--no-start"],
+        &["--at", &before_the_bad_change, "--as-primary", "--no-start"],
     );
     ok(&out);
     let env: Vec<(String, String)> = repo.env();
@@ -394,13 +399,7 @@ fn a_no_start_restore_as_primary_leaves_nothing_its_replicas_inherit() {
 fn a_restore_right_after_an_as_primary_restore_follows_it_not_the_undone_change() {
     for later_segment in [false, true] {
         let repo = Repo::file();
-        let mut pg = production(&repo);
-        insert(&pg, 1, "production");
-        let a = now_on(&pg);
-        std::thread::sleep(Duration::from_millis(20));
-        let b = now_on(&pg);
-        insert(&pg, 2, "the bad change");
-        switch_and_wait_archived(&pg);
+        let (mut pg, before_the_bad_change) = production_with_a_bad_change(&repo);
         if later_segment {
             insert(&pg, 3, "after the bad change");
             switch_and_wait_archived(&pg);
@@ -413,7 +412,7 @@ fn a_restore_right_after_an_as_primary_restore_follows_it_not_the_undone_change(
         let (out, new_primary) = restore(
             &repo,
             &scratch.path().join("new-primary"),
-            &["--at", &between(a, b), "--as-primary"],
+            &["--at", &before_the_bad_change, "--as-primary"],
         );
         ok(&out);
         assert_eq!(rows(|q| new_primary.psql(q)), "1:production");

@@ -612,16 +612,13 @@ fn a_gap_is_reported_and_crossed_in_german_and_with_a_slot_made_by_hand() {
     write_and_wait(&serve, 3);
 }
 
-/// The streamed server is a standby that is then promoted: the stream follows it onto the new
-/// timeline, stores the history file, and the new timeline's segment starts with the old
-/// one's bytes, as in the server's pg_wal.
-#[test]
-fn a_promotion_is_followed_onto_the_new_timeline() {
-    let repo = Repo::file();
+/// A primary with a table `t` and row 1, its streaming standby, and the standby's sidecar
+/// streaming into `repo`, which has stored the row.
+fn streaming_standby(repo: &Repo) -> (Postgres, tempfile::TempDir, Postgres, Serve) {
     let primary = PostgresBuilder::new().start().unwrap();
     primary.psql("postgres", "CREATE TABLE t (id int)").unwrap();
-    let (_dir, standby) = crate::serve::standby_of(&primary);
-    let serve = streaming_serve(&repo, &standby, &[]);
+    let (dir, standby) = crate::serve::standby_of(&primary);
+    let serve = streaming_serve(repo, &standby, &[]);
     primary
         .psql("postgres", "INSERT INTO t VALUES (1)")
         .unwrap();
@@ -635,6 +632,16 @@ fn a_promotion_is_followed_onto_the_new_timeline() {
         Duration::from_secs(30),
         |s| stored_lsn(s) >= lsn,
     );
+    (primary, dir, standby, serve)
+}
+
+/// The streamed server is a standby that is then promoted: the stream follows it onto the new
+/// timeline, stores the history file, and the new timeline's segment starts with the old
+/// one's bytes, as in the server's pg_wal.
+#[test]
+fn a_promotion_is_followed_onto_the_new_timeline() {
+    let repo = Repo::file();
+    let (_primary, _dir, standby, serve) = streaming_standby(&repo);
 
     standby.psql("postgres", "SELECT pg_promote()").unwrap();
     standby
@@ -682,23 +689,7 @@ fn a_promotion_is_followed_onto_the_new_timeline() {
 #[test]
 fn a_promotion_while_the_sidecar_is_away_is_followed_when_it_is_back() {
     let repo = Repo::file();
-    let primary = PostgresBuilder::new().start().unwrap();
-    primary.psql("postgres", "CREATE TABLE t (id int)").unwrap();
-    let (_dir, standby) = crate::serve::standby_of(&primary);
-    let serve = streaming_serve(&repo, &standby, &[]);
-    primary
-        .psql("postgres", "INSERT INTO t VALUES (1)")
-        .unwrap();
-    let lsn = parse_lsn(
-        &primary
-            .psql("postgres", "SELECT pg_current_wal_flush_lsn()")
-            .unwrap(),
-    );
-    serve.wait_for(
-        "the standby's WAL to be stored",
-        Duration::from_secs(30),
-        |s| stored_lsn(s) >= lsn,
-    );
+    let (primary, _dir, standby, serve) = streaming_standby(&repo);
     drop(serve);
     drop(primary);
     standby.psql("postgres", "SELECT pg_promote()").unwrap();
