@@ -275,7 +275,12 @@ pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow:
             }
         }
         let reach = cat.reach(b);
-        if !reach.consistent {
+        if let (false, Some(inc)) = (reach.consistent, cat.kept_as_base_of(b)) {
+            out.notes.push(format!(
+                "backup {}: kept for its files as the base of incremental {}; its own WAL has been pruned, so it is no restore point by itself",
+                b.id, inc.id
+            ));
+        } else if !reach.consistent {
             out.problems.push(format!(
                 "backup {}: WAL it needs is missing ({}): it cannot be restored",
                 b.id,

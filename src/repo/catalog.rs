@@ -736,6 +736,19 @@ impl PgCatalog {
             .filter(|e| e.0 > start && e.0 < start + self.seg_size)
     }
 
+    /// The oldest incremental that builds on `b`, when `b` cannot be restored by itself
+    /// because its WAL was pruned (every archived segment is newer than its start): `prune`
+    /// keeps the backups a kept incremental builds on for their files only, and the
+    /// incremental restores through them. Such a backup is no restore point of its own, and
+    /// no problem either.
+    pub fn kept_as_base_of(&self, b: &BaseBackup) -> Option<&BaseBackup> {
+        let oldest = self.segments.keys().map(|s| s.segno).min()?;
+        if b.start_lsn.0 / self.seg_size >= oldest {
+            return None;
+        }
+        self.backups.iter().find(|o| o.depends_on().contains(&b.id))
+    }
+
     /// Every backup an incremental `b` builds on is in the repository.
     pub fn chain_complete(&self, b: &BaseBackup) -> bool {
         b.depends_on().iter().all(|dep| match &self.listed {

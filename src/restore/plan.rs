@@ -107,10 +107,11 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         ));
     }
     let (timeline, timeline_choice) = choose_timeline(cat, timeline)?;
+    // A base kept only for an incremental's files has lost its own WAL: no restore point.
     let on: Vec<&BaseBackup> = cat
         .backups
         .iter()
-        .filter(|b| cat.backup_on(b, timeline))
+        .filter(|b| cat.backup_on(b, timeline) && cat.kept_as_base_of(b).is_none())
         .collect();
     let Some(first) = on.first() else {
         return Err(input_err!(
@@ -249,13 +250,49 @@ fn list(items: impl Iterator<Item = u32>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::catalog::tests::{SEG, add_seg, add_timeline, backup, catalog, t};
+    use crate::repo::catalog::tests::{
+        SEG, add_seg, add_timeline, backup, catalog, incremental, t,
+    };
     use crate::repo::wal::Segment;
 
     fn err(c: &PgCatalog, target: Target) -> String {
         let e = plan_pg(c, target, None).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 1);
         e.to_string()
+    }
+
+    #[test]
+    fn a_base_kept_only_for_an_incremental_is_no_restore_point() {
+        // Prune kept the full backup for the incremental's files and took its WAL.
+        let c = catalog(
+            vec![
+                backup("full", 2, 3, "00:03:30"),
+                incremental("inc", 6, "00:06:30", &["full"]),
+            ],
+            &[6, 7],
+        );
+        assert_eq!(
+            c.kept_as_base_of(&c.backups[0]).map(|b| b.id.as_str()),
+            Some("inc")
+        );
+        assert_eq!(c.kept_as_base_of(&c.backups[1]), None);
+        let e = plan_pg(&c, Target::Time(t("00:05:00")), None).unwrap_err();
+        assert!(
+            format!("{e}").contains("the earliest restorable time is 2026-11-23T00:06:30Z"),
+            "{e}"
+        );
+        let p = plan_pg(&c, Target::Time(t("00:06:40")), None).unwrap();
+        assert_eq!(p.backup.id, "inc");
+        // With its WAL still there it is one.
+        let c = catalog(c.backups.clone(), &[2, 3, 4, 5, 6, 7]);
+        assert_eq!(c.kept_as_base_of(&c.backups[0]), None);
+        assert_eq!(
+            plan_pg(&c, Target::Time(t("00:05:00")), None)
+                .unwrap()
+                .backup
+                .id,
+            "full"
+        );
     }
 
     #[test]

@@ -217,6 +217,51 @@ fn an_incremental_chain_restores_exactly_and_a_delta_restore_rewrites_only_what_
         4,
         "prune broke the chain: {pruned}"
     );
+    // Once nothing may still be running, the WAL below the newest backup goes too: the
+    // chain under it is kept for its files only. That is no problem for `verify`, and no
+    // restore point for `--at` (before: `verify` failed on every base, daily in deploy/).
+    let mut prune = dbagent_cmd(&repo, None, &["prune", "--json"]);
+    prune
+        .env("DBAGENT_RETENTION_KEEP_BACKUPS", "1")
+        .env("DBAGENT_RETENTION_KEEP_DAYS", "0")
+        .env("DBAGENT_RETENTION_INCOMPLETE_AFTER", "0s");
+    let pruned: serde_json::Value = serde_json::from_str(&ok(&prune.output().unwrap())).unwrap();
+    assert!(
+        !pruned["clusters"][0]["plan"]["delete_wal"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{pruned}"
+    );
+    let verified = ok(&dbagent(&repo, None, &["verify"]));
+    assert!(
+        verified.contains(&format!(
+            "kept for its files as the base of incremental {}",
+            chain[1]
+        )),
+        "{verified}"
+    );
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(&dbagent(&repo, None, &["list", "--json"]))).unwrap();
+    let backups = listing["postgres"][0]["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 4, "{listing}");
+    let between = backups[2]["stop_time"].as_str().unwrap().to_string();
+    let newest_stop = backups[3]["stop_time"].as_str().unwrap().to_string();
+    let scratch = pg_owned_tempdir().unwrap();
+    refused(
+        &dbagent(
+            &repo,
+            None,
+            &[
+                "restore",
+                "--at",
+                &between,
+                "--target-dir",
+                scratch.path().join("early").to_str().unwrap(),
+            ],
+        ),
+        &format!("the earliest restorable time is {}", &newest_stop[..19]),
+    );
 
     // A restore from the three-deep chain is exact.
     let scratch = pg_owned_tempdir().unwrap();
