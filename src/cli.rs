@@ -229,12 +229,29 @@ pub struct RestoreArgs {
 }
 
 pub fn run() -> ExitCode {
+    // PostgreSQL reads a restore_command's exit status up to 125 as "not archived" and ends
+    // recovery there: `wal-fetch` fails with 126 whatever went wrong, even before it knows
+    // its arguments (a binary replaced by one that does not take `--timeline`).
+    let fetch_args = std::env::args().any(|a| a == "wal-fetch");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
+            // One line, as every other error: clap's first line, without its own prefix.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!(
+                "dbagent: error: {}; see `dbagent help`",
+                first.strip_prefix("error: ").unwrap_or(first)
+            );
+            return ExitCode::from(if fetch_args {
+                crate::error::EXIT_ABORT_RECOVERY
+            } else {
+                crate::error::EXIT_INPUT
+            });
         }
     };
     init_logging(&cli.command);
@@ -251,7 +268,11 @@ pub fn run() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            return crate::error::report(&anyhow::Error::new(e).context("starting the runtime"));
+            let e = anyhow::Error::new(e).context("starting the runtime");
+            if fetch_args {
+                return crate::error::report_with(&e, crate::error::EXIT_ABORT_RECOVERY);
+            }
+            return crate::error::report(&e);
         }
     };
     let fetching = matches!(cli.command, Command::WalFetch { .. });

@@ -69,18 +69,33 @@ pub fn report(err: &anyhow::Error) -> ExitCode {
 /// Like `report`, with the exit code chosen by the caller.
 pub fn report_with(err: &anyhow::Error, code: u8) -> ExitCode {
     if !is_quiet(err) {
-        let mut line = String::from("dbagent: error: ");
-        let mut first = true;
-        for cause in err.chain() {
-            if !first {
-                line.push_str(": ");
-            }
-            line.push_str(&cause.to_string());
-            first = false;
-        }
-        eprintln!("{line}");
+        eprintln!("dbagent: error: {}", one_line(err));
     }
     ExitCode::from(code)
+}
+
+/// The error chain as one line: causes joined by ": ", each cause's own lines (a server's
+/// DETAIL and HINT, an S3 error body) joined by spaces, and a cause already said by the
+/// ones before it (libraries that repeat their source in their own message) left out.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Joins scoped threads, all of them, and returns the first error among them in the order
@@ -104,6 +119,40 @@ pub fn join_first<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_is_one_line_and_says_each_thing_once() {
+        #[derive(Debug)]
+        struct Repeats(&'static str, Option<Box<Repeats>>);
+        impl std::fmt::Display for Repeats {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Repeats {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        // A server's DETAIL on its own line; an S3 body that each wrapper repeats.
+        let body = "<?xml version=\"1.0\"?>\n<Error><Code>InvalidBucketName</Code></Error>";
+        let inner = Repeats(body, None);
+        let wrapped = Repeats(
+            "Client error with status 400: <?xml version=\"1.0\"?>\n<Error><Code>InvalidBucketName</Code></Error>",
+            Some(Box::new(inner)),
+        );
+        let e = anyhow::Error::new(wrapped).context("listing the repository");
+        assert_eq!(
+            one_line(&e),
+            "listing the repository: Client error with status 400: <?xml version=\"1.0\"?> <Error><Code>InvalidBucketName</Code></Error>"
+        );
+        let e = anyhow::anyhow!("db error: ERROR: permission denied to create role\nDETAIL: Only roles with the CREATEROLE attribute may create roles.")
+            .context("creating role \"app\"");
+        assert_eq!(
+            one_line(&e),
+            "creating role \"app\": db error: ERROR: permission denied to create role DETAIL: Only roles with the CREATEROLE attribute may create roles."
+        );
+    }
 
     #[test]
     fn wal_fetch_answers_not_archived_only_for_not_found() {

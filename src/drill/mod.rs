@@ -285,7 +285,7 @@ struct Outcome {
 }
 
 pub(crate) fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
+    crate::error::one_line(e)
 }
 
 /// Judges the newest heartbeat row of a restored server: it must be at or before the target

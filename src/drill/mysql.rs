@@ -53,6 +53,14 @@ pub async fn run(
         }
     };
     let (cat, plan) = match planned {
+        // A time given by hand that the archive cannot reach is a mistake in the command,
+        // not a failed drill: one line and exit 1, no report, no alert.
+        Err(e)
+            if matches!(target, DrillTarget::At(_))
+                && crate::error::exit_code(&e) == crate::error::EXIT_INPUT =>
+        {
+            return Err(e);
+        }
         Ok((c, p)) => (Some(c), Some(p)),
         Err(e) => {
             checks.push(CheckResult::new("plan", None, Status::Fail, one_line(&e)));

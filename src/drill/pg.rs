@@ -93,6 +93,7 @@ pub async fn run(
     let cat = PgCatalog::load(store.as_ref(), sysid).await?;
     let mut checks = Vec::new();
     let mut out = Outcome::default();
+    let explicit = matches!(target, DrillTarget::At(_));
     let target = match target {
         DrillTarget::Latest => Ok(Target::Latest),
         DrillTarget::At(t) => Ok(Target::Time(t)),
@@ -100,7 +101,20 @@ pub async fn run(
             .map(Target::Time)
             .ok_or_else(|| anyhow::anyhow!("nothing is restorable yet: no backup with its WAL")),
     };
-    let plan = target.and_then(|t| plan::plan_pg(&cat, t, None));
+    let mut plan = target.and_then(|t| plan::plan_pg(&cat, t, None));
+    // A time given by hand that the archive cannot reach is a mistake in the command, not a
+    // failed drill: one line and exit 1, no report, no alert.
+    if let Err(e) = &plan
+        && explicit
+        && crate::error::exit_code(e) == crate::error::EXIT_INPUT
+    {
+        return Err(plan.unwrap_err());
+    }
+    if let Ok(p) = plan.as_mut()
+        && let Err(e) = restore::read_archive_end(store.as_ref(), p).await
+    {
+        plan = Err(e);
+    }
     out.target = match plan.as_ref().map(|p| p.target) {
         Ok(Target::Time(t)) => crate::timespec::show(t),
         _ => "latest".into(),
@@ -226,7 +240,7 @@ async fn restore_into(
     port: u16,
 ) -> anyhow::Result<Landed> {
     restore::materialize(cfg, store, plan, dir, extra, false).await?;
-    restore::start_and_wait(cfg, store, plan, dir, Some(port)).await
+    restore::start_and_wait(cfg, plan, dir, Some(port)).await
 }
 
 async fn check_heartbeat(

@@ -57,6 +57,11 @@ pub struct WalScan {
     record: Vec<u8>,
     record_start: u64,
     prev_record: Option<u64>,
+    /// Where the record being passed over began (unknown for the tail of a record begun in
+    /// the previous segment).
+    skipped_start: Option<u64>,
+    /// Records starting at or after this LSN are not read (`until`).
+    limit: Option<u64>,
     done: bool,
     /// Commit/abort records seen.
     pub transactions: u64,
@@ -66,6 +71,10 @@ pub struct WalScan {
     /// of a replayed record (`pg_last_wal_replay_lsn()`): 8-byte aligned, and the segment's end
     /// after a switch record. A record running on into the next segment is not counted.
     pub end_lsn: Option<u64>,
+    /// Where the record that ends at `end_lsn` begins: a recovery that must reach `end_lsn`
+    /// targets it (`recovery_target_lsn`, inclusive). Unknown when that record began in the
+    /// previous segment.
+    pub last_start: Option<u64>,
 }
 
 impl WalScan {
@@ -74,6 +83,13 @@ impl WalScan {
             header_len: SHORT_PAGE_HEADER,
             ..Default::default()
         }
+    }
+
+    /// A scan that reads no record starting at or after `lsn` (where a timeline left the
+    /// path: what follows in this copy is not on it).
+    pub fn until(mut self, lsn: u64) -> WalScan {
+        self.limit = Some(lsn);
+        self
     }
 
     /// The time of the last transaction record, as a timestamp.
@@ -152,6 +168,7 @@ impl WalScan {
             if info & XLP_FIRST_IS_CONTRECORD != 0 {
                 // The tail of a record that began in the previous segment.
                 self.skip = rem_len as u64;
+                self.skipped_start = None;
             }
         } else if pageaddr != self.seg_start + self.offset - self.header_len as u64 {
             // Not this segment's page: the old content of a recycled file.
@@ -168,6 +185,10 @@ impl WalScan {
                 ((8 - lsn % 8) as usize).min(data.len())
             } else {
                 if self.record.is_empty() {
+                    if self.limit.is_some_and(|l| lsn >= l) {
+                        self.done = true;
+                        return;
+                    }
                     self.record_start = lsn;
                 }
                 let want = self.wanted();
@@ -177,6 +198,7 @@ impl WalScan {
                     self.record_read();
                     if self.record.is_empty() && self.skip == 0 && !self.done {
                         self.end_lsn = Some(maxalign(lsn + n as u64));
+                        self.last_start = Some(self.record_start);
                     }
                 }
                 lsn += n as u64;
@@ -187,6 +209,7 @@ impl WalScan {
             self.skip = self.skip.saturating_sub(n as u64);
             if skipping && self.skip == 0 {
                 self.end_lsn = Some(maxalign(lsn + n as u64)); // the rest of a record
+                self.last_start = self.skipped_start;
             }
             lsn += n as u64;
             data = &data[n..];
@@ -243,10 +266,12 @@ impl WalScan {
         }
         let (info, rmid) = (self.record[16], self.record[17]);
         self.skip = tot_len - self.record.len() as u64;
+        self.skipped_start = Some(self.record_start);
         self.record.clear();
         if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
             self.done = true; // the rest of the segment is padding
             self.end_lsn = Some(self.seg_start + self.seg_size);
+            self.last_start = Some(self.record_start);
         }
     }
 }
@@ -489,6 +514,37 @@ mod tests {
 
         assert_eq!(scan(&[0u8; 100_000], 4096).end_lsn, None);
         assert_eq!(scan(b"not wal", 3).end_lsn, None);
+    }
+
+    #[test]
+    fn the_last_record_starts_where_a_recovery_must_stop_after_it() {
+        let mut b = Builder::new(None);
+        b.commit(1_000_000, false);
+        let spanning = b.record(10, 0, &[0x5A; 20_000]);
+        for chunk in [1, 7, 8192, SEG] {
+            assert_eq!(
+                scan(&b.seg, chunk).last_start,
+                Some(spanning),
+                "chunk {chunk}"
+            );
+        }
+        let last = b.record(10, 0, &[0x5A; 13]);
+        assert_eq!(scan(&b.seg, 4096).last_start, Some(last));
+        let switch = b.record(RM_XLOG_ID, XLOG_SWITCH, &[]);
+        assert_eq!(scan(&b.seg, 4096).last_start, Some(switch));
+
+        // Read only up to where a timeline left the path: the record before it is the last.
+        let s = {
+            let mut s = WalScan::new().until(last);
+            s.feed(&b.seg);
+            s
+        };
+        assert_eq!((s.last_start, s.end_lsn), (Some(spanning), Some(last)));
+
+        // Only the tail of a record begun in the previous segment: its start is not here.
+        let b = Builder::new(Some(10_003));
+        let s = scan(&b.seg, 4096);
+        assert_eq!((s.last_start, s.end_lsn), (None, written_end(&b)));
     }
 
     #[test]

@@ -150,6 +150,11 @@ pub struct FilesInfo {
 }
 
 impl BaseBackup {
+    /// The PostgreSQL major version it was taken of (`server_version_num` 150019: 15).
+    pub fn major(&self) -> u32 {
+        (self.server_version_num / 10000) as u32
+    }
+
     /// Bytes of the data directory it restores.
     pub fn plain_bytes(&self) -> u64 {
         self.files

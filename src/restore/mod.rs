@@ -189,7 +189,11 @@ pub async fn restore_pg(
     if opts.dry_run {
         return Ok(report);
     }
+    if !opts.no_start {
+        preflight_start(cfg, &plan, opts.port).await?;
+    }
     check_keys(store.as_ref(), &plan).await?;
+    read_archive_end(store.as_ref(), &mut plan).await?;
     eprintln!("{}", report.plan);
 
     // A replica re-seeded in place keeps pointing at its primary.
@@ -210,7 +214,7 @@ pub async fn restore_pg(
     if opts.no_start {
         return Ok(report);
     }
-    let landed = start_and_wait(cfg, store.as_ref(), &plan, &opts.target_dir, opts.port).await?;
+    let landed = start_and_wait(cfg, &plan, &opts.target_dir, opts.port).await?;
     if plan.standby {
         report.standby = Some(StandbyRunning {
             port: landed.port,
@@ -224,6 +228,26 @@ pub async fn restore_pg(
         last_commit: landed.last_commit,
     });
     Ok(report)
+}
+
+/// What starting the restored server needs, checked before anything is written (exit 1): a
+/// `pg_ctl` of the backup's major version, and a free `--port`. Found missing after the
+/// restore, it would leave a full data directory that a second try refuses as not empty.
+async fn preflight_start(cfg: &Config, plan: &PgPlan, port: Option<u16>) -> anyhow::Result<()> {
+    crate::pg::bins::server_program(&cfg.pg, "pg_ctl", plan.backup.major()).await?;
+    if let Some(port) = port {
+        if port == 0 {
+            return Err(input_err!(
+                "--port 0 is not a port: give the port the restored server should listen on"
+            ));
+        }
+        if let Err(e) = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port)) {
+            return Err(input_err!(
+                "--port {port} cannot be used on this host ({e}): choose a free port"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses (exit 1) a reader without the keys of the plan's backup, or of the WAL archived
@@ -245,6 +269,10 @@ pub async fn materialize(
     delta: bool,
 ) -> anyhow::Result<()> {
     check_keys(store, plan).await?;
+    anyhow::ensure!(
+        plan.archive_end.is_some() || plan.standby || plan.target != Target::Latest,
+        "internal error: a --latest restore must read where the archive ends before it writes"
+    );
     let created = !dir.exists();
     let unpacked = match &plan.backup.files {
         Some(_) => {
@@ -512,12 +540,11 @@ fn write_recovery_settings(
 /// consistent and answers in recovery). Returns where it landed.
 pub async fn start_and_wait(
     cfg: &Config,
-    store: &dyn Store,
     plan: &PgPlan,
     dir: &Path,
     port: Option<u16>,
 ) -> anyhow::Result<Landed> {
-    let pg_ctl = crate::pg::bins::program(&cfg.pg, "pg_ctl")?;
+    let pg_ctl = crate::pg::bins::server_program(&cfg.pg, "pg_ctl", plan.backup.major()).await?;
     let log = dir.join("dbagent-restore.log");
     let mut cmd = Program::new(&pg_ctl)
         .arg("-D")
@@ -636,7 +663,7 @@ pub async fn start_and_wait(
                 replayed_lsn: row.get::<_, Option<i64>>(3).map(|v| v as u64),
                 ..probe
             };
-            check_replayed_all(store, plan, &landed, &log).await?;
+            check_replayed_all(cfg, plan, dir, &landed, &log).await?;
             return Ok(landed);
         }
     }
@@ -648,27 +675,70 @@ pub async fn start_and_wait(
 /// the archive: the end of the last whole record in the last archived segment, read from the
 /// repository. Short of that is a failure naming both positions.
 async fn check_replayed_all(
-    store: &dyn Store,
+    cfg: &Config,
     plan: &PgPlan,
+    dir: &Path,
     landed: &Landed,
     log: &Path,
 ) -> anyhow::Result<()> {
-    if plan.target != Target::Latest {
+    let Some(end) = plan.archive_end else {
         return Ok(()); // with a target time PostgreSQL itself refuses to stop short
+    };
+    let Some(why) = short_landing(plan, landed.replayed_lsn.map(Lsn), end.end) else {
+        return Ok(());
+    };
+    if plan.as_primary {
+        // It would archive a timeline that forks production short of its end.
+        let stopped = stop_now(cfg, dir).await;
+        return Err(anyhow::anyhow!(
+            "{why}; the restored server {} (log: {})",
+            match stopped {
+                Ok(()) =>
+                    "was stopped before it archived more than its new timeline's history file",
+                Err(_) =>
+                    "could not be stopped: stop it with `pg_ctl stop -m immediate` before it archives a new timeline",
+            },
+            log.display()
+        ));
+    }
+    Err(anyhow::anyhow!(
+        "{why}; the restored server on port {} must not be used as a complete copy (log: {})",
+        landed.port,
+        log.display()
+    ))
+}
+
+/// Stops a server at once (no shutdown checkpoint, nothing more archived).
+async fn stop_now(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
+    let pg_ctl = crate::pg::bins::program(&cfg.pg, "pg_ctl")?;
+    Program::new(&pg_ctl)
+        .arg("-D")
+        .arg(dir)
+        .arg("-m")
+        .arg("immediate")
+        .arg("-w")
+        .arg("stop")
+        .run()
+        .check()
+        .await
+        .map(|_| ())
+}
+
+/// Reads where the archived WAL along `plan` ends, for a `--latest` recovery (not a
+/// standby's), before anything is written: the recovery settings target its last record,
+/// and the landing is checked against its end. An end that cannot be read is refused here.
+pub async fn read_archive_end(store: &dyn Store, plan: &mut PgPlan) -> anyhow::Result<()> {
+    if plan.target != Target::Latest || plan.standby {
+        return Ok(());
     }
     let end = archive_end(store, plan).await.with_context(|| {
         format!(
-            "the server promoted at {}, but whether that is the end of the archive could not be checked",
-            landed.replayed_lsn.map(Lsn).map_or("an unknown position".into(), |l| l.to_string())
+            "could not read where the archived WAL ends ({}), which a --latest restore must reach; nothing was written",
+            plan.last_wal
         )
     })?;
-    short_landing(plan, landed.replayed_lsn.map(Lsn), end).map_or(Ok(()), |why| {
-        Err(anyhow::anyhow!(
-            "{why}; the restored server on port {} must not be used as a complete copy (log: {})",
-            landed.port,
-            log.display()
-        ))
-    })
+    plan.archive_end = Some(end);
+    Ok(())
 }
 
 /// Why a landing at `reached` is short of `end`, the end of the archived WAL (pure).
@@ -684,28 +754,35 @@ fn short_landing(plan: &PgPlan, reached: Option<Lsn>, end: Lsn) -> Option<String
 
 /// The end of the archived WAL along the plan: the end of the last whole record in its last
 /// segment (the segment's start when no record ends in it).
-async fn archive_end(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<Lsn> {
+async fn archive_end(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<plan::ArchiveEnd> {
     let seg_size = plan.backup.wal_segment_size;
     let last = Segment::parse(&plan.last_wal, seg_size)
         .with_context(|| format!("{} is not a WAL segment name", plan.last_wal))?;
     let sysid = plan.backup.system_identifier;
     let key = crate::repo::wal_key(sysid, &plan.last_wal);
-    let scan = match crate::pipeline::download(store, &key, WalScan::new()).await {
+    // An older timeline's copy is read only up to where the timeline left the path.
+    let new_scan = || match plan.wal_end {
+        Some(cut) => WalScan::new().until(cut.0),
+        None => WalScan::new(),
+    };
+    let scan = match crate::pipeline::download(store, &key, new_scan()).await {
         Ok((scan, _)) => scan,
         // Held only as streamed pieces (serve.wal_stream): what they hold is the end.
         Err(e) if crate::storage::is_not_found(&e) => {
             let (data, end) = crate::pg::walstream::assemble(store, sysid, &plan.last_wal)
                 .await?
                 .with_context(|| format!("{} is not archived", plan.last_wal))?;
-            let mut scan = WalScan::new();
+            let mut scan = new_scan();
             scan.feed(&data[..end as usize]);
             scan
         }
         Err(e) => return Err(e.context(format!("reading {}", plan.last_wal))),
     };
     let end = Lsn(scan.end_lsn.unwrap_or(last.start_lsn(seg_size).0));
-    // An older timeline's copy is read only up to where the timeline left the path.
-    Ok(plan.wal_end.map_or(end, |cut| end.min(cut)))
+    Ok(plan::ArchiveEnd {
+        end: plan.wal_end.map_or(end, |cut| end.min(cut)),
+        last_record: scan.last_start.map(Lsn),
+    })
 }
 
 /// What a data directory's postmaster.pid says. PostgreSQL writes its lines as the server
@@ -750,7 +827,42 @@ fn recovery_failure(plan: &PgPlan, log: &Path) -> anyhow::Error {
     if fatal.contains("recovery ended before configured recovery target was reached") {
         let target = match plan.target {
             Target::Time(t) => crate::timespec::show(t),
-            Target::Latest => "the end of the archive".into(),
+            Target::Latest => {
+                let end = plan
+                    .archive_end
+                    .map_or("an unknown position".into(), |e| e.end.to_string());
+                let why = text
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("dbagent: error:"))
+                    .map_or(String::new(), |l| format!(" ({})", l.trim()));
+                // PostgreSQL logs how far it got before the refusal (in English servers).
+                let after = |marker: &str| {
+                    text.lines().rev().find_map(|l| {
+                        l.split_once(marker)
+                            .map(|(_, rest)| rest.trim().to_string())
+                    })
+                };
+                let reached = after("redo done at ")
+                    .and_then(|r| r.split_whitespace().next().map(str::to_string))
+                    .map_or(String::new(), |r| format!(", after the record at {r}"));
+                // A time target stops before the first commit after it, so a copy short of
+                // the damage needs a time just before the last commit that could be replayed.
+                let last = after("last completed transaction was at log time ")
+                    .and_then(|t| crate::timespec::parse_instant(&t).ok())
+                    .map_or(String::new(), |t| {
+                        format!(
+                            "; the last transaction it could replay committed at {}: `restore --at {}` restores everything before it",
+                            crate::timespec::show(t),
+                            crate::timespec::show(t - chrono::Duration::microseconds(1))
+                        )
+                    });
+                return anyhow::anyhow!(
+                    "recovery stopped short of the end of the archived WAL at {end} (in {}){reached}: WAL before the end could not be restored or read{why}; the server refused to promote, has stopped and archived nothing{last} (log: {})",
+                    plan.last_wal,
+                    log.display()
+                );
+            }
         };
         return anyhow::anyhow!(
             "PostgreSQL replayed all archived WAL without reaching {target}: no transaction committed after the target has been archived yet; restore with an earlier --at or with --latest (log: {})",

@@ -40,6 +40,20 @@ pub struct PgPlan {
     pub segments: u64,
     /// The latest instant the archived WAL reaches from this backup.
     pub reachable_until: DateTime<Utc>,
+    /// Where the archived WAL ends, read from `last_wal` before anything is written
+    /// (`restore::read_archive_end`): a `--latest` recovery must get there. None for a time
+    /// target and a standby.
+    pub archive_end: Option<ArchiveEnd>,
+}
+
+/// The end of the archived WAL along a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveEnd {
+    /// The end of the last whole record, as `pg_last_wal_replay_lsn()` reports it.
+    pub end: Lsn,
+    /// Where that record begins: `recovery_target_lsn` (inclusive), so that PostgreSQL
+    /// refuses to promote short of it. Unknown when it began in the segment before.
+    pub last_record: Option<Lsn>,
 }
 
 impl PgPlan {
@@ -183,6 +197,7 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         wal_end: reach.cut,
         segments: last.segno - first_seg + 1,
         reachable_until: until,
+        archive_end: None,
     })
 }
 

@@ -129,6 +129,61 @@ fn restore_refusals_touch_nothing() {
     );
     assert!(plan["promoted"].is_null(), "{out}");
     assert!(!target.exists());
+
+    // What starting the restored server needs is checked before anything is written: a
+    // --port that is taken, no pg_ctl, a pg_ctl of another major version.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    let latest = ["restore", "--latest", "--target-dir", target_s];
+    let mut args = latest.to_vec();
+    args.extend(["--port", &port]);
+    refused(&dbagent(&repo, None, &args), "choose a free port");
+    assert!(!target.exists());
+    let bins = tempfile::tempdir().unwrap();
+    let no_pg_ctl = dbagent_cmd(&repo, None, &latest)
+        .env("DBAGENT_PG_BIN_DIR", bins.path())
+        .output()
+        .unwrap();
+    refused(&no_pg_ctl, "pg_ctl not found");
+    std::fs::write(
+        bins.path().join("pg_ctl"),
+        "#!/bin/sh\necho 'pg_ctl (PostgreSQL) 16.4'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bins.path().join("pg_ctl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let other_major = dbagent_cmd(&repo, None, &latest)
+        .env("DBAGENT_PG_BIN_DIR", bins.path())
+        .output()
+        .unwrap();
+    refused(
+        &other_major,
+        "is PostgreSQL 16, but the backup is of PostgreSQL 15",
+    );
+    assert!(!target.exists());
+    // A usage mistake is one line too; `wal-fetch`'s is 126, which stops PostgreSQL's
+    // recovery instead of reading as "not archived" (an older dbagent without --timeline).
+    let mut args = latest.to_vec();
+    args.extend(["--port", "70000"]);
+    refused(&dbagent(&repo, None, &args), "70000");
+    // A drill at a time the archive cannot reach is a mistake in the command: no report is
+    // stored (nor alert sent), exit 1.
+    refused(
+        &dbagent(&repo, None, &["drill", "--at", "2001-01-01T00:00:00Z"]),
+        "before the first backup",
+    );
+    let out = dbagent(
+        &repo,
+        None,
+        &["wal-fetch", "--bogus", "00000001.history", "x"],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{said}");
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert!(said.starts_with("dbagent: error: "), "{said}");
     assert_eq!(repo.snapshot(), before, "refusals changed the repository");
 
     // A gap in the WAL: remove a segment in the middle of the chain.
