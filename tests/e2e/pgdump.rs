@@ -208,6 +208,55 @@ fn pg_dump_round_trip_keeps_settings_roles_and_cjk() {
 
     // Into another server that lacks the roles: they are created, then owned.
     let other = PostgresBuilder::new().start().unwrap();
+    // ...but not before what the restore needs is known to be there: a user that may create
+    // databases and pg_restore. Refused, no role created (before: the roles stayed behind).
+    other
+        .psql("postgres", "CREATE ROLE restorer LOGIN CREATEROLE")
+        .unwrap();
+    let roles = || {
+        other
+            .psql("postgres", "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname !~ '^pg_'")
+            .unwrap()
+    };
+    let roles_before = roles();
+    let restorer_url = format!(
+        "postgresql://restorer@{}:{}/discourse",
+        other.host(),
+        other.port()
+    );
+    refused(
+        &dbagent(
+            &repo,
+            None,
+            &[
+                "restore",
+                "--dump",
+                "discourse",
+                "--latest",
+                "--target-url",
+                &restorer_url,
+            ],
+        ),
+        "may not create databases",
+    );
+    let no_bins = tempfile::tempdir().unwrap();
+    let out = dbagent_cmd(
+        &repo,
+        None,
+        &[
+            "restore",
+            "--dump",
+            "discourse",
+            "--latest",
+            "--target-url",
+            &target_url(&other, "discourse"),
+        ],
+    )
+    .env("DBAGENT_PG_BIN_DIR", no_bins.path())
+    .output()
+    .unwrap();
+    refused(&out, "pg_restore not found");
+    assert_eq!(roles(), roles_before);
     let out = ok(&dbagent(
         &repo,
         None,

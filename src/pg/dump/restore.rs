@@ -244,7 +244,23 @@ pub async fn restore_dump(
     if opts.dry_run {
         return Ok(report);
     }
-    // A reader without the keys is refused before a role or a database is created.
+    // What the restore needs is checked before a role or a database is created: pg_restore,
+    // a user that may create databases, the keys.
+    let pg_restore = crate::pg::bins::program(&cfg.pg, "pg_restore")?;
+    let may_create: bool = client
+        .query_one(
+            "SELECT rolsuper OR rolcreatedb FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .context("checking the target user's privileges")?
+        .get(0);
+    if !may_create {
+        return Err(input_err!(
+            "the user dbagent connects to {} as may not create databases: give it CREATEDB (ALTER ROLE … CREATEDB) or use another user in --target-url",
+            admin.describe()
+        ));
+    }
     let needed: Vec<_> = [db.data.needs(), set.globals.needs()]
         .into_iter()
         .flatten()
@@ -254,37 +270,52 @@ pub async fn restore_dump(
 
     let started = Instant::now();
     let roles = create_missing_roles(store.as_ref(), set, &client).await?;
-    let server_version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .get(0);
-    let owner_exists = client
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&db.owner])
-        .await?
-        .is_some();
-    client
-        .batch_execute(&create_database_sql(
-            &target.database,
-            db,
-            owner_exists,
-            server_version,
-        ))
-        .await
-        .with_context(|| format!("creating database {:?}", target.database))?;
-    let restored = restore_into(cfg, store.as_ref(), db, &new_db).await;
-    let restored = match restored {
-        Ok(()) => apply_settings(&new_db, &target.database, db).await,
-        Err(e) => Err(e),
-    };
+    let restored = async {
+        let server_version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await?
+            .get(0);
+        let owner_exists = client
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&db.owner])
+            .await?
+            .is_some();
+        client
+            .batch_execute(&create_database_sql(
+                &target.database,
+                db,
+                owner_exists,
+                server_version,
+            ))
+            .await
+            .with_context(|| format!("creating database {:?}", target.database))?;
+        restore_into(&pg_restore, store.as_ref(), db, &new_db).await?;
+        apply_settings(&new_db, &target.database, db).await
+    }
+    .await;
     if let Err(e) = restored {
+        // Everything this restore created goes again: the database, then the roles.
         let _ = client
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {}",
                 quote_ident(&target.database)
             ))
             .await;
+        let mut left = Vec::new();
+        for role in roles.iter().rev() {
+            let dropped = client
+                .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(role)))
+                .await;
+            if dropped.is_err() {
+                left.push(role.as_str());
+            }
+        }
+        let roles_note = match (roles.len(), left.is_empty()) {
+            (0, _) => String::new(),
+            (_, true) => ", and the roles it created".into(),
+            (_, false) => format!("; roles it created and could not drop: {}", left.join(", ")),
+        };
         return Err(e.context(format!(
-            "restoring dump {} of {:?} failed (the new database was dropped)",
+            "restoring dump {} of {:?} failed (the new database was dropped{roles_note})",
             set.id, db.name
         )));
     }
@@ -295,12 +326,12 @@ pub async fn restore_dump(
 
 /// Streams the archive into `pg_restore`, stopping at the first error.
 async fn restore_into(
-    cfg: &Config,
+    pg_restore: &std::path::Path,
     store: &dyn Store,
     db: &DumpedDatabase,
     target: &ConnInfo,
 ) -> anyhow::Result<()> {
-    Program::new(crate::pg::bins::program(&cfg.pg, "pg_restore")?)
+    Program::new(pg_restore)
         .args(["--exit-on-error", "--no-password"])
         .arg(format!(
             "--dbname=dbname={}",
@@ -358,16 +389,24 @@ async fn create_missing_roles(
         .map(|r| r.get(0))
         .collect();
     let statements = missing_role_statements(&String::from_utf8_lossy(&text), &existing);
+    if statements.is_empty() {
+        return Ok(Vec::new());
+    }
+    // All of them or none: a role refused halfway leaves no other behind.
+    client.batch_execute("BEGIN").await?;
     let mut created = Vec::new();
     for (role, sql) in statements {
-        client
-            .batch_execute(&sql)
-            .await
-            .with_context(|| format!("creating role {role:?} from the dump's globals"))?;
+        if let Err(e) = client.batch_execute(&sql).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(anyhow::Error::new(e).context(format!(
+                "creating role {role:?} from the dump's globals (no role was created)"
+            )));
+        }
         if !created.contains(&role) {
             created.push(role);
         }
     }
+    client.batch_execute("COMMIT").await?;
     Ok(created)
 }
 
