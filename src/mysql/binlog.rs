@@ -274,6 +274,7 @@ pub async fn ship_closed(
             report.already_archived += 1;
             continue;
         }
+        check_not_older_history(store.as_ref(), &uuid, &archived, name, &path).await?;
         let file = std::fs::File::open(&path)
             .map_err(|e| input_err!("cannot open binlog {}: {e}", path.display()))?;
         let (reader, scan) = Tap::new(file, BinlogScan::default());
@@ -399,6 +400,59 @@ async fn describe(
         }
     }
     wrote
+}
+
+/// Refuses to ship `name` when the archive already holds a later-named binlog of the same
+/// base that ended before `name` began: the server's names started again (RESET MASTER, or
+/// a server rebuilt under the same identity after `prune` took the old history's first
+/// files), and a restore would run from this history into the other one. A later name that
+/// is newer is this history's (a file `prune` took and the server still keeps).
+async fn check_not_older_history(
+    store: &dyn Store,
+    uuid: &str,
+    archived: &[&str],
+    name: &str,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let Some(this) = BinlogName::parse(name) else {
+        return Ok(());
+    };
+    let Some(later) = archived
+        .iter()
+        .filter_map(|a| BinlogName::parse(a))
+        .filter(|a| a.base == this.base && a.seq > this.seq)
+        .min_by_key(|a| a.seq)
+    else {
+        return Ok(());
+    };
+    let Some(began) = first_event_time(path) else {
+        return Ok(());
+    };
+    let later_name = later.to_string();
+    let what = format!("the description of binlog {later_name}");
+    let meta: BinlogMeta =
+        crate::repo::read_manifest(store, &keys::binlog_meta_key(uuid, &later_name), &what).await?;
+    let slack = chrono::Duration::seconds(crate::repo::mysql::HISTORY_SLACK_SECONDS);
+    match meta.last_event_time {
+        Some(ended) if ended + slack < began => Err(input_err!(
+            "refusing to archive binlog {name} (begun {}): the archive holds {later_name}, which ended earlier ({}), so the server's binlog names started again (RESET MASTER, or a server rebuilt under the same hostname and server_id) and a restore would run on from this history into the other. Give the server a new server_id (or a new repository prefix) and take a dump",
+            crate::timespec::show(began),
+            crate::timespec::show(ended)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The time of a binlog file's first event (its creation), from its header.
+fn first_event_time(path: &Path) -> Option<DateTime<Utc>> {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    if head[..4] != BINLOG_MAGIC {
+        return None;
+    }
+    let secs = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    DateTime::from_timestamp(i64::from(secs), 0)
 }
 
 /// A binlog already stored (by an earlier pass, or another shipper since the listing): it must

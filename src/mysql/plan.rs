@@ -150,6 +150,14 @@ pub fn plan_mysql(cat: &MysqlCatalog, target: Target) -> anyhow::Result<MysqlPla
             // Replay stops at T's whole second, so the last archived second is reachable
             // to its end.
             if t.trunc_subsecs(0) > chain.end_time.expect("until is set from it") {
+                if let Some(other) = &chain.other_history {
+                    return Err(input_err!(
+                        "target {} is past the end of dump {}'s binlog history, which reaches {}: {other}",
+                        show(t),
+                        dump.id,
+                        show(until)
+                    ));
+                }
                 return Err(match &chain.gap {
                     Some(gap) => input_err!(
                         "target {} is past a gap in the archived binlogs: {gap} is missing, so a restore from dump {} reaches at most {}",
@@ -179,6 +187,13 @@ pub fn plan_mysql(cat: &MysqlCatalog, target: Target) -> anyhow::Result<MysqlPla
             chain.files[..=last].to_vec()
         }
         Target::Latest => {
+            if let Some(other) = &chain.other_history {
+                return Err(input_err!(
+                    "{other}; which history is production's cannot be told from the repository: restore with --at up to {} for dump {}'s, and give the current server its own identity (a new server_id)",
+                    until.map_or("its end".into(), show),
+                    dump.id
+                ));
+            }
             if let Some(gap) = &chain.gap {
                 return Err(input_err!(
                     "binlog {gap} is missing from the archive, so --latest would stop silently before later binlogs: restore with --at{} instead",
@@ -214,6 +229,46 @@ mod tests {
         let e = plan_mysql(c, target).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 1);
         e.to_string()
+    }
+
+    #[test]
+    fn a_chain_stops_where_a_later_name_holds_an_older_history() {
+        // A server rebuilt under the same identity after prune took the old history's first
+        // files: its binlog.000002..000003 (minutes 40..42) run on into the old 000004.
+        let mut c = catalog(vec![dump("new", "binlog.000002", "00:40:30")], &[4, 5]);
+        for n in [2u64, 3] {
+            let mut m = crate::repo::mysql::tests::binlog(n);
+            m.first_event_time = Some(t(&format!("00:{:02}:00", 38 + n)));
+            m.last_event_time = Some(t(&format!("00:{:02}:00", 39 + n)));
+            c.binlogs.insert(("binlog".into(), n), m);
+        }
+        let chain = c.chain("binlog.000002");
+        assert_eq!(chain.files, ["binlog.000002", "binlog.000003"]);
+        assert_eq!(chain.gap, None);
+        let other = chain.other_history.unwrap();
+        assert!(
+            other.starts_with("binlog binlog.000004 began at 2026-11-23T00:03:00Z"),
+            "{other}"
+        );
+        let e = err(&c, Target::Latest);
+        assert!(
+            e.contains("another binlog history") && e.contains("--at up to 2026-11-23T00:42:00Z"),
+            "{e}"
+        );
+        let e = err(&c, Target::Time(t("00:43:00")));
+        assert!(
+            e.contains("past the end of dump new's binlog history"),
+            "{e}"
+        );
+        let p = plan_mysql(&c, Target::Time(t("00:41:30"))).unwrap();
+        assert_eq!(p.binlogs, ["binlog.000002", "binlog.000003"]);
+        // One history, a clock stepped back a minute at a rotation: still one chain.
+        let mut c = catalog(vec![dump("d", "binlog.000002", "00:01:30")], &[2, 3, 4]);
+        c.binlogs
+            .get_mut(&("binlog".into(), 3))
+            .unwrap()
+            .first_event_time = Some(t("00:01:00"));
+        assert_eq!(c.chain("binlog.000002").files.len(), 3);
     }
 
     #[test]

@@ -326,6 +326,10 @@ pub struct MysqlCatalog {
     pub superseded_parts: Vec<String>,
 }
 
+/// How far a binlog's first event may come before the previous file's last one, on a server
+/// whose clock was stepped back (NTP), before the two are taken for different histories.
+pub const HISTORY_SLACK_SECONDS: i64 = 300;
+
 /// How far the unbroken run of archived binlogs from a dump's position reaches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chain {
@@ -340,6 +344,11 @@ pub struct Chain {
     pub gap_file: Option<String>,
     /// The last file of `files` is a streamed prefix, not a complete archived file.
     pub streamed: bool,
+    /// The next file by name, whose events are older than the chain's end: it belongs to
+    /// another binlog history (RESET MASTER, or a server rebuilt under the same identity
+    /// after `prune` took the old history's low-numbered files), and the chain stops before
+    /// it. Said as a sentence naming both.
+    pub other_history: Option<String>,
 }
 
 /// The servers that have anything in the repository.
@@ -430,6 +439,7 @@ impl MysqlCatalog {
                 gap: None,
                 gap_file: None,
                 streamed: false,
+                other_history: None,
             };
         };
         let mut files = Vec::new();
@@ -438,17 +448,35 @@ impl MysqlCatalog {
         let mut streamed = false;
         // A streamed file the chain stops in before its end: where its stored bytes end.
         let mut cut: Option<(String, u64)> = None;
+        let mut other_history = None;
+        // The last event time read so far (not an upload time, which can be much later).
+        let mut last_event: Option<DateTime<Utc>> = None;
         loop {
             let key = (next.base.clone(), next.seq);
+            // A file begins after the one before it ended (its first event is its creation
+            // at the rotation), give or take a stepped clock.
+            if let (Some(prev), Some(first)) = (last_event, self.first_event_time(&key))
+                && first + chrono::Duration::seconds(HISTORY_SLACK_SECONDS) < prev
+            {
+                other_history = Some(format!(
+                    "binlog {next} began at {} although {} before it ended at {}: {next} and the files after it belong to another binlog history (RESET MASTER, or a server rebuilt under the same identity)",
+                    crate::timespec::show(first),
+                    files.last().map_or("the file", |f: &String| f.as_str()),
+                    crate::timespec::show(prev)
+                ));
+                break;
+            }
             if let Some(m) = self.binlogs.get(&key) {
                 files.push(m.name.clone());
                 end_time = Some(m.end_time());
+                last_event = m.last_event_time.or(last_event);
                 streamed = false;
             } else if let Some(s) = self.streamed.get(&key) {
                 // Streamed but not archived complete yet: the file being written, or one
                 // whose rotation the stream stored before the shipper archived it.
                 files.push(s.name.clone());
                 end_time = Some(s.end_time());
+                last_event = s.last_event_time().or(last_event);
                 streamed = true;
                 if !s.ended() {
                     cut = Some((s.name.clone(), s.end()));
@@ -460,16 +488,17 @@ impl MysqlCatalog {
             }
             next = next.next();
         }
-        let later_exists = self
-            .binlogs
-            .range((next.base.clone(), next.seq)..)
-            .next()
-            .is_some_and(|((base, _), _)| *base == next.base)
-            || self
-                .streamed
+        let later_exists = other_history.is_none()
+            && (self
+                .binlogs
                 .range((next.base.clone(), next.seq)..)
                 .next()
-                .is_some_and(|((base, _), _)| *base == next.base);
+                .is_some_and(|((base, _), _)| *base == next.base)
+                || self
+                    .streamed
+                    .range((next.base.clone(), next.seq)..)
+                    .next()
+                    .is_some_and(|((base, _), _)| *base == next.base));
         // Past a file cut short, its missing rest is the first thing missing.
         let (gap, gap_file) = match (later_exists, cut) {
             (false, _) => (None, None),
@@ -482,6 +511,20 @@ impl MysqlCatalog {
             gap,
             gap_file,
             streamed,
+            other_history,
+        }
+    }
+
+    /// The first event time of a binlog, archived or streamed.
+    fn first_event_time(&self, key: &(String, u64)) -> Option<DateTime<Utc>> {
+        match self.binlogs.get(key) {
+            Some(m) => m.first_event_time,
+            None => self
+                .streamed
+                .get(key)
+                .and_then(|s| s.parts.first())
+                .filter(|p| p.from == 0)
+                .and_then(|p| p.first_event_time),
         }
     }
 

@@ -757,6 +757,55 @@ fn binlog_push_is_idempotent_and_refuses_different_content() {
     ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
 }
 
+/// A server whose binlog names started again (RESET MASTER here; a server rebuilt under the
+/// same hostname and server_id alike) after `prune` took the old history's first files: its
+/// new first file is not archived, since a restore would run on from it into the old
+/// history's later files (before: it was, and `--latest` replayed the old rows on top).
+#[test]
+fn binlogs_whose_names_started_again_are_not_archived_into_the_old_history() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY)",
+    );
+    for i in 1..=3 {
+        sql(&db, &format!("INSERT INTO app.t VALUES ({i})"));
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    let url = db.url();
+    ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
+    let first = db.sql(None, "SHOW BINARY LOGS").unwrap();
+    let first = first.lines().next().unwrap().split('\t').next().unwrap();
+    // The old history ended an hour ago, as far as the archive can tell, and prune took its
+    // first file.
+    let dir = server_dir(&repo).join("binlog");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let mut meta: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            for field in ["first_event_time", "last_event_time"] {
+                let at: DateTime<Utc> = meta[field].as_str().unwrap().parse().unwrap();
+                meta[field] = serde_json::json!(at - chrono::Duration::hours(1));
+            }
+            std::fs::write(&path, serde_json::to_vec(&meta).unwrap()).unwrap();
+        }
+    }
+    for ext in ["zst", "json"] {
+        std::fs::remove_file(dir.join(format!("{first}.{ext}"))).unwrap();
+    }
+    db.sql(None, "RESET MASTER").unwrap();
+    sql(&db, "INSERT INTO app.t VALUES (10)");
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+
+    let out = agent(&repo, Some(&url), None, &["binlog-push"]);
+    let err = refused(&out, &format!("refusing to archive binlog {first}"));
+    assert!(err.contains("names started again"), "{err}");
+    assert!(!dir.join(format!("{first}.json")).exists());
+    assert!(!dir.join(format!("{first}.zst")).exists());
+}
+
 /// A binlog scan of a real server's files finds the same events mariadb-binlog prints.
 #[test]
 fn binlog_push_records_event_times() {
