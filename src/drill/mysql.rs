@@ -134,7 +134,14 @@ impl DrillServer {
     ) -> anyhow::Result<DrillServer> {
         let flavor = plan.dump.flavor;
         let programs = Programs::find(&cfg.mysql, flavor)?;
-        let server = ScratchServer::start(&cfg.mysql, dir, Listen::SocketOnly, flavor).await?;
+        let server = ScratchServer::start(
+            &cfg.mysql,
+            dir,
+            Listen::SocketOnly,
+            flavor,
+            plan.dump.time_zone.as_ref(),
+        )
+        .await?;
         let drill = DrillServer {
             plan,
             cat,

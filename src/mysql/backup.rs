@@ -81,6 +81,7 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
     let server = Server::connect(&cfg.mysql, conn).await?;
     server.require_binlog()?;
     let databases = server.user_databases().await?;
+    let time_zone = server.time_zone().await?;
     if databases.is_empty() {
         return Err(input_err!(
             "{} holds no databases besides the system ones: there is nothing to dump",
@@ -187,6 +188,7 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         data,
         databases: dumped_databases(&databases, &facts),
         dbagent_version: env!("CARGO_PKG_VERSION").to_string(),
+        time_zone: Some(time_zone),
     };
     crate::repo::write_manifest(
         store.as_ref(),

@@ -131,6 +131,21 @@ pub async fn restore(
     needed.sort();
     needed.dedup();
     crate::pipeline::check_readable(store.as_ref(), &needed).await?;
+    if let (Destination::Existing(server), Some(tz)) = (&dest, &plan.dump.time_zone)
+        && !plan.binlogs.is_empty()
+        && !tz.binlog_format.eq_ignore_ascii_case("ROW")
+    {
+        // An existing server keeps its own clock: say so when it differs.
+        let theirs = server.time_zone().await?;
+        if theirs.system_offset_seconds != tz.system_offset_seconds {
+            tracing::warn!(
+                dumped = %format!("{} (UTC{:+}s)", tz.system, tz.system_offset_seconds),
+                target = %format!("{} (UTC{:+}s)", theirs.system, theirs.system_offset_seconds),
+                binlog_format = %tz.binlog_format,
+                "the target server's SYSTEM time zone is not the dumped server's: binlog events logged as statements put NOW() into DATETIME columns in the target's zone; start it with the dumped server's TZ, or restore with --target-dir"
+            );
+        }
+    }
     eprintln!("{}", report.plan);
 
     let started = Instant::now();
@@ -162,8 +177,14 @@ pub async fn restore(
                     true => (dir.join(".dbagent-restore"), Listen::SocketOnly),
                     false => (dir.clone(), Listen::Tcp(opts.port)),
                 };
-                let server =
-                    ScratchServer::start(&cfg.mysql, &scratch, listen, plan.dump.flavor).await?;
+                let server = ScratchServer::start(
+                    &cfg.mysql,
+                    &scratch,
+                    listen,
+                    plan.dump.flavor,
+                    plan.dump.time_zone.as_ref(),
+                )
+                .await?;
                 let programs = Programs::find(&cfg.mysql, plan.dump.flavor)?;
                 let work = WorkDir::inside(&scratch)?;
                 let conn = server.conn();

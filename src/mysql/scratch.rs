@@ -17,8 +17,9 @@ use serde::Serialize;
 use super::client;
 use super::conn::MysqlConn;
 use crate::config::MysqlConfig;
+use crate::input_err;
 use crate::proc::Program;
-use crate::repo::mysql::Flavor;
+use crate::repo::mysql::{Flavor, ServerTimeZone};
 
 /// How long a freshly initialised scratch server may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -113,21 +114,76 @@ pub struct ScratchServer {
     server_program: PathBuf,
     /// Root's password once `lock_root` set it.
     root_password: Option<String>,
+    /// The server's `TZ`: the dumped server's `SYSTEM` zone (binlog events logged as
+    /// statements evaluate `NOW()` in it), never this process's.
+    tz: String,
+    /// The dumped server's named global zone, once the time zone tables are loaded.
+    zone: Option<String>,
 }
 
 impl ScratchServer {
     /// Initialises a server of `flavor` in `dir` (absent or empty) and starts it; `port` or a
     /// free one. On failure, whatever was started is stopped.
+    /// `time_zone` is the dumped server's: this one runs in its `SYSTEM` offset (UTC for a
+    /// dump that did not record it) and, when its global zone is a named one, gets the time
+    /// zone tables and that zone.
     pub async fn start(
         cfg: &MysqlConfig,
         dir: &Path,
         listen: Listen,
         flavor: Flavor,
+        time_zone: Option<&ServerTimeZone>,
     ) -> anyhow::Result<ScratchServer> {
         let programs = ServerPrograms::find(cfg, flavor)?;
         let mut server = Self::init(dir, listen, flavor, &programs).await?;
+        server.tz = time_zone.map_or("UTC".into(), ServerTimeZone::posix_tz);
         server.run(&programs).await?;
+        if let Some(tz) = time_zone.filter(|tz| tz.named()) {
+            server.load_time_zones(cfg, &tz.global).await?;
+            server.zone = Some(tz.global.clone());
+        }
         Ok(server)
+    }
+
+    /// Loads the system's zoneinfo into the server's time zone tables and makes `zone` its
+    /// global zone, as on the dumped server (binlog events name it).
+    async fn load_time_zones(&self, cfg: &MysqlConfig, zone: &str) -> anyhow::Result<()> {
+        let tzinfo =
+            super::client::program(cfg, &["mariadb-tzinfo-to-sql", "mysql_tzinfo_to_sql"])?;
+        let client = super::client::program(cfg, &["mariadb", "mysql"])?;
+        let conn = self.conn();
+        let options = conn.options_file()?;
+        Program::new(&tzinfo)
+            .arg("/usr/share/zoneinfo")
+            .run()
+            .pipe_into(
+                Program::new(&client)
+                    .arg(options.arg())
+                    .arg("mysql")
+                    .run()
+                    .on_failure(|exit| {
+                        anyhow::anyhow!(
+                            "loading the time zone tables into the restored server failed: {}",
+                            exit.telling_line()
+                        )
+                    }),
+            )
+            .await?;
+        let mut session = conn.connect().await?;
+        let set = mysql_async::prelude::Queryable::query_drop(
+            &mut session,
+            format!(
+                "SET GLOBAL time_zone = '{}'",
+                zone.replace('\\', "\\\\").replace('\'', "''")
+            ),
+        )
+        .await;
+        let _ = session.disconnect().await;
+        set.map_err(|e| {
+            input_err!(
+                "the dumped server's time zone {zone:?} is not in this system's zoneinfo ({e}): install tzdata where dbagent runs"
+            )
+        })
     }
 
     /// Its root account over the private socket.
@@ -159,6 +215,15 @@ impl ScratchServer {
             // SAFETY: geteuid has no preconditions.
             unsafe { libc::geteuid() } == 0,
         );
+        // The dumped server's named zone outlives a restart.
+        let cnf_text = match &self.zone {
+            Some(zone) => cnf_text.replacen(
+                "[mysqld]\n",
+                &format!("[mysqld]\ndefault-time-zone={zone}\n"),
+                1,
+            ),
+            None => cnf_text,
+        };
         let password = self
             .lock_root(
                 &password_file,
@@ -396,6 +461,8 @@ impl ScratchServer {
             tcp: matches!(listen, Listen::Tcp(_)),
             server_program: programs.server.clone(),
             root_password: None,
+            tz: "UTC".into(),
+            zone: None,
         })
     }
 
@@ -403,6 +470,7 @@ impl ScratchServer {
     async fn run(&mut self, programs: &ServerPrograms) -> anyhow::Result<()> {
         // Its own process group: the server outlives this command and a ^C to it.
         let child = Program::new(&programs.server)
+            .env("TZ", &self.tz)
             .arg(format!("--defaults-file={}", self.cnf.display()))
             .current_dir(&self.dir)
             .spawn_server(&self.dir.join("server.out"))?;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use anyhow::Context;
 use mysql_async::prelude::Queryable;
 
 use super::client::Programs;
@@ -70,6 +71,28 @@ impl Server {
         let rows = session.query(sql).await;
         let _ = session.disconnect().await;
         rows.map_err(|e| self.conn.query_error(e))
+    }
+
+    /// What the server's clock means: its zones, and the binlog format that decides whether
+    /// replay depends on them.
+    pub async fn time_zone(&self) -> anyhow::Result<crate::repo::mysql::ServerTimeZone> {
+        let rows: Vec<(String, String, i64, String)> = self
+            .query(
+                "SELECT @@global.time_zone, @@system_time_zone, \
+                 TIMESTAMPDIFF(SECOND, UTC_TIMESTAMP(), CONVERT_TZ(UTC_TIMESTAMP(), '+00:00', 'SYSTEM')), \
+                 @@global.binlog_format",
+            )
+            .await?;
+        let (global, system, system_offset_seconds, binlog_format) = rows
+            .into_iter()
+            .next()
+            .context("the server did not say its time zone")?;
+        Ok(crate::repo::mysql::ServerTimeZone {
+            global,
+            system,
+            system_offset_seconds,
+            binlog_format,
+        })
     }
 
     /// `SHOW BINARY LOGS`: every binlog file the server keeps, oldest first, with its size.

@@ -153,6 +153,45 @@ pub struct MysqlDump {
     pub data: ObjectRef,
     pub databases: Vec<DumpedDatabase>,
     pub dbagent_version: String,
+    /// The server's time zones when the dump was taken (dumps before 0.1 lack them): binlog
+    /// events logged as statements (`binlog_format` MIXED or STATEMENT) evaluate `NOW()`
+    /// into DATETIME columns, and name a session's time zone, in the replaying server's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<ServerTimeZone>,
+}
+
+/// What a server's clock means: its `SYSTEM` zone (its process's `TZ`) and global zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerTimeZone {
+    /// `@@global.time_zone`: `SYSTEM`, an offset (`+09:00`) or a named zone (`Asia/Tokyo`,
+    /// which needs the server's time zone tables).
+    pub global: String,
+    /// `@@system_time_zone`: the abbreviation of the server's `TZ` (`JST`, `UTC`).
+    pub system: String,
+    /// The `SYSTEM` zone's offset from UTC when the dump was taken, in seconds.
+    pub system_offset_seconds: i64,
+    /// `@@global.binlog_format`.
+    pub binlog_format: String,
+}
+
+impl ServerTimeZone {
+    /// A `TZ` value for a server that replays this one's binlogs: UTC, or the dump's fixed
+    /// offset (POSIX `<+0900>-09:00`; a zone with daylight saving time is replayed at the
+    /// offset it had when the dump was taken).
+    pub fn posix_tz(&self) -> String {
+        let off = self.system_offset_seconds;
+        if off == 0 {
+            return "UTC".into();
+        }
+        let (sign, inverse) = if off > 0 { ('+', '-') } else { ('-', '+') };
+        let (h, m) = (off.abs() / 3600, off.abs() % 3600 / 60);
+        format!("<{sign}{h:02}{m:02}>{inverse}{h:02}:{m:02}")
+    }
+
+    /// The global zone is a named one: replay needs the time zone tables.
+    pub fn named(&self) -> bool {
+        !self.global.eq_ignore_ascii_case("SYSTEM") && !self.global.starts_with(['+', '-'])
+    }
 }
 
 impl MysqlDump {
@@ -680,6 +719,7 @@ pub(crate) mod tests {
             },
             databases: vec![],
             dbagent_version: "test".into(),
+            time_zone: None,
         }
     }
 
@@ -714,6 +754,25 @@ pub(crate) mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_replaying_server_runs_in_the_dump_s_offset() {
+        let tz = |off| ServerTimeZone {
+            global: "SYSTEM".into(),
+            system: "X".into(),
+            system_offset_seconds: off,
+            binlog_format: "MIXED".into(),
+        };
+        assert_eq!(tz(0).posix_tz(), "UTC");
+        assert_eq!(tz(9 * 3600).posix_tz(), "<+0900>-09:00");
+        assert_eq!(tz(-(3 * 3600 + 1800)).posix_tz(), "<-0330>+03:30");
+        assert!(!tz(0).named());
+        let mut named = tz(0);
+        named.global = "Asia/Tokyo".into();
+        assert!(named.named());
+        named.global = "+09:00".into();
+        assert!(!named.named());
     }
 
     #[test]

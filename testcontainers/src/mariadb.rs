@@ -43,6 +43,7 @@ pub fn mariadb_bin(name: &str) -> Result<PathBuf> {
 pub struct MariaDbBuilder {
     server_id: u32,
     settings: Vec<(String, String)>,
+    env: Vec<(String, String)>,
     tls_only: bool,
 }
 
@@ -51,6 +52,7 @@ impl Default for MariaDbBuilder {
         Self {
             server_id: 1,
             settings: Vec::new(),
+            env: Vec::new(),
             tls_only: false,
         }
     }
@@ -71,6 +73,12 @@ impl MariaDbBuilder {
     /// mariadbd as `--key=value`, after the defaults, so it wins).
     pub fn setting(mut self, key: &str, value: &str) -> Self {
         self.settings.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// An environment variable of the server process (`TZ`: its `SYSTEM` time zone).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -141,6 +149,7 @@ impl MariaDbBuilder {
             port: free_port(),
             server_id: self.server_id,
             settings,
+            env: self.env,
             ca,
         };
         db.launch()?;
@@ -161,6 +170,7 @@ pub struct MariaDb {
     port: u16,
     server_id: u32,
     settings: Vec<(String, String)>,
+    env: Vec<(String, String)>,
     /// The CA of a TLS-only server.
     ca: Option<PathBuf>,
 }
@@ -211,6 +221,36 @@ impl MariaDb {
         cmd.arg("-e").arg(sql);
         let out = run(&mut cmd, &format!("mariadb on port {}", self.port))?;
         Ok(out.trim().to_string())
+    }
+
+    /// Loads the system's zoneinfo into the server's time zone tables, so that named zones
+    /// (`SET GLOBAL time_zone = 'Asia/Tokyo'`) work.
+    pub fn load_time_zones(&self) -> Result<()> {
+        let mut tzinfo = Command::new(mariadb_bin("mariadb-tzinfo-to-sql")?)
+            .arg("/usr/share/zoneinfo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning mariadb-tzinfo-to-sql")?;
+        let mut cmd = self.client("mariadb")?;
+        cmd.arg("mysql").stdin(
+            tzinfo
+                .stdout
+                .take()
+                .context("mariadb-tzinfo-to-sql's output")?,
+        );
+        let loaded = cmd.output().context("running mariadb")?;
+        let status = tzinfo.wait()?;
+        if !loaded.status.success() {
+            bail!(
+                "loading the time zone tables failed: {}",
+                String::from_utf8_lossy(&loaded.stderr)
+            );
+        }
+        if !status.success() {
+            bail!("mariadb-tzinfo-to-sql failed: {status}");
+        }
+        Ok(())
     }
 
     /// Whether the server process is alive.
@@ -334,6 +374,7 @@ impl MariaDb {
         for (k, v) in &self.settings {
             cmd.arg(format!("--{k}={v}"));
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
