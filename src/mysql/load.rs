@@ -68,17 +68,42 @@ pub async fn replay_binlogs(
     conn: &MysqlConn,
     work: &Path,
 ) -> anyhow::Result<()> {
+    let files = fetch_binlogs(store, cat, plan, work).await?;
+    replay_files(plan, programs, conn, &files).await
+}
+
+/// Downloads the plan's binlogs into `work`, each verified: before a dump is loaded, a
+/// binlog that cannot be read (damaged, a key missing, `work` too small) fails the restore
+/// while the target is still untouched, not hours into it.
+pub async fn fetch_binlogs(
+    store: &dyn Store,
+    cat: &MysqlCatalog,
+    plan: &MysqlPlan,
+    work: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
     if plan.binlogs.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     tracing::info!(files = plan.binlogs.len(), "downloading binlogs");
-    let files = download_binlogs(store, cat, plan, work).await?;
+    download_binlogs(store, cat, plan, work).await
+}
+
+/// Replays binlogs fetched with `fetch_binlogs` through one client connection.
+pub async fn replay_files(
+    plan: &MysqlPlan,
+    programs: &Programs,
+    conn: &MysqlConn,
+    files: &[PathBuf],
+) -> anyhow::Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
     tracing::info!(
         from = %plan.dump.binlog,
         stop = ?plan.stop_datetime,
         "replaying binlogs"
     );
-    replay(plan, programs, conn, &files).await
+    replay(plan, programs, conn, files).await
 }
 
 /// Streams the dump from the repository into the client, verifying its checksum.

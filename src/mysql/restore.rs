@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::MysqlRestoreOptions;
 use super::client::Programs;
 use super::conn::MysqlConn;
-use super::load::{WorkDir, load_dump, replay_binlogs};
+use super::load::{WorkDir, fetch_binlogs, load_dump, replay_files};
 use super::plan::{MysqlPlan, plan_mysql};
 use super::scratch::{Listen, RunningServer, ScratchServer, ServerPrograms};
 use super::server::Server;
@@ -156,9 +156,13 @@ pub async fn restore(
             Destination::Existing(server) => {
                 let work = WorkDir::temp()?;
                 let (programs, conn) = (&server.programs, &server.conn);
+                // Every binlog is fetched and verified while the server is still untouched.
+                let binlogs = fetch_binlogs(store.as_ref(), &cat, &plan, work.path())
+                    .await
+                    .context("nothing was loaded into the target server")?;
                 async {
                     load_dump(store.as_ref(), &plan, programs, conn).await?;
-                    replay_binlogs(store.as_ref(), &cat, &plan, programs, conn, work.path()).await
+                    replay_files(&plan, programs, conn, &binlogs).await
                 }
                 .await
                 .map_err(|e: anyhow::Error| {
@@ -189,8 +193,9 @@ pub async fn restore(
                 let work = WorkDir::inside(&scratch)?;
                 let conn = server.conn();
                 async {
+                    let binlogs = fetch_binlogs(store.as_ref(), &cat, &plan, work.path()).await?;
                     load_dump(store.as_ref(), &plan, &programs, &conn).await?;
-                    replay_binlogs(store.as_ref(), &cat, &plan, &programs, &conn, work.path()).await
+                    replay_files(&plan, &programs, &conn, &binlogs).await
                 }
                 .await
                 .map_err(|e: anyhow::Error| {

@@ -1496,6 +1496,38 @@ fn a_freshly_initialised_server_is_an_empty_restore_target() {
         ),
         "0"
     );
+
+    // A damaged binlog is found before the dump is loaded: the server stays empty (before:
+    // found after the load, which can take hours, leaving a half-restored server).
+    sql(&source, "INSERT INTO shop.t VALUES (3)");
+    source.sql(None, "FLUSH BINARY LOGS").unwrap();
+    ok(&agent(&repo, Some(&source.url()), None, &["binlog-push"]));
+    let binlogs = server_dir(&repo).join("binlog");
+    let damaged = std::fs::read_dir(&binlogs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "zst"))
+        .max()
+        .unwrap();
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5A;
+    std::fs::write(&damaged, &bytes).unwrap();
+    let empty = MariaDbBuilder::new().start().unwrap();
+    let out = restore(&empty);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("nothing was loaded into the target server"),
+        "{err}"
+    );
+    assert_eq!(
+        sql(
+            &empty,
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'shop'"
+        ),
+        "0"
+    );
 }
 
 /// A session holding a lock the dump needs (here `LOCK TABLES … WRITE`; a long query does the
