@@ -83,7 +83,7 @@ impl PrunePlan {
         }
         if !self.delete_incomplete.is_empty() {
             out.push_str(&format!(
-                "  delete {} object(s) of incomplete backups\n",
+                "  delete {} object(s) of incomplete backups and dumps\n",
                 self.delete_incomplete.len()
             ));
         }
@@ -233,9 +233,20 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
         let mut plan = plan(&cat, &objects, Utc::now(), &cfg.retention);
         let dumps = crate::repo::dump::load(store, sysid).await?;
         plan_dumps(&mut plan, &dumps, Utc::now(), &cfg.retention);
+        // A dump set killed before its manifest: its objects, once old enough to be dead.
+        plan.delete_incomplete.extend(incomplete_dumps(
+            &objects,
+            &crate::repo::dump::dumps_prefix(sysid),
+            dumps.iter().map(|d| d.id.as_str()),
+            before(Utc::now(), cfg.retention.incomplete_after),
+        ));
         let deleted = match dry_run || plan.is_empty() {
             true => None,
-            false => Some(execute(store, &plan).await?),
+            false => {
+                // The plan first: a delete that fails part-way leaves a record of the rest.
+                eprint!("{}", plan.describe());
+                Some(execute(store, &plan).await?)
+            }
         };
         out.push(Pruned { plan, deleted });
     }
@@ -247,10 +258,20 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
     let mut mysql = Vec::new();
     for uuid in servers {
         let cat = crate::repo::mysql::MysqlCatalog::load(store, &uuid).await?;
-        let plan = plan_mysql(&cat, Utc::now(), &cfg.retention);
+        let mut plan = plan_mysql(&cat, Utc::now(), &cfg.retention);
+        let prefix = crate::repo::mysql::dumps_prefix(&uuid);
+        plan.delete_incomplete = incomplete_dumps(
+            &store.list(&prefix).await?,
+            &prefix,
+            cat.dumps.iter().map(|d| d.id.as_str()),
+            before(Utc::now(), cfg.retention.incomplete_after),
+        );
         let deleted = match dry_run || plan.is_empty() {
             true => None,
-            false => Some(execute_mysql(store, &plan).await?),
+            false => {
+                eprint!("{}", plan.describe());
+                Some(execute_mysql(store, &plan).await?)
+            }
         };
         mysql.push(MysqlPruned { plan, deleted });
         let mut keys = cat.superseded_parts;
@@ -287,6 +308,36 @@ pub fn before(now: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
         .ok()
         .and_then(|d| now.checked_sub_signed(d))
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// The objects of dumps under `prefix` (`<prefix><id>/…`) that have no manifest (`complete`
+/// names the ones that do) and whose objects are all older than `running_since`: a dump
+/// killed (SIGKILL, OOM) before it wrote its manifest, which no restore can use.
+fn incomplete_dumps<'a>(
+    objects: &[ObjectInfo],
+    prefix: &str,
+    complete: impl Iterator<Item = &'a str>,
+    running_since: DateTime<Utc>,
+) -> Vec<String> {
+    let complete: BTreeSet<&str> = complete.collect();
+    let mut by_id: BTreeMap<&str, Vec<&ObjectInfo>> = BTreeMap::new();
+    for o in objects {
+        if let Some(id) = o
+            .key
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(id, _)| id)
+        {
+            by_id.entry(id).or_default().push(o);
+        }
+    }
+    by_id
+        .into_iter()
+        .filter(|(id, objs)| {
+            !complete.contains(id) && objs.iter().all(|o| o.last_modified < running_since)
+        })
+        .flat_map(|(_, objs)| objs.into_iter().map(|o| o.key.clone()))
+        .collect()
 }
 
 /// Which of a series of backups (or dumps), oldest first with the time each restores from,
@@ -331,11 +382,15 @@ pub struct MysqlPrunePlan {
     pub binlog_floor: Option<String>,
     /// Binlog objects, each file's description before its data.
     pub delete_binlogs: Vec<String>,
+    /// Objects of dumps killed before their manifest, older than `incomplete_after`.
+    pub delete_incomplete: Vec<String>,
 }
 
 impl MysqlPrunePlan {
     pub fn is_empty(&self) -> bool {
-        self.delete_dumps.is_empty() && self.delete_binlogs.is_empty()
+        self.delete_dumps.is_empty()
+            && self.delete_binlogs.is_empty()
+            && self.delete_incomplete.is_empty()
     }
 
     pub fn describe(&self) -> String {
@@ -351,6 +406,12 @@ impl MysqlPrunePlan {
                 out.push_str(&format!("  delete {n} binlog object(s) before {floor}\n"))
             }
             _ => out.push_str("  delete no binlogs\n"),
+        }
+        if !self.delete_incomplete.is_empty() {
+            out.push_str(&format!(
+                "  delete {} object(s) of incomplete dumps\n",
+                self.delete_incomplete.len()
+            ));
         }
         out
     }
@@ -431,6 +492,7 @@ pub fn plan_mysql(
         delete_dumps,
         binlog_floor,
         delete_binlogs,
+        delete_incomplete: Vec::new(),
     }
 }
 
@@ -443,6 +505,7 @@ async fn execute_mysql(store: &dyn Store, plan: &MysqlPrunePlan) -> anyhow::Resu
         .iter()
         .flat_map(|(_, keys)| keys)
         .chain(&plan.delete_binlogs)
+        .chain(&plan.delete_incomplete)
     {
         store.delete(key).await?;
         n += 1;
@@ -656,11 +719,11 @@ pub fn plan_dumps(
     policy: &RetentionConfig,
 ) {
     let sysid = plan.system_identifier;
-    let keep = keep_by_time(
-        dumps.iter().map(|d| (d.id.as_str(), d.stop_time)),
-        now,
-        policy,
-    );
+    // By the time each set restores from, which the keep rule reads as oldest first (the
+    // sets are listed by start time, and two can overlap).
+    let mut by_stop: Vec<_> = dumps.iter().map(|d| (d.id.as_str(), d.stop_time)).collect();
+    by_stop.sort_by_key(|&(id, t)| (t, id));
+    let keep = keep_by_time(by_stop.into_iter(), now, policy);
     plan.delete_dumps = dumps
         .iter()
         .filter(|d| !keep.contains_key(&d.id))
@@ -703,6 +766,33 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_dump_without_its_manifest_goes_once_it_cannot_be_running() {
+        let at = |key: &str, t: &str| ObjectInfo {
+            key: key.into(),
+            size: 1,
+            last_modified: crate::repo::catalog::tests::t(t),
+        };
+        let objects = [
+            at("pg/1/dumps/a/globals.sql.zst", "00:01:00"),
+            at("pg/1/dumps/a/dump.json", "00:02:00"),
+            at("pg/1/dumps/b/globals.sql.zst", "00:01:00"),
+            at("pg/1/dumps/b/shop.pgdump.zst", "00:02:00"),
+            at("pg/1/dumps/c/globals.sql.zst", "00:01:00"),
+            at("pg/1/dumps/c/shop.pgdump.zst", "00:09:00"),
+        ];
+        let since = crate::repo::catalog::tests::t("00:05:00");
+        let gone = incomplete_dumps(&objects, "pg/1/dumps/", ["a"].into_iter(), since);
+        // `a` is complete; `c` may still be writing.
+        assert_eq!(
+            gone,
+            [
+                "pg/1/dumps/b/globals.sql.zst",
+                "pg/1/dumps/b/shop.pgdump.zst"
+            ]
+        );
+    }
 
     #[test]
     fn mysql_dumps_follow_the_backup_rules_and_binlogs_stay_from_the_oldest_kept_dump() {

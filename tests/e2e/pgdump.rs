@@ -492,6 +492,45 @@ fn verify_checks_pg_dumps_and_prune_keeps_the_newest() {
             .exists()
     );
     ok(&dbagent(&repo, None, &["verify", "--full"]));
+
+    // What a dump killed before its manifest leaves (SIGKILL, OOM): kept while it may still
+    // be running, removed after `retention.incomplete_after` (before: never, billed forever).
+    let killed = pg_dir.join("dumps").join("20990101T000000Z-dead");
+    std::fs::create_dir(&killed).unwrap();
+    std::fs::copy(
+        pg_dir.join("dumps").join(&ids[1]).join("globals.sql.zst"),
+        killed.join("globals.sql.zst"),
+    )
+    .unwrap();
+    // Owned as the dump's writer (the repository's owner) would own them.
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(&pg_dir).unwrap();
+    for path in [killed.clone(), killed.join("globals.sql.zst")] {
+        std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
+    }
+    ok(&prune.output().unwrap());
+    assert!(killed.join("globals.sql.zst").exists());
+    let mut prune = dbagent_cmd(&repo, None, &["prune"]);
+    prune
+        .envs(policy)
+        .env("DBAGENT_RETENTION_INCOMPLETE_AFTER", "0s");
+    let out = prune.output().unwrap();
+    let text = ok(&out);
+    assert!(!killed.join("globals.sql.zst").exists(), "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("1 object(s) of incomplete backups and dumps"),
+        "the plan goes to stderr before anything is deleted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        pg_dir
+            .join("dumps")
+            .join(&ids[1])
+            .join("dump.json")
+            .exists()
+    );
+    ok(&dbagent(&repo, None, &["verify", "--full"]));
 }
 
 /// A database named like an option is dumped and restored as a database: its name reaches
