@@ -352,6 +352,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         return crate::restore::recovery::recovery_end(Path::new("."));
     }
     let cfg = Config::load(&flags, &ProcessEnv)?;
+    for (var, near) in crate::config::keys::unknown_variables(
+        std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
+    ) {
+        tracing::warn!(
+            "{var} is set but dbagent reads no such variable: it has no effect{}",
+            near.map_or(String::new(), |n| format!(" (did you mean {n}?)"))
+        );
+    }
     let store = || crate::storage::open(&cfg);
     // A writer the repository refuses (encryption keys) stops before it starts work; the
     // pipeline asks again before every write.

@@ -237,6 +237,50 @@ pub const ENVIRONMENT_ONLY: &[&str] = &[
     "DBAGENT_NO_INIT",
 ];
 
+/// The `DBAGENT_*` variables among `names` that no key reads (a misspelling would otherwise be
+/// ignored without a word), each with the known variable it is closest to, if one is close.
+/// `DBAGENT_TEST_*` are the test suite's own knobs.
+pub fn unknown_variables(names: impl Iterator<Item = String>) -> Vec<(String, Option<String>)> {
+    let known: Vec<String> = KEYS
+        .iter()
+        .flat_map(|k| k.vars())
+        .chain(ENVIRONMENT_ONLY.iter().map(|v| v.to_string()))
+        .collect();
+    let mut out: Vec<(String, Option<String>)> = names
+        .filter(|n| n.starts_with("DBAGENT_") && !n.starts_with("DBAGENT_TEST_"))
+        .filter(|n| !known.contains(n))
+        .map(|n| {
+            let near = known
+                .iter()
+                .map(|k| (edit_distance(&n, k), k))
+                .filter(|(d, _)| *d <= 3)
+                .min()
+                .map(|(_, k)| k.clone());
+            (n, near)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Levenshtein distance over bytes (the names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diag + usize::from(ca != cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 pub fn key(name: &str) -> &'static Key {
     KEYS.iter()
         .find(|k| k.name == name)
@@ -592,6 +636,34 @@ fn check_float(key: &Key, origin: &str, shown: &str, f: f64) -> anyhow::Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_misspelled_variable_is_named_with_the_one_meant() {
+        let unknown = unknown_variables(
+            [
+                "DBAGENT_COMPRESION_LEVEL",
+                "DBAGENT_COMPRESSION_LEVEL",
+                "DBAGENT_REPO",
+                "DBAGENT_LOG_FORMAT",
+                "DBAGENT_TEST_WRITE_SECONDS",
+                "DBAGENT_SOMETHING_ELSE_ENTIRELY",
+                "HOME",
+            ]
+            .into_iter()
+            .map(String::from),
+        );
+        assert_eq!(
+            unknown,
+            [
+                (
+                    "DBAGENT_COMPRESION_LEVEL".to_string(),
+                    Some("DBAGENT_COMPRESSION_LEVEL".to_string())
+                ),
+                ("DBAGENT_SOMETHING_ELSE_ENTIRELY".to_string(), None),
+            ]
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 
     fn load_toml(text: &str) -> anyhow::Result<super::super::Config> {
         let file: toml::Table = toml::from_str(text).unwrap();

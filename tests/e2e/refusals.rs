@@ -250,6 +250,17 @@ fn bad_settings_get_one_line() {
         &["list", "--config", "/nonexistent/dbagent.toml"],
     );
     refused(&out, "cannot read config file");
+    // A misspelled variable has no effect: dbagent says so, naming the one meant.
+    let out = dbagent_cmd(&repo, None, &["list"])
+        .env("DBAGENT_COMPRESION_LEVEL", "19")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("DBAGENT_COMPRESION_LEVEL is set but dbagent reads no such variable")
+            && said.contains("did you mean DBAGENT_COMPRESSION_LEVEL?"),
+        "{said}"
+    );
 }
 
 /// A delta restore into the data directory of a running server is refused, touching nothing:

@@ -304,13 +304,13 @@ fn a_lost_node_is_restored_to_within_a_second() {
     node_loss(true, "stream-loss", Duration::from_secs(8));
 }
 
-/// The recovery point, measured: `DBAGENT_RPO_RUNS` node losses (default 1, so the suite
+/// The recovery point, measured: `DBAGENT_TEST_RPO_RUNS` node losses (default 1, so the suite
 /// checks that both modes restore without holes; bench/README gives the 7-run command) with
 /// streaming and without.
-/// `DBAGENT_RPO_RUNS=7 cargo test --test e2e -- stream::recovery_point_figures --nocapture`
+/// `DBAGENT_TEST_RPO_RUNS=7 cargo test --test e2e -- stream::recovery_point_figures --nocapture`
 #[test]
 fn recovery_point_figures() {
-    let runs: usize = std::env::var("DBAGENT_RPO_RUNS")
+    let runs: usize = std::env::var("DBAGENT_TEST_RPO_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
@@ -808,11 +808,11 @@ fn the_sidecar_of_a_server_restored_as_primary_streams_its_new_timeline() {
 
 /// The sidecar's CPU and memory while it streams a `pgbench` load flat out, and whether it
 /// keeps up (the slot's retained bytes stay bounded). The suite runs 5 s of load; the
-/// figures come from `DBAGENT_PGBENCH_SECONDS=30 cargo test --test e2e --
+/// figures come from `DBAGENT_TEST_PGBENCH_SECONDS=30 cargo test --test e2e --
 /// stream::sidecar_under_pgbench --nocapture`
 #[test]
 fn sidecar_under_pgbench() {
-    let secs: u64 = std::env::var("DBAGENT_PGBENCH_SECONDS")
+    let secs: u64 = std::env::var("DBAGENT_TEST_PGBENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
