@@ -561,14 +561,16 @@ pub fn plan(
     // The same rules over production's history alone: after a restore that branched below
     // newer backups (a bad change undone), those newer ones lie on the abandoned branch and
     // cannot restore production; the backup it was restored from can, and is kept for it.
+    // While a fork is unsettled (no branch is known to be production), each branch's own.
     let branches = cat.branches();
-    if let Some(tli) = branches.production {
-        let on_production = backups.iter().filter(|b| cat.backup_on(b, tli));
-        for (id, why) in keep_by_time(
-            on_production.map(|b| (b.id.as_str(), b.stop_time)),
-            now,
-            policy,
-        ) {
+    let lines: Vec<u32> = match branches.production {
+        Some(tli) => vec![tli],
+        None => branches.branches.iter().map(|b| b.timeline).collect(),
+    };
+    for tli in lines {
+        let on_branch = backups.iter().filter(|b| cat.backup_on(b, tli));
+        for (id, why) in keep_by_time(on_branch.map(|b| (b.id.as_str(), b.stop_time)), now, policy)
+        {
             keep.entry(id).or_insert(why);
         }
     }
@@ -1136,6 +1138,42 @@ mod tests {
             objects.push(object);
         }
         assert_eq!(cat.branches().production, Some(2));
+        let p = plan(&cat, &objects, t("03:00:00"), &policy(2));
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, ["z", "a1", "a2"], "{p:?}");
+        assert!(
+            !p.delete_wal.iter().any(|k| k.contains("/wal/00000002")),
+            "{:?}",
+            p.delete_wal
+        );
+    }
+
+    #[test]
+    fn an_unsettled_fork_keeps_what_each_branch_restores_from() {
+        use crate::repo::catalog::tests::add_timeline;
+        // As above, but timeline 1 archived on after timeline 2 began (the old primary kept
+        // running): which branch is production cannot be told, so each keeps its own.
+        let mut cat = catalog(
+            vec![
+                backup("z", 1, 1, "00:05:00"),
+                backup("a1", 4, 4, "00:20:00"),
+                backup("a2", 6, 6, "00:30:00"),
+            ],
+            &[1, 2, 3, 4, 5, 6],
+        );
+        add_timeline(&mut cat, 2, 1, 2 * SEG + 0x500, "00:40:00");
+        let mut objects = objects(&cat, &[]);
+        for (tli, n) in [(2, 2), (2, 3), (2, 4), (1, 7), (1, 8)] {
+            let seg = Segment { tli, segno: n };
+            let object = ObjectInfo {
+                key: format!("pg/1/wal/{}.zst", seg.name(SEG)),
+                size: 1,
+                last_modified: t("00:50:00"),
+            };
+            cat.segments.insert(seg, object.clone());
+            objects.push(object);
+        }
+        assert_eq!(cat.branches().production, None);
         let p = plan(&cat, &objects, t("03:00:00"), &policy(2));
         let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(kept, ["z", "a1", "a2"], "{p:?}");
