@@ -403,10 +403,10 @@ async fn describe(
 }
 
 /// Refuses to ship `name` when the archive already holds a later-named binlog of the same
-/// base that ended before `name` began: the server's names started again (RESET MASTER, or
+/// base created before `name` was: the server's names started again (RESET MASTER, or
 /// a server rebuilt under the same identity after `prune` took the old history's first
-/// files), and a restore would run from this history into the other one. A later name that
-/// is newer is this history's (a file `prune` took and the server still keeps).
+/// files), and a restore would run from this history into the other one. A later name
+/// created after it is this history's (`name` is a file `prune` took and the server keeps).
 async fn check_not_older_history(
     store: &dyn Store,
     uuid: &str,
@@ -432,12 +432,13 @@ async fn check_not_older_history(
     let what = format!("the description of binlog {later_name}");
     let meta: BinlogMeta =
         crate::repo::read_manifest(store, &keys::binlog_meta_key(uuid, &later_name), &what).await?;
+    // Creation times, each on the server's own clock (later events may carry a source's).
     let slack = chrono::Duration::seconds(crate::repo::mysql::HISTORY_SLACK_SECONDS);
-    match meta.last_event_time {
-        Some(ended) if ended + slack < began => Err(input_err!(
-            "refusing to archive binlog {name} (begun {}): the archive holds {later_name}, which ended earlier ({}), so the server's binlog names started again (RESET MASTER, or a server rebuilt under the same hostname and server_id) and a restore would run on from this history into the other. Give the server a new server_id (or a new repository prefix) and take a dump",
+    match meta.first_event_time {
+        Some(created) if created + slack < began => Err(input_err!(
+            "refusing to archive binlog {name} (created {}): the archive holds {later_name}, created earlier ({}), so the server's binlog names started again (RESET MASTER, or a server rebuilt under the same hostname and server_id) and a restore would run on from this history into the other. Give the server a new server_id (or a new repository prefix) and take a dump",
             crate::timespec::show(began),
-            crate::timespec::show(ended)
+            crate::timespec::show(created)
         )),
         _ => Ok(()),
     }

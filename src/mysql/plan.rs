@@ -234,7 +234,8 @@ mod tests {
     #[test]
     fn a_chain_stops_where_a_later_name_holds_an_older_history() {
         // A server rebuilt under the same identity after prune took the old history's first
-        // files: its binlog.000002..000003 (minutes 40..42) run on into the old 000004.
+        // files: its binlog.000002..000003 (created at minutes 40, 41) run on by name into the
+        // old 000004 (created at minute 3).
         let mut c = catalog(vec![dump("new", "binlog.000002", "00:40:30")], &[4, 5]);
         for n in [2u64, 3] {
             let mut m = crate::repo::mysql::tests::binlog(n);
@@ -247,7 +248,7 @@ mod tests {
         assert_eq!(chain.gap, None);
         let other = chain.other_history.unwrap();
         assert!(
-            other.starts_with("binlog binlog.000004 began at 2026-11-23T00:03:00Z"),
+            other.starts_with("binlog binlog.000004 was created at 2026-11-23T00:03:00Z"),
             "{other}"
         );
         let e = err(&c, Target::Latest);
@@ -267,7 +268,14 @@ mod tests {
         c.binlogs
             .get_mut(&("binlog".into(), 3))
             .unwrap()
-            .first_event_time = Some(t("00:01:00"));
+            .first_event_time = Some(t("00:00:30"));
+        assert_eq!(c.chain("binlog.000002").files.len(), 3);
+        // A replica whose source's clock runs an hour ahead: the copied events' times do
+        // not count, the files' creation times do.
+        c.binlogs
+            .get_mut(&("binlog".into(), 2))
+            .unwrap()
+            .last_event_time = Some(t("01:02:00"));
         assert_eq!(c.chain("binlog.000002").files.len(), 3);
     }
 

@@ -138,7 +138,10 @@ impl ScratchServer {
         let mut server = Self::init(dir, listen, flavor, &programs).await?;
         server.tz = time_zone.map_or("UTC".into(), ServerTimeZone::posix_tz);
         server.run(&programs).await?;
-        if let Some(tz) = time_zone.filter(|tz| tz.named()) {
+        // Row events carry their values: the tables matter only for statements.
+        if let Some(tz) =
+            time_zone.filter(|tz| tz.named() && !tz.binlog_format.eq_ignore_ascii_case("ROW"))
+        {
             server.load_time_zones(cfg, &tz.global).await?;
             server.zone = Some(tz.global.clone());
         }
@@ -148,9 +151,16 @@ impl ScratchServer {
     /// Loads the system's zoneinfo into the server's time zone tables and makes `zone` its
     /// global zone, as on the dumped server (binlog events name it).
     async fn load_time_zones(&self, cfg: &MysqlConfig, zone: &str) -> anyhow::Result<()> {
-        let tzinfo =
-            super::client::program(cfg, &["mariadb-tzinfo-to-sql", "mysql_tzinfo_to_sql"])?;
-        let client = super::client::program(cfg, &["mariadb", "mysql"])?;
+        // Each family's own: MariaDB's output does not load into MySQL 8.
+        let (tzinfo, client) = match self.flavor {
+            Flavor::Mariadb => (
+                &["mariadb-tzinfo-to-sql", "mysql_tzinfo_to_sql"][..],
+                &["mariadb", "mysql"][..],
+            ),
+            Flavor::Mysql => (&["mysql_tzinfo_to_sql"][..], &["mysql"][..]),
+        };
+        let tzinfo = super::client::program(cfg, tzinfo)?;
+        let client = super::client::program(cfg, client)?;
         let conn = self.conn();
         let options = conn.options_file()?;
         Program::new(&tzinfo)

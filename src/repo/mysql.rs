@@ -365,8 +365,8 @@ pub struct MysqlCatalog {
     pub superseded_parts: Vec<String>,
 }
 
-/// How far a binlog's first event may come before the previous file's last one, on a server
-/// whose clock was stepped back (NTP), before the two are taken for different histories.
+/// How far a binlog's creation may come before the previous file's, on a server whose clock
+/// was stepped back (NTP), before the two are taken for different histories.
 pub const HISTORY_SLACK_SECONDS: i64 = 300;
 
 /// How far the unbroken run of archived binlogs from a dump's position reaches.
@@ -488,34 +488,36 @@ impl MysqlCatalog {
         // A streamed file the chain stops in before its end: where its stored bytes end.
         let mut cut: Option<(String, u64)> = None;
         let mut other_history = None;
-        // The last event time read so far (not an upload time, which can be much later).
-        let mut last_event: Option<DateTime<Utc>> = None;
+        // The creation time of the last file with one.
+        let mut prev_first: Option<DateTime<Utc>> = None;
         loop {
             let key = (next.base.clone(), next.seq);
-            // A file begins after the one before it ended (its first event is its creation
-            // at the rotation), give or take a stepped clock.
-            if let (Some(prev), Some(first)) = (last_event, self.first_event_time(&key))
-                && first + chrono::Duration::seconds(HISTORY_SLACK_SECONDS) < prev
+            // A file is created after the one before it (its first event is written by the
+            // server itself at the rotation, on its own clock), give or take a stepped clock.
+            // Later events can carry other clocks (a replica's copies of its source's, SET
+            // TIMESTAMP), so creation times are what is compared.
+            let first = self.first_event_time(&key);
+            if let (Some(prev), Some(this)) = (prev_first, first)
+                && this + chrono::Duration::seconds(HISTORY_SLACK_SECONDS) < prev
             {
                 other_history = Some(format!(
-                    "binlog {next} began at {} although {} before it ended at {}: {next} and the files after it belong to another binlog history (RESET MASTER, or a server rebuilt under the same identity)",
-                    crate::timespec::show(first),
+                    "binlog {next} was created at {} although {}, before it, was created at {}: {next} and the files after it belong to another binlog history (RESET MASTER, or a server rebuilt under the same identity)",
+                    crate::timespec::show(this),
                     files.last().map_or("the file", |f: &String| f.as_str()),
                     crate::timespec::show(prev)
                 ));
                 break;
             }
+            prev_first = first.or(prev_first);
             if let Some(m) = self.binlogs.get(&key) {
                 files.push(m.name.clone());
                 end_time = Some(m.end_time());
-                last_event = m.last_event_time.or(last_event);
                 streamed = false;
             } else if let Some(s) = self.streamed.get(&key) {
                 // Streamed but not archived complete yet: the file being written, or one
                 // whose rotation the stream stored before the shipper archived it.
                 files.push(s.name.clone());
                 end_time = Some(s.end_time());
-                last_event = s.last_event_time().or(last_event);
                 streamed = true;
                 if !s.ended() {
                     cut = Some((s.name.clone(), s.end()));
