@@ -270,7 +270,7 @@ pub async fn restore_dump(
 
     let started = Instant::now();
     let roles = create_missing_roles(store.as_ref(), set, &client).await?;
-    let restored = async {
+    let created = async {
         let server_version: i32 = client
             .query_one("SELECT current_setting('server_version_num')::int", &[])
             .await?
@@ -287,36 +287,63 @@ pub async fn restore_dump(
                 server_version,
             ))
             .await
-            .with_context(|| format!("creating database {:?}", target.database))?;
-        restore_into(&pg_restore, store.as_ref(), db, &new_db).await?;
-        apply_settings(&new_db, &target.database, db).await
+            .with_context(|| format!("creating database {:?}", target.database))
     }
     .await;
-    if let Err(e) = restored {
-        // Everything this restore created goes again: the database, then the roles.
-        let _ = client
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {}",
-                quote_ident(&target.database)
-            ))
-            .await;
+    // Only what this restore created goes again: the database once CREATE DATABASE
+    // succeeded (one of that name created meanwhile by someone else stays), then the roles.
+    let restored = match created {
+        Err(e) => Err((e, None)),
+        Ok(()) => async {
+            restore_into(&pg_restore, store.as_ref(), db, &new_db).await?;
+            apply_settings(&new_db, &target.database, db).await
+        }
+        .await
+        .map_err(|e| (e, Some(target.database.as_str()))),
+    };
+    if let Err((e, database)) = restored {
+        let mut undone = Vec::new();
         let mut left = Vec::new();
+        if let Some(name) = database {
+            let dropped = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {}", quote_ident(name)))
+                .await;
+            match dropped {
+                Ok(()) => undone.push(format!("the new database {name:?} was dropped")),
+                Err(_) => left.push(format!("database {name:?}")),
+            }
+        }
+        let mut dropped_roles = Vec::new();
         for role in roles.iter().rev() {
             let dropped = client
                 .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(role)))
                 .await;
-            if dropped.is_err() {
-                left.push(role.as_str());
+            match dropped {
+                Ok(()) => dropped_roles.push(role.as_str()),
+                Err(_) => left.push(format!("role {role:?}")),
             }
         }
-        let roles_note = match (roles.len(), left.is_empty()) {
-            (0, _) => String::new(),
-            (_, true) => ", and the roles it created".into(),
-            (_, false) => format!("; roles it created and could not drop: {}", left.join(", ")),
+        if !dropped_roles.is_empty() {
+            undone.push(format!(
+                "the roles it created were dropped ({})",
+                dropped_roles.join(", ")
+            ));
+        }
+        if undone.is_empty() {
+            undone.push("nothing was created".into());
+        }
+        let left = match left.is_empty() {
+            true => String::new(),
+            false => format!(
+                "; drop by hand what it created and could not drop: {}",
+                left.join(", ")
+            ),
         };
         return Err(e.context(format!(
-            "restoring dump {} of {:?} failed (the new database was dropped{roles_note})",
-            set.id, db.name
+            "restoring dump {} of {:?} failed ({}{left})",
+            set.id,
+            db.name,
+            undone.join("; ")
         )));
     }
     report.created_roles = roles;
