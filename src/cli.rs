@@ -232,21 +232,19 @@ pub fn run() -> ExitCode {
     // PostgreSQL reads a restore_command's exit status up to 125 as "not archived" and ends
     // recovery there: `wal-fetch` fails with 126 whatever went wrong, even before it knows
     // its arguments (a binary replaced by one that does not take `--timeline`).
-    let fetch_args = std::env::args().any(|a| a == "wal-fetch");
+    let fetch_args = std::env::args_os().any(|a| a == "wal-fetch");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             let _ = e.print(); // --help, --version
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print(); // `dbagent` alone: the help, on stderr
+            return ExitCode::from(crate::error::EXIT_INPUT);
+        }
         Err(e) => {
-            // One line, as every other error: clap's first line, without its own prefix.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            eprintln!(
-                "dbagent: error: {}; see `dbagent help`",
-                first.strip_prefix("error: ").unwrap_or(first)
-            );
+            eprintln!("dbagent: error: {}", usage_line(&e.to_string()));
             return ExitCode::from(if fetch_args {
                 crate::error::EXIT_ABORT_RECOVERY
             } else {
@@ -287,6 +285,20 @@ pub fn run() -> ExitCode {
         Err(e) if fetching => crate::error::report_with(&e, crate::error::fetch_exit_code(&e)),
         Err(e) => crate::error::report(&e),
     }
+}
+
+/// A clap error as one line: what is wrong (the lines naming a missing argument or a tip
+/// included), without its prefix, the usage block and the pointer to --help, which follows.
+fn usage_line(text: &str) -> String {
+    let said: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let said = said.join(" ");
+    let said = said.strip_prefix("error: ").unwrap_or(&said);
+    format!("{said}; see `dbagent help`")
 }
 
 fn init_logging(command: &Command) {
@@ -564,5 +576,30 @@ async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
             };
             emit(&crate::restore::restore_pg(cfg, store, &opts).await?, json)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn a_usage_mistake_is_one_line_naming_what_is_missing() {
+        let e = Cli::try_parse_from(["dbagent", "wal-fetch"]).unwrap_err();
+        let line = usage_line(&e.to_string());
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with("the following required arguments were not provided: <"),
+            "{line}"
+        );
+        assert!(
+            !line.starts_with("error:") && !line.contains("Usage:"),
+            "{line}"
+        );
+        let e = Cli::try_parse_from(["dbagent", "wal-fetch", "--bogus", "a", "b"]).unwrap_err();
+        let line = usage_line(&e.to_string());
+        assert!(line.contains("--bogus"), "{line}");
     }
 }

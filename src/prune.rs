@@ -544,14 +544,15 @@ fn bases_of_running<'a>(
         .collect()
 }
 
-/// Decides what to delete. `objects` is everything under `pg/<sysid>/`.
-pub fn plan(
+/// The backups kept for their own sake (each a restore point, with its WAL from its start),
+/// and why: the keep rules over all backups, over each live branch's history, and the bases a
+/// backup still running may need. The backups an incremental among them builds on are kept
+/// too, by `plan`, for their files only.
+pub fn restore_points(
     cat: &PgCatalog,
-    objects: &[ObjectInfo],
     now: DateTime<Utc>,
     policy: &RetentionConfig,
-) -> PrunePlan {
-    let sysid = cat.system_identifier;
+) -> BTreeMap<String, &'static str> {
     let backups = &cat.backups; // oldest stop_time first
     let mut keep = keep_by_time(
         backups.iter().map(|b| (b.id.as_str(), b.stop_time)),
@@ -585,6 +586,20 @@ pub fn plan(
         keep.entry(b.id.clone())
             .or_insert("a backup still running may build on it");
     }
+    keep
+}
+
+/// Decides what to delete. `objects` is everything under `pg/<sysid>/`.
+pub fn plan(
+    cat: &PgCatalog,
+    objects: &[ObjectInfo],
+    now: DateTime<Utc>,
+    policy: &RetentionConfig,
+) -> PrunePlan {
+    let sysid = cat.system_identifier;
+    let backups = &cat.backups; // oldest stop_time first
+    let mut keep = restore_points(cat, now, policy);
+    let running_since = before(now, policy.incomplete_after);
     // WAL is needed from the backups kept for their own sake; the ones an incremental builds
     // on are kept for their files only.
     let restore_points: BTreeSet<String> = keep.keys().cloned().collect();

@@ -53,14 +53,10 @@ pub async fn run(
         }
     };
     let (cat, plan) = match planned {
-        // A time given by hand that the archive cannot reach is a mistake in the command,
-        // not a failed drill: one line and exit 1, no report, no alert.
-        Err(e)
-            if matches!(target, DrillTarget::At(_))
-                && crate::error::exit_code(&e) == crate::error::EXIT_INPUT =>
-        {
-            return Err(e);
-        }
+        // A time given by hand outside every restorable window is a mistake in the command,
+        // not a failed drill: one line and exit 1, no report, no alert. Inside one, whatever
+        // stops the plan is the archive's problem, which the drill reports.
+        Err(e) if outside_windows(cfg, store.as_ref(), target).await => return Err(e),
         Ok((c, p)) => (Some(c), Some(p)),
         Err(e) => {
             checks.push(CheckResult::new("plan", None, Status::Fail, one_line(&e)));
@@ -383,4 +379,15 @@ async fn check_fulltext(
         Err(e) => (Status::Fail, format!("error: {e}")),
     };
     checks.push(CheckResult::new(NAME, None, status, detail));
+}
+
+/// `target` is a time given by hand that lies outside every window the archive restores.
+async fn outside_windows(cfg: &Config, store: &dyn Store, target: DrillTarget) -> bool {
+    let DrillTarget::At(t) = target else {
+        return false;
+    };
+    match crate::mysql::restore::plan(cfg, store, Target::Latest).await {
+        Ok((cat, _)) => !cat.windows().iter().any(|w| w.from <= t && t <= w.to),
+        Err(_) => false,
+    }
 }

@@ -93,7 +93,10 @@ pub async fn run(
     let cat = PgCatalog::load(store.as_ref(), sysid).await?;
     let mut checks = Vec::new();
     let mut out = Outcome::default();
-    let explicit = matches!(target, DrillTarget::At(_));
+    let explicit = match target {
+        DrillTarget::At(t) => Some(t),
+        _ => None,
+    };
     let target = match target {
         DrillTarget::Latest => Ok(Target::Latest),
         DrillTarget::At(t) => Ok(Target::Time(t)),
@@ -102,11 +105,11 @@ pub async fn run(
             .ok_or_else(|| anyhow::anyhow!("nothing is restorable yet: no backup with its WAL")),
     };
     let mut plan = target.and_then(|t| plan::plan_pg(&cat, t, None));
-    // A time given by hand that the archive cannot reach is a mistake in the command, not a
-    // failed drill: one line and exit 1, no report, no alert.
-    if let Err(e) = &plan
-        && explicit
-        && crate::error::exit_code(e) == crate::error::EXIT_INPUT
+    // A time given by hand outside every restorable window is a mistake in the command, not
+    // a failed drill: one line and exit 1, no report, no alert. Inside one, whatever stops
+    // the plan (a fork, a gap) is the archive's problem, which the drill reports.
+    if let (Some(t), true) = (explicit, plan.is_err())
+        && !cat.windows().iter().any(|w| w.from <= t && t <= w.to)
     {
         return Err(plan.unwrap_err());
     }

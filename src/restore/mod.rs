@@ -214,6 +214,27 @@ pub async fn restore_pg(
     if opts.no_start {
         return Ok(report);
     }
+    if plan.archive_end.is_some() {
+        // Latest as of the start, not of the plan: a base restore can take hours while
+        // production goes on archiving.
+        let before = plan.archive_end;
+        match extend_to_latest(store.as_ref(), &mut plan).await {
+            Ok(true) => {
+                write_recovery_settings(cfg, &plan, &opts.target_dir, &keep)?;
+                eprintln!(
+                    "the archive grew while the base backup was restored: recovery now goes on to {} (in {}), was {}",
+                    plan.archive_end.map_or("?".into(), |e| e.end.to_string()),
+                    plan.last_wal,
+                    before.map_or("?".into(), |e| e.end.to_string())
+                );
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                error = %crate::error::one_line(&e),
+                "could not read whether the archive grew during the restore: recovery goes to the end read at the start"
+            ),
+        }
+    }
     let landed = start_and_wait(cfg, &plan, &opts.target_dir, opts.port).await?;
     if plan.standby {
         report.standby = Some(StandbyRunning {
@@ -689,7 +710,7 @@ async fn check_replayed_all(
     };
     if plan.as_primary {
         // It would archive a timeline that forks production short of its end.
-        let stopped = stop_now(cfg, dir).await;
+        let stopped = stop_now(cfg, plan, dir).await;
         return Err(anyhow::anyhow!(
             "{why}; the restored server {} (log: {})",
             match stopped {
@@ -709,8 +730,8 @@ async fn check_replayed_all(
 }
 
 /// Stops a server at once (no shutdown checkpoint, nothing more archived).
-async fn stop_now(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
-    let pg_ctl = crate::pg::bins::program(&cfg.pg, "pg_ctl")?;
+async fn stop_now(cfg: &Config, plan: &PgPlan, dir: &Path) -> anyhow::Result<()> {
+    let pg_ctl = crate::pg::bins::server_program(&cfg.pg, "pg_ctl", plan.backup.major()).await?;
     Program::new(&pg_ctl)
         .arg("-D")
         .arg(dir)
@@ -722,6 +743,40 @@ async fn stop_now(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
         .check()
         .await
         .map(|_| ())
+}
+
+/// Moves a `--latest` plan's end to where the archive along its backup and timeline ends now,
+/// when it has grown; whether it moved. The backup and timeline stay as planned.
+async fn extend_to_latest(store: &dyn Store, plan: &mut PgPlan) -> anyhow::Result<bool> {
+    let cat = PgCatalog::load(store, plan.backup.system_identifier).await?;
+    let reach = cat.reach_on(&plan.backup, plan.timeline);
+    let Some(last) = reach
+        .last
+        .filter(|_| reach.consistent && reach.gap.is_none())
+    else {
+        return Ok(false);
+    };
+    let last_wal = last.name(cat.seg_size);
+    if last_wal == plan.last_wal && reach.cut == plan.wal_end {
+        return Ok(false);
+    }
+    let mut newer = plan.clone();
+    newer.last_wal = last_wal;
+    newer.wal_end = reach.cut;
+    newer.segments = last.segno - plan.backup.start_lsn.0 / cat.seg_size + 1;
+    if let Some(t) = reach.end_time {
+        newer.reachable_until = t;
+    }
+    read_archive_end(store, &mut newer).await?;
+    let (old, new) = (
+        plan.archive_end.map(|e| e.end),
+        newer.archive_end.map(|e| e.end),
+    );
+    if new <= old {
+        return Ok(false);
+    }
+    *plan = newer;
+    Ok(true)
 }
 
 /// Reads where the archived WAL along `plan` ends, for a `--latest` recovery (not a
