@@ -532,6 +532,55 @@ fn archiving_rides_out_an_s3_outage() {
     ok(&pg_run(&s3.direct(), None, &["verify"]));
 }
 
+/// `restore --latest` while production goes on archiving: what production archived while
+/// the base backup was downloading (held here 8 s) is replayed too, since the end is read
+/// again just before the server starts (before: the restore stopped at the end it planned).
+#[test]
+fn a_latest_restore_replays_what_was_archived_while_it_downloaded() {
+    let s3 = FaultyS3::start("grows");
+    let env = s3.env();
+    let pg = primary(&env);
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    ok(&pg_run(&env, Some(&pg), &["backup"]));
+    pg.psql("postgres", "INSERT INTO t VALUES (1)").unwrap();
+    switch_and_wait_archived(&pg);
+    let holds: Vec<_> = ["files.json.zst", "base.tar.zst"]
+        .into_iter()
+        .map(|what| {
+            s3.proxy.inject(
+                Rule::new(Fault::Stall(Duration::from_secs(8)))
+                    .method("GET")
+                    .target(what)
+                    .times(1),
+            )
+        })
+        .collect();
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("r");
+    let restore = {
+        let (env, dir) = (env.clone(), dir.clone());
+        std::thread::spawn(move || restore_latest(&env, &dir))
+    };
+    let waiting = Instant::now();
+    while holds.iter().all(|h| s3.proxy.fired(*h) == 0) {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "the restore never read its base backup"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pg.psql("postgres", "INSERT INTO t VALUES (2)").unwrap();
+    switch_and_wait_archived(&pg);
+    let (restored, out) = restore.join().unwrap();
+    ok(&out);
+    assert!(
+        stderr(&out).contains("the archive grew while the base backup was restored"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), "2");
+}
+
 #[test]
 fn backup_and_restore_ride_out_faults_and_never_stop_short() {
     let s3 = FaultyS3::start("backup-restore");
