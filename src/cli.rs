@@ -293,7 +293,7 @@ fn usage_line(text: &str) -> String {
     let said: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .take_while(|l| !l.starts_with("Usage:"))
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
         .filter(|l| !l.is_empty())
         .collect();
     let said = said.join(" ");
@@ -601,5 +601,11 @@ mod tests {
         let e = Cli::try_parse_from(["dbagent", "wal-fetch", "--bogus", "a", "b"]).unwrap_err();
         let line = usage_line(&e.to_string());
         assert!(line.contains("--bogus"), "{line}");
+        let e = Cli::try_parse_from(["dbagent", "restore", "--port", "70000"]).unwrap_err();
+        let line = usage_line(&e.to_string());
+        assert!(
+            line.contains("70000") && !line.contains("For more"),
+            "{line}"
+        );
     }
 }

@@ -310,6 +310,47 @@ pub fn before(now: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// The manifest a leftover object's backup or dump would have (`…/backups/<id>/backup.json`,
+/// `…/dumps/<id>/dump.json`).
+fn manifest_of(key: &str) -> Option<String> {
+    for (dir, manifest) in [("/backups/", "backup.json"), ("/dumps/", "dump.json")] {
+        if let Some(at) = key.find(dir) {
+            let rest = &key[at + dir.len()..];
+            let id = rest
+                .split('/')
+                .next()
+                .filter(|id| !id.is_empty() && rest.len() > id.len())?;
+            return Some(format!("{}{dir}{id}/{manifest}", &key[..at]));
+        }
+    }
+    None
+}
+
+/// Deletes leftovers of backups and dumps, skipping any whose manifest has appeared since the
+/// plan was made.
+async fn delete_leftovers(store: &dyn Store, keys: &[String]) -> anyhow::Result<usize> {
+    let mut finished: BTreeMap<String, bool> = BTreeMap::new();
+    let mut n = 0;
+    for key in keys {
+        if let Some(manifest) = manifest_of(key) {
+            let done = match finished.get(&manifest) {
+                Some(done) => *done,
+                None => {
+                    let done = store.head(&manifest).await?.is_some();
+                    finished.insert(manifest, done);
+                    done
+                }
+            };
+            if done {
+                continue;
+            }
+        }
+        store.delete(key).await?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The objects of dumps under `prefix` (`<prefix><id>/…`) that have no manifest (`complete`
 /// names the ones that do) and whose objects are all older than `running_since`: a dump
 /// killed (SIGKILL, OOM) before it wrote its manifest, which no restore can use.
@@ -499,13 +540,12 @@ pub fn plan_mysql(
 /// Deletes what the plan says: manifests and descriptions before their data, so that an
 /// interrupted prune leaves garbage, never a listed dump or binlog without its data.
 async fn execute_mysql(store: &dyn Store, plan: &MysqlPrunePlan) -> anyhow::Result<usize> {
-    let mut n = 0;
+    let mut n = delete_leftovers(store, &plan.delete_incomplete).await?;
     for key in plan
         .delete_dumps
         .iter()
         .flat_map(|(_, keys)| keys)
         .chain(&plan.delete_binlogs)
-        .chain(&plan.delete_incomplete)
     {
         store.delete(key).await?;
         n += 1;
@@ -759,19 +799,16 @@ pub fn plan_dumps(
 /// Carries the plan out: each deleted backup's manifest first (the backup disappears at once),
 /// then its data, then WAL oldest first.
 pub async fn execute(store: &dyn Store, plan: &PrunePlan) -> anyhow::Result<usize> {
-    let mut deleted = 0;
+    // Leftovers first, each set only while it still has no manifest: one that was running
+    // past incomplete_after may have finished since the listing.
+    let mut deleted = delete_leftovers(store, &plan.delete_incomplete).await?;
     for (_, keys) in plan.delete_backups.iter().chain(&plan.delete_dumps) {
         for key in keys {
             store.delete(key).await?;
             deleted += 1;
         }
     }
-    for key in plan
-        .delete_wal
-        .iter()
-        .chain(&plan.delete_incomplete)
-        .chain(&plan.delete_reports)
-    {
+    for key in plan.delete_wal.iter().chain(&plan.delete_reports) {
         store.delete(key).await?;
         deleted += 1;
     }
@@ -783,6 +820,23 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_leftover_names_the_manifest_its_set_would_have() {
+        assert_eq!(
+            manifest_of("pg/1/backups/b1/data/000001.bundle").as_deref(),
+            Some("pg/1/backups/b1/backup.json")
+        );
+        assert_eq!(
+            manifest_of("pg/1/dumps/d1/globals.sql.zst").as_deref(),
+            Some("pg/1/dumps/d1/dump.json")
+        );
+        assert_eq!(
+            manifest_of("mysql/u/dumps/d2/dump.sql.zst").as_deref(),
+            Some("mysql/u/dumps/d2/dump.json")
+        );
+        assert_eq!(manifest_of("pg/1/wal/000000010000000000000001.zst"), None);
+    }
 
     #[test]
     fn a_dump_without_its_manifest_goes_once_it_cannot_be_running() {

@@ -92,7 +92,7 @@ pub async fn run(cfg: &Config, store: Arc<dyn Store>, full: bool) -> anyhow::Res
     };
     let mut out = Vec::new();
     for sysid in clusters {
-        out.push(verify_pg(store.clone(), sysid, full, &cfg.retention).await?);
+        out.push(verify_pg(store.clone(), sysid, full).await?);
     }
     // The configured MySQL server, or every one when no PostgreSQL cluster is configured.
     let servers = match (&cfg.mysql.server_uuid, cfg.pg.system_identifier) {
@@ -212,17 +212,8 @@ async fn check_objects(
     }
 }
 
-pub async fn verify_pg(
-    store: Arc<dyn Store>,
-    sysid: u64,
-    full: bool,
-    retention: &crate::config::RetentionConfig,
-) -> anyhow::Result<Verified> {
+pub async fn verify_pg(store: Arc<dyn Store>, sysid: u64, full: bool) -> anyhow::Result<Verified> {
     let cat = PgCatalog::load(store.as_ref(), sysid).await?;
-    // A base whose WAL is gone is fine when the retention rules keep it for an incremental's
-    // files only; one they keep as a restore point has lost WAL it needs (a bucket lifecycle
-    // rule, a hand).
-    let restore_points = crate::prune::restore_points(&cat, chrono::Utc::now(), retention);
     let mut out = Verified {
         system_identifier: sysid.to_string(),
         ..Verified::default()
@@ -284,11 +275,7 @@ pub async fn verify_pg(
             }
         }
         let reach = cat.reach(b);
-        if let (false, Some(inc), false) = (
-            reach.consistent,
-            cat.kept_as_base_of(b),
-            restore_points.contains_key(&b.id),
-        ) {
+        if let (false, Some(inc)) = (reach.consistent, cat.kept_as_base_of(b)) {
             out.notes.push(format!(
                 "backup {}: kept for its files as the base of incremental {}; its own WAL has been pruned, so it is no restore point by itself",
                 b.id, inc.id

@@ -386,8 +386,8 @@ async fn outside_windows(cfg: &Config, store: &dyn Store, target: DrillTarget) -
     let DrillTarget::At(t) = target else {
         return false;
     };
-    match crate::mysql::restore::plan(cfg, store, Target::Latest).await {
-        Ok((cat, _)) => !cat.windows().iter().any(|w| w.from <= t && t <= w.to),
+    match crate::mysql::restore::catalog(cfg, store).await {
+        Ok(cat) => !cat.windows().iter().any(|w| w.from <= t && t <= w.to),
         Err(_) => false,
     }
 }

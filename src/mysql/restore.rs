@@ -65,13 +65,18 @@ pub async fn plan(
     store: &dyn Store,
     target: Target,
 ) -> anyhow::Result<(MysqlCatalog, MysqlPlan)> {
+    let cat = catalog(cfg, store).await?;
+    let plan = plan_mysql(&cat, target)?;
+    Ok((cat, plan))
+}
+
+/// The catalog of the repository's server (the configured one, or the only one there).
+pub async fn catalog(cfg: &Config, store: &dyn Store) -> anyhow::Result<MysqlCatalog> {
     let uuid = match &cfg.mysql.server_uuid {
         Some(id) => id.clone(),
         None => choose_server(store).await?,
     };
-    let cat = MysqlCatalog::load(store, &uuid).await?;
-    let plan = plan_mysql(&cat, target)?;
-    Ok((cat, plan))
+    MysqlCatalog::load(store, &uuid).await
 }
 
 pub async fn restore(

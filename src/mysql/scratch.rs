@@ -138,10 +138,9 @@ impl ScratchServer {
         let mut server = Self::init(dir, listen, flavor, &programs).await?;
         server.tz = time_zone.map_or("UTC".into(), ServerTimeZone::posix_tz);
         server.run(&programs).await?;
-        // Row events carry their values: the tables matter only for statements.
-        if let Some(tz) =
-            time_zone.filter(|tz| tz.named() && !tz.binlog_format.eq_ignore_ascii_case("ROW"))
-        {
+        // Also with ROW events: DDL, events (`CREATE EVENT` after `SET time_zone`) and the
+        // query events of sessions that used the zone name it.
+        if let Some(tz) = time_zone.filter(|tz| tz.named()) {
             server.load_time_zones(cfg, &tz.global).await?;
             server.zone = Some(tz.global.clone());
         }

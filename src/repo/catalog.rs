@@ -737,13 +737,22 @@ impl PgCatalog {
     }
 
     /// The oldest incremental that builds on `b`, when `b` cannot be restored by itself
-    /// because its WAL was pruned (every archived segment is newer than its start): `prune`
-    /// keeps the backups a kept incremental builds on for their files only, and the
-    /// incremental restores through them. Such a backup is no restore point of its own, and
-    /// no problem either.
+    /// because `prune` took its WAL: `prune` keeps the backups a kept incremental builds on
+    /// for their files only, and the incremental restores through them. Such a backup is no
+    /// restore point of its own, and no problem either. Prune's doing shows in the layout:
+    /// every archived segment is newer than `b`'s start, and the oldest is where another
+    /// backup starts (prune's floor). WAL cut anywhere else (a bucket lifecycle rule, a hand)
+    /// is lost WAL.
     pub fn kept_as_base_of(&self, b: &BaseBackup) -> Option<&BaseBackup> {
         let oldest = self.segments.keys().map(|s| s.segno).min()?;
         if b.start_lsn.0 / self.seg_size >= oldest {
+            return None;
+        }
+        let at_a_floor = self
+            .backups
+            .iter()
+            .any(|o| o.start_lsn.0 / self.seg_size == oldest);
+        if !at_a_floor {
             return None;
         }
         self.backups.iter().find(|o| o.depends_on().contains(&b.id))

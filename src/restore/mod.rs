@@ -756,10 +756,8 @@ async fn extend_to_latest(store: &dyn Store, plan: &mut PgPlan) -> anyhow::Resul
     else {
         return Ok(false);
     };
+    // Also when the last segment is the same one: streamed pieces grow it in place.
     let last_wal = last.name(cat.seg_size);
-    if last_wal == plan.last_wal && reach.cut == plan.wal_end {
-        return Ok(false);
-    }
     let mut newer = plan.clone();
     newer.last_wal = last_wal;
     newer.wal_end = reach.cut;
@@ -772,7 +770,9 @@ async fn extend_to_latest(store: &dyn Store, plan: &mut PgPlan) -> anyhow::Resul
         plan.archive_end.map(|e| e.end),
         newer.archive_end.map(|e| e.end),
     );
-    if new <= old {
+    // Never trade a known last record (the target) for an end without one.
+    let targeted = |p: &PgPlan| p.archive_end.and_then(|e| e.last_record).is_some();
+    if new <= old || (targeted(plan) && !targeted(&newer)) {
         return Ok(false);
     }
     *plan = newer;

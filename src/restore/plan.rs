@@ -298,6 +298,10 @@ mod tests {
         );
         let p = plan_pg(&c, Target::Time(t("00:06:40")), None).unwrap();
         assert_eq!(p.backup.id, "inc");
+        // WAL cut where no backup starts (a bucket lifecycle rule, a hand) is lost WAL: the
+        // base is no note but a problem, and the incremental one too.
+        let lost = catalog(c.backups.clone(), &[7]);
+        assert_eq!(lost.kept_as_base_of(&lost.backups[0]), None);
         // With its WAL still there it is one.
         let c = catalog(c.backups.clone(), &[2, 3, 4, 5, 6, 7]);
         assert_eq!(c.kept_as_base_of(&c.backups[0]), None);
