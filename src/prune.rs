@@ -1181,11 +1181,11 @@ mod tests {
         assert!(p.delete_wal.is_empty(), "{:?}", p.delete_wal);
     }
 
-    #[test]
-    fn a_restore_below_newer_backups_keeps_the_backup_production_restores_from() {
+    /// z, then a bad change at 00:10, then a1 and a2 on timeline 1; restored from z to a point
+    /// in segment 2, promoted onto timeline 2 at 00:40, which archives the `archived`
+    /// segments (timeline, number) at 00:50.
+    fn restored_below_newer_backups(archived: &[(u32, u64)]) -> (PgCatalog, Vec<ObjectInfo>) {
         use crate::repo::catalog::tests::add_timeline;
-        // z, then a bad change at 00:10, then a1 and a2 on timeline 1; restored from z to a
-        // point in segment 2, promoted onto timeline 2 at 00:40, which archives since.
         let mut cat = catalog(
             vec![
                 backup("z", 1, 1, "00:05:00"),
@@ -1196,18 +1196,22 @@ mod tests {
         );
         add_timeline(&mut cat, 2, 1, 2 * SEG + 0x500, "00:40:00");
         let mut objects = objects(&cat, &[]);
-        for n in 2..=5 {
-            let seg = Segment { tli: 2, segno: n };
+        for &(tli, n) in archived {
+            let seg = Segment { tli, segno: n };
             let object = ObjectInfo {
                 key: format!("pg/1/wal/{}.zst", seg.name(SEG)),
                 size: 1,
-                last_modified: t("00:45:00"),
+                last_modified: t("00:50:00"),
             };
             cat.segments.insert(seg, object.clone());
             objects.push(object);
         }
-        assert_eq!(cat.branches().production, Some(2));
-        let p = plan(&cat, &objects, t("03:00:00"), &policy(2));
+        (cat, objects)
+    }
+
+    /// The backup each branch restores from stays, and timeline 2's WAL.
+    fn keeps_z_and_timeline_2(cat: &PgCatalog, objects: &[ObjectInfo]) {
+        let p = plan(cat, objects, t("03:00:00"), &policy(2));
         let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(kept, ["z", "a1", "a2"], "{p:?}");
         assert!(
@@ -1218,39 +1222,20 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_below_newer_backups_keeps_the_backup_production_restores_from() {
+        let (cat, objects) = restored_below_newer_backups(&[(2, 2), (2, 3), (2, 4), (2, 5)]);
+        assert_eq!(cat.branches().production, Some(2));
+        keeps_z_and_timeline_2(&cat, &objects);
+    }
+
+    #[test]
     fn an_unsettled_fork_keeps_what_each_branch_restores_from() {
-        use crate::repo::catalog::tests::add_timeline;
-        // As above, but timeline 1 archived on after timeline 2 began (the old primary kept
-        // running): which branch is production cannot be told, so each keeps its own.
-        let mut cat = catalog(
-            vec![
-                backup("z", 1, 1, "00:05:00"),
-                backup("a1", 4, 4, "00:20:00"),
-                backup("a2", 6, 6, "00:30:00"),
-            ],
-            &[1, 2, 3, 4, 5, 6],
-        );
-        add_timeline(&mut cat, 2, 1, 2 * SEG + 0x500, "00:40:00");
-        let mut objects = objects(&cat, &[]);
-        for (tli, n) in [(2, 2), (2, 3), (2, 4), (1, 7), (1, 8)] {
-            let seg = Segment { tli, segno: n };
-            let object = ObjectInfo {
-                key: format!("pg/1/wal/{}.zst", seg.name(SEG)),
-                size: 1,
-                last_modified: t("00:50:00"),
-            };
-            cat.segments.insert(seg, object.clone());
-            objects.push(object);
-        }
+        // Timeline 1 archived on after timeline 2 began (the old primary kept running):
+        // which branch is production cannot be told, so each keeps its own.
+        let (cat, objects) =
+            restored_below_newer_backups(&[(2, 2), (2, 3), (2, 4), (1, 7), (1, 8)]);
         assert_eq!(cat.branches().production, None);
-        let p = plan(&cat, &objects, t("03:00:00"), &policy(2));
-        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(kept, ["z", "a1", "a2"], "{p:?}");
-        assert!(
-            !p.delete_wal.iter().any(|k| k.contains("/wal/00000002")),
-            "{:?}",
-            p.delete_wal
-        );
+        keeps_z_and_timeline_2(&cat, &objects);
     }
 
     #[test]

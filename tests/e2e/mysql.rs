@@ -647,9 +647,8 @@ fn mysql_refusals_change_nothing() {
     assert_eq!(repo.snapshot(), before);
 }
 
-#[test]
-fn binlog_push_is_idempotent_and_refuses_different_content() {
-    let repo = Repo::file();
+/// A server with `app.t` and three closed binlogs, one CJK row in each.
+fn three_closed_binlogs() -> MariaDb {
     let db = MariaDbBuilder::new().start().unwrap();
     sql(
         &db,
@@ -659,6 +658,13 @@ fn binlog_push_is_idempotent_and_refuses_different_content() {
         sql(&db, &format!("INSERT INTO app.t VALUES ({i}, '{CJK}')"));
         db.sql(None, "FLUSH BINARY LOGS").unwrap();
     }
+    db
+}
+
+#[test]
+fn binlog_push_is_idempotent_and_refuses_different_content() {
+    let repo = Repo::file();
+    let db = three_closed_binlogs();
     let url = db.url();
     let out = ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
     assert!(out.contains("shipped"), "{out}");
@@ -764,15 +770,7 @@ fn binlog_push_is_idempotent_and_refuses_different_content() {
 #[test]
 fn binlogs_whose_names_started_again_are_not_archived_into_the_old_history() {
     let repo = Repo::file();
-    let db = MariaDbBuilder::new().start().unwrap();
-    sql(
-        &db,
-        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY)",
-    );
-    for i in 1..=3 {
-        sql(&db, &format!("INSERT INTO app.t VALUES ({i})"));
-        db.sql(None, "FLUSH BINARY LOGS").unwrap();
-    }
+    let db = three_closed_binlogs();
     let url = db.url();
     ok(&agent(&repo, Some(&url), None, &["binlog-push"]));
     let first = db.sql(None, "SHOW BINARY LOGS").unwrap();
@@ -796,7 +794,7 @@ fn binlogs_whose_names_started_again_are_not_archived_into_the_old_history() {
         std::fs::remove_file(dir.join(format!("{first}.{ext}"))).unwrap();
     }
     db.sql(None, "RESET MASTER").unwrap();
-    sql(&db, "INSERT INTO app.t VALUES (10)");
+    sql(&db, "INSERT INTO app.t VALUES (10, 'after the reset')");
     db.sql(None, "FLUSH BINARY LOGS").unwrap();
 
     let out = agent(&repo, Some(&url), None, &["binlog-push"]);
@@ -1100,6 +1098,28 @@ fn a_tls_only_mariadb_works_with_verify_identity_and_refuses_another_ca() {
     assert_eq!(scratch.sql("SELECT COUNT(*) FROM app.t"), "3");
 }
 
+/// `restore --engine mysql --latest` into a server in `dir` on a free port, with more
+/// environment: the output, and the restored server.
+fn restore_latest_into(repo: &Repo, env: &[(&str, &Path)], dir: PathBuf) -> (Output, Scratch) {
+    let out = agent_with(
+        repo,
+        None,
+        None,
+        env,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--port",
+            &free_port().to_string(),
+        ],
+    );
+    (out, Scratch { dir })
+}
+
 /// A server on Tokyo time logging statements (`binlog_format = MIXED`, MariaDB's default):
 /// `NOW()` into a DATETIME column is logged as a statement and evaluated again at replay.
 /// A restore run in another zone gives the same values (before: the restored server ran in
@@ -1133,24 +1153,11 @@ fn statements_replay_in_the_dumped_server_s_time_zone() {
     assert_eq!(want.lines().count(), 3, "{want}");
 
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("r");
-    let out = agent_with(
+    let (out, scratch) = restore_latest_into(
         &repo,
-        None,
-        None,
         &[("TZ", Path::new("America/New_York"))],
-        &[
-            "restore",
-            "--engine",
-            "mysql",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            &free_port().to_string(),
-        ],
+        root.path().join("r"),
     );
-    let scratch = Scratch { dir };
     ok(&out);
     assert_eq!(scratch.sql("SELECT id, at FROM app.t ORDER BY id"), want);
     drop(scratch);
@@ -1171,23 +1178,7 @@ fn statements_replay_in_the_dumped_server_s_time_zone() {
     ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
     let want = sql(&db, "SELECT id, at FROM app.t ORDER BY id");
     assert_eq!(want.lines().count(), 4, "{want}");
-    let dir = root.path().join("named");
-    let out = agent(
-        &repo,
-        None,
-        None,
-        &[
-            "restore",
-            "--engine",
-            "mysql",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-            "--port",
-            &free_port().to_string(),
-        ],
-    );
-    let scratch = Scratch { dir };
+    let (out, scratch) = restore_latest_into(&repo, &[], root.path().join("named"));
     ok(&out);
     assert_eq!(scratch.sql("SELECT id, at FROM app.t ORDER BY id"), want);
     assert_eq!(scratch.sql("SELECT @@global.time_zone"), "Europe/Paris");

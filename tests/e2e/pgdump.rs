@@ -71,6 +71,14 @@ fn source() -> Postgres {
 fn pg_dump_round_trip_keeps_settings_roles_and_cjk() {
     let repo = Repo::file();
     let pg = source();
+    // `restore --dump <db> --latest --target-url <url>`.
+    let restore_dump = |db: &str, url: &str| {
+        dbagent_cmd(
+            &repo,
+            None,
+            &["restore", "--dump", db, "--latest", "--target-url", url],
+        )
+    };
     let out = ok(&dbagent(
         &repo,
         Some(&pg),
@@ -123,18 +131,9 @@ fn pg_dump_round_trip_keeps_settings_roles_and_cjk() {
     );
 
     // Into a new database on the same server.
-    let out = ok(&dbagent(
-        &repo,
-        None,
-        &[
-            "restore",
-            "--dump",
-            "discourse",
-            "--latest",
-            "--target-url",
-            &target_url(&pg, "restored"),
-        ],
-    ));
+    let out = ok(&restore_dump("discourse", &target_url(&pg, "restored"))
+        .output()
+        .unwrap());
     assert!(
         out.contains("default_text_search_config=public.cjk_test"),
         "{out}"
@@ -187,18 +186,9 @@ fn pg_dump_round_trip_keeps_settings_roles_and_cjk() {
     // A database of that name exists now: refused, nothing changed.
     let before = pg.psql("restored", "SELECT count(*) FROM posts").unwrap();
     refused(
-        &dbagent(
-            &repo,
-            None,
-            &[
-                "restore",
-                "--dump",
-                "discourse",
-                "--latest",
-                "--target-url",
-                &target_url(&pg, "restored"),
-            ],
-        ),
+        &restore_dump("discourse", &target_url(&pg, "restored"))
+            .output()
+            .unwrap(),
         "already exists",
     );
     assert_eq!(
@@ -225,50 +215,19 @@ fn pg_dump_round_trip_keeps_settings_roles_and_cjk() {
         other.port()
     );
     refused(
-        &dbagent(
-            &repo,
-            None,
-            &[
-                "restore",
-                "--dump",
-                "discourse",
-                "--latest",
-                "--target-url",
-                &restorer_url,
-            ],
-        ),
+        &restore_dump("discourse", &restorer_url).output().unwrap(),
         "may not create databases",
     );
     let no_bins = tempfile::tempdir().unwrap();
-    let out = dbagent_cmd(
-        &repo,
-        None,
-        &[
-            "restore",
-            "--dump",
-            "discourse",
-            "--latest",
-            "--target-url",
-            &target_url(&other, "discourse"),
-        ],
-    )
-    .env("DBAGENT_PG_BIN_DIR", no_bins.path())
-    .output()
-    .unwrap();
+    let out = restore_dump("discourse", &target_url(&other, "discourse"))
+        .env("DBAGENT_PG_BIN_DIR", no_bins.path())
+        .output()
+        .unwrap();
     refused(&out, "pg_restore not found");
     assert_eq!(roles(), roles_before);
-    let out = ok(&dbagent(
-        &repo,
-        None,
-        &[
-            "restore",
-            "--dump",
-            "discourse",
-            "--latest",
-            "--target-url",
-            &target_url(&other, "discourse"),
-        ],
-    ));
+    let out = ok(&restore_dump("discourse", &target_url(&other, "discourse"))
+        .output()
+        .unwrap());
     assert!(out.contains("created missing roles"), "{out}");
     assert_eq!(
         other
@@ -299,18 +258,9 @@ fn pg_dump_round_trip_keeps_settings_roles_and_cjk() {
         )
         .unwrap()
     };
-    ok(&dbagent(
-        &repo,
-        None,
-        &[
-            "restore",
-            "--dump",
-            "logto",
-            "--latest",
-            "--target-url",
-            &target_url(&other, "logto"),
-        ],
-    ));
+    ok(&restore_dump("logto", &target_url(&other, "logto"))
+        .output()
+        .unwrap());
     assert_eq!(names(&other), names(&pg));
 }
 
