@@ -93,6 +93,9 @@ fn as_pid_1_a_restore_reaps_what_it_inherits() {
     let said = ok(&out);
     assert!(said.contains("restored:"), "{said}");
     assert!(first.is_some(), "PID 1 was never seen");
-    // A zombie lives between its exit and its parent's wait: one may be caught in passing.
-    assert!(most <= 1, "{most} zombies at once under PID 1");
+    // A zombie lives between its exit and its parent's wait: one may be caught in passing,
+    // and two that exit together on a loaded machine before PID 1 is scheduled. Unreaped,
+    // they pile up: one per segment replayed (each `wal-fetch` leaves a `wal-prefetch`), and
+    // the server.
+    assert!(most <= 2, "{most} zombies at once under PID 1");
 }

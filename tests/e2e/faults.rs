@@ -1635,13 +1635,16 @@ fn restore_waits_for_promotion_with_a_deadline_and_fails_at_once_on_auth() {
     assert!(took < Duration::from_secs(60), "took {took:?}");
     eprintln!("unknown role reported in {took:?}: {}", err.trim());
 
-    // The plan reads the segments' trailers (ranged GETs); the downloads of whole segments,
-    // which only the restored server's restore_command makes, stall.
+    // The plan reads the segments' trailers (ranged GETs), and the last segment twice, whole,
+    // for where the archive ends (before writing, and again before starting the server); the
+    // downloads of whole segments after those, which the restored server's restore_command
+    // makes, stall.
     s3.proxy.inject(
         Rule::new(Fault::Stall(Duration::from_secs(50)))
             .method("GET")
             .target("/wal/0")
-            .whole_objects_only(),
+            .whole_objects_only()
+            .skip(2),
     );
     let (_r, out, took) = restore(
         "stalled",
