@@ -234,7 +234,7 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
         let dumps = crate::repo::dump::load(store, sysid).await?;
         plan_dumps(&mut plan, &dumps, Utc::now(), &cfg.retention);
         // A dump set killed before its manifest: its objects, once old enough to be dead.
-        plan.delete_incomplete.extend(incomplete_dumps(
+        plan.delete_incomplete.extend(incomplete_sets(
             &objects,
             &crate::repo::dump::dumps_prefix(sysid),
             dumps.iter().map(|d| d.id.as_str()),
@@ -260,7 +260,7 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
         let cat = crate::repo::mysql::MysqlCatalog::load(store, &uuid).await?;
         let mut plan = plan_mysql(&cat, Utc::now(), &cfg.retention);
         let prefix = crate::repo::mysql::dumps_prefix(&uuid);
-        plan.delete_incomplete = incomplete_dumps(
+        plan.delete_incomplete = incomplete_sets(
             &store.list(&prefix).await?,
             &prefix,
             cat.dumps.iter().map(|d| d.id.as_str()),
@@ -351,10 +351,10 @@ async fn delete_leftovers(store: &dyn Store, keys: &[String]) -> anyhow::Result<
     Ok(n)
 }
 
-/// The objects of dumps under `prefix` (`<prefix><id>/…`) that have no manifest (`complete`
-/// names the ones that do) and whose objects are all older than `running_since`: a dump
-/// killed (SIGKILL, OOM) before it wrote its manifest, which no restore can use.
-fn incomplete_dumps<'a>(
+/// The objects of backups or dumps under `prefix` (`<prefix><id>/…`) that have no manifest
+/// (`complete` names the ones that do) and whose objects are all older than `running_since`:
+/// one killed (SIGKILL, OOM) before it wrote its manifest, which no restore can use.
+fn incomplete_sets<'a>(
     objects: &[ObjectInfo],
     prefix: &str,
     complete: impl Iterator<Item = &'a str>,
@@ -588,7 +588,7 @@ fn bases_of_running<'a>(
 /// and why: the keep rules over all backups, over each live branch's history, and the bases a
 /// backup still running may need. The backups an incremental among them builds on are kept
 /// too, by `plan`, for their files only.
-pub fn restore_points(
+fn restore_points(
     cat: &PgCatalog,
     now: DateTime<Utc>,
     policy: &RetentionConfig,
@@ -663,7 +663,6 @@ pub fn plan(
             .to_string();
         by_dir.entry(id).or_default().push(o);
     }
-    let complete: BTreeSet<&str> = backups.iter().map(|b| b.id.as_str()).collect();
     let mut delete_backups = Vec::new();
     for b in backups.iter().filter(|b| !keep.contains_key(&b.id)) {
         let manifest = crate::repo::backup_manifest_key(sysid, &b.id);
@@ -675,16 +674,13 @@ pub fn plan(
         }
         delete_backups.push((b.id.clone(), keys));
     }
-    let mut delete_incomplete = Vec::new();
-    for (id, objs) in &by_dir {
-        if complete.contains(id.as_str()) {
-            continue;
-        }
-        // Only when every object of the unfinished backup is old: it is not running any more.
-        if objs.iter().all(|o| o.last_modified < running_since) {
-            delete_incomplete.extend(objs.iter().map(|o| o.key.clone()));
-        }
-    }
+    // The same rule as for dumps: no manifest, and every object old (not running any more).
+    let delete_incomplete = incomplete_sets(
+        objects,
+        &backups_prefix,
+        backups.iter().map(|b| b.id.as_str()),
+        running_since,
+    );
 
     // WAL: nothing is deleted unless a kept backup bounds it, and nothing archived since a
     // backup still running may have started (on a timeline branched below the floor, say).
@@ -854,7 +850,7 @@ mod tests {
             at("pg/1/dumps/c/shop.pgdump.zst", "00:09:00"),
         ];
         let since = crate::repo::catalog::tests::t("00:05:00");
-        let gone = incomplete_dumps(&objects, "pg/1/dumps/", ["a"].into_iter(), since);
+        let gone = incomplete_sets(&objects, "pg/1/dumps/", ["a"].into_iter(), since);
         // `a` is complete; `c` may still be writing.
         assert_eq!(
             gone,

@@ -387,7 +387,7 @@ async fn outside_windows(cfg: &Config, store: &dyn Store, target: DrillTarget) -
         return false;
     };
     match crate::mysql::restore::catalog(cfg, store).await {
-        Ok(cat) => !cat.windows().iter().any(|w| w.from <= t && t <= w.to),
+        Ok(cat) => !crate::repo::catalog::Window::any_covers(&cat.windows(), t),
         Err(_) => false,
     }
 }

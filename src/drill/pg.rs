@@ -109,7 +109,7 @@ pub async fn run(
     // a failed drill: one line and exit 1, no report, no alert. Inside one, whatever stops
     // the plan (a fork, a gap) is the archive's problem, which the drill reports.
     if let (Some(t), true) = (explicit, plan.is_err())
-        && !cat.windows().iter().any(|w| w.from <= t && t <= w.to)
+        && !crate::repo::catalog::Window::any_covers(&cat.windows(), t)
     {
         return Err(plan.unwrap_err());
     }

@@ -151,15 +151,12 @@ impl ScratchServer {
     /// global zone, as on the dumped server (binlog events name it).
     async fn load_time_zones(&self, cfg: &MysqlConfig, zone: &str) -> anyhow::Result<()> {
         // Each family's own: MariaDB's output does not load into MySQL 8.
-        let (tzinfo, client) = match self.flavor {
-            Flavor::Mariadb => (
-                &["mariadb-tzinfo-to-sql", "mysql_tzinfo_to_sql"][..],
-                &["mariadb", "mysql"][..],
-            ),
-            Flavor::Mysql => (&["mysql_tzinfo_to_sql"][..], &["mysql"][..]),
+        let tzinfo = match self.flavor {
+            Flavor::Mariadb => &["mariadb-tzinfo-to-sql", "mysql_tzinfo_to_sql"][..],
+            Flavor::Mysql => &["mysql_tzinfo_to_sql"][..],
         };
         let tzinfo = super::client::program(cfg, tzinfo)?;
-        let client = super::client::program(cfg, client)?;
+        let client = super::client::Programs::find(cfg, self.flavor)?.client;
         let conn = self.conn();
         let options = conn.options_file()?;
         Program::new(&tzinfo)

@@ -122,6 +122,13 @@ pub struct Window {
     pub to: DateTime<Utc>,
 }
 
+impl Window {
+    /// Whether one of `windows` reaches instant `t`.
+    pub fn any_covers(windows: &[Window], t: DateTime<Utc>) -> bool {
+        windows.iter().any(|w| w.from <= t && t <= w.to)
+    }
+}
+
 /// A timeline as the repository knows it, from its history file and the WAL present.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeline {

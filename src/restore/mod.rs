@@ -749,22 +749,10 @@ async fn stop_now(cfg: &Config, plan: &PgPlan, dir: &Path) -> anyhow::Result<()>
 /// when it has grown; whether it moved. The backup and timeline stay as planned.
 async fn extend_to_latest(store: &dyn Store, plan: &mut PgPlan) -> anyhow::Result<bool> {
     let cat = PgCatalog::load(store, plan.backup.system_identifier).await?;
-    let reach = cat.reach_on(&plan.backup, plan.timeline);
-    let Some(last) = reach
-        .last
-        .filter(|_| reach.consistent && reach.gap.is_none())
-    else {
+    // Also when the last segment is the same one: streamed pieces grow it in place.
+    let Some(mut newer) = plan.along(&cat) else {
         return Ok(false);
     };
-    // Also when the last segment is the same one: streamed pieces grow it in place.
-    let last_wal = last.name(cat.seg_size);
-    let mut newer = plan.clone();
-    newer.last_wal = last_wal;
-    newer.wal_end = reach.cut;
-    newer.segments = last.segno - plan.backup.start_lsn.0 / cat.seg_size + 1;
-    if let Some(t) = reach.end_time {
-        newer.reachable_until = t;
-    }
     read_archive_end(store, &mut newer).await?;
     let (old, new) = (
         plan.archive_end.map(|e| e.end),

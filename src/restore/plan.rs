@@ -3,9 +3,9 @@
 use chrono::{DateTime, Utc};
 
 use crate::input_err;
-use crate::repo::catalog::PgCatalog;
+use crate::repo::catalog::{PgCatalog, Reach};
 use crate::repo::manifest::BaseBackup;
-use crate::repo::wal::Lsn;
+use crate::repo::wal::{Lsn, Segment};
 use crate::timespec::show;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +57,29 @@ pub struct ArchiveEnd {
 }
 
 impl PgPlan {
+    /// The WAL this plan replays, to where the chain from its backup reaches (`last`).
+    fn set_span(&mut self, cat: &PgCatalog, last: Segment, reach: &Reach) {
+        self.last_wal = last.name(cat.seg_size);
+        self.wal_end = reach.cut;
+        self.segments = last.segno - self.backup.start_lsn.0 / cat.seg_size + 1;
+        if let Some(t) = reach.end_time {
+            self.reachable_until = t.max(self.backup.stop_time);
+        }
+    }
+
+    /// This plan with its WAL span as `cat` holds it now (same backup, same timeline): a
+    /// `--latest` restore's archive may have grown since it was planned. None when the chain
+    /// is broken or has a gap.
+    pub fn along(&self, cat: &PgCatalog) -> Option<PgPlan> {
+        let reach = cat.reach_on(&self.backup, self.timeline);
+        let last = reach
+            .last
+            .filter(|_| reach.consistent && reach.gap.is_none())?;
+        let mut plan = self.clone();
+        plan.set_span(cat, last, &reach);
+        Some(plan)
+    }
+
     /// The value of `recovery_target_timeline`: the chosen timeline, never `'latest'`.
     pub fn recovery_target_timeline(&self) -> String {
         if self.standby {
@@ -183,8 +206,7 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         }
         _ => {}
     }
-    let first_seg = backup.start_lsn.0 / cat.seg_size;
-    Ok(PgPlan {
+    let mut plan = PgPlan {
         backup: backup.clone(),
         target,
         timeline,
@@ -193,12 +215,14 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         as_primary: false,
         standby: false,
         first_wal: backup.start_wal.clone(),
-        last_wal: last.name(cat.seg_size),
-        wal_end: reach.cut,
-        segments: last.segno - first_seg + 1,
+        last_wal: String::new(),
+        wal_end: None,
+        segments: 0,
         reachable_until: until,
         archive_end: None,
-    })
+    };
+    plan.set_span(cat, last, &reach);
+    Ok(plan)
 }
 
 /// The timeline to follow, and a sentence for the plan when there was a choice.

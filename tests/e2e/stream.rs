@@ -774,27 +774,24 @@ fn the_sidecar_of_a_server_restored_as_primary_streams_its_new_timeline() {
     ] {
         env.push((k.into(), v.into()));
     }
+    // A row on the new primary, streamed on timeline 2 with no gap.
+    let streamed = |serve: &Serve, row: &str| {
+        restored.psql(&format!("INSERT INTO t VALUES {row}"));
+        let lsn = parse_lsn(&restored.psql("SELECT pg_current_wal_flush_lsn()"));
+        serve.wait_for(
+            &format!("{row} to be streamed on the new timeline"),
+            Duration::from_secs(30),
+            |s| s.json("/status")["wal_stream"]["timeline"] == 2 && stored_lsn(s) >= lsn,
+        );
+        assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
+    };
     let serve = Serve::start(&env);
-    restored.psql("INSERT INTO t VALUES (4, 'on the new primary')");
-    let lsn = parse_lsn(&restored.psql("SELECT pg_current_wal_flush_lsn()"));
-    serve.wait_for(
-        "the new timeline to be streamed",
-        Duration::from_secs(30),
-        |s| s.json("/status")["wal_stream"]["timeline"] == 2 && stored_lsn(s) >= lsn,
-    );
-    assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
+    streamed(&serve, "(4, 'on the new primary')");
     // Its sidecar restarts: it goes on after what it stored of the new timeline (the old
     // timeline's WAL is still the repository's newest).
     drop(serve);
     let serve = Serve::start(&env);
-    restored.psql("INSERT INTO t VALUES (5, 'after the sidecar restarted')");
-    let lsn = parse_lsn(&restored.psql("SELECT pg_current_wal_flush_lsn()"));
-    serve.wait_for(
-        "the new timeline to be streamed on",
-        Duration::from_secs(30),
-        |s| s.json("/status")["wal_stream"]["timeline"] == 2 && stored_lsn(s) >= lsn,
-    );
-    assert_eq!(serve.metric("dbagent_wal_stream_gaps_total"), Some(0.0));
+    streamed(&serve, "(5, 'after the sidecar restarted')");
     // The new primary is lost before it closed a segment: what its sidecar streamed restores.
     drop(serve);
     drop(restored);
