@@ -74,6 +74,15 @@ pub fn report_with(err: &anyhow::Error, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Whether `err` is a write into a pipe whose reader had stopped: the reader's own error is
+/// the one that says why.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// The error chain as one line: causes joined by ": ", each cause's own lines (a server's
 /// DETAIL and HINT, an S3 error body) joined by spaces, and a cause already said by the
 /// ones before it (libraries that repeat their source in their own message) left out.

@@ -350,7 +350,16 @@ impl<'a> Run<'a> {
             return downloaded.map(drop);
         }
         if !exit.status.success() {
-            return Err(failure(on_failure, &exit));
+            let failed = failure(on_failure, &exit);
+            // A download that broke first cut the program's input: that is the cause to name.
+            return match downloaded {
+                Err(e) if !crate::error::is_broken_pipe(&e) => Err(e.context(format!(
+                    "downloading {what} (which cut {}'s input: {})",
+                    program.name(),
+                    crate::error::one_line(&failed)
+                ))),
+                _ => Err(failed),
+            };
         }
         let trailer = downloaded.with_context(|| format!("downloading {what}"))?;
         object.verify(&trailer, what)

@@ -433,12 +433,7 @@ async fn unpack_backup(store: &dyn Store, plan: &PgPlan, dir: &Path) -> anyhow::
         .join()
         .map_err(|_| anyhow::anyhow!("unpacking thread panicked"))?;
     // When the unpacker stopped first (a full disk), its error is the one that says why.
-    let unpacker_stopped = downloaded.as_ref().is_err_and(|e| {
-        e.chain().any(|c| {
-            c.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-        })
-    });
+    let unpacker_stopped = downloaded.as_ref().is_err_and(crate::error::is_broken_pipe);
     let (downloaded, unpacked) = match (downloaded, unpacked) {
         (Err(_), Err(e)) if unpacker_stopped => return Err(e),
         pair => pair,

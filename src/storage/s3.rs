@@ -38,6 +38,127 @@ use crate::input_err;
 /// name taken reports `AlreadyExists`, and the caller compares contents.
 const CREATE_RETRIES: u32 = 3;
 
+/// The URL of the bucket itself: `endpoint/bucket` (path style), or the bucket as the first
+/// label of the endpoint's host (virtual-hosted, `https://bucket.s3.region.amazonaws.com`).
+fn bucket_endpoint(endpoint: &str, bucket: &str, path_style: bool) -> anyhow::Result<String> {
+    let endpoint = endpoint.trim_end_matches('/');
+    if path_style {
+        return Ok(format!("{endpoint}/{bucket}"));
+    }
+    let mut url = url::Url::parse(endpoint)
+        .map_err(|e| input_err!("s3.endpoint {endpoint:?} is not a URL ({e})"))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| input_err!("s3.endpoint {endpoint:?} names no host"))?
+        .to_string();
+    if host.starts_with(&format!("{bucket}.")) {
+        return Ok(endpoint.to_string()); // already the bucket's own host
+    }
+    if url
+        .host()
+        .is_some_and(|h| !matches!(h, url::Host::Domain(_)))
+    {
+        return Err(input_err!(
+            "s3.endpoint {endpoint:?} is an IP address, which cannot carry the bucket as a host name: set s3.force_path_style = true"
+        ));
+    }
+    url.set_host(Some(&format!("{bucket}.{host}")))
+        .map_err(|e| input_err!("bucket {bucket:?} in the host of {endpoint:?}: {e}"))?;
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// Resumes in a row, with no byte received between them, before a download fails.
+const GET_RESUMES: u32 = 5;
+
+/// One object's body, resumed from the byte where it broke (a ranged GET of the rest, only
+/// while the object's ETag is unchanged).
+///
+/// `object_store` resumes a broken body only within `s3.retry_timeout` of the request's start,
+/// and the client ends every request after 10 minutes. A dump streams into `pg_restore` or
+/// `mysql` for as long as the load takes, so without this a large restore failed at minute 10,
+/// or at the first dropped connection after minute 2, with the target half loaded.
+struct Resuming {
+    inner: Arc<AmazonS3>,
+    path: Path,
+    key: String,
+    etag: Option<String>,
+    size: u64,
+    offset: u64,
+    /// Resumes since the last byte received.
+    failures: u32,
+    /// `None` once the body has ended or failed for good.
+    body: Option<futures::stream::BoxStream<'static, object_store::Result<Bytes>>>,
+}
+
+impl Resuming {
+    async fn next(mut self) -> Option<(anyhow::Result<Bytes>, Resuming)> {
+        loop {
+            let broke = match self.body.as_mut()?.next().await {
+                Some(Ok(bytes)) => {
+                    self.offset += bytes.len() as u64;
+                    self.failures = 0;
+                    return Some((Ok(bytes), self));
+                }
+                None if self.offset >= self.size => return None,
+                None => anyhow::anyhow!(
+                    "the store ended the body at byte {} of {}",
+                    self.offset,
+                    self.size
+                ),
+                Some(Err(e)) => anyhow::Error::new(e),
+            };
+            if self.offset >= self.size {
+                return None; // every byte arrived; the connection broke after them
+            }
+            if let Err(e) = self.resume(broke).await {
+                self.body = None;
+                return Some((Err(e.context(format!("downloading {}", self.key))), self));
+            }
+        }
+    }
+
+    /// Opens the rest of the object, or says why the download cannot go on.
+    async fn resume(&mut self, mut broke: anyhow::Error) -> anyhow::Result<()> {
+        let Some(etag) = self.etag.clone() else {
+            return Err(broke.context("the store gave no ETag to resume against"));
+        };
+        loop {
+            self.failures += 1;
+            if self.failures > GET_RESUMES {
+                return Err(broke.context(format!(
+                    "{GET_RESUMES} resumes at byte {} of {} received nothing",
+                    self.offset, self.size
+                )));
+            }
+            tracing::warn!(
+                key = %self.key,
+                offset = self.offset,
+                size = self.size,
+                error = %crate::error::one_line(&broke),
+                "a download broke: resuming where it broke"
+            );
+            tokio::time::sleep(Duration::from_millis(500 << (self.failures - 1).min(4))).await;
+            let options = object_store::GetOptions {
+                if_match: Some(etag.clone()),
+                range: Some(object_store::GetRange::Offset(self.offset)),
+                ..Default::default()
+            };
+            match self.inner.get_opts(&self.path, options).await {
+                Ok(rest) => {
+                    self.body = Some(rest.into_stream());
+                    return Ok(());
+                }
+                Err(e @ object_store::Error::Precondition { .. }) => {
+                    return Err(
+                        anyhow::Error::new(e).context("the object changed while it was downloaded")
+                    );
+                }
+                Err(e) => broke = anyhow::Error::new(e),
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct S3Store {
     inner: Arc<AmazonS3>,
@@ -82,10 +203,17 @@ impl S3Store {
             }
             roots = Some(source);
         }
+        // Addressed as object_store addresses the bucket (see AmazonS3Builder::build): a
+        // virtual-hosted endpoint is used as it is, so it must name the bucket itself.
+        let bucket_endpoint = bucket_endpoint(&endpoint, bucket, cfg.force_path_style)?;
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(&cfg.region)
-            .with_endpoint(&endpoint)
+            .with_endpoint(if cfg.force_path_style {
+                &endpoint
+            } else {
+                &bucket_endpoint
+            })
             .with_access_key_id(key_id.expose())
             .with_secret_access_key(secret.expose())
             .with_virtual_hosted_style_request(!cfg.force_path_style)
@@ -104,12 +232,6 @@ impl S3Store {
         let inner = builder
             .build()
             .map_err(|e| input_err!("S3 settings for bucket {bucket}: {e}"))?;
-        // Addressed as object_store addresses the bucket (see AmazonS3Builder::build).
-        let bucket_endpoint = if cfg.force_path_style {
-            format!("{}/{bucket}", endpoint.trim_end_matches('/'))
-        } else {
-            endpoint.clone()
-        };
         let api = S3Api::new(
             &bucket_endpoint,
             &cfg.region,
@@ -173,6 +295,12 @@ impl S3Store {
                 self.bucket, self.endpoint
             )));
         }
+        if text.contains("RequestTimeTooSkewed") {
+            return anyhow::Error::new(Failure::Input(format!(
+                "{} refused the request because this host's clock differs from its own by more than 15 minutes (RequestTimeTooSkewed): fix the host's time (NTP)",
+                self.endpoint
+            )));
+        }
         for marker in [
             "InvalidAccessKeyId",
             "SignatureDoesNotMatch",
@@ -183,8 +311,14 @@ impl S3Store {
             "401 Unauthorized",
         ] {
             if text.contains(marker) {
+                // An answer to HEAD has no body, so no reason: a skewed clock looks the same.
+                let clock = if marker == "403 Forbidden" {
+                    " (or, if they are right, this host's clock)"
+                } else {
+                    ""
+                };
                 return anyhow::Error::new(Failure::Input(format!(
-                    "{} refused the credentials for bucket {:?} ({marker}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                    "{} refused the credentials for bucket {:?} ({marker}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY{clock}",
                     self.endpoint, self.bucket
                 )));
             }
@@ -288,15 +422,23 @@ impl Store for S3Store {
     }
 
     async fn get(&self, key: &str) -> anyhow::Result<ByteStream> {
+        let path = self.path(key);
         let res = self
             .inner
-            .get(&self.path(key))
+            .get(&path)
             .await
             .map_err(|e| self.explain(e, key))?;
-        let key = key.to_string();
-        Ok(Box::pin(res.into_stream().map_err(move |e| {
-            anyhow::Error::new(e).context(format!("downloading {key}"))
-        })))
+        let download = Resuming {
+            inner: self.inner.clone(),
+            path,
+            key: key.to_string(),
+            etag: res.meta.e_tag.clone(),
+            size: res.meta.size,
+            offset: 0,
+            failures: 0,
+            body: Some(res.into_stream()),
+        };
+        Ok(Box::pin(futures::stream::unfold(download, Resuming::next)))
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> anyhow::Result<Bytes> {
@@ -593,5 +735,82 @@ impl Upload for S3Upload {
 
     async fn abort(mut self: Box<Self>) {
         self.abort_upload().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn store() -> S3Store {
+        let cfg = S3Config {
+            endpoint: Some("https://s3.us-west-004.backblazeb2.com".into()),
+            region: "us-west-004".into(),
+            force_path_style: true,
+            allow_http: false,
+            retry_timeout: Duration::from_secs(1),
+            conditional_writes: true,
+            access_key_id: Some(Secret::new("id")),
+            secret_access_key: Some(Secret::new("secret")),
+            session_token: None,
+        };
+        S3Store::new(&cfg, "site-backups", "").unwrap()
+    }
+
+    fn refusal(body: &str) -> String {
+        let err = object_store::Error::Generic {
+            store: "S3",
+            source: body.into(),
+        };
+        store().explain(err, "k").to_string()
+    }
+
+    #[test]
+    fn a_skewed_clock_is_not_called_bad_credentials() {
+        let skew = refusal("403 Forbidden: <Error><Code>RequestTimeTooSkewed</Code></Error>");
+        assert!(
+            skew.contains("clock") && !skew.contains("AWS_ACCESS_KEY_ID"),
+            "{skew}"
+        );
+        let keys = refusal("403 Forbidden: <Error><Code>InvalidAccessKeyId</Code></Error>");
+        assert!(
+            keys.contains("AWS_ACCESS_KEY_ID") && !keys.contains("clock"),
+            "{keys}"
+        );
+        // A HEAD's 403 carries no reason: either may be the cause.
+        let head = refusal("Server returned non-2xx status code: 403 Forbidden");
+        assert!(
+            head.contains("AWS_ACCESS_KEY_ID") && head.contains("clock"),
+            "{head}"
+        );
+    }
+
+    #[test]
+    fn a_virtual_hosted_bucket_is_the_first_label_of_the_host() {
+        let v = |e: &str| bucket_endpoint(e, "site-backups", false);
+        assert_eq!(
+            v("https://s3.eu-central-1.amazonaws.com").unwrap(),
+            "https://site-backups.s3.eu-central-1.amazonaws.com"
+        );
+        assert_eq!(
+            v("https://s3.us-west-004.backblazeb2.com/").unwrap(),
+            "https://site-backups.s3.us-west-004.backblazeb2.com"
+        );
+        assert_eq!(
+            v("http://minio.local:9000").unwrap(),
+            "http://site-backups.minio.local:9000"
+        );
+        // Given with the bucket already in it: kept.
+        assert_eq!(
+            v("https://site-backups.s3.wasabisys.com").unwrap(),
+            "https://site-backups.s3.wasabisys.com"
+        );
+        let ip = v("http://127.0.0.1:9000").unwrap_err().to_string();
+        assert!(ip.contains("s3.force_path_style = true"), "{ip}");
+        assert_eq!(
+            bucket_endpoint("http://127.0.0.1:9000/", "b", true).unwrap(),
+            "http://127.0.0.1:9000/b"
+        );
     }
 }

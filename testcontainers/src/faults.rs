@@ -39,6 +39,9 @@ pub enum Fault {
     Stall(Duration),
     /// Forward, and stop for `pause` after this many bytes of the answer's body.
     StallMidBody { after: usize, pause: Duration },
+    /// Forward, stop for `pause` after this many bytes of the answer's body, then reset the
+    /// connection: a body that breaks late, after the client's retry window has run out.
+    StallThenReset { after: usize, pause: Duration },
 }
 
 /// When a fault fires.
@@ -334,7 +337,11 @@ fn serve(client: TcpStream, upstream: u16, state: &Mutex<State>) -> Result<()> {
             log(format!("forwarded {status} after the stall"));
             Ok(())
         }
-        Some(f @ (Fault::ResetMidBody { .. } | Fault::StallMidBody { .. })) => {
+        Some(
+            f @ (Fault::ResetMidBody { .. }
+            | Fault::StallMidBody { .. }
+            | Fault::StallThenReset { .. }),
+        ) => {
             log(format!("injected {f:?}"));
             forward(client, upstream, &req, &body, Some(f)).map(|_| ())
         }
@@ -526,7 +533,9 @@ fn forward(
         let mut chunk = &buf[..n];
         if let Some(f) = &fault {
             let after = match f {
-                Fault::ResetMidBody { after } | Fault::StallMidBody { after, .. } => *after,
+                Fault::ResetMidBody { after }
+                | Fault::StallMidBody { after, .. }
+                | Fault::StallThenReset { after, .. } => *after,
                 _ => usize::MAX,
             };
             if sent + chunk.len() > after {
@@ -540,6 +549,11 @@ fn forward(
                         return Ok(status);
                     }
                     Fault::StallMidBody { pause, .. } => std::thread::sleep(*pause),
+                    Fault::StallThenReset { pause, .. } => {
+                        std::thread::sleep(*pause);
+                        reset(client);
+                        return Ok(status);
+                    }
                     _ => {}
                 }
                 fault = None;

@@ -689,6 +689,109 @@ fn backup_and_restore_ride_out_faults_and_never_stop_short() {
     );
 }
 
+/// A dump restore streams its object into `pg_restore` for as long as the load takes, far
+/// past the S3 client's retry window (`s3.retry_timeout`, 3 s here) and its 10-minute request
+/// limit. A body that breaks after that resumes where it broke instead of failing the restore.
+#[test]
+fn a_download_that_breaks_late_resumes_where_it_broke() {
+    let s3 = FaultyS3::start("late-break");
+    let env = s3.env();
+    let pg = primary(&env);
+    // A few MB of poorly compressible rows.
+    pg.psql("postgres", "CREATE DATABASE site; ").unwrap();
+    pg.psql(
+        "site",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 100000) g",
+    )
+    .unwrap();
+    let out = pg_run(&env, Some(&pg), &["backup", "--kind", "dump"]);
+    assert!(out.status.success(), "dump: {}", stderr(&out));
+
+    // Past the retry window: 4 s into the body, then the connection drops.
+    let p = &s3.proxy;
+    let late = p.inject(
+        Rule::new(Fault::StallThenReset {
+            after: 1 << 20,
+            pause: Duration::from_secs(4),
+        })
+        .method("GET")
+        .target("site.pgdump")
+        .whole_objects_only()
+        .times(1),
+    );
+    let url = format!("postgresql://postgres@{}:{}/copy", pg.host(), pg.port());
+    let out = pg_run(
+        &env,
+        None,
+        &[
+            "restore",
+            "--dump",
+            "site",
+            "--latest",
+            "--target-url",
+            &url,
+        ],
+    );
+    assert_eq!(p.fired(late), 1);
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    assert_eq!(
+        pg.psql(
+            "copy",
+            "SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM big"
+        )
+        .unwrap(),
+        pg.psql(
+            "site",
+            "SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM big"
+        )
+        .unwrap()
+    );
+
+    // A body that breaks for good fails the restore, naming the download (not only the
+    // program that found its input cut), and leaves no database behind.
+    p.inject(
+        Rule::new(Fault::ResetMidBody { after: 1 << 20 })
+            .method("GET")
+            .target("site.pgdump")
+            .whole_objects_only()
+            .times(1),
+    );
+    let refused = p.inject(
+        Rule::new(Fault::Status(403))
+            .method("GET")
+            .target("site.pgdump"),
+    );
+    let url = format!("postgresql://postgres@{}:{}/lost", pg.host(), pg.port());
+    let out = pg_run(
+        &env,
+        None,
+        &[
+            "restore",
+            "--dump",
+            "site",
+            "--latest",
+            "--target-url",
+            &url,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(p.fired(refused) >= 5, "resumed {} times", p.fired(refused));
+    let line = stderr(&out);
+    eprintln!("{}", line.trim());
+    assert!(
+        line.contains("downloading the dump of site") && line.contains("site.pgdump.zst"),
+        "{line}"
+    );
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname = 'lost'"
+        )
+        .unwrap(),
+        "0"
+    );
+}
+
 #[test]
 fn sigkill_and_crashes_mid_stream_leave_nothing_half_visible() {
     let s3 = FaultyS3::start("killed");
