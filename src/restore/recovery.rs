@@ -126,9 +126,16 @@ pub fn block(
     }
     if !plan.as_primary {
         lines.push(format!(
-            "{COPY_NOTE}, not the primary (restored without --as-primary): it archives nothing into the repository"
+            "{COPY_NOTE}, not the primary (restored without --as-primary): it archives nothing into the repository, its subscriptions stay away from their publishers"
         ));
         lines.push("archive_mode = off".into());
+        // An enabled subscription would start its apply worker at promotion, take the slot
+        // on the publisher that the real subscriber waits on, and confirm changes it never
+        // gets. `max_logical_replication_workers` needs a restart: a copy made the primary
+        // later is restored `--as-primary` instead.
+        lines.push("max_logical_replication_workers = 0".into());
+        // Not the production server's pid file, when the copy runs on the same host.
+        lines.push("external_pid_file = ''".into());
     }
     lines.push(format!(
         "{RECOVERY_NOTE} (dbagent {}), removed once the server has promoted",
@@ -143,6 +150,9 @@ pub fn block(
         "recovery_target_timeline = {}",
         quote(&plan.recovery_target_timeline())
     ));
+    // A delayed standby's setting, carried in its backup's configuration, would hold the
+    // restore back as far behind as it held the standby.
+    lines.push("recovery_min_apply_delay = 0".into());
     // The unused targets are cleared, so one left in postgresql.conf cannot add a second
     // target. They come first: PostgreSQL applies settings in file order and refuses a
     // target while another kind is already set, even an empty one.
@@ -343,9 +353,12 @@ work_mem = '8MB'
             settings(&b.join("\n")),
             vec![
                 "archive_mode = off",
+                "max_logical_replication_workers = 0",
+                "external_pid_file = ''",
                 "restore_command = 'dbagent wal-fetch %f %p'",
                 "recovery_end_command = 'dbagent recovery-end'",
                 "recovery_target_timeline = '1'",
+                "recovery_min_apply_delay = 0",
                 "recovery_target = ''",
                 "recovery_target_lsn = ''",
                 "recovery_target_name = ''",
@@ -362,7 +375,7 @@ work_mem = '8MB'
         });
         let s = settings(&block(&p, "x", "y", &[]).join("\n"));
         assert_eq!(
-            s[3..],
+            s[4..],
             [
                 "recovery_target = ''",
                 "recovery_target_name = ''",
@@ -410,7 +423,9 @@ work_mem = '8MB'
                 "autovacuum = 'off'",
                 "archive_mode = off",
                 "work_mem = '8MB'",
-                "archive_mode = off"
+                "archive_mode = off",
+                "max_logical_replication_workers = 0",
+                "external_pid_file = ''",
             ]
         );
         assert!(after.contains(COPY_NOTE));

@@ -9,7 +9,9 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dbagent_testcontainers::{CjkParser, Postgres, install_cjk_parser, pg_bin, pg_owned_tempdir};
+use dbagent_testcontainers::{
+    CjkParser, Postgres, PostgresBuilder, install_cjk_parser, pg_bin, pg_owned_tempdir,
+};
 use tempfile::TempDir;
 
 use crate::serve::{Serve, pg_env};
@@ -550,7 +552,8 @@ fn slow_suite() -> (TempDir, PathBuf) {
     let suite = suites.path().join("slow.sql");
     std::fs::write(
         &suite,
-        "-- check: slow\nSELECT pg_sleep(60) IS NULL OR true;\n",
+        // Not `pg_sleep(60) IS NULL OR true`, which the planner folds to `true` unslept.
+        "-- check: slow\nSELECT count(*) = 1 FROM (SELECT pg_sleep(60)) AS s;\n",
     )
     .unwrap();
     let config = suites.path().join("dbagent.toml");
@@ -645,6 +648,106 @@ fn serve_stopping_lets_a_scheduled_drill_tear_down() {
     assert_scratch_gone(scratch.path());
 }
 
+/// SIGTERM the dbagent process itself (runuser's child, when run as the postgres user).
+fn terminate_dbagent(child: &std::process::Child) {
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .unwrap_or_default();
+    let target = children
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .unwrap_or(child.id().to_string());
+    std::process::Command::new("kill")
+        .args(["-TERM", &target])
+        .status()
+        .unwrap();
+}
+
+/// The backed-up cluster subscribes to a publisher, and is gone (a lost node): its slot on the
+/// publisher waits for it. A copy restored without `--as-primary`, and the drill's scratch
+/// server, carry the enabled subscription; were their apply workers to start, they would take
+/// the slot and confirm changes the real subscriber then never gets.
+#[test]
+fn copies_and_drills_leave_a_publisher_s_slot_alone() {
+    let publisher = PostgresBuilder::new()
+        .setting("wal_level", "logical")
+        .start()
+        .expect("start the publisher");
+    publisher
+        .psql(
+            "postgres",
+            "CREATE TABLE feed (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE feed; INSERT INTO feed VALUES (1)",
+        )
+        .unwrap();
+    let repo = Repo::file();
+    let mut pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE feed (id int PRIMARY KEY)")
+        .unwrap();
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE SUBSCRIPTION sub CONNECTION 'host={} port={} user=postgres dbname=postgres' PUBLICATION pub",
+            publisher.host(),
+            publisher.port()
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.psql("postgres", "SELECT count(*) FROM feed").unwrap() != "1" {
+        assert!(Instant::now() < deadline, "the subscription never synced");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    switch_and_wait_archived(&pg);
+    pg.stop().unwrap();
+    publisher
+        .psql("postgres", "INSERT INTO feed VALUES (2)")
+        .unwrap();
+    let slot = || {
+        publisher
+            .psql(
+                "postgres",
+                "SELECT active::text || ' ' || confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'sub'",
+            )
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while slot().starts_with("true") {
+        assert!(Instant::now() < deadline, "the slot stayed active");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let idle = slot();
+    // Apply workers start at promotion, and again every wal_retrieve_retry_interval (5 s).
+    let watch = |what: &str| {
+        for _ in 0..40 {
+            assert_eq!(slot(), idle, "{what} took the publisher's slot");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let (out, copy) = restore(&repo, &scratch.path().join("copy"), &["--latest"]);
+    ok(&out);
+    watch("the restored copy");
+    assert_eq!(copy.psql("SELECT count(*) FROM feed"), "1");
+    drop(copy);
+
+    let drills = pg_owned_tempdir().unwrap();
+    let (_suites, config) = slow_suite();
+    let mut cmd = dbagent_cmd(&repo, None, &["drill"]);
+    cmd.env("DBAGENT_DRILL_SCRATCH_DIR", drills.path())
+        .env("DBAGENT_CONFIG", &config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    wait_for_slow_check(drills.path(), &mut child, Duration::from_secs(90));
+    watch("the drill's scratch server");
+    terminate_dbagent(&child);
+    let _ = child.wait();
+    assert_scratch_gone(drills.path());
+    assert_eq!(slot(), idle);
+}
+
 #[test]
 fn interrupted_drill_leaves_nothing_behind() {
     let src = source(None);
@@ -660,18 +763,7 @@ fn interrupted_drill_leaves_nothing_behind() {
     let mut child = cmd.spawn().unwrap();
     wait_for_slow_check(scratch.path(), &mut child, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
-    // SIGTERM the dbagent process itself (runuser's child).
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
-        .unwrap_or_default();
-    let target = children
-        .split_whitespace()
-        .next()
-        .map(str::to_string)
-        .unwrap_or(child.id().to_string());
-    std::process::Command::new("kill")
-        .args(["-TERM", &target])
-        .status()
-        .unwrap();
+    terminate_dbagent(&child);
     let status = child.wait().unwrap();
     let mut stderr = String::new();
     child
