@@ -432,9 +432,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             json,
         ),
         Command::Serve { listen, engine } => {
-            let mut cfg = cfg;
-            cfg.serve.engine = engine.unwrap_or(cfg.serve.engine);
-            crate::serve::run(cfg, listen).await
+            let with_flags = move |mut cfg: Config| {
+                cfg.serve.engine = engine.unwrap_or(cfg.serve.engine);
+                cfg
+            };
+            let reload = Box::new(move || Config::load(&flags, &ProcessEnv).map(with_flags));
+            crate::serve::run(with_flags(cfg), listen, reload).await
         }
         Command::Drill {
             engine,

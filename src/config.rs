@@ -287,6 +287,45 @@ impl<const N: usize> Env for [(&str, &str); N] {
 }
 
 impl Config {
+    /// Where this configuration stores, as a short fingerprint: the repository URL and, for
+    /// S3, the service and addressing it is reached with. `wal-push` compares it with the
+    /// streaming sidecar's before it takes the sidecar's word that a segment is stored: the
+    /// two read their configuration at different times.
+    pub fn repository_identity(&self) -> String {
+        use sha2::Digest;
+        let repo = self.repo.as_deref().unwrap_or("").trim_end_matches('/');
+        let place = if repo.starts_with("s3://") {
+            format!(
+                "{repo}\n{}\n{}\n{}",
+                self.s3
+                    .endpoint
+                    .as_deref()
+                    .unwrap_or("")
+                    .trim_end_matches('/'),
+                self.s3.region,
+                self.s3.force_path_style
+            )
+        } else {
+            repo.to_string()
+        };
+        hex::encode(&sha2::Sha256::digest(place.as_bytes())[..8])
+    }
+
+    /// The secrets this configuration holds (for `serve` to notice one that changed).
+    pub fn secrets(&self) -> impl Iterator<Item = &Secret> {
+        [
+            &self.s3.access_key_id,
+            &self.s3.secret_access_key,
+            &self.s3.session_token,
+            &self.pg.password,
+            &self.mysql.password,
+            &self.notify.slack_url,
+            &self.notify.pagerduty_routing_key,
+        ]
+        .into_iter()
+        .flatten()
+    }
+
     /// Loads the file (if any), then applies the environment, then the flags.
     pub fn load(flags: &Overrides, env: &dyn Env) -> anyhow::Result<Config> {
         let config_file = flags

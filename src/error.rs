@@ -18,6 +18,10 @@ pub enum Failure {
     /// `EXIT_ABORT_RECOVERY`.
     #[error("{0}")]
     Corrupt(String),
+    /// `serve` found its configuration changed and exits for its supervisor to start it again
+    /// with the new one. Exit 3.
+    #[error("{0}")]
+    Restart(String),
 }
 
 /// Shorthand for an input error with a formatted message.
@@ -29,6 +33,8 @@ macro_rules! input_err {
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_INPUT: u8 = 1;
 pub const EXIT_FAILED: u8 = 2;
+/// `serve` only: its configuration, a key file or a secret changed; start it again.
+pub const EXIT_RESTART: u8 = 3;
 /// `wal-fetch` of a file it cannot say is absent: corrupt, unreachable after retries, refused
 /// credentials, a broken configuration. PostgreSQL treats a restore_command exit status up to
 /// 125 as "not archived" and, without a recovery target, ends recovery and promotes there,
@@ -48,6 +54,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     match err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
         Some(Failure::Input(_)) | Some(Failure::NotFound(_)) => EXIT_INPUT,
         Some(Failure::Corrupt(_)) | None => EXIT_FAILED,
+        Some(Failure::Restart(_)) => EXIT_RESTART,
     }
 }
 

@@ -378,6 +378,7 @@ async fn wal_segment(
     };
     counter.fetch_add(1, Ordering::Relaxed);
     let body = json!({
+        "repository": shared.repository.get(),
         "segment": name,
         "system_identifier": sysid.to_string(),
         "stored": stored,
@@ -527,10 +528,12 @@ mod tests {
             StatusCode::NOT_FOUND
         );
         shared.segments.add(7, seg);
+        shared.repository.set("r1".into()).unwrap();
         let (code, body) = call(&shared, "GET", &path(7, 0)).await;
         assert_eq!(code, StatusCode::OK);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["stored"], true);
+        assert_eq!(json["repository"], "r1");
         assert_eq!(json["system_identifier"], "7");
         assert_eq!(json["segment"], seg);
         // Another cluster's segment of that name is not this one.

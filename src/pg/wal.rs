@@ -91,7 +91,8 @@ async fn stored_by_sidecar(cfg: &Config, path: &Path) -> bool {
             }
         }
     };
-    if !crate::pg::walsidecar::stored(addr, sysid, &name, cfg.wal.sidecar_wait).await {
+    let repository = cfg.repository_identity();
+    if !crate::pg::walsidecar::stored(addr, &repository, sysid, &name, cfg.wal.sidecar_wait).await {
         return false;
     }
     match crate::pg::walcheck::first_page(path, &name, sysid) {

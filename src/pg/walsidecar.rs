@@ -7,6 +7,9 @@
 //! client library, nothing loaded that the fast path does not use. Any other outcome (no
 //! sidecar, a refused or slow connection, "not stored", an answer that does not echo the
 //! question) is a no, and `wal-push` takes its usual path: safety never rests on the sidecar.
+//! The answer names the sidecar's repository (`Config::repository_identity`): a sidecar still
+//! on the repository a changed configuration moved away from says "stored" of the old one,
+//! which is no.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,10 +23,16 @@ const ANSWER_SLACK: Duration = Duration::from_millis(500);
 /// Answers are a few hundred bytes; anything longer is not the sidecar.
 const MAX_ANSWER: usize = 16 << 10;
 
-/// Whether the sidecar at `addr` says it stored segment `name` of cluster `sysid`, having
-/// waited up to `wait` for a segment it is still storing.
-pub async fn stored(addr: SocketAddr, sysid: u64, name: &str, wait: Duration) -> bool {
-    match ask(addr, sysid, name, wait).await {
+/// Whether the sidecar at `addr` says it stored segment `name` of cluster `sysid` in
+/// `repository`, having waited up to `wait` for a segment it is still storing.
+pub async fn stored(
+    addr: SocketAddr,
+    repository: &str,
+    sysid: u64,
+    name: &str,
+    wait: Duration,
+) -> bool {
+    match ask(addr, repository, sysid, name, wait).await {
         Ok(stored) => stored,
         Err(why) => {
             tracing::debug!(sidecar = %addr, segment = name, %why, "no answer from the streaming sidecar");
@@ -32,7 +41,13 @@ pub async fn stored(addr: SocketAddr, sysid: u64, name: &str, wait: Duration) ->
     }
 }
 
-async fn ask(addr: SocketAddr, sysid: u64, name: &str, wait: Duration) -> Result<bool, String> {
+async fn ask(
+    addr: SocketAddr,
+    repository: &str,
+    sysid: u64,
+    name: &str,
+    wait: Duration,
+) -> Result<bool, String> {
     let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| "connecting timed out".to_string())?
@@ -55,11 +70,12 @@ async fn ask(addr: SocketAddr, sysid: u64, name: &str, wait: Duration) -> Result
         .await
         .map_err(|_| "the answer timed out".to_string())?
         .map_err(|e| format!("asking: {e}"))?;
-    Ok(says_stored(&answer, sysid, name))
+    Ok(says_stored(&answer, repository, sysid, name))
 }
 
-/// A 200 whose JSON body says `stored` for exactly this segment of exactly this cluster.
-fn says_stored(answer: &[u8], sysid: u64, name: &str) -> bool {
+/// A 200 whose JSON body says `stored` for exactly this segment of exactly this cluster, in
+/// exactly this repository.
+fn says_stored(answer: &[u8], repository: &str, sysid: u64, name: &str) -> bool {
     if answer.len() > MAX_ANSWER || !answer.starts_with(b"HTTP/1.1 200 ") {
         return false;
     }
@@ -70,6 +86,7 @@ fn says_stored(answer: &[u8], sysid: u64, name: &str) -> bool {
         return false;
     };
     body["stored"] == serde_json::Value::Bool(true)
+        && body["repository"].as_str() == Some(repository)
         && body["segment"].as_str() == Some(name)
         && body["system_identifier"].as_str() == Some(sysid.to_string().as_str())
 }
@@ -90,21 +107,36 @@ mod tests {
 
     #[test]
     fn only_a_stored_answer_for_this_segment_of_this_cluster_counts() {
-        let yes = r#"{"segment":"000000010000000000000002","system_identifier":"7","stored":true}"#;
-        assert!(says_stored(&answer("200 OK", yes), 7, SEG));
+        let yes = r#"{"repository":"r1","segment":"000000010000000000000002","system_identifier":"7","stored":true}"#;
+        assert!(says_stored(&answer("200 OK", yes), "r1", 7, SEG));
         assert!(
-            !says_stored(&answer("200 OK", yes), 8, SEG),
+            !says_stored(&answer("200 OK", yes), "r2", 7, SEG),
+            "another repository"
+        );
+        assert!(
+            !says_stored(&answer("200 OK", yes), "r1", 8, SEG),
             "another cluster"
         );
         assert!(
-            !says_stored(&answer("200 OK", yes), 7, "000000010000000000000003"),
+            !says_stored(&answer("200 OK", yes), "r1", 7, "000000010000000000000003"),
             "another segment"
         );
+        let unnamed = yes.replace(r#""repository":"r1","#, "");
+        assert!(
+            !says_stored(&answer("200 OK", &unnamed), "r1", 7, SEG),
+            "a sidecar that does not say where"
+        );
         let no = yes.replace("true", "false");
-        assert!(!says_stored(&answer("404 Not Found", &no), 7, SEG));
-        assert!(!says_stored(&answer("200 OK", &no), 7, SEG));
-        assert!(!says_stored(&answer("200 OK", "ok"), 7, SEG), "not JSON");
-        assert!(!says_stored(b"HTTP/1.1 200 OK\r\n", 7, SEG), "no body");
+        assert!(!says_stored(&answer("404 Not Found", &no), "r1", 7, SEG));
+        assert!(!says_stored(&answer("200 OK", &no), "r1", 7, SEG));
+        assert!(
+            !says_stored(&answer("200 OK", "ok"), "r1", 7, SEG),
+            "not JSON"
+        );
+        assert!(
+            !says_stored(b"HTTP/1.1 200 OK\r\n", "r1", 7, SEG),
+            "no body"
+        );
     }
 
     #[tokio::test]
@@ -114,7 +146,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let started = std::time::Instant::now();
-        assert!(!stored(addr, 7, SEG, Duration::from_secs(1)).await);
+        assert!(!stored(addr, "r1", 7, SEG, Duration::from_secs(1)).await);
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 
@@ -127,7 +159,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
         let started = std::time::Instant::now();
-        assert!(!stored(addr, 7, SEG, Duration::from_millis(100)).await);
+        assert!(!stored(addr, "r1", 7, SEG, Duration::from_millis(100)).await);
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -1,6 +1,7 @@
 //! `dbagent serve`: the sidecar. Named background tasks share one cancellation token; SIGTERM
 //! drains them and exits 0; a task that dies takes the process down with a non-zero exit.
 
+pub mod reload;
 pub mod state;
 
 use std::collections::HashSet;
@@ -35,7 +36,13 @@ fn spawn(
     tasks.spawn(async move { (name, fut.await) });
 }
 
-pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
+/// Runs until SIGTERM, a task's failure, or a change of configuration that `reload` reads
+/// (then `Failure::Restart`, exit 3: see `reload`).
+pub async fn run(
+    cfg: Config,
+    listen: Option<String>,
+    reload: reload::Reload,
+) -> anyhow::Result<()> {
     let listen = listen.unwrap_or_else(|| cfg.serve.listen.clone());
     let addr: SocketAddr = listen.parse().map_err(|_| {
         input_err!("listen address {listen:?}: expected host:port, like 0.0.0.0:8008")
@@ -56,7 +63,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
     let shared = Shared::new(policy, engine);
     let token = CancellationToken::new();
     let store: Option<Arc<dyn Store>> = match &cfg.repo {
-        Some(_) => Some(crate::storage::open(&cfg)?),
+        Some(_) => Some(crate::storage::open_long_running(&cfg)?),
         None => None,
     };
     // Refused before anything starts, so the refusal is the only line printed.
@@ -65,7 +72,15 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
             "serve.wal_stream needs a repository: set DBAGENT_REPO"
         ));
     }
+    if store.is_some() {
+        let _ = shared.repository.set(cfg.repository_identity());
+    }
     let mut tasks = Tasks::new();
+    spawn(
+        &mut tasks,
+        "configuration",
+        reload::watch(cfg.clone(), reload, token.clone()),
+    );
 
     let router = crate::http::router(shared.clone());
     let t = token.clone();
@@ -200,6 +215,7 @@ pub async fn run(cfg: Config, listen: Option<String>) -> anyhow::Result<()> {
         }
         Some(res) = tasks.join_next() => match res {
             Ok((name, Ok(()))) => Err(anyhow::anyhow!("task {name} stopped unexpectedly")),
+            Ok((_, Err(e))) if matches!(e.downcast_ref(), Some(crate::error::Failure::Restart(_))) => Err(e),
             Ok((name, Err(e))) => Err(e.context(format!("task {name} failed"))),
             Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
         },

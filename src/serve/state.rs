@@ -112,6 +112,8 @@ pub struct Shared {
     pub binlog_stream: std::sync::OnceLock<Arc<crate::mysql::stream::StreamStatus>>,
     /// Complete segments the WAL stream or the look-ahead stored, for `wal-push`'s fast path.
     pub segments: StoredSegments,
+    /// `Config::repository_identity` of the repository those segments are stored in.
+    pub repository: std::sync::OnceLock<String>,
 }
 
 impl Shared {
@@ -129,6 +131,7 @@ impl Shared {
             stream: RwLock::new(None),
             binlog_stream: std::sync::OnceLock::new(),
             segments: StoredSegments::default(),
+            repository: std::sync::OnceLock::new(),
         })
     }
 

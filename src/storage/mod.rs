@@ -157,6 +157,19 @@ pub fn open_url(url: &str, cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(Arc::new(keyed::Keyed::new(inner, keyring)))
 }
 
+/// How old `serve`'s reading of the repository's encryption records may get.
+pub const KEYS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `open`, for `serve`, which runs for months: the repository's encryption records are read
+/// again every `KEYS_MAX_AGE` (see `Keyring::refreshed_every`).
+pub fn open_long_running(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let url = cfg.repo_url()?;
+    let inner = open_bare(url, cfg)?;
+    let keyring = crate::crypto::keyring::Keyring::new(url, cfg.encryption.clone())
+        .refreshed_every(KEYS_MAX_AGE);
+    Ok(Arc::new(keyed::Keyed::new(inner, keyring)))
+}
+
 fn open_bare(url: &str, cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {

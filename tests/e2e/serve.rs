@@ -449,6 +449,175 @@ fn lookahead_ships_ready_wal_before_the_archiver() {
     );
 }
 
+/// The configuration moves the repository (a ConfigMap edited in place) while `serve` runs.
+/// `wal-push`, a new process per segment, reads the new file; the sidecar must not tell it a
+/// segment is archived because it stored it in the old repository, and it restarts to apply
+/// the new configuration (exit 3: its supervisor starts it again).
+#[test]
+fn a_repository_moved_under_serve_gets_every_segment() {
+    let (old, new) = (Repo::file(), Repo::file());
+    let url = |r: &Repo| format!("file://{}", r.root().unwrap().display());
+    let dir = pg_owned_tempdir().unwrap();
+    let config = dir.path().join("dbagent.toml");
+    let write_config = |repo: &Repo| {
+        // Replaced as the kubelet replaces a mounted ConfigMap: a new file renamed over.
+        let next = dir.path().join("dbagent.toml.next");
+        std::fs::write(&next, format!("repo = {:?}\n", url(repo))).unwrap();
+        std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        std::fs::rename(&next, &config).unwrap();
+    };
+    write_config(&old);
+    let port = free_port();
+    let pg = dbagent_testcontainers::PostgresBuilder::new()
+        .archive_command(&format!("sleep 3 && {BIN} wal-push %p"))
+        .env(
+            "DBAGENT_WAL_SIDECAR_URL",
+            &format!("http://127.0.0.1:{port}"),
+        )
+        .env("DBAGENT_CONFIG", config.to_str().unwrap())
+        .env("DBAGENT_LOG_FORMAT", "text")
+        .start()
+        .unwrap();
+    let mut env = pg.env();
+    env.push(("DBAGENT_CONFIG".into(), config.display().to_string()));
+    let mut serve = Serve::start_at(port, &env);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT 1 AS g; SELECT pg_switch_wal()",
+    )
+    .unwrap();
+    serve.wait_for("a look-ahead push", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_lookahead_pushed_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    });
+
+    write_config(&new);
+    let segment = pg
+        .psql(
+            "postgres",
+            "INSERT INTO t VALUES (2); SELECT pg_walfile_name(pg_current_wal_lsn())",
+        )
+        .unwrap();
+    pg.psql("postgres", "SELECT pg_switch_wal()").unwrap();
+    wait_archived(&pg, &segment);
+    let in_repo = |r: &Repo| {
+        r.root()
+            .unwrap()
+            .join("pg")
+            .read_dir()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|c| c.path().join("wal").join(format!("{segment}.zst")).exists())
+    };
+    assert!(
+        in_repo(&new),
+        "{segment} was acknowledged but is not in the repository the configuration names"
+    );
+
+    // serve applies the new configuration by exiting for a restart.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve went on with the old configuration"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status.code(), Some(3), "{status}");
+}
+
+/// `dbagent encryption set` turns encryption on while `serve` pushes WAL ahead of the
+/// archiver. New `wal-push` processes without recipients are refused at once (WAL waits in
+/// pg_wal); the sidecar, which read the repository's records when it started, must be refused
+/// too (within its 30 s reading) instead of storing segments in the clear.
+#[test]
+fn encryption_turned_on_under_serve_stops_its_pushes_in_the_clear() {
+    let repo = Repo::file();
+    let port = free_port();
+    let mut b = dbagent_testcontainers::PostgresBuilder::new()
+        .archive_command(&format!("sleep 3 && {BIN} wal-push %p"))
+        .env(
+            "DBAGENT_WAL_SIDECAR_URL",
+            &format!("http://127.0.0.1:{port}"),
+        )
+        .env("DBAGENT_LOG_FORMAT", "text");
+    for (k, v) in repo.env() {
+        b = b.env(&k, &v);
+    }
+    let pg = b.start().unwrap();
+    let mut env = pg.env();
+    env.extend(repo.env());
+    let serve = Serve::start_at(port, &env);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT 1 AS g; SELECT pg_switch_wal()",
+    )
+    .unwrap();
+    serve.wait_for("a look-ahead push", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_lookahead_pushed_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    });
+
+    let keys = pg_owned_tempdir().unwrap();
+    let pair = crate::encryption::keygen(keys.path(), "site");
+    ok(&dbagent_cmd(&repo, None, &["encryption", "set"])
+        .env("DBAGENT_ENCRYPTION_RECIPIENTS_FILE", &pair.recipients)
+        .output()
+        .unwrap());
+    std::thread::sleep(Duration::from_secs(31));
+    let failures = serve
+        .metric("dbagent_wal_lookahead_failures_total")
+        .unwrap_or(0.0);
+    let segment = pg
+        .psql(
+            "postgres",
+            "INSERT INTO t VALUES (2); SELECT pg_walfile_name(pg_current_wal_lsn())",
+        )
+        .unwrap();
+    pg.psql("postgres", "SELECT pg_switch_wal()").unwrap();
+    serve.wait_for("the look-ahead's refusal", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_lookahead_failures_total")
+            .unwrap_or(0.0)
+            > failures
+    });
+    std::thread::sleep(Duration::from_secs(5)); // the archiver's turn, 3 s after the .ready
+    let stored: Vec<_> = walk(repo.root().unwrap())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(&segment))
+        .collect();
+    assert!(
+        stored.is_empty(),
+        "{segment} stored in the clear: {stored:?}"
+    );
+    let failed: i64 = pg
+        .psql("postgres", "SELECT failed_count FROM pg_stat_archiver")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(failed >= 1, "wal-push was not refused");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn mysql_env(db: &dbagent_testcontainers::MariaDb) -> Vec<(String, String)> {
     vec![
         ("DBAGENT_MYSQL_URL".into(), db.url()),
