@@ -155,6 +155,12 @@ impl Drilled {
 /// `dbagent drill`: runs the engine's drill within `drill.timeout`, stores the report,
 /// pushes metrics and notifies. An interrupted drill (timeout, SIGTERM, ^C) drops its future:
 /// the scratch server is stopped and its directory removed.
+///
+/// The deadline and the signals are watched by a task of their own: a file-level restore
+/// holds this task's thread while its own threads write, and must still hear them (it stops
+/// at its next range through `restore::files::stop`). A drill past `drill.timeout` is a failed drill: its report says
+/// so and is published like any other, or `DbagentDrillFailed` would never fire for the
+/// slowest restores, which are the ones to hear about.
 pub async fn run(
     cfg: &Config,
     store: Arc<dyn Store>,
@@ -169,6 +175,7 @@ pub async fn run(
         .into_iter()
         .collect();
     crate::pipeline::check_readable(store.as_ref(), &current).await?;
+    let started = Utc::now();
     let drill = async {
         match engine {
             Engine::Postgres => pg::run(cfg, store.clone(), target)
@@ -179,16 +186,95 @@ pub async fn run(
                 .map(|(uuid, r)| (crate::repo::mysql_drill_key(&uuid, &r.id), r)),
         }
     };
+    // The deadline and the signals are watched by a task of their own: see above.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let (key, mut report) = tokio::select! {
-        r = tokio::time::timeout(cfg.drill.timeout, drill) => r.map_err(|_| {
-            anyhow::anyhow!("the drill did not finish within {}", humantime::format_duration(cfg.drill.timeout))
-        })??,
-        _ = sigterm.recv() => anyhow::bail!("drill interrupted by SIGTERM; the scratch server was removed"),
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("drill interrupted; the scratch server was removed"),
+    let (told, mut stop) = tokio::sync::oneshot::channel::<Stop>();
+    let limit = cfg.drill.timeout;
+    let watcher = tokio::spawn(async move {
+        let why = tokio::select! {
+            _ = tokio::time::sleep(limit) => Stop::Timeout,
+            _ = sigterm.recv() => Stop::Interrupted("drill interrupted by SIGTERM"),
+            _ = tokio::signal::ctrl_c() => Stop::Interrupted("drill interrupted"),
+        };
+        crate::restore::files::stop();
+        let _ = told.send(why);
+    });
+    let outcome = tokio::select! {
+        biased;
+        Ok(why) = &mut stop => Err(why),
+        done = drill => Ok(done),
+    };
+    watcher.abort();
+    // A restore stopped by the watcher may have ended the drill in the same poll: the stop
+    // is what happened, not the "stopped" it caused.
+    let outcome = match (outcome, stop.try_recv()) {
+        (Ok(_), Ok(why)) => Err(why),
+        (outcome, _) => outcome,
+    };
+    // Dropped by now when stopped: the scratch server has stopped and its directory is gone.
+    let (key, mut report) = match outcome {
+        Ok(done) => done?,
+        Err(Stop::Interrupted(why)) => anyhow::bail!("{why}; the scratch server was removed"),
+        Err(Stop::Timeout) => timed_out(cfg, store.as_ref(), engine, started).await?,
     };
     publish(cfg, store.as_ref(), &key, &mut report).await;
     Ok(Drilled { key, report })
+}
+
+/// Why a drill was stopped before it finished.
+enum Stop {
+    Timeout,
+    Interrupted(&'static str),
+}
+
+/// The report of a drill stopped at `drill.timeout`: a failure.
+async fn timed_out(
+    cfg: &Config,
+    store: &dyn Store,
+    engine: Engine,
+    started: DateTime<Utc>,
+) -> anyhow::Result<(String, Report)> {
+    let id = crate::repo::new_id(started);
+    let (key, cluster) = match engine {
+        Engine::Postgres => {
+            let sysid = crate::restore::choose_cluster(cfg, store).await?;
+            (crate::repo::pg_drill_key(sysid, &id), sysid.to_string())
+        }
+        Engine::Mysql => {
+            let uuid = crate::mysql::restore::catalog(cfg, store)
+                .await?
+                .server_uuid;
+            (crate::repo::mysql_drill_key(&uuid, &id), uuid)
+        }
+    };
+    let finished = Utc::now();
+    let limit = humantime::format_duration(cfg.drill.timeout);
+    Ok((
+        key,
+        Report {
+            format_version: REPORT_FORMAT,
+            id,
+            engine,
+            cluster,
+            backup: None,
+            target: "-".into(),
+            landed_at: None,
+            started,
+            finished,
+            duration_seconds: (finished - started).num_milliseconds() as f64 / 1000.0,
+            rto_seconds: None,
+            result: Status::Fail,
+            checks: vec![CheckResult::new(
+                "drill",
+                None,
+                Status::Fail,
+                format!(
+                    "the drill did not finish within {limit} (drill.timeout): the restore and its checks take longer than the time a restore may take; the scratch server was removed"
+                ),
+            )],
+            dbagent_version: env!("CARGO_PKG_VERSION").into(),
+        },
+    ))
 }
 
 /// Stores the report in the repository, pushes metrics, notifies. Problems with pushing or

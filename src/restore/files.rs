@@ -748,7 +748,12 @@ async fn fetch_and_write(
                 }
             })
             .buffer_unordered(parallel);
-        while let Some(next) = fetches.next().await {
+        loop {
+            let next = tokio::select! {
+                next = fetches.next() => next,
+                _ = stopped() => anyhow::bail!("stopped: the process was told to stop"),
+            };
+            let Some(next) = next else { break };
             if shared.failed.load(Ordering::Relaxed) {
                 break;
             }
@@ -811,6 +816,23 @@ async fn fetch_and_write(
         })
     });
     result.with_context(|| format!("restoring base backup {}", b.id))
+}
+
+/// Set when the process is told to stop (a drill past `drill.timeout`, SIGTERM): a file-level
+/// restore works on its own threads, out of reach of the caller's timers and signals, so it
+/// looks at this before each range it hands to its writers and stops there.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Stops every file-level restore of this process at its next range (see `STOP`).
+pub fn stop() {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Returns once `stop` was called.
+async fn stopped() {
+    while !STOP.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Direct I/O wants buffers, offsets and lengths aligned to the device's block: 4 KiB covers

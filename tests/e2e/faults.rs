@@ -792,6 +792,71 @@ fn a_download_that_breaks_late_resumes_where_it_broke() {
     );
 }
 
+/// A drill past `drill.timeout` while its restore downloads (every ranged read of the base
+/// backup pauses 2.5 s, within the S3 retry window): it stops at once rather than when the
+/// download ends, leaves no
+/// scratch directory, and publishes a failed report, so the drill that never finishes is the
+/// one the alerts hear about.
+#[test]
+fn a_drill_past_its_timeout_stops_and_reports_the_failure() {
+    let s3 = FaultyS3::start("drill-timeout");
+    let env = s3.env();
+    let pg = primary(&env);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g",
+    )
+    .unwrap();
+    let out = pg_run(&env, Some(&pg), &["backup"]);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let p = &s3.proxy;
+    let stalled = p.inject(
+        Rule::new(Fault::StallMidBody {
+            after: 64 << 10,
+            pause: Duration::from_millis(2500),
+        })
+        .method("GET")
+        .target(".bundle"),
+    );
+    let scratch = pg_owned_tempdir().unwrap();
+    let started = Instant::now();
+    let out = pg_cmd(&env, None, &["drill", "--json"])
+        .env("DBAGENT_DRILL_TIMEOUT", "5s")
+        .env("DBAGENT_DRILL_SCRATCH_DIR", scratch.path())
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    eprintln!("the drill ended {took:?} after it started");
+    assert!(p.fired(stalled) >= 1);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(took < Duration::from_secs(40), "the drill took {took:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    assert_eq!(report["result"], "fail", "{report}");
+    let detail = report["checks"][0]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("did not finish within 5s"), "{report}");
+    let left: Vec<_> = std::fs::read_dir(scratch.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "the drill left {left:?}");
+    // The report is in the repository, where serve and the alerts read it.
+    p.clear();
+    let (_, listing) = http_request(
+        s3.server.port(),
+        "GET",
+        &format!(
+            "/{}?list-type=2&prefix=drill-timeout/pg/",
+            s3.server.bucket()
+        ),
+    )
+    .unwrap();
+    assert!(
+        listing.contains(&format!("{}.json", report["id"].as_str().unwrap())),
+        "{listing}"
+    );
+}
+
 #[test]
 fn sigkill_and_crashes_mid_stream_leave_nothing_half_visible() {
     let s3 = FaultyS3::start("killed");
