@@ -340,8 +340,8 @@ pub fn render(shared: &Shared) -> String {
     if let Some(st) = shared.stream.read().unwrap().clone() {
         o.gauge(
             "dbagent_wal_stream_up",
-            "1 while WAL streams from the replication slot (serve.wal_stream).",
-            Some(bool01(st.connected)),
+            "1 while WAL streams from the replication slot into the repository (serve.wal_stream): 0 while disconnected, or while storing fails.",
+            Some(bool01(st.up())),
         );
         o.gauge(
             "dbagent_wal_stream_stored_lsn_bytes",
@@ -397,8 +397,8 @@ pub fn render(shared: &Shared) -> String {
     if let Some(f) = shared.binlog_stream_facts() {
         o.gauge(
             "dbagent_binlog_stream_up",
-            "Whether the binlog stream is connected to the server.",
-            Some(bool01(f.connected)),
+            "1 while binlogs stream from the server into the repository: 0 while disconnected, or while storing fails.",
+            Some(bool01(f.connected && !f.store_failing)),
         );
         o.gauge(
             "dbagent_binlog_stream_gap",

@@ -529,6 +529,8 @@ pub struct StreamFacts {
     /// The first binlog of that stretch (a dump taken past it supersedes the gap).
     #[serde(skip)]
     pub gap_file: Option<String>,
+    /// Storing into the repository fails (retried meanwhile).
+    pub store_failing: bool,
     pub error: Option<String>,
 }
 
@@ -565,7 +567,10 @@ impl StreamStatus {
         if self.facts().error.as_deref() != Some(msg.as_str()) {
             tracing::warn!(error = %msg, "cannot store streamed binlog; retrying");
         }
-        self.update(|s| s.error = Some(msg));
+        self.update(|s| {
+            s.store_failing = true;
+            s.error = Some(msg);
+        });
     }
 
     fn stored(&self, part: &Part) {
@@ -575,6 +580,7 @@ impl StreamStatus {
         }
         self.update(|s| {
             s.error = None;
+            s.store_failing = false;
             s.file = Some(part.name.clone());
             s.stored_position = part.to;
             if part.gtid.is_some() {

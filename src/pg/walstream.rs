@@ -626,13 +626,28 @@ impl Streamer {
         let mut pause = Duration::from_millis(200);
         loop {
             let err = match store_wal(self.store.as_ref(), pipe, key, &compressed, &data).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.shared.stream_update(|f| {
+                        if f.store_failing {
+                            tracing::info!(%key, "storing streamed WAL works again");
+                            f.store_failing = false;
+                            f.error = None;
+                        }
+                    });
+                    return Ok(());
+                }
                 Err(e) => e,
             };
             if !storage::is_transient(&err) && !storage::is_already_exists(&err) {
                 return Err(err);
             }
-            tracing::warn!(%key, error = %format!("{err:#}"), "storing streamed WAL failed; retrying");
+            let line = crate::error::one_line(&err);
+            tracing::warn!(%key, error = %line, "storing streamed WAL failed; retrying");
+            // Down until it works again: what the server sends is stored nowhere meanwhile.
+            self.shared.stream_update(|f| {
+                f.store_failing = true;
+                f.error = Some(format!("storing {key}: {line}"));
+            });
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
         }

@@ -74,7 +74,17 @@ pub struct StreamFacts {
     /// WAL the slot holds back on the server, and the slot's `wal_status`.
     pub slot_retained_bytes: Option<u64>,
     pub slot_wal_status: Option<String>,
+    /// Storing into the repository fails (retried meanwhile): WAL is received, acknowledged
+    /// nowhere, and not streaming to the repository.
+    pub store_failing: bool,
     pub error: Option<String>,
+}
+
+impl StreamFacts {
+    /// WAL streams from the slot into the repository.
+    pub fn up(&self) -> bool {
+        self.connected && !self.store_failing
+    }
 }
 
 #[derive(Debug, Default)]

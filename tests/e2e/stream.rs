@@ -162,6 +162,58 @@ fn writer(port: u16) -> std::thread::JoinHandle<Vec<(i64, SystemTime)>> {
     })
 }
 
+/// S3 refuses every store (503) while WAL streams: the sidecar says so, `dbagent_wal_stream_up`
+/// 0 and the reason in `/status`, so `DbagentWalStreamDown` fires, instead of looking healthy
+/// for as long as it retries; once the stores work again it catches up and is up again.
+#[test]
+fn a_failing_store_takes_the_stream_down_until_it_works_again() {
+    let repo = Repo::s3("store-down");
+    let Repo::S3(server, prefix) = &repo else {
+        unreachable!()
+    };
+    let proxy = FaultProxy::start(server.port()).unwrap();
+    let pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    let mut env = pg_env(&pg);
+    env.extend(proxy.s3_env(server, prefix));
+    for (k, v) in [
+        ("DBAGENT_WAL_STREAM", "true"),
+        ("DBAGENT_SERVE_HEARTBEAT", "false"),
+        ("DBAGENT_SERVE_WAL_LOOKAHEAD", "false"),
+        ("DBAGENT_S3_RETRY_TIMEOUT", "1s"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let serve = Serve::start(&env);
+    let up = |s: &Serve| s.metric("dbagent_wal_stream_up");
+    pg.psql("postgres", "INSERT INTO t VALUES (1)").unwrap();
+    serve.wait_for("the stream to store", Duration::from_secs(30), |s| {
+        up(s) == Some(1.0) && stored_lsn(s) > 0
+    });
+
+    let refused = proxy.inject(Rule::new(Fault::Status(503)).method("PUT"));
+    pg.psql("postgres", "INSERT INTO t SELECT generate_series(2, 1000)")
+        .unwrap();
+    let took = serve.wait_for(
+        "the stream to say it is down",
+        Duration::from_secs(30),
+        |s| up(s) == Some(0.0),
+    );
+    let status = serve.json("/status");
+    let error = status["wal_stream"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("503"), "{status}");
+    assert!(proxy.fired(refused) > 0);
+    eprintln!("down {took:?} into the outage: {error}");
+
+    proxy.clear();
+    let before = stored_lsn(&serve);
+    serve.wait_for("the stream to be up again", Duration::from_secs(60), |s| {
+        up(s) == Some(1.0) && stored_lsn(s) > before
+    });
+    assert!(serve.json("/status")["wal_stream"]["error"].is_null());
+}
+
 /// One node loss. Returns the recovery point: how long before the loss the newest restored
 /// marker was committed (seconds).
 fn node_loss(stream: bool, prefix: &str, write_for: Duration) -> f64 {
