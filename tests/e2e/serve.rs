@@ -310,7 +310,15 @@ fn primary_and_standby_answer_like_patroni() {
     assert_eq!(s.metric("dbagent_wal_receiver_up"), Some(0.0));
     assert_eq!(s.code("/health"), 200, "the standby itself is still up");
 
-    // Promote it: /primary turns 200 within 3 seconds.
+    // Promote it: /primary turns 200 within 3 seconds, on the new timeline. The checkpoint
+    // after a promotion is spread over checkpoint_timeout: a long one, as on many sites,
+    // keeps pg_control's timeline at the old one meanwhile.
+    let extra = standby.data_dir().join("standby-extra.conf");
+    let mut conf = std::fs::read_to_string(&extra).unwrap();
+    conf.push_str("checkpoint_timeout = '1h'\n");
+    std::fs::write(&extra, conf).unwrap();
+    standby.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    let old_timeline = s.metric("dbagent_timeline").unwrap();
     standby.psql("postgres", "SELECT pg_promote()").unwrap();
     let took = s.wait_for(
         "/primary to turn 200 after promotion",
@@ -318,6 +326,14 @@ fn primary_and_standby_answer_like_patroni() {
         |s| s.code("/primary") == 200,
     );
     eprintln!("promotion noticed in {took:?}");
+    s.wait_for(
+        "the new timeline in /patroni and the metrics",
+        Duration::from_secs(3),
+        |s| {
+            s.metric("dbagent_timeline") == Some(old_timeline + 1.0)
+                && s.json("/patroni")["timeline"].as_f64() == Some(old_timeline + 1.0)
+        },
+    );
     assert_eq!(s.code("/replica"), 503);
     // The new primary writes its own heartbeat.
     s.wait_for(
