@@ -669,16 +669,28 @@ impl S3Upload {
         Ok(())
     }
 
+    /// CompleteMultipartUpload. When it fails, the store may still have completed it (the
+    /// answer lost on the way back, and a retry told the upload is gone): what is stored is
+    /// read back, and an object of this upload's size and last bytes is success.
     async fn complete_overwriting(&mut self, etags: Vec<String>) -> anyhow::Result<()> {
         let parts = etags
             .into_iter()
             .map(|content_id| PartId { content_id })
             .collect();
-        self.store
+        let Err(e) = self
+            .store
             .complete_multipart(&self.path, &self.upload_id, parts)
             .await
-            .with_context(|| format!("completing upload of {}", self.key))?;
-        Ok(())
+        else {
+            return Ok(());
+        };
+        match written_is_ours(&self.store, &self.path, self.size, &self.tail).await {
+            Ok(true) => {
+                tracing::info!(key = %self.key, error = %e, "completing the upload failed, yet the store holds it whole: the answer was lost");
+                Ok(())
+            }
+            _ => Err(e).with_context(|| format!("completing upload of {}", self.key)),
+        }
     }
 
     async fn abort_upload(&mut self) {

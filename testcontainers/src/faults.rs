@@ -42,6 +42,9 @@ pub enum Fault {
     /// Forward, stop for `pause` after this many bytes of the answer's body, then reset the
     /// connection: a body that breaks late, after the client's retry window has run out.
     StallThenReset { after: usize, pause: Duration },
+    /// Forward, so the server does what was asked, then reset the connection instead of
+    /// relaying its answer: a success whose answer was lost.
+    LoseAnswer,
 }
 
 /// When a fault fires.
@@ -340,7 +343,8 @@ fn serve(client: TcpStream, upstream: u16, state: &Mutex<State>) -> Result<()> {
         Some(
             f @ (Fault::ResetMidBody { .. }
             | Fault::StallMidBody { .. }
-            | Fault::StallThenReset { .. }),
+            | Fault::StallThenReset { .. }
+            | Fault::LoseAnswer),
         ) => {
             log(format!("injected {f:?}"));
             forward(client, upstream, &req, &body, Some(f)).map(|_| ())
@@ -519,6 +523,11 @@ fn forward(
         out.extend_from_slice(h.as_bytes());
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
+    if let Some(Fault::LoseAnswer) = fault {
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        reset(client);
+        return Ok(status);
+    }
     client.write_all(&out)?;
 
     // The body, until upstream closes.

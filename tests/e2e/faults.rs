@@ -857,6 +857,45 @@ fn a_drill_past_its_timeout_stops_and_reports_the_failure() {
     );
 }
 
+/// S3 completes the base backup's multipart upload, and the answer is lost on the way back:
+/// the backup reads back what is stored instead of failing a backup whose every byte is there.
+#[test]
+fn a_lost_answer_to_completing_an_upload_is_no_failure() {
+    let s3 = FaultyS3::start("lost-answer");
+    let env = s3.env();
+    let pg = primary(&env);
+    // About 25 MB of poorly compressible rows: the bundle is a multipart upload.
+    pg.psql(
+        "postgres",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g",
+    )
+    .unwrap();
+    let p = &s3.proxy;
+    let lost = p.inject(
+        Rule::new(Fault::LoseAnswer)
+            .method("POST")
+            .target(".bundle?uploadId=")
+            .times(1),
+    );
+    // A retry then finds the upload gone, as S3 answers once it completed it (moto completes
+    // it again instead).
+    let gone = p.inject(
+        Rule::new(Fault::Status(404))
+            .method("POST")
+            .target(".bundle?uploadId="),
+    );
+    let out = pg_run(&env, Some(&pg), &["backup"]);
+    assert_eq!(p.fired(lost), 1);
+    eprintln!("retries told the upload is gone: {}", p.fired(gone));
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(s3.pending_uploads(), 0);
+    switch_and_wait_archived(&pg);
+    let scratch = pg_owned_tempdir().unwrap();
+    let (restored, out) = restore_latest(&env, &scratch.path().join("restored"));
+    ok(&out);
+    assert_eq!(restored.psql("SELECT count(*) FROM big"), "300000");
+}
+
 #[test]
 fn sigkill_and_crashes_mid_stream_leave_nothing_half_visible() {
     let s3 = FaultyS3::start("killed");
