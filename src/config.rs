@@ -311,21 +311,6 @@ impl Config {
         hex::encode(&sha2::Sha256::digest(place.as_bytes())[..8])
     }
 
-    /// The secrets this configuration holds (for `serve` to notice one that changed).
-    pub fn secrets(&self) -> impl Iterator<Item = &Secret> {
-        [
-            &self.s3.access_key_id,
-            &self.s3.secret_access_key,
-            &self.s3.session_token,
-            &self.pg.password,
-            &self.mysql.password,
-            &self.notify.slack_url,
-            &self.notify.pagerduty_routing_key,
-        ]
-        .into_iter()
-        .flatten()
-    }
-
     /// Loads the file (if any), then applies the environment, then the flags.
     pub fn load(flags: &Overrides, env: &dyn Env) -> anyhow::Result<Config> {
         let config_file = flags

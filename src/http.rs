@@ -363,7 +363,7 @@ async fn wal_segment(
         .read()
         .unwrap()
         .as_ref()
-        .is_some_and(|f| f.connected && f.timeline == Some(tli));
+        .is_some_and(|f| f.up() && f.timeline == Some(tli));
     let stored = if streaming_it {
         shared.segments.wait_for(sysid, &name, wait).await
     } else {

@@ -196,8 +196,9 @@ pub async fn run(
             _ = sigterm.recv() => Stop::Interrupted("drill interrupted by SIGTERM"),
             _ = tokio::signal::ctrl_c() => Stop::Interrupted("drill interrupted"),
         };
-        crate::restore::files::stop();
+        // Told first: the restore this stops ends the drill with an error of its own.
         let _ = told.send(why);
+        crate::restore::files::stop();
     });
     let outcome = tokio::select! {
         biased;
@@ -205,10 +206,15 @@ pub async fn run(
         done = drill => Ok(done),
     };
     watcher.abort();
-    // A restore stopped by the watcher may have ended the drill in the same poll: the stop
-    // is what happened, not the "stopped" it caused.
+    // A restore stopped by the watcher may have ended the drill in the same poll, failed by
+    // the stop: the stop is what happened. A drill that passed meanwhile stays passed.
     let outcome = match (outcome, stop.try_recv()) {
-        (Ok(_), Ok(why)) => Err(why),
+        (Ok(Ok((key, mut report))), Ok(Stop::Timeout)) if !report.passed() => {
+            report.checks.push(timeout_check(cfg));
+            Ok(Ok((key, report)))
+        }
+        (Ok(Ok(r)), Ok(why)) if !r.1.passed() => Err(why),
+        (Ok(Err(_)), Ok(why)) => Err(why),
         (outcome, _) => outcome,
     };
     // Dropped by now when stopped: the scratch server has stopped and its directory is gone.
@@ -225,6 +231,19 @@ pub async fn run(
 enum Stop {
     Timeout,
     Interrupted(&'static str),
+}
+
+/// The failed check of a drill stopped at `drill.timeout`.
+fn timeout_check(cfg: &Config) -> CheckResult {
+    CheckResult::new(
+        "drill",
+        None,
+        Status::Fail,
+        format!(
+            "the drill did not finish within {} (drill.timeout): the restore and its checks take longer than the time a restore may take; the scratch server was removed",
+            humantime::format_duration(cfg.drill.timeout)
+        ),
+    )
 }
 
 /// The report of a drill stopped at `drill.timeout`: a failure.
@@ -248,7 +267,6 @@ async fn timed_out(
         }
     };
     let finished = Utc::now();
-    let limit = humantime::format_duration(cfg.drill.timeout);
     Ok((
         key,
         Report {
@@ -264,14 +282,7 @@ async fn timed_out(
             duration_seconds: (finished - started).num_milliseconds() as f64 / 1000.0,
             rto_seconds: None,
             result: Status::Fail,
-            checks: vec![CheckResult::new(
-                "drill",
-                None,
-                Status::Fail,
-                format!(
-                    "the drill did not finish within {limit} (drill.timeout): the restore and its checks take longer than the time a restore may take; the scratch server was removed"
-                ),
-            )],
+            checks: vec![timeout_check(cfg)],
             dbagent_version: env!("CARGO_PKG_VERSION").into(),
         },
     ))

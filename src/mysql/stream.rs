@@ -559,6 +559,7 @@ impl StreamStatus {
             s.file = Some(file.to_string());
             s.stored_position = position;
             s.error = None;
+            s.store_failing = false;
         });
     }
 

@@ -191,6 +191,8 @@ impl Streamer {
         self.shared.stream_update(|f| {
             f.connected = true;
             f.error = None;
+            // Storing is judged again by the next store; meanwhile nothing says it fails.
+            f.store_failing = false;
             f.timeline = Some(tli);
         });
         let mut last_status = Instant::now();

@@ -751,7 +751,11 @@ async fn fetch_and_write(
         loop {
             let next = tokio::select! {
                 next = fetches.next() => next,
-                _ = stopped() => anyhow::bail!("stopped: the process was told to stop"),
+                _ = stopped() => {
+                    // The file creator and the writers stop at their next file or blob.
+                    shared.failed.store(true, Ordering::Relaxed);
+                    anyhow::bail!("stopped: the process was told to stop");
+                }
             };
             let Some(next) = next else { break };
             if shared.failed.load(Ordering::Relaxed) {

@@ -79,7 +79,7 @@ pub async fn run(
     spawn(
         &mut tasks,
         "configuration",
-        reload::watch(cfg.clone(), reload, token.clone()),
+        reload::watch(cfg.clone(), reload, shared.clone(), token.clone()),
     );
 
     let router = crate::http::router(shared.clone());

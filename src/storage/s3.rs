@@ -78,7 +78,7 @@ const GET_RESUMES: u32 = 5;
 /// `mysql` for as long as the load takes, so without this a large restore failed at minute 10,
 /// or at the first dropped connection after minute 2, with the target half loaded.
 struct Resuming {
-    inner: Arc<AmazonS3>,
+    store: S3Store,
     path: Path,
     key: String,
     etag: Option<String>,
@@ -143,7 +143,7 @@ impl Resuming {
                 range: Some(object_store::GetRange::Offset(self.offset)),
                 ..Default::default()
             };
-            match self.inner.get_opts(&self.path, options).await {
+            match self.store.inner.get_opts(&self.path, options).await {
                 Ok(rest) => {
                     self.body = Some(rest.into_stream());
                     return Ok(());
@@ -153,7 +153,13 @@ impl Resuming {
                         anyhow::Error::new(e).context("the object changed while it was downloaded")
                     );
                 }
-                Err(e) => broke = anyhow::Error::new(e),
+                Err(e) => {
+                    broke = self.store.explain(e, &self.key);
+                    // Refused credentials, a skewed clock, an object gone: no retry mends those.
+                    if crate::error::exit_code(&broke) == crate::error::EXIT_INPUT {
+                        return Err(broke);
+                    }
+                }
             }
         }
     }
@@ -429,7 +435,7 @@ impl Store for S3Store {
             .await
             .map_err(|e| self.explain(e, key))?;
         let download = Resuming {
-            inner: self.inner.clone(),
+            store: self.clone(),
             path,
             key: key.to_string(),
             etag: res.meta.e_tag.clone(),

@@ -747,8 +747,9 @@ fn a_download_that_breaks_late_resumes_where_it_broke() {
         .unwrap()
     );
 
-    // A body that breaks for good fails the restore, naming the download (not only the
-    // program that found its input cut), and leaves no database behind.
+    // A body that breaks, and whose resume is refused (403: no retry mends it), fails the
+    // restore at once, naming the download and the credentials (not only the program that
+    // found its input cut), and leaves no database behind.
     p.inject(
         Rule::new(Fault::ResetMidBody { after: 1 << 20 })
             .method("GET")
@@ -774,12 +775,17 @@ fn a_download_that_breaks_late_resumes_where_it_broke() {
             &url,
         ],
     );
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(p.fired(refused) >= 5, "resumed {} times", p.fired(refused));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // object_store's own resume meets the 403 first, then the one dbagent tries: no more.
+    assert!(
+        p.fired(refused) <= 2,
+        "a refusal was retried {} times",
+        p.fired(refused)
+    );
     let line = stderr(&out);
     eprintln!("{}", line.trim());
     assert!(
-        line.contains("downloading the dump of site") && line.contains("site.pgdump.zst"),
+        line.contains("site.pgdump.zst") && line.contains("refused the credentials"),
         "{line}"
     );
     assert_eq!(
@@ -833,8 +839,14 @@ fn a_drill_past_its_timeout_stops_and_reports_the_failure() {
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
     assert_eq!(report["result"], "fail", "{report}");
-    let detail = report["checks"][0]["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("did not finish within 5s"), "{report}");
+    let said = |text: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["detail"].as_str().unwrap_or_default().contains(text))
+    };
+    assert!(said("did not finish within 5s"), "{report}");
     let left: Vec<_> = std::fs::read_dir(scratch.path())
         .unwrap()
         .flatten()
