@@ -907,6 +907,29 @@ fn recovery_failure(plan: &PgPlan, log: &Path) -> anyhow::Error {
             log.display()
         );
     }
+    // Another server holds the port (the backup's own, when no --port was given: a restore on
+    // production's host): the data is all written, so a rerun with --delta writes nothing new.
+    let taken = [
+        "could not create any TCP/IP sockets",
+        "Address already in use",
+        "Is another postmaster",
+    ];
+    if taken.iter().any(|t| text.contains(t)) {
+        let line = text
+            .lines()
+            .find(|l| l.contains("Address already in use") || l.contains("Is another postmaster"))
+            .unwrap_or(&fatal);
+        // Without the log line's prefix (time, pid, level).
+        let hint = ["LOG:", "FATAL:", "HINT:", "WARNING:"]
+            .iter()
+            .find_map(|level| line.split_once(level).map(|(_, rest)| rest))
+            .unwrap_or(line)
+            .trim();
+        return input_err!(
+            "the restored server could not start: another server holds its port ({hint}). The restored data directory is complete: run this restore again with --delta --port <a free port>, which checks every file and rewrites only what differs, or free the port first (log: {})",
+            log.display()
+        );
+    }
     // wal-fetch writes its own one-line errors into the server log: the most useful line.
     if let Some(line) = text.lines().rev().find(|l| l.contains("dbagent: error:")) {
         return anyhow::anyhow!(

@@ -331,3 +331,33 @@ fn a_delta_restore_is_refused_while_a_postmaster_pid_is_there_even_from_a_sideca
     std::fs::remove_file(&pid_file).unwrap();
     ok(&dbagent(&repo, None, &args));
 }
+
+/// A restore on production's host without --port: the restored server takes the backup's own
+/// port, which production holds. Found only once everything is written; the error says how
+/// to finish without writing it all again, and that works.
+#[test]
+fn a_restore_whose_port_is_taken_says_how_to_finish_it() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t AS SELECT 1 AS i")
+        .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    switch_and_wait_archived(&pg);
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("restored");
+    let out = dbagent(
+        &repo,
+        None,
+        &["restore", "--latest", "--target-dir", dir.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    eprintln!("{}", err.trim());
+    assert!(err.contains("another server holds its port"), "{err}");
+    assert!(err.contains("--delta --port"), "{err}");
+    // As it says: the rerun checks the files, rewrites what differs, and finishes.
+    let (out, restored) = restore(&repo, &dir, &["--latest", "--delta"]);
+    ok(&out);
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), "1");
+    assert_eq!(pg.psql("postgres", "SELECT count(*) FROM t").unwrap(), "1");
+}
