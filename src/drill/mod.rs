@@ -213,7 +213,8 @@ pub async fn run(
             report.checks.push(timeout_check(cfg));
             Ok(Ok((key, report)))
         }
-        (Ok(Ok(r)), Ok(why)) if !r.1.passed() => Err(why),
+        // Interrupted: a failure the interruption caused is no drill result; any other is.
+        (Ok(Ok(r)), Ok(why)) if stopped_by_us(&r.1) => Err(why),
         (Ok(Err(_)), Ok(why)) => Err(why),
         (outcome, _) => outcome,
     };
@@ -225,6 +226,14 @@ pub async fn run(
     };
     publish(cfg, store.as_ref(), &key, &mut report).await;
     Ok(Drilled { key, report })
+}
+
+/// Whether a finished report failed because the watcher stopped its restore.
+fn stopped_by_us(report: &Report) -> bool {
+    report
+        .failures()
+        .iter()
+        .any(|c| c.detail.contains(crate::restore::files::STOPPED))
 }
 
 /// Why a drill was stopped before it finished.

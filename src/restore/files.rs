@@ -754,7 +754,7 @@ async fn fetch_and_write(
                 _ = stopped() => {
                     // The file creator and the writers stop at their next file or blob.
                     shared.failed.store(true, Ordering::Relaxed);
-                    anyhow::bail!("stopped: the process was told to stop");
+                    anyhow::bail!(STOPPED);
                 }
             };
             let Some(next) = next else { break };
@@ -826,6 +826,9 @@ async fn fetch_and_write(
 /// restore works on its own threads, out of reach of the caller's timers and signals, so it
 /// looks at this before each range it hands to its writers and stops there.
 static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The error of a restore that `stop` stopped.
+pub const STOPPED: &str = "stopped: the process was told to stop";
 
 /// Stops every file-level restore of this process at its next range (see `STOP`).
 pub fn stop() {

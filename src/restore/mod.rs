@@ -332,7 +332,8 @@ pub async fn materialize(
 #[derive(Debug, Clone)]
 pub struct Landed {
     pub port: u16,
-    pub socket_dir: String,
+    /// Its unix socket directory, or its TCP address when it has no socket.
+    pub host: String,
     /// The last replayed transaction's commit time, as PostgreSQL prints it.
     pub last_commit: Option<String>,
     pub timeline: String,
@@ -344,7 +345,7 @@ impl Landed {
     /// Connection settings for a database of the restored server (over its socket).
     pub fn conn(&self, cfg: &Config, db: &str) -> ConnInfo {
         let mut pg = cfg.pg.clone();
-        pg.host = Some(self.socket_dir.clone());
+        pg.host = Some(self.host.clone());
         pg.port = Some(self.port);
         pg.database = Some(db.to_string());
         pg.user = pg.user.or_else(|| Some("postgres".into()));
@@ -589,8 +590,8 @@ pub async fn start_and_wait(
     let mut replayed: Option<u64> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Some((pid, port, socket_dir)) =
-            PostmasterPid::read(dir).and_then(|pm| Some((pm.pid?, pm.port?, pm.socket_dir)))
+        let Some((pid, port, pm)) =
+            PostmasterPid::read(dir).and_then(|pm| Some((pm.pid?, pm.port?, pm)))
         else {
             return Err(recovery_failure(plan, &log));
         };
@@ -616,9 +617,11 @@ pub async fn start_and_wait(
                 dir.display()
             ));
         }
+        // Still making its sockets (checked against the deadline above).
+        let Some(host) = pm.host() else { continue };
         let probe = Landed {
             port,
-            socket_dir: socket_dir.clone(),
+            host,
             last_commit: None,
             timeline: String::new(),
             replayed_lsn: None,
@@ -641,13 +644,29 @@ pub async fn start_and_wait(
             .query_one(
                 "SELECT pg_is_in_recovery(), coalesce(pg_last_xact_replay_timestamp()::text, 'none'),
                         (SELECT timeline_id FROM pg_control_checkpoint())::text,
-                        pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint",
+                        pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint,
+                        extract(epoch FROM pg_postmaster_start_time())::float8",
                 &[],
             )
             .await
         else {
             continue;
         };
+        // Whoever answered on that socket or address must be the server on `dir`: its start
+        // time is the one postmaster.pid records (any role may ask; data_directory is
+        // superuser-only). They are taken a moment apart, so within two seconds.
+        let started: f64 = row.get(4);
+        if let Some(recorded) = pm.start_time
+            && (started - recorded as f64).abs() > 2.0
+        {
+            return Err(anyhow::anyhow!(
+                "another server answered at {} port {port} (it started at {}, the restored one at {}): the restored server's port is taken; see its log {}",
+                probe.host,
+                started as i64,
+                recorded,
+                log.display()
+            ));
+        }
         let in_recovery: bool = row.get(0);
         replayed = row.get::<_, Option<i64>>(3).map(|v| v as u64).or(replayed);
         if plan.standby {
@@ -827,10 +846,35 @@ async fn archive_end(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<plan::A
 /// starts, so any may be missing yet.
 pub(crate) struct PostmasterPid {
     pub pid: Option<i32>,
+    /// When the postmaster started (seconds since the epoch, line 3).
+    pub start_time: Option<i64>,
     pub port: Option<u16>,
-    pub socket_dir: String,
+    /// The first unix socket directory: empty until the server made its sockets, and for
+    /// good when it makes none.
+    pub socket_dir: Option<String>,
+    /// The first TCP listen address (`*` for all), once it listens.
+    pub listen_addr: Option<String>,
     /// The System V shared memory segment's id (line 7: key and id).
     pub shmid: Option<i32>,
+    /// `starting`, `ready`, `standby`, `stopping`: written once every socket is made.
+    pub status: Option<String>,
+}
+
+impl PostmasterPid {
+    /// Where to reach the server, once it has made its sockets: its unix socket directory,
+    /// else its TCP address. `None` while it is still starting. Never a default like `/tmp`,
+    /// where another server may answer on the same port.
+    pub(crate) fn host(&self) -> Option<String> {
+        self.status.as_ref()?;
+        if let Some(dir) = &self.socket_dir {
+            return Some(dir.clone());
+        }
+        match self.listen_addr.as_deref()? {
+            "*" | "0.0.0.0" => Some("127.0.0.1".into()),
+            "::" => Some("::1".into()),
+            addr => Some(addr.to_string()),
+        }
+    }
 }
 
 impl PostmasterPid {
@@ -841,14 +885,14 @@ impl PostmasterPid {
         let field = |n: usize| lines.get(n).map(|l| l.trim());
         Some(PostmasterPid {
             pid: field(0).and_then(|l| l.parse().ok()),
+            start_time: field(2).and_then(|l| l.parse().ok()),
             port: field(3).and_then(|l| l.parse().ok()),
-            socket_dir: field(4)
-                .filter(|s| !s.is_empty())
-                .unwrap_or("/tmp")
-                .to_string(),
+            socket_dir: field(4).filter(|s| !s.is_empty()).map(str::to_string),
+            listen_addr: field(5).filter(|s| !s.is_empty()).map(str::to_string),
             shmid: field(6)
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|s| s.parse().ok()),
+            status: field(7).filter(|s| !s.is_empty()).map(str::to_string),
         })
     }
 }
@@ -911,10 +955,10 @@ fn recovery_failure(plan: &PgPlan, log: &Path) -> anyhow::Error {
     // production's host): the data is all written, so a rerun with --delta writes nothing new.
     let taken = [
         "could not create any TCP/IP sockets",
-        "Address already in use",
-        "Is another postmaster",
+        "could not create any Unix-domain sockets",
+        ".s.PGSQL.",
     ];
-    if taken.iter().any(|t| text.contains(t)) {
+    if fatal.contains("FATAL") && taken.iter().any(|t| fatal.contains(t)) {
         let line = text
             .lines()
             .find(|l| l.contains("Address already in use") || l.contains("Is another postmaster"))
@@ -925,8 +969,13 @@ fn recovery_failure(plan: &PgPlan, log: &Path) -> anyhow::Error {
             .find_map(|level| line.split_once(level).map(|(_, rest)| rest))
             .unwrap_or(line)
             .trim();
+        let again = if plan.backup.files.is_some() {
+            "The restored data directory is complete: run this restore again with --delta --port <a free port>, which checks every file and rewrites only what differs, or free the port first"
+        } else {
+            "Empty the data directory and run this restore again with --port <a free port> (a streamed backup cannot be restored --delta), or free the port first"
+        };
         return input_err!(
-            "the restored server could not start: another server holds its port ({hint}). The restored data directory is complete: run this restore again with --delta --port <a free port>, which checks every file and rewrites only what differs, or free the port first (log: {})",
+            "the restored server could not start: another server holds its port ({hint}). {again} (log: {})",
             log.display()
         );
     }
@@ -949,6 +998,32 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn a_starting_server_is_reached_only_where_it_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = |lines: &str| {
+            std::fs::write(dir.path().join("postmaster.pid"), lines).unwrap();
+            PostmasterPid::read(dir.path()).unwrap().host()
+        };
+        let head = "4242\n/data\n1733570000\n5433\n";
+        // Just created: no socket yet, and no guess (another server may own /tmp's).
+        assert_eq!(host(&format!("{head}\n\n")), None);
+        assert_eq!(host(&format!("{head}/run/pg\n*\n")), None, "no status yet");
+        assert_eq!(
+            host(&format!("{head}/run/pg\n*\n  5433001  32768\nstarting\n")),
+            Some("/run/pg".into())
+        );
+        // No unix socket at all: its TCP address.
+        assert_eq!(
+            host(&format!("{head}\n*\n  5433001  32768\nready\n")),
+            Some("127.0.0.1".into())
+        );
+        assert_eq!(
+            host(&format!("{head}\n10.0.0.5\n  5433001  32768\nready\n")),
+            Some("10.0.0.5".into())
+        );
+    }
 
     /// What PostgreSQL's configuration parser makes of a quoted string (GUC_scanstr).
     fn conf_unquote(quoted: &str) -> String {

@@ -156,6 +156,12 @@ impl Resuming {
                 Err(e) => {
                     broke = self.store.explain(e, &self.key);
                     // Refused credentials, a skewed clock, an object gone: no retry mends those.
+                    if super::is_not_found(&broke) {
+                        return Err(anyhow::Error::new(Failure::NotFound(format!(
+                            "{} is gone from the repository (deleted while it was downloaded)",
+                            self.key
+                        ))));
+                    }
                     if crate::error::exit_code(&broke) == crate::error::EXIT_INPUT {
                         return Err(broke);
                     }
