@@ -256,14 +256,43 @@ async fn check_heartbeat(
         .query_opt(crate::pg::sql::HEARTBEAT_NEWEST, &[])
         .await;
     let db = Some(cfg.serve.heartbeat_database.as_str());
+    let missing = |e: &tokio_postgres::Error| {
+        use tokio_postgres::error::SqlState;
+        matches!(
+            e.code(),
+            Some(&SqlState::UNDEFINED_TABLE | &SqlState::INVALID_SCHEMA_NAME)
+        )
+    };
     let row = match row {
         Ok(Some(r)) => r,
-        Ok(None) | Err(_) => {
+        Ok(None) => {
             checks.push(CheckResult::new(
                 "heartbeat",
                 db,
                 Status::Skip,
                 "no dbagent.heartbeat row: the source ran no `dbagent serve`, so where the restore landed cannot be proven",
+            ));
+            return None;
+        }
+        Err(e) if missing(&e) => {
+            checks.push(CheckResult::new(
+                "heartbeat",
+                db,
+                Status::Skip,
+                "no dbagent.heartbeat table: the source ran no `dbagent serve`, so where the restore landed cannot be proven",
+            ));
+            return None;
+        }
+        // The table is there and cannot be read: a restored database that fails a query.
+        Err(e) => {
+            checks.push(CheckResult::new(
+                "heartbeat",
+                db,
+                Status::Fail,
+                format!(
+                    "reading dbagent.heartbeat failed: {}",
+                    crate::error::one_line(&anyhow::Error::new(e))
+                ),
             ));
             return None;
         }

@@ -648,6 +648,47 @@ fn serve_stopping_lets_a_scheduled_drill_tear_down() {
     assert_scratch_gone(scratch.path());
 }
 
+/// A restored heartbeat table that cannot be read is a failed check, not a source that never
+/// ran `serve` (a skip): a drill whose restored database fails a query must not pass.
+#[test]
+fn an_unreadable_heartbeat_fails_the_drill() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    // Stands in for a damaged table: every read of it fails.
+    pg.psql(
+        "postgres",
+        "CREATE SCHEMA dbagent;
+         CREATE FUNCTION dbagent.broken() RETURNS timestamptz LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'could not read block 0'; END $$;
+         CREATE VIEW dbagent.heartbeat AS SELECT dbagent.broken() AS ts, 'x'::text AS canary",
+    )
+    .unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    switch_and_wait_archived(&pg);
+    let scratch = pg_owned_tempdir().unwrap();
+    let out = dbagent_cmd(&repo, None, &["drill", "--json"])
+        .env("DBAGENT_DRILL_SCRATCH_DIR", scratch.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let heartbeat = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "heartbeat")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(heartbeat["status"], "fail", "{report}");
+    assert!(
+        heartbeat["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("could not read block 0"),
+        "{report}"
+    );
+}
+
 /// SIGTERM the dbagent process itself (runuser's child, when run as the postgres user).
 fn terminate_dbagent(child: &std::process::Child) {
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
