@@ -442,6 +442,18 @@ fn primary(env: &[(String, String)]) -> Postgres {
     b.start().expect("start PostgreSQL")
 }
 
+/// `primary` with about 25 MB of poorly compressible rows in `big`: a base backup's bundle is
+/// a multipart upload, and a restore reads it in several ranges.
+fn primary_with_big_rows(env: &[(String, String)]) -> Postgres {
+    let pg = primary(env);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g",
+    )
+    .unwrap();
+    pg
+}
+
 fn archiver_failures(pg: &Postgres) -> i64 {
     pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver")
         .unwrap()
@@ -585,14 +597,9 @@ fn a_latest_restore_replays_what_was_archived_while_it_downloaded() {
 fn backup_and_restore_ride_out_faults_and_never_stop_short() {
     let s3 = FaultyS3::start("backup-restore");
     let env = s3.env();
-    let pg = primary(&env);
-    // About 25 MB of poorly compressible rows: the base backup's bundle is a multipart upload.
-    pg.psql(
-        "postgres",
-        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g;
-         CREATE TABLE marks (id int PRIMARY KEY)",
-    )
-    .unwrap();
+    let pg = primary_with_big_rows(&env);
+    pg.psql("postgres", "CREATE TABLE marks (id int PRIMARY KEY)")
+        .unwrap();
     let p = &s3.proxy;
     p.inject(
         Rule::new(Fault::Status(503))
@@ -800,19 +807,13 @@ fn a_download_that_breaks_late_resumes_where_it_broke() {
 
 /// A drill past `drill.timeout` while its restore downloads (every ranged read of the base
 /// backup pauses 2.5 s, within the S3 retry window): it stops at once rather than when the
-/// download ends, leaves no
-/// scratch directory, and publishes a failed report, so the drill that never finishes is the
-/// one the alerts hear about.
+/// download ends, leaves no scratch directory, and publishes a failed report, so the drill
+/// that never finishes is the one the alerts hear about.
 #[test]
 fn a_drill_past_its_timeout_stops_and_reports_the_failure() {
     let s3 = FaultyS3::start("drill-timeout");
     let env = s3.env();
-    let pg = primary(&env);
-    pg.psql(
-        "postgres",
-        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g",
-    )
-    .unwrap();
+    let pg = primary_with_big_rows(&env);
     let out = pg_run(&env, Some(&pg), &["backup"]);
     assert!(out.status.success(), "backup: {}", stderr(&out));
     let p = &s3.proxy;
@@ -875,13 +876,7 @@ fn a_drill_past_its_timeout_stops_and_reports_the_failure() {
 fn a_lost_answer_to_completing_an_upload_is_no_failure() {
     let s3 = FaultyS3::start("lost-answer");
     let env = s3.env();
-    let pg = primary(&env);
-    // About 25 MB of poorly compressible rows: the bundle is a multipart upload.
-    pg.psql(
-        "postgres",
-        "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS v FROM generate_series(1, 300000) g",
-    )
-    .unwrap();
+    let pg = primary_with_big_rows(&env);
     let p = &s3.proxy;
     let lost = p.inject(
         Rule::new(Fault::LoseAnswer)

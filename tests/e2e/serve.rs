@@ -389,12 +389,11 @@ fn a_stopped_database_turns_health_503_but_not_liveness() {
     assert!(status.success(), "serve exited with {status}");
 }
 
-#[test]
-fn lookahead_ships_ready_wal_before_the_archiver() {
-    let repo = Repo::file();
+/// A primary whose `archive_command` (`wal-push`, with `env`) waits 3 s and then asks the
+/// sidecar on `port` first, so the sidecar's look-ahead gets to each segment first; and that
+/// sidecar, started with `env` too. Returns once the look-ahead has pushed a first segment.
+fn primary_behind_a_sidecar(env: &[(String, String)]) -> (Postgres, Serve) {
     let port = free_port();
-    // The archiver waits 3 s per segment, so the sidecar gets there first; wal-push then
-    // asks it and returns without pushing again.
     let mut b = dbagent_testcontainers::PostgresBuilder::new()
         .archive_command(&format!("sleep 3 && {BIN} wal-push %p"))
         .env(
@@ -403,14 +402,33 @@ fn lookahead_ships_ready_wal_before_the_archiver() {
         )
         .env("DBAGENT_LOG", "info")
         .env("DBAGENT_LOG_FORMAT", "text");
-    for (k, v) in repo.env() {
-        b = b.env(&k, &v);
+    for (k, v) in env {
+        b = b.env(k, v);
     }
     let pg = b.start().unwrap();
     // PGDATA too: the sidecar shares the data directory and watches archive_status.
-    let mut env = pg.env();
-    env.extend(repo.env());
-    let serve = Serve::start_at(port, &env);
+    let mut sidecar_env = pg.env();
+    sidecar_env.extend(env.iter().cloned());
+    let serve = Serve::start_at(port, &sidecar_env);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT 1 AS g; SELECT pg_switch_wal()",
+    )
+    .unwrap();
+    serve.wait_for("a look-ahead push", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_lookahead_pushed_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    });
+    (pg, serve)
+}
+
+#[test]
+fn lookahead_ships_ready_wal_before_the_archiver() {
+    let repo = Repo::file();
+    // The archiver waits 3 s per segment, so the sidecar gets there first; wal-push then
+    // asks it and returns without pushing again.
+    let (pg, serve) = primary_behind_a_sidecar(&repo.env());
     for i in 0..3 {
         pg.psql("postgres", &format!("CREATE TABLE t{i} AS SELECT g FROM generate_series(1, 1000) g; SELECT pg_switch_wal()"))
             .unwrap();
@@ -418,7 +436,7 @@ fn lookahead_ships_ready_wal_before_the_archiver() {
     serve.wait_for("look-ahead pushes", Duration::from_secs(20), |s| {
         s.metric("dbagent_wal_lookahead_pushed_total")
             .unwrap_or(0.0)
-            >= 3.0
+            >= 4.0
     });
     // PostgreSQL's own archive_command then finds the same segments and succeeds.
     for _ in 0..200 {
@@ -484,30 +502,8 @@ fn a_repository_moved_under_serve_gets_every_segment() {
         std::fs::rename(&next, &config).unwrap();
     };
     write_config(&old);
-    let port = free_port();
-    let pg = dbagent_testcontainers::PostgresBuilder::new()
-        .archive_command(&format!("sleep 3 && {BIN} wal-push %p"))
-        .env(
-            "DBAGENT_WAL_SIDECAR_URL",
-            &format!("http://127.0.0.1:{port}"),
-        )
-        .env("DBAGENT_CONFIG", config.to_str().unwrap())
-        .env("DBAGENT_LOG_FORMAT", "text")
-        .start()
-        .unwrap();
-    let mut env = pg.env();
-    env.push(("DBAGENT_CONFIG".into(), config.display().to_string()));
-    let mut serve = Serve::start_at(port, &env);
-    pg.psql(
-        "postgres",
-        "CREATE TABLE t AS SELECT 1 AS g; SELECT pg_switch_wal()",
-    )
-    .unwrap();
-    serve.wait_for("a look-ahead push", Duration::from_secs(20), |s| {
-        s.metric("dbagent_wal_lookahead_pushed_total")
-            .unwrap_or(0.0)
-            >= 1.0
-    });
+    let (pg, mut serve) =
+        primary_behind_a_sidecar(&[("DBAGENT_CONFIG".into(), config.display().to_string())]);
 
     write_config(&new);
     let segment = pg
@@ -555,31 +551,7 @@ fn a_repository_moved_under_serve_gets_every_segment() {
 #[test]
 fn encryption_turned_on_under_serve_stops_its_pushes_in_the_clear() {
     let repo = Repo::file();
-    let port = free_port();
-    let mut b = dbagent_testcontainers::PostgresBuilder::new()
-        .archive_command(&format!("sleep 3 && {BIN} wal-push %p"))
-        .env(
-            "DBAGENT_WAL_SIDECAR_URL",
-            &format!("http://127.0.0.1:{port}"),
-        )
-        .env("DBAGENT_LOG_FORMAT", "text");
-    for (k, v) in repo.env() {
-        b = b.env(&k, &v);
-    }
-    let pg = b.start().unwrap();
-    let mut env = pg.env();
-    env.extend(repo.env());
-    let serve = Serve::start_at(port, &env);
-    pg.psql(
-        "postgres",
-        "CREATE TABLE t AS SELECT 1 AS g; SELECT pg_switch_wal()",
-    )
-    .unwrap();
-    serve.wait_for("a look-ahead push", Duration::from_secs(20), |s| {
-        s.metric("dbagent_wal_lookahead_pushed_total")
-            .unwrap_or(0.0)
-            >= 1.0
-    });
+    let (pg, serve) = primary_behind_a_sidecar(&repo.env());
 
     let keys = pg_owned_tempdir().unwrap();
     let pair = crate::encryption::keygen(keys.path(), "site");
