@@ -152,9 +152,7 @@ pub fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
 /// Opens the repository at `url` with the configuration's encryption keys attached (see
 /// `crypto::keyring`).
 pub fn open_url(url: &str, cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let inner = open_bare(url, cfg)?;
-    let keyring = crate::crypto::keyring::Keyring::new(url, cfg.encryption.clone());
-    Ok(Arc::new(keyed::Keyed::new(inner, keyring)))
+    open_keyed(url, cfg, None)
 }
 
 /// How old `serve`'s reading of the repository's encryption records may get.
@@ -163,10 +161,19 @@ pub const KEYS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30)
 /// `open`, for `serve`, which runs for months: the repository's encryption records are read
 /// again every `KEYS_MAX_AGE` (see `Keyring::refreshed_every`).
 pub fn open_long_running(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let url = cfg.repo_url()?;
+    open_keyed(cfg.repo_url()?, cfg, Some(KEYS_MAX_AGE))
+}
+
+fn open_keyed(
+    url: &str,
+    cfg: &Config,
+    keys_max_age: Option<std::time::Duration>,
+) -> anyhow::Result<Arc<dyn Store>> {
     let inner = open_bare(url, cfg)?;
-    let keyring = crate::crypto::keyring::Keyring::new(url, cfg.encryption.clone())
-        .refreshed_every(KEYS_MAX_AGE);
+    let mut keyring = crate::crypto::keyring::Keyring::new(url, cfg.encryption.clone());
+    if let Some(age) = keys_max_age {
+        keyring = keyring.refreshed_every(age);
+    }
     Ok(Arc::new(keyed::Keyed::new(inner, keyring)))
 }
 

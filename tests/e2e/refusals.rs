@@ -270,11 +270,7 @@ fn bad_settings_get_one_line() {
 #[test]
 fn a_delta_restore_is_refused_while_a_postmaster_pid_is_there_even_from_a_sidecar() {
     let repo = Repo::file();
-    let pg = archiving_primary(&repo);
-    pg.psql("postgres", "CREATE TABLE t AS SELECT 1 AS i")
-        .unwrap();
-    ok(&dbagent(&repo, Some(&pg), &["backup"]));
-    switch_and_wait_archived(&pg);
+    let pg = backed_up_primary(&repo);
     let dir = pg.data_dir().to_str().unwrap().to_string();
     let args = [
         "restore",
@@ -338,11 +334,7 @@ fn a_delta_restore_is_refused_while_a_postmaster_pid_is_there_even_from_a_sideca
 #[test]
 fn a_restore_whose_port_is_taken_says_how_to_finish_it() {
     let repo = Repo::file();
-    let pg = archiving_primary(&repo);
-    pg.psql("postgres", "CREATE TABLE t AS SELECT 1 AS i")
-        .unwrap();
-    ok(&dbagent(&repo, Some(&pg), &["backup"]));
-    switch_and_wait_archived(&pg);
+    let pg = backed_up_primary(&repo);
     let scratch = pg_owned_tempdir().unwrap();
     let dir = scratch.path().join("restored");
     let out = dbagent(
@@ -360,4 +352,14 @@ fn a_restore_whose_port_is_taken_says_how_to_finish_it() {
     ok(&out);
     assert_eq!(restored.psql("SELECT count(*) FROM t"), "1");
     assert_eq!(pg.psql("postgres", "SELECT count(*) FROM t").unwrap(), "1");
+}
+
+/// A primary archiving into `repo` with one row in `t`, a base backup, and its WAL archived.
+fn backed_up_primary(repo: &Repo) -> dbagent_testcontainers::Postgres {
+    let pg = archiving_primary(repo);
+    pg.psql("postgres", "CREATE TABLE t AS SELECT 1 AS i")
+        .unwrap();
+    ok(&dbagent(repo, Some(&pg), &["backup"]));
+    switch_and_wait_archived(&pg);
+    pg
 }

@@ -114,15 +114,17 @@ impl Serve {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.wait_exit(Duration::from_secs(15), "serve did not exit after SIGTERM")
+    }
+
+    /// Its exit status once it exits, within `limit` (else the test fails saying `why`).
+    pub fn wait_exit(&mut self, limit: Duration, why: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not exit after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "{why}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -530,17 +532,10 @@ fn a_repository_moved_under_serve_gets_every_segment() {
     );
 
     // serve applies the new configuration by exiting for a restart.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = serve.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "serve went on with the old configuration"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = serve.wait_exit(
+        Duration::from_secs(30),
+        "serve went on with the old configuration",
+    );
     assert_eq!(status.code(), Some(3), "{status}");
 }
 
