@@ -573,6 +573,7 @@ pub async fn start_and_wait(
     if let Some(port) = port {
         cmd = cmd.arg("-o").arg(format!("-p {port}"));
     }
+    let launched = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
     cmd.run()
         .on_failure(|exit| {
             anyhow::anyhow!(
@@ -652,18 +653,18 @@ pub async fn start_and_wait(
         else {
             continue;
         };
-        // Whoever answered on that socket or address must be the server on `dir`: its start
-        // time is the one postmaster.pid records (any role may ask; data_directory is
-        // superuser-only). They are taken a moment apart, so within two seconds.
+        // Whoever answered on that socket or address must be the server started above, not
+        // one that was running before (any role may ask its start time; data_directory is
+        // superuser-only). The postmaster notes its start time only after it set up shared
+        // memory, so it is never earlier than the launch.
         let started: f64 = row.get(4);
-        if let Some(recorded) = pm.start_time
-            && (started - recorded as f64).abs() > 2.0
-        {
+        if started < launched - 1.0 {
             return Err(anyhow::anyhow!(
-                "another server answered at {} port {port} (it started at {}, the restored one at {}): the restored server's port is taken; see its log {}",
+                "another server answered at {} port {port} (it started at {}, before this restore started its server): the restored server's port is taken; see its log {}",
                 probe.host,
-                started as i64,
-                recorded,
+                crate::timespec::show(
+                    chrono::DateTime::from_timestamp(started as i64, 0).unwrap_or_default()
+                ),
                 log.display()
             ));
         }
@@ -846,8 +847,6 @@ async fn archive_end(store: &dyn Store, plan: &PgPlan) -> anyhow::Result<plan::A
 /// starts, so any may be missing yet.
 pub(crate) struct PostmasterPid {
     pub pid: Option<i32>,
-    /// When the postmaster started (seconds since the epoch, line 3).
-    pub start_time: Option<i64>,
     pub port: Option<u16>,
     /// The first unix socket directory: empty until the server made its sockets, and for
     /// good when it makes none.
@@ -885,7 +884,6 @@ impl PostmasterPid {
         let field = |n: usize| lines.get(n).map(|l| l.trim());
         Some(PostmasterPid {
             pid: field(0).and_then(|l| l.parse().ok()),
-            start_time: field(2).and_then(|l| l.parse().ok()),
             port: field(3).and_then(|l| l.parse().ok()),
             socket_dir: field(4).filter(|s| !s.is_empty()).map(str::to_string),
             listen_addr: field(5).filter(|s| !s.is_empty()).map(str::to_string),
