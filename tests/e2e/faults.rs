@@ -1838,7 +1838,7 @@ fn restore_waits_for_promotion_with_a_deadline_and_fails_at_once_on_auth() {
             cmd.env(k, v);
         }
         let restored = Restored { dir: target, port };
-        let (out, took) = run_within(cmd, Duration::from_secs(120));
+        let (out, took) = run_within(cmd, Duration::from_secs(300));
         (restored, out, took)
     };
 
@@ -1870,8 +1870,11 @@ fn restore_waits_for_promotion_with_a_deadline_and_fails_at_once_on_auth() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("did not promote within 8s"), "{err}");
-    // Without the deadline it would wait out 10 minutes of retries (run_within stops it at 2).
-    assert!(took < Duration::from_secs(90), "took {took:?}");
+    // Without the deadline it would wait out 10 minutes of retries (run_within stops it at
+    // 5). The restore's own reads of the archive's end may meet the stall too (one CI run: two
+    // of them, 110 s in all, when the end's last record needed the segment before), so the
+    // bound leaves room for a few 50 s stalls.
+    assert!(took < Duration::from_secs(240), "took {took:?}");
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("restored:"),
         "{}",
