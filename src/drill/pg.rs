@@ -205,33 +205,143 @@ async fn drill_pg(
     ));
 
     let suite = suite::load(suite::POSTGRES_SUITE, &cfg.drill.extra_suites)?;
-    let heartbeat_db = cfg.serve.heartbeat_database.clone();
-    for db in &plan.backup.databases {
-        let client = match landed.conn(&cfg, &db.name).connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                checks.push(CheckResult::new(
-                    "connect",
-                    Some(&db.name),
-                    Status::Fail,
-                    one_line(&e),
-                ));
-                continue;
-            }
-        };
-        if db.name == heartbeat_db {
-            if let Some(ts) = check_heartbeat(&cfg, &client, plan, checks).await {
-                out.landed_at = Some(ts);
+    let described = &plan.backup.databases;
+    if described.is_empty() {
+        checks.push(CheckResult::new(
+            "databases",
+            None,
+            Status::Fail,
+            format!(
+                "backup {} describes no database (it could not list them: see that backup's log), so nothing restored can be compared with the source; take a new backup",
+                plan.backup.id
+            ),
+        ));
+    }
+    // Every database of the restored server is checked: those the backup describes against
+    // what it recorded, any other (created after the backup) with the suites alone.
+    let mut names: Vec<String> = described.iter().map(|d| d.name.clone()).collect();
+    match restored_databases(&cfg, &landed, &names).await {
+        Ok(restored) => {
+            for name in restored {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
             }
         }
-        check_extensions(&client, db, checks).await;
-        check_settings(&client, db, checks).await;
-        check_rows(&client, db, cfg.drill.row_tolerance, checks).await;
-        run_suite(&client, &db.name, &suite, checks).await;
+        Err(e) => checks.push(CheckResult::new(
+            "databases",
+            None,
+            Status::Fail,
+            format!(
+                "cannot list the restored server's databases: {}",
+                one_line(&e)
+            ),
+        )),
+    }
+    for name in &names {
+        let info = described.iter().find(|d| &d.name == name);
+        check_database(&cfg, &landed, plan, name, info, &suite, checks, out).await;
+    }
+    // A check written for one database is a check the site relies on: a database the restore
+    // lacks fails it rather than leaving it out of the report.
+    for check in &suite {
+        if let Some(db) = check.database.as_deref()
+            && !names.iter().any(|n| n == db)
+        {
+            checks.push(CheckResult::new(
+                &format!("{}: {}", check.suite, check.name),
+                Some(db),
+                Status::Fail,
+                format!(
+                    "the restored server has no database {db}, so this check cannot run: was it dropped, or is the suite's `-- database:` line wrong?"
+                ),
+            ));
+        }
     }
     server.stop().await;
     drop(scratch);
     Ok(())
+}
+
+/// The restored server's databases (those a backup describes, see `sql::DATABASES`), read
+/// through one of `known` or, failing those, `postgres` or `template1`.
+async fn restored_databases(
+    cfg: &Config,
+    landed: &Landed,
+    known: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let mut last = None;
+    for db in known
+        .iter()
+        .map(String::as_str)
+        .chain(["postgres", "template1"])
+    {
+        match landed.conn(cfg, db).connect().await {
+            Ok(c) => {
+                let rows = c.query(crate::pg::sql::DATABASES, &[]).await?;
+                return Ok(rows.into_iter().map(|r| r.get(0)).collect());
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no database to connect to")))
+}
+
+/// One database of the restored server: the heartbeat (in its database), what the backup
+/// recorded of it (`info`, when it describes it) and the suites.
+#[allow(clippy::too_many_arguments)]
+async fn check_database(
+    cfg: &Config,
+    landed: &Landed,
+    plan: &PgPlan,
+    name: &str,
+    info: Option<&DatabaseInfo>,
+    suite: &[suite::Check],
+    checks: &mut Vec<CheckResult>,
+    out: &mut Outcome,
+) {
+    let client = match landed.conn(cfg, name).connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            checks.push(CheckResult::new(
+                "connect",
+                Some(name),
+                Status::Fail,
+                one_line(&e),
+            ));
+            return;
+        }
+    };
+    if name == cfg.serve.heartbeat_database
+        && let Some(ts) = check_heartbeat(cfg, &client, plan, checks).await
+    {
+        out.landed_at = Some(ts);
+    }
+    let not_compared = match info {
+        Some(db) if !db.unread => {
+            check_extensions(&client, db, checks).await;
+            check_settings(&client, db, checks).await;
+            check_rows(&client, db, cfg.drill.row_tolerance, checks).await;
+            None
+        }
+        Some(_) => Some(format!(
+            "backup {} could not read this database (see that backup's log)",
+            plan.backup.id
+        )),
+        None => Some(format!(
+            "backup {} does not describe this database (created after it)",
+            plan.backup.id
+        )),
+    };
+    if let Some(why) = not_compared {
+        checks.push(CheckResult::new(
+            "row counts",
+            Some(name),
+            Status::Skip,
+            format!("{why}: its extensions, settings and rows are not compared; the suites ran"),
+        ));
+    }
+    run_suite(&client, name, suite, checks).await;
 }
 
 async fn restore_into(
@@ -405,6 +515,7 @@ async fn check_rows(
     let mut problems = Vec::new();
     let mut checked = 0;
     let mut unlogged = 0;
+    let mut unestimated = 0;
     for t in &db.tables {
         // An unlogged table is emptied by every recovery (PostgreSQL resets it from its init
         // fork): its rows are not in any backup, by design, and not compared.
@@ -432,7 +543,9 @@ async fn check_rows(
         };
         checked += 1;
         let est = t.rows_estimate;
-        if est > 0 && count == 0 {
+        if est < 0 {
+            unestimated += 1;
+        } else if est > 0 && count == 0 {
             problems.push(format!(
                 "{} is empty, but the source had about {est} rows",
                 t.table
@@ -452,8 +565,14 @@ async fn check_rows(
         Some(&db.name),
         &problems,
         format!(
-            "{checked} table(s) within {:.0}% of the backup's estimates, none empty that had rows{}",
+            "{checked} table(s) within {:.0}% of the backup's estimates, none empty that had rows{}{}",
             tolerance * 100.0,
+            match unestimated {
+                0 => String::new(),
+                n => format!(
+                    "; {n} table(s) had no estimate at backup time (never analyzed, statistics reset): read, not compared"
+                ),
+            },
             match unlogged {
                 0 => String::new(),
                 n => format!(

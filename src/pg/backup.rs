@@ -276,6 +276,7 @@ async fn describe(conn: &ConnInfo, client: &tokio_postgres::Client, name: String
                 tracing::warn!(database = %name, error = %format!("{e:#}"), "no row estimates");
                 let mut info = DatabaseInfo {
                     name: name.clone(),
+                    unread: true,
                     ..Default::default()
                 };
                 info.size_bytes = client
@@ -295,6 +296,7 @@ async fn describe(conn: &ConnInfo, client: &tokio_postgres::Client, name: String
         tracing::warn!(database = %name, error = %format!("{e:#}"), "the manifest describes this database only in part: the drill checks less of it");
         DatabaseInfo {
             name,
+            unread: true,
             ..Default::default()
         }
     })
@@ -332,6 +334,7 @@ async fn read_facts(c: &tokio_postgres::Client, name: &str) -> anyhow::Result<Da
             .map(|r| r.get(0))
             .collect(),
         settings: settings?,
+        unread: false,
     })
 }
 

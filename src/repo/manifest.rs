@@ -74,7 +74,8 @@ impl ObjectRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableRows {
     pub table: String,
-    /// `pg_class.reltuples` at backup start: an estimate.
+    /// `pg_class.reltuples` at backup start, or the statistics system's live rows for a table
+    /// never analyzed: an estimate; -1 when there is none.
     pub rows_estimate: i64,
 }
 
@@ -90,6 +91,10 @@ pub struct DatabaseInfo {
     /// Installed extensions, as `name version`.
     #[serde(default)]
     pub extensions: Vec<String>,
+    /// The backup could not read this database's tables and extensions (it could not connect
+    /// to it, say): what is empty above is unknown, not empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unread: bool,
 }
 
 /// A PostgreSQL base backup.
@@ -239,6 +244,7 @@ mod tests {
                 }],
                 settings: vec!["default_text_search_config=public.config_2_gram_cjk".into()],
                 extensions: vec!["pg_trgm 1.6".into()],
+                unread: false,
             }],
             dbagent_version: "0.1.0".into(),
             files: None,
