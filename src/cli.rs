@@ -479,6 +479,9 @@ async fn encryption(cfg: &Config, action: EncryptionAction) -> anyhow::Result<()
                 "encryption set records the keys of encryption.recipients_file: set DBAGENT_ENCRYPTION_RECIPIENTS_FILE"
             ));
         };
+        // Everything the answer reads is checked before the record is written: a bad
+        // identity file refuses the command without having encrypted the repository.
+        cfg.encryption.identities()?;
         let rec = crate::crypto::record::set(store.as_ref(), r).await?;
         print(&format!(
             "repository {repo}: new objects are encrypted for key set {} (record {})\n",
@@ -518,6 +521,16 @@ async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
             "--standby follows the archive to its end and then its primary, on the primary's timeline: give it --latest, without --at, --timeline or --as-primary"
         ));
     }
+    if args.dump.is_some() && (args.target_dir.is_some() || args.no_start || args.port.is_some()) {
+        return Err(input_err!(
+            "--dump loads a logical dump into the database of --target-url: --target-dir, --no-start and --port are for restoring a whole server, leave them out"
+        ));
+    }
+    if args.no_start && args.port.is_some() {
+        return Err(input_err!(
+            "--port is where a restored server is left listening: with --no-start it is not started, leave --port out (start it on a port of your choosing with pg_ctl -o '-p <port>', or set port in its configuration)"
+        ));
+    }
     let target = match (args.at, args.latest) {
         (Some(t), false) => Target::Time(crate::timespec::parse_instant(&t)?),
         (None, true) => Target::Latest,
@@ -532,9 +545,6 @@ async fn restore(cfg: &Config, args: RestoreArgs) -> anyhow::Result<()> {
         )),
         (Engine::Mysql, None) if args.no_start && target_dir.is_none() => Err(input_err!(
             "--no-start with --engine mysql leaves --target-dir as the restored server's data directory: give --target-dir"
-        )),
-        (Engine::Mysql, None) if args.no_start && args.port.is_some() => Err(input_err!(
-            "--port is where a restored server is left listening: with --no-start it is stopped, leave --port out"
         )),
         (Engine::Mysql, None) => {
             let opts = crate::mysql::MysqlRestoreOptions {

@@ -22,8 +22,8 @@ pub enum Kind {
     Text,
     /// `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off` in variables).
     Bool,
-    /// `30s`, `5m`, `1h30m`.
-    Duration,
+    /// `30s`, `5m`, `1h30m`, at least `min` (a period that drives a loop cannot be 0).
+    Duration { min: Duration },
     /// Bytes: `16MiB`, `64kB`, `5000000` (kB/MB/GB are 1024-based, as in PostgreSQL).
     Size { min: u64 },
     /// A whole number in `min..=max`.
@@ -99,7 +99,25 @@ const fn flag(name: &'static str, default: &'static str) -> Key {
     Key::new(name, Kind::Bool).or(default)
 }
 const fn duration(name: &'static str, default: &'static str) -> Key {
-    Key::new(name, Kind::Duration).or(default)
+    Key::new(
+        name,
+        Kind::Duration {
+            min: Duration::ZERO,
+        },
+    )
+    .or(default)
+}
+const fn duration_unset(name: &'static str) -> Key {
+    Key::new(
+        name,
+        Kind::Duration {
+            min: Duration::ZERO,
+        },
+    )
+}
+/// A duration that paces a loop: a zero would spin it (or panic a ticker).
+const fn period(name: &'static str, min: Duration, default: &'static str) -> Key {
+    Key::new(name, Kind::Duration { min }).or(default)
 }
 const fn size(name: &'static str, min: u64, default: &'static str) -> Key {
     Key::new(name, Kind::Size { min }).or(default)
@@ -120,7 +138,10 @@ const fn secret(name: &'static str, value: &'static str) -> Key {
     Key::new(name, Kind::Secret { value })
 }
 
-const NO_MAX: i128 = i128::MAX;
+/// "No maximum" for counts: what every count's type (u32, usize) holds.
+const NO_MAX: i128 = u32::MAX as i128;
+/// The shortest period of a loop that reads the database or the repository.
+const TICK: Duration = Duration::from_millis(100);
 
 /// Every key, in the README's order.
 pub const KEYS: &[Key] = &[
@@ -142,7 +163,7 @@ pub const KEYS: &[Key] = &[
     int("upload.concurrency", 0, NO_MAX).or("2"),
     Key::new("backup.method", Kind::Choice(&["auto", "files", "stream"])).or("auto"),
     int("backup.parallel", 0, 256).or("0"),
-    Key::new("backup.full_every", Kind::Duration),
+    duration_unset("backup.full_every"),
     Key::new("backup.changed_blocks", Kind::Choice(&["wal", "compare"])).or("wal"),
     text("pg.data_dir").also(&["PGDATA"]),
     text("pg.bin_dir"),
@@ -168,7 +189,7 @@ pub const KEYS: &[Key] = &[
     duration("wal.fetch_retry_timeout", "1m"),
     text("wal.sidecar_url"),
     duration("wal.sidecar_wait", "1s"),
-    duration("restore.promote_timeout", "24h"),
+    period("restore.promote_timeout", Duration::from_secs(1), "24h"),
     text("mysql.url"),
     secret("mysql.password_file", "DBAGENT_MYSQL_PASSWORD"),
     text("mysql.bin_dir"),
@@ -189,9 +210,9 @@ pub const KEYS: &[Key] = &[
     .also(&["DBAGENT_ENGINE"])
     .or("postgres"),
     text("serve.node_name").also(&["DBAGENT_NODE_NAME"]),
-    duration("serve.refresh", "1s"),
+    period("serve.refresh", TICK, "1s"),
     flag("serve.heartbeat", "true"),
-    duration("serve.heartbeat_interval", "1s").also(&["DBAGENT_HEARTBEAT_INTERVAL"]),
+    period("serve.heartbeat_interval", TICK, "1s").also(&["DBAGENT_HEARTBEAT_INTERVAL"]),
     text("serve.heartbeat_database").or("postgres"),
     size("serve.max_lag", 0, "16MB"),
     float("serve.max_lag_seconds", 0.0, f64::INFINITY).or("30"),
@@ -199,10 +220,11 @@ pub const KEYS: &[Key] = &[
     int("serve.wal_lookahead_parallel", 0, NO_MAX).or("4"),
     flag("serve.wal_stream", "false").also(&["DBAGENT_WAL_STREAM"]),
     text("serve.wal_stream_slot").or("dbagent"),
-    duration("serve.wal_stream_interval", "1s"),
-    duration("serve.binlog_interval", "10s").also(&["DBAGENT_BINLOG_INTERVAL"]),
+    period("serve.wal_stream_interval", TICK, "1s"),
+    period("serve.binlog_interval", TICK, "10s").also(&["DBAGENT_BINLOG_INTERVAL"]),
     duration("serve.binlog_max_age", "5m").also(&["DBAGENT_BINLOG_MAX_AGE"]),
-    duration("serve.catalog_refresh", "5m").also(&["DBAGENT_CATALOG_REFRESH"]),
+    period("serve.catalog_refresh", Duration::from_secs(1), "5m")
+        .also(&["DBAGENT_CATALOG_REFRESH"]),
     duration("serve.job_grace", "20s"),
     Key::new("serve.schedule_on", Kind::Choice(&["any", "primary"])).or("any"),
     cron("schedule.backup"),
@@ -213,7 +235,7 @@ pub const KEYS: &[Key] = &[
     list("drill.extra_suites"),
     float("drill.row_tolerance", 0.0, 10.0).or("0.5"),
     duration("drill.heartbeat_tolerance", "2m"),
-    duration("drill.timeout", "6h"),
+    period("drill.timeout", Duration::from_secs(1), "6h"),
     text("drill.pushgateway_url"),
     secret("notify.slack_url_file", "DBAGENT_NOTIFY_SLACK_URL"),
     secret(
@@ -507,10 +529,13 @@ fn expected(kind: Kind) -> String {
     match kind {
         Kind::Text => "a string".into(),
         Kind::Bool => "true or false".into(),
-        Kind::Duration => "a duration like 30s, 5m or 1h30m".into(),
+        Kind::Duration { min } if min.is_zero() => "a duration like 30s, 5m or 1h30m".into(),
+        Kind::Duration { min } => format!(
+            "a duration like 30s, 5m or 1h30m, at least {}",
+            humantime::format_duration(min)
+        ),
         Kind::Size { min: 0 } => "a size like 16MiB".into(),
         Kind::Size { min } => format!("a size like 16MiB, at least {}", show_size(min)),
-        Kind::Int { min, max: NO_MAX } => format!("a whole number, {min} or more"),
         Kind::Int { min, max } => format!("a whole number from {min} to {max}"),
         Kind::Float { min, max } if max.is_infinite() => format!("a number, {min} or more"),
         Kind::Float { min, max } => format!("a number from {min} to {max}"),
@@ -540,7 +565,13 @@ fn read_text(key: &Key, origin: &str, text: &str) -> anyhow::Result<Value> {
             "0" | "false" | "no" | "off" => false,
             _ => return Err(bad()),
         }),
-        Kind::Duration => Value::Duration(humantime::parse_duration(text).map_err(|_| bad())?),
+        Kind::Duration { min } => {
+            let d = humantime::parse_duration(text.trim()).map_err(|_| bad())?;
+            if d < min {
+                return Err(bad());
+            }
+            Value::Duration(d)
+        }
         Kind::Size { .. } => {
             let bytes = super::parse_size(text).ok_or_else(bad)?;
             return check_number(key, origin, text, bytes as i128);
@@ -570,10 +601,15 @@ fn read_text(key: &Key, origin: &str, text: &str) -> anyhow::Result<Value> {
                 .filter(|s| !s.is_empty())
                 .collect(),
         ),
-        Kind::Secret { .. } => {
+        Kind::Secret { value } => {
+            // The path is not shown: a secret put here by mistake would be printed (and, from
+            // `archive_command`, logged by PostgreSQL at every retry).
             let path = PathBuf::from(text);
-            let secret = std::fs::read_to_string(&path)
-                .map_err(|e| input_err!("{origin}: cannot read {}: {e}", path.display()))?;
+            let secret = std::fs::read_to_string(&path).map_err(|e| {
+                input_err!(
+                    "{origin}: cannot read the file it names ({e}): it must hold the path of a file; a secret itself goes in {value}"
+                )
+            })?;
             Value::Secret(Secret::new(secret.trim_end_matches(['\n', '\r'])))
         }
     };
@@ -606,7 +642,7 @@ fn read_toml(key: &Key, origin: &str, v: &toml::Value) -> anyhow::Result<Value> 
 fn check_number(key: &Key, origin: &str, shown: &str, n: i128) -> anyhow::Result<Value> {
     let (min, max) = match key.kind {
         Kind::Int { min, max } => (min, max),
-        Kind::Size { min } => (min as i128, NO_MAX),
+        Kind::Size { min } => (min as i128, u64::MAX as i128),
         _ => unreachable!("check_number on {:?}", key.kind),
     };
     if n < min || n > max {
@@ -701,7 +737,7 @@ mod tests {
             let sample = match k.kind {
                 Kind::Text => "x".to_string(),
                 Kind::Bool => "yes".into(),
-                Kind::Duration => "3s".into(),
+                Kind::Duration { .. } => "3s".into(),
                 Kind::Size { min } => (min.max(1)).to_string(),
                 Kind::Int { min, .. } => min.to_string(),
                 Kind::Float { min, .. } => min.to_string(),
@@ -776,7 +812,7 @@ mod tests {
         );
         assert_eq!(
             msg(load_toml("[serve]\nrefresh = 5\n")),
-            "serve.refresh: expected a duration like 30s, 5m or 1h30m, got 5"
+            "serve.refresh: expected a duration like 30s, 5m or 1h30m, at least 100ms, got 5"
         );
         assert_eq!(
             msg(load_toml("[drill]\nrow_tolerance = -1.0\n")),
@@ -814,15 +850,47 @@ mod tests {
             ))),
             "DBAGENT_SERVE_HEARTBEAT (serve.heartbeat): expected true or false, got \"maybe\""
         );
-        let env = [("PGPASSWORD_FILE", "/nonexistent/pw")];
+        // A secret given where its file belongs is not echoed.
+        let env = [("PGPASSWORD_FILE", "hunter2-secret")];
+        let got = msg(super::super::Config::from_sources(&Sources::new(
+            &env,
+            toml::Table::new(),
+            None,
+        )));
         assert!(
-            msg(super::super::Config::from_sources(&Sources::new(
-                &env,
-                toml::Table::new(),
-                None
-            )))
-            .starts_with("PGPASSWORD_FILE (pg.password_file): cannot read /nonexistent/pw: ")
+            got.starts_with("PGPASSWORD_FILE (pg.password_file): cannot read the file it names (")
+                && got.ends_with("a secret itself goes in PGPASSWORD"),
+            "{got}"
         );
+        assert!(!got.contains("hunter2"), "{got}");
+        // A loop's period of zero, and a count no type holds, are refused, not panics.
+        for (var, value, said) in [
+            (
+                "DBAGENT_SERVE_REFRESH",
+                "0s",
+                "DBAGENT_SERVE_REFRESH (serve.refresh): expected a duration like 30s, 5m or 1h30m, at least 100ms, got \"0s\"",
+            ),
+            (
+                "DBAGENT_SERVE_CATALOG_REFRESH",
+                "10ms",
+                "DBAGENT_SERVE_CATALOG_REFRESH (serve.catalog_refresh): expected a duration like 30s, 5m or 1h30m, at least 1s, got \"10ms\"",
+            ),
+            (
+                "DBAGENT_WAL_PREFETCH",
+                "99999999999999999999",
+                "DBAGENT_WAL_PREFETCH (wal.prefetch): expected a whole number from 0 to 4294967295, got \"99999999999999999999\"",
+            ),
+        ] {
+            let env = [(var, value)];
+            assert_eq!(
+                msg(super::super::Config::from_sources(&Sources::new(
+                    &env,
+                    toml::Table::new(),
+                    None
+                ))),
+                said
+            );
+        }
     }
 
     /// The README's configuration table, row by row: (keys, variables, default cell).

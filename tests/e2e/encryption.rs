@@ -342,7 +342,23 @@ fn rotation_keeps_old_objects_readable_with_both_keys() {
         "the plaintext check finds nothing even in a plain repository"
     );
 
-    // Key A.
+    // Key A. An identity file that cannot be read refuses `set` before it records anything:
+    // the repository stays plain, and writers without keys go on.
+    let before = s3_objects(&repo);
+    refused(
+        &run(
+            &repo,
+            None,
+            &[(R, &a.recipients), (I, Path::new("/nonexistent/a.key"))],
+            &["encryption", "set"],
+        ),
+        "encryption.identity_file",
+    );
+    assert_eq!(
+        s3_objects(&repo),
+        before,
+        "a refused `encryption set` wrote"
+    );
     ok(&run(
         &repo,
         None,

@@ -53,15 +53,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 fn restore(repo: &Repo, dir: &Path, extra: &[&str]) -> (std::process::Output, Restored) {
     let port = free_port();
-    let mut args = vec![
-        "restore",
-        "--latest",
-        "--target-dir",
-        dir.to_str().unwrap(),
-        "--port",
-    ];
+    let mut args = vec!["restore", "--latest", "--target-dir", dir.to_str().unwrap()];
     let port_s = port.to_string();
-    args.push(&port_s);
+    if !extra.contains(&"--no-start") {
+        args.extend(["--port", &port_s]);
+    }
     args.extend_from_slice(extra);
     let out = dbagent(repo, None, &args);
     (

@@ -164,6 +164,37 @@ fn restore_refusals_touch_nothing() {
         "is PostgreSQL 16, but the backup is of PostgreSQL 15",
     );
     assert!(!target.exists());
+    // Flags that would be ignored are refused: a --port the stopped restore never uses
+    // (started later, the server takes the backup's port, production's on its host), an
+    // empty --target-dir (an unset variable), the flags of a whole-server restore given to --dump.
+    let mut args = latest.to_vec();
+    args.extend(["--no-start", "--port", "5999"]);
+    refused(
+        &dbagent(&repo, None, &args),
+        "with --no-start it is not started",
+    );
+    refused(
+        &dbagent(&repo, None, &["restore", "--latest", "--target-dir", ""]),
+        "a value is required for '--target-dir <DIR>'",
+    );
+    refused(
+        &dbagent(
+            &repo,
+            None,
+            &[
+                "restore",
+                "--latest",
+                "--dump",
+                "postgres",
+                "--target-url",
+                "postgresql://postgres@127.0.0.1:1/copy",
+                "--target-dir",
+                target_s,
+            ],
+        ),
+        "--target-dir, --no-start and --port are for restoring a whole server",
+    );
+    assert!(!target.exists());
     // A usage mistake is one line too; `wal-fetch`'s is 126, which stops PostgreSQL's
     // recovery instead of reading as "not archived" (an older dbagent without --timeline).
     let mut args = latest.to_vec();
@@ -250,6 +281,15 @@ fn bad_settings_get_one_line() {
         &["list", "--config", "/nonexistent/dbagent.toml"],
     );
     refused(&out, "cannot read config file");
+    // A secret given where the path of its file belongs is refused without being shown.
+    let said = refused(
+        &dbagent_cmd(&repo, None, &["list"])
+            .env("AWS_SECRET_ACCESS_KEY_FILE", "wJalrXUtnFEMI/K7MDENG")
+            .output()
+            .unwrap(),
+        "a secret itself goes in AWS_SECRET_ACCESS_KEY",
+    );
+    assert!(!said.contains("wJalrXUtnFEMI"), "{said}");
     // A misspelled variable has no effect: dbagent says so, naming the one meant.
     let out = dbagent_cmd(&repo, None, &["list"])
         .env("DBAGENT_COMPRESION_LEVEL", "19")

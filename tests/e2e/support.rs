@@ -197,14 +197,17 @@ pub fn wait_archived(pg: &Postgres, seg: &str) {
     );
 }
 
-/// `dbagent restore ARGS --target-dir DIR --port N` on a free port: the output and the
-/// restored server.
+/// `dbagent restore ARGS --target-dir DIR --port N` on a free port (without `--port` when
+/// ARGS say `--no-start`, which refuses it): the output and the restored server.
 pub fn restore(repo: &Repo, dir: &Path, args: &[&str]) -> (Output, Restored) {
     let port = dbagent_testcontainers::free_port();
     let mut all = vec!["restore"];
     all.extend_from_slice(args);
     let port_s = port.to_string();
-    all.extend(["--target-dir", dir.to_str().unwrap(), "--port", &port_s]);
+    all.extend(["--target-dir", dir.to_str().unwrap()]);
+    if !args.contains(&"--no-start") {
+        all.extend(["--port", &port_s]);
+    }
     let out = dbagent(repo, None, &all);
     (
         out,

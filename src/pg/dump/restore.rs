@@ -87,9 +87,27 @@ pub struct TargetUrl {
     pub database: String,
 }
 
+/// `url` with what lies between `://` and its last `@` left out: a URL that does not parse
+/// may carry a password (one with a `/` in it cuts the host short), never to be shown.
+fn without_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rfind('@') {
+            Some(at) => format!("{scheme}://…@{}", &rest[at + 1..]),
+            None => url.to_string(),
+        },
+        None => match url.rfind('@') {
+            Some(at) => format!("…@{}", &url[at + 1..]),
+            None => url.to_string(),
+        },
+    }
+}
+
 pub fn parse_target_url(url: &str) -> anyhow::Result<TargetUrl> {
     let parsed = url::Url::parse(url).map_err(|e| {
-        input_err!("--target-url {url:?}: {e}: expected postgresql://user@host:port/newdb")
+        input_err!(
+            "--target-url {:?}: {e}: expected postgresql://user@host:port/newdb",
+            without_userinfo(url)
+        )
     })?;
     if parsed.scheme() != "postgresql" && parsed.scheme() != "postgres" {
         return Err(input_err!(
@@ -466,6 +484,14 @@ mod tests {
             let e = parse_target_url(bad).unwrap_err();
             assert_eq!(crate::error::exit_code(&e), 1, "{bad}");
         }
+        // A password with a `/` (base64) cuts the host short: refused without showing it.
+        let e = parse_target_url("postgresql://dbagent:k3/Zx+Q@db:5432/restored").unwrap_err();
+        let shown = crate::error::one_line(&e);
+        assert!(!shown.contains("k3") && !shown.contains("Zx+Q"), "{shown}");
+        assert!(
+            shown.contains("\"postgresql://…@db:5432/restored\""),
+            "{shown}"
+        );
     }
 
     fn set(id: &str, dbs: &[(&str, &str)]) -> PgDumpSet {
