@@ -225,6 +225,12 @@ impl MysqlConn {
         }
     }
 
+    /// Another account on the same server.
+    pub fn as_user(mut self, user: &str) -> MysqlConn {
+        self.user = user.to_string();
+        self
+    }
+
     /// The same account with a password.
     pub fn with_password(mut self, password: &str) -> MysqlConn {
         self.password = Some(crate::config::Secret::new(password));

@@ -84,6 +84,16 @@ fn server_cnf(dir: &Path, listen: Listen, port: u16, as_root: bool) -> String {
     cnf
 }
 
+/// 8 random hexadecimal digits (an account name no production server has).
+fn random_hex() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// A random password of 24 URL-safe characters (144 bits from the kernel).
 fn random_password() -> anyhow::Result<String> {
     use base64::Engine as _;
@@ -114,6 +124,10 @@ pub struct ScratchServer {
     server_program: PathBuf,
     /// Root's password once `lock_root` set it.
     root_password: Option<String>,
+    /// dbagent's own account on it until it is handed over (user, password): what it loads
+    /// and replays may change root's login (a password rotated on production replays here),
+    /// never an account production does not have.
+    admin: Option<(String, String)>,
     /// The server's `TZ`: the dumped server's `SYSTEM` zone (binlog events logged as
     /// statements evaluate `NOW()` in it), never this process's.
     tz: String,
@@ -138,6 +152,7 @@ impl ScratchServer {
         let mut server = Self::init(dir, listen, flavor, &programs).await?;
         server.tz = time_zone.map_or("UTC".into(), ServerTimeZone::posix_tz);
         server.run(&programs).await?;
+        server.create_admin().await?;
         // Also with ROW events: DDL, events (`CREATE EVENT` after `SET time_zone`) and the
         // query events of sessions that used the zone name it.
         if let Some(tz) = time_zone.filter(|tz| tz.named()) {
@@ -192,13 +207,47 @@ impl ScratchServer {
         })
     }
 
-    /// Its root account over the private socket.
+    /// dbagent's own account over the private socket while the server is dbagent's, root's
+    /// once handed over.
     pub fn conn(&self) -> MysqlConn {
         let conn = MysqlConn::local_root(&self.socket, self.port);
-        match &self.root_password {
-            Some(p) => conn.with_password(p),
-            None => conn,
+        match (&self.admin, &self.root_password) {
+            (Some((user, password)), _) => conn.as_user(user).with_password(password),
+            (None, Some(p)) => conn.with_password(p),
+            (None, None) => conn,
         }
+    }
+
+    /// Creates dbagent's own account (a random name and password, every privilege) on the
+    /// freshly initialised server, whose root has no password yet, and uses it from here on.
+    async fn create_admin(&mut self) -> anyhow::Result<()> {
+        let user = format!("dbagent_restore_{}", random_hex()?);
+        let password = random_password()?;
+        let conn = self.conn();
+        let mut session = conn.connect().await?;
+        // As root has them: every privilege, and PROXY, which a dump's accounts grant on.
+        let anyone = match self.flavor {
+            Flavor::Mariadb => "''@'%'",
+            Flavor::Mysql => "''@''",
+        };
+        let mut made = Ok(());
+        for sql in [
+            format!("CREATE USER '{user}'@'localhost' IDENTIFIED BY '{password}'"),
+            format!("GRANT ALL PRIVILEGES ON *.* TO '{user}'@'localhost' WITH GRANT OPTION"),
+            format!("GRANT PROXY ON {anyone} TO '{user}'@'localhost' WITH GRANT OPTION"),
+        ] {
+            made = mysql_async::prelude::Queryable::query_drop(&mut session, sql)
+                .await
+                .map_err(|e| conn.query_error(e))
+                .context("creating dbagent's account on the scratch server");
+            if made.is_err() {
+                break;
+            }
+        }
+        let _ = session.disconnect().await;
+        made?;
+        self.admin = Some((user, password));
+        Ok(())
     }
 
     /// Hands the running server over: every `root` account gets a random password first
@@ -230,14 +279,15 @@ impl ScratchServer {
             ),
             None => cnf_text,
         };
+        let cnf = self.cnf.clone();
         let password = self
             .lock_root(
                 &password_file,
                 |password| {
-                    std::fs::set_permissions(&self.cnf, std::fs::Permissions::from_mode(0o600))
-                        .with_context(|| format!("protecting {}", self.cnf.display()))?;
-                    std::fs::write(&self.cnf, format!("{cnf_text}password={password}\n"))
-                        .with_context(|| format!("writing {}", self.cnf.display()))
+                    std::fs::set_permissions(&cnf, std::fs::Permissions::from_mode(0o600))
+                        .with_context(|| format!("protecting {}", cnf.display()))?;
+                    std::fs::write(&cnf, format!("{cnf_text}password={password}\n"))
+                        .with_context(|| format!("writing {}", cnf.display()))
                 },
                 tcp,
             )
@@ -268,7 +318,7 @@ impl ScratchServer {
     /// out); then, with `shutdown`, shuts the server down on the same session (root's old
     /// login is gone).
     async fn lock_root(
-        &self,
+        &mut self,
         password_file: &Path,
         also: impl FnOnce(&str) -> anyhow::Result<()>,
         shutdown: bool,
@@ -291,6 +341,18 @@ impl ScratchServer {
             .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{password}\n").as_bytes()))
             .with_context(|| format!("writing {}", password_file.display()))?;
         also(&password)?;
+        // A replayed DROP USER may have left no root: the hand-over makes one.
+        if roots.is_empty() {
+            for sql in [
+                format!("CREATE USER 'root'@'localhost' IDENTIFIED BY '{password}'"),
+                "GRANT ALL PRIVILEGES ON *.* TO 'root'@'localhost' WITH GRANT OPTION".into(),
+            ] {
+                mysql_async::prelude::Queryable::query_drop(&mut session, sql)
+                    .await
+                    .map_err(|e| conn.query_error(e))
+                    .context("making a root account")?;
+            }
+        }
         for host in roots {
             let sql = format!(
                 "ALTER USER 'root'@{} IDENTIFIED BY '{password}'",
@@ -300,6 +362,16 @@ impl ScratchServer {
                 .await
                 .map_err(|e| conn.query_error(e))
                 .with_context(|| format!("setting the password of root@{host}"))?;
+        }
+        // dbagent's own account goes with the hand-over: root is the way in from here.
+        if let Some((user, _)) = self.admin.take() {
+            mysql_async::prelude::Queryable::query_drop(
+                &mut session,
+                format!("DROP USER '{user}'@'localhost'"),
+            )
+            .await
+            .map_err(|e| conn.query_error(e))
+            .with_context(|| format!("dropping dbagent's account {user}"))?;
         }
         match shutdown {
             // The server closes the connection as it goes: an error of the connection is the
@@ -467,6 +539,7 @@ impl ScratchServer {
             tcp: matches!(listen, Listen::Tcp(_)),
             server_program: programs.server.clone(),
             root_password: None,
+            admin: None,
             tz: "UTC".into(),
             zone: None,
         })
