@@ -1171,6 +1171,74 @@ fn a_prune_during_a_running_incremental_keeps_its_base_and_its_wal() {
     ok(&pg_run(&direct, None, &["verify"]));
 }
 
+/// A prune whose `retention.incomplete_after` is shorter than a backup takes deletes the
+/// running backup's stored files (no manifest yet): the backup must then fail and leave
+/// nothing listed, not write a manifest naming files that are gone.
+#[test]
+fn a_backup_whose_files_a_prune_took_fails_and_is_not_listed() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g",
+    )
+    .unwrap();
+    switch_and_wait_archived(&pg);
+    // Archiving slowed, not failing: the backup stores its files, then waits for its WAL.
+    let command = pg.psql("postgres", "SHOW archive_command").unwrap();
+    pg.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET archive_command = 'sleep 15; {}'",
+            command.replace('\'', "''")
+        ),
+    )
+    .unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    let mut env = repo.env();
+    env.extend(short_timeouts());
+    env.push(("DBAGENT_BACKUP_METHOD".into(), "files".into()));
+    let mut child = pg_spawn(&env, Some(&pg), &["backup", "--full"]);
+    let stored = || -> Vec<PathBuf> {
+        walk_files(repo.root().unwrap())
+            .into_iter()
+            .filter(|p| {
+                let p = p.to_string_lossy();
+                p.contains("/backups/") && p.ends_with("/files.json.zst")
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored().is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "the backup ended");
+        assert!(Instant::now() < deadline, "no file index appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut prune = env.clone();
+    prune.push(("DBAGENT_RETENTION_INCOMPLETE_AFTER".into(), "0s".into()));
+    let pruned = ok(&pg_run(&prune, None, &["prune"]));
+    assert!(
+        stored().is_empty(),
+        "the prune left the running backup alone: {pruned}"
+    );
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("is gone from the repository although this backup stored it"),
+        "{err}"
+    );
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(&pg_run(&env, None, &["list", "--json"]))).unwrap();
+    assert!(
+        listing["postgres"].as_array().is_none_or(|c| c
+            .iter()
+            .all(|c| c["backups"].as_array().unwrap().is_empty())),
+        "{listing}"
+    );
+    drop(pg);
+}
+
 #[test]
 fn a_killed_backup_on_a_file_repository_leaves_a_temp_file_that_prune_removes() {
     let repo = Repo::file();
