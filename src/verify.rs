@@ -140,8 +140,13 @@ pub async fn verify_mysql(
             ));
         }
         out.notes.push(format!(
-            "binlog {} streamed up to byte {} in {} part(s), events until {}",
+            "binlog {} streamed {} byte {} in {} part(s), events until {}",
             s.name,
+            if s.ended() {
+                "whole, ending at"
+            } else {
+                "up to"
+            },
             s.end(),
             s.parts.len(),
             s.last_event_time()

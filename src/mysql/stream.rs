@@ -231,6 +231,31 @@ impl FileAssembler {
         self.closed.ends_file && !self.has_ready()
     }
 
+    /// The server moved on to the next file although this one has no Rotate or Stop event
+    /// (the server crashed, or was killed): it sends the next file only once this one is no
+    /// longer written, so this one ended where the stream got to. An empty part that ends
+    /// the file says so, once everything before it was handed out; None when the file
+    /// ended already, or when nothing of it is stored (nothing known of it).
+    pub fn end_cut_short(&mut self) -> Option<Part> {
+        if self.closed.ends_file || self.has_ready() || !self.pending.is_empty() || self.stored == 0
+        {
+            return None;
+        }
+        self.closed.ends_file = true;
+        Some(Part {
+            name: self.name.clone(),
+            from: self.stored,
+            to: self.stored,
+            bytes: bytes::Bytes::new(),
+            first_time: None,
+            file_max_time: self.boundary_max_time,
+            events: 0,
+            gtid: None,
+            placeholder_bytes: 0,
+            ends_file: true,
+        })
+    }
+
     /// Adds one event, as the server sent it (header, body, checksum).
     pub fn push(&mut self, raw: &[u8]) -> anyhow::Result<Pushed> {
         let h = Header::parse(raw)?;
@@ -705,7 +730,9 @@ async fn last_range(
         .iter()
         .filter_map(|o| keys::parse_stream_key(uuid, &o.key))
         .map(|(_, from, end)| (from, end))
-        .find(|(_, end)| *end == to)
+        .filter(|(_, end)| *end == to)
+        // The empty part that ends a file cut short, where there is one, is its last.
+        .max()
         .ok_or_else(|| anyhow::anyhow!("the streamed part of {name} ending at {to} vanished"))
 }
 
@@ -951,6 +978,12 @@ async fn session(
                         "the server moved on to binlog {next} in the middle of a transaction in {}",
                         file.name
                     );
+                    // Without it, a restore from the repository alone would stop at this
+                    // file's streamed end, refusing every point after the crash.
+                    if let Some(end) = file.end_cut_short() {
+                        tracing::info!(file = %file.name, at = end.from, next = %next, "the server moved on without ending the binlog (it crashed?): recorded as ended there");
+                        store_part_retrying(store.as_ref(), &uuid, &end, opts, status).await?;
+                    }
                     file = FileAssembler::new(&next, flavor, 0);
                     last_store = Instant::now() - interval;
                 }
@@ -1042,13 +1075,24 @@ async fn store_ready(
     let Some(part) = file.take_ready() else {
         return Ok(());
     };
+    store_part_retrying(store, uuid, &part, opts, status).await
+}
+
+/// Stores one part, waiting for a repository that fails for a while.
+async fn store_part_retrying(
+    store: &dyn Store,
+    uuid: &str,
+    part: &Part,
+    opts: PipeOptions,
+    status: &StreamStatus,
+) -> anyhow::Result<()> {
     // A repository that fails for a while (S3 down, throttling) is waited for here, holding
     // the connection: once it answers again the stream goes on where it was. The server
     // buffers meanwhile, or drops the connection after its net_write_timeout; either way
     // nothing is lost.
     let mut backoff = Duration::from_millis(200);
     loop {
-        match store_part(store, uuid, &part, opts).await {
+        match store_part(store, uuid, part, opts).await {
             Ok(()) => break,
             Err(e) if crate::storage::is_transient(&e) => {
                 status.store_failing(&e);
@@ -1058,7 +1102,7 @@ async fn store_ready(
             Err(e) => return Err(e),
         }
     }
-    status.stored(&part);
+    status.stored(part);
     Ok(())
 }
 

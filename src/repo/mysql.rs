@@ -289,9 +289,15 @@ impl Streamed {
         let mut run: Vec<BinlogPart> = Vec::new();
         let mut end = 0;
         for p in parts {
-            if p.from == end && p.to > p.from {
+            // An empty part only ends a file (one the server left without a Rotate or Stop
+            // event): nothing may follow it.
+            if p.from == end && (p.to > p.from || (p.ends_file && end > 0)) {
                 end = p.to;
+                let ended = p.ends_file;
                 run.push(p);
+                if ended {
+                    break;
+                }
             } else if p.from > end {
                 break;
             }
@@ -842,6 +848,30 @@ pub(crate) mod tests {
             ("binlog".to_string(), n),
             Streamed::from_parts(&name, vec![part]).unwrap(),
         )
+    }
+
+    #[test]
+    fn an_empty_part_ends_a_file_the_server_left_without_a_rotate() {
+        let (_, s) = streamed(4, false);
+        let open = s.parts[0].clone();
+        let mut end = open.clone();
+        end.from = 900;
+        end.ends_file = true;
+        let ended = Streamed::from_parts(&s.name, vec![end.clone(), open.clone()]).unwrap();
+        assert!(ended.ended());
+        assert_eq!(ended.end(), 900);
+        // Not an end without the bytes before it, nor an empty part that does not end it.
+        let mut lone = end.clone();
+        lone.from = 0;
+        lone.to = 0;
+        assert!(Streamed::from_parts(&s.name, vec![lone]).is_none());
+        let mut empty = end;
+        empty.ends_file = false;
+        assert!(
+            !Streamed::from_parts(&s.name, vec![open, empty])
+                .unwrap()
+                .ended()
+        );
     }
 
     #[test]

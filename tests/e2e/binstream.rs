@@ -565,9 +565,10 @@ fn binlog_stream_resumes_after_restarts_without_duplicates_and_reports_a_purged_
     assert!(serve.json("/status")["binlog_stream"]["gap"].is_null());
 }
 
-/// A server that crashes writes no Stop event: the stream holds all of its binlog but cannot
-/// tell that it ended, until the shipper archives the closed file. Nothing is lost while the
-/// server keeps that file, so no gap may be reported, however often the repository is read.
+/// A server that crashes writes no Stop event. Nothing is lost while the server keeps that
+/// file, so no gap may be reported, however often the repository is read; and the server
+/// moving on to the next file tells the stream that the crashed one ended, so the
+/// repository alone restores past the crash.
 #[test]
 fn a_crashed_server_is_no_binlog_gap_while_it_keeps_the_file() {
     // The shipper runs once, at the start: the crashed file stays unarchived.
@@ -610,6 +611,38 @@ fn a_crashed_server_is_no_binlog_gap_while_it_keeps_the_file() {
     assert_eq!(serve.metric("dbagent_binlog_stream_gap"), Some(0.0));
     let status = serve.json("/status");
     assert!(status["binlog_stream"]["gap"].is_null(), "{status}");
+
+    // The server moving on to the next file ended the crashed one where the stream got to:
+    // the repository alone restores past the crash, the node's disk lost with the file on it
+    // (before: refused, "binlog … from position … is missing").
+    assert_eq!(serve.terminate().code(), Some(0));
+    drop(db);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let out = agent(
+        &repo,
+        None,
+        None,
+        &[
+            "restore",
+            "--engine",
+            "mysql",
+            "--latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let scratch = Scratch { dir };
+    ok(&out);
+    assert_eq!(
+        scratch.sql("SELECT GROUP_CONCAT(note ORDER BY id) FROM shop.t"),
+        "before,after"
+    );
+    let verified = ok(&agent(&repo, None, None, &["verify", "--full"]));
+    assert!(
+        verified.contains(&format!("binlog {crashed} streamed whole, ending at byte")),
+        "{verified}"
+    );
 }
 
 /// In an encrypted repository the sidecar holds only the public key: its parts are sealed, a
