@@ -69,11 +69,16 @@ impl PrunePlan {
         for (id, _) in &self.delete_backups {
             out.push_str(&format!("  delete backup {id}\n"));
         }
+        // Segments below the floor with their block summaries, and streamed pieces of
+        // segments stored whole (also without a floor).
         match (&self.wal_floor, self.delete_wal.len()) {
-            (Some(floor), n) if n > 0 => {
-                out.push_str(&format!("  delete {n} WAL file(s) before {floor}\n"))
-            }
-            _ => out.push_str("  delete no WAL\n"),
+            (_, 0) => out.push_str("  delete no WAL\n"),
+            (Some(floor), n) => out.push_str(&format!(
+                "  delete {n} WAL object(s): segments before {floor} and their block summaries, streamed pieces of segments stored whole\n"
+            )),
+            (None, n) => out.push_str(&format!(
+                "  delete {n} WAL object(s): streamed pieces of segments stored whole\n"
+            )),
         }
         for (id, why) in &self.keep_dumps {
             out.push_str(&format!("  keep   dump {id} ({why})\n"));
@@ -266,6 +271,8 @@ pub async fn run(cfg: &Config, store: &dyn Store, dry_run: bool) -> anyhow::Resu
             cat.dumps.iter().map(|d| d.id.as_str()),
             before(Utc::now(), cfg.retention.incomplete_after),
         );
+        let reports = store.list(&crate::repo::mysql_drills_prefix(&uuid)).await?;
+        plan.delete_reports = old_reports(reports.iter().map(|o| o.key.as_str()));
         let deleted = match dry_run || plan.is_empty() {
             true => None,
             false => {
@@ -425,6 +432,8 @@ pub struct MysqlPrunePlan {
     pub delete_binlogs: Vec<String>,
     /// Objects of dumps killed before their manifest, older than `incomplete_after`.
     pub delete_incomplete: Vec<String>,
+    /// Drill reports beyond the newest `KEEP_DRILL_REPORTS`.
+    pub delete_reports: Vec<String>,
 }
 
 impl MysqlPrunePlan {
@@ -432,6 +441,7 @@ impl MysqlPrunePlan {
         self.delete_dumps.is_empty()
             && self.delete_binlogs.is_empty()
             && self.delete_incomplete.is_empty()
+            && self.delete_reports.is_empty()
     }
 
     pub fn describe(&self) -> String {
@@ -452,6 +462,12 @@ impl MysqlPrunePlan {
             out.push_str(&format!(
                 "  delete {} object(s) of incomplete dumps\n",
                 self.delete_incomplete.len()
+            ));
+        }
+        if !self.delete_reports.is_empty() {
+            out.push_str(&format!(
+                "  delete {} old drill report(s)\n",
+                self.delete_reports.len()
             ));
         }
         out
@@ -534,7 +550,20 @@ pub fn plan_mysql(
         binlog_floor,
         delete_binlogs,
         delete_incomplete: Vec::new(),
+        delete_reports: Vec::new(),
     }
+}
+
+/// The drill reports (keys named by their time-ordered ids) beyond the newest
+/// `KEEP_DRILL_REPORTS`.
+fn old_reports<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut reports: Vec<&str> = keys.collect();
+    reports.sort();
+    reports
+        .iter()
+        .take(reports.len().saturating_sub(KEEP_DRILL_REPORTS))
+        .map(|k| k.to_string())
+        .collect()
 }
 
 /// Deletes what the plan says: manifests and descriptions before their data, so that an
@@ -546,6 +575,7 @@ async fn execute_mysql(store: &dyn Store, plan: &MysqlPrunePlan) -> anyhow::Resu
         .iter()
         .flat_map(|(_, keys)| keys)
         .chain(&plan.delete_binlogs)
+        .chain(&plan.delete_reports)
     {
         store.delete(key).await?;
         n += 1;
@@ -736,17 +766,12 @@ pub fn plan(
     delete_wal.dedup();
 
     let drills_prefix = crate::repo::pg_drills_prefix(sysid);
-    let mut reports: Vec<&str> = objects
-        .iter()
-        .filter(|o| o.key.starts_with(&drills_prefix))
-        .map(|o| o.key.as_str())
-        .collect();
-    reports.sort();
-    let delete_reports = reports
-        .iter()
-        .take(reports.len().saturating_sub(KEEP_DRILL_REPORTS))
-        .map(|k| k.to_string())
-        .collect();
+    let delete_reports = old_reports(
+        objects
+            .iter()
+            .filter(|o| o.key.starts_with(&drills_prefix))
+            .map(|o| o.key.as_str()),
+    );
 
     let mut keep: Vec<(String, &'static str)> = keep.into_iter().collect();
     keep.sort_by_key(|(id, _)| backups.iter().position(|b| &b.id == id));

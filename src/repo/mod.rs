@@ -127,6 +127,10 @@ pub fn pg_drill_key(sysid: u64, id: &str) -> String {
     format!("pg/{sysid}/drills/{id}.json")
 }
 
+pub fn mysql_drills_prefix(server_uuid: &str) -> String {
+    format!("mysql/{server_uuid}/drills/")
+}
+
 pub fn mysql_drill_key(server_uuid: &str, id: &str) -> String {
-    format!("mysql/{server_uuid}/drills/{id}.json")
+    format!("{}{id}.json", mysql_drills_prefix(server_uuid))
 }

@@ -312,7 +312,7 @@ fn prune_keeps_what_restores_need() {
     let plan = ok(&run(&["prune", "--dry-run"]));
     assert_eq!(plan.matches("delete backup").count(), 2, "{plan}");
     assert_eq!(plan.matches("keep   backup").count(), 1, "{plan}");
-    assert!(plan.contains("WAL file(s) before"), "{plan}");
+    assert!(plan.contains("WAL object(s): segments before"), "{plan}");
     let plan: serde_json::Value =
         serde_json::from_str(&ok(&run(&["prune", "--dry-run", "--json"]))).unwrap();
     assert_eq!(plan["dry_run"], true, "{plan}");

@@ -1672,12 +1672,28 @@ fn prune_removes_old_dumps_and_only_the_binlogs_no_kept_dump_needs() {
         ("DBAGENT_RETENTION_KEEP_BACKUPS", "1"),
         ("DBAGENT_RETENTION_INCOMPLETE_AFTER", "0s"),
     ];
+    // A monthly drill's reports: the newest 36 are kept, as for PostgreSQL (before: never
+    // deleted).
+    let drills = server_dir(&repo).join("drills");
+    std::fs::create_dir_all(&drills).unwrap();
+    for n in 0..38 {
+        std::fs::write(
+            drills.join(format!(
+                "2020{:02}{:02}T030000Z-0000.json",
+                1 + n / 28,
+                1 + n % 28
+            )),
+            "{}",
+        )
+        .unwrap();
+    }
     let snapshot = repo.snapshot();
     let plan = ok(&run(&["prune", "--dry-run"], &policy));
     assert!(
         plan.contains(&format!("delete dump {}", dumps[0]["id"].as_str().unwrap())),
         "{plan}"
     );
+    assert!(plan.contains("delete 2 old drill report(s)"), "{plan}");
     assert!(
         plan.contains(&format!("binlog object(s) before {kept_file}")),
         "{plan}"
@@ -1700,6 +1716,13 @@ fn prune_removes_old_dumps_and_only_the_binlogs_no_kept_dump_needs() {
     );
     assert!(after["mysql"][0]["binlogs"]["files"].as_u64().unwrap() < files_before);
     ok(&run(&["verify"], &[]));
+    let mut left: Vec<String> = std::fs::read_dir(&drills)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left.len(), 36, "{left:?}");
+    assert_eq!(left[0], "20200103T030000Z-0000.json", "the oldest two go");
 
     let target = MariaDbBuilder::new().start().unwrap();
     ok(&agent(
