@@ -49,6 +49,10 @@ pub struct DumpReport {
     /// Where binlog replay starts.
     pub binlog: BinlogPosition,
     pub gtid: Option<String>,
+    /// Tables of engines without transactions (`schema.table engine`): read outside the
+    /// dump's snapshot.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub non_transactional: Vec<String>,
 }
 
 impl std::fmt::Display for DumpReport {
@@ -71,6 +75,13 @@ impl std::fmt::Display for DumpReport {
         if let Some(gtid) = &self.gtid {
             write!(f, ", gtid {gtid}")?;
         }
+        if !self.non_transactional.is_empty() {
+            write!(
+                f,
+                "\n{}",
+                non_transactional_warning(&self.non_transactional)
+            )?;
+        }
         Ok(())
     }
 }
@@ -87,6 +98,17 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
             "{} holds no databases besides the system ones: there is nothing to dump",
             server.conn.describe()
         ));
+    }
+    // A single-transaction dump is consistent for transactional tables only: the others are
+    // read whenever the dump reaches them, and a write to one meanwhile is both in the dump
+    // and replayed from the binlogs after its position (twice, for `n = n + 1`).
+    let non_transactional = server.non_transactional_tables().await?;
+    if !non_transactional.is_empty() {
+        tracing::warn!(
+            tables = %non_transactional.join(", "),
+            "{}",
+            non_transactional_warning(&non_transactional)
+        );
     }
     let uuid = server.facts.server_uuid.clone();
     // Fail on a wrong bucket or credentials before reading the database.
@@ -211,6 +233,7 @@ pub async fn backup_dump(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result<
         stored_bytes: manifest.data.stored_bytes,
         binlog: manifest.binlog,
         gtid: manifest.gtid,
+        non_transactional,
     })
 }
 
@@ -256,6 +279,20 @@ async fn lock_wait(
             }
         );
     }
+}
+
+fn non_transactional_warning(tables: &[String]) -> String {
+    format!(
+        "warning: {} table(s) use an engine without transactions ({}): the dump reads them outside its snapshot, so a write to one during the dump is replayed on top of it at restore; convert them to InnoDB (ALTER TABLE … ENGINE=InnoDB)",
+        tables.len(),
+        tables
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+            + if tables.len() > 5 { ", …" } else { "" }
+    )
 }
 
 /// The dump program's options: one consistent snapshot, everything in the databases

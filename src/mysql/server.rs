@@ -111,6 +111,13 @@ impl Server {
             .collect())
     }
 
+    /// Tables whose engine has no transactions, as `schema.table engine` (see
+    /// `sql::NON_TRANSACTIONAL`).
+    pub async fn non_transactional_tables(&self) -> anyhow::Result<Vec<String>> {
+        self.query::<String>(crate::mysql::sql::NON_TRANSACTIONAL)
+            .await
+    }
+
     /// This account's other sessions waiting for a lock: (id, seconds, state, statement), read
     /// on `session` (a watchdog keeps one open rather than connecting every time it looks).
     pub async fn waiting_sessions(

@@ -8,6 +8,7 @@ pub const HEARTBEAT_WRITE: &str = include_str!("../../sql/mysql/heartbeat_write.
 pub const HEARTBEAT_NEWEST: &str = include_str!("../../sql/mysql/heartbeat_newest.sql");
 pub const HEALTH_HEARTBEAT: &str = include_str!("../../sql/mysql/health_heartbeat.sql");
 pub const DATABASES_IN_USE: &str = include_str!("../../sql/mysql/databases_in_use.sql");
+pub const NON_TRANSACTIONAL: &str = include_str!("../../sql/mysql/non_transactional.sql");
 pub const WAITING_SESSIONS: &str = include_str!("../../sql/mysql/waiting_sessions.sql");
 pub const FULLTEXT_NGRAM: &str = include_str!("../../sql/mysql/fulltext_ngram.sql");
 

@@ -1192,14 +1192,22 @@ fn a_restored_server_is_locked_and_option_like_database_names_stay_names() {
         &db,
         "CREATE DATABASE `--no-data`; CREATE TABLE `--no-data`.t (id INT PRIMARY KEY); \
          INSERT INTO `--no-data`.t VALUES (1), (2); \
-         CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); INSERT INTO app.t VALUES (7);",
+         CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY); INSERT INTO app.t VALUES (7); \
+         CREATE TABLE app.legacy (id INT) ENGINE=MyISAM;",
     );
-    ok(&agent(
+    // A table the dump's snapshot does not cover is named, with what to do.
+    let dumped = ok(&agent(
         &repo,
         Some(&db.url()),
         None,
         &["backup", "--engine", "mysql"],
     ));
+    assert!(
+        dumped
+            .contains("warning: 1 table(s) use an engine without transactions (app.legacy MyISAM)")
+            && dumped.contains("convert them to InnoDB"),
+        "{dumped}"
+    );
 
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("r");
