@@ -728,6 +728,9 @@ async fn last_range(
         .list(&prefix)
         .await?
         .iter()
+        // Described parts only, as `repository_end` counts them: a part whose data was
+        // stored and whose description was not (a crash between the two) is none yet.
+        .filter(|o| o.key.ends_with(".json"))
         .filter_map(|o| keys::parse_stream_key(uuid, &o.key))
         .map(|(_, from, end)| (from, end))
         .filter(|(_, end)| *end == to)
@@ -1453,6 +1456,23 @@ mod tests {
             repository_end(&store, "u").await.unwrap(),
             at("b.000007", 450)
         );
+        // The empty part that ends a file cut short, its data stored and its description not
+        // (a session that died between the two): no end yet, and no error.
+        let mut end = part("b.000007", 450, 450, true);
+        end.bytes = bytes::Bytes::new();
+        store_part(&store, "u", &end, opts).await.unwrap();
+        let described = crate::repo::mysql::stream_part_meta_key("u", "b.000007", 450, 450);
+        store.delete(&described).await.unwrap();
+        assert_eq!(
+            repository_end(&store, "u").await.unwrap(),
+            at("b.000007", 450)
+        );
+        store_part(&store, "u", &end, opts).await.unwrap();
+        assert_eq!(
+            repository_end(&store, "u").await.unwrap(),
+            at("b.000008", 0)
+        );
+        store.delete(&described).await.unwrap();
         // The same part again is fine (a session that died before its description).
         store_part(&store, "u", &part("b.000007", 300, 450, false), opts)
             .await

@@ -227,7 +227,7 @@ fn database_facts(
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot list the databases: the manifest describes none of them, and the drill checks only that the restore starts");
+                tracing::warn!(error = %format!("{e:#}"), "cannot list the databases: the manifest describes none of them, and a drill of this backup fails (it has nothing to compare)");
                 return Ok(Vec::new());
             }
         };

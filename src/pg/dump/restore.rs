@@ -87,9 +87,11 @@ pub struct TargetUrl {
     pub database: String,
 }
 
-/// `url` with what lies between `://` and its last `@` left out: a URL that does not parse
-/// may carry a password (one with a `/` in it cuts the host short), never to be shown.
+/// `url` with what lies between `://` and its last `@` left out, and without its query: a
+/// URL that does not parse may carry a password (one with a `/` in it cuts the host short,
+/// or `?password=`), never to be shown.
 fn without_userinfo(url: &str) -> String {
+    let url = url.split_once('?').map_or(url, |(u, _)| u);
     match url.split_once("://") {
         Some((scheme, rest)) => match rest.rfind('@') {
             Some(at) => format!("{scheme}://…@{}", &rest[at + 1..]),
@@ -115,7 +117,7 @@ pub fn parse_target_url(url: &str) -> anyhow::Result<TargetUrl> {
             parsed.scheme()
         ));
     }
-    if parsed.password().is_some() {
+    if parsed.password().is_some() || parsed.query_pairs().any(|(k, _)| k == "password") {
         return Err(input_err!(
             "--target-url must not carry a password (it would show in the process list): use PGPASSWORD_FILE or PGPASSFILE"
         ));
@@ -492,6 +494,14 @@ mod tests {
             shown.contains("\"postgresql://…@db:5432/restored\""),
             "{shown}"
         );
+        // Nor one given as a parameter, whether the URL parses or not.
+        for url in [
+            "postgresql://u@db:54x2/new?password=hunter2",
+            "postgresql://u@db:5432/new?password=hunter2",
+        ] {
+            let shown = crate::error::one_line(&parse_target_url(url).unwrap_err());
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
     }
 
     fn set(id: &str, dbs: &[(&str, &str)]) -> PgDumpSet {
