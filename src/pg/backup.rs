@@ -882,51 +882,30 @@ async fn chain_still_there(store: &dyn Store, sysid: u64, chain: &[String]) -> a
         .iter()
         .map(|id| repo::backup_manifest_key(sysid, id))
         .collect();
-    let heads = futures::future::join_all(keys.iter().map(|k| store.head(k))).await;
-    for (id, head) in chain.iter().zip(heads) {
-        if head
-            .with_context(|| format!("checking that backup {id} is still there"))?
-            .is_none()
-        {
-            anyhow::bail!(
-                "backup {id}, which this incremental builds on, was deleted while it ran (by a prune whose retention.incomplete_after is shorter than this backup took?): nothing of this backup is kept; take it again"
-            );
-        }
+    if let Some(key) = crate::storage::first_missing(store, keys.iter().map(String::as_str)).await?
+    {
+        let id = &chain[keys.iter().position(|k| k == key).expect("one of the keys")];
+        anyhow::bail!(
+            "backup {id}, which this incremental builds on, was deleted while it ran (by a prune whose retention.incomplete_after is shorter than this backup took?): nothing of this backup is kept; take it again"
+        );
     }
     Ok(())
 }
 
 /// Every object this backup stored is still there: a prune may have taken them from a backup
 /// that ran past `retention.incomplete_after` (no manifest yet), and a manifest must not name
-/// missing data. HEADs, a few at a time.
+/// missing data.
 async fn own_objects_still_there(
     store: &dyn Store,
     data: &ObjectRef,
     files: Option<&FilesInfo>,
 ) -> anyhow::Result<()> {
-    let keys: Vec<&str> = std::iter::once(data.key.as_str())
-        .chain(
-            files
-                .map(|f| f.bundles.as_slice())
-                .unwrap_or_default()
-                .iter()
-                .map(|b| b.key.as_str()),
-        )
-        .collect();
-    let mut heads = futures::stream::iter(
-        keys.into_iter()
-            .map(|k| async move { (k, store.head(k).await) }),
-    )
-    .buffer_unordered(16);
-    while let Some((key, head)) = heads.next().await {
-        if head
-            .with_context(|| format!("checking that {key} is still there"))?
-            .is_none()
-        {
-            anyhow::bail!(
-                "{key} is gone from the repository although this backup stored it: a prune ran while the backup had been running longer than retention.incomplete_after; raise it above your longest backup. Nothing of this backup is kept; take it again"
-            );
-        }
+    let bundles = files.map(|f| f.bundles.as_slice()).unwrap_or_default();
+    let keys = std::iter::once(data.key.as_str()).chain(bundles.iter().map(|b| b.key.as_str()));
+    if let Some(key) = crate::storage::first_missing(store, keys).await? {
+        anyhow::bail!(
+            "{key} is gone from the repository although this backup stored it: a prune ran while the backup had been running longer than retention.incomplete_after; raise it above your longest backup. Nothing of this backup is kept; take it again"
+        );
     }
     Ok(())
 }

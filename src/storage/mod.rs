@@ -201,6 +201,30 @@ fn open_bare(url: &str, cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
     ))
 }
 
+/// The first of `keys` (in any order) that the store no longer holds, HEADed a few at a
+/// time: a writer checks its own objects before its manifest names them (a prune may have
+/// taken the objects of a set that ran past `retention.incomplete_after`).
+pub async fn first_missing<'a>(
+    store: &dyn Store,
+    keys: impl IntoIterator<Item = &'a str>,
+) -> anyhow::Result<Option<&'a str>> {
+    use futures::StreamExt;
+    let mut heads = futures::stream::iter(
+        keys.into_iter()
+            .map(|k| async move { (k, store.head(k).await) }),
+    )
+    .buffer_unordered(16);
+    while let Some((key, head)) = heads.next().await {
+        if head
+            .map_err(|e| e.context(format!("checking that {key} is still there")))?
+            .is_none()
+        {
+            return Ok(Some(key));
+        }
+    }
+    Ok(None)
+}
+
 /// Reads a whole (small) object into memory.
 pub async fn get_all(store: &dyn Store, key: &str) -> anyhow::Result<Bytes> {
     use futures::TryStreamExt;

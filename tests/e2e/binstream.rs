@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use dbagent_testcontainers::{FaultProxy, MariaDbBuilder, S3Server};
 
-use crate::mysql::{Scratch, agent, agent_with};
+use crate::mysql::{Scratch, agent, agent_with, restore_latest_into};
 use crate::serve::Serve;
 use crate::support::*;
 
@@ -128,20 +128,7 @@ fn node_loss_on(
 
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("restored");
-    let out = agent(
-        &repo,
-        None,
-        None,
-        &[
-            "restore",
-            "--engine",
-            "mysql",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-        ],
-    );
-    let scratch = Scratch { dir };
+    let (out, scratch) = restore_latest_into(&repo, &[], dir);
     let text = ok(&out);
     if stream {
         assert!(text.contains("as streamed so far"), "{text}");
@@ -619,20 +606,7 @@ fn a_crashed_server_is_no_binlog_gap_while_it_keeps_the_file() {
     drop(db);
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("r");
-    let out = agent(
-        &repo,
-        None,
-        None,
-        &[
-            "restore",
-            "--engine",
-            "mysql",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-        ],
-    );
-    let scratch = Scratch { dir };
+    let (out, scratch) = restore_latest_into(&repo, &[], dir);
     ok(&out);
     assert_eq!(
         scratch.sql("SELECT GROUP_CONCAT(note ORDER BY id) FROM shop.t"),
@@ -914,20 +888,7 @@ fn a_transaction_bigger_than_the_memory_bound_streams_in_pieces_and_restores() {
 
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("restored");
-    let out = agent(
-        &repo,
-        None,
-        None,
-        &[
-            "restore",
-            "--engine",
-            "mysql",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-        ],
-    );
-    let scratch = Scratch { dir };
+    let (out, scratch) = restore_latest_into(&repo, &[], dir);
     ok(&out);
     assert_eq!(scratch.sql("SELECT COUNT(*) FROM shop.big"), "400000");
 }

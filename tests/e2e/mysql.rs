@@ -864,20 +864,7 @@ fn mysql_dump_and_binlogs_through_s3() {
 
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("r");
-    let out = agent(
-        &repo,
-        None,
-        None,
-        &[
-            "restore",
-            "--engine",
-            "mysql",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-        ],
-    );
-    let scratch = Scratch { dir };
+    let (out, scratch) = restore_latest_into(&repo, &[], dir);
     ok(&out);
     assert_eq!(scratch.sql("SELECT COUNT(*) FROM app.t"), "4");
     assert_eq!(
@@ -1080,27 +1067,18 @@ fn a_tls_only_mariadb_works_with_verify_identity_and_refuses_another_ca() {
     // And the restore from that dump and binlog has every row.
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("r");
-    let out = agent(
-        &repo,
-        None,
-        None,
-        &[
-            "restore",
-            "--engine",
-            "mysql",
-            "--latest",
-            "--target-dir",
-            dir.to_str().unwrap(),
-        ],
-    );
-    let scratch = Scratch { dir };
+    let (out, scratch) = restore_latest_into(&repo, &[], dir);
     ok(&out);
     assert_eq!(scratch.sql("SELECT COUNT(*) FROM app.t"), "3");
 }
 
 /// `restore --engine mysql --latest` into a server in `dir` on a free port, with more
 /// environment: the output, and the restored server.
-fn restore_latest_into(repo: &Repo, env: &[(&str, &Path)], dir: PathBuf) -> (Output, Scratch) {
+pub(crate) fn restore_latest_into(
+    repo: &Repo,
+    env: &[(&str, &Path)],
+    dir: PathBuf,
+) -> (Output, Scratch) {
     let out = agent_with(
         repo,
         None,

@@ -108,15 +108,17 @@ pub async fn backup_dumps(cfg: &Config, store: Arc<dyn Store>) -> anyhow::Result
     };
     // A prune may have taken the first objects of a set that ran past
     // retention.incomplete_after (no manifest yet): a manifest must not name missing data.
-    for key in &written_keys {
-        if store.head(key).await?.is_none() {
-            for key in &written_keys {
-                let _ = store.delete(key).await;
-            }
-            anyhow::bail!(
-                "{key} is gone from the repository although this dump stored it: a prune ran while the dump had been running longer than retention.incomplete_after; raise it above your longest dump. Nothing of this dump is kept"
-            );
+    if let Some(key) =
+        crate::storage::first_missing(store.as_ref(), written_keys.iter().map(String::as_str))
+            .await?
+    {
+        let key = key.to_string();
+        for key in &written_keys {
+            let _ = store.delete(key).await;
         }
+        anyhow::bail!(
+            "{key} is gone from the repository although this dump stored it: a prune ran while the dump had been running longer than retention.incomplete_after; raise it above your longest dump. Nothing of this dump is kept"
+        );
     }
     let manifest = PgDumpSet {
         format_version: FORMAT_VERSION,
