@@ -220,6 +220,8 @@ pub struct ServeConfig {
     pub wal_stream: bool,
     pub wal_stream_slot: String,
     pub wal_stream_interval: Duration,
+    /// Silence after which a replication connection is given up as lost (`pg::walstream`).
+    pub wal_stream_timeout: Duration,
     pub binlog_interval: Duration,
     /// Rotate the active binlog (FLUSH BINARY LOGS) once it is this old, so a quiet server's
     /// writes reach the archive anyway: the MySQL twin of PostgreSQL's archive_timeout.
@@ -449,6 +451,7 @@ impl Config {
                 wal_stream: v.get("serve.wal_stream")?,
                 wal_stream_slot: slot_name(v.get("serve.wal_stream_slot")?)?,
                 wal_stream_interval: v.get("serve.wal_stream_interval")?,
+                wal_stream_timeout: v.get("serve.wal_stream_timeout")?,
                 binlog_interval: v.get("serve.binlog_interval")?,
                 binlog_max_age: v.get("serve.binlog_max_age")?,
                 catalog_refresh: v.get("serve.catalog_refresh")?,

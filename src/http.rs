@@ -277,6 +277,8 @@ fn extra(shared: &Shared) -> serde_json::Map<String, serde_json::Value> {
                 "gaps": st.gaps,
                 "last_gap": st.last_gap,
                 "error": st.error,
+                "interruptions": st.interruptions,
+                "last_interruption": st.last_interruption,
             }),
         );
     }

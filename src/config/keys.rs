@@ -221,6 +221,7 @@ pub const KEYS: &[Key] = &[
     flag("serve.wal_stream", "false").also(&["DBAGENT_WAL_STREAM"]),
     text("serve.wal_stream_slot").or("dbagent"),
     period("serve.wal_stream_interval", TICK, "1s"),
+    period("serve.wal_stream_timeout", Duration::from_secs(1), "30s"),
     period("serve.binlog_interval", TICK, "10s").also(&["DBAGENT_BINLOG_INTERVAL"]),
     duration("serve.binlog_max_age", "5m").also(&["DBAGENT_BINLOG_MAX_AGE"]),
     period("serve.catalog_refresh", Duration::from_secs(1), "5m")
@@ -834,7 +835,7 @@ mod tests {
             "config file c.toml: unknown key serve.heartbeet ([serve] has listen, engine, \
              node_name, refresh, heartbeat, heartbeat_interval, heartbeat_database, max_lag, \
              max_lag_seconds, wal_lookahead, wal_lookahead_parallel, wal_stream, \
-             wal_stream_slot, wal_stream_interval, binlog_interval, \
+             wal_stream_slot, wal_stream_interval, wal_stream_timeout, binlog_interval, \
              binlog_max_age, catalog_refresh, job_grace, schedule_on)"
         );
         assert_eq!(

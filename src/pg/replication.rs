@@ -102,6 +102,8 @@ pub struct ReplConn {
     rbuf: BytesMut,
     wbuf: BytesMut,
     streaming: bool,
+    /// The server process serving this connection (BackendKeyData).
+    backend_pid: Option<i32>,
 }
 
 /// Socket reads go into buffers of this size: a base backup arrives in messages of about
@@ -139,6 +141,14 @@ impl ReplConn {
                 .await
                 .with_context(|| format!("connecting to {}:{}", info.host, info.port))?;
             let _ = tcp.set_nodelay(true);
+            // As dbagent's other PostgreSQL connections (`conn.rs`): a peer that is gone is
+            // found by the kernel, even while a base backup waits on a checkpoint.
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(30))
+                    .with_interval(Duration::from_secs(10))
+                    .with_retries(3),
+            );
             let (io, end_point) = Self::maybe_tls(info, tcp).await?;
             binding = end_point;
             io
@@ -148,6 +158,7 @@ impl ReplConn {
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::new(),
             streaming: false,
+            backend_pid: None,
         };
         conn.startup(info, binding).await?;
         Ok(conn)
@@ -303,7 +314,14 @@ impl ReplConn {
                 tracing::debug!(notice = %e.message, "replication connection notice");
                 Ok(())
             }
-            b'S' | b'K' => Ok(()),
+            b'K' => {
+                let mut body = f.body.clone();
+                if body.len() >= 4 {
+                    self.backend_pid = Some(body.get_i32());
+                }
+                Ok(())
+            }
+            b'S' => Ok(()),
             other => bail!("unexpected message {:?} from the server", other as char),
         }
     }
@@ -481,6 +499,11 @@ impl ReplConn {
                 _ => self.common(f)?,
             }
         }
+    }
+
+    /// The server process (walsender) serving this connection, as the server said at start.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.backend_pid
     }
 
     /// The next message of the stream started by `start`. Cancel-safe.

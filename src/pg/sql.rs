@@ -12,6 +12,7 @@ pub const SERVER_FACTS: &str = include_str!("../../sql/postgres/server_facts.sql
 pub const ARCHIVER: &str = include_str!("../../sql/postgres/archiver.sql");
 pub const ARCHIVE_PROGRESS: &str = include_str!("../../sql/postgres/archive_progress.sql");
 pub const STREAM_SLOT: &str = include_str!("../../sql/postgres/stream_slot.sql");
+pub const STREAM_ABANDONED: &str = include_str!("../../sql/postgres/stream_abandoned.sql");
 pub const DATABASES: &str = include_str!("../../sql/postgres/databases.sql");
 pub const ROW_ESTIMATES: &str = include_str!("../../sql/postgres/row_estimates.sql");
 pub const DATABASE_SETTINGS: &str = include_str!("../../sql/postgres/database_settings.sql");

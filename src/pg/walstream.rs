@@ -38,6 +38,8 @@ pub struct Settings {
     pub conn: ConnInfo,
     pub slot: String,
     pub interval: Duration,
+    /// Silence after which the connection is given up as lost (see `session`).
+    pub timeout: Duration,
     pub pipe: PipeOptions,
 }
 
@@ -82,6 +84,8 @@ struct Streamer {
     put_time: Duration,
     /// The slot as the last session found it.
     slot: Option<SlotSeen>,
+    /// The server process of a connection given up as silent, which may still hold the slot.
+    abandoned: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +116,7 @@ pub async fn run(
         pending_since: None,
         put_time: Duration::ZERO,
         slot: None,
+        abandoned: None,
     };
     let mut pause = Duration::from_millis(500);
     loop {
@@ -124,7 +129,11 @@ pub async fn run(
             Err(e) => {
                 let msg = format!("{e:#}");
                 tracing::warn!(error = %msg, "WAL streaming interrupted; reconnecting");
-                s.shared.stream_update(|f| f.error = Some(msg));
+                s.shared.stream_update(|f| {
+                    f.interruptions += 1;
+                    f.last_interruption = Some(format!("{}: {msg}", Utc::now().to_rfc3339()));
+                    f.error = Some(msg);
+                });
             }
         }
         if started.elapsed() > Duration::from_secs(30) {
@@ -187,6 +196,9 @@ impl Streamer {
             server_pos: id.xlogpos,
         });
         self.onto_history(&mut conn, sysid, &id, &slot).await?;
+        if let Some(pid) = self.abandoned.take() {
+            self.end_abandoned(pid, &slot_name).await;
+        }
         let tli = self.start_streaming(&mut conn, &slot_name, sysid).await?;
         self.shared.stream_update(|f| {
             f.connected = true;
@@ -195,18 +207,27 @@ impl Streamer {
             f.store_failing = false;
             f.timeline = Some(tli);
         });
+        // A network path that dies without a reset (a node lost, a NAT entry dropped) leaves
+        // the connection open and silent, and an idle server has nothing to send: every
+        // periodic status asks the server to answer, and a connection that says nothing for
+        // `timeout` of listening is given up (as a standby's `wal_receiver_timeout`). Only
+        // time spent waiting counts, so a slow store cannot pass for a silent server.
+        let timeout = self.settings.timeout;
+        let status_every = (timeout / 3).min(Duration::from_secs(10));
+        let mut silent = Duration::ZERO;
         let mut last_status = Instant::now();
         loop {
             // Store once the oldest unstored byte has waited the interval less what a store
             // takes, so it is durable within the interval; and answer the server at least
-            // every 10 s.
-            let status_due = last_status + Duration::from_secs(10);
+            // every `status_every`.
+            let status_due = last_status + status_every;
             let due = match self.pending_since {
                 Some(since) => {
                     (since + self.settings.interval.saturating_sub(self.put_time)).min(status_due)
                 }
                 None => status_due,
             };
+            let listening = Instant::now();
             tokio::select! {
                 _ = token.cancelled() => {
                     self.store_piece().await?;
@@ -215,7 +236,7 @@ impl Streamer {
                     conn.close().await;
                     return Ok(());
                 }
-                ev = conn.next() => match ev? {
+                ev = conn.next() => match ev.inspect(|_| silent = Duration::ZERO)? {
                     Event::Data { start, data, .. } => {
                         let at = self.cursor().received(self.seg_size);
                         anyhow::ensure!(start == at, "the server sent WAL from {start}, expected {at}");
@@ -241,10 +262,19 @@ impl Streamer {
                     }
                 },
                 _ = tokio::time::sleep_until(due.into()) => {
+                    silent += listening.elapsed();
+                    if silent >= timeout {
+                        self.abandoned = conn.backend_pid();
+                        anyhow::bail!(
+                            "PostgreSQL at {} sent nothing for {} s, not even an answer to a status request (serve.wal_stream_timeout): the connection is lost",
+                            self.settings.conn.describe(),
+                            silent.as_secs()
+                        );
+                    }
                     let stored = self.store_piece().await?;
-                    if stored || last_status.elapsed() >= Duration::from_secs(10) {
+                    if stored || last_status.elapsed() >= status_every {
                         let (recv, stored) = self.positions();
-                        conn.status(recv, stored, false).await?;
+                        conn.status(recv, stored, true).await?;
                         last_status = Instant::now();
                     }
                 }
@@ -406,6 +436,36 @@ impl Streamer {
     }
 
     /// Whether the server says the slot is invalidated (`wal_status = lost`).
+    /// Ends the server's side of the connection given up as silent: its walsender would hold
+    /// the slot (START_REPLICATION refused, "slot is active") until the server's own
+    /// `wal_sender_timeout` notices, a minute by default. Only that process, and only while it
+    /// holds this slot; when it cannot be ended (no right to signal it), the reconnects go on
+    /// until the server lets it go.
+    async fn end_abandoned(&self, pid: i32, slot: &str) {
+        let ended = async {
+            let client = self.settings.conn.connect().await?;
+            let rows = client
+                .query(super::sql::STREAM_ABANDONED, &[&pid, &slot])
+                .await?;
+            anyhow::Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+        }
+        .await;
+        match ended {
+            Ok(true) => tracing::info!(
+                pid,
+                %slot,
+                "ended the server's side of the replication connection given up as silent"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                pid,
+                %slot,
+                error = %format!("{e:#}"),
+                "could not end the server's side of the replication connection given up as silent; the slot is free once the server's wal_sender_timeout ends it"
+            ),
+        }
+    }
+
     async fn slot_lost(&self, slot: &str) -> bool {
         let Ok(client) = self.settings.conn.connect().await else {
             return false;

@@ -122,6 +122,7 @@ pub async fn run(
                     conn: conn.clone(),
                     slot: cfg.serve.wal_stream_slot.clone(),
                     interval: cfg.serve.wal_stream_interval,
+                    timeout: cfg.serve.wal_stream_timeout,
                     pipe: crate::pipeline::PipeOptions::for_wal(&cfg),
                 };
                 spawn(

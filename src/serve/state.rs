@@ -78,6 +78,10 @@ pub struct StreamFacts {
     /// nowhere, and not streaming to the repository.
     pub store_failing: bool,
     pub error: Option<String>,
+    /// Sessions that ended in an error (reconnected after), and the last one's reason, kept
+    /// after a reconnect clears `error`: a flapping connection shows here.
+    pub interruptions: u64,
+    pub last_interruption: Option<String>,
 }
 
 impl StreamFacts {

@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use dbagent_testcontainers::{
-    Fault, FaultProxy, Postgres, PostgresBuilder, Rule, free_port, pg_bin, pg_owned_tempdir,
+    Fault, FaultProxy, Postgres, PostgresBuilder, Rule, TcpRelay, free_port, pg_bin,
+    pg_owned_tempdir,
 };
 
 use crate::serve::{Serve, pg_env};
@@ -56,6 +57,68 @@ fn fetch(repo: &Repo, pg: &Postgres, name: &str) -> Vec<u8> {
         &["wal-fetch", name, dest.to_str().unwrap()],
     ));
     std::fs::read(&dest).unwrap()
+}
+
+/// The network path to the server dies without a reset (a node lost, a conntrack entry
+/// dropped): the replication connection stays open and nothing more arrives on it. The stream
+/// gives it up after `serve.wal_stream_timeout`, says why in `/status`, connects again and
+/// stores what was committed meanwhile. Before, it waited on the dead connection for ever,
+/// `/status` saying connected, and nothing more was archived.
+#[test]
+fn a_replication_connection_gone_silent_is_given_up_and_streaming_goes_on() {
+    let repo = Repo::file();
+    let pg = PostgresBuilder::new().start().unwrap();
+    pg.psql("postgres", "CREATE TABLE t (id int)").unwrap();
+    let relay = TcpRelay::start(pg.port()).unwrap();
+    let relay_port = relay.port().to_string();
+    let serve = streaming_serve(
+        &repo,
+        &pg,
+        &[
+            ("PGPORT", &relay_port),
+            ("DBAGENT_SERVE_WAL_STREAM_TIMEOUT", "3s"),
+        ],
+    );
+    serve.wait_for("the stream to store WAL", Duration::from_secs(20), |s| {
+        stored_lsn(s) > 0
+    });
+    let connections = relay.accepted();
+
+    relay.freeze();
+    pg.psql("postgres", "INSERT INTO t VALUES (1)").unwrap();
+    let commit = parse_lsn(
+        &pg.psql("postgres", "SELECT pg_current_wal_flush_lsn()")
+            .unwrap(),
+    );
+    // The reason stays in `last_interruption` once the new connection clears `error`.
+    let reason = |s: &Serve| {
+        s.json("/status")["wal_stream"]["last_interruption"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    serve.wait_for(
+        "the stream to give the silent connection up",
+        Duration::from_secs(20),
+        |s| reason(s).contains("sent nothing for"),
+    );
+    assert!(
+        reason(&serve).contains("serve.wal_stream_timeout"),
+        "{}",
+        reason(&serve)
+    );
+    serve.wait_for(
+        "the commit made meanwhile to be stored",
+        Duration::from_secs(30),
+        |s| stored_lsn(s) >= commit,
+    );
+    assert!(
+        relay.accepted() > connections,
+        "stored without a new connection"
+    );
+    let status = serve.json("/status");
+    assert_eq!(status["wal_stream"]["connected"], true, "{status}");
+    assert_eq!(status["wal_stream"]["interruptions"], 1, "{status}");
 }
 
 #[test]
