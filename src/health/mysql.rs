@@ -131,7 +131,13 @@ impl Probe {
                     exec_file.as_deref(),
                     exec_pos,
                 );
-                s.lag_seconds = heartbeat_age;
+                // Without a replicated heartbeat (no sidecar on the primary yet, or the
+                // table filtered out), the server's own estimate: NULL while the SQL thread
+                // is stopped, so a broken replica still has no lag in seconds.
+                s.lag_seconds = heartbeat_age.or_else(|| {
+                    col_u64(row, &["Seconds_Behind_Source", "Seconds_Behind_Master"])
+                        .map(|v| v as f64)
+                });
                 s.replica = Some(ReplicaState {
                     streaming,
                     broken_reason,

@@ -83,6 +83,18 @@ impl Probe {
             let replay_ts: Option<DateTime<Utc>> = row.get(10);
             let receiver = client.query_opt(sql::HEALTH_RECEIVER, &[]).await?;
             let (streaming, broken_reason, latest_end, sender, tli) = match &receiver {
+                // Without pg_read_all_stats the view shows the receiver's pid and nothing
+                // else: say what grant is missing instead of guessing how it streams.
+                Some(r) if r.get::<_, Option<String>>(0).is_none() => (
+                    false,
+                    Some(format!(
+                        "WAL receiver state unreadable: role {user} needs pg_monitor (or pg_read_all_stats) to read pg_stat_wal_receiver: GRANT pg_monitor TO {user}",
+                        user = r.get::<_, String>(5)
+                    )),
+                    None,
+                    None,
+                    None,
+                ),
                 Some(r) => {
                     let status: String = r.get(0);
                     let sender = match (r.get::<_, Option<String>>(2), r.get::<_, Option<i32>>(3)) {

@@ -297,6 +297,31 @@ fn primary_and_standby_answer_like_patroni() {
     assert_eq!(p.metric("dbagent_standbys"), Some(1.0));
     assert!(p.metric("dbagent_heartbeat_writes_total").unwrap() > 3.0);
 
+    // A monitoring role without pg_monitor sees the WAL receiver's pid and nothing else: the
+    // standby is not called healthy, and the reason names the grant. Before, serve panicked
+    // on the NULL state and exited, again at every restart.
+    primary
+        .psql("postgres", "CREATE ROLE watcher LOGIN")
+        .unwrap();
+    let mut env = pg_env(&standby);
+    env.retain(|(k, _)| k != "PGUSER");
+    env.push(("PGUSER".into(), "watcher".into()));
+    env.push(("DBAGENT_SERVE_HEARTBEAT".into(), "false".into()));
+    let w = Serve::start(&env);
+    w.wait_for(
+        "the unprivileged sidecar to name the missing grant",
+        Duration::from_secs(15),
+        |w| {
+            w.json("/replica")["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("GRANT pg_monitor TO watcher"))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(w.code("/liveness"), 200, "serve is still running");
+    assert_eq!(w.code("/replica"), 503);
+    drop(w);
+
     // The primary is lost: the standby is not a healthy replica any more, and says why.
     drop(p);
     let mut primary = primary;
@@ -611,8 +636,18 @@ fn mysql_env(db: &dbagent_testcontainers::MariaDb) -> Vec<(String, String)> {
 #[test]
 fn mariadb_primary_and_replica_answer_the_same_way() {
     let (mut primary, replica) = dbagent_testcontainers::mariadb_replica_pair().unwrap();
-    let p = Serve::start(&mysql_env(&primary));
+    // No heartbeat yet (no sidecar on the primary): the replica's lag in seconds is the
+    // server's own Seconds_Behind_Master, and it is ready. Before, it was never ready.
     let r = Serve::start(&mysql_env(&replica));
+    r.wait_for(
+        "the replica to be ready without a heartbeat",
+        Duration::from_secs(10),
+        |r| r.code("/readiness") == 200,
+    );
+    let status = r.json("/replica");
+    assert_eq!(status["lag_seconds"].as_f64(), Some(0.0), "{status}");
+    assert!(status["heartbeat_age_seconds"].is_null(), "{status}");
+    let p = Serve::start(&mysql_env(&primary));
     p.wait_for("primary state", Duration::from_secs(10), |p| {
         p.code("/primary") == 200
     });
@@ -627,9 +662,9 @@ fn mariadb_primary_and_replica_answer_the_same_way() {
 
     // The heartbeat replicates: lag in seconds is small on an idle primary.
     r.wait_for("a replicated heartbeat", Duration::from_secs(10), |r| {
-        r.json("/replica")["lag_seconds"]
-            .as_f64()
-            .is_some_and(|l| l < 2.0)
+        let s = r.json("/replica");
+        s["heartbeat_age_seconds"].as_f64().is_some_and(|l| l < 2.0)
+            && s["lag_seconds"].as_f64().is_some_and(|l| l < 2.0)
     });
     let canary = replica
         .sql(Some("dbagent"), "SELECT HEX(canary) FROM heartbeat")
