@@ -133,6 +133,21 @@ impl PgPlan {
     }
 }
 
+/// The backups `b` builds on that the repository no longer lists, for messages.
+fn missing_deps(cat: &PgCatalog, b: &BaseBackup) -> String {
+    let gone: Vec<&str> = b
+        .depends_on()
+        .iter()
+        .filter(|d| !cat.backups.iter().any(|o| &o.id == *d))
+        .map(String::as_str)
+        .collect();
+    match gone.as_slice() {
+        [] => "a backup".to_string(),
+        [one] => format!("backup {one}"),
+        many => format!("backups {}", many.join(", ")),
+    }
+}
+
 /// Picks the timeline, backup and WAL range for `target`, or says why the archive cannot
 /// reach it. `timeline` is the operator's choice; without it, the branch that continues
 /// production, and a refusal naming the branches when a fork leaves that open.
@@ -156,20 +171,45 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
             list(cat.backups.iter().map(|b| b.timeline))
         ));
     };
-    let backup = match target {
-        Target::Latest => *on.last().expect("checked non-empty"),
-        Target::Time(t) => *on
+    let candidates: Vec<&BaseBackup> = match target {
+        Target::Latest => on.iter().rev().copied().collect(),
+        Target::Time(t) => on
             .iter()
             .rev()
-            .find(|b| b.stop_time <= t)
-            .ok_or_else(|| {
-                input_err!(
-                    "target {} is before the first backup became consistent: the earliest restorable time is {}",
-                    show(t),
-                    show(first.stop_time)
-                )
-            })?,
+            .copied()
+            .filter(|b| b.stop_time <= t)
+            .collect(),
     };
+    let Some(newest) = candidates.first() else {
+        let Target::Time(t) = target else {
+            unreachable!("--latest has every backup on the timeline")
+        };
+        return Err(input_err!(
+            "target {} is before the first backup became consistent: the earliest restorable time is {}",
+            show(t),
+            show(first.stop_time)
+        ));
+    };
+    // An incremental whose chain lost a backup (deleted by hand or by a bucket lifecycle
+    // rule; prune never does it) cannot be restored; an older backup whose chain is whole
+    // reaches the same target through the WAL, as it would have before the incremental.
+    let Some(backup) = candidates.iter().copied().find(|b| cat.chain_complete(b)) else {
+        return Err(input_err!(
+            "backup {} cannot be restored: it builds on {}, missing from the repository, and no older backup before the target can be restored either",
+            newest.id,
+            missing_deps(cat, newest)
+        ));
+    };
+    for skipped in candidates.iter().take_while(|b| b.id != backup.id) {
+        tracing::warn!(
+            skipped = %skipped.id,
+            used = %backup.id,
+            "backup {} builds on {}, missing from the repository: restoring from the older backup {} and its WAL instead",
+            skipped.id,
+            missing_deps(cat, skipped),
+            backup.id
+        );
+    }
     let reach = cat.reach_on(backup, timeline);
     let Some(last) = reach.last.filter(|_| reach.consistent) else {
         let missing = reach.gap.clone().unwrap_or_else(|| backup.stop_wal.clone());
@@ -336,6 +376,32 @@ mod tests {
                 .id,
             "full"
         );
+    }
+
+    /// The newest backup is an incremental whose base was deleted by hand: the older full
+    /// backup and the WAL reach the same points. Before, the restore was refused, blaming a
+    /// WAL segment that was there.
+    #[test]
+    fn an_incremental_that_lost_its_base_gives_way_to_an_older_backup() {
+        let c = catalog(
+            vec![
+                backup("old", 2, 2, "00:02:30"),
+                incremental("inc", 6, "00:06:30", &["gone"]),
+            ],
+            &[2, 3, 4, 5, 6, 7, 8, 9],
+        );
+        for target in [Target::Latest, Target::Time(t("00:07:00"))] {
+            let p = plan_pg(&c, target, None).unwrap();
+            assert_eq!(p.backup.id, "old");
+            assert_eq!(p.last_wal, "000000010000000000000009");
+        }
+        // Nothing older to give way to: refused, naming what is missing.
+        let c = catalog(
+            vec![incremental("inc", 6, "00:06:30", &["gone"])],
+            &[6, 7, 8, 9],
+        );
+        let e = err(&c, Target::Latest);
+        assert!(e.contains("builds on backup gone, missing"), "{e}");
     }
 
     #[test]
