@@ -445,7 +445,12 @@ async fn unpack_backup(store: &dyn Store, plan: &PgPlan, dir: &Path) -> anyhow::
     plan.backup
         .data
         .verify(&trailer, &format!("base backup {}", plan.backup.id))?;
-    // Verified: only now does the directory become a cluster PostgreSQL would start.
+    let synced = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || untar::sync_tree(&synced))
+        .await
+        .context("syncing task panicked")??;
+    // Verified and durable: only now does the directory become a cluster PostgreSQL would
+    // start.
     untar::release(dir)
 }
 

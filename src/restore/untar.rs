@@ -256,6 +256,29 @@ fn padding(size: u64) -> u64 {
     (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64
 }
 
+/// Makes everything under `dir` durable: every regular file, then each directory (after what
+/// it holds). The tar path writes files as the stream brings them, without a sync each; this
+/// runs before `release`, so a restore that exits 0 (`--no-start` included, where no server
+/// start syncs the directory) has its data on disk before the marker goes. Symbolic links
+/// (a tablespace's) are not followed.
+pub fn sync_tree(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_tree(&path)?;
+        } else if kind.is_file() {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {}", path.display()))?;
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
 /// Puts pg_control in place and removes the marker: call only once the backup's checksum
 /// has been verified.
 pub fn release(dir: &Path) -> anyhow::Result<()> {
@@ -267,9 +290,12 @@ pub fn release(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("putting {CONTROL_FILE} in place in {}", dir.display()))?;
     std::fs::remove_file(dir.join(MARKER))
         .with_context(|| format!("removing {MARKER} from {}", dir.display()))?;
-    // Best effort: the caller starts PostgreSQL next, which syncs the data directory itself.
-    if let Ok(d) = std::fs::File::open(dir.join("global")) {
-        let _ = d.sync_all();
+    // The rename and the marker's removal: the files are durable already (see `sync_tree`
+    // and the file-level restore's own syncs).
+    for d in [dir.join("global"), dir.to_path_buf()] {
+        std::fs::File::open(&d)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", d.display()))?;
     }
     Ok(())
 }
