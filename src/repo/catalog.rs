@@ -93,6 +93,9 @@ async fn read_manifests(
 
 /// How many segments at the end of a chain have their trailers read for a transaction time.
 const TAIL_SEGMENTS: usize = 4;
+/// How far back past idle segments the transaction times are read: 1024 segments, 16 GiB of
+/// WAL without a commit (a quiet server's checkpoints every 5 minutes for days).
+const MAX_TAIL_SEGMENTS: usize = 1024;
 
 /// How far a backup's WAL chain reaches.
 #[derive(Debug, Clone, PartialEq)]
@@ -375,11 +378,14 @@ impl PgCatalog {
 
     /// Reads the transaction times noted in the trailers of the last few segments of every
     /// backup's chain, on every branch it can follow (a ranged read of each object's last
-    /// bytes). A trailer that cannot be read only leaves the time unknown: `verify` is where
-    /// damage is reported.
+    /// bytes), further back while what was read holds no transaction: a quiet server's tail
+    /// of checkpoint-only segments would otherwise end the window at the last upload, past
+    /// the last commit, where no time target can stop. A trailer that cannot be read leaves
+    /// the time unknown (the window then ends at the upload time, as before) and is logged;
+    /// `verify` is where damage is reported.
     async fn read_tails(&mut self, store: &dyn Store) {
         let branches = self.branches();
-        let mut wanted: Vec<Segment> = Vec::new();
+        let mut chains: Vec<Vec<Segment>> = Vec::new();
         for b in &self.backups {
             let mut tlis: Vec<u32> = branches
                 .branches
@@ -391,36 +397,66 @@ impl PgCatalog {
             tlis.sort();
             tlis.dedup();
             for tli in tlis {
-                let (chain, _) = self.chain_on(b, tli);
-                let from = chain.len().saturating_sub(TAIL_SEGMENTS);
-                wanted.extend(&chain[from..]);
+                chains.push(self.chain_on(b, tli).0);
             }
         }
-        wanted.sort();
-        wanted.dedup();
-        let notes: Vec<(Segment, anyhow::Result<u64>)> = futures::stream::iter(wanted)
-            .map(|seg| {
-                let obj = &self.segments[&seg];
-                async move {
-                    let note = crate::pipeline::read_note(store, &obj.key, obj.size).await;
-                    (seg, note)
-                }
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await;
-        for (seg, note) in notes {
-            match note {
-                Ok(micros) => {
-                    let time = (micros != 0)
-                        .then(|| DateTime::from_timestamp_micros(micros as i64))
-                        .flatten();
-                    self.last_xact.insert(seg, time);
-                }
-                Err(e) => {
-                    tracing::debug!(segment = %seg.name(self.seg_size), error = %e, "no transaction time for this segment")
+        chains.sort();
+        chains.dedup();
+        let mut unreadable: std::collections::BTreeSet<Segment> = Default::default();
+        let mut depth = TAIL_SEGMENTS;
+        loop {
+            let mut wanted: Vec<Segment> = Vec::new();
+            for chain in &chains {
+                // Walking back as `chain_end_time` does, past idle segments: deeper only
+                // when the walk stops at a segment not read yet.
+                let stops_unread = chain
+                    .iter()
+                    .rev()
+                    .find(|s| !matches!(self.last_xact.get(*s), Some(None)))
+                    .is_some_and(|s| !self.last_xact.contains_key(s) && !unreadable.contains(s));
+                if stops_unread {
+                    let from = chain.len().saturating_sub(depth);
+                    wanted.extend(
+                        chain[from..].iter().filter(|s| {
+                            !self.last_xact.contains_key(*s) && !unreadable.contains(*s)
+                        }),
+                    );
                 }
             }
+            wanted.sort();
+            wanted.dedup();
+            if wanted.is_empty() {
+                break;
+            }
+            let notes: Vec<(Segment, anyhow::Result<u64>)> = futures::stream::iter(wanted)
+                .map(|seg| {
+                    let obj = &self.segments[&seg];
+                    async move {
+                        let note = crate::pipeline::read_note(store, &obj.key, obj.size).await;
+                        (seg, note)
+                    }
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+            for (seg, note) in notes {
+                match note {
+                    Ok(micros) => {
+                        let time = (micros != 0)
+                            .then(|| DateTime::from_timestamp_micros(micros as i64))
+                            .flatten();
+                        self.last_xact.insert(seg, time);
+                    }
+                    Err(e) => {
+                        tracing::warn!(segment = %seg.name(self.seg_size), error = %format!("{e:#}"), "could not read the segment's last transaction time: a restore window ending with it ends at its upload time");
+                        unreadable.insert(seg);
+                    }
+                }
+            }
+            if depth >= MAX_TAIL_SEGMENTS {
+                break;
+            }
+            depth = (depth * 4).min(MAX_TAIL_SEGMENTS);
         }
     }
 
@@ -689,10 +725,12 @@ impl PgCatalog {
             match self.last_xact.get(seg) {
                 Some(Some(t)) => return Some(*t - chrono::Duration::microseconds(1)),
                 Some(None) => continue, // no transaction in it: look at the one before
-                None => break,
+                None => return Some(archived),
             }
         }
-        Some(archived)
+        // No transaction anywhere along the chain: no time after the backup's own
+        // consistency point can be reached (every caller takes the later of the two).
+        Some(DateTime::<Utc>::MIN_UTC)
     }
 
     /// How far a restore from `b` reaches along the timeline it follows by default.
@@ -830,6 +868,11 @@ pub(crate) mod tests {
         // A segment whose note was not read leaves the archive time.
         c.last_xact.remove(&Segment { tli: 1, segno: 5 });
         assert_eq!(c.reach(&c.backups[0]).end_time, Some(t("00:05:00")));
+        // No transaction anywhere after the backup: its own stop time, not the last upload.
+        for n in 2..=5 {
+            c.last_xact.insert(Segment { tli: 1, segno: n }, None);
+        }
+        assert_eq!(c.windows()[0].to, t("00:03:30"));
     }
 
     pub const SEG: u64 = DEFAULT_SEGMENT_SIZE;

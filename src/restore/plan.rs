@@ -233,7 +233,7 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         }
         (Target::Time(t), None) if t > until => {
             return Err(input_err!(
-                "target {} is beyond the archived WAL: the latest restorable time is {}",
+                "target {} is beyond the archived WAL: the latest restorable time is {}; --latest restores everything archived",
                 show(t),
                 show(until)
             ));

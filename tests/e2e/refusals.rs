@@ -403,3 +403,50 @@ fn backed_up_primary(repo: &Repo) -> dbagent_testcontainers::Postgres {
     switch_and_wait_archived(&pg);
     pg
 }
+
+/// A quiet archive: after the last commit the server wrote only checkpoints (no sidecar
+/// heartbeat here), switched out into five segments without a transaction. A restore to a
+/// time between the last commit and the last upload is refused up front, naming a latest
+/// restorable time before the last commit, and the target directory is never made. Before,
+/// only the last four segments' notes were read, the window ended at the last upload, and
+/// the restore wrote the whole backup before PostgreSQL refused the target.
+#[test]
+fn a_target_past_the_last_commit_of_a_quiet_archive_is_refused_up_front() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t (i int)").unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    pg.psql("postgres", "INSERT INTO t VALUES (1)").unwrap();
+    let after_commit = pg.psql("postgres", "SELECT clock_timestamp()").unwrap();
+    let mut target = String::new();
+    for i in 0..6 {
+        pg.psql("postgres", "CHECKPOINT").unwrap();
+        switch_and_wait_archived(&pg);
+        if i == 3 {
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            target = pg.psql("postgres", "SELECT clock_timestamp()").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
+    }
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("restore");
+    let (out, _) = restore(&repo, &dir, &["--at", &target]);
+    let err = refused(
+        &out,
+        "beyond the archived WAL: the latest restorable time is ",
+    );
+    let latest = err
+        .trim()
+        .rsplit("the latest restorable time is ")
+        .next()
+        .and_then(|rest| rest.split(';').next())
+        .unwrap();
+    let latest = dbagent::timespec::parse_instant(latest).unwrap();
+    let after_commit = dbagent::timespec::parse_instant(&after_commit).unwrap();
+    assert!(
+        latest < after_commit,
+        "{latest} names a time after the last commit: {err}"
+    );
+    assert!(!dir.exists(), "the refused restore made {}", dir.display());
+}
