@@ -2,8 +2,9 @@
 //!
 //! Both statement spellings are used: `SHOW REPLICA STATUS` (MySQL 8.0.22+, MariaDB 10.5+;
 //! the only one MySQL 8.4 has) and `SHOW SLAVE STATUS` (older servers), with either family
-//! of column names. `Seconds_Behind_Master` is never used for lag: it is NULL when a thread is
-//! stopped and 0 while the SQL thread catches up with a lagging IO thread; the heartbeat is.
+//! of column names. `Seconds_Behind_Master` is NULL when a thread is stopped and 0 while the
+//! SQL thread catches up with a lagging IO thread: the heartbeat is the lag, and the server's
+//! figure only stands in until a heartbeat has replicated.
 
 use std::time::Duration;
 
