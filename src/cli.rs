@@ -280,11 +280,40 @@ pub fn run() -> ExitCode {
     // reader whose consumer is gone. Dropping the runtime would join each of them first:
     // 2.5 ms of every run, `wal-push` included, which PostgreSQL's archiver waits for.
     runtime.shutdown_background();
+    if let Err(e) = &result {
+        if let Some(crate::error::Failure::Restart {
+            why,
+            in_place: true,
+        }) = e.downcast_ref()
+        {
+            restart_in_place(why);
+        }
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if fetching => crate::error::report_with(&e, crate::error::fetch_exit_code(&e)),
         Err(e) => crate::error::report(&e),
     }
+}
+
+/// `serve` found its configuration changed and has drained: it starts again as the same
+/// process (the same pid, arguments and environment; the files are read anew), so the kubelet
+/// sees no container restart, with its readiness gap and its back-off (10 s, 20 s, … for a
+/// second change within ten minutes, while the primary's Service has no endpoint). The HTTP
+/// port is closed only while the new image starts. Returns only when the exec failed: the
+/// caller then exits 3, for the supervisor to restart it the old way.
+fn restart_in_place(why: &str) {
+    use std::os::unix::process::CommandExt;
+    tracing::warn!("{why}: serve starts again in place with the new configuration");
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "dbagent".into());
+    // Every descriptor dbagent opens is close-on-exec: the listening socket goes with the old
+    // image. /proc/self/exe is this binary even when its file was replaced or removed.
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .exec();
+    tracing::error!(error = %err, "starting serve again in place failed: exiting 3 for the supervisor to start it");
 }
 
 /// A clap error as one line: what is wrong (the lines naming a missing argument or a tip

@@ -18,10 +18,11 @@ pub enum Failure {
     /// `EXIT_ABORT_RECOVERY`.
     #[error("{0}")]
     Corrupt(String),
-    /// `serve` found its configuration changed and exits for its supervisor to start it again
-    /// with the new one. Exit 3.
-    #[error("{0}")]
-    Restart(String),
+    /// `serve` found its configuration changed and drained to start again with the new one:
+    /// in place (`cli::restart_in_place`) when `in_place`, else (or when that fails) exit 3
+    /// for its supervisor.
+    #[error("{why}")]
+    Restart { why: String, in_place: bool },
 }
 
 /// Shorthand for an input error with a formatted message.
@@ -54,7 +55,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     match err.chain().find_map(|e| e.downcast_ref::<Failure>()) {
         Some(Failure::Input(_)) | Some(Failure::NotFound(_)) => EXIT_INPUT,
         Some(Failure::Corrupt(_)) | None => EXIT_FAILED,
-        Some(Failure::Restart(_)) => EXIT_RESTART,
+        Some(Failure::Restart { .. }) => EXIT_RESTART,
     }
 }
 

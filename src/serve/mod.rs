@@ -37,7 +37,7 @@ fn spawn(
 }
 
 /// Runs until SIGTERM, a task's failure, or a change of configuration that `reload` reads
-/// (then `Failure::Restart`, exit 3: see `reload`).
+/// (then `Failure::Restart`: serve starts again in place, see `reload`).
 pub async fn run(
     cfg: Config,
     listen: Option<String>,
@@ -216,24 +216,77 @@ pub async fn run(
         }
         Some(res) = tasks.join_next() => match res {
             Ok((name, Ok(()))) => Err(anyhow::anyhow!("task {name} stopped unexpectedly")),
-            Ok((_, Err(e))) if matches!(e.downcast_ref(), Some(crate::error::Failure::Restart(_))) => Err(e),
+            Ok((_, Err(e))) if matches!(e.downcast_ref(), Some(crate::error::Failure::Restart { .. })) => Err(e),
             Ok((name, Err(e))) => Err(e.context(format!("task {name} failed"))),
             Err(e) => Err(anyhow::anyhow!("a task panicked: {e}")),
         },
     };
     token.cancel();
+    // A restart drains as SIGTERM does, and a SIGTERM meanwhile (the pod being deleted) turns
+    // it into the stop it asks for: serve must not start again in place for a pod on its way
+    // out.
+    let restarting = matches!(
+        outcome.as_ref().map_err(|e| e.downcast_ref()),
+        Err(Some(crate::error::Failure::Restart { .. }))
+    );
+    let told_to_stop = async {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
     let drain = async { while tasks.join_next().await.is_some() {} };
     // A scheduled job has serve.job_grace after its SIGTERM (a drill tears down its scratch
     // server): wait for that, and a little more for the job's own exit.
     let limit =
         Duration::from_secs(10).max(cfg.serve.job_grace.saturating_add(Duration::from_secs(5)));
-    if tokio::time::timeout(limit, drain).await.is_err() {
+    let (drained, stopped) = drain_watching(limit, drain, told_to_stop, restarting).await;
+    if !drained {
         tracing::warn!(
             "tasks did not stop within {}; stopping anyway",
             humantime::format_duration(limit)
         );
     }
-    outcome
+    match outcome {
+        Err(e) if restarting && stopped => {
+            tracing::info!(reason = %e, "told to stop while draining for a restart: stopping");
+            Ok(())
+        }
+        // A task that did not stop (a job's process, say) would outlive an in-place start as
+        // a child the new image knows nothing of: leave it to the supervisor (exit 3).
+        Err(e) if restarting && !drained => {
+            Err(anyhow::Error::new(crate::error::Failure::Restart {
+                why: format!(
+                    "{e}; a task did not stop in time, so serve exits for its supervisor to start it"
+                ),
+                in_place: false,
+            }))
+        }
+        other => other,
+    }
+}
+
+/// Waits up to `limit` for `drain`; while `watch`, also for a stop signal. Returns whether
+/// the drain ended and whether a stop signal came.
+async fn drain_watching(
+    limit: Duration,
+    drain: impl std::future::Future<Output = ()>,
+    stop: impl std::future::Future<Output = ()>,
+    watch: bool,
+) -> (bool, bool) {
+    let mut stopped = false;
+    let drained = tokio::time::timeout(limit, async {
+        tokio::pin!(drain, stop);
+        loop {
+            tokio::select! {
+                _ = &mut drain => return,
+                _ = &mut stop, if watch && !stopped => stopped = true,
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (drained, stopped)
 }
 
 /// The snapshot refresher and, when `serve.heartbeat` is on, the heartbeat writer: the same
@@ -755,6 +808,32 @@ async fn run_job(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SIGTERM while serve drains for a restart makes it stop instead (the pod is being
+    /// deleted); a drain that does not end in time is told apart, so no in-place start leaves
+    /// a task's process behind.
+    #[tokio::test]
+    async fn a_stop_during_the_restart_drain_is_seen() {
+        let slow = || tokio::time::sleep(Duration::from_millis(200));
+        let now = std::future::ready(());
+        let never = std::future::pending::<()>;
+        let limit = Duration::from_secs(5);
+        assert_eq!(drain_watching(limit, slow(), now, true).await, (true, true));
+        let now = std::future::ready(());
+        assert_eq!(
+            drain_watching(limit, slow(), now, false).await,
+            (true, false)
+        );
+        assert_eq!(
+            drain_watching(limit, slow(), never(), true).await,
+            (true, false)
+        );
+        let short = Duration::from_millis(100);
+        assert_eq!(
+            drain_watching(short, never(), std::future::ready(()), true).await,
+            (false, true)
+        );
+    }
 
     /// A job that comes due while the database does not answer waits for it: it runs once the
     /// node answers as the primary, and is skipped when the wait ends without an answer.

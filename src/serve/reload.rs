@@ -6,8 +6,9 @@
 //!
 //! So it reads its configuration again every `CHECK_EVERY`. When anything it uses itself
 //! changed (where and how it stores, the keys, the credentials, what it connects to, its own
-//! settings and schedule) it drains as on SIGTERM and exits 3, for its supervisor (the
-//! kubelet) to start it again with the new configuration; a scheduled job still running is let
+//! settings and schedule) it drains as on SIGTERM and starts again in place with the new
+//! configuration (`cli::restart_in_place`: the same process, so the kubelet sees no restart;
+//! exit 3 for the supervisor only when that fails); a scheduled job still running is let
 //! finish first. Settings only its jobs use (backup, restore, drill, notify, retention) need
 //! no restart: each job is a new process that reads the configuration itself. A
 //! configuration that no longer loads is not applied: the running one goes on, and the error
@@ -123,9 +124,10 @@ async fn watch_every(
                 } else {
                     "a setting, a secret or a key file changed".to_string()
                 };
-                return Err(anyhow::Error::new(Failure::Restart(format!(
-                    "{what}: serve exits so that its supervisor starts it again with the new configuration"
-                ))));
+                return Err(anyhow::Error::new(Failure::Restart {
+                    why: format!("{what}: serve drained to start again with the new configuration"),
+                    in_place: true,
+                }));
             }
             Ok(_) => last_error = None,
             Err(e) => {
@@ -222,7 +224,7 @@ mod tests {
             .unwrap();
         let err = ended.unwrap_err();
         assert!(
-            matches!(err.downcast_ref(), Some(Failure::Restart(_))),
+            matches!(err.downcast_ref(), Some(Failure::Restart { .. })),
             "{err}"
         );
         assert!(err.to_string().contains("/srv/backups"), "{err}");

@@ -118,6 +118,17 @@ impl Serve {
     }
 
     /// Its exit status once it exits, within `limit` (else the test fails saying `why`).
+    /// The process is there and has not exited (not a zombie waiting to be reaped).
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    }
+
     pub fn wait_exit(&mut self, limit: Duration, why: &str) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
@@ -512,8 +523,9 @@ fn lookahead_ships_ready_wal_before_the_archiver() {
 
 /// The configuration moves the repository (a ConfigMap edited in place) while `serve` runs.
 /// `wal-push`, a new process per segment, reads the new file; the sidecar must not tell it a
-/// segment is archived because it stored it in the old repository, and it restarts to apply
-/// the new configuration (exit 3: its supervisor starts it again).
+/// segment is archived because it stored it in the old repository, and it starts again in
+/// place to apply the new configuration: the same process, so no container restart (before:
+/// exit 3, for the kubelet to restart it, the pod not ready meanwhile).
 #[test]
 fn a_repository_moved_under_serve_gets_every_segment() {
     let (old, new) = (Repo::file(), Repo::file());
@@ -529,7 +541,7 @@ fn a_repository_moved_under_serve_gets_every_segment() {
         std::fs::rename(&next, &config).unwrap();
     };
     write_config(&old);
-    let (pg, mut serve) =
+    let (pg, serve) =
         primary_behind_a_sidecar(&[("DBAGENT_CONFIG".into(), config.display().to_string())]);
 
     write_config(&new);
@@ -556,12 +568,39 @@ fn a_repository_moved_under_serve_gets_every_segment() {
         "{segment} was acknowledged but is not in the repository the configuration names"
     );
 
-    // serve applies the new configuration by exiting for a restart.
-    let status = serve.wait_exit(
+    // serve applies the new configuration by starting again as the same process: its
+    // uptime starts over, it never exits, and it answers at once.
+    let took = serve.wait_for(
+        "serve to start again with the new configuration",
         Duration::from_secs(30),
-        "serve went on with the old configuration",
+        |s| {
+            assert!(s.alive(), "serve exited instead of starting again in place");
+            s.metric("dbagent_uptime_seconds")
+                .is_some_and(|up| up < 5.0)
+        },
     );
-    assert_eq!(status.code(), Some(3), "{status}");
+    eprintln!("started again in place after {took:?}");
+    assert_eq!(serve.code("/liveness"), 200);
+    // The new image goes on with the new repository: a segment switched now is pushed there
+    // by its look-ahead.
+    let pushed = serve
+        .metric("dbagent_wal_lookahead_pushed_total")
+        .unwrap_or(0.0);
+    let segment = pg
+        .psql(
+            "postgres",
+            "INSERT INTO t VALUES (3); SELECT pg_walfile_name(pg_current_wal_lsn())",
+        )
+        .unwrap();
+    pg.psql("postgres", "SELECT pg_switch_wal()").unwrap();
+    serve.wait_for("the look-ahead to push", Duration::from_secs(20), |s| {
+        s.metric("dbagent_wal_lookahead_pushed_total")
+            .unwrap_or(0.0)
+            > pushed
+    });
+    wait_archived(&pg, &segment);
+    assert!(in_repo(&new), "{segment} is not in the new repository");
+    assert!(serve.alive());
 }
 
 /// `dbagent encryption set` turns encryption on while `serve` pushes WAL ahead of the
