@@ -196,10 +196,13 @@ impl Streamer {
             server_pos: id.xlogpos,
         });
         self.onto_history(&mut conn, sysid, &id, &slot).await?;
-        if let Some(pid) = self.abandoned.take() {
+        // Tried again by every session until one streams: a failed attempt leaves the slot
+        // held until the server's own timeout.
+        if let Some(pid) = self.abandoned {
             self.end_abandoned(pid, &slot_name).await;
         }
         let tli = self.start_streaming(&mut conn, &slot_name, sysid).await?;
+        self.abandoned = None;
         self.shared.stream_update(|f| {
             f.connected = true;
             f.error = None;

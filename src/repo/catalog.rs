@@ -97,6 +97,31 @@ const TAIL_SEGMENTS: usize = 4;
 /// WAL without a commit (a quiet server's checkpoints every 5 minutes for days).
 const MAX_TAIL_SEGMENTS: usize = 1024;
 
+/// Segment notes already read in this process, by object key (with its size and upload time):
+/// a stored segment is never rewritten (create-only), so `serve`, which loads the catalog
+/// every `serve.catalog_refresh`, reads each note once instead of at every load.
+static NOTES: std::sync::Mutex<BTreeMap<String, (Stamp, u64)>> =
+    std::sync::Mutex::new(BTreeMap::new());
+type Stamp = (u64, DateTime<Utc>);
+/// Past this many notes the cache starts over: its memory stays bounded (about 100 bytes each).
+const NOTES_CACHED: usize = 100_000;
+
+fn cached_note(key: &str, stamp: Stamp) -> Option<u64> {
+    let notes = NOTES.lock().unwrap_or_else(|e| e.into_inner());
+    notes
+        .get(key)
+        .filter(|(s, _)| *s == stamp)
+        .map(|(_, note)| *note)
+}
+
+fn cache_note(key: &str, stamp: Stamp, note: u64) {
+    let mut notes = NOTES.lock().unwrap_or_else(|e| e.into_inner());
+    if notes.len() >= NOTES_CACHED {
+        notes.clear();
+    }
+    notes.insert(key.to_string(), (stamp, note));
+}
+
 /// How far a backup's WAL chain reaches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reach {
@@ -432,7 +457,14 @@ impl PgCatalog {
                 .map(|seg| {
                     let obj = &self.segments[&seg];
                     async move {
+                        let stamp = (obj.size, obj.last_modified);
+                        if let Some(note) = cached_note(&obj.key, stamp) {
+                            return (seg, Ok(note));
+                        }
                         let note = crate::pipeline::read_note(store, &obj.key, obj.size).await;
+                        if let Ok(n) = &note {
+                            cache_note(&obj.key, stamp, *n);
+                        }
                         (seg, note)
                     }
                 })

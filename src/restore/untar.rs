@@ -274,9 +274,16 @@ pub fn sync_tree(dir: &Path) -> anyhow::Result<()> {
                 .with_context(|| format!("syncing {}", path.display()))?;
         }
     }
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
+    sync_dir(dir)
+}
+
+/// Syncs a directory. Some filesystems refuse to (EINVAL, EBADF): as PostgreSQL's own
+/// `fsync_fname`, that is no error.
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EBADF)) => Ok(()),
+        r => r.with_context(|| format!("syncing {}", dir.display())),
+    }
 }
 
 /// Puts pg_control in place and removes the marker: call only once the backup's checksum
@@ -292,12 +299,8 @@ pub fn release(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("removing {MARKER} from {}", dir.display()))?;
     // The rename and the marker's removal: the files are durable already (see `sync_tree`
     // and the file-level restore's own syncs).
-    for d in [dir.join("global"), dir.to_path_buf()] {
-        std::fs::File::open(&d)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("syncing {}", d.display()))?;
-    }
-    Ok(())
+    sync_dir(&dir.join("global"))?;
+    sync_dir(dir)
 }
 
 /// Only `pg_tblspc/<oid>` may be a symlink: a tablespace's location.

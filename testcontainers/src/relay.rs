@@ -7,7 +7,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +20,6 @@ const POLL: Duration = Duration::from_millis(100);
 pub struct TcpRelay {
     port: u16,
     stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicUsize>,
     /// The frozen flag of every connection accepted so far.
     conns: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
 }
@@ -32,10 +31,9 @@ impl TcpRelay {
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicUsize::new(0));
         let conns: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
         {
-            let (stop, accepted, conns) = (stop.clone(), accepted.clone(), conns.clone());
+            let (stop, conns) = (stop.clone(), conns.clone());
             std::thread::Builder::new()
                 .name(format!("tcp-relay-{port}"))
                 .spawn(move || {
@@ -52,7 +50,6 @@ impl TcpRelay {
                             let _ = client.shutdown(Shutdown::Both);
                             continue;
                         };
-                        accepted.fetch_add(1, Ordering::SeqCst);
                         let frozen = Arc::new(AtomicBool::new(false));
                         conns
                             .lock()
@@ -72,21 +69,11 @@ impl TcpRelay {
                     }
                 })?;
         }
-        Ok(TcpRelay {
-            port,
-            stop,
-            accepted,
-            conns,
-        })
+        Ok(TcpRelay { port, stop, conns })
     }
 
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Stops every connection open now, both ways, leaving the sockets open.
