@@ -104,6 +104,8 @@ pub struct ReplConn {
     streaming: bool,
     /// The server process serving this connection (BackendKeyData).
     backend_pid: Option<i32>,
+    /// Outside a stream, how long an answer may take (`answers_within`).
+    answer_timeout: Option<Duration>,
 }
 
 /// Socket reads go into buffers of this size: a base backup arrives in messages of about
@@ -159,6 +161,7 @@ impl ReplConn {
             wbuf: BytesMut::new(),
             streaming: false,
             backend_pid: None,
+            answer_timeout: None,
         };
         conn.startup(info, binding).await?;
         Ok(conn)
@@ -366,11 +369,17 @@ impl ReplConn {
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 8 {
                 self.rbuf.reserve(READ_CHUNK);
             }
-            let n = self
-                .io
-                .read_buf(&mut self.rbuf)
-                .await
-                .context("reading from the server")?;
+            let read = self.io.read_buf(&mut self.rbuf);
+            let n = match self.answer_timeout.filter(|_| !self.streaming) {
+                Some(limit) => tokio::time::timeout(limit, read).await.map_err(|_| {
+                    anyhow::anyhow!(
+                        "the server sent no answer for {} s (serve.wal_stream_timeout): the connection is lost",
+                        limit.as_secs()
+                    )
+                })?,
+                None => read.await,
+            }
+            .context("reading from the server")?;
             if n == 0 {
                 bail!("the server closed the replication connection");
             }
@@ -499,6 +508,14 @@ impl ReplConn {
                 _ => self.common(f)?,
             }
         }
+    }
+
+    /// Commands (not a stream, whose reader watches for silence itself) fail when the server
+    /// sends nothing for `limit`: a connection whose path died mid-command would otherwise wait
+    /// for TCP's retransmissions to give up, a quarter of an hour. Not for a base backup, whose
+    /// server is silent while its checkpoint runs.
+    pub fn answers_within(&mut self, limit: Duration) {
+        self.answer_timeout = Some(limit);
     }
 
     /// The server process (walsender) serving this connection, as the server said at start.

@@ -150,6 +150,7 @@ pub async fn run(
 impl Streamer {
     async fn session(&mut self, token: &CancellationToken) -> anyhow::Result<()> {
         let mut conn = ReplConn::connect(&self.settings.conn).await?;
+        conn.answers_within(self.settings.timeout);
         let id = conn.identify_system().await?;
         match self.sysid {
             Some(s) if s != id.system_identifier => anyhow::bail!(
