@@ -133,7 +133,21 @@ pub fn render(shared: &Shared) -> String {
                 .is_some_and(|s| s.up && age <= shared.policy.stale_after),
         )),
     );
-    if let Some(s) = &snap {
+    // A snapshot past `stale_after` (the database hangs, the refresher is stuck) says nothing
+    // about now: its role, lag and archiver figures are left out rather than repeated frozen,
+    // and the role is "unknown", as the endpoints answer.
+    let fresh = snap.as_ref().filter(|_| age <= shared.policy.stale_after);
+    if fresh.is_none() {
+        o.gauges(
+            "dbagent_role",
+            "The server's role: 1 for the current one.",
+            [("primary", 0), ("replica", 0), ("unknown", 1)]
+                .into_iter()
+                .map(|(name, v)| (vec![("role", name.to_string())], v))
+                .collect(),
+        );
+    }
+    if let Some(s) = fresh {
         o.gauges(
             "dbagent_role",
             "The server's role: 1 for the current one.",
@@ -641,6 +655,54 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A snapshot gone stale (the database hangs) is not shown frozen: its role is unknown and
+    /// its lag and replication figures are absent, so no dashboard or alert reads old values
+    /// as current. Before, they kept their last values for as long as the hang lasted.
+    #[test]
+    fn a_stale_snapshot_is_not_shown_as_current() {
+        let replica = Snapshot {
+            up: true,
+            role: Role::Replica,
+            lag_bytes: Some(10),
+            lag_seconds: Some(0.5),
+            replica: Some(ReplicaState {
+                streaming: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = shared(crate::engine::Engine::Postgres, replica);
+        let fresh = render(&s);
+        assert!(
+            fresh.contains("dbagent_replication_lag_seconds 0.5"),
+            "{fresh}"
+        );
+        assert!(
+            fresh.contains("dbagent_role{role=\"replica\"} 1"),
+            "{fresh}"
+        );
+        let stale = Shared::new(
+            Policy {
+                stale_after: Duration::ZERO,
+                loop_dead_after: Duration::from_secs(10),
+                readiness: LagLimits::default(),
+            },
+            crate::engine::Engine::Postgres,
+        );
+        stale.set_snapshot((*s.snapshot().0.unwrap()).clone());
+        std::thread::sleep(Duration::from_millis(5));
+        let text = render(&stale);
+        assert!(text.contains("dbagent_up 0"), "{text}");
+        assert!(text.contains("dbagent_role{role=\"unknown\"} 1"), "{text}");
+        assert!(text.contains("dbagent_role{role=\"replica\"} 0"), "{text}");
+        for gone in ["dbagent_replication_lag_seconds", "dbagent_wal_receiver_up"] {
+            assert!(
+                !text.contains(&format!("\n{gone} ")),
+                "{gone} shown stale: {text}"
+            );
+        }
     }
 
     #[test]
