@@ -132,7 +132,16 @@ pub async fn run(
             writer.reset();
             continue;
         }
-        match writer.write().await {
+        // A write the server holds (a table or global read lock, a hung disk) is a failure
+        // after the period, counted and logged, and never keeps a stopping serve waiting.
+        let limit = interval.max(Duration::from_secs(2));
+        let written = tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            r = tokio::time::timeout(limit, writer.write()) => r.unwrap_or_else(|_| {
+                Err(anyhow::anyhow!("no answer within {} ms", limit.as_millis()))
+            }),
+        };
+        match written {
             Ok(()) => {
                 Counters::add(&shared.counters.heartbeat_writes, 1);
                 if last_error.take().is_some() {

@@ -117,7 +117,6 @@ impl Serve {
         self.wait_exit(Duration::from_secs(15), "serve did not exit after SIGTERM")
     }
 
-    /// Its exit status once it exits, within `limit` (else the test fails saying `why`).
     /// The process is there and has not exited (not a zombie waiting to be reaped).
     pub fn alive(&self) -> bool {
         std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
@@ -129,6 +128,7 @@ impl Serve {
             .is_some_and(|state| state != 'Z' && state != 'X')
     }
 
+    /// Its exit status once it exits, within `limit` (else the test fails saying `why`).
     pub fn wait_exit(&mut self, limit: Duration, why: &str) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
@@ -932,4 +932,44 @@ fn serve_rotates_an_old_binlog_so_it_is_shipped() {
     );
     let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
     assert!(listing.contains("binlog.000001"), "{listing}");
+}
+
+/// A heartbeat write the server holds (here behind a table lock; in the field behind a global
+/// read lock or a hung disk) is a failure after the heartbeat period, counted and logged, and
+/// a SIGTERM meanwhile stops serve at once. Before, the write waited silently for as long as
+/// the lock was held, no failure counted, and stopping serve waited behind it.
+#[test]
+fn a_held_mysql_heartbeat_write_fails_in_time_and_does_not_hold_up_a_stop() {
+    let db = dbagent_testcontainers::MariaDbBuilder::new()
+        .start()
+        .unwrap();
+    let mut serve = Serve::start(&mysql_env(&db));
+    serve.wait_for("heartbeat writes", Duration::from_secs(10), |s| {
+        s.metric("dbagent_heartbeat_writes_total").unwrap_or(0.0) >= 1.0
+    });
+    let mut lock = Command::new(dbagent_testcontainers::mariadb_bin("mariadb").unwrap())
+        .args([
+            "--no-defaults",
+            "-h",
+            db.host(),
+            "-P",
+            &db.port().to_string(),
+        ])
+        .args(["-u", "root", "-e"])
+        .arg("LOCK TABLES dbagent.heartbeat WRITE; SELECT SLEEP(30)")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    serve.wait_for(
+        "a held heartbeat write to count as a failure",
+        Duration::from_secs(10),
+        |s| s.metric("dbagent_heartbeat_failures_total").unwrap_or(0.0) >= 1.0,
+    );
+    let stopping = Instant::now();
+    let status = serve.terminate();
+    let took = stopping.elapsed();
+    let _ = lock.kill();
+    let _ = lock.wait();
+    assert!(status.success(), "serve exited with {status}");
+    assert!(took < Duration::from_secs(5), "serve took {took:?} to stop");
 }
