@@ -281,11 +281,7 @@ fn replace(dir: &Path, text: &str) -> anyhow::Result<()> {
     sync_dir(dir)
 }
 
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
-}
+use super::untar::sync_dir;
 
 #[cfg(test)]
 mod tests {

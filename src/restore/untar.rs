@@ -279,7 +279,7 @@ pub fn sync_tree(dir: &Path) -> anyhow::Result<()> {
 
 /// Syncs a directory. Some filesystems refuse to (EINVAL, EBADF): as PostgreSQL's own
 /// `fsync_fname`, that is no error.
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
         Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EBADF)) => Ok(()),
         r => r.with_context(|| format!("syncing {}", dir.display())),
