@@ -243,6 +243,9 @@ pub async fn restore_pg(
         });
         return Ok(report);
     }
+    if plan.as_primary {
+        wait_history_archived(cfg, store.as_ref(), &plan, &opts.target_dir, &landed).await?;
+    }
     report.promoted = Some(Promoted {
         port: landed.port,
         timeline: landed.timeline,
@@ -646,10 +649,15 @@ pub async fn start_and_wait(
                 )));
             }
         };
+        // A promoted server's timeline is the one its WAL is written on: the checkpoint that
+        // records it in pg_control is only requested at promotion, and may not have ended.
         let Ok(row) = client
             .query_one(
                 "SELECT pg_is_in_recovery(), coalesce(pg_last_xact_replay_timestamp()::text, 'none'),
-                        (SELECT timeline_id FROM pg_control_checkpoint())::text,
+                        CASE WHEN pg_is_in_recovery()
+                             THEN (SELECT timeline_id FROM pg_control_checkpoint())::text
+                             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int::text
+                        END,
                         pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint,
                         extract(epoch FROM pg_postmaster_start_time())::float8",
                 &[],
@@ -707,6 +715,83 @@ pub async fn start_and_wait(
             check_replayed_all(cfg, plan, dir, &landed, &log).await?;
             return Ok(landed);
         }
+    }
+}
+
+/// A server restored as the new primary has forked production's history, and the fork is
+/// known only once its timeline's history file is in the repository: until then a `--latest`
+/// restore, or a standby re-seeded from the repository, follows the old timeline (the change
+/// the restore undid). So the restore waits for that file (PostgreSQL archives history files
+/// first), and fails, leaving the server running, when the archiver gave up on it (3 failed
+/// tries in a row) or when `restore.promote_timeout` passes.
+async fn wait_history_archived(
+    cfg: &Config,
+    store: &dyn Store,
+    plan: &PgPlan,
+    dir: &Path,
+    landed: &Landed,
+) -> anyhow::Result<()> {
+    let log = dir.join("dbagent-restore.log");
+    let tli: u32 = landed.timeline.parse().with_context(|| {
+        format!(
+            "the restored server reported timeline {:?}",
+            landed.timeline
+        )
+    })?;
+    let name = crate::repo::wal::history_name(tli);
+    let key = crate::repo::wal_key(plan.backup.system_identifier, &name);
+    let running = format!(
+        "the restored server promoted on timeline {tli} (port {}) and is still running",
+        landed.port
+    );
+    let consequence = "until it is in the repository, a --latest restore or a standby seeded from the repository follows the old timeline, the history this restore undid";
+    let deadline = tokio::time::Instant::now() + cfg.restore.promote_timeout;
+    let mut waiting = false;
+    loop {
+        match store.head(&key).await {
+            Ok(Some(_)) => {
+                eprintln!(
+                    "timeline {tli}'s history is archived ({name}): restores from this repository now follow the restored server"
+                );
+                return Ok(());
+            }
+            Ok(None) if !waiting => {
+                eprintln!(
+                    "waiting for the restored server to archive {name}, its new timeline's history file"
+                );
+                waiting = true;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::error::one_line(&e), "could not look for the new timeline's history file in the repository; trying again")
+            }
+        }
+        if let Ok(client) = landed.conn(cfg, "postgres").connect().await {
+            let row = client
+                .query_one(
+                    "SELECT coalesce(last_failed_wal, ''), failed_count, coalesce(last_failed_time::text, '') FROM pg_stat_archiver",
+                    &[],
+                )
+                .await;
+            if let Ok(row) = row {
+                let (failed, count, at): (String, i64, String) =
+                    (row.get(0), row.get(1), row.get(2));
+                if failed == name && count >= 3 {
+                    return Err(anyhow::anyhow!(
+                        "{running}, but its archive_command failed {count} times to archive {name}, the file that records the new timeline (last at {at}; see its log {}): {consequence}. Fix archiving (the server tries again about every minute) and check with `dbagent list`",
+                        log.display()
+                    ));
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(anyhow::anyhow!(
+                "{running}, but it did not archive {name}, the file that records the new timeline, within {} (restore.promote_timeout; see its log {}): {consequence}. Check its archiving and `dbagent list`",
+                humantime::format_duration(cfg.restore.promote_timeout),
+                log.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -1957,6 +1957,94 @@ fn restore_waits_for_promotion_with_a_deadline_and_fails_at_once_on_auth() {
     eprintln!("stalled recovery given up in {took:?}: {}", err.trim());
 }
 
+/// A server restored `--as-primary` forks production's history, and the fork is known only
+/// once its timeline's history file is in the repository: until then the next `--latest`
+/// restore (or a standby re-seeded from the repository) follows the old timeline, the change
+/// the restore undid. So the restore reports success only once that file is archived, and
+/// fails (the server left running) when its archiving fails. Before, it returned at
+/// promotion: a server stopped at once after it lost the file (a CI run of the forks test
+/// under load did).
+#[test]
+fn an_as_primary_restore_ends_once_its_new_timeline_is_archived() {
+    for fault in [Fault::Stall(Duration::from_secs(5)), Fault::Status(403)] {
+        let s3 = FaultyS3::start("new-timeline");
+        let env = s3.env();
+        let mut pg = primary(&env);
+        pg.psql("postgres", "CREATE TABLE t (id int PRIMARY KEY, who text)")
+            .unwrap();
+        ok(&pg_run(&env, Some(&pg), &["backup"]));
+        pg.psql("postgres", "INSERT INTO t VALUES (1, 'production')")
+            .unwrap();
+        let before = pg.psql("postgres", "SELECT clock_timestamp()").unwrap();
+        let before =
+            chrono::DateTime::parse_from_str(&format!("{before}00"), "%Y-%m-%d %H:%M:%S%.f%z")
+                .unwrap()
+                .to_rfc3339();
+        std::thread::sleep(Duration::from_millis(20));
+        pg.psql("postgres", "INSERT INTO t VALUES (2, 'the bad change')")
+            .unwrap();
+        switch_and_wait_archived(&pg);
+        pg.psql("postgres", "INSERT INTO t VALUES (3, 'after it')")
+            .unwrap();
+        switch_and_wait_archived(&pg);
+        pg.stop().unwrap();
+
+        let history = s3.proxy.inject(
+            Rule::new(fault.clone())
+                .method("PUT")
+                .target("00000002.history"),
+        );
+        let scratch = pg_owned_tempdir().unwrap();
+        let target = scratch.path().join("new-primary");
+        let port = free_port();
+        let out = pg_run(
+            &env,
+            None,
+            &[
+                "restore",
+                "--at",
+                &before,
+                "--as-primary",
+                "--target-dir",
+                target.to_str().unwrap(),
+                "--port",
+                &port.to_string(),
+            ],
+        );
+        let new_primary = Restored { dir: target, port };
+        let err = stderr(&out);
+        if fault == Fault::Status(403) {
+            assert!(s3.proxy.fired(history) > 0, "{err}");
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            assert!(
+                err.contains("00000002.history") && err.contains("still running"),
+                "{err}"
+            );
+            assert!(
+                !reports_restored(&out),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            // Running, as the message says, and archiving once the store takes the file.
+            assert_eq!(new_primary.psql("SELECT pg_is_in_recovery()"), "f");
+            continue;
+        }
+        ok(&out);
+        // Stopped at once, as a crash or an impatient operator would.
+        drop(new_primary);
+
+        let (latest, out) = restore_latest(&s3.direct(), &scratch.path().join("latest"));
+        ok(&out);
+        assert_eq!(
+            latest.psql("SELECT string_agg(id || ':' || who, ',' ORDER BY id) FROM t"),
+            "1:production",
+            "{err}"
+        );
+        assert!(s3.proxy.fired(history) > 0, "{err}");
+        assert!(err.contains("timeline 2's history is archived"), "{err}");
+    }
+}
+
 /// Two shippers of one server's binlogs (the sidecar's and a `binlog-push`) both list before
 /// either uploads: in an encrypted repository each seals its own ciphertext, and the one whose
 /// upload lands second must not replace the first one's object, which the description written
