@@ -222,7 +222,18 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         .end_time
         .expect("a consistent chain has segments")
         .max(backup.stop_time);
+    // PostgreSQL ends a time-targeted recovery at the first transaction stamped after the
+    // target and refuses to promote without one: with none since the backup, no time can be
+    // reached, not even its consistency point (which `until` never falls below).
+    let committed_since = reach.end_time.is_some_and(|e| e >= backup.stop_time);
     match (target, &reach.gap) {
+        (Target::Time(_), None) if !committed_since => {
+            return Err(input_err!(
+                "no transaction has committed since backup {} became consistent at {}, and a time target needs one after it to stop at; --latest restores everything archived",
+                backup.id,
+                show(backup.stop_time)
+            ));
+        }
         (Target::Time(t), Some(gap)) if t > until => {
             return Err(input_err!(
                 "target {} is past a gap in the archived WAL: segment {gap} is missing, so a restore from backup {} reaches at most {}",

@@ -450,3 +450,37 @@ fn a_target_past_the_last_commit_of_a_quiet_archive_is_refused_up_front() {
     );
     assert!(!dir.exists(), "the refused restore made {}", dir.display());
 }
+
+/// A time target needs a transaction committed after it: PostgreSQL stops at the first one
+/// stamped past the target and refuses to promote without one. With nothing committed since
+/// the backup, even its own consistency point (the start of its restore window, as `list`
+/// shows it) cannot be reached: refused up front, pointing at `--latest`, with the target
+/// directory never made. Before, the plan took it, the whole backup was written and then
+/// PostgreSQL refused the target.
+#[test]
+fn a_target_with_no_commit_after_the_backup_is_refused_up_front() {
+    let repo = Repo::file();
+    let pg = archiving_primary(&repo);
+    pg.psql("postgres", "CREATE TABLE t (i int)").unwrap();
+    ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    pg.psql("postgres", "CHECKPOINT").unwrap();
+    switch_and_wait_archived(&pg);
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(&dbagent(&repo, None, &["list", "--json"]))).unwrap();
+    let stop = listing["postgres"][0]["backups"][0]["stop_time"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let scratch = pg_owned_tempdir().unwrap();
+    let dir = scratch.path().join("restore");
+    let (out, _) = restore(&repo, &dir, &["--at", &stop]);
+    let err = refused(&out, "no transaction has committed since backup");
+    assert!(err.contains("--latest"), "{err}");
+    assert!(!dir.exists(), "the refused restore made {}", dir.display());
+
+    // What --latest restores is there.
+    let (out, restored) = restore(&repo, &dir, &["--latest"]);
+    ok(&out);
+    assert_eq!(restored.psql("SELECT count(*) FROM t"), "0");
+}
