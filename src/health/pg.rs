@@ -14,40 +14,77 @@ use crate::pg::sql;
 const HEARTBEAT_AGE_SQL: &str =
     "SELECT extract(epoch FROM clock_timestamp() - max(ts))::float8 FROM dbagent.heartbeat";
 
-/// Keeps one connection and turns queries into snapshots.
+/// Keeps one connection (two when the heartbeat lives in another database) and turns
+/// queries into snapshots.
 pub struct Probe {
     conn: ConnInfo,
     client: Option<Client>,
+    /// `serve.heartbeat_database` when it is not `conn`'s: the table is read where the
+    /// heartbeat writes it.
+    heartbeat_conn: Option<ConnInfo>,
+    heartbeat_client: Option<Client>,
     data_dir: Option<PathBuf>,
 }
 
+/// A probe's connection: at most 2 s to connect, and statements that never queue behind
+/// locks.
+async fn connect(info: &ConnInfo) -> anyhow::Result<Client> {
+    let client = tokio::time::timeout(Duration::from_secs(2), info.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {} timed out", info.describe()))??;
+    client
+        .batch_execute("SET statement_timeout = '2s'; SET lock_timeout = '1s'")
+        .await?;
+    Ok(client)
+}
+
 impl Probe {
-    pub fn new(conn: ConnInfo, data_dir: Option<PathBuf>) -> Probe {
+    pub fn new(conn: ConnInfo, data_dir: Option<PathBuf>, heartbeat_database: &str) -> Probe {
+        let heartbeat_conn =
+            (heartbeat_database != conn.dbname).then(|| conn.with_db(heartbeat_database));
         Probe {
             conn,
             client: None,
+            heartbeat_conn,
+            heartbeat_client: None,
             data_dir,
         }
     }
 
     async fn client(&mut self) -> anyhow::Result<&Client> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            let client = tokio::time::timeout(Duration::from_secs(2), self.conn.connect())
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!("connecting to {} timed out", self.conn.describe())
-                })??;
-            // The probe must never queue behind locks.
-            client
-                .batch_execute("SET statement_timeout = '2s'; SET lock_timeout = '1s'")
-                .await?;
-            self.client = Some(client);
+            self.client = Some(connect(&self.conn).await?);
         }
         Ok(self.client.as_ref().expect("connected above"))
     }
 
+    /// Seconds since the newest heartbeat row, or None without one (no table yet, or its
+    /// database does not answer): lag in seconds then falls back to replay timestamps.
+    async fn heartbeat_age(&mut self) -> Option<f64> {
+        let client = match &self.heartbeat_conn {
+            None => self.client().await.ok()?,
+            Some(info) => {
+                if self.heartbeat_client.as_ref().is_none_or(|c| c.is_closed()) {
+                    match connect(info).await {
+                        Ok(c) => self.heartbeat_client = Some(c),
+                        Err(e) => {
+                            tracing::debug!(error = %format!("{e:#}"), "cannot read the heartbeat");
+                            return None;
+                        }
+                    }
+                }
+                self.heartbeat_client.as_ref()?
+            }
+        };
+        match client.query_opt(HEARTBEAT_AGE_SQL, &[]).await {
+            Ok(Some(r)) => r.get::<_, Option<f64>>(0),
+            Ok(None) | Err(_) => None,
+        }
+    }
+
     async fn read_state(&mut self) -> anyhow::Result<Snapshot> {
         let data_dir = self.data_dir.clone();
+        let heartbeat_age = self.heartbeat_age().await;
         let client = self.client().await?;
         let row = client.query_one(sql::HEALTH_STATE, &[]).await?;
         let in_recovery: bool = row.get(0);
@@ -68,11 +105,6 @@ impl Probe {
             postmaster_start_time: row.get(5),
             location: row.get::<_, Option<i64>>(6).map(|v| v as u64),
             ..Default::default()
-        };
-        let heartbeat_age = match client.query_opt(HEARTBEAT_AGE_SQL, &[]).await {
-            Ok(Some(r)) => r.get::<_, Option<f64>>(0),
-            // No heartbeat table (yet): lag in seconds falls back to replay timestamps.
-            Ok(None) | Err(_) => None,
         };
         s.heartbeat_age_seconds = heartbeat_age;
 

@@ -96,7 +96,11 @@ pub async fn run(
                 &cfg,
                 &shared,
                 &token,
-                crate::health::pg::Probe::new(conn.clone(), cfg.pg.data_dir.clone()),
+                crate::health::pg::Probe::new(
+                    conn.clone(),
+                    cfg.pg.data_dir.clone(),
+                    &cfg.serve.heartbeat_database,
+                ),
                 crate::heartbeat::PgWriter::new(
                     conn.with_db(&cfg.serve.heartbeat_database),
                     cfg.serve.node_name.clone(),

@@ -202,8 +202,22 @@ fn primary_and_standby_answer_like_patroni() {
         .start()
         .unwrap();
     let (_dir, standby) = standby_of(&primary);
-    let p = Serve::start(&pg_env(&primary));
-    let s = Serve::start(&pg_env(&standby));
+    // The heartbeat in the site's application database, not the one the probe connects to:
+    // it is read where it is written (before, it was looked for in pg.database and never
+    // found, so the standby's lag in seconds came from replay timestamps).
+    primary
+        .psql("postgres", "CREATE DATABASE discourse")
+        .unwrap();
+    let with_heartbeat_db = |pg: &Postgres| {
+        let mut env = pg_env(pg);
+        env.push((
+            "DBAGENT_SERVE_HEARTBEAT_DATABASE".into(),
+            "discourse".into(),
+        ));
+        env
+    };
+    let p = Serve::start(&with_heartbeat_db(&primary));
+    let s = Serve::start(&with_heartbeat_db(&standby));
     p.wait_for("primary state", Duration::from_secs(10), |p| {
         p.code("/primary") == 200
     });
@@ -247,10 +261,11 @@ fn primary_and_standby_answer_like_patroni() {
     // now() - pg_last_xact_replay_timestamp() would grow without bound.
     std::thread::sleep(Duration::from_secs(6));
     for _ in 0..10 {
-        let lag = s.json("/replica")["lag_seconds"]
-            .as_f64()
-            .expect("lag_seconds");
+        let body = s.json("/replica");
+        let lag = body["lag_seconds"].as_f64().expect("lag_seconds");
         assert!(lag < 2.0, "idle-primary lag {lag}s");
+        let beat = body["heartbeat_age_seconds"].as_f64();
+        assert!(beat.is_some_and(|b| b < 2.0), "heartbeat age: {body}");
         std::thread::sleep(Duration::from_millis(300));
     }
     let naive: f64 = standby
