@@ -777,12 +777,22 @@ async fn run_job(
         let status = match job
             .status_until(token.cancelled(), cfg.serve.job_grace)
             .await
-            .with_context(|| format!("running job {name}"))?
         {
-            Some(status) => status,
-            None => {
+            Ok(Some(status)) => status,
+            Ok(None) => {
                 shared.job_update(name, |j| j.running = false);
                 return Ok(());
+            }
+            // A process that cannot be started (the pod's pid limit, memory) is a failed run,
+            // counted where the alert looks; serve itself, and the next run, go on.
+            Err(e) => {
+                shared.job_update(name, |j| {
+                    j.running = false;
+                    j.failed += 1;
+                    j.last_exit_code = None;
+                });
+                tracing::error!(job = name, error = %format!("{e:#}"), "scheduled job could not be run");
+                continue;
             }
         };
         let elapsed = clock.elapsed();

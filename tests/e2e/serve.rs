@@ -24,7 +24,12 @@ impl Serve {
 
     /// `start` on a port chosen beforehand (for a server whose archive_command asks it).
     pub fn start_at(port: u16, env: &[(String, String)]) -> Serve {
-        let mut cmd = Command::new(BIN);
+        Serve::start_program(std::path::Path::new(BIN), port, env)
+    }
+
+    /// `start_at` of another copy of the binary.
+    pub fn start_program(bin: &std::path::Path, port: u16, env: &[(String, String)]) -> Serve {
+        let mut cmd = Command::new(bin);
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .env("DBAGENT_LOG_FORMAT", "text")
             .stdout(Stdio::null())
@@ -795,6 +800,14 @@ fn scheduled_backup_runs_inside_serve() {
             .to_string(),
     ));
     let serve = Serve::start(&env);
+    // A second serve whose jobs cannot be started: its binary is gone from the disk, so the
+    // job's process (the same binary, by path) fails to spawn, as one does under the pod's
+    // pid limit. Before, that ended serve (exit 2) instead of counting a failed run.
+    let copy = tempfile::tempdir().unwrap();
+    let gone = copy.path().join("dbagent");
+    std::fs::copy(BIN, &gone).unwrap();
+    let unspawnable = Serve::start_program(&gone, free_port(), &env);
+    std::fs::remove_file(&gone).unwrap();
     // Exported from the start (0, or already 1 when serve started just before a minute).
     assert!(
         serve
@@ -815,6 +828,17 @@ fn scheduled_backup_runs_inside_serve() {
         serve.metric_where("dbagent_job_runs_total", "result", "failure"),
         Some(0.0)
     );
+    unspawnable.wait_for(
+        "the unspawnable job to count as failed",
+        Duration::from_secs(30),
+        |s| {
+            s.metric_where("dbagent_job_runs_total", "result", "failure")
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    );
+    assert_eq!(unspawnable.code("/liveness"), 200);
+    drop(unspawnable);
     let listing = ok(&dbagent(&repo, None, &["list", "--json"]));
     let json: serde_json::Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(
