@@ -132,6 +132,10 @@ pub struct Reach {
     /// the target and refuses to start without one. When the trailers do not say, the time
     /// the last segment was archived.
     pub end_time: Option<DateTime<Utc>>,
+    /// `end_time` comes from the segments' notes (a transaction's time, or none along the
+    /// whole chain), not from an upload time or from the segments before a cut: a restore
+    /// may refuse a target on its word.
+    pub end_known: bool,
     /// The first missing segment, when later segments exist (a gap, not the end).
     pub gap: Option<String>,
     /// The chain reaches the backup's stop LSN, so the backup is consistent.
@@ -765,6 +769,18 @@ impl PgCatalog {
         Some(DateTime::<Utc>::MIN_UTC)
     }
 
+    /// Whether `chain_end_time(chain)` is read from notes rather than an upload time.
+    fn chain_end_known(&self, chain: &[Segment]) -> bool {
+        for seg in chain.iter().rev() {
+            match self.last_xact.get(seg) {
+                Some(Some(_)) => return true,
+                Some(None) => continue,
+                None => return false,
+            }
+        }
+        !chain.is_empty()
+    }
+
     /// How far a restore from `b` reaches along the timeline it follows by default.
     pub fn reach(&self, b: &BaseBackup) -> Reach {
         self.reach_on(b, self.timeline_for(b, &self.branches()))
@@ -795,6 +811,7 @@ impl PgCatalog {
         Reach {
             last,
             end_time,
+            end_known: cut.is_none() && self.chain_end_known(&chain),
             gap: later_exists.then(|| missing.name(self.seg_size)),
             consistent: last.is_some_and(|s| s.segno >= b.stop_lsn.0 / self.seg_size)
                 && self.chain_complete(b),

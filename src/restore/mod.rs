@@ -723,7 +723,10 @@ pub async fn start_and_wait(
 /// restore, or a standby re-seeded from the repository, follows the old timeline (the change
 /// the restore undid). So the restore waits for that file (PostgreSQL archives history files
 /// first), and fails, leaving the server running, when the archiver gave up on it (3 failed
-/// tries in a row) or when `restore.promote_timeout` passes.
+/// tries since it last archived anything), when the server stops, or when
+/// `restore.promote_timeout` passes. A server that does not archive here (archiving off or
+/// unset in the settings it was restored with, or archiving into another repository) is
+/// warned about instead: the file waits in its `pg_wal` for the archiving it will run with.
 async fn wait_history_archived(
     cfg: &Config,
     store: &dyn Store,
@@ -745,38 +748,92 @@ async fn wait_history_archived(
         landed.port
     );
     let consequence = "until it is in the repository, a --latest restore or a standby seeded from the repository follows the old timeline, the history this restore undid";
+    let done = dir
+        .join("pg_wal")
+        .join("archive_status")
+        .join(format!("{name}.done"));
+    let stored = || async { store.head(&key).await.map(|found| found.is_some()) };
     let deadline = tokio::time::Instant::now() + cfg.restore.promote_timeout;
-    let mut waiting = false;
+    let (mut waiting, mut warned) = (false, false);
+    let mut client = None;
     loop {
-        match store.head(&key).await {
-            Ok(Some(_)) => {
+        match stored().await {
+            Ok(true) => {
                 eprintln!(
                     "timeline {tli}'s history is archived ({name}): restores from this repository now follow the restored server"
                 );
                 return Ok(());
             }
-            Ok(None) if !waiting => {
+            Ok(false) => {}
+            Err(e) if !warned => {
+                tracing::warn!(error = %crate::error::one_line(&e), "could not look for the new timeline's history file in the repository; trying again");
+                warned = true;
+            }
+            Err(_) => {}
+        }
+        if done.exists() && !matches!(stored().await, Ok(true)) {
+            eprintln!(
+                "warning: the restored server archived {name}, its new timeline's history file, but not into this repository: its archive_command writes elsewhere, and restores from this repository do not know the new timeline"
+            );
+            return Ok(());
+        }
+        let alive = PostmasterPid::read(dir)
+            .and_then(|pm| pm.pid)
+            // SAFETY: signal 0 only checks that the process exists.
+            .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        if !alive {
+            return Err(anyhow::anyhow!(
+                "the restored server promoted on timeline {tli} but stopped before it archived {name}, the file that records the new timeline (see its log {}): {consequence}. Start it again with archiving to this repository and check with `dbagent list`",
+                log.display()
+            ));
+        }
+        if client
+            .as_ref()
+            .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
+        {
+            client = landed.conn(cfg, "postgres").connect().await.ok();
+        }
+        if let Some(c) = &client {
+            if !waiting {
+                let settings = c
+                    .query_one(
+                        "SELECT current_setting('archive_mode'), current_setting('archive_command'), current_setting('archive_library')",
+                        &[],
+                    )
+                    .await;
+                if let Ok(row) = settings {
+                    let (mode, command, library): (String, String, String) =
+                        (row.get(0), row.get(1), row.get(2));
+                    if mode == "off" || (command.is_empty() && library.is_empty()) {
+                        eprintln!(
+                            "warning: the restored server does not archive as it runs now (archive_mode = {mode}{}): its new timeline's history file {name} waits in its pg_wal; {consequence}. Start it with the archive settings production had",
+                            if mode == "off" {
+                                ""
+                            } else {
+                                ", no archive_command"
+                            }
+                        );
+                        return Ok(());
+                    }
+                }
                 eprintln!(
                     "waiting for the restored server to archive {name}, its new timeline's history file"
                 );
                 waiting = true;
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %crate::error::one_line(&e), "could not look for the new timeline's history file in the repository; trying again")
-            }
-        }
-        if let Ok(client) = landed.conn(cfg, "postgres").connect().await {
-            let row = client
+            let failing = c
                 .query_one(
-                    "SELECT coalesce(last_failed_wal, ''), failed_count, coalesce(last_failed_time::text, '') FROM pg_stat_archiver",
+                    "SELECT coalesce(last_failed_wal, ''), failed_count, coalesce(last_failed_time::text, ''),
+                            coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false)
+                     FROM pg_stat_archiver",
                     &[],
                 )
                 .await;
-            if let Ok(row) = row {
-                let (failed, count, at): (String, i64, String) =
-                    (row.get(0), row.get(1), row.get(2));
-                if failed == name && count >= 3 {
+            if let Ok(row) = failing {
+                let (failed, count, at, since): (String, i64, String, bool) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                // The archiver's last round may have stored it since the look above.
+                if failed == name && count >= 3 && since && !matches!(stored().await, Ok(true)) {
                     return Err(anyhow::anyhow!(
                         "{running}, but its archive_command failed {count} times to archive {name}, the file that records the new timeline (last at {at}; see its log {}): {consequence}. Fix archiving (the server tries again about every minute) and check with `dbagent list`",
                         log.display()

@@ -224,14 +224,19 @@ pub fn plan_pg(cat: &PgCatalog, target: Target, timeline: Option<u32>) -> anyhow
         .max(backup.stop_time);
     // PostgreSQL ends a time-targeted recovery at the first transaction stamped after the
     // target and refuses to promote without one: with none since the backup, no time can be
-    // reached, not even its consistency point (which `until` never falls below).
-    let committed_since = reach.end_time.is_some_and(|e| e >= backup.stop_time);
+    // reached, not even its consistency point (which `until` never falls below). Only the
+    // notes' word counts: an upload time or a cut chain is no proof of silence.
+    let silent_since = reach.end_known && reach.end_time.is_some_and(|e| e < backup.stop_time);
     match (target, &reach.gap) {
-        (Target::Time(_), None) if !committed_since => {
+        (Target::Time(_), gap) if silent_since => {
             return Err(input_err!(
-                "no transaction has committed since backup {} became consistent at {}, and a time target needs one after it to stop at; --latest restores everything archived",
+                "no transaction has committed since backup {} became consistent at {}, and a time target needs one after it to stop at{}",
                 backup.id,
-                show(backup.stop_time)
+                show(backup.stop_time),
+                match gap {
+                    None => "; --latest restores everything archived".to_string(),
+                    Some(g) => format!(" (before segment {g}, missing from the archive)"),
+                }
             ));
         }
         (Target::Time(t), Some(gap)) if t > until => {
@@ -447,6 +452,36 @@ mod tests {
         assert!(err(&c, Target::Latest).contains("no base backups"));
         let c = catalog(vec![backup("b1", 2, 3, "00:03:30")], &[2]);
         assert!(err(&c, Target::Latest).contains("000000010000000000000003"));
+    }
+
+    /// A time target needs a commit after it: refused when the notes say none came since the
+    /// backup, not when they cannot say (a segment without a readable note counts as its
+    /// upload, whose clock is the store's).
+    #[test]
+    fn a_time_target_with_no_commit_since_the_backup_is_refused_on_the_notes_word_only() {
+        let mut c = catalog(vec![backup("b1", 2, 3, "00:03:30")], &[2, 3, 4]);
+        c.last_xact.insert(Segment { tli: 1, segno: 4 }, None);
+        c.last_xact.insert(Segment { tli: 1, segno: 3 }, None);
+        c.last_xact
+            .insert(Segment { tli: 1, segno: 2 }, Some(t("00:02:10")));
+        let e = err(&c, Target::Time(t("00:03:30")));
+        assert!(
+            e.contains("no transaction has committed since backup b1"),
+            "{e}"
+        );
+        assert!(e.contains("--latest"), "{e}");
+        assert!(plan_pg(&c, Target::Latest, None).is_ok());
+        // The last segment's note unread: its upload time stands, even one before the
+        // backup's end by the store's clock (behind the backup host's), and the target passes.
+        c.last_xact.remove(&Segment { tli: 1, segno: 4 });
+        assert!(plan_pg(&c, Target::Time(t("00:03:30")), None).is_ok());
+        c.backups[0].stop_time = t("00:04:30");
+        assert!(plan_pg(&c, Target::Time(t("00:04:30")), None).is_ok());
+        c.backups[0].stop_time = t("00:03:30");
+        // A commit after the backup's end: reachable.
+        c.last_xact
+            .insert(Segment { tli: 1, segno: 4 }, Some(t("00:03:50")));
+        assert!(plan_pg(&c, Target::Time(t("00:03:40")), None).is_ok());
     }
 
     /// Production on timeline 1 (segments 2..9, one a minute); a copy restored to the middle

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use dbagent_testcontainers::{
     Fault, FaultProxy, Fill, Postgres, PostgresBuilder, Rule, S3Server, command_as_pg_user,
-    free_port, http_request, pg_owned_tempdir, wal_segment,
+    free_port, http_request, pg_bin, pg_owned_tempdir, wal_segment,
 };
 
 use crate::support::*;
@@ -1966,7 +1966,12 @@ fn restore_waits_for_promotion_with_a_deadline_and_fails_at_once_on_auth() {
 /// under load did).
 #[test]
 fn an_as_primary_restore_ends_once_its_new_timeline_is_archived() {
-    for fault in [Fault::Stall(Duration::from_secs(5)), Fault::Status(403)] {
+    let held = Fault::Stall(Duration::from_secs(30));
+    for fault in [
+        Fault::Stall(Duration::from_secs(5)),
+        Fault::Status(403),
+        held.clone(),
+    ] {
         let s3 = FaultyS3::start("new-timeline");
         let env = s3.env();
         let mut pg = primary(&env);
@@ -1997,7 +2002,7 @@ fn an_as_primary_restore_ends_once_its_new_timeline_is_archived() {
         let scratch = pg_owned_tempdir().unwrap();
         let target = scratch.path().join("new-primary");
         let port = free_port();
-        let out = pg_run(
+        let mut restore = pg_spawn(
             &env,
             None,
             &[
@@ -2012,6 +2017,28 @@ fn an_as_primary_restore_ends_once_its_new_timeline_is_archived() {
             ],
         );
         let new_primary = Restored { dir: target, port };
+        if fault == held {
+            // The server stops (a crash, an operator) while its push is held: the restore
+            // says so at once instead of waiting for a file that no one will send.
+            s3.wait_injected("00000002.history", &mut restore);
+            let _ = command_as_pg_user(pg_bin("pg_ctl").unwrap())
+                .arg("-D")
+                .arg(&new_primary.dir)
+                .args(["-m", "immediate", "-w", "stop"])
+                .output()
+                .unwrap();
+            let stopped = Instant::now();
+            let out = restore.wait_with_output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            assert!(
+                err.contains("stopped before it archived 00000002.history"),
+                "{err}"
+            );
+            assert!(stopped.elapsed() < Duration::from_secs(10), "{err}");
+            continue;
+        }
+        let out = restore.wait_with_output().unwrap();
         let err = stderr(&out);
         if fault == Fault::Status(403) {
             assert!(s3.proxy.fired(history) > 0, "{err}");

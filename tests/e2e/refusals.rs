@@ -461,6 +461,10 @@ fn a_target_past_the_last_commit_of_a_quiet_archive_is_refused_up_front() {
 fn a_target_with_no_commit_after_the_backup_is_refused_up_front() {
     let repo = Repo::file();
     let pg = archiving_primary(&repo);
+    // Nothing but this test may commit (an autovacuum ANALYZE would).
+    pg.psql("postgres", "ALTER SYSTEM SET autovacuum = off")
+        .unwrap();
+    pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
     pg.psql("postgres", "CREATE TABLE t (i int)").unwrap();
     ok(&dbagent(&repo, Some(&pg), &["backup"]));
     pg.psql("postgres", "CHECKPOINT").unwrap();
