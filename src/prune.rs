@@ -634,10 +634,24 @@ fn restore_points(
     // cannot restore production; the backup it was restored from can, and is kept for it.
     // While a fork is unsettled (no branch is known to be production), each branch's own.
     let branches = cat.branches();
-    let lines: Vec<u32> = match branches.production {
+    let mut lines: Vec<u32> = match branches.production {
         Some(tli) => vec![tli],
         None => branches.branches.iter().map(|b| b.timeline).collect(),
     };
+    // A timeline a restore to a chosen point began (`--as-primary`) that has archived no
+    // WAL yet is no branch to `branches` while its parent archived on after it (the old
+    // primary not stopped yet): a fork in the making. For `incomplete_after` after its
+    // history file was stored, what it restores from is kept as for a branch; a new primary
+    // has archived WAL of its own by then, and a copy that never did is let go.
+    let young = before(now, policy.incomplete_after);
+    for (tli, t) in cat.timelines() {
+        let in_the_making = t.last_segment.is_none()
+            && cat.targeted.contains(&tli)
+            && t.created.is_some_and(|c| c >= young);
+        if in_the_making && !lines.contains(&tli) {
+            lines.push(tli);
+        }
+    }
     for tli in lines {
         let on_branch = backups.iter().filter(|b| cat.backup_on(b, tli));
         for (id, why) in keep_by_time(on_branch.map(|b| (b.id.as_str(), b.stop_time)), now, policy)
@@ -1257,6 +1271,26 @@ mod tests {
             restored_below_newer_backups(&[(2, 2), (2, 3), (2, 4), (1, 7), (1, 8)]);
         assert_eq!(cat.branches().production, None);
         keeps_z_and_timeline_2(&cat, &objects);
+    }
+
+    #[test]
+    fn a_fork_in_the_making_keeps_what_it_restores_from_for_a_while() {
+        // Timeline 2 (a restore --as-primary from z, at 00:40) has archived nothing yet, and
+        // the old primary archived on (00:50): no branch to `branches`, but z is what it
+        // restores from.
+        let (cat, objects) = restored_below_newer_backups(&[(1, 7), (1, 8)]);
+        assert_eq!(cat.branches().production, Some(1));
+        let half_an_hour = RetentionConfig {
+            incomplete_after: Duration::from_secs(1800),
+            ..policy(2)
+        };
+        let p = plan(&cat, &objects, t("01:00:00"), &half_an_hour);
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, ["z", "a1", "a2"], "{p:?}");
+        // Past incomplete_after with still no WAL of its own: let go.
+        let p = plan(&cat, &objects, t("03:00:00"), &half_an_hour);
+        let kept: Vec<&str> = p.keep.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(kept, ["a1", "a2"], "{p:?}");
     }
 
     #[test]
