@@ -239,7 +239,13 @@ pub async fn run(
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let drain = async { while tasks.join_next().await.is_some() {} };
+    let drain = async {
+        while let Some(ended) = tasks.join_next().await {
+            if let Ok((name, _)) = ended {
+                tracing::debug!(task = name, "stopped");
+            }
+        }
+    };
     // A scheduled job has serve.job_grace after its SIGTERM (a drill tears down its scratch
     // server): wait for that, and a little more for the job's own exit.
     let limit =
@@ -333,12 +339,20 @@ async fn refresh(
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // A stop is seen first, also in the middle of a refresh the database holds: a tick
+        // due at the same moment would start another one, which the database holds again.
         tokio::select! {
+            biased;
             _ = token.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
         }
         shared.tick();
-        match tokio::time::timeout(every.max(Duration::from_secs(2)), probe.snapshot()).await {
+        let refreshed = tokio::select! {
+            biased;
+            _ = token.cancelled() => return Ok(()),
+            r = tokio::time::timeout(every.max(Duration::from_secs(2)), probe.snapshot()) => r,
+        };
+        match refreshed {
             Ok(s) => shared.set_snapshot(s),
             // Keep the old snapshot: it goes stale, and stale means "unknown".
             Err(_) => probe.reset(),

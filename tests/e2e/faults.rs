@@ -1248,7 +1248,7 @@ fn a_backup_whose_files_a_prune_took_fails_and_is_not_listed() {
 #[test]
 fn a_killed_backup_on_a_file_repository_leaves_a_temp_file_that_prune_removes() {
     let repo = Repo::file();
-    let pg = archiving_primary(&repo);
+    let mut pg = archiving_primary(&repo);
     // About 24 MB compressed: the upload writes its temp file part by part, several parts
     // before the stream ends (zstd's workers hold back up to a few MB until then).
     pg.psql(
@@ -1299,6 +1299,10 @@ fn a_killed_backup_on_a_file_repository_leaves_a_temp_file_that_prune_removes() 
     pg.psql("postgres", "SELECT pg_reload_conf()").unwrap();
     switch_and_wait_archived(&pg);
     ok(&dbagent(&repo, Some(&pg), &["backup"]));
+    // Nothing else in flight: the backup returns once its last segment is archived, and the
+    // archiver may still be pushing the backup history file after it (one CI run under load
+    // counted that push's temp file too). A stopped server has archived everything.
+    pg.stop().unwrap();
     // A young temp file may belong to a running upload: kept until incomplete_after.
     let report = ok(&dbagent(&repo, None, &["prune"]));
     assert!(report.contains("keep 1 younger than 1day"), "{report}");
