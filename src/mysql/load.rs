@@ -199,6 +199,14 @@ async fn replay(
         // The restored server is a new server: its GTID history starts from the dump's
         // GTID_PURGED, and replayed transactions get its own GTIDs.
         reader = reader.arg("--skip-gtids");
+    } else {
+        // After a crash the server gives the next transaction the GTID of the one it was
+        // writing, which never committed: the crashed file ends with that transaction's events
+        // (rolled back on replay at the next file's start) and the next file begins with the
+        // same GTID. mariadb-binlog 10.8+ refuses that in its default strict mode ("Found out
+        // of order GTID"), so every restore past a crash failed. `loose-`: older readers,
+        // without the option, only warn.
+        reader = reader.arg("--loose-skip-gtid-strict-mode");
     }
     reader = reader.arg(format!("--start-position={}", plan.start_position));
     if let Some(stop) = plan.stop_datetime {

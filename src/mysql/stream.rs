@@ -256,6 +256,21 @@ impl FileAssembler {
         })
     }
 
+    /// Forgets the events after the last transaction boundary (a transaction the file never
+    /// ended): their byte range, or None when there were none. Only bytes not stored yet are
+    /// forgotten; part of a big transaction stored before its end rolls back on replay.
+    pub fn drop_unfinished(&mut self) -> Option<(u64, u64)> {
+        if self.pending.is_empty() || self.has_ready() {
+            return None;
+        }
+        let range = (self.stored, self.len);
+        self.pending.clear();
+        self.len = self.stored;
+        self.group = Group::Outside;
+        self.open = Stats::default();
+        Some(range)
+    }
+
     /// Adds one event, as the server sent it (header, body, checksum).
     pub fn push(&mut self, raw: &[u8]) -> anyhow::Result<Pushed> {
         let h = Header::parse(raw)?;
@@ -976,11 +991,12 @@ async fn session(
             if let Some(next) = rotate_name(&raw)? {
                 if next != file.name {
                     store_ready(store.as_ref(), &uuid, &mut file, opts, status).await?;
-                    anyhow::ensure!(
-                        file.pending.is_empty(),
-                        "the server moved on to binlog {next} in the middle of a transaction in {}",
-                        file.name
-                    );
+                    // A transaction whose end the file never got (the server died while
+                    // writing it) never committed: left out, the file ends before it.
+                    // Before, the session failed here, and every session after it.
+                    if let Some(dropped) = file.drop_unfinished() {
+                        tracing::warn!(file = %file.name, from = dropped.0, to = dropped.1, next = %next, "the server moved on to the next binlog in the middle of a transaction: its events, never committed, are left out");
+                    }
                     // Without it, a restore from the repository alone would stop at this
                     // file's streamed end, refusing every point after the crash.
                     if let Some(end) = file.end_cut_short() {

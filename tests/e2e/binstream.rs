@@ -619,6 +619,77 @@ fn a_crashed_server_is_no_binlog_gap_while_it_keeps_the_file() {
     );
 }
 
+/// A server that died while writing a transaction leaves a file whose last transaction has
+/// no end (its events complete, its XID never written), starts the next file, and gives the
+/// next transaction the GTID of the one that never committed.
+/// - The stream leaves the unfinished transaction out, ends the file before it and goes on
+///   with the next file. Before, every session failed ("moved on to binlog … in the middle of
+///   a transaction") until the shipper archived the crashed file.
+/// - A restore replays through the crashed file, archived whole with the unfinished
+///   transaction in it. Before, mariadb-binlog refused the reused GTID ("Found out of order
+///   GTID") and no restore got past the crash.
+#[test]
+fn a_transaction_cut_off_by_a_crash_is_left_out_and_streaming_goes_on() {
+    let (repo, mut db, mut env) = dumped_for_streaming("1h");
+    // The sidecar reaches the server through a relay, frozen while the transaction is
+    // written: the stream must not get it whole before the crash cuts it off.
+    let relay = dbagent_testcontainers::TcpRelay::start(db.port()).unwrap();
+    let port = db.port();
+    env[0].1 = db
+        .url()
+        .replace(&port.to_string(), &relay.port().to_string());
+    let mut serve = Serve::start(&env);
+    db.sql(None, "INSERT INTO shop.t VALUES (1, 'before')")
+        .unwrap();
+    wait_streamed(&serve, &db);
+    let (crashed, _) = master_status(&db);
+    relay.freeze();
+    db.sql(None, "INSERT INTO shop.t VALUES (2, 'never committed')")
+        .unwrap();
+    let (_, end) = master_status(&db);
+    db.kill();
+    // Its XID event (header, xid, checksum) never reached the file.
+    const XID_EVENT: u64 = 19 + 8 + 4;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(db.data_dir().join(&crashed))
+        .unwrap();
+    file.set_len(end - XID_EVENT).unwrap();
+    drop(file);
+    db.restart().unwrap();
+    if db.port() != port {
+        // Another port was free: a sidecar started again follows it, and its shipper
+        // archives the crashed file first (only the restore is tested then).
+        env[0].1 = db.url();
+        drop(serve);
+        serve = Serve::start(&env);
+    }
+    db.sql(None, "INSERT INTO shop.t VALUES (3, 'after')")
+        .unwrap();
+    wait_streamed(&serve, &db);
+    let (current, _) = master_status(&db);
+    assert_ne!(current, crashed);
+    assert_eq!(serve.terminate().code(), Some(0));
+
+    // The repository alone restores past the crash, without the transaction that has no
+    // end: first from the stream's copy of the crashed file (the shipper, every hour, ran
+    // only at the start), then from the whole file, unfinished transaction and all, once
+    // shipped.
+    let root = tempfile::tempdir().unwrap();
+    for (round, ship) in [("streamed", false), ("shipped", true)] {
+        if ship {
+            ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
+        }
+        let (out, scratch) = restore_latest_into(&repo, &[], root.path().join(round));
+        ok(&out);
+        assert_eq!(
+            scratch.sql("SELECT GROUP_CONCAT(note ORDER BY id) FROM shop.t"),
+            "before,after",
+            "{round}"
+        );
+    }
+}
+
 /// In an encrypted repository the sidecar holds only the public key: its parts are sealed, a
 /// restarted sidecar still tells its own parts from different bytes (by the seal's keyed id),
 /// and a restore with the secret key replays through the last streamed event.
