@@ -2024,7 +2024,26 @@ fn an_as_primary_restore_ends_once_its_new_timeline_is_archived() {
         if fault == held {
             // The server stops (a crash, an operator) while its push is held: the restore
             // says so at once instead of waiting for a file that no one will send.
-            s3.wait_injected("00000002.history", &mut restore);
+            // Once the restore has seen the promotion and waits for the file (the server
+            // pushes it at promotion, which can be before the restore looks: one CI run
+            // stopped it there, and the restore rightly said it stopped before promoting).
+            let lines = std::io::BufReader::new(restore.stderr.take().unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let reader = std::thread::spawn(move || {
+                let mut all = String::new();
+                for line in std::io::BufRead::lines(lines).map_while(Result::ok) {
+                    if line.contains("waiting for the restored server to archive") {
+                        let _ = tx.send(());
+                    }
+                    all.push_str(&line);
+                    all.push('\n');
+                }
+                all
+            });
+            let waiting = rx.recv_timeout(Duration::from_secs(120));
+            if waiting.is_ok() {
+                s3.wait_injected("00000002.history", &mut restore);
+            }
             let _ = command_as_pg_user(pg_bin("pg_ctl").unwrap())
                 .arg("-D")
                 .arg(&new_primary.dir)
@@ -2032,9 +2051,10 @@ fn an_as_primary_restore_ends_once_its_new_timeline_is_archived() {
                 .output()
                 .unwrap();
             let stopped = Instant::now();
-            let out = restore.wait_with_output().unwrap();
-            let err = stderr(&out);
-            assert_eq!(out.status.code(), Some(2), "{err}");
+            let status = restore.wait().unwrap();
+            let err = reader.join().unwrap();
+            assert!(waiting.is_ok(), "{err}");
+            assert_eq!(status.code(), Some(2), "{err}");
             assert!(
                 err.contains("stopped before it archived 00000002.history"),
                 "{err}"
