@@ -771,7 +771,7 @@ async fn wait_history_archived(
             }
             Err(_) => {}
         }
-        if done.exists() && !matches!(stored().await, Ok(true)) {
+        if done.exists() && matches!(stored().await, Ok(false)) {
             eprintln!(
                 "warning: the restored server archived {name}, its new timeline's history file, but not into this repository: its archive_command writes elsewhere, and restores from this repository do not know the new timeline"
             );
