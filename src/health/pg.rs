@@ -11,6 +11,9 @@ use crate::engine::Engine;
 use crate::pg::conn::ConnInfo;
 use crate::pg::sql;
 
+/// How long a refresh waits for the heartbeat's age.
+const HEARTBEAT_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
 const HEARTBEAT_AGE_SQL: &str =
     "SELECT extract(epoch FROM clock_timestamp() - max(ts))::float8 FROM dbagent.heartbeat";
 
@@ -76,9 +79,20 @@ impl Probe {
                 self.heartbeat_client.as_ref()?
             }
         };
-        match client.query_opt(HEARTBEAT_AGE_SQL, &[]).await {
-            Ok(Some(r)) => r.get::<_, Option<f64>>(0),
-            Ok(None) | Err(_) => None,
+        // A connection gone half-open must not hold the refresh: the age is given up after a
+        // second, and its own connection with it.
+        match tokio::time::timeout(
+            HEARTBEAT_READ_TIMEOUT,
+            client.query_opt(HEARTBEAT_AGE_SQL, &[]),
+        )
+        .await
+        {
+            Ok(Ok(Some(r))) => r.get::<_, Option<f64>>(0),
+            Ok(Ok(None)) | Ok(Err(_)) => None,
+            Err(_) => {
+                self.heartbeat_client = None;
+                None
+            }
         }
     }
 
@@ -226,5 +240,6 @@ impl super::Prober for Probe {
 
     fn reset(&mut self) {
         self.client = None;
+        self.heartbeat_client = None;
     }
 }

@@ -260,7 +260,9 @@ impl FileAssembler {
     /// ended): their byte range, or None when there were none. Only bytes not stored yet are
     /// forgotten; part of a big transaction stored before its end rolls back on replay.
     pub fn drop_unfinished(&mut self) -> Option<(u64, u64)> {
-        if self.pending.is_empty() || self.has_ready() {
+        // Bytes read again and not yet compared with the stored parts are no unfinished
+        // transaction: left as they are (the caller then refuses to move on).
+        if self.pending.is_empty() || self.has_ready() || !self.checks.is_empty() {
             return None;
         }
         let range = (self.stored, self.len);
@@ -997,6 +999,11 @@ async fn session(
                     if let Some(dropped) = file.drop_unfinished() {
                         tracing::warn!(file = %file.name, from = dropped.0, to = dropped.1, next = %next, "the server moved on to the next binlog in the middle of a transaction: its events, never committed, are left out");
                     }
+                    anyhow::ensure!(
+                        file.pending.is_empty(),
+                        "the server moved on to binlog {next} before {} was read again up to what the repository holds of it",
+                        file.name
+                    );
                     // Without it, a restore from the repository alone would stop at this
                     // file's streamed end, refusing every point after the crash.
                     if let Some(end) = file.end_cut_short() {
