@@ -754,31 +754,20 @@ impl PgCatalog {
         }
     }
 
-    /// Where a restore along `chain` can be targeted at the latest (see `Reach::end_time`).
-    fn chain_end_time(&self, chain: &[Segment]) -> Option<DateTime<Utc>> {
+    /// Where a restore along `chain` can be targeted at the latest (see `Reach::end_time`),
+    /// and whether the segments' notes say so (`Reach::end_known`) rather than an upload time.
+    fn chain_end_time(&self, chain: &[Segment]) -> Option<(DateTime<Utc>, bool)> {
         let archived = chain.iter().map(|s| self.segments[s].last_modified).max()?;
         for seg in chain.iter().rev() {
             match self.last_xact.get(seg) {
-                Some(Some(t)) => return Some(*t - chrono::Duration::microseconds(1)),
+                Some(Some(t)) => return Some((*t - chrono::Duration::microseconds(1), true)),
                 Some(None) => continue, // no transaction in it: look at the one before
-                None => return Some(archived),
+                None => return Some((archived, false)),
             }
         }
         // No transaction anywhere along the chain: no time after the backup's own
         // consistency point can be reached (every caller takes the later of the two).
-        Some(DateTime::<Utc>::MIN_UTC)
-    }
-
-    /// Whether `chain_end_time(chain)` is read from notes rather than an upload time.
-    fn chain_end_known(&self, chain: &[Segment]) -> bool {
-        for seg in chain.iter().rev() {
-            match self.last_xact.get(seg) {
-                Some(Some(_)) => return true,
-                Some(None) => continue,
-                None => return false,
-            }
-        }
-        !chain.is_empty()
+        Some((DateTime::<Utc>::MIN_UTC, true))
     }
 
     /// How far a restore from `b` reaches along the timeline it follows by default.
@@ -794,11 +783,16 @@ impl PgCatalog {
         let cut = last.and_then(|s| self.left_path_in(&path, s));
         // A cut segment's transactions after the branch point are another history's: the
         // window ends with the segment before it (earlier than it could, never later).
-        let end_time = match cut {
-            Some(_) => self
-                .chain_end_time(&chain[..chain.len() - 1])
-                .or(Some(b.stop_time)),
-            None => self.chain_end_time(&chain),
+        let (end_time, end_known) = match cut {
+            Some(_) => (
+                self.chain_end_time(&chain[..chain.len() - 1])
+                    .map(|(t, _)| t)
+                    .or(Some(b.stop_time)),
+                false,
+            ),
+            None => self
+                .chain_end_time(&chain)
+                .map_or((None, false), |(t, known)| (Some(t), known)),
         };
         // Only segments recovery would read count: an older timeline's WAL past the point
         // where the path left it is another history, not "later WAL".
@@ -811,7 +805,7 @@ impl PgCatalog {
         Reach {
             last,
             end_time,
-            end_known: cut.is_none() && self.chain_end_known(&chain),
+            end_known,
             gap: later_exists.then(|| missing.name(self.seg_size)),
             consistent: last.is_some_and(|s| s.segno >= b.stop_lsn.0 / self.seg_size)
                 && self.chain_complete(b),
