@@ -762,6 +762,7 @@ async fn wait_history_archived(
                 eprintln!(
                     "timeline {tli}'s history is archived ({name}): restores from this repository now follow the restored server"
                 );
+                switch_to_first_segment(cfg, landed, tli).await;
                 return Ok(());
             }
             Ok(false) => {}
@@ -849,6 +850,33 @@ async fn wait_history_archived(
             ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Closes the new timeline's first segment, so that the server archives WAL of its own at
+/// once rather than when it has written 16 MiB or `archive_timeout` passes. Until a segment
+/// of its own is archived, the timeline is no branch to `list` and `prune` (which keep what
+/// it restores from only for `retention.incomplete_after`). Best effort: the history file,
+/// which restores follow, is already stored.
+async fn switch_to_first_segment(cfg: &Config, landed: &Landed, tli: u32) {
+    let switched = async {
+        let client = landed.conn(cfg, "postgres").connect().await?;
+        let row = client
+            .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+            .await?;
+        anyhow::Ok(row.get::<_, String>(0))
+    };
+    match tokio::time::timeout(Duration::from_secs(10), switched).await {
+        Ok(Ok(segment)) => {
+            tracing::debug!(%segment, "switched the new timeline's first segment for archiving")
+        }
+        Ok(Err(e)) => eprintln!(
+            "warning: could not switch timeline {tli}'s first WAL segment ({}): it is archived when full or at archive_timeout; until then `list` shows no WAL of the new timeline. Run SELECT pg_switch_wal() on the restored server",
+            crate::error::one_line(&e)
+        ),
+        Err(_) => eprintln!(
+            "warning: the restored server did not switch timeline {tli}'s first WAL segment within 10 s: it is archived when full or at archive_timeout; until then `list` shows no WAL of the new timeline. Run SELECT pg_switch_wal() on the restored server"
+        ),
     }
 }
 

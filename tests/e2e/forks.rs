@@ -142,6 +142,23 @@ fn a_copy_restored_as_primary_forks_the_history_and_restores_see_it() {
     );
     assert_eq!(copy.psql("SHOW archive_mode"), "on");
     assert_no_recovery_settings(&copy.dir);
+    // ... its first WAL segment too, switched at once rather than when full: until then the
+    // new timeline is no branch to `list` and `prune`.
+    let first_of_two = |p: &PathBuf| {
+        let name = p.file_name().unwrap().to_string_lossy();
+        let in_wal = p.parent().and_then(|d| d.file_name()) == Some("wal".as_ref());
+        in_wal && name.starts_with("00000002") && !name.contains("history")
+    };
+    let mut waited = 0;
+    while !repo.snapshot().keys().any(first_of_two) {
+        assert!(
+            waited < 300,
+            "no WAL segment of timeline 2 archived in 30 s: {:?}",
+            repo.snapshot().keys().collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
     copy.psql("INSERT INTO t VALUES (2, 'copy')");
     switch_and_wait_archived_on(&copy);
     // ... while production goes on (a second later, so the store's times tell them apart).
