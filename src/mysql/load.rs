@@ -98,12 +98,54 @@ pub async fn replay_files(
     if files.is_empty() {
         return Ok(());
     }
+    trim_unfinished(programs.flavor, files).await?;
     tracing::info!(
         from = %plan.dump.binlog,
         stop = ?plan.stop_datetime,
         "replaying binlogs"
     );
     replay(plan, programs, conn, files).await
+}
+
+/// Cuts off the transaction a crash left unfinished at the end of a binlog (its events, or a
+/// torn event, after the last whole transaction, no Rotate or Stop event). It never committed:
+/// the server rolled it back at its restart and gave its GTID to the next transaction, which
+/// the reader's GTID strict mode refuses as out of order while the cut-off events precede it.
+/// Cut off, the history reads in order, and strict mode still catches two histories mixed
+/// (a server rebuilt from a copy of itself whose binlogs carry the same names).
+async fn trim_unfinished(flavor: Flavor, files: &[PathBuf]) -> anyhow::Result<()> {
+    let files = files.to_vec();
+    tokio::task::spawn_blocking(move || {
+        for path in &files {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
+            let tail = match super::stream::unfinished_tail(&name, flavor, &mut reader) {
+                Ok(tail) => tail,
+                Err(e) => {
+                    // Replayed as it is: the reader says what it makes of it.
+                    tracing::warn!(binlog = %name, error = %crate::error::one_line(&e), "could not read the binlog's transactions to look for one a crash cut off");
+                    continue;
+                }
+            };
+            drop(reader);
+            if let Some((keep, len)) = tail {
+                tracing::warn!(
+                    binlog = %name,
+                    "binlog {name} ends in a transaction that never committed (bytes {keep}..{len}: the server stopped while writing it, and rolled it back at its restart): left out of the replay"
+                );
+                file.set_len(keep)
+                    .with_context(|| format!("cutting {} at {keep}", path.display()))?;
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("the binlog scan panicked")?
 }
 
 /// Streams the dump from the repository into the client, verifying its checksum.
@@ -199,14 +241,6 @@ async fn replay(
         // The restored server is a new server: its GTID history starts from the dump's
         // GTID_PURGED, and replayed transactions get its own GTIDs.
         reader = reader.arg("--skip-gtids");
-    } else {
-        // After a crash the server gives the next transaction the GTID of the one it was
-        // writing, which never committed: the crashed file ends with that transaction's events
-        // (rolled back on replay at the next file's start) and the next file begins with the
-        // same GTID. mariadb-binlog 10.8+ refuses that in its default strict mode ("Found out
-        // of order GTID"), so every restore past a crash failed. `loose-`: older readers,
-        // without the option, only warn.
-        reader = reader.arg("--loose-skip-gtid-strict-mode");
     }
     reader = reader.arg(format!("--start-position={}", plan.start_position));
     if let Some(stop) = plan.stop_datetime {

@@ -513,6 +513,69 @@ impl FileAssembler {
     }
 }
 
+/// Where the last whole transaction of a binlog file read from disk ends, when the file has
+/// events (or a torn event) after it and no Rotate or Stop event closes it: a server killed
+/// while writing a transaction. Returns (that end, the file's length); None when the file
+/// ends as the server closes a file, or with a whole transaction. The server rolled the
+/// cut-off transaction back at its restart and gave its GTID to the next transaction, which
+/// a replay in GTID strict mode refuses as out of order while the cut-off events precede it.
+/// Reads the file once; holds at most one transaction (up to 64 MiB) in memory.
+pub fn unfinished_tail(
+    name: &str,
+    flavor: Flavor,
+    file: &mut impl std::io::Read,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic)
+        .with_context(|| format!("reading binlog {name}"))?;
+    anyhow::ensure!(magic == BINLOG_MAGIC, "binlog {name} has no binlog header");
+    let mut assembler = FileAssembler::new(name, flavor, 0);
+    let (mut at, mut boundary, mut last_kind) = (4u64, 4u64, None);
+    let mut raw = Vec::new();
+    loop {
+        raw.resize(HEADER_LEN, 0);
+        let got = read_full(file, &mut raw)?;
+        if got < HEADER_LEN {
+            at += got as u64; // a torn header, or the end
+            break;
+        }
+        let size = u32::from_le_bytes(raw[9..13].try_into().expect("4 bytes")) as usize;
+        anyhow::ensure!(
+            size >= HEADER_LEN,
+            "binlog {name}: an event at {at} says it is {size} bytes"
+        );
+        raw.resize(size, 0);
+        let got = read_full(file, &mut raw[HEADER_LEN..])?;
+        if got < size - HEADER_LEN {
+            at += (HEADER_LEN + got) as u64; // a torn event
+            break;
+        }
+        assembler.push(&raw)?;
+        at += size as u64;
+        last_kind = Some(raw[4]);
+        while assembler.take_ready().is_some() {}
+        if assembler.group == Group::Outside {
+            boundary = at;
+        }
+    }
+    let closed = matches!(last_kind, Some(ROTATE_EVENT | STOP_EVENT)) && at == boundary;
+    Ok((!closed && at > boundary).then_some((boundary, at)))
+}
+
+/// Reads until `buf` is full or the end: how many bytes it read.
+fn read_full(file: &mut impl std::io::Read, buf: &mut [u8]) -> anyhow::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("reading a binlog file"),
+        }
+    }
+    Ok(n)
+}
+
 /// The file a Rotate event names. Before the first Format_description event nobody knows
 /// whether the server checksums events: a valid CRC32 at the end is one.
 fn rotate_name(raw: &[u8]) -> anyhow::Result<Option<String>> {
@@ -1273,6 +1336,42 @@ mod tests {
             self.file.extend_from_slice(&ev);
             ev
         }
+    }
+
+    #[test]
+    fn finds_the_transaction_a_crash_cut_off_at_a_file_s_end() {
+        let tail = |file: &[u8]| {
+            unfinished_tail("binlog.000001", Flavor::Mariadb, &mut &file[..]).unwrap()
+        };
+        let mut w = Writer::new();
+        w.add(FORMAT_DESCRIPTION_EVENT, 100, &[]);
+        w.add(MARIADB_GTID_EVENT, 101, &gtid(7, false));
+        w.add(19, 101, &[1; 10]);
+        w.add(XID_EVENT, 101, &[0; 8]);
+        let whole = w.at;
+        assert_eq!(tail(&w.file), None, "ends with a whole transaction");
+        // Killed while writing the next one: its GTID and rows, no XID.
+        w.add(MARIADB_GTID_EVENT, 102, &gtid(8, false));
+        w.add(23, 102, &[2; 30]);
+        assert_eq!(tail(&w.file), Some((whole, w.at)));
+        // ... or in the middle of an event.
+        let torn = &w.file[..w.file.len() - 5];
+        assert_eq!(tail(torn), Some((whole, torn.len() as u64)));
+        let torn_header = &w.file[..whole as usize + 7];
+        assert_eq!(tail(torn_header), Some((whole, whole + 7)));
+        // A standalone statement ends at its query.
+        let mut w = Writer::new();
+        w.add(FORMAT_DESCRIPTION_EVENT, 100, &[]);
+        w.add(MARIADB_GTID_EVENT, 101, &gtid(7, true));
+        w.add(QUERY_EVENT, 101, &query("CREATE TABLE t (id int)"));
+        assert_eq!(tail(&w.file), None);
+        // A file the server closed.
+        w.add(ROTATE_EVENT, 103, b"\x04\0\0\0\0\0\0\0binlog.000002");
+        assert_eq!(tail(&w.file), None);
+        assert!(
+            unfinished_tail("x", Flavor::Mariadb, &mut &b"nope"[..]).is_err(),
+            "not a binlog"
+        );
     }
 
     #[test]
