@@ -320,13 +320,34 @@ pub async fn ship_closed(
         report.shipped.push(name.clone());
         report.shipped_bytes += size;
     }
-    // Everything still on the server is archived now; the files before it are lost for good.
+    // Everything still on the server is archived now; the files before it are lost for good,
+    // unless the sidecar's stream stored them whole.
     if let Some((first, last)) = purged {
-        anyhow::bail!(
-            "binlogs {first} to {last} were purged from the server before they were archived: no point-in-time restore can cross them. Take a dump now (dbagent backup --engine mysql) and keep binlogs longer than the shipping interval (binlog_expire_logs_seconds)"
-        );
+        let cat = keys::MysqlCatalog::load(store.as_ref(), &uuid).await?;
+        let held = |name: &str| cat.streamed_file(name).is_some_and(|s| s.ended());
+        match not_held(&first, &last, held) {
+            Some((first, last)) => anyhow::bail!(
+                "binlogs {first} to {last} were purged from the server before they were archived: no point-in-time restore can cross them. Take a dump now (dbagent backup --engine mysql) and keep binlogs longer than the shipping interval (binlog_expire_logs_seconds)"
+            ),
+            None => tracing::info!(
+                "binlogs {first} to {last} were purged from the server before they were shipped; the repository holds each whole as streamed"
+            ),
+        }
     }
     Ok(report)
+}
+
+/// The first and last file of `first..=last` that `held` says the repository does not hold.
+fn not_held(first: &str, last: &str, held: impl Fn(&str) -> bool) -> Option<(String, String)> {
+    let (mut name, last) = (BinlogName::parse(first)?, BinlogName::parse(last)?);
+    let mut missing = Vec::new();
+    while name.seq <= last.seq {
+        if !held(&name.to_string()) {
+            missing.push(name.to_string());
+        }
+        name = name.next();
+    }
+    Some((missing.first()?.clone(), missing.last()?.clone()))
 }
 
 /// The binlogs the server purged before they were archived: those after the newest archived
@@ -516,6 +537,21 @@ async fn compare_existing(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purged_binlogs_the_stream_holds_whole_are_not_lost() {
+        let streamed = ["mysql-bin.000003", "mysql-bin.000004", "mysql-bin.000006"];
+        let held = |n: &str| streamed.contains(&n);
+        assert_eq!(not_held("mysql-bin.000003", "mysql-bin.000004", held), None);
+        assert_eq!(
+            not_held("mysql-bin.000003", "mysql-bin.000007", held),
+            Some(("mysql-bin.000005".into(), "mysql-bin.000007".into()))
+        );
+        assert_eq!(
+            not_held("mysql-bin.000002", "mysql-bin.000003", held),
+            Some(("mysql-bin.000002".into(), "mysql-bin.000002".into()))
+        );
+    }
 
     #[test]
     fn binlogs_purged_before_shipping_are_named() {

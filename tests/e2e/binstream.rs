@@ -700,6 +700,56 @@ fn a_transaction_cut_off_by_a_crash_is_left_out_and_streaming_goes_on() {
     }
 }
 
+/// Binlogs the server purged after the sidecar's stream had stored them whole, before the
+/// shipper copied them (`binlog_expire_logs_seconds` shorter than `serve.binlog_interval`, or
+/// a PURGE by hand): the repository holds them, so `binlog-push` ships what is left and says
+/// so instead of calling them lost (before: exit 2, "purged ... before they were archived",
+/// and the advice to take a dump now), and a restore replays through them.
+#[test]
+fn binlogs_purged_after_the_stream_stored_them_are_not_lost() {
+    let (repo, db, env) = dumped_for_streaming("1h");
+    // One file archived before: the files after it that the server no longer has are the
+    // ones `binlog-push` checks.
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
+    let mut serve = Serve::start(&env);
+    let mut rotated = Vec::new();
+    for (id, note) in [(1, "one"), (2, "two")] {
+        db.sql(None, &format!("INSERT INTO shop.t VALUES ({id}, '{note}')"))
+            .unwrap();
+        rotated.push(master_status(&db).0);
+        db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    }
+    db.sql(None, "INSERT INTO shop.t VALUES (3, 'three')")
+        .unwrap();
+    wait_streamed(&serve, &db);
+    assert_eq!(serve.terminate().code(), Some(0));
+    let (current, _) = master_status(&db);
+    db.sql(None, &format!("PURGE BINARY LOGS TO '{current}'"))
+        .unwrap();
+
+    let out = agent(&repo, Some(&db.url()), None, &["binlog-push"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    ok(&out);
+    // The sidecar's shipper, once at its start, may have shipped the first one.
+    let said = stderr
+        .lines()
+        .find(|l| l.contains("were purged from the server before they were shipped"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        said.contains(&format!("to {} were purged", rotated[1]))
+            && said.contains("the repository holds each whole as streamed"),
+        "{stderr}"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let (out, scratch) = restore_latest_into(&repo, &[], root.path().join("restored"));
+    ok(&out);
+    assert_eq!(
+        scratch.sql("SELECT GROUP_CONCAT(note ORDER BY id) FROM shop.t"),
+        "one,two,three"
+    );
+}
+
 /// In an encrypted repository the sidecar holds only the public key: its parts are sealed, a
 /// restarted sidecar still tells its own parts from different bytes (by the seal's keyed id),
 /// and a restore with the secret key replays through the last streamed event.
