@@ -1027,6 +1027,24 @@ async fn session(
             Ok(Some(Err(mysql_async::Error::Server(e))))
                 if e.code == ER_MASTER_FATAL_ERROR_READING_BINLOG =>
             {
+                // A file the server no longer writes that ends in a torn event: it died in
+                // the middle of writing it, and the transaction the event belongs to never
+                // committed. The file ends at its last whole transaction, and the next
+                // session goes on with the next file (before: a false gap, every session).
+                let written = logs.last().map(|(name, _)| name.as_str());
+                if e.message.contains("truncated in the middle of event")
+                    && written != Some(file.name.as_str())
+                {
+                    store_ready(store.as_ref(), &uuid, &mut file, opts, status).await?;
+                    let dropped = file.drop_unfinished();
+                    if file.pending.is_empty() {
+                        if let Some(end) = file.end_cut_short() {
+                            tracing::warn!(file = %file.name, at = end.from, unfinished = ?dropped, "the server's binlog ends in a torn event (it died while writing it): its unfinished transaction, which never committed, is left out and the file is recorded as ended there");
+                            store_part_retrying(store.as_ref(), &uuid, &end, opts, status).await?;
+                            return Ok(());
+                        }
+                    }
+                }
                 status.gap(&start.file, format!("{} ({})", start.file, e.message));
                 anyhow::bail!(
                     "the server cannot send binlog {}: {}",

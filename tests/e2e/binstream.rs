@@ -630,6 +630,20 @@ fn a_crashed_server_is_no_binlog_gap_while_it_keeps_the_file() {
 ///   GTID") and no restore got past the crash.
 #[test]
 fn a_transaction_cut_off_by_a_crash_is_left_out_and_streaming_goes_on() {
+    cut_off_by_a_crash(false);
+}
+
+/// The same crash in the middle of the commit's event: the file ends with a torn event, which
+/// the server refuses to send a replica ("binlog truncated in the middle of event", error
+/// 1236). The stream ends the file at the last whole transaction and goes on with the next
+/// file; the restore cuts the torn event off the shipped file. Before, the stream recorded a
+/// gap and failed every session, and the restore of the shipped file failed.
+#[test]
+fn a_torn_event_at_a_crash_is_left_out_and_streaming_goes_on() {
+    cut_off_by_a_crash(true);
+}
+
+fn cut_off_by_a_crash(torn: bool) {
     let (repo, mut db, mut env) = dumped_for_streaming("1h");
     // The sidecar reaches the server through a relay, frozen while the transaction is
     // written: the stream must not get it whole before the crash cuts it off.
@@ -654,7 +668,9 @@ fn a_transaction_cut_off_by_a_crash_is_left_out_and_streaming_goes_on() {
         .write(true)
         .open(db.data_dir().join(&crashed))
         .unwrap();
-    file.set_len(end - XID_EVENT).unwrap();
+    // Torn: its first 12 bytes made it.
+    file.set_len(end - XID_EVENT + if torn { 12 } else { 0 })
+        .unwrap();
     drop(file);
     db.restart().unwrap();
     if db.port() != port {
@@ -669,6 +685,8 @@ fn a_transaction_cut_off_by_a_crash_is_left_out_and_streaming_goes_on() {
     wait_streamed(&serve, &db);
     let (current, _) = master_status(&db);
     assert_ne!(current, crashed);
+    let status = serve.json("/status");
+    assert!(status["binlog_stream"]["gap"].is_null(), "{status}");
     assert_eq!(serve.terminate().code(), Some(0));
 
     // The repository alone restores past the crash, without the transaction that has no
