@@ -153,6 +153,9 @@ pub struct MysqlConfig {
     /// How long a dump may wait for a lock before it gives up (and withdraws its request, so
     /// that writes queued behind it go on).
     pub lock_wait_timeout: Duration,
+    /// MariaDB replays read the binlogs in GTID strict mode, refusing transactions out of
+    /// GTID order (two histories mixed under one server's name).
+    pub replay_gtid_strict: bool,
     /// The `server_id` binlog streaming registers with (default: 2,000,000,000 + the
     /// server's own).
     pub stream_server_id: Option<u32>,
@@ -340,6 +343,7 @@ impl Config {
             binlog_dir: v.opt("mysql.binlog_dir")?,
             server_uuid: v.opt("mysql.server_uuid")?,
             lock_wait_timeout: v.get("mysql.lock_wait_timeout")?,
+            replay_gtid_strict: v.get("mysql.replay_gtid_strict")?,
             stream_server_id: v.opt("mysql.stream_server_id")?,
             ssl_mode: v.opt("mysql.ssl_mode")?,
             ssl_ca: v.opt("mysql.ssl_ca")?,

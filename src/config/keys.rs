@@ -196,6 +196,7 @@ pub const KEYS: &[Key] = &[
     text("mysql.binlog_dir"),
     text("mysql.server_uuid"),
     duration("mysql.lock_wait_timeout", "1m"),
+    flag("mysql.replay_gtid_strict", "true"),
     int("mysql.stream_server_id", 1, u32::MAX as i128),
     Key::new(
         "mysql.ssl_mode",

@@ -18,6 +18,8 @@ pub struct Programs {
     pub client: PathBuf,
     pub dump: PathBuf,
     pub binlog: PathBuf,
+    /// `mysql.replay_gtid_strict`.
+    pub gtid_strict: bool,
 }
 
 impl Programs {
@@ -31,6 +33,7 @@ impl Programs {
             client: program(cfg, &names("mariadb", "mysql"))?,
             dump: program(cfg, &names("mariadb-dump", "mysqldump"))?,
             binlog: program(cfg, &names("mariadb-binlog", "mysqlbinlog"))?,
+            gtid_strict: cfg.replay_gtid_strict,
         })
     }
 }

@@ -542,6 +542,7 @@ mod tests {
             binlog_dir: None,
             server_uuid: None,
             lock_wait_timeout: Duration::from_secs(60),
+            replay_gtid_strict: true,
             stream_server_id: None,
             ssl_mode: Some(mode.into()),
             ssl_ca: Some(ca.clone()),

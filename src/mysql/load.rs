@@ -85,7 +85,9 @@ pub async fn fetch_binlogs(
         return Ok(Vec::new());
     }
     tracing::info!(files = plan.binlogs.len(), "downloading binlogs");
-    download_binlogs(store, cat, plan, work).await
+    let files = download_binlogs(store, cat, plan, work).await?;
+    trim_unfinished(plan.dump.flavor, &files).await?;
+    Ok(files)
 }
 
 /// Replays binlogs fetched with `fetch_binlogs` through one client connection.
@@ -98,7 +100,6 @@ pub async fn replay_files(
     if files.is_empty() {
         return Ok(());
     }
-    trim_unfinished(programs.flavor, files).await?;
     tracing::info!(
         from = %plan.dump.binlog,
         stop = ?plan.stop_datetime,
@@ -241,6 +242,9 @@ async fn replay(
         // The restored server is a new server: its GTID history starts from the dump's
         // GTID_PURGED, and replayed transactions get its own GTIDs.
         reader = reader.arg("--skip-gtids");
+    } else if !programs.gtid_strict {
+        // `loose-`: readers before 10.8, without strict mode, take it as said.
+        reader = reader.arg("--loose-skip-gtid-strict-mode");
     }
     reader = reader.arg(format!("--start-position={}", plan.start_position));
     if let Some(stop) = plan.stop_datetime {
@@ -260,4 +264,12 @@ async fn replay(
             anyhow::anyhow!("replaying binlogs failed: {}", exit.telling_line())
         }))
         .await
+        .map_err(|e| {
+            let line = crate::error::one_line(&e);
+            if line.contains("out of order GTID") {
+                e.context("the archived binlogs hold transactions out of GTID order: two histories under one server's name (binlogs reset, or a server rebuilt from a copy of itself under the same name), or a server that wrote them so with gtid_strict_mode off. Restore --at a time before it, or, when the order is the server's own, set mysql.replay_gtid_strict = false (DBAGENT_MYSQL_REPLAY_GTID_STRICT) and restore again")
+            } else {
+                e
+            }
+        })
 }

@@ -57,6 +57,10 @@ const XA_PREPARE_EVENT: u8 = 38;
 const TRANSACTION_PAYLOAD_EVENT: u8 = 40;
 const MARIADB_ANNOTATE_ROWS_EVENT: u8 = 160;
 const MARIADB_GTID_EVENT: u8 = 162;
+/// MariaDB's START_ENCRYPTION_EVENT: the events after it in a file on disk are encrypted.
+const MARIADB_START_ENCRYPTION_EVENT: u8 = 164;
+/// A Query event compressed (`log_bin_compress`): its text is not readable as it is.
+const MARIADB_QUERY_COMPRESSED_EVENT: u8 = 165;
 /// MariaDB GTID flag: the group is one statement (DDL), with no BEGIN/COMMIT around it.
 const FL_STANDALONE: u8 = 1;
 /// MariaDB's replica capability "understands GTID events": without it the server rewrites
@@ -451,6 +455,18 @@ impl FileAssembler {
                     }
                 }
             }
+            // Only a long statement is compressed, never BEGIN or COMMIT: one that stands
+            // alone (DDL) ends its group; in a transaction it is one of its statements.
+            MARIADB_QUERY_COMPRESSED_EVENT => match self.group {
+                Group::Outside
+                | Group::Started {
+                    standalone: true, ..
+                } => true,
+                _ => {
+                    self.group = Group::Transaction;
+                    false
+                }
+            },
             XID_EVENT | XA_PREPARE_EVENT | TRANSACTION_PAYLOAD_EVENT => true,
             ROTATE_EVENT | STOP_EVENT => {
                 self.open.ends_file = true;
@@ -525,6 +541,7 @@ pub fn unfinished_tail(
     flavor: Flavor,
     file: &mut impl std::io::Read,
 ) -> anyhow::Result<Option<(u64, u64)>> {
+    use std::io::Read as _;
     let mut magic = [0u8; 4];
     file.read_exact(&mut magic)
         .with_context(|| format!("reading binlog {name}"))?;
@@ -539,19 +556,31 @@ pub fn unfinished_tail(
             at += got as u64; // a torn header, or the end
             break;
         }
-        let size = u32::from_le_bytes(raw[9..13].try_into().expect("4 bytes")) as usize;
+        let u32_at = |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().expect("4 bytes"));
+        let (size, end) = (u32_at(9) as u64, u32_at(13) as u64);
+        if raw[4] == MARIADB_START_ENCRYPTION_EVENT {
+            // What follows cannot be read without the server's key: nothing to say.
+            return Ok(None);
+        }
+        // In a file every event's header names where it ends: anything else is no event
+        // header (damage), and no place to cut.
         anyhow::ensure!(
-            size >= HEADER_LEN,
-            "binlog {name}: an event at {at} says it is {size} bytes"
+            size >= HEADER_LEN as u64 && end == at + size,
+            "binlog {name}: the event header at byte {at} makes no sense (size {size}, end {end})"
         );
-        raw.resize(size, 0);
-        let got = read_full(file, &mut raw[HEADER_LEN..])?;
-        if got < size - HEADER_LEN {
+        // Grows with what the file holds, not with what a torn header claims.
+        raw.truncate(HEADER_LEN);
+        let body = size - HEADER_LEN as u64;
+        let got = (&mut *file)
+            .take(body)
+            .read_to_end(&mut raw)
+            .with_context(|| format!("reading binlog {name}"))?;
+        if (got as u64) < body {
             at += (HEADER_LEN + got) as u64; // a torn event
             break;
         }
         assembler.push(&raw)?;
-        at += size as u64;
+        at += size;
         last_kind = Some(raw[4]);
         while assembler.take_ready().is_some() {}
         if assembler.group == Group::Outside {
@@ -1390,6 +1419,34 @@ mod tests {
             unfinished_tail("x", Flavor::Mariadb, &mut &b"nope"[..]).is_err(),
             "not a binlog"
         );
+
+        // A long DDL compressed (log_bin_compress) stands alone and committed: kept.
+        let mut w = Writer::new();
+        w.add(FORMAT_DESCRIPTION_EVENT, 100, &[]);
+        w.add(MARIADB_GTID_EVENT, 101, &gtid(7, true));
+        w.add(MARIADB_QUERY_COMPRESSED_EVENT, 101, &[9; 40]);
+        assert_eq!(tail(&w.file), None);
+        // A compressed statement in a transaction without its XID: cut.
+        let whole = w.at;
+        w.add(MARIADB_GTID_EVENT, 102, &gtid(8, false));
+        w.add(QUERY_EVENT, 102, &query("BEGIN"));
+        w.add(MARIADB_QUERY_COMPRESSED_EVENT, 102, &[9; 40]);
+        assert_eq!(tail(&w.file), Some((whole, w.at)));
+
+        // Encrypted on disk (encrypt_binlog): nothing after the event can be read.
+        let mut w = Writer::new();
+        w.add(FORMAT_DESCRIPTION_EVENT, 100, &[]);
+        w.add(MARIADB_START_ENCRYPTION_EVENT, 100, &[0; 17]);
+        w.file.extend_from_slice(&[0xa5; 300]);
+        assert_eq!(tail(&w.file), None);
+
+        // A header that names another end than its own is damage: no place to cut.
+        let mut w = Writer::new();
+        w.add(FORMAT_DESCRIPTION_EVENT, 100, &[]);
+        let at = w.file.len();
+        w.add(MARIADB_GTID_EVENT, 101, &gtid(7, false));
+        w.file[at + 13..at + 17].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(unfinished_tail("x", Flavor::Mariadb, &mut &w.file[..]).is_err());
     }
 
     #[test]

@@ -1098,6 +1098,50 @@ pub(crate) fn restore_latest_into(
     (out, Scratch { dir })
 }
 
+/// Transactions out of GTID order in the archived binlogs (here the server was told to give
+/// one a lower sequence number, as a history mixed from two servers under one name has it):
+/// the restore fails saying what that means and the way out; with
+/// `mysql.replay_gtid_strict` off it replays them as the server wrote them.
+#[test]
+fn binlogs_out_of_gtid_order_are_refused_unless_strict_mode_is_turned_off() {
+    let repo = Repo::file();
+    let db = MariaDbBuilder::new().start().unwrap();
+    sql(
+        &db,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY)",
+    );
+    ok(&agent(
+        &repo,
+        Some(&db.url()),
+        None,
+        &["backup", "--engine", "mysql"],
+    ));
+    sql(&db, "INSERT INTO app.t VALUES (1)");
+    sql(&db, "SET gtid_seq_no = 1; INSERT INTO app.t VALUES (2)");
+    db.sql(None, "FLUSH BINARY LOGS").unwrap();
+    ok(&agent(&repo, Some(&db.url()), None, &["binlog-push"]));
+
+    let root = tempfile::tempdir().unwrap();
+    let (out, _) = restore_latest_into(&repo, &[], root.path().join("strict"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("hold transactions out of GTID order")
+            && stderr.contains("mysql.replay_gtid_strict = false"),
+        "{stderr}"
+    );
+    let (out, scratch) = restore_latest_into(
+        &repo,
+        &[("DBAGENT_MYSQL_REPLAY_GTID_STRICT", Path::new("false"))],
+        root.path().join("as-written"),
+    );
+    ok(&out);
+    assert_eq!(
+        scratch.sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM app.t"),
+        "1,2"
+    );
+}
+
 /// A server on Tokyo time logging statements (`binlog_format = MIXED`, MariaDB's default):
 /// `NOW()` into a DATETIME column is logged as a statement and evaluated again at replay.
 /// A restore run in another zone gives the same values (before: the restored server ran in
