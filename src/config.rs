@@ -485,6 +485,7 @@ impl Config {
             encryption: crate::crypto::EncryptionConfig {
                 recipients_file: v.opt("encryption.recipients_file")?,
                 identity_file: v.opt("encryption.identity_file")?,
+                previous_recipients_file: v.opt("encryption.previous_recipients_file")?,
             },
             config_file: None,
         })

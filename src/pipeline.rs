@@ -1399,7 +1399,7 @@ impl Stored {
         match self {
             Stored::Plain(t, _) => Some(local.contains(t)),
             Stored::Sealed(s) => {
-                let r = recipients.filter(|r| r.key_set() == s.key_set)?;
+                let r = recipients?.of_key_set(s.key_set)?;
                 let key = r.plain_id_key();
                 Some(local.iter().any(|l| {
                     s.plain_size == l.plain_size
@@ -1977,6 +1977,7 @@ mod tests {
                     crate::crypto::EncryptionConfig {
                         recipients_file: recipients.map(Into::into),
                         identity_file: identity.map(Into::into),
+                        previous_recipients_file: None,
                     },
                 ),
             )
@@ -2026,6 +2027,28 @@ mod tests {
                 stored.holds(std::slice::from_ref(&w.trailer), Some(&r)),
                 Some(true)
             );
+            // After a rotation: a writer of the next key set cannot tell, unless it knows
+            // this one's public keys as the previous recipients.
+            let next_key = e.dir.path().join("next.key");
+            let next_pub = e.dir.path().join("next.pub");
+            let public = crate::crypto::keys::keygen(&next_key).unwrap();
+            std::fs::write(&next_pub, format!("{public}\n")).unwrap();
+            let next = crate::crypto::Recipients::load(&next_pub).unwrap();
+            assert_eq!(
+                stored.holds(std::slice::from_ref(&w.trailer), Some(&next)),
+                None
+            );
+            let next = next.with_previous(r.clone());
+            assert_eq!(
+                stored.holds(std::slice::from_ref(&w.trailer), Some(&next)),
+                Some(true)
+            );
+            let other = Trailer::of(b"other bytes");
+            assert_eq!(
+                stored.holds(std::slice::from_ref(&other), Some(&next)),
+                Some(false)
+            );
+            std::fs::remove_file(&next_key).unwrap();
             let (out, fetched) = download(&reader, "obj", Vec::new()).await.unwrap();
             assert_eq!(out, plain, "len {len}");
             obj.verify(&fetched, "obj").unwrap();

@@ -251,6 +251,7 @@ pub const KEYS: &[Key] = &[
     duration("retention.incomplete_after", "24h"),
     text("encryption.recipients_file"),
     text("encryption.identity_file"),
+    text("encryption.previous_recipients_file"),
 ];
 
 /// Variables read outside the configuration tree (before it exists, or by the logger).

@@ -93,6 +93,9 @@ pub struct Recipients {
     keys: Vec<x25519::Recipient>,
     fingerprints: Vec<Fingerprint>,
     source: PathBuf,
+    /// The key set before this one (`encryption.previous_recipients_file`): only compared
+    /// with, never encrypted for.
+    previous: Option<Box<Recipients>>,
 }
 
 impl fmt::Debug for Recipients {
@@ -100,6 +103,7 @@ impl fmt::Debug for Recipients {
         f.debug_struct("Recipients")
             .field("fingerprints", &self.fingerprints)
             .field("source", &self.source)
+            .field("previous", &self.previous)
             .finish()
     }
 }
@@ -147,6 +151,7 @@ impl Recipients {
             keys,
             fingerprints,
             source: source.to_path_buf(),
+            previous: None,
         })
     }
 
@@ -156,6 +161,24 @@ impl Recipients {
 
     pub fn key_set(&self) -> KeySet {
         KeySet::of(&self.fingerprints)
+    }
+
+    /// These recipients, knowing the public keys of the key set before them.
+    pub fn with_previous(mut self, previous: Recipients) -> Recipients {
+        self.previous = Some(Box::new(Recipients {
+            previous: None,
+            ..previous
+        }));
+        self
+    }
+
+    /// The recipients (these, or the previous key set's) an object of `key_set` was
+    /// encrypted for, when this writer knows their public keys.
+    pub fn of_key_set(&self, key_set: KeySet) -> Option<&Recipients> {
+        if self.key_set() == key_set {
+            return Some(self);
+        }
+        self.previous.as_deref().filter(|p| p.key_set() == key_set)
     }
 
     pub fn source(&self) -> &Path {

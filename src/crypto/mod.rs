@@ -68,14 +68,25 @@ pub struct EncryptionConfig {
     pub recipients_file: Option<PathBuf>,
     /// Secret keys (`AGE-SECRET-KEY-1…`), one or more: what readers need.
     pub identity_file: Option<PathBuf>,
+    /// The public keys of the key set before the current one (the recipients file writers
+    /// had before a rotation): never encrypted for, only to tell whether an object stored
+    /// for that key set holds the bytes a writer is about to store again.
+    pub previous_recipients_file: Option<PathBuf>,
 }
 
 impl EncryptionConfig {
     pub fn recipients(&self) -> anyhow::Result<Option<Recipients>> {
-        self.recipients_file
-            .as_deref()
-            .map(Recipients::load)
-            .transpose()
+        let Some(current) = self.recipients_file.as_deref() else {
+            return Ok(None);
+        };
+        let current = Recipients::load(current)?;
+        Ok(Some(match self.previous_recipients_file.as_deref() {
+            Some(previous) => current.with_previous(
+                Recipients::load(previous)
+                    .map_err(|e| e.context("encryption.previous_recipients_file"))?,
+            ),
+            None => current,
+        }))
     }
 
     pub fn identities(&self) -> anyhow::Result<Option<Identities>> {

@@ -62,6 +62,7 @@ pub fn fingerprint(cfg: &Config) -> [u8; 32] {
     let key_files = [
         &cfg.encryption.recipients_file,
         &cfg.encryption.identity_file,
+        &cfg.encryption.previous_recipients_file,
     ];
     for file in key_files.into_iter().flatten() {
         h.update([1]);

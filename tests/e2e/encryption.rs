@@ -369,6 +369,9 @@ fn rotation_keeps_old_objects_readable_with_both_keys() {
     marker_rows(&pg, "AMARK-", 300);
     ok(&run(&repo, Some(&pg), &[(R, &a.recipients)], &["backup"]));
     switch_and_wait_archived(&pg);
+    let of_a = pg
+        .psql("postgres", "SELECT last_archived_wal FROM pg_stat_archiver")
+        .unwrap();
 
     // Rotate to B: writers holding A are refused from now on.
     ok(&run(
@@ -384,6 +387,50 @@ fn rotation_keeps_old_objects_readable_with_both_keys() {
     archiver_recipients(&config, &b.recipients);
     marker_rows(&pg, "BMARK-", 300);
     switch_and_wait_archived(&pg);
+
+    // A segment stored for A pushed again by a writer that holds B (the sidecar's look-ahead
+    // stored it just before the archiver got B): it cannot tell whether it is the same WAL,
+    // and archiving would wait there. Knowing A's public keys as the previous recipients, it
+    // can: the same bytes are archived already, different ones are refused.
+    let wal = keydir.path().join("wal");
+    std::fs::create_dir(&wal).unwrap();
+    let _ = Command::new("chown")
+        .arg("--reference")
+        .arg(keydir.path())
+        .arg(&wal)
+        .status();
+    let segment = wal.join(&of_a);
+    ok(&run(
+        &repo,
+        Some(&pg),
+        &[(I, &a.identity), ("DBAGENT_WAL_PREFETCH", Path::new("0"))],
+        &["wal-fetch", &of_a, segment.to_str().unwrap()],
+    ));
+    let push = |env: &[(&str, &Path)]| {
+        run(
+            &repo,
+            Some(&pg),
+            env,
+            &["wal-push", segment.to_str().unwrap()],
+        )
+    };
+    let out = push(&[(R, &b.recipients)]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("encrypted for another key set"),
+        "{out:?}"
+    );
+    const P: &str = "DBAGENT_ENCRYPTION_PREVIOUS_RECIPIENTS_FILE";
+    ok(&push(&[(R, &b.recipients), (P, &a.recipients)]));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    let out = push(&[(R, &b.recipients), (P, &a.recipients)]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"),
+        "{out:?}"
+    );
     pg.stop().unwrap();
 
     let objects = s3_objects(&repo);
