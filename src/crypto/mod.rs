@@ -81,10 +81,15 @@ impl EncryptionConfig {
         };
         let current = Recipients::load(current)?;
         Ok(Some(match self.previous_recipients_file.as_deref() {
-            Some(previous) => current.with_previous(
-                Recipients::load(previous)
-                    .map_err(|e| e.context("encryption.previous_recipients_file"))?,
-            ),
+            Some(previous) => {
+                let text = std::fs::read_to_string(previous).map_err(|e| {
+                    crate::input_err!(
+                        "encryption.previous_recipients_file: cannot read {}: {e}",
+                        previous.display()
+                    )
+                })?;
+                current.with_previous(Recipients::parse(&text, previous)?)
+            }
             None => current,
         }))
     }

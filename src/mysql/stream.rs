@@ -1056,23 +1056,10 @@ async fn session(
             Ok(Some(Err(mysql_async::Error::Server(e))))
                 if e.code == ER_MASTER_FATAL_ERROR_READING_BINLOG =>
             {
-                // A file the server no longer writes that ends in a torn event: it died in
-                // the middle of writing it, and the transaction the event belongs to never
-                // committed. The file ends at its last whole transaction, and the next
-                // session goes on with the next file (before: a false gap, every session).
-                let written = logs.last().map(|(name, _)| name.as_str());
                 if e.message.contains("truncated in the middle of event")
-                    && written != Some(file.name.as_str())
+                    && end_at_torn_event(&server, store, &uuid, &mut file, opts, status).await?
                 {
-                    store_ready(store.as_ref(), &uuid, &mut file, opts, status).await?;
-                    let dropped = file.drop_unfinished();
-                    if file.pending.is_empty() {
-                        if let Some(end) = file.end_cut_short() {
-                            tracing::warn!(file = %file.name, at = end.from, unfinished = ?dropped, "the server's binlog ends in a torn event (it died while writing it): its unfinished transaction, which never committed, is left out and the file is recorded as ended there");
-                            store_part_retrying(store.as_ref(), &uuid, &end, opts, status).await?;
-                            return Ok(());
-                        }
-                    }
+                    return Ok(());
                 }
                 status.gap(&start.file, format!("{} ({})", start.file, e.message));
                 anyhow::bail!(
@@ -1110,7 +1097,7 @@ async fn session(
                         tracing::warn!(file = %file.name, from = dropped.0, to = dropped.1, next = %next, "the server moved on to the next binlog in the middle of a transaction: its events, never committed, are left out");
                     }
                     anyhow::ensure!(
-                        file.pending.is_empty(),
+                        file.pending.is_empty() && file.checks.is_empty(),
                         "the server moved on to binlog {next} before {} was read again up to what the repository holds of it",
                         file.name
                     );
@@ -1138,6 +1125,48 @@ async fn session(
             store_ready(store.as_ref(), &uuid, &mut file, opts, status).await?;
         }
     }
+}
+
+/// After the server refused to send the rest of `file` because it ends in a torn event
+/// ("binlog truncated in the middle of event"): when the server no longer writes the file
+/// (asked now: the session may have followed it into files it began since) and what is left
+/// unread is no more than one transaction the stream would hold, the server died while
+/// writing that transaction, which never committed. The file is recorded as ended at its
+/// last whole transaction (true), and the next session goes on with the next file (before:
+/// a false gap, every session). Anything else (a file still written, bytes read again not
+/// yet compared with the stored ones, more unreadable than one transaction: damage in the
+/// middle of the file) is left to the caller's gap (false).
+async fn end_at_torn_event(
+    server: &Server,
+    store: &Arc<dyn Store>,
+    uuid: &str,
+    file: &mut FileAssembler,
+    opts: PipeOptions,
+    status: &StreamStatus,
+) -> anyhow::Result<bool> {
+    let logs = server.binary_logs().await?;
+    let Some(at) = logs.iter().position(|(name, _)| *name == file.name) else {
+        return Ok(false);
+    };
+    let size = logs[at].1;
+    if at + 1 == logs.len() || !file.checks.is_empty() {
+        return Ok(false);
+    }
+    store_ready(store.as_ref(), uuid, file, opts, status).await?;
+    let unreadable = size.saturating_sub(file.stored());
+    if unreadable > MAX_OPEN_TRANSACTION_BYTES {
+        return Ok(false);
+    }
+    let dropped = file.drop_unfinished();
+    if !file.pending.is_empty() {
+        return Ok(false);
+    }
+    let Some(end) = file.end_cut_short() else {
+        return Ok(false);
+    };
+    tracing::warn!(file = %file.name, at = end.from, size, unfinished = ?dropped, "the server's binlog ends in a torn event (it died while writing it): the rest of the file, a transaction that never committed, is left out and the file is recorded as ended there");
+    store_part_retrying(store.as_ref(), uuid, &end, opts, status).await?;
+    Ok(true)
 }
 
 /// The descriptions of the parts of `start.file` up to `start.stored`, in order.
