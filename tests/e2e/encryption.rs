@@ -368,10 +368,11 @@ fn rotation_keeps_old_objects_readable_with_both_keys() {
     archiver_recipients(&config, &a.recipients);
     marker_rows(&pg, "AMARK-", 300);
     ok(&run(&repo, Some(&pg), &[(R, &a.recipients)], &["backup"]));
-    switch_and_wait_archived(&pg);
+    // A segment (the latest archived file may be the backup's history file).
     let of_a = pg
-        .psql("postgres", "SELECT last_archived_wal FROM pg_stat_archiver")
+        .psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
         .unwrap();
+    wait_archived(&pg, &of_a);
 
     // Rotate to B: writers holding A are refused from now on.
     ok(&run(
